@@ -1,0 +1,11 @@
+"""reparam_mm: DO-Conv layers and RepLKNet backbones for OpenMMLab 2.x.
+
+Importing the package registers its layers, backbones, heads and hooks in
+mmengine's root registries, so configs use them under the mmseg and mmdet
+default scopes alike (``custom_imports=dict(imports=['reparam_mm'])``).
+"""
+from . import compat  # noqa: F401  (must run first: checkpoint loading fixes)
+
+__version__ = '0.1.0'
+
+__all__ = ['__version__']

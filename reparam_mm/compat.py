@@ -1,0 +1,57 @@
+"""Make mmengine 0.10.7 checkpoints load under torch >= 2.6 with ``weights_only=True``.
+
+mmengine calls ``torch.load`` without ``weights_only``; since torch 2.6 that
+means the safe unpickler, which refuses mmengine's own checkpoints
+("Unsupported global: mmengine.logging.history_buffer.HistoryBuffer"), so
+``--resume`` and ``load_from`` break. We keep the safe unpickler and widen it
+by exactly what an mmengine checkpoint holds:
+
+* ``HistoryBuffer`` pickles its statistics table as bound methods, i.e.
+  ``builtins.getattr(HistoryBuffer, 'min')``. Allow-listing ``getattr`` would
+  let a checkpoint call any attribute of any allow-listed object, so instead
+  the buffer pickles plain data (its arrays and max length) and rebuilds the
+  table on unpickle, as mmengine's own ``__setstate__`` already does.
+* numpy arrays, scalars and dtypes (the buffers' histories, numpy values in
+  the runtime info): numpy's reconstruction functions and dtype classes.
+
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is never set; a checkpoint holding any
+other object is still refused. Imported first by ``reparam_mm/__init__.py``.
+"""
+import numpy as np
+import torch
+
+_PATCHED = False
+
+
+def _plain_history_buffer_state(self):
+    """Pickle a HistoryBuffer as plain data, without its method table."""
+    return {k: v for k, v in self.__dict__.items() if k != 'statistics_methods'}
+
+
+def numpy_safe_globals():
+    """numpy callables and classes needed to unpickle arrays, scalars and dtypes."""
+    try:
+        multiarray = np._core.multiarray  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        multiarray = np.core.multiarray
+    names = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        names += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
+    return names
+
+
+def patch_checkpoint_loading():
+    """Allow-list what mmengine checkpoints hold; idempotent."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    HistoryBuffer.__getstate__ = _plain_history_buffer_state
+    if hasattr(torch.serialization, 'add_safe_globals'):  # torch >= 2.4
+        torch.serialization.add_safe_globals([HistoryBuffer, *numpy_safe_globals()])
+    _PATCHED = True
+
+
+patch_checkpoint_loading()

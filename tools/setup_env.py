@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Set up ``.venv`` with the OpenMMLab stack reparam_mm runs on.
+
+Run with any Python 3.9-3.12 (``make test`` / ``make demo`` call it). Steps:
+
+1. create ``.venv`` if missing;
+2. install torch unless the venv already has one (a CUDA torch the user put
+   there is kept: the set-up never forces the CPU build), then pin exactly that
+   torch and the setuptools range in a constraints file used by every later
+   pip call, so no dependency can swap torch under the compiled mmcv;
+3. install mmcv 2.1.0 with compiled ops from a wheel cache keyed by mmcv,
+   torch, Python and CUDA versions, building the wheel from the sdist once
+   (about 13 minutes on 2 cores) and publishing it atomically;
+4. install requirements.txt and reparam_mm (editable);
+5. check that ``mmcv.ops`` works and mmseg / mmdet / reparam_mm import.
+
+Running it twice is harmless: a stamp of the inputs skips pip when nothing
+changed, and the import check still runs.
+
+Environment knobs: ``TORCH_SPEC`` (default ``torch==2.13.0``) and
+``TORCH_INDEX_URL`` choose the torch to install into a new venv;
+``REPARAM_MM_CACHE`` moves the wheel cache (default ``~/.cache/reparam_mm``);
+``MAX_JOBS`` sets the build parallelism.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / '.venv'
+VPY = VENV / 'bin' / 'python'
+CONSTRAINTS = VENV / 'reparam_mm-constraints.txt'
+STAMP = VENV / '.reparam_mm-setup-stamp'
+MMCV_VERSION = '2.1.0'
+SETUPTOOLS_RANGE = 'setuptools>=77.0.3,<81'
+SUPPORTED_PY = ((3, 9), (3, 12))
+CACHE = Path(os.environ.get('REPARAM_MM_CACHE',
+                            Path.home() / '.cache' / 'reparam_mm')) / 'wheels'
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def log(msg):
+    print(f'[setup] {msg}', flush=True)
+
+
+def run(*cmd, env=None, quiet=False):
+    kwargs = dict(env=env)
+    if quiet:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run([str(c) for c in cmd], **kwargs)
+    if proc.returncode != 0:
+        tail = proc.stdout[-4000:] if quiet and proc.stdout else ''
+        raise SetupError(f'command failed ({proc.returncode}): {" ".join(map(str, cmd))}\n{tail}')
+    return proc
+
+
+def venv_python(code):
+    """Run ``code`` in the venv; return stdout or None if it raised."""
+    proc = subprocess.run([str(VPY), '-c', code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def pip(*args, constrained=True, quiet=True):
+    cmd = [VPY, '-m', 'pip', 'install', '--disable-pip-version-check']
+    if quiet:
+        cmd.append('-q')
+    if constrained:
+        cmd += ['-c', CONSTRAINTS]
+    run(*cmd, *args, quiet=quiet)
+
+
+def check_python():
+    v = sys.version_info[:2]
+    lo, hi = SUPPORTED_PY
+    if not lo <= v <= hi:
+        raise SetupError(
+            f'Python {v[0]}.{v[1]} is not supported: mmcv {MMCV_VERSION} / mmseg / mmdet need '
+            f'Python {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}; run `make test PY=python3.11` with a supported one.')
+
+
+def ensure_venv():
+    if VPY.exists():
+        return
+    log(f'creating {VENV}')
+    try:
+        run(sys.executable, '-m', 'venv', VENV, quiet=True)
+    except SetupError as e:
+        raise SetupError('could not create the virtual environment; install the venv module '
+                         f'(Debian: apt-get install python3-venv).\n{e}') from None
+
+
+def ensure_torch():
+    version = venv_python('import torch; print(torch.__version__)')
+    if version is None:
+        spec = os.environ.get('TORCH_SPEC', 'torch==2.13.0')
+        log(f'installing {spec}')
+        extra = ['--index-url', os.environ['TORCH_INDEX_URL']] if os.environ.get('TORCH_INDEX_URL') else []
+        pip(spec, *extra, constrained=False)
+        version = venv_python('import torch; print(torch.__version__)')
+        if version is None:
+            raise SetupError(f'torch was installed ({spec}) but does not import in {VENV}.')
+    else:
+        log(f'keeping the installed torch {version}')
+    CONSTRAINTS.write_text(f'torch=={version}\n{SETUPTOOLS_RANGE}\n')
+    return version
+
+
+def torch_info():
+    out = venv_python('import torch, sys; '
+                      'print(torch.__version__, torch.version.cuda or "cpu", '
+                      '"%d.%d" % sys.version_info[:2], int(torch.cuda.is_available()))')
+    torch_v, cuda, py, has_gpu = out.split()
+    return torch_v, cuda, py, has_gpu == '1'
+
+
+def mmcv_ok():
+    return venv_python('import mmcv; from mmcv.ops import nms, RoIAlign; print(mmcv.__version__)') \
+        == MMCV_VERSION
+
+
+def cuda_arch_list():
+    out = venv_python('import torch; print(";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) '
+                      'for i in range(torch.cuda.device_count())})))')
+    return out or None
+
+
+def build_mmcv_wheel(key_dir, cuda):
+    """Build the mmcv wheel into a private temp dir, then publish it with one rename."""
+    if not (shutil.which('c++') or shutil.which('g++')):
+        raise SetupError('no C++ compiler found: mmcv must be compiled; install one '
+                         '(Debian/Ubuntu: apt-get install g++) and run again.')
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{key_dir.name}.partial-', dir=CACHE))
+    env = dict(os.environ)
+    env.setdefault('MAX_JOBS', str(os.cpu_count() or 2))
+    if cuda != 'cpu':
+        env['FORCE_CUDA'] = '1'
+        arch = cuda_arch_list()
+        if arch:
+            env.setdefault('TORCH_CUDA_ARCH_LIST', arch)
+    else:
+        env['FORCE_CUDA'] = '0'
+    log(f'building mmcv {MMCV_VERSION} from source for {key_dir.name} '
+        f'(MAX_JOBS={env["MAX_JOBS"]}; about 13 minutes on 2 cores) ...')
+    t0 = time.time()
+    try:
+        run(VPY, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-w', tmp,
+            f'mmcv=={MMCV_VERSION}', env=env, quiet=True)
+        wheels = list(tmp.glob('mmcv-*.whl'))
+        if len(wheels) != 1:
+            raise SetupError(f'mmcv build produced {len(wheels)} wheels in {tmp}')
+        try:
+            os.rename(tmp, key_dir)  # atomic: the key dir exists only when complete
+        except OSError:
+            if not any(key_dir.glob('mmcv-*.whl')):  # someone else published meanwhile is fine
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f'built mmcv in {time.time() - t0:.0f} s -> {key_dir}')
+
+
+def ensure_mmcv():
+    if mmcv_ok():
+        log(f'mmcv {MMCV_VERSION} with ops already installed')
+        return
+    torch_v, cuda, py, _ = torch_info()
+    key_dir = CACHE / f'mmcv-{MMCV_VERSION}_torch-{torch_v}_py{py}_{"cuda" + cuda if cuda != "cpu" else "cpu"}'
+    pip('ninja', 'wheel', SETUPTOOLS_RANGE)
+    wheels = sorted(key_dir.glob('mmcv-*.whl'))
+    if wheels:
+        log(f'using cached mmcv wheel {wheels[0]}')
+    else:
+        build_mmcv_wheel(key_dir, cuda)
+        wheels = sorted(key_dir.glob('mmcv-*.whl'))
+    # mmcv's own requirements (addict, yapf, opencv ...) come with the wheel's metadata.
+    pip('--force-reinstall', '--no-deps', wheels[0])
+    pip(wheels[0])
+    if not mmcv_ok():
+        err = subprocess.run([str(VPY), '-c', 'from mmcv.ops import nms, RoIAlign'],
+                             stderr=subprocess.PIPE, text=True).stderr.strip().splitlines()
+        raise SetupError(
+            f'mmcv {MMCV_VERSION} is installed but its compiled ops do not load '
+            f'({err[-1] if err else "unknown error"}); delete {key_dir} and run again so it is rebuilt '
+            'with torch visible.')
+
+
+def inputs_digest():
+    h = hashlib.sha256()
+    for name in ('requirements.txt', 'pyproject.toml', 'tools/setup_env.py'):
+        h.update((ROOT / name).read_bytes())
+    h.update(CONSTRAINTS.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_requirements():
+    digest = inputs_digest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        log('requirements unchanged since the last set-up')
+        return
+    log('installing requirements.txt and reparam_mm')
+    pip('-r', ROOT / 'requirements.txt')
+    pip('--no-deps', '--no-build-isolation', '-e', ROOT)
+    STAMP.write_text(digest)
+
+
+def verify():
+    code = ('import reparam_mm, mmseg, mmdet, mmengine, mmcv, torch; '
+            'from mmcv.ops import nms, RoIAlign; import pkg_resources; '
+            'print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, '
+            'mmseg {mmseg.__version__}, mmdet {mmdet.__version__}")')
+    proc = subprocess.run([str(VPY), '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        if STAMP.exists():
+            STAMP.unlink()  # force a reinstall next time
+        raise SetupError('the stack does not import:\n' + proc.stderr[-3000:])
+    log('ready: ' + proc.stdout.strip())
+
+
+def main():
+    t0 = time.time()
+    try:
+        check_python()
+        ensure_venv()
+        ensure_torch()
+        ensure_mmcv()
+        ensure_requirements()
+        verify()
+    except SetupError as e:
+        print(f'[setup] ERROR: {e}', file=sys.stderr)
+        return 1
+    log(f'done in {time.time() - t0:.0f} s')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
