@@ -5,7 +5,9 @@ mmengine's root registries, so configs use them under the mmseg and mmdet
 default scopes alike (``custom_imports=dict(imports=['reparam_mm'])``).
 """
 from . import compat  # noqa: F401  (must run first: checkpoint loading fixes)
+from .fuse import fuse, fuse_with_report  # noqa: E402
+from .hooks import FusedEvalHook  # noqa: E402
 
 __version__ = '0.1.0'
 
-__all__ = ['__version__']
+__all__ = ['__version__', 'fuse', 'fuse_with_report', 'FusedEvalHook']

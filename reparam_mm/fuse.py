@@ -1,0 +1,195 @@
+"""One re-parameterisation pass over any model: ``fuse(model)``.
+
+Protocol: a fusable module defines ``reparameterize() -> nn.Module`` and
+returns the module that replaces it at inference (a new module, or ``self``
+after merging in place; on an already fused module it is a no-op). The walker
+knows no layer types; it finds every module with a callable
+``reparameterize`` and calls it, **children first** (post-order), so a parent
+that reads a child's ``.weight`` (a RepLKNet block reading its DO-Conv small
+kernel) sees the child already folded. A parent-first walk (timm's
+``reparameterize_model``) would merge the unfolded kernel and be wrong.
+
+Optionally (``fuse_bn=True``) each Conv followed by its BatchNorm is folded
+into the conv afterwards. The pairing follows mmcv's ``fuse_conv_bn``: a BN
+child directly after a conv child of the same parent, in registration order,
+with matching channels, and (for mmcv's ``ConvModule``) ``order`` saying the
+conv runs first. Registration order is not data flow in every custom module,
+so check outputs after ``fuse_bn`` (``tools/fuse.py`` does).
+"""
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ['FuseReport', 'fuse', 'fuse_with_report', 'count_params', 'fusable_modules']
+
+CONV_BN = 'Conv+BN'
+
+
+@dataclass
+class FuseReport:
+    """What one ``fuse`` pass did: modules fused per kind, parameter counts.
+
+    ``fused`` maps a kind (the fused module's class name, or ``'Conv+BN'``)
+    to how many such modules changed; a second pass over a fused model
+    reports ``{}`` and equal parameter counts.
+    """
+    fused: Dict[str, int] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.fused.values())
+
+    def to_dict(self) -> dict:
+        return dict(fused=dict(self.fused), params_before=self.params_before,
+                    params_after=self.params_after)
+
+    def __str__(self) -> str:
+        kinds = ', '.join(f'{k}: {v}' for k, v in sorted(self.fused.items())) or 'nothing to fuse'
+        return (f'fused {self.total} module(s) ({kinds}); parameters '
+                f'{self.params_before:,} -> {self.params_after:,}')
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (each shared tensor counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _is_fusable(module: nn.Module) -> bool:
+    return callable(getattr(module, 'reparameterize', None))
+
+
+def fusable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every module following the protocol, the root included."""
+    return [(n, m) for n, m in model.named_modules() if _is_fusable(m)]
+
+
+def _bn_pairs(parent: nn.Module) -> List[Tuple[str, str]]:
+    """Names ``(conv, bn)`` of children of ``parent`` that form a Conv->BN pair."""
+    order = getattr(parent, 'order', None)
+    if isinstance(order, (tuple, list)) and 'conv' in order and 'norm' in order \
+            and order.index('norm') < order.index('conv'):
+        return []  # mmcv ConvModule with the norm applied before the conv
+    names = list(parent._modules.keys())
+    pairs = []
+    for prev, cur in zip(names, names[1:]):
+        conv, bn = parent._modules[prev], parent._modules[cur]
+        if isinstance(conv, _ConvNd) and isinstance(bn, _BatchNorm) and not _is_fusable(conv) \
+                and bn.num_features == conv.out_channels and bn.track_running_stats \
+                and bn.running_mean is not None and conv.transposed is False:
+            pairs.append((prev, cur))
+    return pairs
+
+
+def _refuse_training_mode(model: nn.Module, fuse_bn: bool) -> None:
+    """Raise before touching anything if a part to fuse is in training mode."""
+    bad = [n or '<root>' for n, m in fusable_modules(model) if m.training]
+    if fuse_bn:
+        for pname, parent in model.named_modules():
+            for _, bn in _bn_pairs(parent):
+                if parent._modules[bn].training:
+                    bad.append(f'{pname}.{bn}' if pname else bn)
+    if bad:
+        shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+        raise RuntimeError(
+            f'fuse() refuses to fuse modules in training mode ({shown}): it would freeze '
+            'BatchNorm running statistics and detach the optimizer from the trained weights; '
+            'call model.eval() first (or fuse a copy: copy.deepcopy(model).eval()).')
+
+
+def _state_ids(module: nn.Module) -> Tuple:
+    """Identity of everything a module holds, to notice in-place merges."""
+    return tuple((n, id(t)) for n, t in module.state_dict(keep_vars=True).items())
+
+
+def _reparam_tree(module: nn.Module, counts: Counter) -> nn.Module:
+    """Post-order: fuse the children of ``module``, then ``module`` itself."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _reparam_tree(child, counts)
+        if new is not child:
+            setattr(module, name, new)
+    if not _is_fusable(module):
+        return module
+    before = _state_ids(module)
+    kind = type(module).__name__
+    new = module.reparameterize()
+    if not isinstance(new, nn.Module):
+        raise TypeError(f'{kind}.reparameterize() returned {type(new).__name__}; the protocol '
+                        'requires the nn.Module that replaces it (or self after fusing in place).')
+    if new is not module or _state_ids(new) != before:
+        counts[kind] += 1
+    return new
+
+
+@torch.no_grad()
+def _fold_bn(conv: _ConvNd, bn: _BatchNorm) -> None:
+    """Fold ``bn`` (eval statistics) into ``conv`` in place, keeping dtype and device."""
+    w = conv.weight
+    std = (bn.running_var.to(torch.float64) + bn.eps).sqrt()
+    gamma = bn.weight.to(torch.float64) if bn.affine else torch.ones_like(std)
+    beta = bn.bias.to(torch.float64) if bn.affine else torch.zeros_like(std)
+    scale = gamma / std
+    bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(std)
+    new_w = (w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    new_b = ((bias - bn.running_mean.to(torch.float64)) * scale + beta).to(w.dtype)
+    conv.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
+    conv.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
+
+
+def _fuse_conv_bn(model: nn.Module, counts: Counter) -> None:
+    for parent in list(model.modules()):
+        for conv_name, bn_name in _bn_pairs(parent):
+            _fold_bn(parent._modules[conv_name], parent._modules[bn_name])
+            parent._modules[bn_name] = nn.Identity()
+            counts[CONV_BN] += 1
+
+
+def fuse_with_report(model: nn.Module, fuse_bn: bool = False) -> Tuple[nn.Module, FuseReport]:
+    """Re-parameterise ``model`` in place; return ``(model, FuseReport)``.
+
+    Args:
+        model (nn.Module): any module (segmentor, detector, backbone, a single
+            layer, or one wrapped in (MM)DistributedDataParallel). It must be
+            in eval mode wherever something will be fused.
+        fuse_bn (bool): also fold Conv->BatchNorm pairs into the conv.
+
+    Returns:
+        The fused model (the same object unless the root itself was replaced,
+        e.g. a bare ``DOConv2d``) and the report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'fuse() expects an nn.Module, got {type(model).__name__}.')
+    _refuse_training_mode(model, fuse_bn)
+    report = FuseReport(params_before=count_params(model))
+    counts = Counter()
+    model = _reparam_tree(model, counts)
+    if fuse_bn:
+        _fuse_conv_bn(model, counts)
+    report.fused = OrderedDict(sorted(counts.items()))
+    report.params_after = count_params(model)
+    return model, report
+
+
+def fuse(model: nn.Module, fuse_bn: bool = False, verbose: bool = False) -> nn.Module:
+    """Re-parameterise ``model`` in place and return it (see :func:`fuse_with_report`).
+
+    The report of the call is kept in ``fuse.last_report``; with
+    ``verbose=True`` it is also logged.
+    """
+    model, report = fuse_with_report(model, fuse_bn=fuse_bn)
+    fuse.last_report = report
+    if verbose:
+        from mmengine.logging import print_log
+        print_log(f'reparam_mm.fuse: {report}', logger='current')
+    return model
+
+
+fuse.last_report = None
