@@ -1,0 +1,204 @@
+"""``FusedEvalHook``: validate and test the fused model, never touch the trained one.
+
+* Validation (during training or ``runner.val()``): ``before_val_epoch``
+  deep-copies the model, fuses the copy and points ``runner.model`` at it;
+  ``after_val_epoch`` points it back and frees the copy. The trainable,
+  unfused weights are never modified, so checkpoints stay unfused and
+  resumable. Each rank fuses its own copy.
+* Test (``runner.test()``): fuses ``runner.model`` in place in
+  ``before_test_epoch``, i.e. after the checkpoint was loaded (mmengine loads
+  with ``strict=False``; fusing before loading would silently ignore weights).
+  With an ``EMAHook`` registered the copy scheme is used for tests too, since
+  EMA swaps parameters back after the test.
+* On the first batch the fused outputs are compared with the unfused ones
+  (``mode='tensor'``: segmentation logits, raw detection head outputs); the
+  max abs / relative difference is logged, above ``tolerance`` loudly.
+
+Priority ``LOW``: after ``EMAHook`` (NORMAL) has swapped in the EMA weights,
+so the EMA model is what gets fused, and before ``CheckpointHook``
+(VERY_LOW) saves a best checkpoint after validation, so that checkpoint is
+taken from the restored, unfused model.
+"""
+import copy
+import gc
+import logging
+
+import torch
+from mmengine.hooks import EMAHook, Hook
+from mmengine.logging import print_log
+from mmengine.model import BaseTTAModel, is_model_wrapper
+from mmengine.registry import HOOKS
+
+from .fuse import fuse_with_report
+
+__all__ = ['FusedEvalHook', 'flatten_tensors', 'compare_outputs', 'tensor_outputs']
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def flatten_tensors(obj) -> list:
+    """All tensors in a nested tuple / list / dict / data element, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in flatten_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in flatten_tensors(v)]
+    if hasattr(obj, 'all_items'):  # mmengine BaseDataElement / InstanceData
+        return [t for _, v in obj.all_items() for t in flatten_tensors(v)]
+    return []
+
+
+def compare_outputs(reference, output) -> dict:
+    """Max abs and max relative (per tensor, to its max magnitude) difference.
+
+    Returns ``dict(max_abs, max_rel, num_tensors, same_structure)``; a
+    differing number or shape of tensors gives ``same_structure=False`` and
+    infinite differences.
+    """
+    ref, out = flatten_tensors(reference), flatten_tensors(output)
+    result = dict(max_abs=0.0, max_rel=0.0, num_tensors=len(ref), same_structure=True)
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        result.update(max_abs=float('inf'), max_rel=float('inf'), same_structure=False)
+        return result
+    for a, b in zip(ref, out):
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.detach().double(), b.detach().double().to(a.device)
+        diff = (a64 - b64).abs().max().item()
+        scale = a64.abs().max().item()
+        result['max_abs'] = max(result['max_abs'], diff)
+        result['max_rel'] = max(result['max_rel'], diff / scale if scale > 0 else diff)
+    return result
+
+
+@torch.no_grad()
+def tensor_outputs(model, data_batch):
+    """Raw outputs of ``model`` (``mode='tensor'``) on a dataloader batch, in eval mode.
+
+    The training flags of every submodule are restored afterwards, so a model
+    being trained can be queried in the middle of training.
+    """
+    model = _unwrap(model)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        data = model.data_preprocessor(data_batch, False)
+        return model(**data, mode='tensor')
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@HOOKS.register_module()
+class FusedEvalHook(Hook):
+    """Evaluate the re-parameterised (fused) model; keep the trained one intact.
+
+    Args:
+        fuse_bn (bool): also fold Conv->BN pairs into the conv. Defaults to False.
+        check (bool): compare fused and unfused outputs on the first batch of
+            every validation / test. Defaults to True.
+        tolerance (float): relative difference above which the comparison is
+            a loud warning. Defaults to 1e-4.
+    """
+    priority = 'LOW'
+
+    def __init__(self, fuse_bn: bool = False, check: bool = True, tolerance: float = 1e-4):
+        self.fuse_bn = fuse_bn
+        self.check = check
+        self.tolerance = tolerance
+        self.last_report = None   # FuseReport of the latest fuse
+        self.last_check = None    # compare_outputs() result of the latest check
+        self._saved_model = None  # runner.model while a fused copy stands in for it
+        self._reference = None    # unfused model to compare with on the first batch
+
+    # -- fusing ---------------------------------------------------------------
+    def _fused_copy(self, runner):
+        src = _unwrap(runner.model)
+        fused = copy.deepcopy(src)
+        for p in fused.parameters():
+            p.grad = None
+        fused, self.last_report = fuse_with_report(fused.eval(), fuse_bn=self.fuse_bn)
+        self._saved_model, self._reference = runner.model, src
+        runner.model = fused
+
+    def _fuse_in_place(self, runner):
+        model = _unwrap(runner.model)
+        self._reference = copy.deepcopy(model).eval() if self.check else None
+        fused, self.last_report = fuse_with_report(model.eval(), fuse_bn=self.fuse_bn)
+        if fused is not model:  # only when the root itself was replaced
+            if is_model_wrapper(runner.model):
+                runner.model.module = fused
+            else:
+                runner.model = fused
+
+    def _log_report(self, stage):
+        print_log(f'FusedEvalHook: {stage} on the fused model: {self.last_report}', logger='current')
+
+    def before_val_epoch(self, runner) -> None:
+        self._fused_copy(runner)
+        self._log_report('validating')
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._end(runner)
+
+    def after_val(self, runner) -> None:
+        self._end(runner)  # no-op unless after_val_epoch was skipped
+
+    def before_test_epoch(self, runner) -> None:
+        if any(isinstance(h, EMAHook) for h in runner.hooks):
+            self._fused_copy(runner)
+        else:
+            self._fuse_in_place(runner)
+        self._log_report('testing')
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._end(runner)
+
+    def _end(self, runner):
+        if self._saved_model is not None:
+            runner.model = self._saved_model
+        self._saved_model = self._reference = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- checking -------------------------------------------------------------
+    def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if batch_idx == 0:
+            self._check(runner, data_batch)
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if batch_idx == 0:
+            self._check(runner, data_batch)
+        if self._saved_model is None:
+            self._reference = None  # in-place test: the unfused copy is no longer needed
+
+    def _check(self, runner, data_batch):
+        reference, fused = self._reference, _unwrap(runner.model)
+        if not self.check or reference is None or data_batch is None:
+            return
+        if isinstance(fused, BaseTTAModel):
+            print_log('FusedEvalHook: fused-vs-unfused check skipped under test-time augmentation.',
+                      logger='current')
+            return
+        try:
+            result = compare_outputs(tensor_outputs(reference, data_batch),
+                                     tensor_outputs(fused, data_batch))
+        except Exception as e:  # noqa: BLE001 - a failed check must not stop evaluation
+            print_log(f'FusedEvalHook: could not compare fused and unfused outputs '
+                      f'({type(e).__name__}: {e}).', logger='current', level=logging.WARNING)
+            return
+        self.last_check = result
+        msg = (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
+               f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")
+        if result['same_structure'] and result['max_rel'] <= self.tolerance:
+            print_log(f'FusedEvalHook: {msg} (tolerance {self.tolerance:.0e}).', logger='current')
+        else:
+            print_log('!' * 79 + f'\nFusedEvalHook: FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE: {msg}'
+                      + ('' if result['same_structure'] else ' (different number or shapes of outputs)')
+                      + f', above the tolerance {self.tolerance:.0e}. The metrics below are NOT those '
+                      'of the trained model; check the reparameterize() of the fused layers.\n' + '!' * 79,
+                      logger='current', level=logging.WARNING)
