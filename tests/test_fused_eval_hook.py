@@ -1,0 +1,183 @@
+"""FusedEvalHook in a real mmengine Runner with a toy re-parameterisable model (no mmcv needed)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric, Evaluator
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+import reparam_mm  # noqa: F401
+from reparam_mm.hooks import FusedEvalHook, compare_outputs, flatten_tensors
+from test_fuse import ToyDOConv, ToyRepBlock
+
+_COUNT = [0]
+
+
+class ToyNet(BaseModel):
+    def __init__(self, broken=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(ToyDOConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                  (BrokenDOConv if broken else ToyRepBlock)(4, ToyDOConv(4, 4, 3)))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        logits = self.head(self.body(inputs).mean((2, 3)))
+        if mode == 'loss':
+            return {'loss': F.cross_entropy(logits, labels)}
+        if mode == 'predict':
+            return [dict(logits=lg, label=lb) for lg, lb in zip(logits, labels)]
+        return logits
+
+
+class BrokenDOConv(ToyRepBlock):
+    """A merge with a bug: its fused kernel is off by 10%."""
+
+    def reparameterize(self):
+        out = super().reparameterize()
+        with torch.no_grad():
+            out.merged.weight.mul_(1.1)
+        return out
+
+
+class ToyData(Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i], labels=self.y[i])
+
+
+class ToyMetric(BaseMetric):
+    """acc plus the mean of the logits: a metric that sees tiny weight differences."""
+
+    def process(self, data_batch, data_samples):
+        for s in data_samples:
+            self.results.append((float(s['logits'].argmax() == s['label']), float(s['logits'].mean())))
+
+    def compute_metrics(self, results):
+        return dict(acc=sum(r[0] for r in results) / len(results),
+                    logit_mean=sum(r[1] for r in results) / len(results))
+
+
+class Spy(Hook):
+    """Snapshots the trained model around validation and sees what val runs on."""
+    priority = 'LOWEST'
+
+    def __init__(self):
+        self.val_models, self.identical, self.same_objects = [], [], []
+
+    def before_val(self, runner):
+        self.model = runner.model
+        self.params = {k: id(v) for k, v in runner.model.named_parameters()}
+        self.state = {k: v.clone() for k, v in runner.model.state_dict().items()}
+        self.flags = [m.training for m in runner.model.modules()]
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None):
+        self.val_models.append(runner.model)
+
+    def after_val(self, runner):
+        after = runner.model.state_dict()
+        self.identical.append(runner.model is self.model and after.keys() == self.state.keys()
+                              and all(torch.equal(after[k], v) for k, v in self.state.items())
+                              and [m.training for m in runner.model.modules()] == self.flags)
+        self.same_objects.append({k: id(v) for k, v in runner.model.named_parameters()} == self.params)
+
+
+def _loader(n, seed, shuffle=False):
+    return dict(dataset=ToyData(n, seed), sampler=dict(type='DefaultSampler', shuffle=shuffle),
+                batch_size=4, collate_fn=dict(type='default_collate'))
+
+
+def _runner(work_dir, hooks, max_iters=4, resume=False, load_from=None, ema=False, broken=False):
+    _COUNT[0] += 1
+    custom = list(hooks) + ([dict(type='EMAHook', momentum=0.5)] if ema else [])
+    return Runner(
+        model=ToyNet(broken), work_dir=str(work_dir),
+        train_dataloader=_loader(16, 0, shuffle=True), val_dataloader=_loader(8, 1),
+        test_dataloader=_loader(8, 1),
+        val_evaluator=Evaluator(ToyMetric()), test_evaluator=Evaluator(ToyMetric()),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=2),
+        val_cfg=dict(), test_cfg=dict(),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=4, by_epoch=False,
+                                           save_best='logit_mean', rule='greater'),
+                           logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=custom, resume=resume, load_from=load_from, randomness=dict(seed=0),
+        experiment_name=f'fused_eval_{_COUNT[0]}')
+
+
+def _has_unfused(model):
+    return any(isinstance(m, ToyDOConv) for m in model.modules())
+
+
+def test_validation_runs_fused_and_leaves_trained_weights_untouched(tmp_path):
+    hook, spy = FusedEvalHook(), Spy()
+    runner = _runner(tmp_path, [hook, spy])
+    runner.train()
+    assert len(spy.val_models) == 4  # 2 validations x 2 batches
+    assert all(m is not spy.model and not _has_unfused(m) for m in spy.val_models)
+    assert spy.identical == [True, True] and spy.same_objects == [True, True]
+    assert runner.model is spy.model and _has_unfused(runner.model)
+    assert hook.last_report.fused == {'ToyDOConv': 2, 'ToyRepBlock': 1}
+    assert hook.last_check['same_structure'] and hook.last_check['max_rel'] < 1e-5
+    assert hook._saved_model is None and hook._reference is None  # the copy is freed
+    # checkpoints written after a validation (periodic and best) hold the unfused weights
+    keys = set(runner.model.state_dict())
+    for name in ('iter_4.pth', *[p.name for p in tmp_path.glob('best_*.pth')]):
+        state = torch.load(tmp_path / name, map_location='cpu', weights_only=True)['state_dict']
+        assert set(state) == keys and any(k.endswith('delta') for k in state)
+    assert len(list(tmp_path.glob('best_*.pth'))) == 1
+
+    resumed = _runner(tmp_path, [FusedEvalHook()], max_iters=6, resume=True)
+    resumed.train()
+    assert resumed.iter == 6 and _has_unfused(resumed.model)
+
+
+def test_validation_with_ema_fuses_the_ema_weights(tmp_path):
+    hook, spy = FusedEvalHook(), Spy()
+    runner = _runner(tmp_path, [hook, spy], ema=True)
+    runner.train()
+    assert spy.identical == [True, True]
+    # the reference compared against is the model as validated (EMA weights swapped in)
+    assert hook.last_check['max_rel'] < 1e-5
+
+
+def test_test_fuses_in_place_after_loading(tmp_path):
+    _runner(tmp_path / 'train', []).train()
+    ckpt = str(tmp_path / 'train' / 'iter_4.pth')
+    plain = _runner(tmp_path / 'plain', [], load_from=ckpt).test()
+    hook = FusedEvalHook()
+    runner = _runner(tmp_path / 'fused', [hook], load_from=ckpt)
+    fused = runner.test()
+    assert not _has_unfused(runner.model)
+    assert hook.last_check['max_rel'] < 1e-5 and hook._reference is None
+    assert fused['acc'] == plain['acc']
+    assert abs(fused['logit_mean'] - plain['logit_mean']) < 1e-5
+    random_init = _runner(tmp_path / 'random', []).test()
+    assert abs(random_init['logit_mean'] - plain['logit_mean']) > 1e-3  # loading mattered
+
+
+def test_a_wrong_fusion_is_a_loud_warning(tmp_path, capsys):
+    hook = FusedEvalHook(tolerance=1e-4)
+    _runner(tmp_path, [hook], max_iters=2, broken=True).train()
+    assert hook.last_check['max_rel'] > 1e-2
+    out = capsys.readouterr()
+    assert 'FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE' in out.out + out.err
+
+
+def test_compare_outputs_reports_structure_and_relative_difference():
+    a = (torch.tensor([1.0, -4.0]), [torch.tensor([[2.0]])])
+    same = compare_outputs(a, (a[0].clone(), [a[1][0].clone()]))
+    assert same == dict(max_abs=0.0, max_rel=0.0, num_tensors=2, same_structure=True)
+    off = compare_outputs(a, (torch.tensor([1.0, -4.4]), [torch.tensor([[2.0]])]))
+    assert abs(off['max_abs'] - 0.4) < 1e-6 and abs(off['max_rel'] - 0.1) < 1e-6
+    assert compare_outputs(a, (a[0],))['same_structure'] is False
+    assert len(flatten_tensors({'x': a, 'y': 'text'})) == 2
