@@ -1,0 +1,307 @@
+"""What ``tools/test.py`` and ``tools/fuse.py`` do, importable for tests.
+
+* :func:`run_test`: mmseg / mmdet ``tools/test.py`` (same arguments), fused by
+  default through :class:`~reparam_mm.hooks.FusedEvalHook`, and loading the
+  checkpoint **strictly** (:func:`load_checkpoint_strict`) instead of
+  mmengine's ``strict=False``, so a deploy checkpoint in the training
+  architecture (or the reverse) is an error naming the keys, never a
+  silently partial model.
+* :func:`export_deploy`: fused weights plus a config that builds the fused
+  architecture directly (:func:`deploy_config`), verified to reproduce the
+  unfused model before anything is written.
+"""
+import copy
+import importlib
+import inspect
+import itertools
+import os
+import os.path as osp
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from mmengine.config import Config, ConfigDict
+from mmengine.model import BaseTTAModel, is_model_wrapper
+
+from .fuse import fuse_with_report
+from .hooks import compare_outputs
+
+__all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
+           'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model', 'dummy_batch']
+
+SCOPES = ('mmseg', 'mmdet')
+_RUN_IDS = itertools.count()
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes differ from the model's."""
+
+
+def _scope(cfg):
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f"config default_scope is {scope!r}; reparam_mm's tools support "
+                         f"{' and '.join(SCOPES)} configs, so set default_scope to one of them.")
+    importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
+    return scope
+
+
+def _target(model):
+    """The module whose state dict a checkpoint holds (no DDP, no TTA wrapper)."""
+    model = model.module if is_model_wrapper(model) else model
+    return model.module if isinstance(model, BaseTTAModel) else model
+
+
+def _few(keys, n=4):
+    keys = list(keys)
+    return ', '.join(keys[:n]) + (f' ... (+{len(keys) - n})' if len(keys) > n else '')
+
+
+def check_state_dict(model, state_dict, source='checkpoint', meta=None):
+    """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
+    expected = _target(model).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    info = (meta or {}).get('reparam_mm', {})
+    if info.get('deploy'):
+        hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
+                f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
+    else:
+        hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
+                'the deploy config written by tools/fuse.py')
+    parts = [f'{len(missing)} missing keys ({_few(missing)})' if missing else '',
+             f'{len(unexpected)} unexpected keys ({_few(unexpected)})' if unexpected else '',
+             f'{len(shapes)} shape mismatches ({_few(shapes, 2)})' if shapes else '']
+    raise CheckpointMismatchError(
+        f"{source} does not match the model built from the config: {'; '.join(p for p in parts if p)}"
+        f' -- {hint}.')
+
+
+def load_checkpoint_strict(model, filename, map_location='cpu'):
+    """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    if '://' not in str(filename) and not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint {filename} does not exist; pass the .pth file written '
+                                'by training (work_dirs/...) or by tools/fuse.py.')
+    checkpoint = _load_checkpoint(str(filename), map_location=map_location)
+    state = checkpoint.get('state_dict', checkpoint)
+    metadata = getattr(state, '_metadata', None)
+    state = OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state.items())
+    if metadata is not None:
+        state._metadata = OrderedDict((re.sub(r'^module\.?', '', k), v) for k, v in metadata.items())
+    check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
+    _target(model).load_state_dict(state, strict=True)
+    return checkpoint
+
+
+# -- tools/test.py -------------------------------------------------------------------------------
+def _set_fuse_hook(cfg, fuse):
+    hooks = [h for h in cfg.get('custom_hooks', []) or [] if h.get('type') != 'FusedEvalHook']
+    kept = [h for h in cfg.get('custom_hooks', []) or [] if h.get('type') == 'FusedEvalHook']
+    if fuse:
+        hooks.append(kept[0] if kept else dict(type='FusedEvalHook'))
+    cfg.custom_hooks = hooks
+
+
+def _trigger_visualization(cfg, scope, show, show_dir, wait_time):
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise RuntimeError("--show / --show-dir need default_hooks.visualization in the config; "
+                           f"add visualization=dict(type='{'Seg' if scope == 'mmseg' else 'Det'}"
+                           "VisualizationHook').")
+    hook['draw'] = True
+    if show:
+        hook.update(show=True, wait_time=wait_time)
+    if show_dir:
+        if scope == 'mmseg':
+            cfg.visualizer['save_dir'] = show_dir
+        else:
+            hook['test_out_dir'] = show_dir
+
+
+def _tta(cfg, scope):
+    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+        raise ValueError('--tta needs tta_model and tta_pipeline in the config (as in the mmseg / '
+                         'mmdet base configs); add them or drop --tta.')
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+
+
+def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, wait_time=2,
+                   cfg_options=None, launcher='none', tta=False, fuse=True):
+    """The test config as mmseg / mmdet ``tools/test.py`` build it, plus the fuse switch."""
+    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    cfg = copy.deepcopy(cfg)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = _scope(cfg)
+    stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', stem)
+    cfg.load_from = None  # loaded strictly by run_test, not by the runner
+    cfg.resume = False
+    if cfg.get('experiment_name') is None:  # unique, so two runs in a process never share loggers
+        cfg.experiment_name = f"{stem}_{'fused' if fuse else 'unfused'}_{os.getpid()}_{next(_RUN_IDS)}"
+    if show or show_dir:
+        _trigger_visualization(cfg, scope, show, show_dir, wait_time)
+    if tta:
+        _tta(cfg, scope)
+    if out is not None and scope == 'mmseg':
+        cfg.test_evaluator['output_dir'] = out
+        cfg.test_evaluator['keep_results'] = True
+    elif out is not None and not out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out {out}: detection results are dumped to a pickle file; '
+                         'give a path ending in .pkl.')
+    _set_fuse_hook(cfg, fuse)
+    return cfg
+
+
+def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
+    """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    if out is not None and cfg.default_scope == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
+    load_checkpoint_strict(runner.model, checkpoint)
+    runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
+                       f"{'fused' if fuse else 'unfused'} model")
+    return runner.test()
+
+
+# -- tools/fuse.py -------------------------------------------------------------------------------
+def _registered(type_name, scope):
+    if not isinstance(type_name, str):
+        return type_name if inspect.isclass(type_name) else None
+    try:  # the scope's registry falls back to the root one, where reparam_mm registers
+        return importlib.import_module(f'{scope}.registry').MODELS.get(type_name)
+    except Exception:  # noqa: BLE001 - unknown names are simply not rewritten
+        return None
+
+
+def _init_args(cls):
+    try:
+        return inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _fusable_type(spec, scope):
+    cls = _registered(spec.get('type'), scope) if isinstance(spec, dict) else None
+    return cls is not None and callable(getattr(cls, 'reparameterize', None)) and \
+        issubclass(cls, nn.Module)
+
+
+def _rewrite(node, path, changes, scope):
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rewrite(v, f'{path}[{i}]', changes, scope) for i, v in enumerate(node))
+    if not isinstance(node, dict):
+        return node
+    node = type(node)({k: _rewrite(v, f'{path}.{k}', changes, scope) for k, v in node.items()})
+    for key in [k for k in node if k.endswith('conv_cfg')]:
+        if _fusable_type(node[key], scope):
+            changes.append(f'{path}.{key}: {node[key]["type"]} -> None (plain conv)')
+            node[key] = None
+    if 'stage_with_doconv' in node and any(node['stage_with_doconv']):
+        changes.append(f'{path}.stage_with_doconv -> all False')
+        node['stage_with_doconv'] = tuple(False for _ in node['stage_with_doconv'])
+    cls = _registered(node.get('type'), scope)
+    if cls is not None and 'small_kernel_merged' in _init_args(cls) and not node.get('small_kernel_merged'):
+        changes.append(f'{path}.small_kernel_merged -> True')
+        node['small_kernel_merged'] = True
+    elif cls is not None and _fusable_type(node, scope) and issubclass(cls, nn.Module) and \
+            'in_channels' in _init_args(cls):  # a DO-Conv layer spelled out as a layer dict
+        conv_args = _init_args(nn.Conv2d)
+        dropped = [k for k in node if k != 'type' and k not in conv_args]
+        changes.append(f'{path}: {node["type"]} -> Conv2d' + (f' (dropped {dropped})' if dropped else ''))
+        node = type(node)({k: v for k, v in node.items() if k not in dropped}, type='Conv2d')
+    return node
+
+
+def deploy_config(cfg):
+    """Copy of ``cfg`` whose model builds the fused architecture; returns ``(cfg, changes)``.
+
+    DO-Conv ``conv_cfg`` become plain convs, ``stage_with_doconv`` all False,
+    and every model accepting ``small_kernel_merged`` gets it True.
+    """
+    cfg = copy.deepcopy(cfg)
+    changes = []
+    cfg.model = _rewrite(cfg.model, 'model', changes, _scope(cfg))
+    cfg.load_from = None
+    cfg.resume = False
+    return cfg, changes
+
+
+def build_model(cfg):
+    from mmengine.registry import MODELS
+    _scope(cfg)
+    return MODELS.build(cfg.model)
+
+
+def dummy_batch(cfg, height, width, batch=1, seed=0):
+    """``(inputs, data_samples)`` for ``model(..., mode='tensor')`` without a dataset."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 3, height, width, generator=g)
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                batch_input_shape=(height, width), scale_factor=(1.0, 1.0))
+    if _scope(cfg) == 'mmseg':
+        from mmseg.structures import SegDataSample as Sample
+    else:
+        from mmdet.structures import DetDataSample as Sample
+    return inputs, [Sample(metainfo=meta) for _ in range(batch)]
+
+
+@torch.no_grad()
+def _outputs(model, inputs, samples):
+    return model(inputs, copy.deepcopy(samples), mode='tensor')
+
+
+def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4):
+    """Write ``<stem>_deploy.pth`` and ``<stem>_deploy.py`` to ``out_dir``; return a summary dict.
+
+    The deploy model (built from the rewritten config, loaded strictly with
+    the fused weights) must reproduce the unfused model on a random input
+    within ``tolerance`` relative difference, or nothing is written.
+    """
+    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
+    model = build_model(cfg)
+    ckpt = load_checkpoint_strict(model, checkpoint)
+    model.eval()
+    inputs, samples = dummy_batch(cfg, *shape)
+    reference = _outputs(model, inputs, samples)
+
+    fused, report = fuse_with_report(model)
+    state = fused.state_dict()
+    dcfg, changes = deploy_config(cfg)
+    deploy = build_model(dcfg)
+    check_state_dict(deploy, state, f'the fused weights of {checkpoint}')
+    deploy.load_state_dict(state, strict=True)
+    check = compare_outputs(reference, _outputs(deploy.eval(), inputs, samples))
+    if not check['same_structure'] or check['max_rel'] > tolerance:
+        raise RuntimeError(
+            f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "
+            f"max rel diff {check['max_rel']:.3e} > {tolerance:.0e}); nothing written -- check the "
+            'reparameterize() of the fused layers and the config rewrite: ' + '; '.join(changes))
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg_path = osp.join(out_dir, f'{stem}_deploy.py')
+    ckpt_path = osp.join(out_dir, f'{stem}_deploy.pth')
+    meta = dict(ckpt.get('meta') or {})
+    meta['reparam_mm'] = dict(deploy=True, deploy_config=cfg_path, source_config=cfg.filename,
+                              source_checkpoint=str(checkpoint), fuse_report=report.to_dict(),
+                              check=dict(check))
+    torch.save(dict(meta=meta, state_dict=OrderedDict((k, v.cpu()) for k, v in state.items())),
+               ckpt_path)
+    dcfg.dump(cfg_path)
+    return dict(config=cfg_path, checkpoint=ckpt_path, report=report, check=check, changes=changes)
