@@ -1,0 +1,13 @@
+# DO-Conv in backbone and heads: stages 2-4 (c3-c5) of ResNet-50-V1c
+# (DOResNetV1c) and every conv of UperNet and the FCN auxiliary head.
+# Everything else is the plain baseline
+# upernet_r50_4xb2-80k_cityscapes-512x1024.py beside it.
+_base_ = ['./upernet_r50_4xb2-80k_cityscapes-512x1024.py']
+doconv_cfg = dict(type='DOConv')
+model = dict(
+    backbone=dict(
+        type='DOResNetV1c',
+        stage_with_doconv=(False, True, True, True),
+        doconv_cfg=doconv_cfg),
+    decode_head=dict(conv_cfg=doconv_cfg),
+    auxiliary_head=dict(conv_cfg=doconv_cfg))

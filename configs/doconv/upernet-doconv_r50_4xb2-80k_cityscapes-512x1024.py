@@ -1,0 +1,10 @@
+# DO-Conv in the heads only: every conv of UperNet (PPM, lateral, FPN and
+# bottleneck convs) and of the FCN auxiliary head is DO-Conv (1x1 convs have
+# no D and stay plain convs in effect); the ResNet-50-V1c backbone is plain.
+# Everything else is the plain baseline
+# upernet_r50_4xb2-80k_cityscapes-512x1024.py beside it.
+_base_ = ['./upernet_r50_4xb2-80k_cityscapes-512x1024.py']
+doconv_cfg = dict(type='DOConv')
+model = dict(
+    decode_head=dict(conv_cfg=doconv_cfg),
+    auxiliary_head=dict(conv_cfg=doconv_cfg))
