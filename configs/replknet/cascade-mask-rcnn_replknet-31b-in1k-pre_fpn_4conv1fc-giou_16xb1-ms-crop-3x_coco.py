@@ -9,7 +9,8 @@
 # - AdamW lr 4e-4, betas (0.9, 0.999), weight decay 0.05, none on norms;
 #   drop_path 0.6, SyncBN, checkpointing.
 # The authors fix 1 image per GPU but not the GPU count; a total batch of 16
-# (mmdet's standard) is assumed: scale lr linearly (auto_scale_lr) for another.
+# (mmdet's standard) is assumed; for another, scale lr linearly
+# (tools/train.py --auto-scale-lr does, from auto_scale_lr.base_batch_size).
 # Reported (authors): 52.2 box AP / 45.2 mask AP.
 # Set the ImageNet weights (edit checkpoint_file, or on the command line)
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/RepLKNet-31B_ImageNet-1K_224.pth
