@@ -98,14 +98,19 @@ def ensure_venv():
                          f'(Debian: apt-get install python3-venv).\n{e}') from None
 
 
+def installed_torch_version():
+    # Package metadata, not `import torch`: a no-op set-up should take seconds.
+    return venv_python('from importlib.metadata import version; print(version("torch"))')
+
+
 def ensure_torch():
-    version = venv_python('import torch; print(torch.__version__)')
+    version = installed_torch_version()
     if version is None:
         spec = os.environ.get('TORCH_SPEC', 'torch==2.13.0')
         log(f'installing {spec}')
         extra = ['--index-url', os.environ['TORCH_INDEX_URL']] if os.environ.get('TORCH_INDEX_URL') else []
         pip(spec, *extra, constrained=False)
-        version = venv_python('import torch; print(torch.__version__)')
+        version = venv_python('import torch; print(torch.__version__)')  # must really import
         if version is None:
             raise SetupError(f'torch was installed ({spec}) but does not import in {VENV}.')
     else:
