@@ -1,0 +1,146 @@
+"""Measure speed and memory of models and layers; write one JSON file (docs/benchmarks.md).
+
+    # one config: inference (fused by default) or training iterations
+    python tools/benchmark.py CONFIG [--checkpoint F] [--shape H W] [--batch N]
+        [--mode infer|train] [--fuse|--no-fuse] [--device cpu|cuda] [--amp] [--channels-last]
+        [--repeat R] [--warmup W] [--no-flops] [--out FILE.json]
+    # two variants timed alternately in one process (ratios B / A); a variant is CONFIG,
+    # CONFIG:fused or CONFIG:unfused
+    python tools/benchmark.py --compare A B [same options]
+    # layer tables
+    python tools/benchmark.py --doconv-layers [--shape H W] [--batch N] [--device D] [--repeat R]
+    python tools/benchmark.py --large-dw [--arch 31B] [--dtypes fp32 bf16 fp16]
+        [--candidates ...] [--no-backward] [--shape H W] [--batch N] [--device D] [--repeat R]
+
+Then ``python tools/bench_report.py work_dirs/bench/*.json`` renders tables and plots.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reparam_mm  # noqa: E402,F401  (registers everything, checkpoint loading fixes)
+from reparam_mm import benchmark as B  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Benchmark reparam_mm models and layers.')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument('config', nargs='?', help='config to benchmark')
+    what.add_argument('--compare', nargs=2, metavar=('A', 'B'),
+                      help='two variants (CONFIG[:fused|:unfused]) timed alternately')
+    what.add_argument('--doconv-layers', action='store_true',
+                      help="ResNet-50 3x3 convs: plain vs DOConv2d vs the authors' formulation")
+    what.add_argument('--large-dw', action='store_true',
+                      help="RepLKNet's large depthwise convs at their stage shapes")
+    p.add_argument('--checkpoint', help='weights loaded strictly before fusing (optional)')
+    p.add_argument('--shape', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'))
+    p.add_argument('--batch', type=int, default=None,
+                   help='images per step (default 1; 2 for --doconv-layers)')
+    p.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    p.add_argument('--fuse', action=argparse.BooleanOptionalAction, default=None,
+                   help='infer: fuse before timing (default); train: not allowed')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument('--amp', action='store_true',
+                   help='mixed precision (inference: fp16 autocast on CUDA, bf16 on CPU)')
+    p.add_argument('--channels-last', action='store_true', help='model in channels_last')
+    p.add_argument('--repeat', type=int, default=None,
+                   help='timed runs per variant (default 5; 10 for --doconv-layers, 3 for '
+                        '--large-dw, which also time at least --min-time seconds)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed runs first (default 2)')
+    p.add_argument('--min-time', type=float, default=None,
+                   help='layer tables: keep timing until this many seconds (default 0.5 / 1.0)')
+    p.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
+    p.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
+    p.add_argument('--arch', default='31B', help='RepLKNet arch of the --large-dw shapes')
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(B.DTYPES))
+    p.add_argument('--candidates', nargs='+', help='--large-dw implementations (default all)')
+    p.add_argument('--no-backward', action='store_true', help='--large-dw: forward only')
+    p.add_argument('--out', help='JSON file to write (default: print only)')
+    args = p.parse_args(argv)
+    for name in ('batch', 'repeat'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1.')
+    if args.warmup is not None and args.warmup < 0:
+        p.error('--warmup must be at least 0.')
+    if min(args.shape) < 1:
+        p.error('--shape H W must be positive.')
+    if args.device.startswith('cuda'):
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f'--device {args.device}: no CUDA device is visible to torch '
+                    f'{torch.__version__}; use --device cpu.')
+    return args
+
+
+def run(args):
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup = 2 if args.warmup is None else args.warmup
+    if args.doconv_layers:
+        return B.benchmark_doconv_layers(
+            tuple(args.shape), args.batch or 2, args.device, args.repeat or 10, warmup,
+            0.5 if args.min_time is None else args.min_time)
+    if args.large_dw:
+        return B.benchmark_large_dw(
+            args.arch, tuple(args.shape), args.batch or 1, args.device, tuple(args.dtypes),
+            args.candidates, args.repeat or 3, 1 if args.warmup is None else args.warmup,
+            1.0 if args.min_time is None else args.min_time, not args.no_backward)
+    specs = list(args.compare) if args.compare else [args.config]
+    return B.benchmark_models(
+        specs, args.mode, tuple(args.shape), args.batch or 1, args.device, args.fuse,
+        args.checkpoint, args.amp, args.channels_last, args.repeat or 5, warmup,
+        not args.no_flops)
+
+
+def summary_lines(result):
+    """Short human-readable lines of a result (the JSON holds everything)."""
+    lines = []
+    if result['kind'] in ('model', 'compare'):
+        for r in result['results']:
+            lat, mem = r['latency'], r['memory']
+            flops = f", {r['flops'] / 1e9:.1f} GFLOPs" if r.get('flops') else ''
+            lines.append(f"{r['name']} [{r['mode']}]: {lat['median_ms']:.1f} ms median "
+                         f"(IQR {100 * lat['spread']:.1f}%), {lat['images_per_s']:.2f} img/s, "
+                         f"peak {mem['peak_mb']:.0f} MB, {r['params'] / 1e6:.2f} M params{flops}")
+        if 'ratios' in result:
+            q = result['ratios']['latency_b_over_a']
+            lines.append(f"B / A latency: {q['median_ratio']:.3f} (paired median "
+                         f"{q['paired_median']:.3f}, IQR {q['paired_p25']:.3f}-"
+                         f"{q['paired_p75']:.3f})")
+    elif result['kind'] == 'doconv_layers':
+        for r in result['results']:
+            q = r['ratios']
+            parts = [f"{k} {q[f'{k}_over_plain_forward']:.2f} / "
+                     f"{q[f'{k}_over_plain_forward_backward']:.2f}" for k in B.LAYER_KEYS[1:]]
+            lines.append(f"{r['name']} C={r['channels']} {r['height']}x{r['width']} (time / plain "
+                         f"conv, fwd / fwd+bwd): " + ', '.join(parts))
+    else:
+        for r in result['results']:
+            fwd = r.get('forward')
+            t = f"{fwd['median_ms']:.2f} ms" if fwd else r.get('error', 'failed')
+            fb = r.get('forward_backward')
+            t += f", fwd+bwd {fb['median_ms']:.2f} ms" if fb else ''
+            lines.append(f"{r['stage']} {r['kernel']}x{r['kernel']} C={r['channels']} "
+                         f"{r['dtype']} {r['candidate']}: {t} (bound {r['bound_ms']:.2f} ms, "
+                         f"{r['bound_by']})")
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    for line in summary_lines(result):
+        print(line)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            f.write(B.to_json(result))
+        print(f'wrote {args.out}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
