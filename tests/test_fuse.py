@@ -253,3 +253,160 @@ def test_fuses_inside_ddp_wrappers(process_group, wrapper):
     assert fuse.last_report.fused == {'ToyDOConv': 2, 'ToyRepBlock': 1}
     with torch.no_grad():
         assert _rel(wrapped.module(x), ref) < 1e-5
+
+
+# -- integration: real segmentors and detectors with DO-Conv / RepLKNet -----------------------------
+NORM = dict(type='BN', requires_grad=True)
+DO = dict(type='DOConv')
+MEAN_STD = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True)
+
+
+def _backbone(kind, scope):
+    """(backbone cfg, out channels): DO-ResNet-18 (DO-Conv in every stage) or RepLKNet 'tiny'."""
+    if kind == 'replknet':  # DO-Conv small kernels inside the large-kernel blocks: the nested case
+        return dict(type='RepLKNet', arch='tiny', stage_with_doconv=(True,) * 4, norm_cfg=NORM), \
+            [16, 32, 64, 128]
+    resnet = 'DOResNetV1c' if scope == 'mmseg' else 'DOResNet'
+    return dict(type=resnet, depth=18, stage_with_doconv=(True,) * 4, norm_cfg=NORM), [64, 128, 256, 512]
+
+
+def seg_model_cfg(backbone='doconv', num_classes=4):
+    """UperNet + FCN auxiliary head, DO-Conv in backbone and both heads."""
+    bb, ch = _backbone(backbone, 'mmseg')
+    loss = dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)
+    return dict(
+        type='EncoderDecoder',
+        data_preprocessor=dict(type='SegDataPreProcessor', pad_val=0, seg_pad_val=255, size=(64, 64),
+                               **MEAN_STD),
+        backbone=bb,
+        decode_head=dict(type='UPerHead', in_channels=ch, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                         channels=32, dropout_ratio=0.1, num_classes=num_classes, norm_cfg=NORM,
+                         conv_cfg=DO, align_corners=False, loss_decode=loss),
+        auxiliary_head=dict(type='FCNHead', in_channels=ch[2], in_index=2, channels=16, num_convs=1,
+                            concat_input=False, dropout_ratio=0.1, num_classes=num_classes, norm_cfg=NORM,
+                            conv_cfg=DO, align_corners=False, loss_decode=dict(loss, loss_weight=0.4)),
+        train_cfg=dict(), test_cfg=dict(mode='whole'))
+
+
+def _bbox_head(num_classes, stds, agnostic):
+    return dict(type='ConvFCBBoxHead', num_shared_convs=2, num_shared_fcs=1, in_channels=32,
+                conv_out_channels=32, fc_out_channels=64, roi_feat_size=7, num_classes=num_classes,
+                conv_cfg=DO, norm_cfg=NORM, reg_class_agnostic=agnostic,
+                bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.] * 4, target_stds=stds),
+                loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+                loss_bbox=dict(type='L1Loss', loss_weight=1.0))
+
+
+def _det_train_cfg(detector):
+    def assigner(iou):
+        return dict(type='MaxIoUAssigner', pos_iou_thr=iou, neg_iou_thr=iou if iou > 0.5 else 0.3,
+                    min_pos_iou=iou if iou > 0.5 else 0.3, match_low_quality=iou <= 0.5, ignore_iof_thr=-1)
+
+    def rcnn(iou):
+        return dict(assigner=dict(assigner(iou), match_low_quality=False, neg_iou_thr=iou, min_pos_iou=iou),
+                    sampler=dict(type='RandomSampler', num=64, pos_fraction=0.25, neg_pos_ub=-1,
+                                 add_gt_as_proposals=True), pos_weight=-1, debug=False)
+    return dict(
+        rpn=dict(assigner=assigner(0.7), allowed_border=-1, pos_weight=-1, debug=False,
+                 sampler=dict(type='RandomSampler', num=64, pos_fraction=0.5, neg_pos_ub=-1,
+                              add_gt_as_proposals=False)),
+        rpn_proposal=dict(nms_pre=200, max_per_img=50, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+        rcnn=rcnn(0.5) if detector == 'faster' else [rcnn(0.5), rcnn(0.6), rcnn(0.7)])
+
+
+def det_model_cfg(detector='faster', backbone='doconv', num_classes=2):
+    """Faster / Cascade R-CNN, DO-Conv in backbone, FPN, RPN head and the shared-conv bbox heads."""
+    bb, ch = _backbone(backbone, 'mmdet')
+    extractor = dict(type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
+                     out_channels=32, featmap_strides=[4, 8, 16, 32])
+    if detector == 'faster':
+        roi_head = dict(type='StandardRoIHead', bbox_roi_extractor=extractor,
+                        bbox_head=_bbox_head(num_classes, [0.1, 0.1, 0.2, 0.2], False))
+    else:
+        roi_head = dict(type='CascadeRoIHead', num_stages=3, stage_loss_weights=[1, 0.5, 0.25],
+                        bbox_roi_extractor=extractor,
+                        bbox_head=[_bbox_head(num_classes, [s, s, 2 * s, 2 * s], True) for s in (0.1, 0.05, 0.033)])
+    return dict(
+        type='FasterRCNN' if detector == 'faster' else 'CascadeRCNN',
+        data_preprocessor=dict(type='DetDataPreprocessor', pad_size_divisor=32, **MEAN_STD),
+        backbone=bb,
+        neck=dict(type='FPN', in_channels=ch, out_channels=32, num_outs=5, conv_cfg=DO),
+        rpn_head=dict(type='ConvCfgRPNHead', in_channels=32, feat_channels=32, conv_cfg=DO,
+                      anchor_generator=dict(type='AnchorGenerator', scales=[8], ratios=[0.5, 1.0, 2.0],
+                                            strides=[4, 8, 16, 32, 64]),
+                      bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.] * 4, target_stds=[1.0] * 4),
+                      loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
+                      loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+        roi_head=roi_head,
+        train_cfg=_det_train_cfg(detector),
+        test_cfg=dict(rpn=dict(nms_pre=200, max_per_img=50, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+                      rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=20)))
+
+
+def perturb(model, seed=0):
+    """Random BN statistics and non-zero DO-Conv D, so no fusion is trivially exact."""
+    from reparam_mm.layers.doconv import DOConv2d
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DOConv2d) and m.D is not None:
+                m.D.copy_(torch.randn(m.D.shape, generator=g) * 0.1)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def build(model_cfg, scope):
+    import reparam_mm.backbones  # noqa: F401
+    import reparam_mm.models  # noqa: F401
+    from mmengine.config import Config
+    from reparam_mm.apis import build_model
+    return build_model(Config(dict(model=model_cfg, default_scope=scope)))
+
+
+def _unfused_parts(model):
+    from reparam_mm.backbones.replknet import ReparamLargeKernelConv
+    from reparam_mm.layers.doconv import DOConv2d
+    return [n for n, m in model.named_modules()
+            if isinstance(m, DOConv2d) or (isinstance(m, ReparamLargeKernelConv) and not m.merged)]
+
+
+CASES = [('mmseg', 'upernet', 'doconv'), ('mmseg', 'upernet', 'replknet'),
+         ('mmdet', 'faster', 'doconv'), ('mmdet', 'faster', 'replknet'),
+         ('mmdet', 'cascade', 'doconv'), ('mmdet', 'cascade', 'replknet')]
+
+
+@pytest.mark.parametrize('scope,arch,backbone', CASES, ids=['-'.join(c[1:]) for c in CASES])
+def test_fuse_real_models(scope, arch, backbone):
+    from mmengine.config import Config
+    from reparam_mm.apis import dummy_batch
+    from reparam_mm.hooks import compare_outputs
+    cfg = seg_model_cfg(backbone) if scope == 'mmseg' else det_model_cfg(arch, backbone)
+    torch.manual_seed(0)
+    model = perturb(build(cfg, scope)).eval()
+    assert _unfused_parts(model)
+    inputs, samples = dummy_batch(Config(dict(default_scope=scope)), 64, 64)
+    with torch.no_grad():
+        ref = model(inputs, copy.deepcopy(samples), mode='tensor')
+
+    fused, report = fuse_with_report(copy.deepcopy(model))
+    assert _unfused_parts(fused) == []
+    assert report.fused.get('DOConv2d', 0) > 0 and report.params_after < report.params_before
+    if backbone == 'replknet':
+        assert report.fused['ReparamLargeKernelConv'] == 5  # 'tiny': 1 + 1 + 2 + 1 blocks
+    with torch.no_grad():
+        check = compare_outputs(ref, fused(inputs, copy.deepcopy(samples), mode='tensor'))
+    assert check['same_structure'] and check['max_rel'] < 1e-5, check
+
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    _, again = fuse_with_report(fused)
+    assert again.fused == {} and state.keys() == fused.state_dict().keys()
+    assert all(torch.equal(v, fused.state_dict()[k]) for k, v in state.items())
+
+    with pytest.raises(RuntimeError, match='training mode'):
+        fuse(model.train())
+    assert _unfused_parts(model)  # refused before anything changed
