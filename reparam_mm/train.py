@@ -1,0 +1,142 @@
+"""``tools/train.py``: mmseg / mmdet's training entry point, plus CPU distributed runs.
+
+Arguments and config handling follow mmseg 1.2.2's ``tools/train.py`` with
+mmdet 3.3.0's ``--resume [PATH]`` and ``--auto-scale-lr``. Configs of either
+package work: they name their own ``default_scope``.
+
+One addition: mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and
+wraps the model in DDP with ``device_ids=[LOCAL_RANK]``, both of which fail on
+a machine without CUDA. When there is no GPU, :func:`prepare_cpu_distributed`
+opens the process group itself (gloo) and asks for a device-less DDP wrapper,
+so ``torchrun --nproc_per_node=N tools/train.py ... --launcher pytorch`` trains
+on CPU processes; the code path on GPUs is mmengine's, unchanged.
+"""
+import argparse
+import datetime
+import logging
+import os
+import os.path as osp
+
+import torch
+import torch.distributed as torch_dist
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description='Train a segmentor or detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from the latest checkpoint in the work_dir, or from PATH if given')
+    parser.add_argument('--amp', action='store_true', default=False,
+                        help='enable automatic-mixed-precision training')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by the real batch size (config needs auto_scale_lr)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override some settings in the used config, the key-value pair in xxx=yyy format '
+        'will be merged into config file, e.g. key="[a,b]" or key=a,b; no white space allowed.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torchrun / torch.distributed.launch pass the rank as --local-rank (or LOCAL_RANK).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def config_from_args(args):
+    """Load the config and apply the command line to it, as mmseg / mmdet do."""
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # work_dir priority: CLI > config > config file name
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper == 'AmpOptimWrapper':
+            print_log('AMP training is already enabled in your config.', logger='current',
+                      level=logging.WARNING)
+        elif wrapper != 'OptimWrapper':
+            raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has '
+                             f'{wrapper}; set AmpOptimWrapper in the config instead.')
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    if args.auto_scale_lr:
+        scale = cfg.get('auto_scale_lr', None)
+        if not scale or 'base_batch_size' not in scale:
+            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
+                             'in the config.')
+        cfg.auto_scale_lr.enable = True
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(f'--resume {args.resume}: no such checkpoint file; pass an '
+                                    'existing .pth, or --resume alone for the latest one.')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    return cfg
+
+
+def prepare_cpu_distributed(cfg):
+    """Open a gloo process group and a CPU DDP wrapper when launched without CUDA.
+
+    A no-op for ``launcher='none'``, when CUDA is available, or when the group
+    is already open. Only the ``pytorch`` launcher (torchrun) is supported here.
+    """
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
+        return
+    if cfg.launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {cfg.launcher} without CUDA is not supported; on CPU '
+                           'launch with torchrun and --launcher pytorch.')
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = dist_cfg.pop('backend', 'nccl')
+    if backend != 'gloo':
+        raise RuntimeError(f'dist backend {backend!r} needs GPUs; on CPU set '
+                           "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
+                           'env_cfg.dist_cfg.backend=gloo).')
+    if not torch_dist.is_initialized():
+        if 'timeout' in dist_cfg:
+            dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+        torch_dist.init_process_group(backend='gloo', **dist_cfg)
+    wrapper = dict(cfg.get('model_wrapper_cfg', None) or {})
+    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper.setdefault('type', 'MMDistributedDataParallel')
+        wrapper.setdefault('broadcast_buffers', False)
+        wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+        wrapper['device_ids'] = None  # a CPU module: DDP refuses device ids
+        cfg.model_wrapper_cfg = wrapper
+
+
+def build_runner(cfg):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    prepare_cpu_distributed(cfg)
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runner = build_runner(config_from_args(args))
+    runner.train()
+    return runner
