@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / 'configs'
@@ -67,6 +67,15 @@ REPLKNET = {  # name -> (arch, stage channels, backbone parameters in millions)
     '31b': ('31B', (128, 256, 512, 1024), 79 - 1.0),
     '31l': ('31L', (192, 384, 768, 1536), 172 - 1.5),
     'xl': ('XL', (256, 512, 1024, 2048), 335 - 2.0),
+}
+# Whole-model parameters (millions) the authors report for these set-ups (their README).
+REPORTED_PARAMS = {
+    'replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py': 112,
+    'replknet/upernet_replknet-31b-in22k-pre_64xb2-40k_ade20k-640x640.py': 112,
+    'replknet/upernet_replknet-31l-in22k-pre_64xb1-80k_ade20k-640x640.py': 207,
+    'replknet/upernet_replknet-xl-megdata73m-pre_16xb2-160k_ade20k-640x640.py': 374,
+    'replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_16xb1-ms-crop-3x_coco.py':
+    137,
 }
 # DO-Conv layers outside the backbone when the algorithm is '-doconv': UperNet's 12 ConvModules
 # (4 PPM, 3 lateral, 3 FPN, 2 bottlenecks) + 1 FCN conv; FPN's 4 lateral + 4 output convs + the
@@ -264,3 +273,65 @@ def test_replknet_recipes_follow_the_authors():
     assert mask.optim_wrapper.optimizer.lr == 4e-4 and mask.model.backbone.drop_path_rate == 0.6
     assert [s.get('milestones') for s in mask.param_scheduler] == [None, [27, 33]]
     assert {h.loss_bbox.type for h in mask.model.roi_head.bbox_head} == {'GIoULoss'}
+
+
+# -- building ----------------------------------------------------------------------------------
+def build_model(cfg):
+    """The config's model, built in its default scope on the meta device, pretrained unset."""
+    from mmengine.registry import MODELS, DefaultScope
+    with DefaultScope.overwrite_default_scope(cfg.default_scope), torch.device('meta'):
+        return MODELS.build(ConfigDict(without_pretrained(cfg.model.to_dict())))
+
+
+def _kxk(m):
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
+
+
+@pytest.mark.parametrize('rel', CONFIGS)
+def test_config_builds_its_model(rel):
+    from reparam_mm.layers import DOConv2d
+    cfg = load(rel)
+    name = parse_name(rel)
+    model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+
+    backbone = model.backbone
+    in_backbone = {n: m for n, m in model.named_modules() if n.startswith('backbone.')}
+    outside = {n: m for n, m in model.named_modules()
+               if n and not n.startswith('backbone') and not n.startswith('data_preprocessor')}
+
+    doconv_out = [n for n, m in outside.items() if isinstance(m, DOConv2d)]
+    if name['head_doconv']:
+        assert len(doconv_out) == HEAD_DOCONVS[name['algo']], doconv_out
+        plain = [n for n, m in outside.items() if _kxk(m)]
+        assert not plain, f'plain k x k convs left outside the backbone: {plain}'
+    else:
+        assert not doconv_out, doconv_out
+
+    doconv_in = [n for n, m in in_backbone.items() if isinstance(m, DOConv2d)]
+    if name['backbone_doconv']:
+        stages = ('backbone.layer2.', 'backbone.layer3.', 'backbone.layer4.')
+        assert doconv_in and all(n.startswith(stages) for n in doconv_in), doconv_in
+        plain = [n for n, m in in_backbone.items() if n.startswith(stages) and _kxk(m)]
+        assert not plain, f'plain k x k convs left in DO-Conv stages: {plain}'
+        blocks = [n for n, m in in_backbone.items()
+                  if n.startswith(stages) and n.count('.') == 2]  # backbone.layerX.i
+        assert len(blocks) == 4 + 6 + 3  # ResNet-50 stages 2-4
+    else:
+        assert not doconv_in, doconv_in
+
+    if name['backbone'].startswith('replknet-'):
+        from reparam_mm.backbones.replknet import RepLKNet
+        arch, channels, params_m = REPLKNET[name['backbone'].split('-')[1]]
+        assert isinstance(backbone, RepLKNet)
+        assert tuple(backbone.arch['channels']) == channels
+        assert backbone.with_cp
+        norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+        n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
+        assert abs(n_params - params_m) / params_m < 0.03, (n_params, params_m)
+        intermediate = [not isinstance(s.norm, nn.Identity) for s in backbone.stages]
+        assert intermediate == [arch == 'XL'] * 4
+    if rel in REPORTED_PARAMS:
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(n_params - REPORTED_PARAMS[rel]) / REPORTED_PARAMS[rel] < 0.02, n_params
