@@ -8,7 +8,7 @@ where DO-Conv sits (``{algorithm}-doconv`` = every conv outside the backbone,
 
 Models are built in their scope on the ``meta`` device with every ``Pretrained`` init removed:
 shapes and module types without allocating or initialising weights, so the full-size models
-(RepLKNet-XL has 335M parameters) build in well under a second each.
+(RepLKNet-XL has 335M parameters) load and build in about a second each.
 """
 import copy
 import functools
