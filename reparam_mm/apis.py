@@ -208,7 +208,7 @@ def _rewrite(node, path, changes, scope):
     if not isinstance(node, dict):
         return node
     node = type(node)({k: _rewrite(v, f'{path}.{k}', changes, scope) for k, v in node.items()})
-    for key in [k for k in node if k.endswith('conv_cfg')]:
+    for key in [k for k in node if k == 'conv_cfg']:
         if _fusable_type(node[key], scope):
             changes.append(f'{path}.{key}: {node[key]["type"]} -> None (plain conv)')
             node[key] = None
@@ -219,8 +219,8 @@ def _rewrite(node, path, changes, scope):
     if cls is not None and 'small_kernel_merged' in _init_args(cls) and not node.get('small_kernel_merged'):
         changes.append(f'{path}.small_kernel_merged -> True')
         node['small_kernel_merged'] = True
-    elif cls is not None and _fusable_type(node, scope) and issubclass(cls, nn.Module) and \
-            'in_channels' in _init_args(cls):  # a DO-Conv layer spelled out as a layer dict
+    elif cls is not None and 'in_channels' in node and _fusable_type(node, scope):
+        # a DO-Conv spelled out as a whole layer (a conv_cfg, without in_channels, became None)
         conv_args = _init_args(nn.Conv2d)
         dropped = [k for k in node if k != 'type' and k not in conv_args]
         changes.append(f'{path}: {node["type"]} -> Conv2d' + (f' (dropped {dropped})' if dropped else ''))

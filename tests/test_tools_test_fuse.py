@@ -51,3 +51,208 @@ def test_shape_mismatch_and_missing_file_are_clear(tmp_path):
         load_checkpoint_strict(_nested(), _save(tmp_path / 's.pth', state))
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_checkpoint_strict(_nested(), str(tmp_path / 'nope.pth'))
+
+
+# -- tools/test.py and tools/fuse.py on tiny generated datasets ----------------------------------------
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from test_fuse import build, det_model_cfg, perturb, seg_model_cfg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f'reparam_tools_{name}', ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scene(i):
+    """A 64x64 image of three rectangles and its label map (1..3; 0 = unlabelled)."""
+    rng = np.random.default_rng(i)
+    label = np.zeros((64, 64), np.uint8)
+    boxes = []
+    for cls in (1, 2, 3):
+        x0, y0 = rng.integers(0, 28, 2)
+        w, h = rng.integers(20, 36, 2)
+        label[y0:y0 + h, x0:x0 + w] = cls
+        boxes.append((cls, int(x0), int(y0), int(min(w, 64 - x0)), int(min(h, 64 - y0))))
+    palette = np.array([[20, 20, 20], [200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)
+    img = np.clip(palette[label] + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
+    return img, label, boxes
+
+
+def make_ade(root, n=4):
+    """ADE20K layout for mmseg's ADE20KDataset (jpg images, png labels, 0 = ignore)."""
+    for sub in ('images/validation', 'annotations/validation'):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, label, _ = _scene(i)
+        Image.fromarray(img).save(root / 'images/validation' / f'ADE_val_{i:08d}.jpg', quality=95)
+        Image.fromarray(label).save(root / 'annotations/validation' / f'ADE_val_{i:08d}.png')
+    return root
+
+
+def make_coco(root, n=4):
+    """A COCO json with two categories (classes 1 and 2 of the scenes) for mmdet's CocoDataset."""
+    (root / 'val').mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        img, _, boxes = _scene(i)
+        Image.fromarray(img).save(root / 'val' / f'{i:06d}.jpg', quality=95)
+        images.append(dict(id=i + 1, file_name=f'{i:06d}.jpg', height=64, width=64))
+        for cls, x, y, w, h in boxes:
+            if cls in (1, 2):
+                anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=cls, bbox=[x, y, w, h],
+                                 area=w * h, iscrowd=0))
+    cats = [dict(id=1, name='person'), dict(id=2, name='car')]
+    (root / 'annotations.json').write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    return root
+
+
+def _loader(dataset):
+    return dict(batch_size=1, num_workers=0, persistent_workers=False,
+                sampler=dict(type='DefaultSampler', shuffle=False), dataset=dataset)
+
+
+def seg_config(data_root, backbone='doconv'):
+    pipeline = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=(64, 64), keep_ratio=True),
+                dict(type='LoadAnnotations', reduce_zero_label=True), dict(type='PackSegInputs')]
+    return dict(
+        default_scope='mmseg', custom_imports=dict(imports=['reparam_mm'], allow_failed_imports=False),
+        model=seg_model_cfg(backbone),
+        test_dataloader=_loader(dict(type='ADE20KDataset', data_root=str(data_root), pipeline=pipeline,
+                                     data_prefix=dict(img_path='images/validation',
+                                                      seg_map_path='annotations/validation'))),
+        test_evaluator=dict(type='IoUMetric', iou_metrics=['mIoU']), test_cfg=dict(type='TestLoop'),
+        custom_hooks=[dict(type='FusedEvalHook')], log_level='INFO')
+
+
+def det_config(data_root, detector='faster', backbone='doconv'):
+    pipeline = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=(64, 64), keep_ratio=True),
+                dict(type='LoadAnnotations', with_bbox=True),
+                dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                                      'scale_factor'))]
+    return dict(
+        default_scope='mmdet', custom_imports=dict(imports=['reparam_mm'], allow_failed_imports=False),
+        model=det_model_cfg(detector, backbone),
+        test_dataloader=_loader(dict(type='CocoDataset', data_root=str(data_root), ann_file='annotations.json',
+                                     data_prefix=dict(img='val/'), metainfo=dict(classes=('person', 'car')),
+                                     test_mode=True, pipeline=pipeline)),
+        test_evaluator=dict(type='CocoMetric', ann_file=str(data_root / 'annotations.json'), metric='bbox'),
+        test_cfg=dict(type='TestLoop'), custom_hooks=[dict(type='FusedEvalHook')], log_level='INFO')
+
+
+def write_case(tmp_path, cfg_dict, seed=0):
+    """Dump the config and a checkpoint of the (perturbed, untrained) model; return their paths."""
+    from mmengine.config import Config
+    torch.manual_seed(seed)
+    model = perturb(build(cfg_dict['model'], cfg_dict['default_scope']), seed)
+    with torch.no_grad():  # a confident classifier, so detection ranks are not near-ties
+        for name, p in model.named_parameters():
+            if name.endswith(('fc_cls.weight', 'conv_seg.weight')):
+                p.mul_(50)
+    cfg_path = tmp_path / 'tiny.py'
+    Config(cfg_dict).dump(str(cfg_path))
+    ckpt = _save(tmp_path / 'tiny.pth', model.state_dict(), dict(dataset_meta=None))
+    return str(cfg_path), ckpt
+
+
+def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
+    test = _tool('test')
+    fused = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf'), '--out', str(tmp_path / 'pf')])
+    log = capsys.readouterr().out
+    assert 'fused 29 module(s) (DOConv2d: 29)' in log and 'max rel diff' in log and 'mIoU' in log
+    unfused = test.main([cfg, ckpt, '--no-fuse', '--work-dir', str(tmp_path / 'wu'),
+                         '--out', str(tmp_path / 'pu')])
+    assert 'FusedEvalHook' not in capsys.readouterr().out
+    assert fused == unfused and fused['mIoU'] > 0
+    preds = sorted((tmp_path / 'pf').glob('*.png'))
+    assert len(preds) == 4
+    for p in preds:
+        assert np.array_equal(np.array(Image.open(p)), np.array(Image.open(tmp_path / 'pu' / p.name)))
+
+
+def test_tools_test_detector_fused_equals_unfused(tmp_path, capsys):
+    cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco')))
+    test = _tool('test')
+    fused = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf'), '--out', str(tmp_path / 'f.pkl')])
+    assert 'fused 27 module(s) (DOConv2d: 27)' in capsys.readouterr().out
+    unfused = test.main([cfg, ckpt, '--no-fuse', '--work-dir', str(tmp_path / 'wu'),
+                         '--out', str(tmp_path / 'u.pkl')])
+    assert fused == unfused and fused['coco/bbox_mAP'] > 0
+    with open(tmp_path / 'f.pkl', 'rb') as f, open(tmp_path / 'u.pkl', 'rb') as u:
+        pf, pu = pickle.load(f), pickle.load(u)
+    for a, b in zip(pf, pu):
+        a, b = a['pred_instances'], b['pred_instances']
+        assert torch.equal(a['labels'], b['labels'])
+        assert torch.allclose(a['bboxes'], b['bboxes'], atol=1e-3)
+        assert torch.allclose(a['scores'], b['scores'], atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['seg-replknet', 'det-doconv'])
+def test_fuse_tool_deploy_round_trip(tmp_path, kind):
+    from mmengine.config import Config
+    from reparam_mm.apis import run_test
+    if kind == 'seg-replknet':
+        cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
+    else:
+        cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'data')))
+    result = _tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+    assert result['check']['same_structure'] and result['check']['max_rel'] < 1e-5
+    dcfg, dckpt = result['config'], result['checkpoint']
+    src, deploy = Config.fromfile(cfg).model, Config.fromfile(dcfg).model
+    assert deploy.backbone.stage_with_doconv == (False,) * 4 and deploy.backbone.type == src.backbone.type
+
+    def heads(m):
+        return [m.decode_head, m.auxiliary_head] if kind.startswith('seg') else \
+            [m.neck, m.rpn_head, m.roi_head.bbox_head]
+    assert all(h.conv_cfg == dict(type='DOConv') for h in heads(src))
+    assert all(h.conv_cfg is None for h in heads(deploy))
+    if kind == 'seg-replknet':
+        assert deploy.backbone.small_kernel_merged is True
+    meta = torch.load(dckpt, map_location='cpu', weights_only=True)['meta']['reparam_mm']
+    assert meta['deploy'] and meta['fuse_report']['params_after'] < meta['fuse_report']['params_before']
+    # the deploy pair is a plain model: its metric is the unfused training checkpoint's
+    unfused = run_test(cfg, ckpt, fuse=False, work_dir=str(tmp_path / 'wu'))
+    assert run_test(dcfg, dckpt, work_dir=str(tmp_path / 'wd')) == unfused
+    # crossing the pairs is an error naming the keys, never a partial load
+    with pytest.raises(CheckpointMismatchError, match=r'missing keys \(.*deploy config written beside it'):
+        run_test(cfg, dckpt, work_dir=str(tmp_path / 'x1'))
+    with pytest.raises(CheckpointMismatchError, match=r'unexpected keys \(.*training config'):
+        run_test(dcfg, ckpt, work_dir=str(tmp_path / 'x2'))
+
+
+def test_fuse_tool_writes_nothing_when_the_deploy_model_differs(tmp_path):
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
+    with pytest.raises(RuntimeError, match='does not reproduce the unfused one .*nothing written'):
+        _tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64', '--tolerance', '0'])
+    assert not (tmp_path / 'deploy').exists()
+
+
+def test_deploy_config_rewrites_only_reparameterisable_parts():
+    from mmengine.config import Config
+    from reparam_mm.apis import deploy_config
+    cfg = Config(dict(default_scope='mmdet', model=dict(
+        type='FasterRCNN', backbone=dict(type='DOResNet', stage_with_doconv=(False, True, True, True),
+                                         doconv_cfg=dict(type='DOConv')),
+        neck=dict(type='FPN', conv_cfg=dict(type='DOConv', D_mul=12)),
+        rpn_head=dict(type='ConvCfgRPNHead', conv_cfg=dict(type='Conv2d')),
+        extra=[dict(type='DOConv', in_channels=3, out_channels=4, kernel_size=3, D_mul=9)],
+        rep=dict(type='RepLKNet', arch='tiny'))))
+    deploy, changes = deploy_config(cfg)
+    m = deploy.model
+    assert m.backbone.stage_with_doconv == (False,) * 4
+    assert m.backbone.doconv_cfg == dict(type='DOConv')  # the switch, not the layer cfg, turns DO-Conv off
+    assert m.neck.conv_cfg is None and m.rpn_head.conv_cfg == dict(type='Conv2d')
+    assert m.extra[0] == dict(type='Conv2d', in_channels=3, out_channels=4, kernel_size=3)
+    assert m.rep.small_kernel_merged is True
+    assert len(changes) == 4 and cfg.model.neck.conv_cfg.type == 'DOConv'  # the input is not modified

@@ -45,7 +45,7 @@ def main(argv=None):
     metrics = run_test(args.config, args.checkpoint, fuse=not args.no_fuse, work_dir=args.work_dir,
                        out=args.out, show=args.show, show_dir=args.show_dir, wait_time=args.wait_time,
                        cfg_options=args.cfg_options, launcher=args.launcher, tta=args.tta)
-    print(f"{'unfused' if args.no_fuse else 'fused'} model metrics: {json.dumps(metrics)}")
+    print(f"{'unfused' if args.no_fuse else 'fused'} model metrics: {json.dumps(metrics, default=float)}")
     return metrics
 
 
