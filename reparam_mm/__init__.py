@@ -8,9 +8,11 @@ from . import compat  # noqa: F401  (must run first: checkpoint loading fixes)
 from .fuse import fuse, fuse_with_report  # noqa: E402
 from .hooks import FusedEvalHook  # noqa: E402
 from .layers import DOConv2d  # noqa: E402
+from .backbones import RepLKNet  # noqa: E402
+from .models import ConvCfgRPNHead  # noqa: E402
 from .datasets import DemoADEDataset  # noqa: E402
 
 __version__ = '0.1.0'
 
 __all__ = ['__version__', 'fuse', 'fuse_with_report', 'FusedEvalHook', 'DOConv2d',
-           'DemoADEDataset']
+           'DemoADEDataset', 'RepLKNet']

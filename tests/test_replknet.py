@@ -1,0 +1,558 @@
+"""RepLKNet backbone: shapes, official key layout and parameter counts, re-parameterisation,
+DO-Conv stages, OpenMMLab training behaviour, and UperNet / Faster / Cascade R-CNN with it."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import reparam_mm  # noqa: F401  (registers everything)
+from reparam_mm.backbones.replknet import ReparamLargeKernelConv, RepLKNet
+from reparam_mm.fuse import fuse
+from reparam_mm.layers.doconv import DOConv2d
+from reparam_mm.layers.large_kernel import LargeKernelDWConv2d
+
+OFFICIAL = {  # arch: (large kernels, layers, channels, small kernel, dw_ratio, classifier params)
+    '31B': ((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1, 79_864_168),
+    '31L': ((31, 29, 27, 13), (2, 2, 18, 2), (192, 384, 768, 1536), 5, 1, 172_671_016),
+    'XL': ((27, 27, 27, 13), (2, 2, 18, 2), (256, 512, 1024, 2048), None, 1.5, 335_435_752),
+    'tiny': ((31, 29, 27, 13), (1, 1, 2, 1), (16, 32, 64, 128), 5, 1, None),
+}
+
+
+def official_state_shapes(arch, classifier=True, num_classes=1000):
+    """Key -> shape of the authors' RepLKNet state dict, written from their module layout."""
+    lks, layers, channels, small, dw_ratio, _ = OFFICIAL[arch]
+    sd = {}
+
+    def bn(p, c):
+        sd.update({f'{p}.weight': (c, ), f'{p}.bias': (c, ), f'{p}.running_mean': (c, ),
+                   f'{p}.running_var': (c, ), f'{p}.num_batches_tracked': ()})
+
+    def conv_bn(p, cin, cout, k, groups=1):
+        sd[f'{p}.conv.weight'] = (cout, cin // groups, k, k)
+        bn(f'{p}.bn', cout)
+
+    c0 = channels[0]
+    conv_bn('stem.0', 3, c0, 3)
+    conv_bn('stem.1', c0, c0, 3, c0)
+    conv_bn('stem.2', c0, c0, 1)
+    conv_bn('stem.3', c0, c0, 3, c0)
+    for s, (k, n, c) in enumerate(zip(lks, layers, channels)):
+        dw = int(c * dw_ratio)
+        for i in range(n):
+            p = f'stages.{s}.blocks.{2 * i}'
+            bn(f'{p}.prelkb_bn', c)
+            conv_bn(f'{p}.pw1', c, dw, 1)
+            conv_bn(f'{p}.large_kernel.lkb_origin', dw, dw, k, dw)
+            if small:
+                conv_bn(f'{p}.large_kernel.small_conv', dw, dw, small, dw)
+            conv_bn(f'{p}.pw2', dw, c, 1)
+            p = f'stages.{s}.blocks.{2 * i + 1}'
+            bn(f'{p}.preffn_bn', c)
+            conv_bn(f'{p}.pw1', c, 4 * c, 1)
+            conv_bn(f'{p}.pw2', 4 * c, c, 1)
+        if s + 1 < len(channels):
+            conv_bn(f'transitions.{s}.0', c, channels[s + 1], 1)
+            conv_bn(f'transitions.{s}.1', channels[s + 1], channels[s + 1], 3, channels[s + 1])
+    if classifier:
+        bn('norm', channels[-1])
+        sd['head.weight'], sd['head.bias'] = (num_classes, channels[-1]), (num_classes, )
+    return sd
+
+
+def n_params(shapes):
+    """Parameters of a key->shape table (BN running statistics are buffers)."""
+    total = 0
+    for k, shape in shapes.items():
+        if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            total += torch.Size(shape).numel()
+    return total
+
+
+def random_state(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith('num_batches_tracked'):
+            out[k] = torch.tensor(7)
+        elif k.endswith('running_var'):
+            out[k] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[k] = torch.randn(shape, generator=g) * 0.2
+    return out
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    """Random weights and BN statistics (and non-zero DO-Conv D) so merges are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        elif isinstance(m, DOConv2d) and m.D is not None:
+            m.D.copy_(torch.randn(m.D.shape, generator=g) * 0.1)
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tiny(**kwargs):
+    kwargs.setdefault('arch', 'tiny')
+    return RepLKNet(**kwargs)
+
+
+# -- shapes and arguments -------------------------------------------------------------------------
+@pytest.mark.parametrize('size,expected', [((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+                                           ((97, 131), [(25, 33), (13, 17), (7, 9), (4, 5)])])
+def test_output_shapes_every_stage(size, expected):
+    model = tiny(out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert [tuple(o.shape) for o in outs] == [(1, c, *hw) for c, hw in zip((16, 32, 64, 128),
+                                                                           expected)]
+
+
+@pytest.mark.parametrize('out_indices,stages', [((0, ), [0]), ((1, 3), [1, 3]), ((-1, ), [3]),
+                                                (2, [2]), ((3, 0), [0, 3])])
+def test_out_indices_select_stages(out_indices, stages):
+    full = randomize(tiny()).eval()
+    part = tiny(out_indices=out_indices).eval()
+    part.load_state_dict(full.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, outs = full(x), part(x)
+    assert len(outs) == len(stages)
+    for o, s in zip(outs, stages):
+        torch.testing.assert_close(o, ref[s])
+
+
+def test_tiny_forward_is_fast():
+    import time
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        model(x)
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(arch='31X'), ValueError, "arch '31X' is unknown; use one of 31B, 31L, XL, tiny"),
+    (dict(arch=dict(layers=(1, ), channels=(8, ))), ValueError, 'missing'),
+    (dict(arch=dict(large_kernel_sizes=(7, ), layers=(1, 1), channels=(8, 16), small_kernel=3,
+                    dw_ratio=1)), ValueError, 'same non-zero length'),
+    (dict(arch=['31B']), TypeError, 'str or a dict'),
+    (dict(out_indices=(4, )), ValueError, r'out_indices=\(4,\) must be'),
+    (dict(out_indices=()), ValueError, 'non-empty'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages=5'),
+    (dict(stage_with_doconv=(True, False)), ValueError, 'one bool per stage'),
+    (dict(arch=dict(large_kernel_sizes=(7, ), layers=(1, ), channels=(8, ), small_kernel=4,
+                    dw_ratio=1), out_indices=0, stage_with_doconv=(False, )), ValueError,
+     'must be odd'),
+    (dict(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='a.pth')),
+     ValueError, 'not both'),
+    (dict(init_cfg=dict(type='Pretrained')), ValueError, "needs a 'checkpoint'"),
+    (dict(init_cfg='a.pth'), TypeError, "init_cfg must be a dict"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        tiny(**kwargs)
+
+
+def test_drop_path_is_linearly_spaced():
+    model = tiny(drop_path_rate=0.4)
+    rates = [getattr(b.drop_path, 'drop_prob', 0.) for s in model.stages for b in s.blocks[::2]]
+    assert rates == pytest.approx([0., 0.1, 0.2, 0.3, 0.4])
+    ffn = [getattr(b.drop_path, 'drop_prob', 0.) for s in model.stages for b in s.blocks[1::2]]
+    assert ffn == rates
+
+
+# -- parameter counts and the official key layout ----------------------------------------------------
+@pytest.mark.parametrize('arch', ['31B', '31L', 'XL'])
+def test_parameter_counts_match_official(arch):
+    shapes = official_state_shapes(arch)
+    assert n_params(shapes) == OFFICIAL[arch][-1]  # our key table reproduces the published count
+    with torch.device('meta'):
+        model = RepLKNet(arch=arch, out_indices=(0, 1, 2, 3))
+    backbone = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert backbone == official_state_shapes(arch, classifier=False)
+    if arch == '31B':
+        assert sum(p.numel() for p in model.parameters()) == 78_837_120
+
+
+def test_xl_intermediate_norms_are_extra_keys():
+    with torch.device('meta'):
+        model = RepLKNet(arch='XL', norm_intermediate_features=True)
+    extra = set(model.state_dict()) - set(official_state_shapes('XL'))
+    assert extra == {f'stages.{s}.norm.{n}' for s in range(4)
+                     for n in ('weight', 'bias', 'running_mean', 'running_var',
+                               'num_batches_tracked')}
+
+
+def _save(tmp_path, obj, name='ckpt.pth'):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('wrap', ['model', 'state_dict', 'plain'])
+def test_official_checkpoint_loads_with_only_classifier_left_over(tmp_path, wrap):
+    state = random_state(official_state_shapes('tiny'))
+    assert any(k.startswith('head.') for k in state) and 'norm.weight' in state
+    path = _save(tmp_path, state if wrap == 'plain' else {wrap: state, 'epoch': 3})
+    model = tiny(init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    own = model.state_dict()
+    leftover = set(state) - set(own)
+    assert leftover == {k for k in state if k.startswith(('norm.', 'head.'))}
+    for k, v in own.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_checkpoint_with_prefix_and_intermediate_norms(tmp_path):
+    state = random_state(official_state_shapes('tiny', classifier=False))
+    path = _save(tmp_path, {'state_dict': {f'backbone.{k}': v for k, v in state.items()}})
+    model = tiny(norm_intermediate_features=True,
+                 init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    norm_before = model.stages[0].norm.weight.clone()
+    model.init_weights()  # the new stages.i.norm keep their initial values
+    assert torch.equal(model.stages[0].norm.weight, norm_before)
+    assert torch.equal(model.stem[0].conv.weight, state['stem.0.conv.weight'])
+
+
+def test_deprecated_pretrained_argument(tmp_path):
+    state = random_state(official_state_shapes('tiny'))
+    path = _save(tmp_path, {'model': state})
+    with pytest.warns(UserWarning, match='pretrained is deprecated'):
+        model = tiny(pretrained=path)
+    model.init_weights()
+    assert torch.equal(model.stages[3].blocks[0].pw1.conv.weight,
+                       state['stages.3.blocks.0.pw1.conv.weight'])
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path):
+    state = random_state(official_state_shapes('tiny'))
+    del state['stages.1.blocks.0.pw1.bn.running_var']
+    state['stages.1.blocks.0.pw3.conv.weight'] = torch.zeros(1)
+    state['stem.0.conv.weight'] = torch.zeros(16, 3, 5, 5)
+    model = tiny(init_cfg=dict(type='Pretrained', checkpoint=_save(tmp_path, state)))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        model.init_weights()
+    msg = str(err.value)
+    for needle in ('missing 1 (e.g. stages.1.blocks.0.pw1.bn.running_var)',
+                   'unexpected 1 (e.g. stages.1.blocks.0.pw3.conv.weight)',
+                   'wrong shape 1 (e.g. stem.0.conv.weight)'):
+        assert needle in msg
+    for k, v in model.state_dict().items():  # nothing was partially loaded
+        assert torch.equal(v, before[k])
+
+
+def test_missing_checkpoint_file_and_bad_prefix(tmp_path):
+    model = tiny(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'nope.pth')))
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        model.init_weights()
+    path = _save(tmp_path, random_state(official_state_shapes('tiny')))
+    model = tiny(init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone'))
+    with pytest.raises(ValueError, match="no key .* starts with prefix 'backbone.'"):
+        model.init_weights()
+
+
+# -- re-parameterisation ---------------------------------------------------------------------------------
+def _merge_check(model, x):
+    model = randomize(model).eval()
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse(copy.deepcopy(model))
+        outs = fused(x)
+    for o, r in zip(outs, ref):
+        assert rel_err(o, r) < 1e-5
+    return fused, ref
+
+
+def test_merged_equals_unmerged_and_merging_twice_is_a_no_op():
+    x = torch.randn(2, 3, 64, 64)
+    fused, ref = _merge_check(tiny(), x)
+    blocks = [m for m in fused.modules() if isinstance(m, ReparamLargeKernelConv)]
+    assert len(blocks) == 5 and all(b.merged for b in blocks)
+    assert not any(n.endswith(('lkb_origin', 'small_conv')) for n, _ in fused.named_modules())
+    lk = fused.stages[0].blocks[0].large_kernel.lkb_reparam
+    assert isinstance(lk, LargeKernelDWConv2d) and lk.bias is not None
+    assert lk.weight.shape == (16, 1, 31, 31)
+    state = copy.deepcopy(fused.state_dict())
+    assert blocks[0].reparameterize() is blocks[0]
+    fuse(fused)
+    assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items())
+    assert set(fused.state_dict()) == set(state)
+
+
+def test_merge_without_small_kernel_and_dw_ratio():
+    arch = dict(large_kernel_sizes=(7, 9), layers=(1, 1), channels=(8, 16), small_kernel=None,
+                dw_ratio=1.5)
+    _merge_check(RepLKNet(arch=arch, out_indices=(0, 1), stage_with_doconv=(False, False)),
+                 torch.randn(1, 3, 32, 32))
+
+
+def test_switch_to_deploy_and_train_mode_refusal():
+    model = randomize(tiny())
+    with pytest.raises(RuntimeError, match='eval'):
+        model.stages[0].blocks[0].large_kernel.reparameterize()
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        assert model.switch_to_deploy() is model
+        out = model(x)
+    assert all(rel_err(o, r) < 1e-5 for o, r in zip(out, ref))
+    assert all(b.merged for b in model.modules() if isinstance(b, ReparamLargeKernelConv))
+
+
+def test_merged_structure_loads_merged_checkpoint(tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    fused, ref = _merge_check(tiny(), x)
+    path = _save(tmp_path, {'state_dict': fused.state_dict()})
+    deploy = tiny(small_kernel_merged=True, init_cfg=dict(type='Pretrained', checkpoint=path))
+    assert set(deploy.state_dict()) == set(fused.state_dict())
+    deploy.init_weights()
+    deploy.eval()
+    with torch.no_grad():
+        assert all(rel_err(o, r) < 1e-5 for o, r in zip(deploy(x), ref))
+    # and the mismatched direction says which structure to build
+    unmerged = tiny(init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(ValueError, match='it is merged: build with small_kernel_merged=True'):
+        unmerged.init_weights()
+    official = _save(tmp_path, random_state(official_state_shapes('tiny')), 'official.pth')
+    deploy = tiny(small_kernel_merged=True, init_cfg=dict(type='Pretrained', checkpoint=official))
+    with pytest.raises(ValueError, match='unmerged: build with small_kernel_merged=False'):
+        deploy.init_weights()
+
+
+def test_merge_needs_batchnorm():
+    model = tiny(norm_cfg=dict(type='GN', num_groups=4)).eval()
+    with pytest.raises(TypeError, match='needs BatchNorm running statistics'):
+        model.stages[0].blocks[0].large_kernel.reparameterize()
+
+
+# -- DO-Conv stages ------------------------------------------------------------------------------------
+def test_doconv_placement():
+    model = tiny(stage_with_doconv=(True, False, True, False))
+    do = {n for n, m in model.named_modules() if isinstance(m, DOConv2d)}
+    assert do == {'stem.0.conv', 'stem.1.conv', 'stem.3.conv',
+                  'stages.0.blocks.0.large_kernel.small_conv.conv',
+                  'transitions.1.1.conv',
+                  'stages.2.blocks.0.large_kernel.small_conv.conv',
+                  'stages.2.blocks.2.large_kernel.small_conv.conv'}
+    assert model.stem[0].conv.kernel_size == (3, 3) and model.stem[1].conv.groups == 16
+    assert model.stages[0].blocks[0].large_kernel.small_conv.conv.groups == 16
+    assert isinstance(model.stages[0].blocks[0].large_kernel.lkb_origin.conv, LargeKernelDWConv2d)
+    deploy = tiny(stage_with_doconv=(True, ) * 4, small_kernel_merged=True)
+    assert not any(isinstance(m, DOConv2d) for m in deploy.modules())
+
+
+def test_doconv_merge_uses_the_composed_kernel():
+    x = torch.randn(2, 3, 64, 64)
+    model = randomize(tiny(stage_with_doconv=(True, ) * 4), seed=1).eval()
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse(copy.deepcopy(model))  # post-order: DO-Conv folded before the block merges
+        assert not any(isinstance(m, DOConv2d) for m in fused.modules())
+        assert all(rel_err(o, r) < 1e-5 for o, r in zip(fused(x), ref))
+        # a block merged on its own (no walker) folds its DO-Conv child first, too
+        direct = copy.deepcopy(model)
+        for m in direct.modules():
+            if isinstance(m, ReparamLargeKernelConv):
+                m.reparameterize()
+        assert all(rel_err(o, r) < 1e-5 for o, r in zip(direct(x), ref))
+
+
+def test_official_checkpoint_loads_into_doconv_stages(tmp_path):
+    state = random_state(official_state_shapes('tiny'))
+    path = _save(tmp_path, state)
+    plain = tiny(init_cfg=dict(type='Pretrained', checkpoint=path))
+    do = tiny(stage_with_doconv=(True, ) * 4, init_cfg=dict(type='Pretrained', checkpoint=path))
+    plain.init_weights()
+    do.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(do.eval()(x), plain.eval()(x)):
+            assert rel_err(a, b) < 1e-5
+
+
+# -- OpenMMLab training behaviour ---------------------------------------------------------------------
+def test_frozen_stages():
+    model = tiny(frozen_stages=2)
+    model.train()
+    frozen = ['stem', 'stages.0', 'stages.1', 'transitions.0']
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not name.startswith(tuple(f + '.' for f in frozen))), name
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            assert m.training == (not name.startswith(tuple(f + '.' for f in frozen))), name
+    assert all(p.requires_grad for p in tiny(frozen_stages=-1).parameters())
+    stem_only = tiny(frozen_stages=0)
+    assert not any(p.requires_grad for p in stem_only.stem.parameters())
+    assert all(p.requires_grad for p in stem_only.stages.parameters())
+
+
+def test_norm_eval_keeps_statistics_but_trains_weights():
+    model = randomize(tiny(norm_eval=True)).train()
+    assert all(not m.training for m in model.modules() if isinstance(m, _BatchNorm))
+    stats = model.stem[0].bn.running_mean.clone()
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    assert torch.equal(model.stem[0].bn.running_mean, stats)
+    assert model.stem[0].bn.weight.grad is not None
+
+
+def test_with_cp_matches_plain_forward_and_backward():
+    plain = randomize(tiny(drop_path_rate=0.2)).train()
+    cp = tiny(drop_path_rate=0.2, with_cp=True).train()
+    cp.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (plain, cp):
+        torch.manual_seed(0)  # same drop-path masks
+        sum(o.square().mean() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_syncbn_config_builds_everywhere():
+    model = tiny(norm_cfg=dict(type='SyncBN'), norm_intermediate_features=True)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    assert len(norms) == sum(isinstance(m, _BatchNorm)
+                             for m in tiny(norm_intermediate_features=True).modules())
+    with torch.no_grad():
+        outs = model.eval()(torch.randn(1, 3, 64, 64))
+    assert len(outs) == 4
+
+
+def test_registered_in_root_models():
+    from mmengine.registry import MODELS
+    model = MODELS.build(dict(type='RepLKNet', arch='tiny', out_indices=(3, )))
+    assert isinstance(model, RepLKNet) and model.out_indices == (3, )
+
+
+@pytest.mark.slow
+def test_official_31b_checkpoint_loads_into_the_backbone(tmp_path):
+    """The must-show: official 31B ImageNet keys load with only norm.* / head.* left over (~5 s)."""
+    shapes = official_state_shapes('31B')
+    state = {k: torch.full(s, 7) if k.endswith('tracked') else torch.empty(s).uniform_(0.5, 1)
+             for k, s in shapes.items()}
+    path = _save(tmp_path, {'model': state})
+    with torch.device('meta'):  # skip the random init of 79M values: everything is loaded
+        model = RepLKNet(arch='31B', out_indices=(0, 1, 2, 3),
+                         init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.to_empty(device='cpu')
+    assert sum(p.numel() for p in model.parameters()) == 78_837_120
+    model.init_weights()
+    own = model.state_dict()
+    assert set(state) - set(own) == {'norm.weight', 'norm.bias', 'norm.running_mean',
+                                     'norm.running_var', 'norm.num_batches_tracked',
+                                     'head.weight', 'head.bias'}
+    assert set(own) <= set(state)
+    assert all(torch.equal(v, state[k]) for k, v in own.items())
+
+
+# -- downstream: mmseg UperNet, mmdet Faster / Cascade R-CNN with the tiny arch --------------------------
+def _package_cfg(package, rel):
+    import importlib
+    import os.path as osp
+
+    from mmengine.config import Config
+    root = osp.dirname(importlib.import_module(package).__file__)
+    return Config.fromfile(osp.join(root, '.mim', 'configs', '_base_', 'models', rel)).model
+
+
+def _train_step(model, data):
+    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    batch = model.data_preprocessor(copy.deepcopy(data), True)
+    losses = model(**batch, mode='loss')
+    loss, log_vars = model.parse_losses(losses)
+    assert torch.isfinite(loss) and loss > 0
+    before = model.backbone.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.clone()
+    optim.zero_grad()
+    loss.backward()
+    optim.step()
+    after = model.backbone.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight
+    assert not torch.equal(before, after)  # the backbone was trained through the head's loss
+    return log_vars
+
+
+def test_upernet_mmseg_loss_and_predict():
+    from mmengine.registry import DefaultScope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS as SEG_MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    cfg = _package_cfg('mmseg', 'upernet_r50.py')
+    bn = dict(type='BN', requires_grad=True)
+    cfg.pretrained = None
+    cfg.data_preprocessor.size = (64, 64)
+    cfg.backbone = dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, with_cp=True)
+    cfg.decode_head.update(in_channels=[16, 32, 64, 128], channels=32, num_classes=4, norm_cfg=bn)
+    cfg.auxiliary_head.update(in_channels=64, channels=16, num_classes=4, norm_cfg=bn)
+    g = torch.Generator().manual_seed(0)
+    data = dict(inputs=[], data_samples=[])
+    for _ in range(2):
+        data['inputs'].append(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g))
+        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64), generator=g))
+        data['data_samples'].append(sample)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = SEG_MODELS.build(cfg)
+        model.init_weights()
+        log_vars = _train_step(model, data)
+        assert {'decode.loss_ce', 'aux.loss_ce'} <= set(log_vars)
+        model.eval()
+        with torch.no_grad():
+            batch = model.data_preprocessor(copy.deepcopy(data), False)
+            preds = model(**batch, mode='predict')
+            logits = model(batch['inputs'], mode='tensor')
+            fuse(model)  # the deploy path: same segmentation logits after merging
+            fused_logits = model(batch['inputs'], mode='tensor')
+    assert [p.pred_sem_seg.data.shape for p in preds] == [(1, 64, 64)] * 2
+    assert rel_err(fused_logits, logits) < 1e-5
+
+
+@pytest.mark.parametrize('base', ['faster-rcnn_r50_fpn.py', 'cascade-rcnn_r50_fpn.py'])
+def test_rcnn_mmdet_loss_and_predict(base):
+    from mmengine.registry import DefaultScope
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    cfg = _package_cfg('mmdet', base)
+    cfg.backbone = dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, frozen_stages=0,
+                        norm_eval=True)
+    cfg.neck.update(in_channels=[16, 32, 64, 128], out_channels=32)
+    cfg.rpn_head.update(in_channels=32, feat_channels=32)
+    cfg.roi_head.bbox_roi_extractor.out_channels = 32
+    heads = cfg.roi_head.bbox_head
+    for head in heads if isinstance(heads, list) else [heads]:
+        head.update(in_channels=32, fc_out_channels=64, num_classes=3)
+    data = demo_mm_inputs(2, [(3, 64, 64)] * 2, num_items=[2, 3], num_classes=3)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = DET_MODELS.build(cfg)
+        model.init_weights()
+        log_vars = _train_step(model, data)
+        assert {'loss_rpn_cls', 'loss_rpn_bbox'} <= set(log_vars)
+        assert any(k.endswith('loss_cls') and k != 'loss_rpn_cls' for k in log_vars)
+        model.eval()
+        with torch.no_grad():
+            preds = model(**model.data_preprocessor(copy.deepcopy(data), False), mode='predict')
+    assert len(preds) == 2
+    for p in preds:
+        assert p.pred_instances.bboxes.shape[1] == 4
+        assert len(p.pred_instances.scores) == len(p.pred_instances.labels)
