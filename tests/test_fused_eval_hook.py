@@ -181,3 +181,54 @@ def test_compare_outputs_reports_structure_and_relative_difference():
     assert abs(off['max_abs'] - 0.4) < 1e-6 and abs(off['max_rel'] - 0.1) < 1e-6
     assert compare_outputs(a, (a[0],))['same_structure'] is False
     assert len(flatten_tensors({'x': a, 'y': 'text'})) == 2
+
+
+class IterCounter(Hook):
+    def __init__(self):
+        self.iters = 0
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.iters += 1
+
+
+def _seg_runner(tmp_path, data_root, hooks, max_iters, resume=False):
+    from mmengine.config import ConfigDict
+    from test_tools_test_fuse import seg_config
+    cfg = ConfigDict(seg_config(data_root))
+    train_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', reduce_zero_label=True),
+                      dict(type='Resize', scale=(64, 64), keep_ratio=True), dict(type='PackSegInputs')]
+    train_loader = dict(cfg['test_dataloader'], batch_size=2,
+                        sampler=dict(type='InfiniteSampler', shuffle=True),
+                        dataset=dict(cfg['test_dataloader']['dataset'], pipeline=train_pipeline))
+    _COUNT[0] += 1
+    return Runner(
+        model=cfg['model'], work_dir=str(tmp_path), default_scope='mmseg',
+        train_dataloader=train_loader, val_dataloader=cfg['test_dataloader'],
+        val_evaluator=cfg['test_evaluator'],
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=2), val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2),
+                           logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=hooks, resume=resume, randomness=dict(seed=0), experiment_name=f'seg_fused_{_COUNT[0]}')
+
+
+def test_segmentor_training_validates_fused_and_resumes_unfused(tmp_path):
+    """UperNet with DO-Conv on tiny generated ADE20K data: train 3 iters, validate at 2 and 3."""
+    from reparam_mm.layers.doconv import DOConv2d
+    from test_tools_test_fuse import make_ade
+    data = make_ade(tmp_path / 'ade')
+    hook, spy = FusedEvalHook(), Spy()
+    runner = _seg_runner(tmp_path / 'work', data, [hook, spy], max_iters=3)
+    runner.train()
+    assert spy.identical == [True, True] and spy.same_objects == [True, True]
+    assert all(not any(isinstance(m, DOConv2d) for m in v.modules()) for v in spy.val_models)
+    assert hook.last_report.fused == {'DOConv2d': 29}
+    assert hook.last_check['same_structure'] and hook.last_check['max_rel'] < 1e-5
+    # iter_3.pth was written after the validation at iter 2: unfused, DO-Conv keys and all
+    state = torch.load(tmp_path / 'work' / 'iter_3.pth', map_location='cpu', weights_only=True)['state_dict']
+    assert set(state) == set(runner.model.state_dict()) and any(k.endswith('.D') for k in state)
+
+    counter = IterCounter()
+    resumed = _seg_runner(tmp_path / 'work', data, [FusedEvalHook(), counter], max_iters=4, resume=True)
+    resumed.train()
+    assert resumed.iter == 4 and counter.iters == 1  # continued from iter 3, not from scratch
