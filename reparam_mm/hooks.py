@@ -12,7 +12,8 @@
   EMA swaps parameters back after the test.
 * On the first batch the fused outputs are compared with the unfused ones
   (``mode='tensor'``: segmentation logits, raw detection head outputs); the
-  max abs / relative difference is logged, above ``tolerance`` loudly.
+  max abs / relative difference is logged, above ``tolerance`` loudly (under
+  TTA: the wrapped models on the first augmented view).
 
 Priority ``LOW``: after ``EMAHook`` (NORMAL) has swapped in the EMA weights,
 so the EMA model is what gets fused, and before ``CheckpointHook``
@@ -180,10 +181,12 @@ class FusedEvalHook(Hook):
         reference, fused = self._reference, _unwrap(runner.model)
         if not self.check or reference is None or data_batch is None:
             return
-        if isinstance(fused, BaseTTAModel):
-            print_log('FusedEvalHook: fused-vs-unfused check skipped under test-time augmentation.',
-                      logger='current')
-            return
+        if isinstance(fused, BaseTTAModel):  # compare the wrapped models on the first augmented view
+            reference, fused = _unwrap(reference).module, fused.module
+            if isinstance(data_batch, dict):
+                data_batch = {k: v[0] for k, v in data_batch.items()}
+            else:
+                data_batch = data_batch[0]
         try:
             result = compare_outputs(tensor_outputs(reference, data_batch),
                                      tensor_outputs(fused, data_batch))

@@ -57,6 +57,7 @@ def test_shape_mismatch_and_missing_file_are_clear(tmp_path):
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -256,3 +257,21 @@ def test_deploy_config_rewrites_only_reparameterisable_parts():
     assert m.extra[0] == dict(type='Conv2d', in_channels=3, out_channels=4, kernel_size=3)
     assert m.rep.small_kernel_merged is True
     assert len(changes) == 4 and cfg.model.neck.conv_cfg.type == 'DOConv'  # the input is not modified
+
+
+def test_tools_test_tta_fused_equals_unfused(tmp_path, capsys):
+    cfg = seg_config(make_ade(tmp_path / 'ade', n=2))
+    cfg['tta_model'] = dict(type='SegTTAModel')
+    cfg['tta_pipeline'] = [
+        dict(type='LoadImageFromFile'),
+        dict(type='TestTimeAug', transforms=[
+            [dict(type='Resize', scale=(64, 64), keep_ratio=True)],
+            [dict(type='RandomFlip', prob=p, direction='horizontal') for p in (0., 1.)],
+            [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]
+    cfg, ckpt = write_case(tmp_path, cfg)
+    test = _tool('test')
+    fused = test.main([cfg, ckpt, '--tta', '--work-dir', str(tmp_path / 'wf')])
+    log = capsys.readouterr().out
+    assert 'fused 29 module(s)' in log
+    assert float(re.search(r'max rel diff ([0-9.e+-]+)', log).group(1)) < 1e-5  # checked under TTA too
+    assert test.main([cfg, ckpt, '--tta', '--no-fuse', '--work-dir', str(tmp_path / 'wu')]) == fused
