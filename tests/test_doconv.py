@@ -1,4 +1,4 @@
-"""DOConv2d against independent references: loop-built kernels, torch's own convs, the authors' code."""
+"""DOConv2d against independent references: loop-built kernels, torch's convs, the authors' code."""
 import copy
 import warnings
 

@@ -6,10 +6,11 @@ composes them into one conventional kernel
 
     K[o, i, m] = sum_s (D + I)[c(o, i), m, s] * W[o, i, s]
 
-where c(o, i) is the input channel that kernel slice (o, i) convolves (group of o times Cin/g, plus i)
-and I stacks floor(D_mul / MN) M*N identities along s (zero columns after, as in the authors' code),
-then runs a single ``F.conv2d``. D starts at zero, so a fresh layer is exactly the plain convolution
-with kernel ``W @ I^T``; :meth:`DOConv2d.reparameterize` folds the pair into a plain ``nn.Conv2d``.
+where c(o, i) is the input channel that kernel slice (o, i) convolves (o's group times Cin/g,
+plus i) and I stacks floor(D_mul / MN) M*N identities along s (zero columns after, as in the
+authors' code), then runs a single ``F.conv2d``. D starts at zero, so a fresh layer is exactly
+the plain convolution with kernel ``W @ I^T``; :meth:`DOConv2d.reparameterize` folds the pair
+into a plain ``nn.Conv2d``.
 """
 import math
 import warnings
