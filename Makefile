@@ -12,3 +12,30 @@ test: setup
 
 env: setup
 	$(VENV_PY) -m reparam_mm.env
+
+# `make bench`: CPU speed / memory figures of docs/benchmarks.md (~20-25 min on 2 cores; never
+# part of `make test`). JSON goes to $(BENCH_DIR); the report fills the doc's blocks from every
+# JSON there (cuda_*.json from a GPU run included) and draws $(BENCH_PLOTS)/*.png.
+BENCH_DIR ?= work_dirs/bench
+BENCH_SHAPE ?= 512 512
+BENCH_REPEAT ?= 5
+BENCH_TRAIN_REPEAT ?= 3
+BENCH_DOC ?= docs/benchmarks.md
+BENCH_PLOTS ?= docs/benchmarks
+BENCH := $(VENV_PY) tools/benchmark.py --shape $(BENCH_SHAPE)
+UPER_R50 := configs/doconv/upernet_r50_4xb4-160k_ade20k-512x512.py
+UPER_R50_DO := configs/doconv/upernet-doconv_r50-doconv-c3-c5_4xb4-160k_ade20k-512x512.py
+FRCNN_R50 := configs/doconv/faster-rcnn_r50_fpn_4conv1fc_1x_coco.py
+FRCNN_R50_DO := configs/doconv/faster-rcnn-doconv_r50-doconv-c3-c5_fpn_4conv1fc_1x_coco.py
+UPER_REPLK := configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py
+
+bench: setup
+	mkdir -p $(BENCH_DIR)
+	$(BENCH) --compare $(UPER_R50):fused $(UPER_R50_DO):fused --repeat $(BENCH_REPEAT) --warmup 1 --out $(BENCH_DIR)/cpu_fused-doconv-vs-plain_upernet-r50.json
+	$(BENCH) --compare $(UPER_R50_DO):unfused $(UPER_R50_DO):fused --repeat $(BENCH_REPEAT) --warmup 1 --out $(BENCH_DIR)/cpu_unfused-vs-fused_upernet-r50-doconv.json
+	$(BENCH) --compare $(UPER_REPLK):unfused $(UPER_REPLK):fused --repeat $(BENCH_REPEAT) --warmup 1 --out $(BENCH_DIR)/cpu_unfused-vs-fused_upernet-replknet-31b.json
+	$(BENCH) --compare $(UPER_R50) $(UPER_R50_DO) --mode train --batch 2 --repeat $(BENCH_TRAIN_REPEAT) --warmup 1 --no-flops --out $(BENCH_DIR)/cpu_train-overhead_upernet-r50.json
+	$(BENCH) --compare $(FRCNN_R50) $(FRCNN_R50_DO) --mode train --batch 2 --repeat $(BENCH_TRAIN_REPEAT) --warmup 1 --no-flops --out $(BENCH_DIR)/cpu_train-overhead_faster-rcnn-r50.json
+	$(BENCH) --doconv-layers --batch 2 --out $(BENCH_DIR)/cpu_doconv-layers.json
+	$(BENCH) --large-dw --batch 1 --out $(BENCH_DIR)/cpu_large-dw.json
+	$(VENV_PY) tools/bench_report.py $(BENCH_DIR)/*.json --doc $(BENCH_DOC) --plots $(BENCH_PLOTS)

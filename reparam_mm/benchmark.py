@@ -71,7 +71,7 @@ def summarize(times_s, batch=1):
         min_ms=float(t.min()), max_ms=float(t.max()),
         spread=float((q75 - q25) / med) if med > 0 else 0.0,  # IQR relative to the median
         images_per_s=float(batch * 1e3 / med) if med > 0 else float('inf'),
-        times_ms=[round(float(x), 4) for x in t])
+        times_ms=[float(x) for x in t])
 
 
 def ratio_stats(times_a, times_b):
@@ -816,6 +816,8 @@ def benchmark_large_dw(arch='31B', shape=(512, 512), batch=1, device='cpu', dtyp
             bound = max(flops / ceil['gemm_flops_per_s'], traffic / ceil['copy_bytes_per_s'])
             base = dict(stage=stage, channels=c, height=h, width=w, kernel=k, batch=batch,
                         dtype=dname, flops=flops, min_bytes=traffic, bound_ms=bound * 1e3,
+                        # backward = two more convolutions of the same size (input, weight grads)
+                        bound_fwd_bwd_ms=3 * bound * 1e3,
                         bound_by='compute' if flops / ceil['gemm_flops_per_s'] >=
                         traffic / ceil['copy_bytes_per_s'] else 'bandwidth')
             for cand in names:
@@ -826,6 +828,9 @@ def benchmark_large_dw(arch='31B', shape=(512, 512), batch=1, device='cpu', dtyp
                     fwd = rec['forward']['median_ms']
                     rec['forward_gflops'] = flops / fwd / 1e6
                     rec['forward_over_bound'] = fwd / rec['bound_ms']
+                if rec.get('forward_backward'):
+                    rec['forward_backward_over_bound'] = (
+                        rec['forward_backward']['median_ms'] / rec['bound_fwd_bwd_ms'])
                 result['results'].append(rec)
     return result
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -280,7 +281,7 @@ def test_detector_synthetic_training_batch():
     assert data['data_samples'][0].gt_instances.labels.max() < 80
 
 
-def test_large_dw_table_tiny():
+def test_large_dw_table_tiny(tmp_path):
     res = B.benchmark_large_dw('tiny', (64, 64), batch=1, repeat=1, warmup=0, min_time=0,
                                candidates=['dispatch', 'fft'])
     assert res['kind'] == 'large_dw' and res['ceilings']['fp32']['gemm_flops_per_s'] > 0
@@ -290,7 +291,15 @@ def test_large_dw_table_tiny():
         assert r['flops'] == 2 * r['channels'] * r['height'] * r['width'] * r['kernel']**2
         assert r['forward_gflops'] == pytest.approx(r['flops'] / r['forward']['median_ms'] / 1e6)
         assert r['forward_over_bound'] == pytest.approx(r['forward']['median_ms'] / r['bound_ms'])
-        assert r['forward_backward']['median_ms'] > 0
+        assert r['bound_fwd_bwd_ms'] == pytest.approx(3 * r['bound_ms'])
+        assert r['forward_backward_over_bound'] == pytest.approx(
+            r['forward_backward']['median_ms'] / r['bound_fwd_bwd_ms'])
     with pytest.raises(ValueError, match='unknown large-DW candidates'):
         B.benchmark_large_dw('tiny', (32, 32), candidates=['winograd'])
     assert not math.isnan(res['results'][0]['bound_ms'])
+    # the report renders one row per record, and the two-panel plot
+    report = _tool('bench_report')
+    body = report.render(json.loads(B.to_json(res)), 'x.json')
+    assert len(re.findall(r'^\| stage\d', body, re.M)) == len(res['results'])
+    report.plot_large_dw(res, str(tmp_path / 'dw.png'))
+    assert (tmp_path / 'dw.png').stat().st_size > 1000

@@ -116,18 +116,22 @@ def render_large_dw(result):
         fwd, fb = r.get('forward'), r.get('forward_backward')
         rows.append([r['stage'], r['kernel'], r['channels'], f"{r['height']}x{r['width']}",
                      r['dtype'], r['candidate'], r['layout'],
-                     _f(fwd and fwd['median_ms']) if fwd else r.get('error', '-'),
-                     _f(fb and fb['median_ms']), _f(r.get('forward_gflops'), '{:.1f}'),
+                     _f(fwd['median_ms']) if fwd else r.get('error', '-'),
+                     _f(r.get('forward_gflops'), '{:.1f}'),
                      f"{r['bound_ms']:.3f} ({r['bound_by']})",
-                     _f(r.get('forward_over_bound'), '{:.1f}x')])
+                     _f(r.get('forward_over_bound'), '{:.1f}x'),
+                     _f(fb['median_ms']) if fb else '-',
+                     _f(r.get('forward_backward_over_bound'), '{:.1f}x')])
     ceil = '; '.join(f"{d}: GEMM {c['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, copy "
                      f"{c['copy_bytes_per_s'] / 1e9:.1f} GB/s"
                      for d, c in result['ceilings'].items())
     return [f"RepLKNet-{s['arch']} large depthwise convs at a {s['shape'][0]}x{s['shape'][1]} "
             f"input, batch {s['batch']}. Measured ceilings: {ceil}. Bound = max(FLOPs / GEMM "
-            'peak, minimum bytes / copy bandwidth), FLOPs counting a multiply-add as 2.',
+            'peak, minimum bytes / copy bandwidth), FLOPs counting a multiply-add as 2; the '
+            'fwd+bwd bound is 3x (input and weight gradients are convolutions of the same size).',
             '', table(['stage', 'k', 'C', 'HxW', 'dtype', 'candidate', 'input layout',
-                       'fwd ms', 'fwd+bwd ms', 'fwd GFLOP/s', 'bound ms', 'fwd / bound'], rows)]
+                       'fwd ms', 'fwd GFLOP/s', 'fwd bound ms', 'fwd / bound', 'fwd+bwd ms',
+                       'fwd+bwd / bound'], rows)]
 
 
 RENDER = dict(model=render_models, compare=render_models, doconv_layers=render_doconv_layers,
@@ -179,7 +183,7 @@ def plot_ratios(results, path):
     ax.set_title(f"{results[0][1]['env'].get('cpu') or ''} ({results[0][1]['settings']['device']})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
@@ -199,33 +203,40 @@ def plot_doconv_layers(result, path):
     axes[0].set_ylabel('time / plain conv')
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
 def plot_large_dw(result, path):
+    """Forward and forward+backward time per stage and implementation, with the bounds."""
     plt = _plt()
     recs = [r for r in result['results'] if r.get('forward')]
-    stages = sorted({r['stage'] for r in recs})
-    keys = sorted({(r['dtype'], r['candidate']) for r in recs})
-    fig, ax = plt.subplots(figsize=(10, 4))
+    stages = list(dict.fromkeys(r['stage'] for r in recs))
+    keys = list(dict.fromkeys((r['dtype'], r['candidate']) for r in recs))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     width = 0.8 / max(len(keys), 1)
-    for j, key in enumerate(keys):
-        vals = [next((r['forward']['median_ms'] for r in recs
-                      if r['stage'] == s and (r['dtype'], r['candidate']) == key), 0)
-                for s in stages]
-        ax.bar([i + (j - len(keys) / 2 + 0.5) * width for i in range(len(stages))], vals, width,
-               label=' '.join(key))
-    bounds = [next(r['bound_ms'] for r in recs if r['stage'] == s) for s in stages]
-    ax.scatter(range(len(stages)), bounds, marker='_', s=800, color='k', zorder=3,
-               label='bound (first dtype)')
-    ax.set_yscale('log')
-    ax.set_xticks(range(len(stages)), [
-        f"{s}\nk={next(r['kernel'] for r in recs if r['stage'] == s)}" for s in stages])
-    ax.set_ylabel('forward ms (log)')
-    ax.legend(fontsize=7, ncol=2)
+    for ax, phase, bound_key in zip(axes, ('forward', 'forward_backward'),
+                                    ('bound_ms', 'bound_fwd_bwd_ms')):
+        for j, key in enumerate(keys):
+            vals = [next(((r.get(phase) or {}).get('median_ms', 0) for r in recs
+                          if r['stage'] == s and (r['dtype'], r['candidate']) == key), 0)
+                    for s in stages]
+            ax.bar([i + (j - len(keys) / 2 + 0.5) * width for i in range(len(stages))], vals,
+                   width, label=' '.join(key))
+        bounds = [next(r[bound_key] for r in recs if r['stage'] == s) for s in stages]
+        ax.scatter(range(len(stages)), bounds, marker='_', s=900, color='k', zorder=3,
+                   label=f'bound ({keys[0][0]})')
+        ax.set_yscale('log')
+        ax.set_xticks(range(len(stages)), [
+            f"{s}\nk={next(r['kernel'] for r in recs if r['stage'] == s)}" for s in stages])
+        ax.set_title(phase.replace('_', '+'))
+    axes[0].set_ylabel('ms (log scale)')
+    axes[1].legend(fontsize=7, ncol=1, loc='center left', bbox_to_anchor=(1.0, 0.5),
+                   markerscale=0.3)
+    e = result['env']
+    fig.suptitle(f"{e.get('gpu') or e.get('cpu')}, torch {e['torch']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
