@@ -303,3 +303,21 @@ def test_large_dw_table_tiny(tmp_path):
     assert len(re.findall(r'^\| stage\d', body, re.M)) == len(res['results'])
     report.plot_large_dw(res, str(tmp_path / 'dw.png'))
     assert (tmp_path / 'dw.png').stat().st_size > 1000
+
+
+def test_checkpoint_is_loaded_strictly(tmp_path):
+    from reparam_mm.apis import CheckpointMismatchError
+    cfg = B.bench_config(str(DEMO_DO), (64, 64))
+    model = B.build_bench_model(cfg, seed=1)
+    with torch.no_grad():
+        model.decode_head.conv_seg.bias.fill_(0.25)
+    good = tmp_path / 'good.pth'
+    torch.save(dict(state_dict=model.state_dict()), good)
+    v = B.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(good))
+    assert torch.all(v.model.decode_head.conv_seg.bias == 0.25)  # loaded, then fused
+    bad = tmp_path / 'bad.pth'
+    state = model.state_dict()
+    state.pop('decode_head.conv_seg.bias')
+    torch.save(dict(state_dict=state), bad)
+    with pytest.raises(CheckpointMismatchError, match='decode_head.conv_seg.bias'):
+        B.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(bad))
