@@ -7,8 +7,8 @@ from reparam_mm.layers.large_kernel import (CHANNELS_LAST_MIN_KERNEL, LargeKerne
                                             large_depthwise_conv2d, use_channels_last)
 
 
-@pytest.mark.parametrize('k,stride,bias', [(31, 1, False), (13, 1, True), (7, 2, True),
-                                           (5, 1, True), (3, 2, False)])
+@pytest.mark.parametrize('k,stride,bias', [(31, 1, False), (13, 1, True), (11, 2, True),
+                                           (9, 1, True), (5, 2, True), (3, 2, False)])
 @pytest.mark.parametrize('channels_last_input', [False, True])
 def test_equals_f_conv2d(k, stride, bias, channels_last_input):
     g = torch.Generator().manual_seed(k)
@@ -59,3 +59,18 @@ def test_module_is_a_conv2d_with_the_same_keys_and_output():
     plain = torch.nn.Conv2d(8, 8, 29, padding=14, groups=8)
     plain.load_state_dict(conv.state_dict())
     torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_runs_large_kernels_in_channels_last(monkeypatch):
+    seen = []
+    real = F.conv2d
+
+    def spy(x, *args):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return real(x, *args)
+
+    monkeypatch.setattr(F, 'conv2d', spy)
+    x = torch.randn(1, 8, 16, 16)  # NCHW, where oneDNN's large depthwise path is slow
+    large_depthwise_conv2d(x, torch.randn(8, 1, 13, 13), None, 1, 6)
+    large_depthwise_conv2d(x, torch.randn(8, 1, 5, 5), None, 1, 2)
+    assert seen == [True, False]

@@ -335,6 +335,18 @@ def test_merged_structure_loads_merged_checkpoint(tmp_path):
         deploy.init_weights()
 
 
+def test_merge_after_mmcv_conv_bn_folding():
+    from mmcv.cnn import fuse_conv_bn
+    x = torch.randn(1, 3, 64, 64)
+    model = randomize(tiny()).eval()
+    with torch.no_grad():
+        ref = model(x)
+        folded = fuse_conv_bn(copy.deepcopy(model))  # BNs become Identity, convs get biases
+        assert isinstance(folded.stages[0].blocks[0].large_kernel.lkb_origin.bn, nn.Identity)
+        out = fuse(folded)(x)
+    assert all(rel_err(o, r) < 1e-5 for o, r in zip(out, ref))
+
+
 def test_merge_needs_batchnorm():
     model = tiny(norm_cfg=dict(type='GN', num_groups=4)).eval()
     with pytest.raises(TypeError, match='needs BatchNorm running statistics'):

@@ -57,7 +57,15 @@ def _folded_conv(seq):
 
 
 def _fuse_conv_bn(conv, bn):
-    """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64."""
+    """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64.
+
+    ``bn`` may be an ``nn.Identity`` left by a Conv+BN folding pass (mmcv's
+    ``fuse_conv_bn``) that ran before the merge.
+    """
+    if isinstance(bn, nn.Identity):
+        bias = conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(
+            conv.weight.shape[0], dtype=torch.float64)
+        return conv.weight.double(), bias
     if not (isinstance(bn, _BatchNorm) and bn.track_running_stats and bn.running_var is not None):
         raise TypeError(f'cannot merge the large-kernel branches: their norm is a '
                         f'{type(bn).__name__}, but merging needs BatchNorm running statistics; '

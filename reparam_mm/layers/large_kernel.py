@@ -6,18 +6,29 @@ whose forward calls :func:`large_depthwise_conv2d`. A faster implementation
 (the authors' CUDA implicit-GEMM kernel, a Triton kernel, ...) is slotted in
 here and nowhere else.
 
-Memory layout rule (CPU): oneDNN's depthwise kernels for NCHW fall back to a
-slow path once the kernel is larger than 5x5, while its NHWC (channels_last)
-kernels stay fast. Measured on this project's CPU machine (torch 2.13, fp32,
-batch 1, 1 thread, NCHW time / channels_last time including both layout
-copies): 31x31 C=128 at 128x128 3183 / 244 ms; 13x13 C=1024 at 16x16
-104 / 7 ms; 13x13 C=64 at 64x64 67 / 6 ms; but 5x5 C=512 at 32x32
-0.97 / 4.4 ms and 5x5 C=1024 at 16x16 0.56 / 2.3 ms. So on CPU, for kernels
-of at least :data:`CHANNELS_LAST_MIN_KERNEL`, the input is made channels_last
-for the call and the output handed back in the input's layout (the copies are
-cheap next to the conv; returning channels_last instead makes the following
-NCHW ops slower). Other devices run ``F.conv2d`` unchanged: no GPU was lent
-to measure cuDNN here. Results equal ``F.conv2d`` in either layout.
+Memory layout rule (CPU). oneDNN, which runs PyTorch's CPU depthwise convs,
+has a fast NCHW depthwise kernel only up to 9x9; from 11x11 on, NCHW falls
+back to a path 6-15x slower, while its channels_last (NHWC) kernel stays fast.
+Measured on this project's machine (2-core AMD EPYC VM, torch 2.13, fp32,
+batch 1, 1 thread, CPU time, min of 5; "via channels_last" includes copying
+the input to channels_last and the output back):
+
+    kernel  C x HxW          NCHW      via channels_last
+    7x7     128 x 128x128    6.2 ms    22.6 ms
+    9x9     128 x 128x128    26.8 ms   47.7 ms
+    9x9     1024 x 16x16     0.7 ms    3.4 ms
+    11x11   128 x 128x128    306 ms    45.5 ms
+    13x13   1024 x 16x16     33.6 ms   5.3 ms
+    27x27   512 x 32x32      378 ms    34.9 ms
+    31x31   128 x 128x128    2308 ms   241 ms
+
+So on CPU, a call with a kernel side of at least :data:`CHANNELS_LAST_MIN_KERNEL`
+(11) runs channels_last and hands its output back in the input's layout, so
+nothing outside this call changes. Keeping the output channels_last instead,
+or running the whole backbone channels_last, measured no faster (RepLKNet-31B
+at 256x256, 1 thread: 0.85 s this way, 0.87 s keeping channels_last, 0.83 s
+whole model channels_last, 4.5 s all NCHW). Other devices run ``F.conv2d``
+unchanged: no GPU was lent to measure cuDNN. Results equal ``F.conv2d``.
 """
 import torch
 import torch.nn as nn
@@ -27,7 +38,7 @@ __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'use_channels_last', 'large_depthwise_con
            'LargeKernelDWConv2d']
 
 #: smallest kernel side for which CPU calls are run in channels_last (see module docstring)
-CHANNELS_LAST_MIN_KERNEL = 7
+CHANNELS_LAST_MIN_KERNEL = 11
 
 
 def use_channels_last(x: torch.Tensor, kernel_size) -> bool:
