@@ -118,6 +118,50 @@ def test_gradcheck_reaches_W_D_bias_and_input():
     assert layer.W.grad.abs().sum() > 0 and layer.D.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('cin,cout,groups,k,d_mul', [
+    (3, 5, 1, (3, 2), 8),  # groups=1: W stored (Cin, D_mul, Cout), one 2-D transpose
+    (4, 6, 2, (2, 2), 5),  # grouped, Cout/g > 1: batched transpose
+    (3, 3, 3, (3, 3), 10),  # depthwise: no transpose at all
+    (2, 4, 2, (2, 3), None),  # depthwise with channel multiplier 2
+])
+def test_gradcheck_every_composition_path(cin, cout, groups, k, d_mul):
+    layer = randomise(DOConv2d(cin, cout, k, padding=1, groups=groups, D_mul=d_mul).double())
+    x = torch.randn(1, cin, 4, 3, dtype=torch.float64, requires_grad=True)
+    # clone() keeps the parameters' memory layout; the contiguous copies take the generic route.
+    for layout in ('layer', 'contiguous'):
+        params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        if layout == 'contiguous':
+            params = {n: p.contiguous() for n, p in params.items()}
+        params = {n: p.requires_grad_() for n, p in params.items()}
+
+        def f(W, D, bias, x):
+            return torch.func.functional_call(layer, {'W': W, 'D': D, 'bias': bias}, (x,))
+
+        assert torch.autograd.gradcheck(f, (params['W'], params['D'], params['bias'], x))
+        torch.testing.assert_close(torch.func.functional_call(layer, params, (x,)), layer(x),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_groups1_W_memory_is_the_bmm_layout_and_takes_its_grad_in_place():
+    """W (Cout, Cin, D_mul) lives as (Cin, D_mul, Cout) in memory, so composing reads it and its
+    gradient is stored without a transposing copy; values, init and loading ignore the layout."""
+    torch.manual_seed(0)
+    layer = DOConv2d(4, 6, 3, D_mul=10)
+    torch.manual_seed(0)
+    drawn = torch.empty(6, 4, 10).normal_(0, (2.0 / (6 * 9)) ** 0.5)  # seed -> same W as ever
+    torch.testing.assert_close(layer.W, drawn, rtol=0, atol=0)
+    assert layer.W.permute(1, 2, 0).is_contiguous()
+    randomise(layer)
+    torch.testing.assert_close(layer.composed_weight().double(), loop_kernel(layer),
+                               rtol=1e-5, atol=1e-6)
+    layer(torch.randn(2, 4, 5, 5)).square().sum().backward()
+    assert layer.W.grad.stride() == layer.W.stride()
+    copy_ = DOConv2d(4, 6, 3, D_mul=10)
+    copy_.load_state_dict(layer.state_dict())
+    assert torch.equal(copy_.W, layer.W) and copy_.W.stride() == layer.W.stride()
+    assert DOConv2d(4, 6, 3, groups=2).W.is_contiguous()  # grouped layers keep the plain layout
+
+
 @pytest.mark.parametrize('d_mul', [None, 9, 19])
 def test_fresh_layer_is_plain_conv_of_its_W(d_mul):
     layer = DOConv2d(3, 5, 3, padding=1, D_mul=d_mul)
