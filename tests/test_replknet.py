@@ -155,8 +155,7 @@ def test_tiny_forward_is_fast():
     (dict(frozen_stages=5), ValueError, 'frozen_stages=5'),
     (dict(stage_with_doconv=(True, False)), ValueError, 'one bool per stage'),
     (dict(arch=dict(large_kernel_sizes=(7, ), layers=(1, ), channels=(8, ), small_kernel=4,
-                    dw_ratio=1), out_indices=0, stage_with_doconv=(False, )), ValueError,
-     'must be odd'),
+                    dw_ratio=1), out_indices=0), ValueError, 'must be odd'),
     (dict(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='a.pth')),
      ValueError, 'not both'),
     (dict(init_cfg=dict(type='Pretrained')), ValueError, "needs a 'checkpoint'"),
@@ -297,8 +296,7 @@ def test_merged_equals_unmerged_and_merging_twice_is_a_no_op():
 def test_merge_without_small_kernel_and_dw_ratio():
     arch = dict(large_kernel_sizes=(7, 9), layers=(1, 1), channels=(8, 16), small_kernel=None,
                 dw_ratio=1.5)
-    _merge_check(RepLKNet(arch=arch, out_indices=(0, 1), stage_with_doconv=(False, False)),
-                 torch.randn(1, 3, 32, 32))
+    _merge_check(RepLKNet(arch=arch, out_indices=(0, 1)), torch.randn(1, 3, 32, 32))
 
 
 def test_switch_to_deploy_and_train_mode_refusal():

@@ -285,8 +285,8 @@ class RepLKNet(BaseModule):
             leaves). Such a model loads merged checkpoints.
         norm_intermediate_features (bool): add a norm (``stages.i.norm``) to
             every returned feature, as the authors do for RepLKNet-XL downstream.
-        stage_with_doconv (Sequence[bool]): per stage, make its k > 1 convs
-            DO-Conv where that is an over-parameterisation: the stem's 3x3
+        stage_with_doconv (Sequence[bool], optional): per stage (default: none),
+            make its k > 1 convs DO-Conv where that over-parameterises: the stem's 3x3
             convs (stage 0), the DW 3x3 conv of the transition into the stage,
             and the 5x5 small kernels. The large kernels stay plain: DO-Conv
             needs D_mul >= k*k, i.e. a C x 961 x 961 D for one 31x31 layer
@@ -317,7 +317,7 @@ class RepLKNet(BaseModule):
     def __init__(self, arch='31B', in_channels=3, out_indices=(0, 1, 2, 3), frozen_stages=-1,
                  norm_eval=False, with_cp=False, drop_path_rate=0., norm_cfg=dict(type='BN'),
                  small_kernel_merged=False, norm_intermediate_features=False,
-                 stage_with_doconv=(False, False, False, False), doconv_cfg=dict(type='DOConv'),
+                 stage_with_doconv=None, doconv_cfg=dict(type='DOConv'),
                  pretrained=None, init_cfg=None):
         super().__init__(init_cfg=self._resolve_init_cfg(pretrained, init_cfg))
         if isinstance(arch, str):
@@ -335,6 +335,8 @@ class RepLKNet(BaseModule):
         self.out_indices = self._check_out_indices(out_indices)
         if not -1 <= frozen_stages <= self.num_stages:
             raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
+        if stage_with_doconv is None:
+            stage_with_doconv = (False, ) * self.num_stages
         if len(stage_with_doconv) != self.num_stages:
             raise ValueError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
                              f'got {tuple(stage_with_doconv)}.')
