@@ -7,6 +7,9 @@ PYTEST_ARGS ?=
 setup:
 	$(PY) tools/setup_env.py
 
+demo: setup
+	$(VENV_PY) tools/demo.py
+
 test: setup
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 

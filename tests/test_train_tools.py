@@ -1,5 +1,9 @@
-"""tools/train.py (reparam_mm.train): argument handling and a short real training with resume."""
+"""tools/train.py (reparam_mm.train): argument handling, a short real training with resume,
+and tools/demo.py end to end on a short schedule."""
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ from reparam_mm.datasets import generate_demo_ade
 from reparam_mm.train import config_from_args, main, parse_args, prepare_cpu_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAIN_DEMO = ROOT / 'configs/demo/upernet_r18-tiny_1xb8-400i_demoade-64x64.py'
+PLAIN_DEMO = ROOT / 'configs/demo/upernet_r18-tiny_1xb8-600i_demoade-64x64.py'
 
 
 def _simple_cfg(tmp_path, text="optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1))\n"):
@@ -123,3 +127,27 @@ def test_train_then_resume(tmp_path):
     assert state['state_dict'].keys() == saved['state_dict'].keys()
     name = 'decode_head.conv_seg.weight'
     assert not torch.equal(state['state_dict'][name], saved['state_dict'][name])
+
+
+@pytest.mark.slow  # three interpreters (train, test fused, test unfused): ~40 s on 2 busy cores
+def test_demo_end_to_end(tmp_path):
+    """tools/demo.py on a short schedule: generates data, trains, tests fused and unfused."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools/demo.py'), '--work-dir', str(tmp_path / 'wd'),
+         '--data-root', str(tmp_path / 'data'), '--max-iters', '4', '--num-train', '8',
+         '--num-val', '4'],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / 'data/demo_ade.json').is_file()
+    assert (tmp_path / 'wd/iter_4.pth').is_file()
+    for log in ('demo_train.log', 'demo_test_fused.log', 'demo_test_unfused.log'):
+        assert (tmp_path / 'wd' / log).stat().st_size > 0
+    assert 'val (fused copy) at iter 4: mIoU' in out
+    m = re.search(r'test mIoU\s+fused ([\d.]+)\s+unfused ([\d.]+)\s+difference ([-+][\d.]+)', out)
+    assert m, out[-2000:]
+    fused, unfused, diff = map(float, m.groups())
+    assert abs(fused - unfused) <= 0.1 and abs(diff) <= 0.1 and 0 <= fused <= 100
+    assert re.search(r'fusion\s+fused \d+ module\(s\) \(DOConv2d: \d+, ReparamLargeKernelConv: 5\)', out)
+    assert 'PASS' in out

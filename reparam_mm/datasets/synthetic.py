@@ -26,10 +26,10 @@ DEMO_CLASSES = ('backdrop', 'disc', 'box', 'triangle', 'ring')
 DEMO_PALETTE = [[120, 120, 120], [220, 60, 60], [60, 180, 75], [60, 90, 220], [230, 200, 40]]
 SPLITS = {'train': 'training', 'val': 'validation'}
 META_FILE = 'demo_ade.json'
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Hue centre (degrees) of each foreground class; jittered by +-25 per object.
-_HUES = {1: 0.0, 2: 120.0, 3: 230.0, 4: 55.0}
+_HUES = {1: 0.0, 2: 120.0, 3: 210.0, 4: 55.0}
 
 
 def _hsv_to_rgb(h, s, v):
@@ -43,7 +43,7 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _texture(cls, yy, xx, rng):
-    """Per-class intensity pattern in [0.55, 1]: stripes, checks, dots, flat."""
+    """Per-class intensity pattern in [0.7, 1]: stripes, checks, dots, flat."""
     period = rng.uniform(4.0, 7.0)
     if cls == 1:  # disc: diagonal stripes
         t = np.sin((xx + yy) * (2 * np.pi / period)) > 0
@@ -53,13 +53,13 @@ def _texture(cls, yy, xx, rng):
         t = (np.sin(xx * 2 * np.pi / period) * np.sin(yy * 2 * np.pi / period)) > 0.3
     else:  # ring: flat
         t = np.ones_like(xx, dtype=bool)
-    return np.where(t, 1.0, 0.55)
+    return np.where(t, 1.0, 0.7)
 
 
 def _shape_mask(cls, yy, xx, size, rng):
     """Boolean mask of one object of class ``cls`` at a random place and scale."""
     cy, cx = rng.uniform(0.15, 0.85, size=2) * size
-    r = rng.uniform(0.12, 0.24) * size
+    r = rng.uniform(0.14, 0.28) * size
     if cls == 1:  # ellipse
         ry, rx = r * rng.uniform(0.7, 1.3, size=2)
         return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
@@ -78,10 +78,10 @@ def _shape_mask(cls, yy, xx, size, rng):
             inside &= (x1 - x0) * (yy - y0) - (y1 - y0) * (xx - x0) >= 0
         return inside
     d = np.hypot(yy - cy, xx - cx)  # ring
-    return (d <= r) & (d >= r * rng.uniform(0.45, 0.65))
+    return (d <= r) & (d >= r * rng.uniform(0.35, 0.55))
 
 
-def draw_sample(seed, size=64, max_objects=5):
+def draw_sample(seed, size=64, max_objects=6):
     """Draw one (image uint8 HxWx3, annotation uint8 HxW) pair from ``seed``.
 
     The annotation holds 0 (unlabelled border band) and 1..len(DEMO_CLASSES).
@@ -99,13 +99,13 @@ def draw_sample(seed, size=64, max_objects=5):
     image = base[None, None, :] * (0.75 + 0.5 * field[..., None])
     label = np.ones((size, size), np.uint8)  # class 1 = backdrop
 
-    for _ in range(rng.randint(2, max_objects + 1)):
+    for _ in range(rng.randint(3, max_objects + 1)):
         cls = rng.randint(1, len(DEMO_CLASSES))  # foreground class index 1..4
         mask = _shape_mask(cls, yy, xx, size, rng)
         if mask.sum() < 12:
             continue
         colour = _hsv_to_rgb(_HUES[cls] + rng.uniform(-25, 25), rng.uniform(0.6, 1.0),
-                             rng.uniform(0.55, 1.0))
+                             rng.uniform(0.65, 1.0))
         shade = _texture(cls, yy, xx, rng)[..., None] * colour[None, None, :]
         image = np.where(mask[..., None], shade, image)
         label[mask] = cls + 1

