@@ -14,7 +14,7 @@ from reparam_mm import benchmark as B
 from reparam_mm.layers.doconv import DOConv2d
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-400i_demoade-64x64.py'
+DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
 
 
 def _tool(name):
