@@ -5,6 +5,8 @@ rank, the iterations run, the images each rank saw, checkpoint saves and a
 checksum of the final parameters; the test then checks that both ranks
 trained on disjoint shards in lock-step (DDP kept the weights equal), that
 only rank 0 saved, and that the one checkpoint holds the trained weights.
+About 15 s on 2 idle cores (two interpreters importing torch and mmseg), so not
+slow-marked.
 """
 import json
 import os
@@ -13,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from test_train_tools import tiny_demo_config
@@ -56,7 +57,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch + mmseg: ~45 s on 2 busy cores
 def test_two_process_gloo_training(tmp_path):
     (tmp_path / 'rank_probe.py').write_text(PROBE)
     cfg = tiny_demo_config(tmp_path, max_iters=3, extra=f"""
