@@ -166,10 +166,9 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
 
 def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
+    from .train import build_runner  # opens a gloo group on CPU-only torchrun launches
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     if out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))

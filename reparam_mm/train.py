@@ -126,6 +126,37 @@ def prepare_cpu_distributed(cfg):
         cfg.model_wrapper_cfg = wrapper
 
 
+_REMOTE_PREFIXES = ('http://', 'https://', 's3://', 'open-mmlab://', 'torchvision://', 'mmcls://',
+                    'mmpretrain::', 'modelzoo://')
+
+
+def _pretrained_paths(node, path):
+    """Yield (config key, file) for every local pretrained checkpoint under ``node``."""
+    if isinstance(node, dict):
+        if node.get('type') == 'Pretrained' and isinstance(node.get('checkpoint'), str):
+            yield f'{path}.checkpoint', node['checkpoint']
+        if isinstance(node.get('pretrained'), str):
+            yield f'{path}.pretrained', node['pretrained']
+        for key, value in node.items():
+            yield from _pretrained_paths(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _pretrained_paths(value, f'{path}.{i}')
+
+
+def check_pretrained_files(cfg):
+    """Fail before building anything when a local pretrained file named by the config is missing.
+
+    mmengine only reports "<file> can not be found", without the option that sets it.
+    """
+    for key, file in _pretrained_paths(cfg.get('model', {}), 'model'):
+        if file.startswith(_REMOTE_PREFIXES) or os.path.isfile(file):
+            continue
+        raise FileNotFoundError(
+            f'pretrained weights {file!r} ({key}) not found: put the file there or pass '
+            f'--cfg-options {key}=PATH (or {key.rsplit(".", 1)[0]}=None to train from scratch).')
+
+
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -137,6 +168,8 @@ def build_runner(cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    runner = build_runner(config_from_args(args))
+    cfg = config_from_args(args)
+    check_pretrained_files(cfg)
+    runner = build_runner(cfg)
     runner.train()
     return runner

@@ -151,3 +151,20 @@ def test_demo_end_to_end(tmp_path):
     assert abs(fused - unfused) <= 0.1 and abs(diff) <= 0.1 and 0 <= fused <= 100
     assert re.search(r'fusion\s+fused \d+ module\(s\) \(DOConv2d: \d+, ReparamLargeKernelConv: 5\)', out)
     assert 'PASS' in out
+
+
+def test_missing_pretrained_file_names_the_option(tmp_path):
+    from reparam_mm.train import check_pretrained_files
+    config = str(ROOT / 'configs/doconv/upernet_r50-doconv-c3-c5_4xb4-160k_ade20k-512x512.py')
+    missing = str(tmp_path / 'no_such_resnet50.pth')
+    cfg = _cfg([config, '--cfg-options', f'model.backbone.init_cfg.checkpoint={missing}'])
+    with pytest.raises(FileNotFoundError,
+                       match=r'no_such_resnet50\.pth.*--cfg-options model\.backbone\.init_cfg\.checkpoint=PATH'):
+        check_pretrained_files(cfg)
+    present = tmp_path / 'resnet50.pth'
+    present.write_bytes(b'')
+    check_pretrained_files(_cfg([config, '--cfg-options', f'model.backbone.init_cfg.checkpoint={present}']))
+    check_pretrained_files(_cfg([config, '--cfg-options', 'model.backbone.init_cfg=None']))
+    with pytest.raises(FileNotFoundError, match='model.backbone.init_cfg.checkpoint'):
+        main([config, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+              f'model.backbone.init_cfg.checkpoint={missing}'])
