@@ -133,15 +133,13 @@ def test_out_indices_select_stages(out_indices, stages):
         torch.testing.assert_close(o, ref[s])
 
 
-def test_tiny_forward_is_fast():
-    import time
-    model = tiny().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        model(x)
-        start = time.perf_counter()
-        model(x)
-    assert time.perf_counter() - start < 0.5
+def test_tiny_arch_is_small_and_keeps_the_large_kernels():
+    # Speed is measured in `make bench`, never asserted here; size is deterministic.
+    model = tiny()
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    kernels = sorted({m.kernel_size[0] for m in model.modules()
+                      if isinstance(m, nn.Conv2d) and m.groups > 1 and m.kernel_size[0] > 5})
+    assert kernels == [13, 27, 29, 31]
 
 
 @pytest.mark.parametrize('kwargs,exc,match', [
