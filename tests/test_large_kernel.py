@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from reparam_mm.layers.large_kernel import (CHANNELS_LAST_MIN_KERNEL, LargeKernelDWConv2d,
-                                            large_depthwise_conv2d, use_channels_last)
+                                            backbone_channels_last, large_depthwise_conv2d,
+                                            use_channels_last)
 
 
 @pytest.mark.parametrize('k,stride,bias', [(31, 1, False), (13, 1, True), (11, 2, True),
@@ -31,6 +32,8 @@ def test_layout_rule():
     assert not use_channels_last(x, (CHANNELS_LAST_MIN_KERNEL - 2,) * 2)
     assert not use_channels_last(torch.randn(4, 8, 8), (31, 31))
     assert not use_channels_last(torch.randn(1, 4, 8, 8, device='meta'), (31, 31))
+    assert backbone_channels_last(x) and not backbone_channels_last(torch.randn(4, 8, 8))
+    assert not backbone_channels_last(torch.randn(1, 4, 8, 8, device='meta'))
 
 
 def test_gradients_match_f_conv2d():

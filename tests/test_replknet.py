@@ -142,6 +142,33 @@ def test_tiny_arch_is_small_and_keeps_the_large_kernels():
     assert kernels == [13, 27, 29, 31]
 
 
+def test_cpu_runs_channels_last_inside_and_returns_the_callers_layout(monkeypatch):
+    import torch.nn.functional as F
+
+    from reparam_mm.layers import large_kernel
+    model = randomize(tiny()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    seen, real = [], F.conv2d
+
+    def spy(inp, *args):
+        seen.append(inp.is_contiguous(memory_format=torch.channels_last))
+        return real(inp, *args)
+
+    with torch.no_grad():
+        monkeypatch.setattr(F, 'conv2d', spy)
+        outs = model(x)
+        monkeypatch.undo()
+        assert len(seen) > 20 and all(seen)  # every conv ran in oneDNN's native NHWC
+        assert all(o.is_contiguous() for o in outs)  # NCHW in, NCHW out
+        outs_cl = model(x.contiguous(memory_format=torch.channels_last))
+        assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs_cl)
+        monkeypatch.setattr(large_kernel, 'backbone_channels_last', lambda t: False)
+        monkeypatch.setattr(large_kernel, 'CHANNELS_LAST_MIN_KERNEL', 10 ** 9)
+        ref = model(x)  # all NCHW, as the authors' code runs
+    for o, c, r in zip(outs, outs_cl, ref):
+        assert rel_err(o, r) < 1e-5 and rel_err(c, r) < 1e-5
+
+
 @pytest.mark.parametrize('kwargs,exc,match', [
     (dict(arch='31X'), ValueError, "arch '31X' is unknown; use one of 31B, 31L, XL, tiny"),
     (dict(arch=dict(layers=(1, ), channels=(8, ))), ValueError, 'missing'),

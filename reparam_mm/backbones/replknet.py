@@ -21,6 +21,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..layers import large_kernel as layout
 from ..layers.large_kernel import LargeKernelDWConv2d
 
 __all__ = ['RepLKNet', 'RepLKBlock', 'ConvFFN', 'RepLKNetStage', 'ReparamLargeKernelConv',
@@ -403,6 +404,14 @@ class RepLKNet(BaseModule):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
+        # the layout policy lives in layers/large_kernel.py: channels_last on CPU
+        restore = x.is_contiguous() and layout.backbone_channels_last(x)
+        if restore:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = [out.contiguous() if restore else out for out in self._forward(x)]
+        return tuple(outs)
+
+    def _forward(self, x):
         x = self.stem[0](x)
         for layer in self.stem[1:]:
             x = _checkpointed(layer, x) if self.with_cp and self.training else layer(x)
@@ -414,7 +423,7 @@ class RepLKNet(BaseModule):
             if i == self.out_indices[-1]:
                 break
             x = self.transitions[i](x)
-        return tuple(outs)
+        return outs
 
     # -- training-mode behaviour ----------------------------------------------------------------
     def _freeze_stages(self):
