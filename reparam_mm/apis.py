@@ -211,7 +211,7 @@ def _rewrite(node, path, changes, scope):
         if _fusable_type(node[key], scope):
             changes.append(f'{path}.{key}: {node[key]["type"]} -> None (plain conv)')
             node[key] = None
-    if 'stage_with_doconv' in node and any(node['stage_with_doconv']):
+    if any(node.get('stage_with_doconv') or ()):  # None means no DO-Conv
         changes.append(f'{path}.stage_with_doconv -> all False')
         node['stage_with_doconv'] = tuple(False for _ in node['stage_with_doconv'])
     cls = _registered(node.get('type'), scope)
