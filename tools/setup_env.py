@@ -158,11 +158,14 @@ def build_mmcv_wheel(key_dir, cuda):
         f'(MAX_JOBS={env["MAX_JOBS"]}; about 13 minutes on 2 cores) ...')
     t0 = time.time()
     try:
-        run(VPY, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-w', tmp,
-            f'mmcv=={MMCV_VERSION}', env=env, quiet=True)
+        # --no-cache-dir: pip's own wheel cache is keyed by the sdist only, so it would hand back
+        # a wheel compiled against another torch (or without CUDA ops).
+        run(VPY, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-cache-dir',
+            '-w', tmp, f'mmcv=={MMCV_VERSION}', env=env, quiet=True)
         wheels = list(tmp.glob('mmcv-*.whl'))
         if len(wheels) != 1:
             raise SetupError(f'mmcv build produced {len(wheels)} wheels in {tmp}')
+        tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, key_dir)  # atomic: the key dir exists only when complete
         except OSError:
