@@ -581,33 +581,18 @@ def resnet50_3x3_shapes(height=512, width=512):
             for i in range(4)]
 
 
-class _Transpose2d(torch.autograd.Function):
-    """``x.t().contiguous()`` of a 2-D tensor, and the same for its gradient.
-
-    PyTorch copies a transposed *2-D* tensor with a blocked kernel; the same data permuted as
-    a 3-D view takes the generic strided copy, several times slower on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.t().contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.t().contiguous()
-
-
 def compose_kernel_t2d(W, D, identity, kernel_size):
     """Candidate DO-Conv composition (groups=1): ``compose_kernel``'s bmm, 2-D transpose copies.
 
     The bmm itself is cheap; at C=512 most of the composition time is the (Cin, MN, Cout) ->
     (Cout, Cin, MN) copy, which this does as one 2-D transpose (forward and backward).
     """
+    from .layers.doconv import _Transpose  # the same 2-D transpose DOConv2d now uses
     cout, cin, d_mul = W.shape
     mn = identity.shape[0]
     w = W.reshape(cout, cin * d_mul).t().reshape(cin, d_mul, cout)  # a view, no copy
     k = torch.bmm(D + identity, w)  # (Cin, MN, Cout)
-    return _Transpose2d.apply(k.reshape(cin * mn, cout)).view(cout, cin, *kernel_size)
+    return _Transpose.apply(k.reshape(cin * mn, cout)).view(cout, cin, *kernel_size)
 
 
 def _doconv_t2d_class():

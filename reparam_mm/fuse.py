@@ -129,19 +129,25 @@ def _reparam_tree(module: nn.Module, counts: Counter) -> nn.Module:
     return new
 
 
+def bn_folded_kernel(conv: _ConvNd, bn: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64."""
+    w = conv.weight
+    std = (bn.running_var.to(torch.float64) + bn.eps).sqrt()
+    gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(std)
+    scale = gamma / std
+    bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(std)
+    return (w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1))),
+            (bias - bn.running_mean.to(torch.float64)) * scale + beta)
+
+
 @torch.no_grad()
 def _fold_bn(conv: _ConvNd, bn: _BatchNorm) -> None:
     """Fold ``bn`` (eval statistics) into ``conv`` in place, keeping dtype and device."""
     w = conv.weight
-    std = (bn.running_var.to(torch.float64) + bn.eps).sqrt()
-    gamma = bn.weight.to(torch.float64) if bn.affine else torch.ones_like(std)
-    beta = bn.bias.to(torch.float64) if bn.affine else torch.zeros_like(std)
-    scale = gamma / std
-    bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(std)
-    new_w = (w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-    new_b = ((bias - bn.running_mean.to(torch.float64)) * scale + beta).to(w.dtype)
-    conv.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
-    conv.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
+    new_w, new_b = bn_folded_kernel(conv, bn)
+    conv.weight = nn.Parameter(new_w.to(w.dtype), requires_grad=w.requires_grad)
+    conv.bias = nn.Parameter(new_b.to(w.dtype), requires_grad=w.requires_grad)
 
 
 def _fuse_conv_bn(model: nn.Module, counts: Counter) -> None:

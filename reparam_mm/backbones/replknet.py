@@ -21,6 +21,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..fuse import bn_folded_kernel
 from ..layers import large_kernel as layout
 from ..layers.large_kernel import LargeKernelDWConv2d
 
@@ -71,13 +72,7 @@ def _fuse_conv_bn(conv, bn):
         raise TypeError(f'cannot merge the large-kernel branches: their norm is a '
                         f'{type(bn).__name__}, but merging needs BatchNorm running statistics; '
                         "build RepLKNet with a BN-type norm_cfg (e.g. 'BN' or 'SyncBN').")
-    std = (bn.running_var.double() + bn.eps).sqrt()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
-    scale = gamma / std
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(std)
-    return (conv.weight.double() * scale.reshape(-1, 1, 1, 1),
-            beta + (bias - bn.running_mean.double()) * scale)
+    return bn_folded_kernel(conv, bn)
 
 
 class ReparamLargeKernelConv(BaseModule):
