@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers.large_kernel import fft_depthwise_conv2d
+
 SCHEMA = 'reparam_mm.benchmark/1'
 KINDS = ('model', 'compare', 'doconv_layers', 'large_dw')
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -688,40 +690,6 @@ def replknet_dw_shapes(arch='31B', height=512, width=512):
             for i, (c, k) in enumerate(zip(dw, a['large_kernel_sizes']))]
 
 
-def _fast_fft_size(n):
-    """Smallest 2-3-5-smooth integer >= n (sizes FFT libraries handle fastest)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
-def fft_depthwise_conv2d(x, weight, bias=None, padding=0):
-    """Depthwise cross-correlation (``F.conv2d(..., groups=C)``, stride 1) through real FFTs.
-
-    Cost grows with the padded image, not with the kernel area, so very large kernels on CPU
-    can beat direct convolution. Candidate formulation for the large-kernel dispatch point.
-    """
-    c, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
-    if weight.shape[1] != 1 or x.shape[1] != c:
-        raise ValueError(f'fft_depthwise_conv2d expects a (C, 1, kh, kw) weight with C = input '
-                         f'channels {x.shape[1]}, got {tuple(weight.shape)}.')
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    h, w = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw
-    oh, ow = h - kh + 1, w - kw + 1
-    fh, fw = _fast_fft_size(h), _fast_fft_size(w)
-    xf = torch.fft.rfft2(F.pad(x, (pw, pw, ph, ph)), s=(fh, fw))
-    wf = torch.fft.rfft2(weight[:, 0], s=(fh, fw))
-    out = torch.fft.irfft2(xf * wf.conj(), s=(fh, fw))[..., :oh, :ow]
-    if bias is not None:
-        out = out + bias.reshape(1, -1, 1, 1)
-    return out.contiguous()
-
-
 def dw_conv_cost(batch, channels, height, width, kernel, elem_bytes):
     """(FLOPs, minimum bytes) of one stride-1 'same' depthwise conv forward.
 
@@ -761,14 +729,20 @@ def machine_ceilings(device='cpu', dtype=torch.float32, size=None):
 def dw_candidates(device):
     """name -> (layout of the input handed in, function(x, w, padding))."""
     from .layers.large_kernel import large_depthwise_conv2d
+
+    def direct(x, w, p):
+        return F.conv2d(x, w, None, 1, p, 1, x.shape[1])
+
     cands = {
         'dispatch': ('nchw', lambda x, w, p: large_depthwise_conv2d(x, w, None, 1, p)),
         'dispatch_cl': ('channels_last', lambda x, w, p: large_depthwise_conv2d(x, w, None, 1, p)),
-        'nchw_conv2d': ('nchw', lambda x, w, p: F.conv2d(x, w, None, 1, p, 1, x.shape[1])),
+        'nchw_conv2d': ('nchw', direct),
+        'cl_conv2d': ('channels_last', direct),
         'fft': ('nchw', lambda x, w, p: fft_depthwise_conv2d(x, w, None, p)),
     }
     if torch.device(device).type == 'cuda':  # dispatch == F.conv2d there
-        cands.pop('nchw_conv2d')
+        for name in ('nchw_conv2d', 'cl_conv2d'):
+            cands.pop(name)
     return cands
 
 

@@ -164,7 +164,8 @@ def test_cpu_runs_channels_last_inside_and_returns_the_callers_layout(monkeypatc
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs_cl)
         monkeypatch.setattr(large_kernel, 'backbone_channels_last', lambda t: False)
         monkeypatch.setattr(large_kernel, 'CHANNELS_LAST_MIN_KERNEL', 10 ** 9)
-        ref = model(x)  # all NCHW, as the authors' code runs
+        monkeypatch.setattr(large_kernel, 'FFT_MIN_KERNEL', 10 ** 9)
+        ref = model(x)  # all NCHW direct convolution, as the authors' code runs
     for o, c, r in zip(outs, outs_cl, ref):
         assert rel_err(o, r) < 1e-5 and rel_err(c, r) < 1e-5
 

@@ -35,23 +35,92 @@ Two rules follow, both here so the policy has one home:
 RepLKNet-31B at 512x512, eval, batch 1, 2 threads, quiet machine, best of 3:
 default 2.28-2.37 s; per-call rule only 2.38 s; model and input converted to
 channels_last by hand 2.38 s; all NCHW (the authors' code as written) 9.4 s.
-Other devices run ``F.conv2d`` unchanged: no GPU was lent to measure cuDNN.
-Results equal ``F.conv2d``.
+
+FFT rule (CPU). Direct convolution costs O(k^2) per output pixel; a
+correlation through real FFTs costs O(log HW), whatever the kernel. oneDNN's
+*backward* of a large depthwise conv is also ~10x slower than its forward
+(forward + backward at ~40x the arithmetic bound, docs/benchmarks.md). So a
+stride-1, undilated fp32/fp64 call with a kernel side of at least
+:data:`FFT_MIN_KERNEL` (27: RepLKNet's 31/29/27 stages, not its 13x13 one)
+runs :func:`fft_depthwise_conv2d`; autograd differentiates through the FFTs.
+Measured at RepLKNet-31B's stage shapes for a 512x512 input (batch 1, 2
+threads, ms, forward / forward + backward):
+
+    kernel  C x HxW          channels_last direct   FFT
+    31x31   128 x 128x128    116 / 3379             46 / 91
+    29x29   256 x 64x64      48 / 1452              21 / 58
+    27x27   512 x 32x32      18 / 509               18 / 46
+
+FFT results match ``F.conv2d`` to float rounding (relative error ~1e-6 in
+fp32). Other devices run ``F.conv2d`` unchanged: no GPU was lent to measure
+cuDNN.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'use_channels_last', 'backbone_channels_last',
-           'large_depthwise_conv2d', 'LargeKernelDWConv2d']
+__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'use_channels_last', 'use_fft',
+           'backbone_channels_last', 'fft_depthwise_conv2d', 'large_depthwise_conv2d',
+           'LargeKernelDWConv2d']
 
 #: smallest kernel side for which CPU calls are run in channels_last (see module docstring)
 CHANNELS_LAST_MIN_KERNEL = 11
+#: smallest kernel side for which CPU calls are computed through FFTs (see module docstring)
+FFT_MIN_KERNEL = 27
+_FFT_DTYPES = (torch.float32, torch.float64)
 
 
 def use_channels_last(x: torch.Tensor, kernel_size) -> bool:
     """Whether :func:`large_depthwise_conv2d` runs this call in channels_last."""
     return x.device.type == 'cpu' and x.dim() == 4 and max(kernel_size) >= CHANNELS_LAST_MIN_KERNEL
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def use_fft(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> bool:
+    """Whether :func:`large_depthwise_conv2d` computes this call through FFTs."""
+    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _FFT_DTYPES
+            and min(kernel_size) >= FFT_MIN_KERNEL and not isinstance(padding, str)
+            and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1))
+
+
+def _fast_fft_size(n):
+    """Smallest 2-3-5-smooth integer >= n (sizes FFT libraries handle fastest)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def fft_depthwise_conv2d(x, weight, bias=None, padding=0):
+    """Depthwise cross-correlation (``F.conv2d(..., groups=C)``, stride 1) through real FFTs.
+
+    The padded input is transformed at a 2-3-5-smooth size of at least its own:
+    the circular correlation then has no wrap-around in the ``H - kh + 1`` rows
+    (and columns) kept. Output is NCHW-contiguous.
+    """
+    c, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
+    if weight.dim() != 4 or weight.shape[1] != 1 or x.shape[1] != c:
+        raise ValueError(f'fft_depthwise_conv2d expects a (C, 1, kh, kw) weight with C = input '
+                         f'channels {x.shape[1]}, got {tuple(weight.shape)}.')
+    ph, pw = _pair(padding)
+    h, w = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw
+    oh, ow = h - kh + 1, w - kw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f'kernel {kh}x{kw} is larger than the padded input {h}x{w}.')
+    fh, fw = _fast_fft_size(h), _fast_fft_size(w)
+    xf = torch.fft.rfft2(F.pad(x, (pw, pw, ph, ph)), s=(fh, fw))
+    wf = torch.fft.rfft2(weight[:, 0], s=(fh, fw))
+    out = torch.fft.irfft2(xf * wf.conj(), s=(fh, fw))[..., :oh, :ow]
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out.contiguous()
 
 
 def backbone_channels_last(x: torch.Tensor) -> bool:
@@ -75,9 +144,12 @@ def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1
     if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(f'large_depthwise_conv2d expects a depthwise (C, 1, kh, kw) weight with '
                          f'C={channels} (the input channels), got {tuple(weight.shape)}.')
+    nchw = not x.is_contiguous(memory_format=torch.channels_last)
+    if use_fft(x, weight.shape[-2:], stride, padding, dilation):
+        out = fft_depthwise_conv2d(x, weight, bias, padding)
+        return out if nchw else out.contiguous(memory_format=torch.channels_last)
     if not use_channels_last(x, weight.shape[-2:]):
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
-    nchw = not x.is_contiguous(memory_format=torch.channels_last)
     out = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding,
                    dilation, channels)
     return out.contiguous() if nchw else out
