@@ -76,33 +76,6 @@ def test_layer_set_computes_one_kernel():
         torch.testing.assert_close(layers[key](x), ref, rtol=1e-5, atol=1e-5, msg=key)
 
 
-# -- FFT depthwise conv candidate ------------------------------------------------------------------
-@pytest.mark.parametrize('c,h,w,k,bias', [(3, 11, 9, 7, True), (2, 16, 16, 13, False),
-                                           (4, 8, 10, 5, True)])
-def test_fft_depthwise_conv_matches_conv2d(c, h, w, k, bias):
-    torch.manual_seed(0)
-    x = torch.randn(2, c, h, w, dtype=torch.float64)
-    wt = torch.randn(c, 1, k, k, dtype=torch.float64)
-    b = torch.randn(c, dtype=torch.float64) if bias else None
-    out = B.fft_depthwise_conv2d(x, wt, b, k // 2)
-    torch.testing.assert_close(out, F.conv2d(x, wt, b, 1, k // 2, 1, c), rtol=1e-9, atol=1e-9)
-    # differentiable: gradients match direct convolution too
-    xs, ws = x.clone().requires_grad_(), wt.clone().requires_grad_()
-    ga = torch.autograd.grad(B.fft_depthwise_conv2d(xs, ws, None, k // 2).sum(), (xs, ws))
-    gb = torch.autograd.grad(F.conv2d(xs, ws, None, 1, k // 2, 1, c).sum(), (xs, ws))
-    for a, b_ in zip(ga, gb):
-        torch.testing.assert_close(a, b_, rtol=1e-8, atol=1e-8)
-
-
-def test_fft_depthwise_conv_rejects_non_depthwise_weight():
-    with pytest.raises(ValueError, match=r'\(C, 1, kh, kw\) weight'):
-        B.fft_depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 3, 3, 3), None, 1)
-
-
-def test_fast_fft_size():
-    assert [B._fast_fft_size(n) for n in (158, 97, 64, 7)] == [160, 100, 64, 8]
-
-
 # -- arithmetic of the statistics ---------------------------------------------------------------
 def test_summarize_statistics():
     s = B.summarize([0.1, 0.3, 0.2, 0.4], batch=2)
@@ -158,13 +131,15 @@ def test_parse_variant():
 
 
 def test_peak_memory_reports_cpu_peak():
+    # 96 MB: above glibc's largest mmap threshold (32 MB), so the block maps fresh pages even
+    # after earlier tests freed big tensors (a smaller buffer can reuse resident heap memory)
     with B.PeakMemory('cpu') as mem:
-        buf = torch.ones(32 * 2**20 // 4)  # 32 MB, touched
+        buf = torch.ones(96 * 2**20 // 4)
         del buf
     d = mem.to_dict()
     assert d['kind'] == 'cpu_peak_rss' and d['peak_mb'] > 0
-    if d['reset']:  # the block's own peak, so at least the 32 MB it allocated
-        assert d['delta_mb'] >= 30
+    if d['reset']:  # the block's own peak, so at least the 96 MB it allocated
+        assert d['delta_mb'] >= 90
 
 
 # -- the layer table end to end (tiny shapes), CLI and report ------------------------------------
