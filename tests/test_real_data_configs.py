@@ -1,0 +1,113 @@
+"""The configs of the real-data runs (CamVid table, coco128 detection) load, build what their
+names say, and the CamVid study's printed commands reproduce the configs it trains."""
+import shlex
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config, ConfigDict
+
+import reparam_mm  # noqa: F401
+from reparam_mm import camvid_study as study
+from reparam_mm.layers import DOConv2d
+from reparam_mm.train import config_from_args, parse_args
+
+ROOT = study.ROOT
+COCO128 = 'configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-320.py'
+
+
+def build_meta(cfg):
+    from mmengine.registry import MODELS, DefaultScope
+    with DefaultScope.overwrite_default_scope(cfg.default_scope), torch.device('meta'):
+        return MODELS.build(ConfigDict(cfg.model.to_dict()))
+
+
+def _kxk(m):
+    return isinstance(m, nn.Conv2d) and not isinstance(m, DOConv2d) and m.kernel_size != (1, 1)
+
+
+def doconv_split(model):
+    """(DO-Conv layers in the backbone, outside it, plain k x k convs outside it)."""
+    named = dict(model.named_modules())
+    inside = [n for n, m in named.items() if n.startswith('backbone.') and isinstance(m, DOConv2d)]
+    outside = [n for n, m in named.items()
+               if not n.startswith(('backbone', 'data_preprocessor')) and isinstance(m, DOConv2d)]
+    plain_out = [n for n, m in named.items()
+                 if not n.startswith(('backbone', 'data_preprocessor')) and _kxk(m)]
+    return inside, outside, plain_out
+
+
+@pytest.mark.parametrize('variant', list(study.VARIANTS))
+def test_camvid_variant_builds_with_doconv_where_its_name_says(variant):
+    cfg = study.row_config(variant, seed=3, iters=40)
+    assert cfg.randomness.seed == 3 and cfg.train_cfg.max_iters == 40
+    assert cfg.param_scheduler[1].end == 40 and cfg.train_cfg.val_interval == 40
+    assert cfg.model.decode_head.num_classes == 11
+    model = build_meta(cfg)
+    inside, outside, plain_out = doconv_split(model)
+    backbone_on = 'doconv-backbone' in variant or 'doconv-both' in variant
+    heads_on = 'doconv-heads' in variant or 'doconv-both' in variant
+    assert bool(inside) == backbone_on, inside
+    assert bool(outside) == heads_on, outside
+    if heads_on:
+        assert not plain_out, plain_out
+    assert type(model.backbone).__name__ == (
+        'RepLKNet' if variant.startswith('replknet') else
+        'DOResNetV1c' if backbone_on else 'ResNetV1c')
+
+
+def test_camvid_r18_and_replknet_tiny_have_the_same_width():
+    r18 = build_meta(study.row_config('r18-plain')).backbone
+    replk = build_meta(study.row_config('replknet-tiny-plain')).backbone
+    x = torch.empty(1, 3, 128, 128, device='meta')
+    assert [f.shape[1] for f in r18(x)] == [f.shape[1] for f in replk(x)] == [16, 32, 64, 128]
+
+
+@pytest.mark.parametrize('variant', ['r18-doconv-both', 'replknet-tiny-plain'])
+def test_printed_command_trains_the_same_config(variant):
+    argv = shlex.split(study.row_command(variant, 1, 500, 'data/cv'))
+    assert argv[:2] == ['python', 'tools/train.py']
+    argv[2] = str(ROOT / argv[2])
+    from_command = config_from_args(parse_args(argv[2:]))
+    direct = study.row_config(variant, 1, 500, 'data/cv')
+    assert from_command.model == direct.model
+    assert from_command.train_dataloader == direct.train_dataloader
+    assert from_command.randomness == direct.randomness == {'seed': 1}
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(KeyError, match="unknown CamVid study variant 'r19'.*r18-plain"):
+        study.row_options('r19', 0, 10, 'data')
+
+
+def test_results_table_means_over_seeds_in_variant_order():
+    def row(variant, seed, miou):
+        return dict(variant=variant, seed=seed, mIoU=miou, aAcc=80.0 + seed, train_params=2.5e6,
+                    train_seconds=100.0 + seed)
+    table = study.results_table([row('replknet-tiny-plain', 0, 30.0), row('r18-plain', 1, 36.0),
+                                 row('r18-plain', 0, 34.0)]).splitlines()
+    assert len(table) == 4
+    assert table[2] == '| r18-plain | 35.00 (s0 34.00, s1 36.00) | 80.50 | 2.50 M | 100 |'
+    assert table[3].startswith('| replknet-tiny-plain | 30.00 (s0 30.00) |')
+
+
+def test_coco128_config_builds_doconv_everywhere_and_reads_the_official_json(shared_data):
+    cfg = Config.fromfile(str(ROOT / COCO128))
+    model = build_meta(cfg)
+    inside, outside, plain_out = doconv_split(model)
+    assert type(model.backbone).__name__ == 'DOResNet' and model.backbone.depth == 18
+    assert len(inside) == 16 and not plain_out  # 8 BasicBlocks x 2 convs; FPN / RPN / box head
+    assert any(n.startswith('neck.') for n in outside)
+    assert any(n.startswith('rpn_head.') for n in outside)
+    assert any(n.startswith('roi_head.') for n in outside)
+
+    from mmdet.registry import DATASETS
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        ds_cfg = cfg.train_dataloader.dataset.to_dict()
+        ds_cfg['data_root'] = str(shared_data / 'coco128')
+        dataset = DATASETS.build(ds_cfg)
+        sample = dataset[0]
+    assert 100 <= len(dataset) <= 128  # images without boxes are filtered for training
+    assert max(sample['inputs'].shape[1:]) <= 512 and min(sample['inputs'].shape[1:]) <= 320
+    assert cfg.val_evaluator.ann_file.endswith('coco128/annotations/instances_train2017.json')
