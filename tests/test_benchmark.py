@@ -182,6 +182,23 @@ def test_report_rejects_foreign_json(tmp_path):
         _tool('bench_report').main([str(bad)])
 
 
+def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path, monkeypatch):
+    from reparam_mm.layers import large_kernel
+    calls, real_fft = [], large_kernel.fft_depthwise_conv2d
+    monkeypatch.setattr(large_kernel, 'fft_depthwise_conv2d',
+                        lambda *a: calls.append(a[1].shape[-1]) or real_fft(*a))
+    default = large_kernel.FFT_MIN_KERNEL
+    args = ['--large-dw', '--arch', 'tiny', '--shape', '64', '64', '--candidates', 'dispatch',
+            '--repeat', '1', '--warmup', '0', '--min-time', '0', '--no-backward']
+    tool = _tool('benchmark')
+    direct = tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '1000']))
+    assert calls == [] and direct['settings']['dw_fft_min_kernel'] == 1000
+    assert large_kernel.FFT_MIN_KERNEL == default  # restored after the run
+    fft = tool.run(tool.parse_args(args))
+    assert fft['settings']['dw_fft_min_kernel'] == default
+    assert set(calls) == {31, 29, 27}  # tiny arch kernels 31/29/27/13: 13 stays direct
+
+
 def test_cli_rejects_bad_arguments():
     tool = _tool('benchmark')
     with pytest.raises(SystemExit):

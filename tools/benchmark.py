@@ -3,7 +3,7 @@
     # one config: inference (fused by default) or training iterations
     python tools/benchmark.py CONFIG [--checkpoint F] [--shape H W] [--batch N]
         [--mode infer|train] [--fuse|--no-fuse] [--device cpu|cuda] [--amp] [--channels-last]
-        [--repeat R] [--warmup W] [--no-flops] [--out FILE.json]
+        [--repeat R] [--warmup W] [--no-flops] [--dw-fft-min-kernel K] [--out FILE.json]
     # two variants timed alternately in one process (ratios B / A); a variant is CONFIG,
     # CONFIG:fused or CONFIG:unfused
     python tools/benchmark.py --compare A B [same options]
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401  (registers everything, checkpoint loading fixes)
 from reparam_mm import benchmark as B  # noqa: E402
+from reparam_mm.layers import large_kernel  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(B.DTYPES))
     p.add_argument('--candidates', nargs='+', help='--large-dw implementations (default all)')
     p.add_argument('--no-backward', action='store_true', help='--large-dw: forward only')
+    p.add_argument('--dw-fft-min-kernel', type=int, metavar='K',
+                   help='CPU large depthwise convs use FFTs from kernel side K (default: '
+                        'reparam_mm.layers.large_kernel.FFT_MIN_KERNEL; a huge K measures '
+                        'direct convolution)')
     p.add_argument('--out', help='JSON file to write (default: print only)')
     args = p.parse_args(argv)
     for name in ('batch', 'repeat'):
@@ -75,6 +80,18 @@ def parse_args(argv=None):
 
 
 def run(args):
+    default = large_kernel.FFT_MIN_KERNEL
+    if args.dw_fft_min_kernel is not None:
+        large_kernel.FFT_MIN_KERNEL = args.dw_fft_min_kernel
+    try:
+        result = _run(args)
+        result['settings']['dw_fft_min_kernel'] = large_kernel.FFT_MIN_KERNEL
+    finally:
+        large_kernel.FFT_MIN_KERNEL = default
+    return result
+
+
+def _run(args):
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
