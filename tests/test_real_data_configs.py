@@ -13,7 +13,8 @@ from reparam_mm.layers import DOConv2d
 from reparam_mm.train import config_from_args, parse_args
 
 ROOT = study.ROOT
-COCO128 = 'configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-320.py'
+COCO128 = ('configs/demo/'
+           'faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py')
 
 
 def build_meta(cfg):
@@ -91,7 +92,7 @@ def test_results_table_means_over_seeds_in_variant_order():
     assert table[3].startswith('| replknet-tiny-plain | 30.00 (s0 30.00) |')
 
 
-def test_coco128_config_builds_doconv_everywhere_and_reads_the_official_json(shared_data):
+def test_coco128_person_config_builds_doconv_everywhere_and_reads_the_official_json(shared_data):
     cfg = Config.fromfile(str(ROOT / COCO128))
     model = build_meta(cfg)
     inside, outside, plain_out = doconv_split(model)
@@ -108,6 +109,8 @@ def test_coco128_config_builds_doconv_everywhere_and_reads_the_official_json(sha
         ds_cfg['data_root'] = str(shared_data / 'coco128')
         dataset = DATASETS.build(ds_cfg)
         sample = dataset[0]
-    assert 100 <= len(dataset) <= 128  # images without boxes are filtered for training
+    assert len(dataset) == 61  # the coco128 images with a person; the others are filtered
+    assert dataset.metainfo['classes'] == ('person', ) and model.roi_head.bbox_head.num_classes == 1
+    assert (sample['data_samples'].gt_instances.labels == 0).all()
     assert max(sample['inputs'].shape[1:]) <= 512 and min(sample['inputs'].shape[1:]) <= 320
     assert cfg.val_evaluator.ann_file.endswith('coco128/annotations/instances_train2017.json')

@@ -3,8 +3,11 @@
 # annotations, scored with pycocotools' COCO bbox mAP on the fused model (FusedEvalHook;
 # tools/test.py fuses too, --no-fuse for the unfused model).
 # There is no held-out split of coco128 and no ImageNet initialisation here, so it trains
-# and evaluates on the same 128 images: it checks that the whole detection pipeline learns
-# and that the fused model scores what the unfused one does. It is not a COCO result.
+# and evaluates on the same images: it checks that the whole detection pipeline learns and
+# that the fused model scores what the unfused one does. It is not a COCO result.
+# One class, person (254 boxes in 61 images): with all 80 classes, 400 iterations from
+# scratch left the box head predicting background (COCO mAP 0.000). Training reads the 61
+# images with a person; evaluation runs over all 128 with the official json, person only.
 # Sized for a CPU: ResNet-18 at half width (32 base channels, every stage DO-Conv), 64-channel
 # FPN / RPN / conv box head, 128 sampled RoIs per image, images resized to at most 512x320.
 _base_ = [
@@ -33,7 +36,8 @@ model = dict(
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=64),
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', in_channels=64, conv_out_channels=64,
-                       fc_out_channels=256, norm_cfg=norm_cfg, conv_cfg=doconv_cfg)),
+                       fc_out_channels=256, norm_cfg=norm_cfg, conv_cfg=doconv_cfg,
+                       num_classes=1)),
     train_cfg=dict(rcnn=dict(sampler=dict(num=128))))
 
 data_root = '../shared/data/coco128/'
@@ -53,7 +57,7 @@ test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
 coco128 = dict(data_root=data_root, ann_file='annotations/instances_train2017.json',
-               data_prefix=dict(img='train2017/'))
+               data_prefix=dict(img='train2017/'), metainfo=dict(classes=('person', )))
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     sampler=dict(type='InfiniteSampler', shuffle=True),
