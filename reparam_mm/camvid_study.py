@@ -104,18 +104,20 @@ def load_results(out_dir):
 
 
 def results_table(results):
-    """Markdown: one line per variant, mean and per-seed fused mIoU, aAcc, size and time."""
+    """Markdown: one line per variant, fused mIoU mean +- sample std over seeds (and each seed),
+    aAcc mean, trained parameters, wall seconds per training run."""
     by_variant = {}
     for r in results:
         by_variant.setdefault(r['variant'], []).append(r)
-    lines = ['| variant | fused mIoU, mean (per seed) | aAcc mean | train params | '
-             's / training run |', '|---|---|---|---|---|']
+    lines = ['| variant | fused mIoU: mean ± std (per seed) | aAcc mean | train params | '
+             's / run |', '|---|---|---|---|---|']
     for name in [v for v in VARIANTS if v in by_variant]:
         rows = sorted(by_variant[name], key=lambda r: r['seed'])
         mious = [r['mIoU'] for r in rows]
+        std = f' ± {statistics.stdev(mious):.2f}' if len(mious) > 1 else ''
         seeds = ', '.join(f's{r["seed"]} {r["mIoU"]:.2f}' for r in rows)
         lines.append(
-            f'| {name} | {statistics.mean(mious):.2f} ({seeds}) | '
+            f'| {name} | {statistics.mean(mious):.2f}{std} ({seeds}) | '
             f'{statistics.mean(r["aAcc"] for r in rows):.2f} | '
             f'{rows[0]["train_params"] / 1e6:.2f} M | '
             f'{statistics.mean(r["train_seconds"] for r in rows):.0f} |')

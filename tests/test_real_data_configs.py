@@ -88,7 +88,7 @@ def test_results_table_means_over_seeds_in_variant_order():
     table = study.results_table([row('replknet-tiny-plain', 0, 30.0), row('r18-plain', 1, 36.0),
                                  row('r18-plain', 0, 34.0)]).splitlines()
     assert len(table) == 4
-    assert table[2] == '| r18-plain | 35.00 (s0 34.00, s1 36.00) | 80.50 | 2.50 M | 100 |'
+    assert table[2] == '| r18-plain | 35.00 ± 1.41 (s0 34.00, s1 36.00) | 80.50 | 2.50 M | 100 |'
     assert table[3].startswith('| replknet-tiny-plain | 30.00 (s0 30.00) |')
 
 
