@@ -41,6 +41,6 @@ bench: setup
 	$(BENCH) --compare $(FRCNN_R50) $(FRCNN_R50_DO) --mode train --batch 2 --repeat $(BENCH_TRAIN_REPEAT) --warmup 1 --no-flops --out $(BENCH_DIR)/cpu_train-overhead_faster-rcnn-r50.json
 	$(BENCH) --doconv-layers --batch 2 --out $(BENCH_DIR)/cpu_doconv-layers.json
 	$(BENCH) --large-dw --batch 1 --out $(BENCH_DIR)/cpu_large-dw.json
-	$(BENCH) $(UPER_REPLK) --mode train --batch 1 --repeat 2 --warmup 1 --no-flops --out $(BENCH_DIR)/cpu_train_upernet-replknet-31b.json
-	$(BENCH) $(UPER_REPLK) --mode train --batch 1 --repeat 2 --warmup 1 --no-flops --dw-fft-min-kernel 1000 --out $(BENCH_DIR)/cpu_train_upernet-replknet-31b_direct-dw.json
+	$(BENCH) $(UPER_REPLK) --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --out $(BENCH_DIR)/cpu_train_upernet-replknet-31b.json
+	$(BENCH) $(UPER_REPLK) --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --dw-fft-min-kernel 1000 --out $(BENCH_DIR)/cpu_train_upernet-replknet-31b_direct-dw.json
 	$(VENV_PY) tools/bench_report.py $(BENCH_DIR)/*.json --doc $(BENCH_DOC) --plots $(BENCH_PLOTS)

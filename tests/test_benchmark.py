@@ -228,6 +228,12 @@ def test_compare_unfused_vs_fused_tiny_replknet(tmp_path):
     assert fus['params'] < unf['params'] and fus['fuse_report']['fused']
     assert unf['flops'] == fus['flops'] > 0  # both counted on the fused model
     assert 'fused model' in fus['flops_note']
+    # the 31/29/27 kernels run through FFTs, yet count as the direct convolutions they compute
+    from reparam_mm.layers import large_kernel
+    v = B.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(large_kernel, 'use_fft', lambda *a, **k: False)
+        assert B.fused_flops(v.model, v.data)[0] == fus['flops']
     q = res['ratios']['latency_b_over_a']
     assert q['median_ratio'] == pytest.approx(
         fus['latency']['median_ms'] / unf['latency']['median_ms'])

@@ -36,8 +36,10 @@ def test_layout_rule():
     assert not use_channels_last(x, (CHANNELS_LAST_MIN_KERNEL - 2,) * 2)
     assert not use_channels_last(torch.randn(4, 8, 8), (31, 31))
     assert not use_channels_last(torch.randn(1, 4, 8, 8, device='meta'), (31, 31))
-    assert backbone_channels_last(x) and not backbone_channels_last(torch.randn(4, 8, 8))
-    assert not backbone_channels_last(torch.randn(1, 4, 8, 8, device='meta'))
+    assert not backbone_channels_last(x)  # fp32: FFTs take the largest kernels, NCHW is faster
+    assert backbone_channels_last(x.bfloat16()) and backbone_channels_last(x.half())
+    assert not backbone_channels_last(torch.randn(4, 8, 8).bfloat16())
+    assert not backbone_channels_last(torch.randn(1, 4, 8, 8, device='meta', dtype=torch.half))
 
 
 def test_gradients_match_f_conv2d():

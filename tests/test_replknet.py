@@ -142,23 +142,34 @@ def test_tiny_arch_is_small_and_keeps_the_large_kernels():
     assert kernels == [13, 27, 29, 31]
 
 
-def test_cpu_runs_channels_last_inside_and_returns_the_callers_layout(monkeypatch):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_cpu_layout_rule_inside_and_the_callers_layout_outside(monkeypatch, dtype):
+    """fp32: NCHW inside, 31/29/27 through FFTs, 13x13 per call in channels_last.
+    bf16 (no FFT): the whole forward in channels_last, every conv in oneDNN's NHWC."""
     import torch.nn.functional as F
 
     from reparam_mm.layers import large_kernel
-    model = randomize(tiny()).eval()
-    x = torch.randn(1, 3, 64, 64)
+    model = randomize(tiny()).eval().to(dtype)
+    x = torch.randn(1, 3, 64, 64, dtype=dtype)
     seen, real = [], F.conv2d
+    ffts, real_fft = [], large_kernel.fft_depthwise_conv2d
 
-    def spy(inp, *args):
-        seen.append(inp.is_contiguous(memory_format=torch.channels_last))
-        return real(inp, *args)
+    def spy(inp, weight, *args):
+        seen.append((weight.shape[-1], inp.is_contiguous(memory_format=torch.channels_last)))
+        return real(inp, weight, *args)
 
     with torch.no_grad():
         monkeypatch.setattr(F, 'conv2d', spy)
+        monkeypatch.setattr(large_kernel, 'fft_depthwise_conv2d',
+                            lambda *a: ffts.append(a[1].shape[-1]) or real_fft(*a))
         outs = model(x)
         monkeypatch.undo()
-        assert len(seen) > 20 and all(seen)  # every conv ran in oneDNN's native NHWC
+        if dtype == torch.float32:
+            assert sorted(set(ffts)) == [27, 29, 31]
+            assert {cl for k, cl in seen if k >= 11} == {True}  # 13x13: per-call channels_last
+            assert {cl for k, cl in seen if k < 11} == {False}  # the rest NCHW
+        else:
+            assert not ffts and len(seen) > 20 and all(cl for _, cl in seen)
         assert all(o.is_contiguous() for o in outs)  # NCHW in, NCHW out
         outs_cl = model(x.contiguous(memory_format=torch.channels_last))
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs_cl)
@@ -166,8 +177,9 @@ def test_cpu_runs_channels_last_inside_and_returns_the_callers_layout(monkeypatc
         monkeypatch.setattr(large_kernel, 'CHANNELS_LAST_MIN_KERNEL', 10 ** 9)
         monkeypatch.setattr(large_kernel, 'FFT_MIN_KERNEL', 10 ** 9)
         ref = model(x)  # all NCHW direct convolution, as the authors' code runs
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     for o, c, r in zip(outs, outs_cl, ref):
-        assert rel_err(o, r) < 1e-5 and rel_err(c, r) < 1e-5
+        assert rel_err(o.float(), r.float()) < tol and rel_err(c.float(), r.float()) < tol
 
 
 @pytest.mark.parametrize('kwargs,exc,match', [

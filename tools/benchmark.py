@@ -80,14 +80,11 @@ def parse_args(argv=None):
 
 
 def run(args):
-    default = large_kernel.FFT_MIN_KERNEL
-    if args.dw_fft_min_kernel is not None:
-        large_kernel.FFT_MIN_KERNEL = args.dw_fft_min_kernel
-    try:
+    threshold = (large_kernel.FFT_MIN_KERNEL if args.dw_fft_min_kernel is None
+                 else args.dw_fft_min_kernel)
+    with large_kernel.fft_min_kernel(threshold):
         result = _run(args)
-        result['settings']['dw_fft_min_kernel'] = large_kernel.FFT_MIN_KERNEL
-    finally:
-        large_kernel.FFT_MIN_KERNEL = default
+    result['settings']['dw_fft_min_kernel'] = threshold
     return result
 
 

@@ -28,13 +28,15 @@ Two rules follow, both here so the policy has one home:
   least :data:`CHANNELS_LAST_MIN_KERNEL` (11) runs channels_last and hands its
   output back in the input's layout, so any caller gets the fast path.
 * :func:`backbone_channels_last`: a large-kernel backbone (RepLKNet) runs its
-  whole forward channels_last on CPU and returns features in the caller's
-  layout; oneDNN's convs are native in NHWC, so the 1x1 and small convs skip
-  a reorder each, and the per-call copies above are no longer needed.
+  whole forward channels_last on CPU in half precision and returns features in
+  the caller's layout; oneDNN's convs are native in NHWC, so the 1x1 and small
+  convs skip a reorder each. In fp32 the FFT rule below takes the largest
+  kernels, and NCHW is then faster as a whole (see the function).
 
-RepLKNet-31B at 512x512, eval, batch 1, 2 threads, quiet machine, best of 3:
-default 2.28-2.37 s; per-call rule only 2.38 s; model and input converted to
-channels_last by hand 2.38 s; all NCHW (the authors' code as written) 9.4 s.
+RepLKNet-31B at 512x512, eval, batch 1, 2 threads, quiet machine, best of 3,
+before the FFT rule: whole backbone channels_last 2.28-2.37 s; per-call rule
+only 2.38 s; all NCHW direct (the authors' code as written) 9.4 s. With the
+FFT rule: 2.05 s (NCHW, the default now) vs 2.13 s (channels_last).
 
 FFT rule (CPU). Direct convolution costs O(k^2) per output pixel; a
 correlation through real FFTs costs O(log HW), whatever the kernel. oneDNN's
@@ -55,13 +57,15 @@ FFT results match ``F.conv2d`` to float rounding (relative error ~1e-6 in
 fp32). Other devices run ``F.conv2d`` unchanged: no GPU was lent to measure
 cuDNN.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'use_channels_last', 'use_fft',
-           'backbone_channels_last', 'fft_depthwise_conv2d', 'large_depthwise_conv2d',
-           'LargeKernelDWConv2d']
+           'backbone_channels_last', 'fft_min_kernel', 'fft_depthwise_conv2d',
+           'large_depthwise_conv2d', 'LargeKernelDWConv2d']
 
 #: smallest kernel side for which CPU calls are run in channels_last (see module docstring)
 CHANNELS_LAST_MIN_KERNEL = 11
@@ -73,6 +77,21 @@ _FFT_DTYPES = (torch.float32, torch.float64)
 def use_channels_last(x: torch.Tensor, kernel_size) -> bool:
     """Whether :func:`large_depthwise_conv2d` runs this call in channels_last."""
     return x.device.type == 'cpu' and x.dim() == 4 and max(kernel_size) >= CHANNELS_LAST_MIN_KERNEL
+
+
+@contextlib.contextmanager
+def fft_min_kernel(kernel):
+    """Within the block, CPU calls use FFTs from kernel side ``kernel`` on (a huge value: never).
+
+    For measurements: benchmarking the direct path, and FLOP counters, which trace
+    ``aten::convolution`` and would not see a convolution computed through FFTs.
+    """
+    global FFT_MIN_KERNEL
+    saved, FFT_MIN_KERNEL = FFT_MIN_KERNEL, kernel
+    try:
+        yield
+    finally:
+        FFT_MIN_KERNEL = saved
 
 
 def _pair(v):
@@ -126,11 +145,13 @@ def fft_depthwise_conv2d(x, weight, bias=None, padding=0):
 def backbone_channels_last(x: torch.Tensor) -> bool:
     """Whether a large-kernel backbone should run its whole forward channels_last for ``x``.
 
-    True on CPU (module docstring: oneDNN's convs are native in NHWC, so NCHW costs
-    a reorder per conv on top of the slow large depthwise path); the backbone
-    returns its features in the input's layout either way.
+    On CPU, only for dtypes the FFT rule does not cover (fp16 / bf16): there every large
+    kernel runs direct, fastest in NHWC, and oneDNN's other convs are native in NHWC too. In
+    fp32 the 31/29/27 kernels go through FFTs, which want NCHW, and RepLKNet-31B at 512x512
+    measured faster all-NCHW: forward + backward (batch 2) 11.6 s vs 13.6 s channels_last,
+    inference 2.05 s vs 2.13 s. The backbone returns features in the input's layout either way.
     """
-    return x.device.type == 'cpu' and x.dim() == 4
+    return x.device.type == 'cpu' and x.dim() == 4 and x.dtype not in _FFT_DTYPES
 
 
 def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
