@@ -36,8 +36,14 @@ VARIANTS = {
 }
 
 
+WARMUP_ITERS = 20  # the configs' linear warm-up (param_scheduler[0])
+
+
 def schedule_options(iters):
     """Overrides that train ``iters`` iterations and validate (fused) once, at the end."""
+    if iters <= WARMUP_ITERS:
+        raise ValueError(f'iters={iters}: the CamVid configs warm up for {WARMUP_ITERS} '
+                         f'iterations; train more than that (the table uses 500).')
     return {'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters,
             'param_scheduler.1.end': iters, 'default_hooks.checkpoint.interval': iters,
             'default_hooks.logger.interval': 50}
@@ -124,7 +130,7 @@ def results_table(results):
     return '\n'.join(lines)
 
 
-def row_config(variant, seed=0, iters=10, data_root='data/camvid_cityscapes'):
+def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes'):
     """A row's config as tools/train.py would run it (no model is built)."""
     from .train import config_from_args, parse_args
     argv = row_argv(variant, seed, iters, data_root)

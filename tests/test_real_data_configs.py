@@ -41,6 +41,7 @@ def doconv_split(model):
 @pytest.mark.parametrize('variant', list(study.VARIANTS))
 def test_camvid_variant_builds_with_doconv_where_its_name_says(variant):
     cfg = study.row_config(variant, seed=3, iters=40)
+    assert cfg.param_scheduler[0].end == study.WARMUP_ITERS
     assert cfg.randomness.seed == 3 and cfg.train_cfg.max_iters == 40
     assert cfg.param_scheduler[1].end == 40 and cfg.train_cfg.val_interval == 40
     assert cfg.model.decode_head.num_classes == 11
@@ -114,3 +115,27 @@ def test_coco128_person_config_builds_doconv_everywhere_and_reads_the_official_j
     assert (sample['data_samples'].gt_instances.labels == 0).all()
     assert max(sample['inputs'].shape[1:]) <= 512 and min(sample['inputs'].shape[1:]) <= 320
     assert cfg.val_evaluator.ann_file.endswith('coco128/annotations/instances_train2017.json')
+
+
+def test_study_trains_a_row_and_reports_it(shared_data, tmp_path, capsys):
+    """The study's own path end to end on a 4-image CamVid subset, 21 iterations: the result
+    file, a kept row on re-run, and the table."""
+    from reparam_mm.datasets import convert_camvid
+    data = tmp_path / 'cv'
+    convert_camvid(shared_data / 'camvid', data, limit=4)
+    out = tmp_path / 'study'
+    with pytest.raises(ValueError, match='warm up for 20 iterations; train more than that'):
+        study.main(['--iters', '20', '--data-root', str(data), '--out-dir', str(tmp_path)])
+    args = ['--variants', 'r18-doconv-heads', '--seeds', '5', '--iters', '21',
+            '--data-root', str(data), '--out-dir', str(out)]
+    assert study.main(args) == 0
+    result = study.load_results(out)
+    assert len(result) == 1 and result[0]['variant'] == 'r18-doconv-heads'
+    assert result[0]['seed'] == 5 and result[0]['iters'] == 21 and result[0]['fused_modules'] > 0
+    assert 0 <= result[0]['mIoU'] <= 100
+    assert result[0]['command'] == study.row_command('r18-doconv-heads', 5, 21)
+    capsys.readouterr()
+    assert study.main(args) == 0  # finished rows are kept, not retrained
+    printed = capsys.readouterr().out
+    assert 'r18-doconv-heads_seed5_21i: done before, kept' in printed
+    assert '| r18-doconv-heads |' in (out / 'table_21i.md').read_text()
