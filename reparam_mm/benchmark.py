@@ -7,7 +7,7 @@ Four kinds of run, each written as one JSON document (``SCHEMA``):
 * ``compare``: two variants (two configs, or fused / unfused of one) measured alternately in one
   process, ABBA order, so machine noise hits both; ratios are B / A.
 * ``doconv_layers``: ResNet-50's 3x3 convs as a plain conv, this project's ``DOConv2d``, a
-  candidate cheaper composition (:func:`compose_kernel_t2d`) and the authors' formulation
+  the earlier candidate composition (``DOConv2d`` over a contiguous W) and the authors' formulation
   (:class:`AuthorsDOConv2d`, kernel recomposed by an einsum every forward).
 * ``large_dw``: RepLKNet's large depthwise convs at their stage shapes, through the backbone's
   dispatch point and alternatives, against a measured compute / bandwidth ceiling.
@@ -585,30 +585,16 @@ def resnet50_3x3_shapes(height=512, width=512):
             for i in range(4)]
 
 
-def compose_kernel_t2d(W, D, identity, kernel_size):
-    """Candidate DO-Conv composition (groups=1): ``compose_kernel``'s bmm, 2-D transpose copies.
-
-    The bmm itself is cheap; at C=512 most of the composition time is the (Cin, MN, Cout) ->
-    (Cout, Cin, MN) copy, which this does as one 2-D transpose (forward and backward).
-    """
-    from .layers.doconv import _Transpose  # the same 2-D transpose DOConv2d now uses
-    cout, cin, d_mul = W.shape
-    mn = identity.shape[0]
-    w = W.reshape(cout, cin * d_mul).t().reshape(cin, d_mul, cout)  # a view, no copy
-    k = torch.bmm(D + identity, w)  # (Cin, MN, Cout)
-    return _Transpose.apply(k.reshape(cin * mn, cout)).view(cout, cin, *kernel_size)
-
-
 def _doconv_t2d_class():
     from .layers.doconv import DOConv2d
 
     class DOConv2dT2D(DOConv2d):
-        """``DOConv2d`` composing with :func:`compose_kernel_t2d` (groups=1 only)."""
+        """``DOConv2d`` with W stored contiguous (Cout, Cin, D_mul): the earlier candidate,
+        same 2-D transposes, but the bmm reads W through a transposed view."""
 
-        def composed_weight(self):
-            if self.groups != 1 or self.D is None:
-                return super().composed_weight()
-            return compose_kernel_t2d(self.W, self.D, self.identity, self.kernel_size)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.W = nn.Parameter(self.W.detach().contiguous())
 
     return DOConv2dT2D
 

@@ -80,14 +80,19 @@ def row_command(variant, seed, iters, data_root='data/camvid_cityscapes'):
     return 'python tools/train.py ' + shlex.join(row_argv(variant, seed, iters, data_root))
 
 
-def run_row(variant, seed, iters, data_root, work_dir):
-    """Train one row through tools/train.py's own argument path; return its fused
-    validation metrics, size and time as a dict (also written to work_dir/result.json)."""
-    from .train import build_runner, config_from_args, parse_args
-
+def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None):
+    """A row's config through tools/train.py's own argument path (no model is built)."""
+    from .train import config_from_args, parse_args
     argv = row_argv(variant, seed, iters, data_root, work_dir)
     argv[0] = str(ROOT / argv[0])
-    runner = build_runner(config_from_args(parse_args(argv)))
+    return config_from_args(parse_args(argv))
+
+
+def run_row(variant, seed, iters, data_root, work_dir):
+    """Train one row; return its fused validation metrics, size and time as a dict (also
+    written to work_dir/result.json)."""
+    from .train import build_runner
+    runner = build_runner(row_config(variant, seed, iters, data_root, work_dir))
     start = time.perf_counter()
     runner.train()
     seconds = time.perf_counter() - start
@@ -130,14 +135,6 @@ def results_table(results):
     return '\n'.join(lines)
 
 
-def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes'):
-    """A row's config as tools/train.py would run it (no model is built)."""
-    from .train import config_from_args, parse_args
-    argv = row_argv(variant, seed, iters, data_root)
-    argv[0] = str(ROOT / argv[0])
-    return config_from_args(parse_args(argv))
-
-
 def main(argv=None):
     import argparse
 
@@ -172,7 +169,7 @@ def main(argv=None):
                       flush=True)
     results = [r for r in load_results(out) if r['iters'] == args.iters]
     table = results_table(results)
-    (out / f'table_{args.iters}i.md').parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f'table_{args.iters}i.md').write_text(table + '\n')
     print(table)
     return 0

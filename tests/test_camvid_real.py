@@ -15,6 +15,7 @@ from PIL import Image
 
 import reparam_mm  # noqa: F401
 from reparam_mm.apis import run_test
+from reparam_mm.camvid_study import data_options, schedule_options
 from reparam_mm.datasets import CAMVID_CITYSCAPES_CLASSES, convert_camvid
 from reparam_mm.train import main as train_main
 
@@ -47,13 +48,10 @@ def trivial_baseline(root):
 def test_camvid_short_training_beats_trivial_baseline(shared_data, tmp_path):
     data = tmp_path / 'camvid_cityscapes'
     assert convert_camvid(shared_data / 'camvid', data) == {'train': 367, 'val': 101}
-    roots = [f'{loader}.dataset.data_root={data}'
-             for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    runner = train_main([
-        str(CONFIG), '--work-dir', str(tmp_path / 'wd'), '--cfg-options', *roots,
-        f'train_cfg.max_iters={ITERS}', f'train_cfg.val_interval={ITERS}',
-        f'param_scheduler.1.end={ITERS}', f'default_hooks.checkpoint.interval={ITERS}',
-        'default_hooks.logger.interval=20'])
+    roots = data_options(data)
+    options = {**roots, **schedule_options(ITERS)}
+    runner = train_main([str(CONFIG), '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                         *(f'{k}={v}' for k, v in options.items())])
     assert runner.iter == ITERS
     hook = next(h for h in runner.hooks if type(h).__name__ == 'FusedEvalHook')
     assert hook.last_report.total > 0  # validation really ran on a fused model
@@ -61,7 +59,7 @@ def test_camvid_short_training_beats_trivial_baseline(shared_data, tmp_path):
 
     metrics = run_test(str(CONFIG), str(tmp_path / 'wd' / f'iter_{ITERS}.pth'), fuse=True,
                        work_dir=str(tmp_path / 'test'),
-                       cfg_options={k: v for k, v in (r.split('=', 1) for r in roots)})
+                       cfg_options=roots)
     base_miou, base_acc = trivial_baseline(data)
     print(f'CamVid {ITERS} iterations, fused: mIoU {metrics["mIoU"]:.2f} aAcc {metrics["aAcc"]:.2f}; '
           f'most-frequent-class baseline: mIoU {base_miou:.2f} aAcc {base_acc:.2f}')
