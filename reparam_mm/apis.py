@@ -197,7 +197,7 @@ def _init_args(cls):
 
 def _fusable_type(spec, scope):
     cls = _registered(spec.get('type'), scope) if isinstance(spec, dict) else None
-    return cls is not None and callable(getattr(cls, 'reparameterize', None)) and \
+    return cls is not None and callable(getattr(cls, 'to_fused', None)) and \
         issubclass(cls, nn.Module)
 
 
@@ -291,7 +291,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
         raise RuntimeError(
             f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "
             f"max rel diff {check['max_rel']:.3e} > {tolerance:.0e}); nothing written -- check the "
-            'reparameterize() of the fused layers and the config rewrite: ' + '; '.join(changes))
+            'to_fused() of the fused layers and the config rewrite: ' + '; '.join(changes))
 
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = osp.join(out_dir, f'{stem}_deploy.py')

@@ -1,13 +1,13 @@
 """One re-parameterisation pass over any model: ``fuse(model)``.
 
-Protocol: a fusable module defines ``reparameterize() -> nn.Module`` and
+Protocol: a fusable module defines ``to_fused() -> nn.Module`` and
 returns the module that replaces it at inference (a new module, or ``self``
-after merging in place; on an already fused module it is a no-op). The walker
+after fusing in place; on an already fused module it is a no-op). The walker
 knows no layer types; it finds every module with a callable
-``reparameterize`` and calls it, **children first** (post-order), so a parent
+``to_fused`` and calls it, **children first** (post-order), so a parent
 that reads a child's ``.weight`` (a RepLKNet block reading its DO-Conv small
-kernel) sees the child already folded. A parent-first walk (timm's
-``reparameterize_model``) would merge the unfolded kernel and be wrong.
+kernel) sees the child already fused. A parent-first walk (timm's
+``reparameterize_model``) would fuse the unfused kernel and be wrong.
 
 Optionally (``fuse_bn=True``) each Conv followed by its BatchNorm is folded
 into the conv afterwards. The pairing follows mmcv's ``fuse_conv_bn``: a BN
@@ -62,7 +62,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def _is_fusable(module: nn.Module) -> bool:
-    return callable(getattr(module, 'reparameterize', None))
+    return callable(getattr(module, 'to_fused', None))
 
 
 def fusable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -120,9 +120,9 @@ def _reparam_tree(module: nn.Module, counts: Counter) -> nn.Module:
         return module
     before = _state_ids(module)
     kind = type(module).__name__
-    new = module.reparameterize()
+    new = module.to_fused()
     if not isinstance(new, nn.Module):
-        raise TypeError(f'{kind}.reparameterize() returned {type(new).__name__}; the protocol '
+        raise TypeError(f'{kind}.to_fused() returned {type(new).__name__}; the protocol '
                         'requires the nn.Module that replaces it (or self after fusing in place).')
     if new is not module or _state_ids(new) != before:
         counts[kind] += 1

@@ -202,7 +202,7 @@ def test_plain_1x1_conv_loads_strictly():
     layer.load_state_dict(plain.state_dict())
     x = torch.randn(1, 4, 5, 5)
     torch.testing.assert_close(layer(x), plain(x))
-    assert type(layer.reparameterize()) is nn.Conv2d
+    assert type(layer.to_fused()) is nn.Conv2d
 
 
 @pytest.mark.parametrize('diag_key', ['d_diag', 'D_diag'])
@@ -285,24 +285,24 @@ def test_mismatched_checkpoints_raise_one_clear_sentence():
          padding_mode='circular'),
     dict(in_channels=4, out_channels=6, kernel_size=1, bias=False),
 ])
-def test_fold_returns_plain_conv_with_same_output(kwargs):
+def test_to_fused_returns_plain_conv_with_same_output(kwargs):
     layer = randomise(DOConv2d(**kwargs)).eval()
-    folded = layer.fold()
-    assert type(folded) is nn.Conv2d and not folded.training
+    fused = layer.to_fused()
+    assert type(fused) is nn.Conv2d and not fused.training
     for name in ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
                  'groups', 'padding_mode'):
-        assert getattr(folded, name) == getattr(layer, name), name
-    assert (folded.bias is None) == (layer.bias is None)
+        assert getattr(fused, name) == getattr(layer, name), name
+    assert (fused.bias is None) == (layer.bias is None)
     x = torch.randn(2, kwargs['in_channels'], 8, 8)
-    assert rel_err(folded(x), layer(x)) < 1e-5
+    assert rel_err(fused(x), layer(x)) < 1e-5
     # float64 and training mode survive too
     layer64 = copy.deepcopy(layer).double().train()
-    folded64 = layer64.reparameterize()
-    assert folded64.weight.dtype == torch.float64 and folded64.training
-    assert rel_err(folded64(x.double()), layer64(x.double())) < 1e-12
+    fused64 = layer64.to_fused()
+    assert fused64.weight.dtype == torch.float64 and fused64.training
+    assert rel_err(fused64(x.double()), layer64(x.double())) < 1e-12
 
 
-def test_fold_then_mmcv_fuse_conv_bn_matches_in_eval():
+def test_to_fused_then_mmcv_fuse_conv_bn_matches_in_eval():
     from mmcv.cnn import ConvModule, fuse_conv_bn
 
     model = nn.Sequential(DOConv2d(4, 8, 3, padding=1, bias=False, D_mul=12), nn.BatchNorm2d(8),
@@ -317,14 +317,14 @@ def test_fold_then_mmcv_fuse_conv_bn_matches_in_eval():
     model.eval()
     x = torch.randn(2, 4, 8, 8)
     expected = model(x)
-    model[0] = model[0].fold()
-    model[3].conv = model[3].conv.fold()
+    model[0] = model[0].to_fused()
+    model[3].conv = model[3].conv.to_fused()
     fused = fuse_conv_bn(model)
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[3].bn, nn.Identity)
     assert rel_err(fused(x), expected) < 1e-5
 
 
-def test_fuse_conv_bn_leaves_unfolded_doconv_alone():
+def test_fuse_conv_bn_leaves_unfused_doconv_alone():
     """Not an nn.Conv2d subclass: mmcv must not rewrite a .weight the layer never reads."""
     from mmcv.cnn import fuse_conv_bn
 

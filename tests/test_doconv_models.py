@@ -307,12 +307,12 @@ def test_plain_resnet50_checkpoint_loads_into_doconv_resnet50(tmp_path):
     with torch.no_grad():
         for a, b in zip(do(x), plain(x)):
             assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
-    # and the DO-Conv network still folds back to the plain one
+    # and the DO-Conv network still fuses back to the plain one
     from reparam_mm.fuse import fuse
-    folded = fuse(copy.deepcopy(do))
-    assert doconv_names(folded) == []
+    fused = fuse(copy.deepcopy(do))
+    assert doconv_names(fused) == []
     with torch.no_grad():
-        for a, b in zip(folded(x), plain(x)):
+        for a, b in zip(fused(x), plain(x)):
             assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 

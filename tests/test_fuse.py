@@ -15,7 +15,7 @@ class ToyDOConv(nn.Module):
     """Over-parameterised conv: the effective kernel is ``weight + delta``.
 
     Like DO-Conv, ``.weight`` alone is NOT the kernel the layer applies, so a
-    parent that reads it before this layer is folded merges a wrong kernel.
+    parent that reads it before this layer is fused fuses a wrong kernel.
     """
 
     def __init__(self, cin, cout, k):
@@ -30,7 +30,7 @@ class ToyDOConv(nn.Module):
     def forward(self, x):
         return F.conv2d(x, self.kernel(), self.bias, padding=self.weight.shape[-1] // 2)
 
-    def reparameterize(self):
+    def to_fused(self):
         k = self.weight.shape[-1]
         conv = nn.Conv2d(self.weight.shape[1], self.weight.shape[0], k, padding=k // 2)
         conv.to(self.weight)
@@ -41,21 +41,21 @@ class ToyDOConv(nn.Module):
 
 
 class ToyRepBlock(nn.Module):
-    """Large conv+BN branch plus a small-kernel child, merged in place (like RepLKNet)."""
+    """Large conv+BN branch plus a small-kernel child, fused in place (like RepLKNet)."""
 
     def __init__(self, ch, small):
         super().__init__()
         self.lk = nn.Sequential(nn.Conv2d(ch, ch, 5, padding=2, bias=False), nn.BatchNorm2d(ch))
         self.small = small
-        self.merged = None
+        self.fused_conv = None
 
     def forward(self, x):
-        if self.merged is not None:
-            return self.merged(x)
+        if self.fused_conv is not None:
+            return self.fused_conv(x)
         return self.lk(x) + self.small(x)
 
-    def reparameterize(self):
-        if self.merged is not None:
+    def to_fused(self):
+        if self.fused_conv is not None:
             return self
         if self.training:
             raise RuntimeError('ToyRepBlock must be fused in eval mode')
@@ -66,12 +66,12 @@ class ToyRepBlock(nn.Module):
         pad = (5 - self.small.weight.shape[-1]) // 2
         k = k + F.pad(self.small.weight, [pad] * 4)  # reads the child's .weight
         b = b + self.small.bias
-        merged = nn.Conv2d(conv.in_channels, conv.out_channels, 5, padding=2).to(conv.weight)
+        fused_conv = nn.Conv2d(conv.in_channels, conv.out_channels, 5, padding=2).to(conv.weight)
         with torch.no_grad():
-            merged.weight.copy_(k)
-            merged.bias.copy_(b)
+            fused_conv.weight.copy_(k)
+            fused_conv.bias.copy_(b)
         del self.lk, self.small
-        self.merged = merged
+        self.fused_conv = fused_conv
         return self
 
 
@@ -99,25 +99,25 @@ def _rel(a, b):
 
 
 def _parent_first(module):
-    """timm-style walk: a module is re-parameterised before its children."""
+    """timm-style walk: a module is fused before its children."""
     for name, child in list(module.named_children()):
-        if callable(getattr(child, 'reparameterize', None)):
-            child = child.reparameterize()
+        if callable(getattr(child, 'to_fused', None)):
+            child = child.to_fused()
             setattr(module, name, child)
         _parent_first(child)
     return module
 
 
-def test_post_order_folds_child_before_parent_reads_it():
+def test_post_order_fuses_child_before_parent_reads_it():
     model = _nested()
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
     fused, report = fuse_with_report(copy.deepcopy(model))
     assert _rel(fused(x), ref) < 1e-5
     assert not any(isinstance(m, ToyDOConv) for m in fused.modules())
-    assert fused[2].merged is not None and not hasattr(fused[2], 'small')
+    assert fused[2].fused_conv is not None and not hasattr(fused[2], 'small')
     assert report.fused == {'ToyDOConv': 2, 'ToyRepBlock': 1}
-    # the same merge walked parent-first reads the unfolded child's .weight: a wrong kernel
+    # the same fuse walked parent-first reads the unfused child's .weight: a wrong kernel
     wrong = _parent_first(copy.deepcopy(model))
     assert _rel(wrong(x), ref) > 1e-2
 
@@ -211,9 +211,9 @@ def test_fuse_bn_skips_norm_before_conv():
     assert torch.equal(model(x), ref)
 
 
-def test_bad_reparameterize_return_is_a_clear_error():
+def test_bad_to_fused_return_is_a_clear_error():
     class Bad(nn.Module):
-        def reparameterize(self):
+        def to_fused(self):
             return None
 
     with pytest.raises(TypeError, match='returned NoneType'):
@@ -372,7 +372,7 @@ def _unfused_parts(model):
     from reparam_mm.backbones.replknet import ReparamLargeKernelConv
     from reparam_mm.layers.doconv import DOConv2d
     return [n for n, m in model.named_modules()
-            if isinstance(m, DOConv2d) or (isinstance(m, ReparamLargeKernelConv) and not m.merged)]
+            if isinstance(m, DOConv2d) or (isinstance(m, ReparamLargeKernelConv) and not m.is_fused)]
 
 
 CASES = [('mmseg', 'upernet', 'doconv'), ('mmseg', 'upernet', 'replknet'),

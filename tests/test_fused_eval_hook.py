@@ -33,12 +33,12 @@ class ToyNet(BaseModel):
 
 
 class BrokenDOConv(ToyRepBlock):
-    """A merge with a bug: its fused kernel is off by 10%."""
+    """A fuse with a bug: its fused kernel is off by 10%."""
 
-    def reparameterize(self):
-        out = super().reparameterize()
+    def to_fused(self):
+        out = super().to_fused()
         with torch.no_grad():
-            out.merged.weight.mul_(1.1)
+            out.fused_conv.weight.mul_(1.1)
         return out
 
 

@@ -315,17 +315,17 @@ def _merge_check(model, x):
     return fused, ref
 
 
-def test_merged_equals_unmerged_and_merging_twice_is_a_no_op():
+def test_fused_equals_unfused_and_fusing_twice_is_a_no_op():
     x = torch.randn(2, 3, 64, 64)
     fused, ref = _merge_check(tiny(), x)
     blocks = [m for m in fused.modules() if isinstance(m, ReparamLargeKernelConv)]
-    assert len(blocks) == 5 and all(b.merged for b in blocks)
+    assert len(blocks) == 5 and all(b.is_fused for b in blocks)
     assert not any(n.endswith(('lkb_origin', 'small_conv')) for n, _ in fused.named_modules())
     lk = fused.stages[0].blocks[0].large_kernel.lkb_reparam
     assert isinstance(lk, LargeKernelDWConv2d) and lk.bias is not None
     assert lk.weight.shape == (16, 1, 31, 31)
     state = copy.deepcopy(fused.state_dict())
-    assert blocks[0].reparameterize() is blocks[0]
+    assert blocks[0].to_fused() is blocks[0]
     fuse(fused)
     assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items())
     assert set(fused.state_dict()) == set(state)
@@ -337,18 +337,18 @@ def test_merge_without_small_kernel_and_dw_ratio():
     _merge_check(RepLKNet(arch=arch, out_indices=(0, 1)), torch.randn(1, 3, 32, 32))
 
 
-def test_switch_to_deploy_and_train_mode_refusal():
+def test_fuse_in_place_and_train_mode_refusal():
     model = randomize(tiny())
     with pytest.raises(RuntimeError, match='eval'):
-        model.stages[0].blocks[0].large_kernel.reparameterize()
+        model.stages[0].blocks[0].large_kernel.to_fused()
     x = torch.randn(1, 3, 64, 64)
     model.eval()
     with torch.no_grad():
         ref = model(x)
-        assert model.switch_to_deploy() is model
+        assert fuse(model) is model
         out = model(x)
     assert all(rel_err(o, r) < 1e-5 for o, r in zip(out, ref))
-    assert all(b.merged for b in model.modules() if isinstance(b, ReparamLargeKernelConv))
+    assert all(b.is_fused for b in model.modules() if isinstance(b, ReparamLargeKernelConv))
 
 
 def test_merged_structure_loads_merged_checkpoint(tmp_path):
@@ -363,11 +363,11 @@ def test_merged_structure_loads_merged_checkpoint(tmp_path):
         assert all(rel_err(o, r) < 1e-5 for o, r in zip(deploy(x), ref))
     # and the mismatched direction says which structure to build
     unmerged = tiny(init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(ValueError, match='it is merged: build with small_kernel_merged=True'):
+    with pytest.raises(ValueError, match=r'it is fused \(a deploy checkpoint\): build with small_kernel_merged=True'):
         unmerged.init_weights()
     official = _save(tmp_path, random_state(official_state_shapes('tiny')), 'official.pth')
     deploy = tiny(small_kernel_merged=True, init_cfg=dict(type='Pretrained', checkpoint=official))
-    with pytest.raises(ValueError, match='unmerged: build with small_kernel_merged=False'):
+    with pytest.raises(ValueError, match=r'it is unfused \(a training checkpoint\): build with small_kernel_merged=False'):
         deploy.init_weights()
 
 
@@ -386,7 +386,7 @@ def test_merge_after_mmcv_conv_bn_folding():
 def test_merge_needs_batchnorm():
     model = tiny(norm_cfg=dict(type='GN', num_groups=4)).eval()
     with pytest.raises(TypeError, match='needs BatchNorm running statistics'):
-        model.stages[0].blocks[0].large_kernel.reparameterize()
+        model.stages[0].blocks[0].large_kernel.to_fused()
 
 
 # -- DO-Conv stages ------------------------------------------------------------------------------------
@@ -410,14 +410,14 @@ def test_doconv_merge_uses_the_composed_kernel():
     model = randomize(tiny(stage_with_doconv=(True, ) * 4), seed=1).eval()
     with torch.no_grad():
         ref = model(x)
-        fused = fuse(copy.deepcopy(model))  # post-order: DO-Conv folded before the block merges
+        fused = fuse(copy.deepcopy(model))  # post-order: DO-Conv fused before the block
         assert not any(isinstance(m, DOConv2d) for m in fused.modules())
         assert all(rel_err(o, r) < 1e-5 for o, r in zip(fused(x), ref))
-        # a block merged on its own (no walker) folds its DO-Conv child first, too
+        # a block fused on its own (no walker) fuses its DO-Conv child first, too
         direct = copy.deepcopy(model)
         for m in direct.modules():
             if isinstance(m, ReparamLargeKernelConv):
-                m.reparameterize()
+                m.to_fused()
         assert all(rel_err(o, r) < 1e-5 for o, r in zip(direct(x), ref))
 
 

@@ -34,7 +34,7 @@ def test_deploy_checkpoint_into_unfused_model_names_the_keys(tmp_path):
         load_checkpoint_strict(model, ckpt)
     msg = str(err.value)
     assert 'missing keys' in msg and '0.delta' in msg and 'unexpected keys' in msg
-    assert '2.merged.weight' in msg and 'x_deploy.py' in msg
+    assert '2.fused_conv.weight' in msg and 'x_deploy.py' in msg
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing loaded
 
 

@@ -42,19 +42,19 @@ def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1, conv_cfg
     return seq
 
 
-def _folded_conv(seq):
-    """``seq.conv`` as a plain conv: a re-parameterisable conv (DO-Conv) is folded first.
+def _fused_conv(seq):
+    """``seq.conv`` as a plain conv: a re-parameterisable conv (DO-Conv) is fused first.
 
-    Reading an unfolded DO-Conv's parameters instead of its composed kernel
-    would merge the wrong kernel.
+    Reading an unfused DO-Conv's parameters instead of its composed kernel
+    would fuse the wrong kernel.
     """
     conv = seq.conv
-    if callable(getattr(conv, 'reparameterize', None)):
-        conv = conv.reparameterize()
+    if callable(getattr(conv, 'to_fused', None)):
+        conv = conv.to_fused()
         seq.conv = conv
     if not isinstance(getattr(conv, 'weight', None), torch.Tensor):
-        raise TypeError(f'cannot merge a {type(conv).__name__}: it has no conv weight after '
-                        'reparameterize(); use a conv layer whose kernel is its .weight.')
+        raise TypeError(f'cannot fuse a {type(conv).__name__}: it has no conv weight after '
+                        'to_fused(); use a conv layer whose kernel is its .weight.')
     return conv
 
 
@@ -62,15 +62,15 @@ def _fuse_conv_bn(conv, bn):
     """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64.
 
     ``bn`` may be an ``nn.Identity`` left by a Conv+BN folding pass (mmcv's
-    ``fuse_conv_bn``) that ran before the merge.
+    ``fuse_conv_bn``) that ran before this fuse.
     """
     if isinstance(bn, nn.Identity):
         bias = conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(
             conv.weight.shape[0], dtype=torch.float64)
         return conv.weight.double(), bias
     if not (isinstance(bn, _BatchNorm) and bn.track_running_stats and bn.running_var is not None):
-        raise TypeError(f'cannot merge the large-kernel branches: their norm is a '
-                        f'{type(bn).__name__}, but merging needs BatchNorm running statistics; '
+        raise TypeError(f'cannot fuse the large-kernel branches: their norm is a '
+                        f'{type(bn).__name__}, but fusing needs BatchNorm running statistics; '
                         "build RepLKNet with a BN-type norm_cfg (e.g. 'BN' or 'SyncBN').")
     return bn_folded_kernel(conv, bn)
 
@@ -78,7 +78,7 @@ def _fuse_conv_bn(conv, bn):
 class ReparamLargeKernelConv(BaseModule):
     """Large-kernel depthwise conv-BN plus a parallel small-kernel depthwise conv-BN.
 
-    After training, :meth:`reparameterize` merges both into one depthwise conv
+    After training, :meth:`to_fused` fuses both into one depthwise conv
     with bias, ``lkb_reparam``: each BN is folded into its conv, the small
     kernel is zero-padded to the large size (both are centred: padding k // 2)
     and added.
@@ -89,7 +89,7 @@ class ReparamLargeKernelConv(BaseModule):
         small_kernel (int, optional): the small kernel side (odd, at most
             ``kernel_size``); None for no small branch (RepLKNet-XL).
         stride (int): stride of both branches. Defaults to 1.
-        small_kernel_merged (bool): build ``lkb_reparam`` directly (deploy).
+        small_kernel_merged (bool): build ``lkb_reparam`` directly (deploy; the authors' name for fused).
         conv_cfg (dict, optional): conv config of the small kernel (DO-Conv).
             The large kernel is always a plain :class:`LargeKernelDWConv2d`.
         norm_cfg (dict): norm config of both branches.
@@ -117,11 +117,11 @@ class ReparamLargeKernelConv(BaseModule):
                                       conv_cfg=conv_cfg, norm_cfg=norm_cfg)
 
     @property
-    def merged(self):
+    def is_fused(self):
         return 'lkb_reparam' in self._modules
 
     def forward(self, x):
-        if self.merged:
+        if self.is_fused:
             return self.lkb_reparam(x)
         out = self.lkb_origin(x)
         if 'small_conv' in self._modules:
@@ -129,27 +129,27 @@ class ReparamLargeKernelConv(BaseModule):
         return out
 
     @torch.no_grad()
-    def reparameterize(self):
-        """Merge the branches into ``lkb_reparam`` in place; return self (no-op once merged)."""
-        if self.merged:
+    def to_fused(self):
+        """Fuse the branches into ``lkb_reparam`` in place; return self (no-op once fused)."""
+        if self.is_fused:
             return self
         if self.training:
-            raise RuntimeError('ReparamLargeKernelConv.reparameterize() needs eval mode (it folds '
+            raise RuntimeError('ReparamLargeKernelConv.to_fused() needs eval mode (it folds '
                                'BatchNorm running statistics); call model.eval() first.')
         conv = self.lkb_origin.conv
         kernel, bias = _fuse_conv_bn(conv, self.lkb_origin.bn)
         if 'small_conv' in self._modules:
-            small, small_bias = _fuse_conv_bn(_folded_conv(self.small_conv), self.small_conv.bn)
+            small, small_bias = _fuse_conv_bn(_fused_conv(self.small_conv), self.small_conv.bn)
             pad = (self.kernel_size - self.small_kernel) // 2
             kernel = kernel + nn.functional.pad(small, [pad] * 4)
             bias = bias + small_bias
-        merged = LargeKernelDWConv2d(self.channels, self.kernel_size, self.stride,
-                                     padding=conv.padding, bias=True,
-                                     device=conv.weight.device, dtype=conv.weight.dtype)
-        merged.weight.copy_(kernel)
-        merged.bias.copy_(bias)
-        merged.requires_grad_(conv.weight.requires_grad)
-        self.lkb_reparam = merged.train(False)
+        fused = LargeKernelDWConv2d(self.channels, self.kernel_size, self.stride,
+                                    padding=conv.padding, bias=True,
+                                    device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
+        fused.requires_grad_(conv.weight.requires_grad)
+        self.lkb_reparam = fused.train(False)
         del self.lkb_origin
         if 'small_conv' in self._modules:
             del self.small_conv
@@ -277,8 +277,8 @@ class RepLKNet(BaseModule):
         norm_cfg (dict): config of every norm layer, e.g. ``dict(type='SyncBN')``.
         small_kernel_merged (bool): build the deploy structure directly: one
             ``lkb_reparam`` conv per block, and plain convs where
-            ``stage_with_doconv`` would put DO-Conv (what :meth:`switch_to_deploy`
-            leaves). Such a model loads merged checkpoints.
+            ``stage_with_doconv`` would put DO-Conv (what ``reparam_mm.fuse``
+            leaves; the name is the authors'). Such a model loads fused checkpoints.
         norm_intermediate_features (bool): add a norm (``stages.i.norm``) to
             every returned feature, as the authors do for RepLKNet-XL downstream.
         stage_with_doconv (Sequence[bool], optional): per stage (default: none),
@@ -441,15 +441,6 @@ class RepLKNet(BaseModule):
                     m.eval()
         return self
 
-    # -- re-parameterisation -------------------------------------------------------------------
-    def switch_to_deploy(self):
-        """Re-parameterise in place (merge the large kernels, fold DO-Conv); returns self.
-
-        Convenience for ``reparam_mm.fuse(backbone)``; call ``eval()`` first.
-        """
-        from ..fuse import fuse
-        return fuse(self)
-
     # -- pretrained weights ---------------------------------------------------------------------
     def init_weights(self):
         cfgs = [self.init_cfg] if isinstance(self.init_cfg, dict) else list(self.init_cfg or [])
@@ -522,9 +513,9 @@ class RepLKNet(BaseModule):
             hint = 'check that arch and the checkpoint match'
             if any('lkb_origin' in k for k in unexpected) and any('lkb_reparam' in k
                                                                  for k in missing):
-                hint = 'it is unmerged: build with small_kernel_merged=False'
+                hint = 'it is unfused (a training checkpoint): build with small_kernel_merged=False'
             elif any('lkb_reparam' in k for k in unexpected):
-                hint = 'it is merged: build with small_kernel_merged=True'
+                hint = 'it is fused (a deploy checkpoint): build with small_kernel_merged=True'
             raise ValueError(f'RepLKNet(arch={self._arch_name()}) cannot load {name}: '
                            f'{"; ".join(parts)} keys; {hint}.')
         return {k for k in allowed if k in own}

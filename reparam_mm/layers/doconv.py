@@ -9,7 +9,7 @@ composes them into one conventional kernel
 where c(o, i) is the input channel that kernel slice (o, i) convolves (o's group times Cin/g,
 plus i) and I stacks floor(D_mul / MN) M*N identities along s (zero columns after, as in the
 authors' code), then runs a single ``F.conv2d``. D starts at zero, so a fresh layer is exactly
-the plain convolution with kernel ``W @ I^T``; :meth:`DOConv2d.reparameterize` folds the pair
+the plain convolution with kernel ``W @ I^T``; :meth:`DOConv2d.to_fused` fuses the pair
 into a plain ``nn.Conv2d``.
 """
 import math
@@ -105,7 +105,7 @@ class DOConv2d(nn.Module):
     mmcv's ``ConvModule`` leaves it alone, and mmengine's ``BaseModule.init_weights`` re-runs it.
     Initialisers keyed on ``layer='Conv2d'`` do not match it (it is deliberately not an
     ``nn.Conv2d`` subclass: code that rewrites ``conv.weight``, such as ``fuse_conv_bn``, must
-    see it only after :meth:`reparameterize`).
+    see it only after :meth:`to_fused`).
 
     Loading (via ``_load_from_state_dict``, so plain ``load_state_dict`` and mmengine's
     ``Pretrained`` init work): a plain conv's ``weight`` fills W's first M*N columns and zeroes D
@@ -210,7 +210,7 @@ class DOConv2d(nn.Module):
 
     # -- re-parameterisation ----------------------------------------------------------------------
     @torch.no_grad()
-    def reparameterize(self):
+    def to_fused(self):
         """Plain ``nn.Conv2d`` (same geometry, device, dtype, mode) with the composed kernel."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self.padding, self.dilation, self.groups, self.bias is not None,
@@ -221,10 +221,6 @@ class DOConv2d(nn.Module):
             conv.bias.copy_(self.bias)
             conv.bias.requires_grad_(self.bias.requires_grad)
         return conv.train(self.training)
-
-    def fold(self):
-        """Public alias of :meth:`reparameterize`."""
-        return self.reparameterize()
 
     # -- loading plain-conv and reference checkpoints ---------------------------------------------
     def _kernel_to_W(self, kernel):
