@@ -1,5 +1,8 @@
-"""The large depthwise conv dispatch point: same results as F.conv2d, layout and algorithm
-(direct or FFT) chosen per call."""
+"""The large depthwise conv dispatch point: same results as F.conv2d, the candidate (direct
+NCHW / channels_last, FFT, Triton) chosen per call signature by timing or by fixed rules."""
+import json
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,10 @@ from reparam_mm.layers import large_kernel
 from reparam_mm.layers.large_kernel import (CHANNELS_LAST_MIN_KERNEL, FFT_MIN_KERNEL,
                                             LargeKernelDWConv2d, _fast_fft_size,
                                             backbone_channels_last, fft_depthwise_conv2d,
-                                            large_depthwise_conv2d, use_channels_last, use_fft)
+                                            candidates, dispatch_mode, fixed_choice,
+                                            forced_candidate, large_depthwise_conv2d,
+                                            use_channels_last, use_fft)
+from torch.utils.checkpoint import checkpoint
 
 
 @pytest.mark.parametrize('k,stride,bias', [(31, 1, False), (13, 1, True), (11, 2, True),
@@ -70,6 +76,7 @@ def test_module_is_a_conv2d_with_the_same_keys_and_output():
     torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@dispatch_mode('fixed')
 def test_cpu_runs_large_kernels_in_channels_last(monkeypatch):
     seen = []
     real = F.conv2d
@@ -131,6 +138,7 @@ def test_fft_rule():
 
 
 @pytest.mark.parametrize('channels_last_input', [False, True])
+@dispatch_mode('fixed')
 def test_dispatch_takes_fft_for_large_stride_1_kernels_and_matches(monkeypatch, channels_last_input):
     calls, real_fft = [], large_kernel.fft_depthwise_conv2d
     monkeypatch.setattr(large_kernel, 'fft_depthwise_conv2d',
@@ -158,3 +166,215 @@ def test_dispatch_takes_fft_for_large_stride_1_kernels_and_matches(monkeypatch, 
     large_depthwise_conv2d(x.detach(), w.detach(), None, 2, 15)
     large_depthwise_conv2d(x.detach().bfloat16(), w.detach().bfloat16(), None, 1, 15)
     assert calls == ['fft']
+
+
+# -- calls that stall oneDNN on Intel CPUs with AMX (issue: `make test` hangs) -------------------
+# Input (2, 8, 37, 30) bf16: channels_last with a large kernel padded beyond k // 2 never returned
+# there; NCHW took 0.08 s. Each call must return and match F.conv2d at bf16 tolerance, in either
+# mode and input layout (pytest-timeout turns a stall into a failure naming the test).
+STALLING = [((31, 29), (15, 15)), ((31, 31), (15, 16))]
+
+
+def _bf16_case(kernel, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 37, 30, generator=g)
+    w = torch.randn(8, 1, *kernel, generator=g) / (kernel[0] * kernel[1]) ** 0.5
+    return x, w
+
+
+@pytest.mark.parametrize('kernel,padding', STALLING)
+@pytest.mark.parametrize('channels_last_input', [False, True])
+@pytest.mark.parametrize('mode', ['fixed', 'tuned'])
+def test_amx_stalling_bf16_calls_return_and_match(kernel, padding, channels_last_input, mode):
+    x, w = _bf16_case(kernel)
+    xb = x.bfloat16()
+    if channels_last_input:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    assert 'direct_channels_last' not in candidates(xb, kernel, 1, padding)
+    t = time.perf_counter()
+    with dispatch_mode(mode):
+        out = large_depthwise_conv2d(xb, w.bfloat16(), None, 1, padding)
+    elapsed = time.perf_counter() - t
+    print(f'{kernel} pad {padding} channels_last={channels_last_input} {mode}: {elapsed:.3f} s')
+    ref = F.conv2d(xb.float().contiguous(), w.bfloat16().float(), None, 1, padding, 1, 8)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    layout = torch.channels_last if channels_last_input else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_only_over_padded_half_precision_large_kernels_lose_channels_last():
+    x = torch.randn(2, 8, 37, 30).bfloat16()
+    assert 'direct_channels_last' in candidates(x, (31, 29), 1, (15, 14))  # k // 2: same size
+    assert 'direct_channels_last' in candidates(x, (7, 7), 1, (3, 4))  # measured safe there
+    assert 'direct_channels_last' in candidates(x.float(), (31, 29), 1, (15, 15))  # fp32
+    assert fixed_choice(x, (31, 29), 1, (15, 15)) == 'direct_nchw'
+    assert fixed_choice(x, (31, 29), 1, (15, 14)) == 'direct_channels_last'
+    assert not use_channels_last(x, (31, 29), (15, 15)) and use_channels_last(x, (31, 29), (15, 14))
+
+
+# -- the tuner -------------------------------------------------------------------------------------
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """A fresh tuner with its own cache file and injected timings (``tuner.times[name]``)."""
+    monkeypatch.setenv('REPARAM_MM_CACHE', str(tmp_path))
+    fresh = large_kernel.LargeDWTuner()
+    fresh.times, fresh.measured = {}, []
+
+    def measure(name, run):
+        run()  # the candidate really runs on the call's shapes
+        fresh.measured.append(name)
+        return fresh.times.get(name, 1.0)
+
+    fresh.measure = measure
+    monkeypatch.setattr(large_kernel, 'TUNER', fresh)
+    return fresh
+
+
+def _call(requires_grad=False, dtype=torch.float32, k=31, padding=15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 20, 18, generator=g, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(4, 1, k, k, generator=g, dtype=dtype, requires_grad=requires_grad)
+    return x, w, padding
+
+
+@pytest.mark.parametrize('fastest', ['direct_nchw', 'direct_channels_last', 'fft'])
+def test_tuner_picks_the_fastest_and_caches_it(tuner, monkeypatch, fastest):
+    tuner.times = {'direct_nchw': 3.0, 'direct_channels_last': 2.0, 'fft': 1.5, fastest: 0.1}
+    x, w, p = _call()
+    assert large_kernel.choose(x, w, None, 1, p) == fastest
+    assert sorted(tuner.measured) == ['direct_channels_last', 'direct_nchw', 'fft']
+    assert large_kernel.choose(x, w, None, 1, p) == fastest  # cached: not timed again
+    assert len(tuner.measured) == 3
+    # the JSON cache names the device and versions, the signature, every time and the choice
+    data = json.loads(tuner.cache_path.read_text())
+    (key, entries), = data.items()
+    assert f'torch {torch.__version__}' in key
+    (sig, entry), = entries.items()
+    assert sig == 'cpu|float32|nchw|1x4x20x18|k31x31|s1x1|p15x15|d1x1|fwd'
+    assert entry['choice'] == fastest and set(entry['ms']) == set(tuner.times)
+    assert entry['fixed'] == 'fft'
+    # another process (a fresh tuner) reads the file instead of timing again
+    other = large_kernel.LargeDWTuner()
+    other.measure = lambda *a: pytest.fail('a cached signature was timed again')
+    monkeypatch.setattr(large_kernel, 'TUNER', other)
+    assert large_kernel.choose(x, w, None, 1, p) == fastest
+
+
+def test_signature_separates_what_changes_the_choice(tuner):
+    x, w, p = _call()
+    base = large_kernel.signature(x, w, 1, p, 1)
+    xg, wg, _ = _call(requires_grad=True)
+    assert large_kernel.signature(xg, wg, 1, p, 1).endswith('fwd+bwd') and base.endswith('|fwd')
+    with torch.no_grad():
+        assert large_kernel.signature(xg, wg, 1, p, 1) == base
+    assert '|channels_last|' in large_kernel.signature(
+        x.contiguous(memory_format=torch.channels_last), w, 1, p, 1)
+    assert '|bfloat16|' in large_kernel.signature(x.bfloat16(), w.bfloat16(), 1, p, 1)
+    assert large_kernel.signature(x, w, 1, (15, 14), 1) != base
+
+
+def test_tuner_times_forward_and_backward_when_gradients_are_needed(tuner, monkeypatch):
+    ran = []
+    real = large_kernel.CANDIDATES['fft']
+    monkeypatch.setitem(large_kernel.CANDIDATES, 'fft', lambda *a: ran.append(
+        torch.is_grad_enabled()) or real(*a))
+    x, w, p = _call(requires_grad=True)
+    large_depthwise_conv2d(x, w, None, 1, p).sum().backward()
+    assert ran[0] is True  # timed with autograd on (then the chosen candidate ran the call)
+    assert x.grad is not None and w.grad is not None
+
+
+def test_stalling_candidate_is_never_timed(tuner):
+    tuner.times = {'direct_channels_last': 0.0}
+    x, w = _bf16_case((31, 29))
+    out = large_depthwise_conv2d(x.bfloat16(), w.bfloat16(), None, 1, (15, 15))
+    assert 'direct_channels_last' not in tuner.measured and set(tuner.measured) == {
+        'direct_nchw', 'fft'}
+    assert out.dtype == torch.bfloat16
+
+
+def test_candidate_that_fails_is_left_out(tuner, monkeypatch):
+    def broken(*a):
+        raise RuntimeError('no kernel for this shape')
+    monkeypatch.setitem(large_kernel.CANDIDATES, 'fft', broken)
+    tuner.times = {'fft': 0.0, 'direct_nchw': 2.0, 'direct_channels_last': 1.0}
+    x, w, p = _call()
+    assert large_kernel.choose(x, w, None, 1, p) == 'direct_channels_last'
+    entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()
+    assert 'no kernel for this shape' in entry['errors']['fft']
+
+
+def test_off_switch_restores_the_fixed_rules(tuner, monkeypatch):
+    tuner.times = {'direct_nchw': 0.0}
+    x, w, p = _call()
+    assert large_kernel.choose(x, w, None, 1, p) == 'direct_nchw'
+    with dispatch_mode('fixed'):
+        assert large_kernel.choose(x, w, None, 1, p) == 'fft' == fixed_choice(x, (31, 31), 1, p)
+    monkeypatch.setenv('REPARAM_MM_LARGE_DW', 'fixed')
+    assert large_kernel.choose(x, w, None, 1, p) == 'fft'
+    monkeypatch.setenv('REPARAM_MM_LARGE_DW', 'fastest')
+    with pytest.raises(ValueError, match="REPARAM_MM_LARGE_DW='fastest' is not a large-kernel "
+                                         "dispatch mode; use one of"):
+        large_kernel.choose(x, w, None, 1, p)
+    with pytest.raises(ValueError, match='large_dw_dispatch'):
+        large_kernel.set_dispatch_mode('auto')
+
+
+def test_forced_candidate_wins_where_it_can_run(tuner):
+    x, w, p = _call()
+    with forced_candidate('direct_channels_last'):
+        assert large_kernel.choose(x, w, None, 1, p) == 'direct_channels_last'
+    with forced_candidate('fft'):  # stride 2: FFT cannot compute it, the dispatch decides
+        assert large_kernel.choose(x, w, None, 2, p) != 'fft'
+    with pytest.raises(ValueError, match='unknown large depthwise conv candidate'):
+        with forced_candidate('winograd'):
+            pass
+    assert not tuner.measured or 'fft' not in tuner.measured[:1]
+
+
+@pytest.mark.parametrize('name', ['direct_nchw', 'direct_channels_last', 'fft'])
+def test_every_cpu_candidate_matches_under_no_grad_autocast_and_checkpointing(name):
+    x, w, p = _call(seed=5)
+    b = torch.randn(4)
+    ref = F.conv2d(x, w, b, 1, p, 1, 4)
+    with forced_candidate(name), torch.no_grad():
+        torch.testing.assert_close(large_depthwise_conv2d(x, w, b, 1, p), ref,
+                                   rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    with forced_candidate(name), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = large_depthwise_conv2d(x, w, b, 1, p)
+        want = F.conv2d(x, w, b, 1, p, 1, 4)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2,
+                               atol=2e-2 * float(want.float().abs().max()))
+    for reentrant in (False, True):
+        xs = x.clone().requires_grad_()
+        ws = w.clone().requires_grad_()
+        with forced_candidate(name):  # reentrant checkpointing needs .backward(), not .grad()
+            checkpoint(large_depthwise_conv2d, xs, ws, None, 1, p,
+                       use_reentrant=reentrant).square().sum().backward()
+        got = xs.grad, ws.grad
+        want = torch.autograd.grad(F.conv2d(xs, ws, None, 1, p, 1, 4).square().sum(), (xs, ws))
+        for a, b_ in zip(got, want):
+            torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4 * float(b_.abs().max()))
+
+
+def test_half_precision_fft_computes_in_fp32():
+    x, w, p = _call(seed=7)
+    out = fft_depthwise_conv2d(x.bfloat16(), w.bfloat16(), None, p)
+    ref = F.conv2d(x.bfloat16().float(), w.bfloat16().float(), None, 1, p, 1, 4)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+
+
+def test_export_traces_a_plain_conv():
+    conv = LargeKernelDWConv2d(4, 31, bias=True).eval()
+    traced = torch.jit.trace(conv, torch.randn(1, 4, 20, 18))
+    graph = str(traced.graph)
+    assert 'convolution' in graph and 'fft' not in graph
+
+
+def test_weight_dtype_mismatch_is_one_sentence():
+    x, w, p = _call()
+    with pytest.raises(TypeError, match='input is torch.bfloat16 but weight is torch.float32; cast'):
+        large_depthwise_conv2d(x.bfloat16(), w, None, 1, p)

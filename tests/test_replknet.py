@@ -11,7 +11,7 @@ import reparam_mm  # noqa: F401  (registers everything)
 from reparam_mm.backbones.replknet import ReparamLargeKernelConv, RepLKNet
 from reparam_mm.fuse import fuse
 from reparam_mm.layers.doconv import DOConv2d
-from reparam_mm.layers.large_kernel import LargeKernelDWConv2d
+from reparam_mm.layers.large_kernel import LargeKernelDWConv2d, dispatch_mode
 
 OFFICIAL = {  # arch: (large kernels, layers, channels, small kernel, dw_ratio, classifier params)
     '31B': ((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1, 79_864_168),
@@ -143,8 +143,9 @@ def test_tiny_arch_is_small_and_keeps_the_large_kernels():
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@dispatch_mode('fixed')
 def test_cpu_layout_rule_inside_and_the_callers_layout_outside(monkeypatch, dtype):
-    """fp32: NCHW inside, 31/29/27 through FFTs, 13x13 per call in channels_last.
+    """Fixed rules: fp32: NCHW inside, 31/29/27 through FFTs, 13x13 per call in channels_last.
     bf16 (no FFT): the whole forward in channels_last, every conv in oneDNN's NHWC."""
     import torch.nn.functional as F
 

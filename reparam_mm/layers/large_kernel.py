@@ -1,110 +1,71 @@
-"""The one place where RepLKNet's large depthwise convolution is computed.
+"""The one place where large depthwise convolutions are computed: an autotuned dispatch.
 
-Every large-kernel depthwise conv of the backbone (``lkb_origin.conv`` while
-training, ``lkb_reparam`` after merging) is a :class:`LargeKernelDWConv2d`,
-whose forward calls :func:`large_depthwise_conv2d`. A faster implementation
-(the authors' CUDA implicit-GEMM kernel, a Triton kernel, ...) is slotted in
-here and nowhere else.
+Every large-kernel depthwise conv of the backbones (RepLKNet's ``lkb_origin.conv`` while
+training and ``lkb_reparam`` after fusing, UniRepLKNet's large kernels) is a
+:class:`LargeKernelDWConv2d`, whose forward calls :func:`large_depthwise_conv2d`. That function
+computes the call with one of several **candidates**, all equal to
+``F.conv2d(x, w, b, stride, padding, dilation, groups=C)`` within float rounding:
 
-Memory layout rule (CPU). oneDNN, which runs PyTorch's CPU depthwise convs,
-has a fast NCHW depthwise kernel only up to 9x9; from 11x11 on, NCHW falls
-back to a path 6-15x slower, while its channels_last (NHWC) kernel stays fast.
-Measured on this project's machine (2-core AMD EPYC VM, torch 2.13, fp32,
-batch 1, 1 thread, CPU time, min of 5; "via channels_last" includes copying
-the input to channels_last and the output back):
+* ``direct_nchw`` / ``direct_channels_last``: ``F.conv2d`` (oneDNN on CPU, cuDNN on CUDA) with
+  the input in that memory layout;
+* ``fft``: a correlation through real FFTs (stride 1, undilated; half precision is computed in
+  fp32 and cast back), whose cost follows the image, not the kernel area;
+* ``triton``: the Triton kernels of :mod:`reparam_mm.layers.triton_dw` (CUDA, or Triton's
+  interpreter).
 
-    kernel  C x HxW          NCHW      via channels_last
-    7x7     128 x 128x128    6.2 ms    22.6 ms
-    9x9     128 x 128x128    26.8 ms   47.7 ms
-    9x9     1024 x 16x16     0.7 ms    3.4 ms
-    11x11   128 x 128x128    306 ms    45.5 ms
-    13x13   1024 x 16x16     33.6 ms   5.3 ms
-    27x27   512 x 32x32      378 ms    34.9 ms
-    31x31   128 x 128x128    2308 ms   241 ms
+**Tuned mode** (the default) picks per call *signature* (device, dtype, layout, N, C, H, W, kernel,
+stride, padding, dilation, whether gradients are needed) the fastest candidate by timing each
+once, as ``torch.backends.cudnn.benchmark`` does. The choice is kept in memory and in a JSON file
+(``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``) keyed by the device
+name and library versions, so a machine times a signature once. **Fixed mode** applies rules
+measured on one CPU (:func:`fixed_choice`); choose it with ``REPARAM_MM_LARGE_DW=fixed``, a
+config's top-level ``large_dw_dispatch = 'fixed'``, or :func:`dispatch_mode`.
 
-Two rules follow, both here so the policy has one home:
-
-* :func:`large_depthwise_conv2d`: on CPU, a call with a kernel side of at
-  least :data:`CHANNELS_LAST_MIN_KERNEL` (11) runs channels_last and hands its
-  output back in the input's layout, so any caller gets the fast path.
-* :func:`backbone_channels_last`: a large-kernel backbone (RepLKNet) runs its
-  whole forward channels_last on CPU in half precision and returns features in
-  the caller's layout; oneDNN's convs are native in NHWC, so the 1x1 and small
-  convs skip a reorder each. In fp32 the FFT rule below takes the largest
-  kernels, and NCHW is then faster as a whole (see the function).
-
-RepLKNet-31B at 512x512, eval, batch 1, 2 threads, quiet machine, best of 3,
-before the FFT rule: whole backbone channels_last 2.28-2.37 s; per-call rule
-only 2.38 s; all NCHW direct (the authors' code as written) 9.4 s. With the
-FFT rule: 2.05 s (NCHW, the default now) vs 2.13 s (channels_last).
-
-FFT rule (CPU). Direct convolution costs O(k^2) per output pixel; a
-correlation through real FFTs costs O(log HW), whatever the kernel. oneDNN's
-*backward* of a large depthwise conv is also ~10x slower than its forward
-(forward + backward at ~40x the arithmetic bound, docs/benchmarks.md). So a
-stride-1, undilated fp32/fp64 call with a kernel side of at least
-:data:`FFT_MIN_KERNEL` (27: RepLKNet's 31/29/27 stages, not its 13x13 one)
-runs :func:`fft_depthwise_conv2d`; autograd differentiates through the FFTs.
-Measured at RepLKNet-31B's stage shapes for a 512x512 input (batch 1, 2
-threads, ms, forward / forward + backward):
-
-    kernel  C x HxW          channels_last direct   FFT
-    31x31   128 x 128x128    116 / 3379             46 / 91
-    29x29   256 x 64x64      48 / 1452              21 / 58
-    27x27   512 x 32x32      18 / 509               18 / 46
-
-FFT results match ``F.conv2d`` to float rounding (relative error ~1e-6 in
-fp32). Other devices run ``F.conv2d`` unchanged: no GPU was lent to measure
-cuDNN.
+Some candidates are never timed: oneDNN's half-precision channels_last depthwise conv stalls for
+minutes on Intel CPUs with AMX when a kernel wider than 7 is padded beyond ``k // 2`` (the
+output larger than the input), so such calls run NCHW (:func:`candidates`). While exporting
+(ONNX, ``torch.jit`` tracing) or compiling, calls run plain ``F.conv2d`` so graphs hold a
+standard Conv. Measurements behind the rules: docs/benchmarks.md section 4; the design:
+docs/large_kernel.md.
 """
 import contextlib
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'use_channels_last', 'use_fft',
-           'backbone_channels_last', 'fft_min_kernel', 'fft_depthwise_conv2d',
-           'large_depthwise_conv2d', 'LargeKernelDWConv2d']
+__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'CANDIDATES', 'candidates',
+           'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'forced_candidate',
+           'use_channels_last', 'use_fft', 'backbone_channels_last', 'fft_min_kernel',
+           'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
+           'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature']
 
-#: smallest kernel side for which CPU calls are run in channels_last (see module docstring)
+#: fixed rule: smallest kernel side for which CPU calls run channels_last (oneDNN's NCHW
+#: depthwise kernel is fast only up to 9x9)
 CHANNELS_LAST_MIN_KERNEL = 11
-#: smallest kernel side for which CPU calls are computed through FFTs (see module docstring)
+#: fixed rule: smallest kernel side for which CPU fp32/fp64 calls are computed through FFTs
 FFT_MIN_KERNEL = 27
+#: half-precision channels_last calls with a kernel side above this, padded beyond k // 2, stall
+#: oneDNN on AMX CPUs; 7x7 and 7x5 were measured safe there
+_CL_HALF_OVERPAD_MAX_KERNEL = 7
 _FFT_DTYPES = (torch.float32, torch.float64)
-
-
-def use_channels_last(x: torch.Tensor, kernel_size) -> bool:
-    """Whether :func:`large_depthwise_conv2d` runs this call in channels_last."""
-    return x.device.type == 'cpu' and x.dim() == 4 and max(kernel_size) >= CHANNELS_LAST_MIN_KERNEL
-
-
-@contextlib.contextmanager
-def fft_min_kernel(kernel):
-    """Within the block, CPU calls use FFTs from kernel side ``kernel`` on (a huge value: never).
-
-    For measurements: benchmarking the direct path, and FLOP counters, which trace
-    ``aten::convolution`` and would not see a convolution computed through FFTs.
-    """
-    global FFT_MIN_KERNEL
-    saved, FFT_MIN_KERNEL = FFT_MIN_KERNEL, kernel
-    try:
-        yield
-    finally:
-        FFT_MIN_KERNEL = saved
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_MODES = ('tuned', 'fixed')
+_ENV_MODE = 'REPARAM_MM_LARGE_DW'
 
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def use_fft(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> bool:
-    """Whether :func:`large_depthwise_conv2d` computes this call through FFTs."""
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _FFT_DTYPES
-            and min(kernel_size) >= FFT_MIN_KERNEL and not isinstance(padding, str)
-            and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1))
-
-
+# -- candidates --------------------------------------------------------------------------------
 def _fast_fft_size(n):
     """Smallest 2-3-5-smooth integer >= n (sizes FFT libraries handle fastest)."""
     while True:
@@ -120,9 +81,10 @@ def _fast_fft_size(n):
 def fft_depthwise_conv2d(x, weight, bias=None, padding=0):
     """Depthwise cross-correlation (``F.conv2d(..., groups=C)``, stride 1) through real FFTs.
 
-    The padded input is transformed at a 2-3-5-smooth size of at least its own:
-    the circular correlation then has no wrap-around in the ``H - kh + 1`` rows
-    (and columns) kept. Output is NCHW-contiguous.
+    The padded input is transformed at a 2-3-5-smooth size of at least its own: the circular
+    correlation then has no wrap-around in the ``H - kh + 1`` rows (and columns) kept. Half
+    precision is computed in fp32 and cast back (CPU FFTs have no half kernels, cuFFT only
+    power-of-two half ones). Output is NCHW-contiguous.
     """
     c, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
     if weight.dim() != 4 or weight.shape[1] != 1 or x.shape[1] != c:
@@ -133,47 +95,399 @@ def fft_depthwise_conv2d(x, weight, bias=None, padding=0):
     oh, ow = h - kh + 1, w - kw + 1
     if oh < 1 or ow < 1:
         raise ValueError(f'kernel {kh}x{kw} is larger than the padded input {h}x{w}.')
+    dtype = x.dtype
+    if dtype in _HALF_DTYPES:
+        x, weight = x.float(), weight.float()
+        bias = bias.float() if bias is not None else None
     fh, fw = _fast_fft_size(h), _fast_fft_size(w)
     xf = torch.fft.rfft2(F.pad(x, (pw, pw, ph, ph)), s=(fh, fw))
     wf = torch.fft.rfft2(weight[:, 0], s=(fh, fw))
     out = torch.fft.irfft2(xf * wf.conj(), s=(fh, fw))[..., :oh, :ow]
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
-    return out.contiguous()
+    return out.to(dtype).contiguous()
+
+
+def triton_depthwise_conv2d(x, weight, bias=None, padding=None):
+    """Depthwise conv through Triton kernels (see :mod:`reparam_mm.layers.triton_dw`)."""
+    from .triton_dw import triton_depthwise_conv2d as run
+    return run(x, weight, bias, padding)
+
+
+def _triton_available(x):
+    try:
+        from .triton_dw import triton_available
+    except ImportError:
+        return False
+    return triton_available(x)
+
+
+def _in_layout(out, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+def _direct(layout):
+    fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+
+    def run(x, weight, bias, stride, padding, dilation):
+        return F.conv2d(x.contiguous(memory_format=fmt), weight, bias, stride, padding, dilation,
+                        x.shape[1])
+    run.__name__ = f'direct_{layout}'
+    return run
+
+
+def _fft(x, weight, bias, stride, padding, dilation):
+    return fft_depthwise_conv2d(x, weight, bias, padding)
+
+
+def _triton(x, weight, bias, stride, padding, dilation):
+    return triton_depthwise_conv2d(x, weight, bias, padding)
+
+
+#: name -> ``fn(x, weight, bias, stride, padding, dilation)``; output layout is fixed by the caller
+CANDIDATES = {'direct_nchw': _direct('nchw'), 'direct_channels_last': _direct('channels_last'),
+              'fft': _fft, 'triton': _triton}
+
+
+def _stalls_onednn(x, kernel_size, padding):
+    """oneDNN's half-precision channels_last call that stalls on AMX CPUs (module docstring)."""
+    if x.device.type != 'cpu' or x.dtype not in _HALF_DTYPES or isinstance(padding, str):
+        return False
+    return any(k > _CL_HALF_OVERPAD_MAX_KERNEL and 2 * p > k - 1
+               for k, p in zip(kernel_size, _pair(padding)))
+
+
+def _fft_fits(x, kernel_size, stride, padding, dilation):
+    if isinstance(padding, str) or _pair(stride) != (1, 1) or _pair(dilation) != (1, 1):
+        return False
+    ph, pw = _pair(padding)
+    return (x.shape[-2] + 2 * ph >= kernel_size[0] and x.shape[-1] + 2 * pw >= kernel_size[1]
+            and x.dtype in _FFT_DTYPES + _HALF_DTYPES)
+
+
+def candidates(x, kernel_size, stride=1, padding=0, dilation=1):
+    """Names of the candidates that may compute this call on ``x``'s device, safe ones only."""
+    if x.dim() != 4 or x.device.type == 'meta':
+        return ['direct_nchw']
+    names = ['direct_nchw']
+    if not _stalls_onednn(x, kernel_size, padding):
+        names.append('direct_channels_last')
+    if x.device.type in ('cpu', 'cuda') and _fft_fits(x, kernel_size, stride, padding, dilation):
+        names.append('fft')
+    if (_pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and not isinstance(padding, str)
+            and x.dtype in (torch.float32,) + _HALF_DTYPES and _triton_available(x)):
+        names.append('triton')
+    return names
+
+
+def use_fft(x, kernel_size, stride=1, padding=0, dilation=1) -> bool:
+    """Fixed rule: CPU fp32/fp64 stride-1 calls with both kernel sides >= ``FFT_MIN_KERNEL``."""
+    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _FFT_DTYPES
+            and min(kernel_size) >= FFT_MIN_KERNEL
+            and _fft_fits(x, kernel_size, stride, padding, dilation))
+
+
+def use_channels_last(x, kernel_size, padding=0) -> bool:
+    """Fixed rule: CPU calls with a kernel side >= ``CHANNELS_LAST_MIN_KERNEL``, where safe."""
+    return (x.device.type == 'cpu' and x.dim() == 4
+            and max(kernel_size) >= CHANNELS_LAST_MIN_KERNEL
+            and not _stalls_onednn(x, kernel_size, padding))
+
+
+def fixed_choice(x, kernel_size, stride=1, padding=0, dilation=1):
+    """The candidate the fixed rules (measured on an AMD EPYC CPU) give this call.
+
+    CPU: FFT for fp32/fp64 stride-1 kernels >= 27, channels_last direct from 11 on, else direct
+    in the input's layout; any call that would stall oneDNN runs NCHW. Other devices: direct in
+    the input's layout (cuDNN), until GPU measurements say otherwise.
+    """
+    if x.dim() != 4:
+        return 'direct_nchw'
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.device.type == 'cpu':
+        if use_fft(x, kernel_size, stride, padding, dilation):
+            return 'fft'
+        if use_channels_last(x, kernel_size, padding):
+            return 'direct_channels_last'
+    if channels_last and not _stalls_onednn(x, kernel_size, padding):
+        return 'direct_channels_last'
+    return 'direct_nchw'
+
+
+@contextlib.contextmanager
+def fft_min_kernel(kernel):
+    """Within the block, fixed rules apply with FFTs from kernel side ``kernel`` on (huge: never).
+
+    For measurements: the direct path of a model, and FLOP counters, which trace
+    ``aten::convolution`` and would not see a convolution computed through FFTs.
+    """
+    global FFT_MIN_KERNEL
+    saved, FFT_MIN_KERNEL = FFT_MIN_KERNEL, kernel
+    try:
+        with dispatch_mode('fixed'):
+            yield
+    finally:
+        FFT_MIN_KERNEL = saved
+
+
+# -- the tuner -------------------------------------------------------------------------------------
+def _device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    name = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f'{name} ({torch.get_num_threads()} threads)'
+
+
+def _library_versions():
+    versions = f'torch {torch.__version__}'
+    try:
+        import triton
+        versions += f', triton {triton.__version__}'
+    except ImportError:
+        pass
+    return versions
+
+
+def signature(x, weight, stride, padding, dilation):
+    """A call's tuning key: everything that can change which candidate is fastest."""
+    layout = ('channels_last' if x.dim() == 4 and not x.is_contiguous()
+              and x.is_contiguous(memory_format=torch.channels_last) else 'nchw')
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    shape = 'x'.join(map(str, x.shape))
+    kh, kw = weight.shape[-2:]
+    pad = padding if isinstance(padding, str) else 'x'.join(map(str, _pair(padding)))
+    return (f'{x.device.type}|{str(x.dtype)[6:]}|{layout}|{shape}|k{kh}x{kw}'
+            f'|s{"x".join(map(str, _pair(stride)))}|p{pad}|d{"x".join(map(str, _pair(dilation)))}'
+            f'|{"fwd+bwd" if grad else "fwd"}')
+
+
+class LargeDWTuner:
+    """Times the candidates of a signature once and remembers the fastest.
+
+    ``measure(name, run)`` returns the seconds ``run()`` takes (tests replace it to inject
+    timings); ``cache_path`` is the JSON file shared by the processes of one machine.
+    """
+
+    def __init__(self):
+        self.choices = {}  # (device key, signature) -> name
+        self._loaded = set()
+
+    @property
+    def cache_path(self) -> Path:
+        root = os.environ.get('REPARAM_MM_CACHE', Path.home() / '.cache' / 'reparam_mm')
+        return Path(root) / 'large_dw_tuning.json'
+
+    def device_key(self, device):
+        return f'{_device_name(device)} | {_library_versions()}'
+
+    def _load(self, key):
+        path = self.cache_path
+        if (path, key) in self._loaded:
+            return
+        self._loaded.add((path, key))
+        try:
+            entries = json.loads(path.read_text()).get(key, {})
+        except (OSError, ValueError):
+            return
+        for sig, entry in entries.items():
+            if isinstance(entry, dict) and entry.get('choice') in CANDIDATES:
+                self.choices.setdefault((key, sig), entry['choice'])
+
+    def _save(self, key, sig, entry):
+        path = self.cache_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data.setdefault(key, {})[sig] = entry
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.large_dw_tuning.')
+            with os.fdopen(fd, 'w') as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home must not break training
+            warnings.warn(f'reparam_mm: could not write the large-kernel tuning cache {path} ({e}); '
+                          'choices are kept in memory only. Set REPARAM_MM_CACHE to a writable folder.')
+
+    def measure(self, name, run):
+        """Seconds of one ``run()``: the best of a few runs within ~0.2 s (one if it is slower)."""
+        def once():
+            if sync is not None:
+                sync()
+            t = time.perf_counter()
+            run()
+            if sync is not None:
+                sync()
+            return time.perf_counter() - t
+        sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+        first = once()  # warm-up (kernel compilation, autotuning, allocator)
+        best, spent = once(), first
+        while spent < 0.2 and best < 0.05:
+            t = once()
+            best, spent = min(best, t), spent + t
+        return best
+
+    def choose(self, x, weight, bias, stride, padding, dilation):
+        names = candidates(x, weight.shape[-2:], stride, padding, dilation)
+        if len(names) == 1:
+            return names[0]
+        key, sig = self.device_key(x.device), signature(x, weight, stride, padding, dilation)
+        self._load(key)
+        if (key, sig) in self.choices:
+            return self.choices[(key, sig)]
+        times, errors = {}, {}
+        grad = sig.endswith('fwd+bwd')
+        for name in names:
+            try:
+                times[name] = self.measure(name, _timed_call(name, x, weight, bias, stride, padding,
+                                                             dilation, grad))
+            except Exception as e:  # a candidate that cannot run this call is left out
+                errors[name] = f'{type(e).__name__}: {e}'[:200]
+        if not times:
+            raise RuntimeError(f'no large depthwise conv candidate ran {sig}: {errors}')
+        choice = min(times, key=times.get)
+        self.choices[(key, sig)] = choice
+        self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
+                                  errors=errors, fixed=fixed_choice(x, weight.shape[-2:], stride,
+                                                                    padding, dilation)))
+        return choice
+
+
+def _timed_call(name, x, weight, bias, stride, padding, dilation, grad):
+    """A closure running candidate ``name`` on copies of the call's tensors (fwd, or fwd+bwd)."""
+    fn = CANDIDATES[name]
+    xs, ws = x.detach(), weight.detach()
+    bs = bias.detach() if bias is not None else None
+    if not grad:
+        def run():
+            with torch.no_grad():
+                fn(xs, ws, bs, stride, padding, dilation)
+        return run
+    xs, ws = xs.clone().requires_grad_(), ws.clone().requires_grad_()
+
+    def run():
+        with torch.enable_grad():
+            out = fn(xs, ws, bs, stride, padding, dilation)
+            torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
+    return run
+
+
+#: the process-wide tuner used by :func:`large_depthwise_conv2d`
+TUNER = LargeDWTuner()
+_state = dict(mode=None, forced=None)
+
+
+def _mode():
+    if _state['mode'] is not None:
+        return _state['mode']
+    env = os.environ.get(_ENV_MODE, 'tuned').strip().lower() or 'tuned'
+    if env not in _MODES:
+        raise ValueError(f'{_ENV_MODE}={env!r} is not a large-kernel dispatch mode; '
+                         f'use one of {_MODES}.')
+    return env
+
+
+def set_dispatch_mode(mode):
+    """Set the dispatch mode for the process: 'tuned', 'fixed', or None (the environment's)."""
+    if mode is not None and mode not in _MODES:
+        raise ValueError(f'large_dw_dispatch={mode!r} is not a large-kernel dispatch mode; '
+                         f'use one of {_MODES}.')
+    _state['mode'] = mode
+
+
+@contextlib.contextmanager
+def dispatch_mode(mode):
+    """Within the block, use dispatch ``mode`` ('tuned' or 'fixed')."""
+    saved = _state['mode']
+    set_dispatch_mode(mode)
+    try:
+        yield
+    finally:
+        _state['mode'] = saved
+
+
+@contextlib.contextmanager
+def forced_candidate(name):
+    """Within the block, compute every call with candidate ``name`` where it can run (benchmarks)."""
+    if name not in CANDIDATES:
+        raise ValueError(f'unknown large depthwise conv candidate {name!r}; one of {list(CANDIDATES)}.')
+    saved, _state['forced'] = _state['forced'], name
+    try:
+        yield
+    finally:
+        _state['forced'] = saved
+
+
+def _exporting():
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    onnx = getattr(torch, 'onnx', None)
+    if onnx is not None and onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    return bool(compiler is not None and (compiler.is_compiling()
+                                          or getattr(compiler, 'is_exporting', lambda: False)()))
+
+
+def choose(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """The candidate :func:`large_depthwise_conv2d` computes this call with."""
+    kernel = weight.shape[-2:]
+    forced = _state['forced']
+    if forced is not None and forced in candidates(x, kernel, stride, padding, dilation):
+        return forced
+    if _mode() == 'fixed':
+        return fixed_choice(x, kernel, stride, padding, dilation)
+    return TUNER.choose(x, weight, bias, stride, padding, dilation)
 
 
 def backbone_channels_last(x: torch.Tensor) -> bool:
     """Whether a large-kernel backbone should run its whole forward channels_last for ``x``.
 
-    On CPU, only for dtypes the FFT rule does not cover (fp16 / bf16): there every large
-    kernel runs direct, fastest in NHWC, and oneDNN's other convs are native in NHWC too. In
-    fp32 the 31/29/27 kernels go through FFTs, which want NCHW, and RepLKNet-31B at 512x512
-    measured faster all-NCHW: forward + backward (batch 2) 11.6 s vs 13.6 s channels_last,
-    inference 2.05 s vs 2.13 s. The backbone returns features in the input's layout either way.
+    On CPU, in half precision: oneDNN's convs are native in NHWC, and the backbones pad their
+    large kernels by ``k // 2`` (safe). In fp32 the 31/29/27 kernels are fastest through FFTs,
+    which want NCHW (docs/benchmarks.md). The backbone returns features in the input's layout.
     """
-    return x.device.type == 'cpu' and x.dim() == 4 and x.dtype not in _FFT_DTYPES
+    return x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _HALF_DTYPES
 
 
 def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
     """Depthwise ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``.
 
-    ``weight`` is (C, 1, kh, kw) with C the channels of ``x``; the memory layout
-    of the computation is chosen per call (module docstring), that of the
-    output always follows ``x``.
+    ``weight`` is (C, 1, kh, kw) with C the channels of ``x``. The candidate is chosen per call
+    (module docstring); the output's memory layout always follows ``x``. Under autocast the call
+    runs in the autocast dtype, whatever the candidate.
     """
     channels = x.shape[1]
     if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(f'large_depthwise_conv2d expects a depthwise (C, 1, kh, kw) weight with '
                          f'C={channels} (the input channels), got {tuple(weight.shape)}.')
-    nchw = not x.is_contiguous(memory_format=torch.channels_last)
-    if use_fft(x, weight.shape[-2:], stride, padding, dilation):
-        out = fft_depthwise_conv2d(x, weight, bias, padding)
-        return out if nchw else out.contiguous(memory_format=torch.channels_last)
-    if not use_channels_last(x, weight.shape[-2:]):
+    if _exporting():
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
-    out = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding,
-                   dilation, channels)
-    return out.contiguous() if nchw else out
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return large_depthwise_conv2d(x, weight, bias, stride, padding, dilation)
+    if weight.dtype != x.dtype:
+        raise TypeError(f'large_depthwise_conv2d: input is {x.dtype} but weight is {weight.dtype}; '
+                        'cast the module (model.to(dtype)) or run under autocast.')
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous()
+    name = choose(x, weight, bias, stride, padding, dilation)
+    out = CANDIDATES[name](x, weight, bias, stride, padding, dilation)
+    return _in_layout(out, channels_last) if x.dim() == 4 else out
 
 
 class LargeKernelDWConv2d(nn.Conv2d):
@@ -181,17 +495,19 @@ class LargeKernelDWConv2d(nn.Conv2d):
 
     Args:
         channels (int): input = output channels = groups.
-        kernel_size (int): kernel side (odd).
+        kernel_size (int | tuple): kernel side(s).
         stride (int): stride. Defaults to 1.
-        padding (int, optional): defaults to ``kernel_size // 2`` (same size at stride 1).
-        bias (bool): whether the conv has a bias (True after re-parameterisation).
+        padding (int | tuple, optional): defaults to ``kernel_size // 2`` (same size at stride 1).
+        dilation (int): dilation. Defaults to 1.
+        bias (bool): whether the conv has a bias (True after fusing).
     """
 
-    def __init__(self, channels, kernel_size, stride=1, padding=None, bias=False, **factory):
+    def __init__(self, channels, kernel_size, stride=1, padding=None, dilation=1, bias=False,
+                 **factory):
         if padding is None:
-            padding = kernel_size // 2
+            padding = tuple(d * (k // 2) for k, d in zip(_pair(kernel_size), _pair(dilation)))
         super().__init__(channels, channels, kernel_size, stride=stride, padding=padding,
-                         groups=channels, bias=bias, **factory)
+                         dilation=dilation, groups=channels, bias=bias, **factory)
 
     def forward(self, x):
         if self.padding_mode != 'zeros':  # pragma: no cover - never built so, kept for safety
