@@ -28,6 +28,7 @@ from .fuse import fuse_with_report
 from .hooks import compare_outputs
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
+           'build_test_runner',
            'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model', 'dummy_batch']
 
 SCOPES = ('mmseg', 'mmdet')
@@ -164,8 +165,13 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     return cfg
 
 
-def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
-    """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
+def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
+    """The runner of :func:`run_test`, checkpoint loaded, not yet run.
+
+    For callers that read more than the metrics after ``runner.test()``: the
+    ``FusedEvalHook`` in ``runner.hooks`` holds the fuse report and the fused
+    vs unfused output check (``last_report``, ``last_check``).
+    """
     from .train import build_runner  # opens a gloo group on CPU-only torchrun launches
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
     runner = build_runner(cfg)
@@ -175,7 +181,12 @@ def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     load_checkpoint_strict(runner.model, checkpoint)
     runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
                        f"{'fused' if fuse else 'unfused'} model")
-    return runner.test()
+    return runner
+
+
+def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
+    """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
+    return build_test_runner(config, checkpoint, out=out, fuse=fuse, **kwargs).test()
 
 
 # -- tools/fuse.py -------------------------------------------------------------------------------

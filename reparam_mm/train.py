@@ -166,10 +166,20 @@ def build_runner(cfg):
     return RUNNERS.build(cfg)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = config_from_args(args)
+def train(cfg, hooks=()):
+    """Check the files ``cfg`` names, build its runner, add ``hooks`` and train; return the runner.
+
+    ``hooks`` are extra :class:`mmengine.hooks.Hook` instances (a progress printer,
+    say) for callers in Python; the metrics of the last validation are in
+    ``runner.message_hub`` (``val/mIoU``, ...).
+    """
     check_pretrained_files(cfg)
     runner = build_runner(cfg)
     runner.train()
     return runner
+    for hook in hooks:
+        runner.register_hook(hook)
+
+
+def main(argv=None):
+    return train(config_from_args(parse_args(argv)))

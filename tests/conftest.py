@@ -1,6 +1,8 @@
 import atexit
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,23 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 # depends on what an earlier one measured (subprocesses such as torchrun inherit it).
 os.environ['REPARAM_MM_CACHE'] = tempfile.mkdtemp(prefix='reparam_mm-test-cache-')
 atexit.register(shutil.rmtree, os.environ['REPARAM_MM_CACHE'], True)
+
+
+def load_tool(name):
+    """``tools/<name>.py`` as a module, loaded once per session (the tools are scripts, not a
+    package; each puts the checkout on ``sys.path`` itself). Tests import it as
+    ``from conftest import load_tool``."""
+    module_name = f'reparam_mm_tools.{name}'
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / 'tools' / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: classes look their module up
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
 
 
 @pytest.fixture(scope='session')

@@ -7,19 +7,18 @@ anywhere (labels shifted, classes mis-mapped, a fusion that changes outputs,
 a model that does not learn) leaves it at the trivial baseline of predicting
 the most frequent class everywhere, which the test requires it to beat.
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import reparam_mm  # noqa: F401
+from conftest import ROOT, load_tool
 from reparam_mm.apis import run_test
-from reparam_mm.camvid_study import data_options, schedule_options
 from reparam_mm.datasets import CAMVID_CITYSCAPES_CLASSES, convert_camvid
 from reparam_mm.train import main as train_main
 
-ROOT = Path(__file__).resolve().parent.parent
+study = load_tool('camvid_study')
 CONFIG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-1k_camvid-128x128.py'
 ITERS = 120
 CITYSCAPES_TRAINIDS = (0, 1, 2, 4, 5, 7, 8, 10, 11, 12, 13)  # of the 11 classes, in order
@@ -48,8 +47,8 @@ def trivial_baseline(root):
 def test_camvid_short_training_beats_trivial_baseline(shared_data, tmp_path):
     data = tmp_path / 'camvid_cityscapes'
     assert convert_camvid(shared_data / 'camvid', data) == {'train': 367, 'val': 101}
-    roots = data_options(data)
-    options = {**roots, **schedule_options(ITERS)}
+    roots = study.data_options(data)
+    options = {**roots, **study.schedule_options(ITERS)}
     runner = train_main([str(CONFIG), '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
                          *(f'{k}={v}' for k, v in options.items())])
     assert runner.iter == ITERS

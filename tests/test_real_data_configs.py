@@ -8,11 +8,11 @@ import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 
 import reparam_mm  # noqa: F401
-from reparam_mm import camvid_study as study
+from conftest import ROOT, load_tool
 from reparam_mm.layers import DOConv2d
 from reparam_mm.train import config_from_args, parse_args
 
-ROOT = study.ROOT
+study = load_tool('camvid_study')
 COCO128 = ('configs/demo/'
            'faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py')
 

@@ -1,18 +1,185 @@
-"""README's CamVid table: train each variant (plain / DO-Conv backbone / heads / both,
-ResNet-18 and RepLKNet-tiny) for each seed on CPU and print fused mIoU.
+"""The README's CamVid table: plain conv vs DO-Conv (backbone / heads / both) and
+RepLKNet-tiny vs ResNet-18, each trained with several seeds on CPU and scored fused.
 
     python tools/camvid_study.py [--variants ...] [--seeds 0 1] [--iters 500]
                                  [--out-dir work_dirs/camvid_study] [--report-only]
 
-Finished rows (work_dir/result.json) are kept, so an interrupted study resumes, and two
-processes with different --variants can share the machine. Logic: reparam_mm/camvid_study.py.
+Every row is one of two configs under ``configs/demo`` plus a few config overrides
+(:data:`VARIANTS`), so a row is reproduced with ``tools/train.py CONFIG --cfg-options ...``;
+:func:`row_command` prints that line. Finished rows (work_dir/result.json) are kept, so an
+interrupted study resumes, and two processes with different --variants can share the
+machine. These are small-scale numbers (a narrow network, a few hundred iterations on 367
+images at half size); they compare variants with each other, not with any published result.
 """
+import argparse
+import json
+import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 import reparam_mm  # noqa: E402,F401  (first: registers modules, fixes checkpoint loading)
-from reparam_mm.camvid_study import main  # noqa: E402
+from reparam_mm.datasets import convert_camvid  # noqa: E402
+from reparam_mm.hooks import FusedEvalHook  # noqa: E402
+from reparam_mm.train import config_from_args, parse_args, train  # noqa: E402
+
+R18 = 'configs/demo/upernet_r18-tiny_1xb8-1k_camvid-128x128.py'
+REPLK = 'configs/demo/upernet_replknet-tiny-doconv_1xb8-1k_camvid-128x128.py'
+# Overrides are written as tools/train.py's --cfg-options take them (dotted keys, flat values).
+_DO_BACKBONE_R18 = {'model.backbone.type': 'DOResNetV1c',
+                    'model.backbone.stage_with_doconv': (True, True, True, True),
+                    'model.backbone.doconv_cfg.type': 'DOConv'}
+_DO_HEADS = {'model.decode_head.conv_cfg.type': 'DOConv',
+             'model.auxiliary_head.conv_cfg.type': 'DOConv'}
+_PLAIN_HEADS = {'model.decode_head.conv_cfg': None, 'model.auxiliary_head.conv_cfg': None}
+
+# name -> (config, overrides). The RepLKNet config has DO-Conv everywhere; its plain row
+# switches it off in the backbone (stem, transitions, small kernels) and in the heads.
+VARIANTS = {
+    'r18-plain': (R18, {}),
+    'r18-doconv-backbone': (R18, dict(_DO_BACKBONE_R18)),
+    'r18-doconv-heads': (R18, dict(_DO_HEADS)),
+    'r18-doconv-both': (R18, {**_DO_BACKBONE_R18, **_DO_HEADS}),
+    'replknet-tiny-plain': (REPLK, {'model.backbone.stage_with_doconv': None, **_PLAIN_HEADS}),
+    'replknet-tiny-doconv-both': (REPLK, {}),
+}
+
+
+WARMUP_ITERS = 20  # the configs' linear warm-up (param_scheduler[0])
+
+
+def schedule_options(iters):
+    """Overrides that train ``iters`` iterations and validate (fused) once, at the end."""
+    if iters <= WARMUP_ITERS:
+        raise ValueError(f'iters={iters}: the CamVid configs warm up for {WARMUP_ITERS} '
+                         f'iterations; train more than that (the table uses 500).')
+    return {'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters,
+            'param_scheduler.1.end': iters, 'default_hooks.checkpoint.interval': iters,
+            'default_hooks.logger.interval': 50}
+
+
+def data_options(data_root):
+    return {f'{loader}.dataset.data_root': str(data_root)
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')}
+
+
+def row_options(variant, seed, iters, data_root):
+    if variant not in VARIANTS:
+        raise KeyError(f'unknown CamVid study variant {variant!r}; choose from {sorted(VARIANTS)}.')
+    config, overrides = VARIANTS[variant]
+    return config, {**overrides, **schedule_options(iters), **data_options(data_root),
+                    'randomness.seed': seed}
+
+
+def _cli_value(value):
+    if isinstance(value, tuple):
+        return '(' + ','.join(map(str, value)) + ')'
+    return str(value)
+
+
+def row_argv(variant, seed, iters, data_root, work_dir=None):
+    """``tools/train.py``'s arguments for one row of the table."""
+    config, options = row_options(variant, seed, iters, data_root)
+    argv = [config] + (['--work-dir', str(work_dir)] if work_dir else [])
+    return argv + ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in options.items()]
+
+
+def row_command(variant, seed, iters, data_root='data/camvid_cityscapes'):
+    """The shell line that trains one row of the table."""
+    return 'python tools/train.py ' + shlex.join(row_argv(variant, seed, iters, data_root))
+
+
+def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None):
+    """A row's config through tools/train.py's own argument path (no model is built)."""
+    argv = row_argv(variant, seed, iters, data_root, work_dir)
+    argv[0] = str(ROOT / argv[0])
+    return config_from_args(parse_args(argv))
+
+
+def run_row(variant, seed, iters, data_root, work_dir):
+    """Train one row; return its fused validation metrics, size and time as a dict (also
+    written to work_dir/result.json)."""
+    start = time.perf_counter()
+    runner = train(row_config(variant, seed, iters, data_root, work_dir))
+    seconds = time.perf_counter() - start
+    hook = next(h for h in runner.hooks if isinstance(h, FusedEvalHook))
+    hub = runner.message_hub
+    model = runner.model
+    result = dict(
+        variant=variant, seed=seed, iters=iters, config=VARIANTS[variant][0],
+        mIoU=hub.get_scalar('val/mIoU').current(), aAcc=hub.get_scalar('val/aAcc').current(),
+        mAcc=hub.get_scalar('val/mAcc').current(),
+        fused_modules=hook.last_report.total,
+        train_params=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(seconds, 1), command=row_command(variant, seed, iters))
+    (Path(work_dir) / 'result.json').write_text(json.dumps(result, indent=1))
+    return result
+
+
+def load_results(out_dir):
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('*/result.json'))]
+
+
+def results_table(results):
+    """Markdown: one line per variant, fused mIoU mean +- sample std over seeds (and each seed),
+    aAcc mean, trained parameters, wall seconds per training run."""
+    by_variant = {}
+    for r in results:
+        by_variant.setdefault(r['variant'], []).append(r)
+    lines = ['| variant | fused mIoU: mean ± std (per seed) | aAcc mean | train params | '
+             's / run |', '|---|---|---|---|---|']
+    for name in [v for v in VARIANTS if v in by_variant]:
+        rows = sorted(by_variant[name], key=lambda r: r['seed'])
+        mious = [r['mIoU'] for r in rows]
+        std = f' ± {statistics.stdev(mious):.2f}' if len(mious) > 1 else ''
+        seeds = ', '.join(f's{r["seed"]} {r["mIoU"]:.2f}' for r in rows)
+        lines.append(
+            f'| {name} | {statistics.mean(mious):.2f}{std} ({seeds}) | '
+            f'{statistics.mean(r["aAcc"] for r in rows):.2f} | '
+            f'{rows[0]["train_params"] / 1e6:.2f} M | '
+            f'{statistics.mean(r["train_seconds"] for r in rows):.0f} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    parser.add_argument('--iters', type=int, default=500)
+    parser.add_argument('--camvid', default=str(ROOT.parent / 'shared/data/camvid'),
+                        help='CamVid source, converted once into --data-root if that is missing')
+    parser.add_argument('--data-root', default='data/camvid_cityscapes')
+    parser.add_argument('--out-dir', default='work_dirs/camvid_study')
+    parser.add_argument('--report-only', action='store_true',
+                        help='print the table of the results already in --out-dir')
+    args = parser.parse_args(argv)
+
+    out = Path(args.out_dir)
+    if not args.report_only:
+        data_root = Path(args.data_root)
+        if not (data_root / 'gtFine' / 'val').is_dir():
+            print(f'converting {args.camvid} -> {data_root}', flush=True)
+            convert_camvid(args.camvid, data_root)
+        for variant in args.variants:
+            for seed in args.seeds:
+                work_dir = out / f'{variant}_seed{seed}_{args.iters}i'
+                if (work_dir / 'result.json').exists():
+                    print(f'{work_dir.name}: done before, kept', flush=True)
+                    continue
+                r = run_row(variant, seed, args.iters, data_root, work_dir)
+                print(f'{work_dir.name}: fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s',
+                      flush=True)
+    results = [r for r in load_results(out) if r['iters'] == args.iters]
+    table = results_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'table_{args.iters}i.md').write_text(table + '\n')
+    print(table)
+    return 0
+
 
 if __name__ == '__main__':
     sys.exit(main())
