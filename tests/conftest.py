@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/ (the measurement code behind tools/benchmark.py) is not installed with the
+# package; tests import it from the checkout, as the tools do.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 SHARED_DATA = (ROOT.parent / 'shared' / 'data').resolve()
 
 # Two cores here: keep torch from oversubscribing when several tests build models.
 os.environ.setdefault('OMP_NUM_THREADS', '2')
+# Triton kernels run under Triton's interpreter on CPU tensors unless the caller says otherwise
+# (TRITON_INTERPRET=0 on a GPU machine tests them compiled). Set before anything imports the
+# kernel module: triton reads it when it decorates the kernels.
+os.environ.setdefault('TRITON_INTERPRET', '1')
 # The large-kernel dispatch times its candidates once per call signature and caches the choice
 # in $REPARAM_MM_CACHE: each test session starts from an empty cache of its own, so a run never
 # depends on what an earlier one measured (subprocesses such as torchrun inherit it).
