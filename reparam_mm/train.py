@@ -160,6 +160,11 @@ def check_pretrained_files(cfg):
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from .layers.large_kernel import set_dispatch_mode
+    # `large_dw_dispatch = 'fixed'` (or --cfg-options large_dw_dispatch=fixed) turns the
+    # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
+    set_dispatch_mode(cfg.get('large_dw_dispatch', None))
     prepare_cpu_distributed(cfg)
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
@@ -175,10 +180,10 @@ def train(cfg, hooks=()):
     """
     check_pretrained_files(cfg)
     runner = build_runner(cfg)
-    runner.train()
-    return runner
     for hook in hooks:
         runner.register_hook(hook)
+    runner.train()
+    return runner
 
 
 def main(argv=None):

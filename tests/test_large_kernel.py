@@ -378,3 +378,19 @@ def test_weight_dtype_mismatch_is_one_sentence():
     x, w, p = _call()
     with pytest.raises(TypeError, match='input is torch.bfloat16 but weight is torch.float32; cast'):
         large_depthwise_conv2d(x.bfloat16(), w, None, 1, p)
+
+
+def test_config_key_sets_the_mode_for_a_run(monkeypatch):
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from reparam_mm.train import build_runner
+    monkeypatch.setattr(Runner, 'from_cfg', classmethod(lambda cls, cfg: 'runner'))
+    monkeypatch.setitem(large_kernel._state, 'mode', None)
+    x, w, p = _call()
+    assert build_runner(Config(dict(large_dw_dispatch='fixed'))) == 'runner'
+    assert large_kernel._mode() == 'fixed'
+    build_runner(Config(dict()))  # absent: back to the environment's mode (tuned by default)
+    assert large_kernel._mode() == 'tuned'
+    with pytest.raises(ValueError, match="large_dw_dispatch='fast' is not a large-kernel"):
+        build_runner(Config(dict(large_dw_dispatch='fast')))

@@ -1,7 +1,7 @@
 """Test (and evaluate) a segmentor or detector, FUSED by default.
 
     python tools/test.py CONFIG CHECKPOINT [--no-fuse] [--work-dir D] [--out O] [--show-dir S]
-                         [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi] [--tta]
+                         [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi] [--tta] [--amp]
 
 Arguments as mmseg / mmdet ``tools/test.py``; the config's ``default_scope`` picks which. The
 checkpoint is loaded strictly: a deploy checkpoint in a training config (or the reverse) is an
@@ -34,6 +34,8 @@ def parse_args(argv=None):
                         help='override config settings, key=value pairs as in mmengine')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    parser.add_argument('--amp', action='store_true',
+                        help='test under autocast (bf16 on CPU, fp16 on CUDA)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
@@ -44,7 +46,8 @@ def main(argv=None):
     args = parse_args(argv)
     metrics = run_test(args.config, args.checkpoint, fuse=not args.no_fuse, work_dir=args.work_dir,
                        out=args.out, show=args.show, show_dir=args.show_dir, wait_time=args.wait_time,
-                       cfg_options=args.cfg_options, launcher=args.launcher, tta=args.tta)
+                       cfg_options=args.cfg_options, launcher=args.launcher, tta=args.tta,
+                       amp=args.amp)
     print(f"{'unfused' if args.no_fuse else 'fused'} model metrics: {json.dumps(metrics, default=float)}")
     return metrics
 

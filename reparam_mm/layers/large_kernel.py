@@ -175,8 +175,11 @@ def candidates(x, kernel_size, stride=1, padding=0, dilation=1):
         names.append('direct_channels_last')
     if x.device.type in ('cpu', 'cuda') and _fft_fits(x, kernel_size, stride, padding, dilation):
         names.append('fft')
-    if (_pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and not isinstance(padding, str)
-            and x.dtype in (torch.float32,) + _HALF_DTYPES and _triton_available(x)):
+    # on CPU tensors Triton runs only in its interpreter (tests): never timed, only when forced
+    triton_device = x.device.type == 'cuda' or _state['forced'] == 'triton'
+    if (triton_device and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
+            and not isinstance(padding, str) and x.dtype in (torch.float32,) + _HALF_DTYPES
+            and _triton_available(x)):
         names.append('triton')
     return names
 
