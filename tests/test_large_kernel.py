@@ -394,3 +394,19 @@ def test_config_key_sets_the_mode_for_a_run(monkeypatch):
     assert large_kernel._mode() == 'tuned'
     with pytest.raises(ValueError, match="large_dw_dispatch='fast' is not a large-kernel"):
         build_runner(Config(dict(large_dw_dispatch='fast')))
+
+
+def test_dispatch_runs_the_triton_candidate_when_forced():
+    pytest.importorskip('triton')
+    from reparam_mm.layers.triton_dw import triton_available
+    x = torch.randn(1, 3, 9, 11).contiguous(memory_format=torch.channels_last)
+    if not triton_available(x):
+        pytest.skip('Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py)')
+    w, b = torch.randn(3, 1, 7, 5), torch.randn(3)
+    assert 'triton' not in candidates(x, (7, 5), 1, (3, 2))  # never timed on CPU
+    with forced_candidate('triton'):
+        assert large_kernel.choose(x, w, b, 1, (3, 2)) == 'triton'
+        out = large_depthwise_conv2d(x, w, b, 1, (3, 2))
+    ref = F.conv2d(x.contiguous(), w, b, 1, (3, 2), 1, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
