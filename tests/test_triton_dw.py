@@ -5,6 +5,7 @@ unless it is set); with TRITON_INTERPRET=0 and a GPU, the same tests run the com
 CUDA tensors. References are F.conv2d in float64 from the same (rounded) inputs.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,16 @@ def test_no_grad_and_checkpoint_and_expanded_gradient():
 
 
 @needs_triton
+def test_empty_batch():
+    (x, weight, b), _ = _inputs(0, 3, 8, 8, 7, 7, False, True, torch.float32, 1)
+    out = triton_depthwise_conv2d(x, weight, b)
+    assert out.shape == (0, 3, 8, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@needs_triton
 def test_autocast_computes_in_the_autocast_dtype_like_f_conv2d():
     (x, weight, b), g = _inputs(1, 3, 8, 9, 7, 7, True, True, torch.float32, 5)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -203,3 +214,30 @@ def test_bound_seconds_hand_computed():
     # the bound is the larger of the two
     assert bound_seconds(2, 4, 8, 8, 3, 3, torch.bfloat16, 1e3, 1e3, False) == pytest.approx(4.608)
 
+
+
+@pytest.mark.slow  # ~15 s: 31 kernel compilations through LLVM and ptxas
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_every_block_configuration_compiles_for_the_h200(tmp_path):
+    """No GPU needed: triton lowers each configuration to sm_90 machine code with its own ptxas.
+
+    The interpreter checks values; this checks that the same kernels compile for the GPU (a
+    dot shape or layout the compiler refuses would otherwise surface only on the device).
+    """
+    code = ('import json, sys\n'
+            'from reparam_mm.layers._triton_dw_kernels import compile_configs\n'
+            'json.dump(compile_configs(90, ("bf16", "fp32"), first_only=("fp32",)), sys.stdout)\n')
+    env = dict(os.environ, TRITON_INTERPRET='0', TRITON_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                          timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout)
+    assert {(r['kernel'], r['dtype']) for r in records} == {
+        (k, d) for k in ('conv', 'wgrad', 'channel_sum') for d in ('bf16', 'fp32')}
+    for r in records:
+        if r['kernel'] == 'channel_sum':
+            continue
+        # the convolutions are tensor-core products; one channel per program at 64+ rows is
+        # a 2-D tile, which Hopper runs as warpgroup MMAs
+        wide = r['config']['BC'] == 1 and r['config'].get('BH', 0) >= 64
+        assert r['mma'] == ('wgmma' if wide else 'mma.sync'), r

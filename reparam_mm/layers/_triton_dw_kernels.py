@@ -86,32 +86,56 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     oy0 = (tile // n_tw) * BH
     ox0 = (tile % n_tw) * BW
 
-    c = cb * BC + tl.arange(0, BC)
-    cmask = c < C
     oy = oy0 + tl.arange(0, BH)
     ox = ox0 + tl.arange(0, BW)
     kk = tl.arange(0, BK)
     band = kk[:, None] - tl.arange(0, BW)[None, :]  # t - q of the banded matrix, (BK, BW)
-    x_c = x_ptr + n * sxn + c[:, None, None] * sxc
-    w_c = w_ptr + c[:, None, None] * swc
-    acc = tl.zeros((BC, BH, BW), dtype=tl.float32)
-    for i in range(KH):
-        ih = oy + (i - PH)
-        h_ok = cmask[:, None, None] & ((ih >= 0) & (ih < H))[None, :, None]
-        x_row = x_c + ih[None, :, None] * sxh
-        for t0 in range(0, BW + KW - 1, BK):
-            iw = ox0 - PW + t0 + kk
-            a = tl.load(x_row + iw[None, None, :] * sxw,
-                        mask=h_ok & ((iw >= 0) & (iw < W))[None, None, :], other=0.0)
-            j = t0 + band
-            b = tl.load(w_c + i * swh + j[None, :, :] * sww,
-                        mask=cmask[:, None, None] & ((j >= 0) & (j < KW))[None, :, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
-    y_mask = cmask[:, None, None] & (oy < OH)[None, :, None] & (ox < OW)[None, None, :]
-    y_off = n * syn + c[:, None, None] * syc + oy[None, :, None] * syh + ox[None, None, :] * syw
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if BC == 1:
+        # one channel: 2-D tiles, so that Hopper runs the product as one wgmma per chunk
+        x_c = x_ptr + n * sxn + cb * sxc
+        w_c = w_ptr + cb * swc
+        acc2 = tl.zeros((BH, BW), dtype=tl.float32)
+        for i in range(KH):
+            ih = oy + (i - PH)
+            h_ok = ((ih >= 0) & (ih < H))[:, None]
+            x_row = x_c + ih[:, None] * sxh
+            for t0 in range(0, BW + KW - 1, BK):
+                iw = ox0 - PW + t0 + kk
+                a = tl.load(x_row + iw[None, :] * sxw, mask=h_ok & ((iw >= 0) & (iw < W))[None, :],
+                            other=0.0)
+                j = t0 + band
+                b = tl.load(w_c + i * swh + j * sww, mask=(j >= 0) & (j < KW), other=0.0)
+                acc2 = tl.dot(a, b, acc2, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc2 += tl.load(b_ptr + cb).to(tl.float32)
+        y_mask = (oy < OH)[:, None] & (ox < OW)[None, :]
+        y_off = n * syn + cb * syc + oy[:, None] * syh + ox[None, :] * syw
+        tl.store(y_ptr + y_off, acc2.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        # a channel block: batched (BC, BH, BK) @ (BC, BK, BW) products; in channels_last a
+        # block of neighbouring channels is one coalesced load per pixel
+        c = cb * BC + tl.arange(0, BC)
+        cmask = c < C
+        x_c = x_ptr + n * sxn + c[:, None, None] * sxc
+        w_c = w_ptr + c[:, None, None] * swc
+        acc = tl.zeros((BC, BH, BW), dtype=tl.float32)
+        for i in range(KH):
+            ih = oy + (i - PH)
+            h_ok = cmask[:, None, None] & ((ih >= 0) & (ih < H))[None, :, None]
+            x_row = x_c + ih[None, :, None] * sxh
+            for t0 in range(0, BW + KW - 1, BK):
+                iw = ox0 - PW + t0 + kk
+                a = tl.load(x_row + iw[None, None, :] * sxw,
+                            mask=h_ok & ((iw >= 0) & (iw < W))[None, None, :], other=0.0)
+                j = t0 + band
+                b = tl.load(w_c + i * swh + j[None, :, :] * sww,
+                            mask=cmask[:, None, None] & ((j >= 0) & (j < KW))[None, :, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+        y_mask = cmask[:, None, None] & (oy < OH)[None, :, None] & (ox < OW)[None, None, :]
+        y_off = n * syn + c[:, None, None] * syc + oy[None, :, None] * syh + ox[None, None, :] * syw
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -222,9 +246,12 @@ if INTERPRET:
     _SUM_CONFIGS = {'cf': [_cfg(BC=1, BP=64)], 'cl': [_cfg(BC=2, BP=32)]}
 else:
     _CONV_CONFIGS = {
+        # BC = 1 runs 2-D tiles (wgmma on Hopper from BH = 64); a 31-wide kernel wastes least
+        # at BW = 32 (62 band columns padded to 64), a 13-wide one at BK = 16
         'cf': [_cfg(BC=1, BH=64, BW=64, BK=32), _cfg(BC=1, BH=64, BW=32, BK=32),
-               _cfg(BC=1, BH=128, BW=32, BK=32, num_warps=8), _cfg(BC=1, BH=32, BW=32, BK=32),
-               _cfg(BC=4, BH=16, BW=16, BK=32)],
+               _cfg(BC=1, BH=64, BW=32, BK=16), _cfg(BC=1, BH=128, BW=32, BK=32, num_warps=8),
+               _cfg(BC=1, BH=128, BW=64, BK=32, num_warps=8),
+               _cfg(BC=4, BH=16, BW=16, BK=16)],  # small planes (16 x 16 at RepLKNet's stage 4)
         'cl': [_cfg(BC=16, BH=16, BW=16, BK=16), _cfg(BC=8, BH=16, BW=32, BK=32),
                _cfg(BC=8, BH=32, BW=32, BK=16, num_warps=8), _cfg(BC=4, BH=32, BW=32, BK=32),
                _cfg(BC=32, BH=16, BW=16, BK=16, num_warps=8)],
@@ -255,3 +282,53 @@ def _tuned(fn, configs, key):
 conv = _tuned(_dw_conv_kernel, _CONV_CONFIGS, _CONV_KEY)
 wgrad = _tuned(_dw_conv_wgrad_kernel, _WGRAD_CONFIGS, _WGRAD_KEY)
 channel_sum = _tuned(_channel_sum_kernel, _SUM_CONFIGS, _SUM_KEY)
+
+
+def compile_configs(arch=90, dtypes=('bf16', 'fp16', 'fp32'), first_only=()):
+    """Compile every block configuration for CUDA ``sm_<arch>`` here, without a GPU.
+
+    Triton lowers to PTX and runs the ptxas it ships, so a CPU-only machine can check that the
+    kernels the interpreter tested also compile for the H200 (sm_90), and what each costs in
+    shared memory. Needs the compiled (not interpreted) kernels: ``TRITON_INTERPRET`` unset or 0.
+    ``first_only``: dtypes for which only the first configuration of each family is compiled.
+    Returns one dict per compiled kernel: kernel, family, dtype, config, seconds, shared (bytes),
+    mma ('wgmma', 'mma.sync' or 'none': the tensor-core instruction in the PTX).
+    """
+    import time
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if INTERPRET:
+        raise RuntimeError('compile_configs needs TRITON_INTERPRET unset or 0: under the '
+                           'interpreter there is nothing to compile.')
+    target = GPUTarget('cuda', arch, 32)
+    jobs = [('conv', _dw_conv_kernel, _CONV_CONFIGS, {'b_ptr': '*fp32'},
+             {'HAS_BIAS': True}),
+            ('wgrad', _dw_conv_wgrad_kernel, _WGRAD_CONFIGS, {'part_ptr': '*fp32'},
+             {'BKH': 32, 'BKW': 32}),
+            ('channel_sum', _channel_sum_kernel, _SUM_CONFIGS, {'part_ptr': '*fp32'}, {})]
+    records = []
+    for dtype in dtypes:
+        precision = 'tf32x3' if dtype == 'fp32' else 'tf32'
+        for name, fn, families, pointer_types, constants in jobs:
+            for family, configs in families.items():
+                for config in configs[:1] if dtype in first_only else configs:
+                    consts = dict(constants, **config.kwargs)
+                    if 'PRECISION' in fn.arg_names:
+                        consts['PRECISION'] = precision
+                    signature = {a: 'constexpr' if a in consts else
+                                 pointer_types.get(a, f'*{dtype}' if a.endswith('_ptr') else 'i32')
+                                 for a in fn.arg_names}
+                    start = time.perf_counter()
+                    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                                              target=target,
+                                              options={'num_warps': config.num_warps,
+                                                       'num_stages': config.num_stages})
+                    ptx = compiled.asm['ptx']
+                    records.append(dict(
+                        kernel=name, family=family, dtype=dtype, config=dict(
+                            config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages),
+                        seconds=time.perf_counter() - start, shared=compiled.metadata.shared,
+                        mma='wgmma' if 'wgmma.mma_async' in ptx else
+                        'mma.sync' if 'mma.sync' in ptx else 'none'))
+    return records

@@ -109,8 +109,8 @@ def _conv(x, w, bias, ph, pw, oh, ow, channels_last):
     kernel = k.conv[_family(x)]
 
     def grid(meta):
-        return (n * triton_cdiv(c, meta['BC']) * triton_cdiv(oh, meta['BH'])
-                * triton_cdiv(ow, meta['BW']),)
+        return (n * _cdiv(c, meta['BC']) * _cdiv(oh, meta['BH'])
+                * _cdiv(ow, meta['BW']),)
 
     kernel[grid](x, w, bias if bias is not None else w, y,
                  n, c, h, wd, oh, ow, w.shape[1], w.shape[2], ph, pw,
@@ -126,16 +126,18 @@ def _wgrad(x, g, kh, kw, ph, pw):
     oh, ow = g.shape[-2:]
     fam = _family(x)
     bkh, bkw = _tap_block(kh), _tap_block(kw)
-    tap_blocks = triton_cdiv(kh, bkh) * triton_cdiv(kw, bkw)
+    tap_blocks = _cdiv(kh, bkh) * _cdiv(kw, bkw)
     rows = n * oh
-    programs = triton_cdiv(c, k.WGRAD_MIN_BC[fam]) * tap_blocks
-    splits = max(1, min(triton_cdiv(8 * _sm_count(x), programs), triton_cdiv(rows, 8)))
-    rows_per_split = triton_cdiv(rows, splits)
-    splits = triton_cdiv(rows, rows_per_split)
+    if rows == 0:
+        return torch.zeros((c, kh, kw), dtype=torch.float32, device=x.device)
+    programs = _cdiv(c, k.WGRAD_MIN_BC[fam]) * tap_blocks
+    splits = max(1, min(_cdiv(8 * _sm_count(x), programs), _cdiv(rows, 8)))
+    rows_per_split = _cdiv(rows, splits)
+    splits = _cdiv(rows, rows_per_split)
     part = torch.empty((splits, c, kh, kw), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton_cdiv(c, meta['BC']) * tap_blocks * splits,)
+        return (_cdiv(c, meta['BC']) * tap_blocks * splits,)
 
     k.wgrad[fam][grid](x, g, part, n, c, h, wd, oh, ow, kh, kw, ph, pw, rows_per_split,
                        *x.stride(), *g.stride(),
@@ -148,19 +150,21 @@ def _channel_sum(g):
     k = _load_kernels()
     n, c, oh, ow = g.shape
     total = n * oh * ow
-    splits = max(1, min(triton_cdiv(8 * _sm_count(g), c), triton_cdiv(total, 4096)))
-    per_split = triton_cdiv(total, splits)
-    splits = triton_cdiv(total, per_split)
+    if total == 0:
+        return torch.zeros(c, dtype=torch.float32, device=g.device)
+    splits = max(1, min(_cdiv(8 * _sm_count(g), c), _cdiv(total, 4096)))
+    per_split = _cdiv(total, splits)
+    splits = _cdiv(total, per_split)
     part = torch.empty((splits, c), dtype=torch.float32, device=g.device)
 
     def grid(meta):
-        return (triton_cdiv(c, meta['BC']) * splits,)
+        return (_cdiv(c, meta['BC']) * splits,)
 
     k.channel_sum[_family(g)][grid](g, part, c, oh, ow, per_split, total, *g.stride())
     return part.sum(0)
 
 
-def triton_cdiv(a, b):
+def _cdiv(a, b):
     return -(-a // b)
 
 
