@@ -90,22 +90,25 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     ox = ox0 + tl.arange(0, BW)
     kk = tl.arange(0, BK)
     band = kk[:, None] - tl.arange(0, BW)[None, :]  # t - q of the banded matrix, (BK, BW)
+    # one flat loop over (kernel row, chunk) pairs, so that the software pipeline spans them all
+    # (an inner loop of 2-3 chunks would leave it nothing to overlap)
+    n_chunks = tl.cdiv(BW + KW - 1, BK)
     if BC == 1:
         # one channel: 2-D tiles, so that Hopper runs the product as one wgmma per chunk
         x_c = x_ptr + n * sxn + cb * sxc
         w_c = w_ptr + cb * swc
         acc2 = tl.zeros((BH, BW), dtype=tl.float32)
-        for i in range(KH):
+        for step in range(KH * n_chunks):
+            i = step // n_chunks
+            t0 = (step - i * n_chunks) * BK
             ih = oy + (i - PH)
-            h_ok = ((ih >= 0) & (ih < H))[:, None]
-            x_row = x_c + ih[:, None] * sxh
-            for t0 in range(0, BW + KW - 1, BK):
-                iw = ox0 - PW + t0 + kk
-                a = tl.load(x_row + iw[None, :] * sxw, mask=h_ok & ((iw >= 0) & (iw < W))[None, :],
-                            other=0.0)
-                j = t0 + band
-                b = tl.load(w_c + i * swh + j * sww, mask=(j >= 0) & (j < KW), other=0.0)
-                acc2 = tl.dot(a, b, acc2, input_precision=PRECISION)
+            iw = ox0 - PW + t0 + kk
+            a = tl.load(x_c + ih[:, None] * sxh + iw[None, :] * sxw,
+                        mask=((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :],
+                        other=0.0)
+            j = t0 + band
+            b = tl.load(w_c + i * swh + j * sww, mask=(j >= 0) & (j < KW), other=0.0)
+            acc2 = tl.dot(a, b, acc2, input_precision=PRECISION)
         if HAS_BIAS:
             acc2 += tl.load(b_ptr + cb).to(tl.float32)
         y_mask = (oy < OH)[:, None] & (ox < OW)[None, :]
@@ -119,18 +122,18 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         x_c = x_ptr + n * sxn + c[:, None, None] * sxc
         w_c = w_ptr + c[:, None, None] * swc
         acc = tl.zeros((BC, BH, BW), dtype=tl.float32)
-        for i in range(KH):
+        for step in range(KH * n_chunks):
+            i = step // n_chunks
+            t0 = (step - i * n_chunks) * BK
             ih = oy + (i - PH)
-            h_ok = cmask[:, None, None] & ((ih >= 0) & (ih < H))[None, :, None]
-            x_row = x_c + ih[None, :, None] * sxh
-            for t0 in range(0, BW + KW - 1, BK):
-                iw = ox0 - PW + t0 + kk
-                a = tl.load(x_row + iw[None, None, :] * sxw,
-                            mask=h_ok & ((iw >= 0) & (iw < W))[None, None, :], other=0.0)
-                j = t0 + band
-                b = tl.load(w_c + i * swh + j[None, :, :] * sww,
-                            mask=cmask[:, None, None] & ((j >= 0) & (j < KW))[None, :, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            iw = ox0 - PW + t0 + kk
+            a_ok = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            a = tl.load(x_c + (ih[:, None] * sxh + iw[None, :] * sxw)[None, :, :],
+                        mask=cmask[:, None, None] & a_ok[None, :, :], other=0.0)
+            j = t0 + band
+            b = tl.load(w_c + i * swh + j[None, :, :] * sww,
+                        mask=cmask[:, None, None] & ((j >= 0) & (j < KW))[None, :, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
         y_mask = cmask[:, None, None] & (oy < OH)[None, :, None] & (ox < OW)[None, None, :]
@@ -179,26 +182,25 @@ def _dw_conv_wgrad_kernel(x_ptr, g_ptr, part_ptr,
     x_c = x_ptr + c[:, None, None] * sxc
     g_c = g_ptr + c[:, None, None] * sgc
     acc = tl.zeros((BC, BKH, BKW), dtype=tl.float32)
-    for r0 in range(r_lo, r_hi, BR):
-        r = r0 + kr
+    # one flat loop over (row group, column chunk) pairs, for the software pipeline
+    n_chunks = tl.cdiv(p_hi - p_lo, BS)
+    for step in range(tl.cdiv(r_hi - r_lo, BR) * n_chunks):
+        group = step // n_chunks
+        r = r_lo + group * BR + kr
+        p = p_lo + (step - group * n_chunks) * BS + ks
         r_ok = r < r_hi
         n = r // OH
         oy = r % OH
         ih = oy[None, :] + i[:, None] - PH  # (BKH, BR*BS)
-        a_row_ok = r_ok[None, :] & (ih >= 0) & (ih < H)
-        a_row = n[None, :] * sxn + ih * sxh
-        g_row = n * sgn + oy * sgh
-        for p0 in range(p_lo, p_hi, BS):
-            p = p0 + ks
-            iw = p - PW
-            a_ok = a_row_ok & ((iw >= 0) & (iw < W))[None, :]
-            a = tl.load(x_c + (a_row + iw[None, :] * sxw)[None, :, :],
-                        mask=cmask[:, None, None] & a_ok[None, :, :], other=0.0)
-            gx = p[:, None] - j[None, :]  # (BR*BS, BKW)
-            b_ok = r_ok[:, None] & (gx >= 0) & (gx < OW)
-            b = tl.load(g_c + (g_row[:, None] + gx * sgw)[None, :, :],
-                        mask=cmask[:, None, None] & b_ok[None, :, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        iw = p - PW
+        a_ok = r_ok[None, :] & (ih >= 0) & (ih < H) & ((iw >= 0) & (iw < W))[None, :]
+        a = tl.load(x_c + (n[None, :] * sxn + ih * sxh + iw[None, :] * sxw)[None, :, :],
+                    mask=cmask[:, None, None] & a_ok[None, :, :], other=0.0)
+        gx = p[:, None] - j[None, :]  # (BR*BS, BKW)
+        b_ok = r_ok[:, None] & (gx >= 0) & (gx < OW)
+        b = tl.load(g_c + ((n * sgn + oy * sgh)[:, None] + gx * sgw)[None, :, :],
+                    mask=cmask[:, None, None] & b_ok[None, :, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     out_ok = cmask[:, None, None] & (i < KH)[None, :, None] & (j < KW)[None, None, :]
     out_off = ((split * C + c[:, None, None]) * KH + i[None, :, None]) * KW + j[None, None, :]
     tl.store(part_ptr + out_off, acc, mask=out_ok)
