@@ -16,88 +16,22 @@ import inspect
 import itertools
 import os
 import os.path as osp
-import re
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 from mmengine.config import Config, ConfigDict
-from mmengine.model import BaseTTAModel, is_model_wrapper
 
+from .batches import synthetic_batch
+from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint_strict
 from .fuse import fuse_with_report
-from .hooks import compare_outputs
+from .outputs import compare_outputs, tensor_outputs
+from .scope import init_scope
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
-           'build_test_runner',
-           'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model', 'dummy_batch']
+           'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
 
-SCOPES = ('mmseg', 'mmdet')
 _RUN_IDS = itertools.count()
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's keys or shapes differ from the model's."""
-
-
-def _scope(cfg):
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f"config default_scope is {scope!r}; reparam_mm's tools support "
-                         f"{' and '.join(SCOPES)} configs, so set default_scope to one of them.")
-    importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
-    return scope
-
-
-def _target(model):
-    """The module whose state dict a checkpoint holds (no DDP, no TTA wrapper)."""
-    model = model.module if is_model_wrapper(model) else model
-    return model.module if isinstance(model, BaseTTAModel) else model
-
-
-def _few(keys, n=4):
-    keys = list(keys)
-    return ', '.join(keys[:n]) + (f' ... (+{len(keys) - n})' if len(keys) > n else '')
-
-
-def check_state_dict(model, state_dict, source='checkpoint', meta=None):
-    """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
-    expected = _target(model).state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
-        return
-    info = (meta or {}).get('reparam_mm', {})
-    if info.get('deploy'):
-        hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
-                f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
-    else:
-        hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
-                'the deploy config written by tools/fuse.py')
-    parts = [f'{len(missing)} missing keys ({_few(missing)})' if missing else '',
-             f'{len(unexpected)} unexpected keys ({_few(unexpected)})' if unexpected else '',
-             f'{len(shapes)} shape mismatches ({_few(shapes, 2)})' if shapes else '']
-    raise CheckpointMismatchError(
-        f"{source} does not match the model built from the config: {'; '.join(p for p in parts if p)}"
-        f' -- {hint}.')
-
-
-def load_checkpoint_strict(model, filename, map_location='cpu'):
-    """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint."""
-    from mmengine.runner.checkpoint import _load_checkpoint
-    if '://' not in str(filename) and not osp.isfile(filename):
-        raise FileNotFoundError(f'checkpoint {filename} does not exist; pass the .pth file written '
-                                'by training (work_dirs/...) or by tools/fuse.py.')
-    checkpoint = _load_checkpoint(str(filename), map_location=map_location)
-    state = checkpoint.get('state_dict', checkpoint)
-    metadata = getattr(state, '_metadata', None)
-    state = OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state.items())
-    if metadata is not None:
-        state._metadata = OrderedDict((re.sub(r'^module\.?', '', k), v) for k, v in metadata.items())
-    check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
-    _target(model).load_state_dict(state, strict=True)
-    return checkpoint
 
 
 # -- tools/test.py -------------------------------------------------------------------------------
@@ -141,7 +75,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    scope = _scope(cfg)
+    scope = init_scope(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     if work_dir is not None:
         cfg.work_dir = work_dir
@@ -246,7 +180,7 @@ def deploy_config(cfg):
     """
     cfg = copy.deepcopy(cfg)
     changes = []
-    cfg.model = _rewrite(cfg.model, 'model', changes, _scope(cfg))
+    cfg.model = _rewrite(cfg.model, 'model', changes, init_scope(cfg))
     cfg.load_from = None
     cfg.resume = False
     return cfg, changes
@@ -254,29 +188,12 @@ def deploy_config(cfg):
 
 def build_model(cfg):
     from mmengine.registry import MODELS
-    _scope(cfg)
+    init_scope(cfg)
     return MODELS.build(cfg.model)
 
 
-def dummy_batch(cfg, height, width, batch=1, seed=0):
-    """``(inputs, data_samples)`` for ``model(..., mode='tensor')`` without a dataset."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, 3, height, width, generator=g)
-    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
-                batch_input_shape=(height, width), scale_factor=(1.0, 1.0))
-    if _scope(cfg) == 'mmseg':
-        from mmseg.structures import SegDataSample as Sample
-    else:
-        from mmdet.structures import DetDataSample as Sample
-    return inputs, [Sample(metainfo=meta) for _ in range(batch)]
-
-
-@torch.no_grad()
-def _outputs(model, inputs, samples):
-    return model(inputs, copy.deepcopy(samples), mode='tensor')
-
-
 def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4):
+    """The model of ``cfg`` (mmseg or mmdet scope), built in its scope."""
     """Write ``<stem>_deploy.pth`` and ``<stem>_deploy.py`` to ``out_dir``; return a summary dict.
 
     The deploy model (built from the rewritten config, loaded strictly with
@@ -288,8 +205,8 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     model = build_model(cfg)
     ckpt = load_checkpoint_strict(model, checkpoint)
     model.eval()
-    inputs, samples = dummy_batch(cfg, *shape)
-    reference = _outputs(model, inputs, samples)
+    batch = synthetic_batch(cfg, *shape)
+    reference = tensor_outputs(model, batch)
 
     fused, report = fuse_with_report(model)
     state = fused.state_dict()
@@ -297,7 +214,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     deploy = build_model(dcfg)
     check_state_dict(deploy, state, f'the fused weights of {checkpoint}')
     deploy.load_state_dict(state, strict=True)
-    check = compare_outputs(reference, _outputs(deploy.eval(), inputs, samples))
+    check = compare_outputs(reference, tensor_outputs(deploy, batch))
     if not check['same_structure'] or check['max_rel'] > tolerance:
         raise RuntimeError(
             f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "

@@ -16,6 +16,10 @@ by exactly what an mmengine checkpoint holds:
 
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is never set; a checkpoint holding any
 other object is still refused. Imported first by ``reparam_mm/__init__.py``.
+
+It also makes :func:`reparam_mm.checkpoint.load_from_local` mmengine's loader of
+local files, so a truncated or damaged checkpoint is one sentence naming the
+file and the fix wherever it is loaded (resume, load_from, pretrained, test).
 """
 import numpy as np
 import torch
@@ -48,9 +52,12 @@ def patch_checkpoint_loading():
         return
     from mmengine.logging.history_buffer import HistoryBuffer
 
+    from .checkpoint import register_local_loader
+
     HistoryBuffer.__getstate__ = _plain_history_buffer_state
     if hasattr(torch.serialization, 'add_safe_globals'):  # torch >= 2.4
         torch.serialization.add_safe_globals([HistoryBuffer, *numpy_safe_globals()])
+    register_local_loader()
     _PATCHED = True
 
 

@@ -42,6 +42,8 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .layers.bn_fold import bn_folded_kernel
+
 __all__ = ['FuseReport', 'fuse', 'fuse_with_report', 'count_params', 'fusable_modules',
            'fuse_convention', 'CONVENTIONS', 'DEPLOY_FLAGS']
 
@@ -229,18 +231,6 @@ def _reparam_tree(module: nn.Module, counts: Counter, by_convention: Counter,
     if convention == 'fuse':  # whatever the returned module still holds that its fuse() left
         _reparam_children(new, counts, by_convention, path, under_fuse)
     return new
-
-
-def bn_folded_kernel(conv: _ConvNd, bn: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64."""
-    w = conv.weight
-    std = (bn.running_var.to(torch.float64) + bn.eps).sqrt()
-    gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(std)
-    scale = gamma / std
-    bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(std)
-    return (w.to(torch.float64) * scale.reshape(-1, *([1] * (w.dim() - 1))),
-            (bias - bn.running_mean.to(torch.float64)) * scale + beta)
 
 
 @torch.no_grad()

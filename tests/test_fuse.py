@@ -383,23 +383,21 @@ CASES = [('mmseg', 'upernet', 'doconv'), ('mmseg', 'upernet', 'replknet'),
 @pytest.mark.parametrize('scope,arch,backbone', CASES, ids=['-'.join(c[1:]) for c in CASES])
 def test_fuse_real_models(scope, arch, backbone):
     from mmengine.config import Config
-    from reparam_mm.apis import dummy_batch
-    from reparam_mm.hooks import compare_outputs
+    from reparam_mm.batches import synthetic_batch
+    from reparam_mm.outputs import compare_outputs, tensor_outputs
     cfg = seg_model_cfg(backbone) if scope == 'mmseg' else det_model_cfg(arch, backbone)
     torch.manual_seed(0)
     model = perturb(build(cfg, scope)).eval()
     assert _unfused_parts(model)
-    inputs, samples = dummy_batch(Config(dict(default_scope=scope)), 64, 64)
-    with torch.no_grad():
-        ref = model(inputs, copy.deepcopy(samples), mode='tensor')
+    batch = synthetic_batch(Config(dict(default_scope=scope)), 64, 64)
+    ref = tensor_outputs(model, copy.deepcopy(batch))
 
     fused, report = fuse_with_report(copy.deepcopy(model))
     assert _unfused_parts(fused) == []
     assert report.fused.get('DOConv2d', 0) > 0 and report.params_after < report.params_before
     if backbone == 'replknet':
         assert report.fused['ReparamLargeKernelConv'] == 5  # 'tiny': 1 + 1 + 2 + 1 blocks
-    with torch.no_grad():
-        check = compare_outputs(ref, fused(inputs, copy.deepcopy(samples), mode='tensor'))
+    check = compare_outputs(ref, tensor_outputs(fused, copy.deepcopy(batch)))
     assert check['same_structure'] and check['max_rel'] < 1e-5, check
 
     state = {k: v.clone() for k, v in fused.state_dict().items()}

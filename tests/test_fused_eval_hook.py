@@ -9,7 +9,8 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 import reparam_mm  # noqa: F401
-from reparam_mm.hooks import FusedEvalHook, compare_outputs, flatten_tensors
+from reparam_mm.hooks import FusedEvalHook
+from reparam_mm.outputs import compare_outputs, flatten_tensors
 from test_fuse import ToyDOConv, ToyRepBlock
 
 _COUNT = [0]

@@ -286,9 +286,9 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
     with pytest.raises(ValueError) as err:
         model.init_weights()
     msg = str(err.value)
-    for needle in ('missing 1 (e.g. stages.1.blocks.0.pw1.bn.running_var)',
-                   'unexpected 1 (e.g. stages.1.blocks.0.pw3.conv.weight)',
-                   'wrong shape 1 (e.g. stem.0.conv.weight)'):
+    for needle in ('1 missing keys (stages.1.blocks.0.pw1.bn.running_var)',
+                   '1 unexpected keys (stages.1.blocks.0.pw3.conv.weight)',
+                   '1 shape mismatches (stem.0.conv.weight (16, 3, 5, 5) vs (16, 3, 3, 3))'):
         assert needle in msg
     for k, v in model.state_dict().items():  # nothing was partially loaded
         assert torch.equal(v, before[k])

@@ -54,25 +54,15 @@ def test_shape_mismatch_and_missing_file_are_clear(tmp_path):
 
 
 # -- tools/test.py and tools/fuse.py on tiny generated datasets ----------------------------------------
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
 import re  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from conftest import load_tool  # noqa: E402
 from test_fuse import build, det_model_cfg, perturb, seg_model_cfg  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'reparam_tools_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _scene(i):
@@ -168,7 +158,7 @@ def write_case(tmp_path, cfg_dict, seed=0):
 
 def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
-    test = _tool('test')
+    test = load_tool('test')
     fused = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf'), '--out', str(tmp_path / 'pf')])
     log = capsys.readouterr().out
     assert 'fused 29 module(s) (DOConv2d: 29)' in log and 'max rel diff' in log and 'mIoU' in log
@@ -184,7 +174,7 @@ def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
 
 def test_tools_test_detector_fused_equals_unfused(tmp_path, capsys):
     cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco')))
-    test = _tool('test')
+    test = load_tool('test')
     fused = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf'), '--out', str(tmp_path / 'f.pkl')])
     assert 'fused 27 module(s) (DOConv2d: 27)' in capsys.readouterr().out
     unfused = test.main([cfg, ckpt, '--no-fuse', '--work-dir', str(tmp_path / 'wu'),
@@ -207,7 +197,7 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
         cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
     else:
         cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'data')))
-    result = _tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+    result = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
     assert result['check']['same_structure'] and result['check']['max_rel'] < 1e-5
     dcfg, dckpt = result['config'], result['checkpoint']
     src, deploy = Config.fromfile(cfg).model, Config.fromfile(dcfg).model
@@ -235,7 +225,7 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
 def test_fuse_tool_writes_nothing_when_the_deploy_model_differs(tmp_path):
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
     with pytest.raises(RuntimeError, match='does not reproduce the unfused one .*nothing written'):
-        _tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64', '--tolerance', '0'])
+        load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64', '--tolerance', '0'])
     assert not (tmp_path / 'deploy').exists()
 
 
@@ -269,7 +259,7 @@ def test_tools_test_tta_fused_equals_unfused(tmp_path, capsys):
             [dict(type='RandomFlip', prob=p, direction='horizontal') for p in (0., 1.)],
             [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]
     cfg, ckpt = write_case(tmp_path, cfg)
-    test = _tool('test')
+    test = load_tool('test')
     fused = test.main([cfg, ckpt, '--tta', '--work-dir', str(tmp_path / 'wf')])
     log = capsys.readouterr().out
     assert 'fused 29 module(s)' in log

@@ -6,7 +6,6 @@ load unchanged (``stem.0.conv.weight``, ``stages.0.blocks.0.large_kernel.lkb_ori
 switch SyncBN through a process-wide global), re-parameterising twice is a
 no-op, and checkpoint keys are checked instead of loaded with ``strict=False``.
 """
-import os.path as osp
 import warnings
 from collections import OrderedDict
 
@@ -18,11 +17,11 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..fuse import bn_folded_kernel
-from ..layers import large_kernel as layout
+from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_dict_of
+from ..layers import large_kernel
+from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
 
 __all__ = ['RepLKNet', 'RepLKBlock', 'ConvFFN', 'RepLKNetStage', 'ReparamLargeKernelConv',
@@ -58,8 +57,8 @@ def _fused_conv(seq):
     return conv
 
 
-def _fuse_conv_bn(conv, bn):
-    """(kernel, bias) of ``bn(conv(x))`` with eval statistics, in float64.
+def _branch_kernel(conv, bn):
+    """(kernel, bias) of one branch, ``bn(conv(x))`` with eval statistics, in float64.
 
     ``bn`` may be an ``nn.Identity`` left by a Conv+BN folding pass (mmcv's
     ``fuse_conv_bn``) that ran before this fuse.
@@ -113,8 +112,8 @@ class ReparamLargeKernelConv(BaseModule):
             conv=LargeKernelDWConv2d(channels, kernel_size, stride),
             bn=build_norm_layer(norm_cfg, channels)[1]))
         if small_kernel is not None:
-            self.small_conv = conv_bn(channels, channels, small_kernel, stride, groups=channels,
-                                      conv_cfg=conv_cfg, norm_cfg=norm_cfg)
+            self.small_conv = conv_bn(channels, channels, small_kernel, stride=stride,
+                                      groups=channels, conv_cfg=conv_cfg, norm_cfg=norm_cfg)
 
     @property
     def is_fused(self):
@@ -137,9 +136,9 @@ class ReparamLargeKernelConv(BaseModule):
             raise RuntimeError('ReparamLargeKernelConv.to_fused() needs eval mode (it folds '
                                'BatchNorm running statistics); call model.eval() first.')
         conv = self.lkb_origin.conv
-        kernel, bias = _fuse_conv_bn(conv, self.lkb_origin.bn)
+        kernel, bias = _branch_kernel(conv, self.lkb_origin.bn)
         if 'small_conv' in self._modules:
-            small, small_bias = _fuse_conv_bn(_fused_conv(self.small_conv), self.small_conv.bn)
+            small, small_bias = _branch_kernel(_fused_conv(self.small_conv), self.small_conv.bn)
             pad = (self.kernel_size - self.small_kernel) // 2
             kernel = kernel + nn.functional.pad(small, [pad] * 4)
             bias = bias + small_bias
@@ -205,9 +204,12 @@ class RepLKNetStage(BaseModule):
         self.with_cp = with_cp
         blocks = []
         for i in range(num_blocks):
-            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel,
-                                     drop_path[i], small_kernel_merged, conv_cfg, norm_cfg))
-            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_path[i], norm_cfg))
+            blocks.append(RepLKBlock(
+                channels, int(channels * dw_ratio), kernel_size, small_kernel,
+                drop_path=drop_path[i], small_kernel_merged=small_kernel_merged,
+                conv_cfg=conv_cfg, norm_cfg=norm_cfg))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_path=drop_path[i],
+                                  norm_cfg=norm_cfg))
         self.blocks = nn.ModuleList(blocks)
         self.norm = (build_norm_layer(norm_cfg, channels)[1] if norm_intermediate_features
                      else nn.Identity())
@@ -344,24 +346,29 @@ class RepLKNet(BaseModule):
 
         c0 = channels[0]
         self.stem = nn.ModuleList([
-            conv_bn(in_channels, c0, 3, 2, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg, act=True),
-            conv_bn(c0, c0, 3, 1, c0, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg, act=True),
-            conv_bn(c0, c0, 1, 1, norm_cfg=norm_cfg, act=True),
-            conv_bn(c0, c0, 3, 2, c0, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg, act=True)])
+            conv_bn(in_channels, c0, 3, stride=2, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg,
+                    act=True),
+            conv_bn(c0, c0, 3, groups=c0, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg, act=True),
+            conv_bn(c0, c0, 1, norm_cfg=norm_cfg, act=True),
+            conv_bn(c0, c0, 3, stride=2, groups=c0, conv_cfg=conv_cfgs[0], norm_cfg=norm_cfg,
+                    act=True)])
         total = sum(layers)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.stages, self.transitions = nn.ModuleList(), nn.ModuleList()
         for i, (c, n, k) in enumerate(zip(channels, layers, arch['large_kernel_sizes'])):
             self.stages.append(RepLKNetStage(
-                c, n, k, dpr[sum(layers[:i]):sum(layers[:i + 1])], arch['small_kernel'],
-                arch['dw_ratio'], arch['ffn_ratio'], with_cp, small_kernel_merged,
-                norm_intermediate_features, conv_cfgs[i], norm_cfg))
+                c, num_blocks=n, kernel_size=k, drop_path=dpr[sum(layers[:i]):sum(layers[:i + 1])],
+                small_kernel=arch['small_kernel'], dw_ratio=arch['dw_ratio'],
+                ffn_ratio=arch['ffn_ratio'], with_cp=with_cp,
+                small_kernel_merged=small_kernel_merged,
+                norm_intermediate_features=norm_intermediate_features, conv_cfg=conv_cfgs[i],
+                norm_cfg=norm_cfg))
             if i + 1 < self.num_stages:
                 nxt = channels[i + 1]
                 self.transitions.append(nn.Sequential(
                     conv_bn(c, nxt, 1, norm_cfg=norm_cfg, act=True),
-                    conv_bn(nxt, nxt, 3, 2, nxt, conv_cfg=conv_cfgs[i + 1], norm_cfg=norm_cfg,
-                            act=True)))
+                    conv_bn(nxt, nxt, 3, stride=2, groups=nxt, conv_cfg=conv_cfgs[i + 1],
+                            norm_cfg=norm_cfg, act=True)))
         self._freeze_stages()
 
     # -- construction checks -------------------------------------------------------------------
@@ -400,7 +407,7 @@ class RepLKNet(BaseModule):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
         # the layout policy lives in layers/large_kernel.py: channels_last on CPU
-        restore = x.is_contiguous() and layout.backbone_channels_last(x)
+        restore = x.is_contiguous() and large_kernel.backbone_channels_last(x)
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)
         outs = [out.contiguous() if restore else out for out in self._forward(x)]
@@ -459,11 +466,9 @@ class RepLKNet(BaseModule):
 
     def load_pretrained(self, checkpoint, prefix=None, map_location='cpu'):
         """Load a checkpoint in the authors' layout, checking every key (see class docstring)."""
-        if '://' not in checkpoint and not osp.isfile(checkpoint):
-            raise FileNotFoundError(f"RepLKNet: pretrained checkpoint '{checkpoint}' does not "
-                                    'exist; point init_cfg.checkpoint to a .pth file or URL.')
-        ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
-        state = self._backbone_state(ckpt, prefix, checkpoint)
+        ckpt = read_checkpoint(checkpoint, map_location,
+                               fix='point init_cfg.checkpoint to a .pth file or URL')
+        state = self._backbone_state(state_dict_of(ckpt, checkpoint), prefix, checkpoint)
         allowed_missing = self._check_keys(state, checkpoint)
         result = self.load_state_dict(state, strict=False)
         assert not result.unexpected_keys and set(result.missing_keys) <= allowed_missing, result
@@ -471,53 +476,42 @@ class RepLKNet(BaseModule):
             print_log(f'RepLKNet: {len(allowed_missing)} keys not in {checkpoint} keep their '
                       f'initial values (e.g. {sorted(allowed_missing)[0]}).', logger='current')
 
-    def _backbone_state(self, ckpt, prefix, name):
-        state = ckpt
-        for key in ('state_dict', 'model'):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict):
-            raise TypeError(f'RepLKNet: {name} holds a {type(state).__name__}, not a state dict.')
-        if state and all(k.startswith('module.') for k in state):
-            state = {k[len('module.'):]: v for k, v in state.items()}
+    def _backbone_state(self, state, prefix, name):
+        """The keys under ``prefix`` (stripped), without the classifier's."""
         if prefix:
             prefix = prefix if prefix.endswith('.') else prefix + '.'
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not state:
                 raise ValueError(f"RepLKNet: no key of {name} starts with prefix '{prefix}'; fix "
-                               'init_cfg.prefix (e.g. "backbone.") or drop it.')
+                                 'init_cfg.prefix (e.g. "backbone.") or drop it.')
         return OrderedDict((k, v) for k, v in state.items()
                            if not k.startswith(self.classifier_prefixes))
 
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""
         own = self.state_dict()
-        expected, allowed = set(own), set()
+        expected, allowed = {k: v.shape for k, v in own.items()}, set()
         for mod_name, m in self.named_modules():
             # DO-Conv loads a plain conv's ``weight`` into W (D starts at zero)
             if hasattr(m, 'composed_weight') and f'{mod_name}.weight' in state:
-                expected -= {f'{mod_name}.W', f'{mod_name}.D'}
-                expected.add(f'{mod_name}.weight')
+                expected.pop(f'{mod_name}.W', None)
+                expected.pop(f'{mod_name}.D', None)
+                expected[f'{mod_name}.weight'] = None  # W's shape differs; any shape is read
                 allowed.add(f'{mod_name}.D')
-        for key in expected - set(state):
+        for key in set(expected) - set(state):
             if key.endswith('num_batches_tracked') or (
                     self.norm_intermediate_features and key.split('.')[2:3] == ['norm']):
                 allowed.add(key)
-        missing = sorted(expected - set(state) - allowed)
-        unexpected = sorted(set(state) - expected)
-        shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-        if missing or unexpected or shapes:
-            parts = [f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})'
-                     for label, keys in (('missing', missing), ('unexpected', unexpected),
-                                         ('wrong shape', shapes)) if keys]
-            hint = 'check that arch and the checkpoint match'
-            if any('lkb_origin' in k for k in unexpected) and any('lkb_reparam' in k
-                                                                 for k in missing):
-                hint = 'it is unfused (a training checkpoint): build with small_kernel_merged=False'
-            elif any('lkb_reparam' in k for k in unexpected):
-                hint = 'it is fused (a deploy checkpoint): build with small_kernel_merged=True'
-            raise ValueError(f'RepLKNet(arch={self._arch_name()}) cannot load {name}: '
-                           f'{"; ".join(parts)} keys; {hint}.')
+        missing, unexpected, shapes = compare_keys(expected, state, allowed)
+        hint = 'check that arch and the checkpoint match'
+        if any('lkb_origin' in k for k in unexpected) and any('lkb_reparam' in k for k in missing):
+            hint = 'it is unfused (a training checkpoint): build with small_kernel_merged=False'
+        elif any('lkb_reparam' in k for k in unexpected):
+            hint = 'it is fused (a deploy checkpoint): build with small_kernel_merged=True'
+        error = mismatch_error(f'RepLKNet(arch={self._arch_name()}) cannot load {name}',
+                               missing, unexpected, shapes, hint)
+        if error is not None:
+            raise error
         return {k for k in allowed if k in own}
 
     def _arch_name(self):

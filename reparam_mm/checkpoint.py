@@ -1,0 +1,162 @@
+"""Reading checkpoints and matching their keys to a model: the one path every load takes.
+
+* :func:`load_from_local` replaces mmengine's loader of local files (``import reparam_mm``
+  registers it), so a file torch cannot read -- cut off while being written or copied, an
+  HTML page saved under a ``.pth`` name -- is one sentence naming the file and the fix,
+  wherever it is loaded: ``--resume`` and ``load_from`` in training, pretrained weights,
+  ``tools/test.py``, ``tools/fuse.py``.
+* :func:`load_checkpoint_strict` loads a checkpoint into a model only when keys and shapes
+  match exactly (mmengine's runner loads with ``strict=False``), and :func:`compare_keys` /
+  :func:`mismatch_error` are the comparison and the message it and RepLKNet's pretrained
+  loader share.
+"""
+import os.path as osp
+import re
+import zipfile
+from collections import OrderedDict
+
+import torch
+from mmengine.model import BaseTTAModel, is_model_wrapper
+
+__all__ = ['CheckpointMismatchError', 'CheckpointReadError', 'load_from_local', 'read_checkpoint',
+           'state_dict_of', 'compare_keys', 'mismatch_error', 'check_state_dict',
+           'load_checkpoint_strict']
+
+
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint's keys or shapes differ from the model's."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that torch cannot read (truncated, corrupt, not a checkpoint)."""
+
+
+def unreadable_reason(filename, error=None):
+    """Why ``filename`` is not a readable checkpoint, or None when the file itself looks
+    sound (then torch's own error, e.g. the safe unpickler refusing an object, stands)."""
+    size = osp.getsize(filename)
+    if size == 0:
+        return 'is empty (0 bytes)'
+    with open(filename, 'rb') as f:
+        head = f.read(4)
+    if head.startswith(b'PK'):  # torch's zip format: the archive's directory is at the end
+        if not zipfile.is_zipfile(filename):
+            return f'is truncated ({size:,} bytes; its zip archive ends before its directory)'
+        try:
+            with zipfile.ZipFile(filename) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f'is corrupt ({e})'
+        return f'is corrupt (its part {bad} fails its checksum)' if bad else None
+    if head.startswith(b'\x80'):  # a legacy (pickle) checkpoint
+        cut = isinstance(error, EOFError) or 'truncated' in str(error)
+        return f'is truncated ({size:,} bytes; its data ends early)' if cut else None
+    return f'is not a PyTorch checkpoint (it starts with {head!r})'
+
+
+def load_from_local(filename, map_location=None):
+    """mmengine's ``load_from_local`` (same name: its log says 'by local backend'), plus one
+    sentence naming the file and the fix when torch cannot read it."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    try:
+        return torch.load(filename, map_location=map_location)
+    except Exception as error:  # noqa: BLE001 - re-raised unless the file itself is broken
+        reason = unreadable_reason(filename, error)
+        if reason is None:
+            raise
+    raise CheckpointReadError(
+        f'checkpoint {filename} {reason}: it was cut off or damaged while being written, '
+        'copied or downloaded, so copy or download it again, or use another checkpoint '
+        '(e.g. an earlier iter_*.pth of the same run).')
+
+
+def register_local_loader():
+    """Make :func:`load_from_local` mmengine's loader of local paths (idempotent)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+def read_checkpoint(filename, map_location='cpu', fix='pass an existing .pth file'):
+    """The checkpoint object at ``filename`` (a path or URL), through mmengine's loaders; a
+    missing local file is a FileNotFoundError ending in ``fix``."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    filename = str(filename)
+    if '://' not in filename and not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint {filename} does not exist; {fix}.')
+    return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+
+
+def state_dict_of(checkpoint, name='checkpoint'):
+    """The state dict a checkpoint holds (under ``state_dict`` or ``model``, or the checkpoint
+    itself), with DDP's ``module.`` prefixes stripped as mmengine does."""
+    state = checkpoint
+    for key in ('state_dict', 'model'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise TypeError(f'{name} holds a {type(state).__name__}, not a state dict.')
+    metadata = getattr(state, '_metadata', None)
+    state = OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state.items())
+    if metadata is not None:
+        state._metadata = OrderedDict((re.sub(r'^module\.?', '', k), v)
+                                      for k, v in metadata.items())
+    return state
+
+
+def compare_keys(expected, state, allowed_missing=()):
+    """``(missing, unexpected, wrong_shapes)`` of ``state`` against ``expected`` (key ->
+    shape, or None where any shape is accepted); ``allowed_missing`` keys may be absent."""
+    missing = [k for k in expected if k not in state and k not in allowed_missing]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(s)}' for k, s in expected.items()
+              if s is not None and k in state and tuple(state[k].shape) != tuple(s)]
+    return missing, unexpected, shapes
+
+
+def _few(keys, n=4):
+    keys = list(keys)
+    return ', '.join(keys[:n]) + (f' ... (+{len(keys) - n})' if len(keys) > n else '')
+
+
+def mismatch_error(what, missing, unexpected, shapes, hint):
+    """The :class:`CheckpointMismatchError` naming the mismatched keys, or None if none."""
+    parts = [f'{len(missing)} missing keys ({_few(missing)})' if missing else '',
+             f'{len(unexpected)} unexpected keys ({_few(unexpected)})' if unexpected else '',
+             f'{len(shapes)} shape mismatches ({_few(shapes, 2)})' if shapes else '']
+    if not (missing or unexpected or shapes):
+        return None
+    return CheckpointMismatchError(f"{what}: {'; '.join(p for p in parts if p)} -- {hint}.")
+
+
+def _target(model):
+    """The module whose state dict a checkpoint holds (no DDP, no TTA wrapper)."""
+    model = model.module if is_model_wrapper(model) else model
+    return model.module if isinstance(model, BaseTTAModel) else model
+
+
+def check_state_dict(model, state_dict, source='checkpoint', meta=None):
+    """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
+    expected = {k: v.shape for k, v in _target(model).state_dict().items()}
+    info = (meta or {}).get('reparam_mm', {})
+    if info.get('deploy'):
+        hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
+                f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
+    else:
+        hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
+                'the deploy config written by tools/fuse.py')
+    error = mismatch_error(f'{source} does not match the model built from the config',
+                           *compare_keys(expected, state_dict), hint)
+    if error is not None:
+        raise error
+
+
+def load_checkpoint_strict(model, filename, map_location='cpu'):
+    """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint."""
+    checkpoint = read_checkpoint(filename, map_location, fix='pass the .pth file written by '
+                                 'training (work_dirs/...) or by tools/fuse.py')
+    state = state_dict_of(checkpoint, f'checkpoint {filename}')
+    check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
+    _target(model).load_state_dict(state, strict=True)
+    return checkpoint
