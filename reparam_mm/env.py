@@ -1,25 +1,46 @@
-"""``python -m reparam_mm.env``: the versions to paste into a bug report."""
+"""``python -m reparam_mm.env``: the versions to paste into a bug report.
+
+:func:`collect_env` is also what every benchmark result records (``env`` in its JSON),
+so its keys are stable names, not labels.
+"""
+import os
 import platform
 import sys
 
 
-def collect_env():
-    """Return an ordered dict of platform and package versions."""
-    info = {'Python': sys.version.split()[0], 'Platform': platform.platform()}
+def cpu_model():
+    """The CPU's model name (Linux ``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def collect_env(device=None):
+    """Platform, CPU and package versions as a dict; with a CUDA ``device`` also its
+    CUDA / cuDNN versions and GPU name (``cuda``, ``cudnn``, ``gpu``)."""
     import torch
-    info['PyTorch'] = torch.__version__
-    info['CUDA available'] = torch.cuda.is_available()
-    info['PyTorch CUDA'] = torch.version.cuda or 'none (CPU build)'
+    info = dict(python=platform.python_version(), platform=platform.platform(),
+                torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count(), cpu=cpu_model(),
+                cuda_available=torch.cuda.is_available(),
+                torch_cuda=torch.version.cuda or 'none (CPU build)')
     if torch.cuda.is_available():
-        info['GPUs'] = ', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        info['gpus'] = ', '.join(torch.cuda.get_device_name(i)
+                                 for i in range(torch.cuda.device_count()))
     try:
         import mmcv
         info['mmcv'] = mmcv.__version__
         try:
             from mmcv.ops import get_compiler_version, get_compiling_cuda_version
-            info['mmcv ops'] = f'compiled ({get_compiler_version()}, CUDA ops: {get_compiling_cuda_version()})'
+            info['mmcv_ops'] = (f'compiled ({get_compiler_version()}, CUDA ops: '
+                                f'{get_compiling_cuda_version()})')
         except Exception as e:  # noqa: BLE001 - report, do not crash
-            info['mmcv ops'] = f'NOT AVAILABLE ({e})'
+            info['mmcv_ops'] = f'NOT AVAILABLE ({e})'
     except ImportError:
         info['mmcv'] = 'not installed'
     for name in ('mmengine', 'mmseg', 'mmdet', 'numpy', 'pycocotools', 'setuptools', 'reparam_mm'):
@@ -28,6 +49,9 @@ def collect_env():
             info[name] = getattr(mod, '__version__', 'installed')
         except Exception as e:  # noqa: BLE001
             info[name] = f'not importable ({type(e).__name__}: {e})'
+    if device is not None and torch.device(device).type == 'cuda':
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    gpu=torch.cuda.get_device_name(device))
     return info
 
 
@@ -37,4 +61,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/ (the measurement code behind tools/benchmark.py) is not installed with the
+# package; tests import it from the checkout, as the tools do.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 SHARED_DATA = (ROOT.parent / 'shared' / 'data').resolve()
 
 # Two cores here: keep torch from oversubscribing when several tests build models.

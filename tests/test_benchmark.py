@@ -1,27 +1,24 @@
-"""tools/benchmark.py and tools/bench_report.py: formulas, arithmetic and schema, never timings."""
-import importlib.util
+"""tools/benchmark.py, tools/bench_report.py and benchmarks/: formulas, arithmetic and schema,
+never timings."""
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import reparam_mm  # noqa: F401
-from reparam_mm import benchmark as B
+from benchmarks import doconv_layers as DL
+from benchmarks import large_dw as LDW
+from benchmarks import measure as M
+from benchmarks import models as BM
+from benchmarks import report
+from conftest import ROOT, load_tool
+from reparam_mm.batches import synthetic_batch
 from reparam_mm.layers.doconv import DOConv2d
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'_bench_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # -- the authors' DO-Conv formulation (baseline) equals DOConv2d ---------------------------------
@@ -29,7 +26,7 @@ def _tool(name):
 def test_authors_formulation_equals_doconv2d(cin, cout, groups, d_mul):
     torch.manual_seed(0)
     ours = DOConv2d(cin, cout, 3, padding=1, groups=groups, bias=False, D_mul=d_mul)
-    ref = B.AuthorsDOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=d_mul)
+    ref = DL.AuthorsDOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=d_mul)
     with torch.no_grad():
         ours.D.normal_(0, 0.3)
         ref.W.copy_(ours.W)
@@ -46,7 +43,7 @@ def test_authors_formulation_is_not_trivially_equal():
     """The comparison above can fail: a different D gives a different kernel."""
     torch.manual_seed(0)
     ours = DOConv2d(4, 4, 3, padding=1, bias=False)
-    ref = B.AuthorsDOConv2d(4, 4, 3, padding=1)
+    ref = DL.AuthorsDOConv2d(4, 4, 3, padding=1)
     with torch.no_grad():
         ref.W.copy_(ours.W)
         ref.D.normal_(0, 0.3)
@@ -55,7 +52,7 @@ def test_authors_formulation_is_not_trivially_equal():
 
 def test_candidate_composition_matches_values_and_gradients():
     torch.manual_seed(0)
-    layers = B.doconv_layers(12)
+    layers = DL.doconv_layers(12)
     ours, cand = layers['doconv'], layers['doconv_t2d']
     k_ours, k_cand = ours.composed_weight(), cand.composed_weight()
     torch.testing.assert_close(k_cand, k_ours, rtol=1e-6, atol=1e-6)
@@ -68,72 +65,72 @@ def test_candidate_composition_matches_values_and_gradients():
 
 
 def test_layer_set_computes_one_kernel():
-    layers = B.doconv_layers(8)
-    assert tuple(layers) == B.LAYER_KEYS
+    layers = DL.doconv_layers(8)
+    assert tuple(layers) == DL.LAYER_KEYS
     x = torch.randn(1, 8, 6, 6)
     ref = layers['plain'](x)
-    for key in B.LAYER_KEYS[1:]:
+    for key in DL.LAYER_KEYS[1:]:
         torch.testing.assert_close(layers[key](x), ref, rtol=1e-5, atol=1e-5, msg=key)
 
 
 # -- arithmetic of the statistics ---------------------------------------------------------------
 def test_summarize_statistics():
-    s = B.summarize([0.1, 0.3, 0.2, 0.4], batch=2)
+    s = M.summarize([0.1, 0.3, 0.2, 0.4], batch=2)
     assert s['n'] == 4 and s['times_ms'] == [100.0, 300.0, 200.0, 400.0]
     assert s['median_ms'] == pytest.approx(250.0)
     assert s['p25_ms'] == pytest.approx(175.0) and s['p75_ms'] == pytest.approx(325.0)
     assert s['spread'] == pytest.approx(150.0 / 250.0)
     assert s['images_per_s'] == pytest.approx(2 / 0.25)
     with pytest.raises(ValueError, match='at least one'):
-        B.summarize([])
+        M.summarize([])
 
 
 def test_ratio_stats():
-    q = B.ratio_stats([1.0, 2.0, 4.0], [1.5, 2.0, 2.0])
+    q = M.ratio_stats([1.0, 2.0, 4.0], [1.5, 2.0, 2.0])
     assert q['median_ratio'] == pytest.approx(2.0 / 2.0)
     assert q['paired_median'] == pytest.approx(1.0)  # paired: 1.5, 1.0, 0.5
     assert (q['paired_min'], q['paired_max']) == pytest.approx((0.5, 1.5))
     assert (q['paired_p25'], q['paired_p75']) == pytest.approx((0.75, 1.25))
     with pytest.raises(ValueError, match='equally long'):
-        B.ratio_stats([1.0], [1.0, 2.0])
+        M.ratio_stats([1.0], [1.0, 2.0])
 
 
 def test_time_calls_counts_calls():
     calls = []
-    t = B.time_calls(lambda: calls.append(1), repeat=3, warmup=2)
+    t = M.time_calls(lambda: calls.append(1), repeat=3, warmup=2)
     assert len(t) == 3 and len(calls) == 5 and all(x >= 0 for x in t)
     calls.clear()
-    t = B.time_calls(lambda: calls.append(1), repeat=1, warmup=0, min_time=10.0, max_repeat=7)
+    t = M.time_calls(lambda: calls.append(1), repeat=1, warmup=0, min_time=10.0, max_repeat=7)
     assert len(t) == 7  # min_time keeps timing, capped by max_repeat
     with pytest.raises(ValueError, match='repeat=0'):
-        B.time_calls(lambda: None, repeat=0)
+        M.time_calls(lambda: None, repeat=0)
 
 
 def test_dw_conv_cost_and_shapes():
-    flops, traffic = B.dw_conv_cost(2, 3, 4, 5, 7, 4)
+    flops, traffic = LDW.dw_conv_cost(2, 3, 4, 5, 7, 4)
     assert flops == 2 * 2 * 3 * 4 * 5 * 49
     assert traffic == (2 * 2 * 3 * 4 * 5 + 3 * 49) * 4
-    assert B.resnet50_3x3_shapes(512, 256) == [
+    assert DL.resnet50_3x3_shapes(512, 256) == [
         ('stage1', 64, 128, 64), ('stage2', 128, 64, 32), ('stage3', 256, 32, 16),
         ('stage4', 512, 16, 8)]
 
 
 def test_to_json_is_strict():
     import numpy as np
-    text = B.to_json(dict(a=float('nan'), b=[float('inf'), np.float32(1.5)], c=np.int64(3)))
+    text = M.to_json(dict(a=float('nan'), b=[float('inf'), np.float32(1.5)], c=np.int64(3)))
     assert json.loads(text) == dict(a=None, b=[None, 1.5], c=3)
 
 
 def test_parse_variant():
-    assert B.parse_variant('a/b.py:fused', False) == ('a/b.py', True)
-    assert B.parse_variant('a/b.py:unfused', True) == ('a/b.py', False)
-    assert B.parse_variant('a/b.py', True) == ('a/b.py', True)
+    assert BM.parse_variant('a/b.py:fused', False) == ('a/b.py', True)
+    assert BM.parse_variant('a/b.py:unfused', True) == ('a/b.py', False)
+    assert BM.parse_variant('a/b.py', True) == ('a/b.py', True)
 
 
 def test_peak_memory_reports_cpu_peak():
     # 96 MB: above glibc's largest mmap threshold (32 MB), so the block maps fresh pages even
     # after earlier tests freed big tensors (a smaller buffer can reuse resident heap memory)
-    with B.PeakMemory('cpu') as mem:
+    with M.PeakMemory('cpu') as mem:
         buf = torch.ones(96 * 2**20 // 4)
         del buf
     d = mem.to_dict()
@@ -145,18 +142,18 @@ def test_peak_memory_reports_cpu_peak():
 # -- the layer table end to end (tiny shapes), CLI and report ------------------------------------
 def test_doconv_layers_cli_json_report(tmp_path):
     out = tmp_path / 'doconv-layers.json'
-    _tool('benchmark').main(['--doconv-layers', '--shape', '64', '64', '--batch', '1',
+    load_tool('benchmark').main(['--doconv-layers', '--shape', '64', '64', '--batch', '1',
                              '--repeat', '1', '--warmup', '0', '--min-time', '0',
                              '--out', str(out)])
     res = json.loads(out.read_text())
-    assert res['schema'] == B.SCHEMA and res['kind'] == 'doconv_layers'
+    assert res['schema'] == M.SCHEMA and res['kind'] == 'doconv_layers'
     assert [r['channels'] for r in res['results']] == [64, 128, 256, 512]
     with pytest.raises(ValueError, match='smaller than ResNet-50'):
-        B.resnet50_3x3_shapes(16, 64)
+        DL.resnet50_3x3_shapes(16, 64)
     for r in res['results']:
-        for key in B.LAYER_KEYS:
+        for key in DL.LAYER_KEYS:
             assert r[key]['forward']['n'] == 1 and r[key]['forward_backward']['median_ms'] > 0
-        for key in B.LAYER_KEYS[1:]:
+        for key in DL.LAYER_KEYS[1:]:
             assert r[key]['compose']['median_ms'] > 0
             for p in ('forward', 'forward_backward'):
                 assert r['ratios'][f'{key}_over_plain_{p}'] == pytest.approx(
@@ -168,7 +165,7 @@ def test_doconv_layers_cli_json_report(tmp_path):
     doc.write_text('intro\n<!-- bench:doconv-layers -->\nnot yet measured\n'
                    '<!-- /bench:doconv-layers -->\n<!-- bench:other -->\nkept\n'
                    '<!-- /bench:other -->\n')
-    _tool('bench_report').main([str(out), '--doc', str(doc), '--plots', str(tmp_path / 'png')])
+    load_tool('bench_report').main([str(out), '--doc', str(doc), '--plots', str(tmp_path / 'png')])
     text = doc.read_text()
     assert 'not yet measured' not in text and 'kept' in text and text.startswith('intro\n')
     assert '| stage4 | 512 | 2x2 |' in text
@@ -179,7 +176,7 @@ def test_report_rejects_foreign_json(tmp_path):
     bad = tmp_path / 'x.json'
     bad.write_text(json.dumps(dict(schema='something/else', kind='model')))
     with pytest.raises(ValueError, match='not a tools/benchmark.py result'):
-        _tool('bench_report').main([str(bad)])
+        load_tool('bench_report').main([str(bad)])
 
 
 def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path, monkeypatch):
@@ -190,7 +187,7 @@ def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path,
     default = large_kernel.FFT_MIN_KERNEL
     args = ['--large-dw', '--arch', 'tiny', '--shape', '64', '64', '--candidates', 'dispatch',
             '--repeat', '1', '--warmup', '0', '--min-time', '0', '--no-backward']
-    tool = _tool('benchmark')
+    tool = load_tool('benchmark')
     direct = tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '1000']))
     assert calls == [] and direct['settings']['dw_fft_min_kernel'] == 1000
     assert large_kernel.FFT_MIN_KERNEL == default  # restored after the run
@@ -200,7 +197,7 @@ def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path,
 
 
 def test_cli_rejects_bad_arguments():
-    tool = _tool('benchmark')
+    tool = load_tool('benchmark')
     with pytest.raises(SystemExit):
         tool.parse_args(['--doconv-layers', '--repeat', '0'])
     with pytest.raises(SystemExit):  # a config and --compare at once
@@ -209,17 +206,17 @@ def test_cli_rejects_bad_arguments():
 
 # -- models built from configs (mmseg / mmdet) ---------------------------------------------------
 def test_bench_config_strips_weights_and_syncbn():
-    cfg = B.bench_config(str(ROOT / 'configs/replknet/'
+    cfg = BM.bench_config(str(ROOT / 'configs/replknet/'
                              'upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py'), (96, 64))
     assert cfg.model.backbone.init_cfg is None
     norms = []
-    B._walk(cfg.model, lambda d: norms.append(d['type']) if 'requires_grad' in d else None)
+    BM._walk(cfg.model, lambda d: norms.append(d['type']) if 'requires_grad' in d else None)
     assert norms and set(norms) == {'BN'}
     assert tuple(cfg.model.data_preprocessor.size) == (96, 64)
 
 
 def test_compare_unfused_vs_fused_tiny_replknet(tmp_path):
-    res = B.benchmark_models([f'{DEMO_DO}:unfused', f'{DEMO_DO}:fused'], shape=(64, 64),
+    res = BM.benchmark_models([f'{DEMO_DO}:unfused', f'{DEMO_DO}:fused'], shape=(64, 64),
                              repeat=2, warmup=0)
     assert res['kind'] == 'compare' and res['settings']['same_weights'] is True
     assert res['settings']['output_difference']['max_rel'] < 1e-4  # fused == unfused
@@ -230,19 +227,19 @@ def test_compare_unfused_vs_fused_tiny_replknet(tmp_path):
     assert 'fused model' in fus['flops_note']
     # the 31/29/27 kernels run through FFTs, yet count as the direct convolutions they compute
     from reparam_mm.layers import large_kernel
-    v = B.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1)
+    v = BM.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(large_kernel, 'use_fft', lambda *a, **k: False)
-        assert B.fused_flops(v.model, v.data)[0] == fus['flops']
+        assert BM.fused_flops(v.model, v.data)[0] == fus['flops']
     q = res['ratios']['latency_b_over_a']
     assert q['median_ratio'] == pytest.approx(
         fus['latency']['median_ms'] / unf['latency']['median_ms'])
     assert fus['memory']['kind'] == 'cpu_peak_rss' and fus['memory']['peak_mb'] > 0
-    json.loads(B.to_json(res))
+    json.loads(M.to_json(res))
     # the report renders the ratio line
     path = tmp_path / 'cmp.json'
-    path.write_text(B.to_json(res))
-    body = _tool('bench_report').render(json.loads(path.read_text()), 'cmp.json')
+    path.write_text(M.to_json(res))
+    body = report.render(json.loads(path.read_text()), 'cmp.json')
     assert f"= {q['median_ratio']:.3f}**" in body
 
 
@@ -252,7 +249,7 @@ def test_fused_doconv_vs_plain_get_identical_weights(tmp_path):
     plain.write_text(f"_base_ = ['{DEMO_DO}']\nmodel = dict(backbone=dict(stage_with_doconv="
                      "(False, False, False, False)), decode_head=dict(conv_cfg=None), "
                      "auxiliary_head=dict(conv_cfg=None))\n")
-    res = B.benchmark_models([str(plain), f'{DEMO_DO}:fused'], shape=(64, 64), repeat=1,
+    res = BM.benchmark_models([str(plain), f'{DEMO_DO}:fused'], shape=(64, 64), repeat=1,
                              warmup=0, count_flops=False)
     assert res['settings']['same_weights'] is True
     assert res['settings']['output_difference']['max_rel'] < 1e-5
@@ -260,18 +257,18 @@ def test_fused_doconv_vs_plain_get_identical_weights(tmp_path):
 
 
 def test_train_mode_and_fused_training_refused():
-    res = B.benchmark_models([str(DEMO_DO)], mode='train', shape=(64, 64), batch=2, repeat=1,
+    res = BM.benchmark_models([str(DEMO_DO)], mode='train', shape=(64, 64), batch=2, repeat=1,
                              warmup=0, count_flops=False)
     r = res['results'][0]
     assert res['kind'] == 'model' and r['mode'] == 'train' and r['fused'] is False
     assert r['latency']['images_per_s'] == pytest.approx(2e3 / r['latency']['median_ms'])
     with pytest.raises(ValueError, match='fused model is the plain architecture'):
-        B.benchmark_models([str(DEMO_DO)], mode='train', fuse=True, shape=(64, 64), repeat=1)
+        BM.benchmark_models([str(DEMO_DO)], mode='train', fuse=True, shape=(64, 64), repeat=1)
 
 
 def test_detector_synthetic_training_batch():
-    cfg = B.bench_config(str(ROOT / 'configs/doconv/faster-rcnn_r50_fpn_1x_coco.py'), (64, 96))
-    data = B.synthetic_batch(cfg, 64, 96, batch=2, train=True)
+    cfg = BM.bench_config(str(ROOT / 'configs/doconv/faster-rcnn_r50_fpn_1x_coco.py'), (64, 96))
+    data = synthetic_batch(cfg, 64, 96, batch=2, train=True)
     assert [tuple(x.shape) for x in data['inputs']] == [(3, 64, 96)] * 2
     boxes = data['data_samples'][0].gt_instances.bboxes
     assert boxes.shape == (8, 4) and (boxes[:, 2:] > boxes[:, :2]).all()
@@ -280,7 +277,7 @@ def test_detector_synthetic_training_batch():
 
 
 def test_large_dw_table_tiny(tmp_path):
-    res = B.benchmark_large_dw('tiny', (64, 64), batch=1, repeat=1, warmup=0, min_time=0,
+    res = LDW.benchmark_large_dw('tiny', (64, 64), batch=1, repeat=1, warmup=0, min_time=0,
                                candidates=['dispatch', 'fft'])
     assert res['kind'] == 'large_dw' and res['ceilings']['fp32']['gemm_flops_per_s'] > 0
     assert [(r['stage'], r['kernel'], r['candidate']) for r in res['results']][:2] == [
@@ -293,11 +290,10 @@ def test_large_dw_table_tiny(tmp_path):
         assert r['forward_backward_over_bound'] == pytest.approx(
             r['forward_backward']['median_ms'] / r['bound_fwd_bwd_ms'])
     with pytest.raises(ValueError, match='unknown large-DW candidates'):
-        B.benchmark_large_dw('tiny', (32, 32), candidates=['winograd'])
+        LDW.benchmark_large_dw('tiny', (32, 32), candidates=['winograd'])
     assert not math.isnan(res['results'][0]['bound_ms'])
     # the report renders one row per record, and the two-panel plot
-    report = _tool('bench_report')
-    body = report.render(json.loads(B.to_json(res)), 'x.json')
+    body = report.render(json.loads(M.to_json(res)), 'x.json')
     assert len(re.findall(r'^\| stage\d', body, re.M)) == len(res['results'])
     report.plot_large_dw(res, str(tmp_path / 'dw.png'))
     assert (tmp_path / 'dw.png').stat().st_size > 1000
@@ -305,17 +301,17 @@ def test_large_dw_table_tiny(tmp_path):
 
 def test_checkpoint_is_loaded_strictly(tmp_path):
     from reparam_mm.apis import CheckpointMismatchError
-    cfg = B.bench_config(str(DEMO_DO), (64, 64))
-    model = B.build_bench_model(cfg, seed=1)
+    cfg = BM.bench_config(str(DEMO_DO), (64, 64))
+    model = BM.build_bench_model(cfg, seed=1)
     with torch.no_grad():
         model.decode_head.conv_seg.bias.fill_(0.25)
     good = tmp_path / 'good.pth'
     torch.save(dict(state_dict=model.state_dict()), good)
-    v = B.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(good))
+    v = BM.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(good))
     assert torch.all(v.model.decode_head.conv_seg.bias == 0.25)  # loaded, then fused
     bad = tmp_path / 'bad.pth'
     state = model.state_dict()
     state.pop('decode_head.conv_seg.bias')
     torch.save(dict(state_dict=state), bad)
     with pytest.raises(CheckpointMismatchError, match='decode_head.conv_seg.bias'):
-        B.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(bad))
+        BM.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(bad))

@@ -13,6 +13,7 @@
         [--candidates ...] [--no-backward] [--shape H W] [--batch N] [--device D] [--repeat R]
 
 Then ``python tools/bench_report.py work_dirs/bench/*.json`` renders tables and plots.
+The measurements live in benchmarks/ (measure, models, doconv_layers, large_dw).
 """
 import argparse
 import os
@@ -21,7 +22,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401  (registers everything, checkpoint loading fixes)
-from reparam_mm import benchmark as B  # noqa: E402
+from benchmarks.doconv_layers import LAYER_KEYS, benchmark_doconv_layers  # noqa: E402
+from benchmarks.large_dw import DTYPES, benchmark_large_dw  # noqa: E402
+from benchmarks.measure import to_json  # noqa: E402
+from benchmarks.models import benchmark_models  # noqa: E402
 from reparam_mm.layers import large_kernel  # noqa: E402
 
 
@@ -55,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
     p.add_argument('--arch', default='31B', help='RepLKNet arch of the --large-dw shapes')
-    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(B.DTYPES))
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES))
     p.add_argument('--candidates', nargs='+', help='--large-dw implementations (default all)')
     p.add_argument('--no-backward', action='store_true', help='--large-dw: forward only')
     p.add_argument('--dw-fft-min-kernel', type=int, metavar='K',
@@ -94,19 +98,23 @@ def _run(args):
         torch.set_num_threads(args.threads)
     warmup = 2 if args.warmup is None else args.warmup
     if args.doconv_layers:
-        return B.benchmark_doconv_layers(
-            tuple(args.shape), args.batch or 2, args.device, args.repeat or 10, warmup,
-            0.5 if args.min_time is None else args.min_time)
+        return benchmark_doconv_layers(
+            shape=tuple(args.shape), batch=args.batch or 2, device=args.device,
+            repeat=args.repeat or 10, warmup=warmup,
+            min_time=0.5 if args.min_time is None else args.min_time)
     if args.large_dw:
-        return B.benchmark_large_dw(
-            args.arch, tuple(args.shape), args.batch or 1, args.device, tuple(args.dtypes),
-            args.candidates, args.repeat or 3, 1 if args.warmup is None else args.warmup,
-            1.0 if args.min_time is None else args.min_time, not args.no_backward)
+        return benchmark_large_dw(
+            arch=args.arch, shape=tuple(args.shape), batch=args.batch or 1, device=args.device,
+            dtypes=tuple(args.dtypes), candidates=args.candidates, repeat=args.repeat or 3,
+            warmup=1 if args.warmup is None else args.warmup,
+            min_time=1.0 if args.min_time is None else args.min_time,
+            backward=not args.no_backward)
     specs = list(args.compare) if args.compare else [args.config]
-    return B.benchmark_models(
-        specs, args.mode, tuple(args.shape), args.batch or 1, args.device, args.fuse,
-        args.checkpoint, args.amp, args.channels_last, args.repeat or 5, warmup,
-        not args.no_flops)
+    return benchmark_models(
+        specs, mode=args.mode, shape=tuple(args.shape), batch=args.batch or 1,
+        device=args.device, fuse=args.fuse, checkpoint=args.checkpoint, amp=args.amp,
+        channels_last=args.channels_last, repeat=args.repeat or 5, warmup=warmup,
+        count_flops=not args.no_flops)
 
 
 def summary_lines(result):
@@ -128,7 +136,7 @@ def summary_lines(result):
         for r in result['results']:
             q = r['ratios']
             parts = [f"{k} {q[f'{k}_over_plain_forward']:.2f} / "
-                     f"{q[f'{k}_over_plain_forward_backward']:.2f}" for k in B.LAYER_KEYS[1:]]
+                     f"{q[f'{k}_over_plain_forward_backward']:.2f}" for k in LAYER_KEYS[1:]]
             lines.append(f"{r['name']} C={r['channels']} {r['height']}x{r['width']} (time / plain "
                          f"conv, fwd / fwd+bwd): " + ', '.join(parts))
     else:
@@ -151,7 +159,7 @@ def main(argv=None):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, 'w') as f:
-            f.write(B.to_json(result))
+            f.write(to_json(result))
         print(f'wrote {args.out}')
     return result
 

@@ -1,0 +1,263 @@
+"""Models built from configs, timed: one config (``kind='model'``), or two compared in one
+process (``kind='compare'``), inference (``test_step``: preprocessing, forward,
+post-processing) or training (``train_step``: forward, backward, optimizer step) on a
+synthetic batch. Two variants are measured alternately, ABBA order, so machine noise hits
+both; ratios are B / A.
+"""
+import contextlib
+import copy
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from reparam_mm.apis import build_model
+from reparam_mm.batches import synthetic_batch
+from reparam_mm.checkpoint import load_checkpoint_strict
+from reparam_mm.fuse import count_params, fuse, fuse_with_report
+from reparam_mm.layers.large_kernel import fft_min_kernel
+from reparam_mm.outputs import compare_outputs, tensor_outputs
+from reparam_mm.scope import init_scope
+
+from .measure import (PeakMemory, new_result, ratio_stats, summarize, synchronize,
+                      warnings_off)
+
+
+def _walk(node, fn):
+    """Apply ``fn`` to every dict in a nested config, children first."""
+    if isinstance(node, dict):
+        for v in node.values():
+            _walk(v, fn)
+        fn(node)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _walk(v, fn)
+
+
+def bench_config(config, shape, cfg_options=None):
+    """The config as benchmarked: no pretrained weights, BN for SyncBN, the preprocessor
+    padding to ``shape`` (H, W) instead of the training crop."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    init_scope(cfg)
+
+    def strip(d):
+        if 'pretrained' in d:
+            d['pretrained'] = None
+        init = d.get('init_cfg')
+        if isinstance(init, dict) and init.get('type') == 'Pretrained':
+            d['init_cfg'] = None
+        elif isinstance(init, (list, tuple)):
+            d['init_cfg'] = [c for c in init if c.get('type') != 'Pretrained'] or None
+        if d.get('type') in ('SyncBN', 'MMSyncBN'):  # one process, no process group
+            d['type'] = 'BN'
+
+    _walk(cfg.model, strip)
+    pre = cfg.model.get('data_preprocessor')
+    if pre is not None and pre.get('size') is not None:
+        pre['size'] = tuple(shape)
+    return cfg
+
+
+def build_bench_model(cfg, device='cpu', checkpoint=None, seed=0):
+    """The model of ``cfg`` on ``device`` (seeded init, or a checkpoint loaded strictly)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    if checkpoint:
+        load_checkpoint_strict(model, checkpoint)
+    return model.to(device)
+
+
+def parse_variant(spec, default_fuse):
+    """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag)."""
+    path, sep, tag = spec.rpartition(':')
+    if sep and tag in ('fused', 'unfused'):
+        return path, tag == 'fused'
+    return spec, default_fuse
+
+
+class Variant:
+    """One model to time: built, moved, fused (inference) or given an optimizer (training)."""
+
+    def __init__(self, config, fuse, mode, shape, batch, device='cpu', checkpoint=None,
+                 amp=False, channels_last=False, cfg_options=None, model=None):
+        if mode not in ('infer', 'train'):
+            raise ValueError(f"mode={mode!r} must be 'infer' or 'train'.")
+        if mode == 'train' and fuse:
+            raise ValueError('a fused model is the plain architecture: benchmark training with '
+                             '--no-fuse (or compare with the plain-conv config).')
+        self.config, self.fuse, self.mode = config, fuse, mode
+        self.device, self.amp, self.batch = torch.device(device), amp, batch
+        self.cfg = bench_config(config, shape, cfg_options)
+        self.model = model if model is not None else build_bench_model(
+            self.cfg, device, checkpoint)
+        self.fuse_report = None
+        if mode == 'infer':
+            self.model.eval()
+            if fuse:
+                self.model, report = fuse_with_report(self.model)
+                self.fuse_report = report.to_dict()
+        else:
+            self.model.train()
+            self.optim_wrapper = self._optim_wrapper()
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.data = synthetic_batch(self.cfg, *shape, batch=batch, train=mode == 'train')
+        self.name = f"{os.path.splitext(os.path.basename(config))[0]}" + (
+            f" ({'fused' if fuse else 'unfused'})" if mode == 'infer' else '')
+
+    def _optim_wrapper(self):
+        from mmengine.optim import build_optim_wrapper
+        cfg = copy.deepcopy(self.cfg.get('optim_wrapper') or dict(
+            type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01, momentum=0.9)))
+        if self.amp:
+            if self.device.type != 'cuda':
+                raise ValueError('--amp training needs --device cuda (mmengine mixed precision '
+                                 'training is CUDA-only); drop --amp on CPU.')
+            cfg['type'] = 'AmpOptimWrapper'
+        elif cfg.get('type') == 'AmpOptimWrapper':
+            cfg['type'] = 'OptimWrapper'
+            cfg.pop('loss_scale', None)
+        return build_optim_wrapper(self.model, cfg)
+
+    def _autocast(self):
+        if not self.amp or self.mode == 'train':  # training: AmpOptimWrapper autocasts
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def step(self):
+        if self.mode == 'infer':
+            with torch.no_grad(), self._autocast():
+                return self.model.test_step(self.data)
+        return self.model.train_step(self.data, self.optim_wrapper)
+
+    def params(self):
+        return count_params(self.model)
+
+    def flops(self):
+        """FLOPs of the fused model in ``mode='tensor'`` (network only), or an error string."""
+        return fused_flops(self.model, self.data)
+
+
+def fused_flops(model, data):
+    """(flops, note) of a fused eval copy of ``model`` on ``data`` (mmengine FlopAnalyzer).
+
+    FLOP counters see DO-Conv's composed kernel only as parameters, not the kernel composition,
+    so the fused model is counted: its convs are exactly the ones that run at inference. Large
+    depthwise convs are traced as direct convolutions (k*k multiply-adds per output), whichever
+    algorithm the dispatch runs them with: the counter does not see FFTs.
+    """
+    from mmengine.analysis import FlopAnalyzer
+
+    net = fuse(copy.deepcopy(model).eval())
+    with torch.no_grad():
+        batch = net.data_preprocessor(copy.deepcopy(data), False)
+
+    class TensorForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x, batch['data_samples'], mode='tensor')
+
+    note = ('mmengine FlopAnalyzer, fused model, mode=tensor (network only, no post-processing), '
+            'one multiply-add = 1 FLOP, large depthwise convs counted as direct convolutions')
+    try:
+        with warnings_off(), fft_min_kernel(10**9):
+            analyzer = FlopAnalyzer(TensorForward(), (batch['inputs'], ))
+            analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return int(analyzer.total()), note
+    except Exception as e:  # counting is a by-product: report why it failed, keep the timings
+        return None, f'FLOP count failed: {type(e).__name__}: {str(e)[:200]}'
+
+
+def _variant_record(v, times, mem, flops=None):
+    rec = dict(name=v.name, config=v.config, fused=v.fuse, mode=v.mode, params=v.params(),
+               fuse_report=v.fuse_report, latency=summarize(times, v.batch), memory=mem)
+    if flops is not None:
+        rec['flops'], rec['flops_note'] = flops
+    return rec
+
+
+def run_variants(variants, repeat=5, warmup=2, count_flops=True):
+    """Time ``variants`` alternately (ABBA...), warm-up included; per-variant records."""
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    times = [[] for _ in variants]
+    mems = [None] * len(variants)
+    for r in range(repeat):
+        order = range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))
+        for i in order:
+            v = variants[i]
+            with PeakMemory(v.device) as mem:
+                start = time.perf_counter()
+                v.step()
+                synchronize(v.device)
+                times[i].append(time.perf_counter() - start)
+            if mems[i] is None or mem.peak_mb > mems[i]['peak_mb']:
+                mems[i] = mem.to_dict()
+    flops = {}  # per config: fused and unfused of one config share the fused model's count
+    for v in variants if count_flops else ():
+        if v.config not in flops:
+            flops[v.config] = v.flops()
+    return [_variant_record(v, t, m, flops.get(v.config))
+            for v, t, m in zip(variants, times, mems)]
+
+
+def same_weights(a, b):
+    """Load A's (fused) weights into B when the state dicts match exactly; True if done.
+
+    A fused DO-Conv model and the plain-conv model then compute the same outputs, so only the
+    graph is compared, not what random weights make detection post-processing do.
+    """
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+        return False
+    b.model.load_state_dict(sa, strict=True)
+    return True
+
+
+def output_difference(a, b):
+    """Max |A - B| over the tensor outputs of both variants on A's batch (inference only)."""
+    return compare_outputs(*(tensor_outputs(v.model, copy.deepcopy(a.data)) for v in (a, b)))
+
+
+def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu',
+                     fuse=None, checkpoint=None, amp=False, channels_last=False, repeat=5,
+                     warmup=2, count_flops=True, cfg_options=None):
+    """One config (``kind='model'``) or two compared (``kind='compare'``); the JSON dict."""
+    if len(specs) not in (1, 2):
+        raise ValueError(f'benchmark one config or compare two, got {len(specs)}.')
+    default_fuse = (mode == 'infer') if fuse is None else fuse
+    parsed = [parse_variant(s, default_fuse) for s in specs]
+    variants, built = [], {}
+    for config, fused in parsed:
+        # fused vs unfused of one config: the same weights, fused on a copy
+        base = built.get(config)
+        model = copy.deepcopy(base.model) if base is not None and not base.fuse else None
+        v = Variant(config, fuse=fused, mode=mode, shape=shape, batch=batch, device=device,
+                    checkpoint=checkpoint, amp=amp, channels_last=channels_last,
+                    cfg_options=cfg_options, model=model)
+        built.setdefault(config, v)
+        variants.append(v)
+    settings = dict(mode=mode, shape=list(shape), batch=batch, device=str(device), amp=amp,
+                    channels_last=channels_last, repeat=repeat, warmup=warmup,
+                    checkpoint=checkpoint, specs=list(specs))
+    result = new_result('compare' if len(variants) == 2 else 'model', device, settings)
+    settings = result['settings']
+    if len(variants) == 2 and mode == 'infer':
+        a, b = variants
+        settings['same_weights'] = a.config == b.config or same_weights(a, b)
+        if settings['same_weights']:  # else the outputs differ by construction
+            settings['output_difference'] = output_difference(a, b)
+    result['results'] = run_variants(variants, repeat, warmup, count_flops)
+    if len(variants) == 2:
+        a, b = (r['latency']['times_ms'] for r in result['results'])
+        result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))
+    return result
