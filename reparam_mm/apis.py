@@ -152,6 +152,11 @@ def _rewrite(node, path, changes, scope):
     if not isinstance(node, dict):
         return node
     node = type(node)({k: _rewrite(v, f'{path}.{k}', changes, scope) for k, v in node.items()})
+    if node.get('type') == 'WithDOConv':  # the wrapped module built plain has the fused keys
+        extra = {k: v for k, v in node.items()
+                 if k not in ('type', 'module', 'include', 'exclude', 'doconv_cfg')}
+        changes.append(f"{path}: WithDOConv -> {node['module']['type']} (plain convs)")
+        return type(node)(node['module'], **extra)
     for key in [k for k in node if k == 'conv_cfg']:
         if _fusable_type(node[key], scope):
             changes.append(f'{path}.{key}: {node[key]["type"]} -> None (plain conv)')
@@ -163,6 +168,10 @@ def _rewrite(node, path, changes, scope):
     if cls is not None and 'small_kernel_merged' in _init_args(cls) and not node.get('small_kernel_merged'):
         changes.append(f'{path}.small_kernel_merged -> True')
         node['small_kernel_merged'] = True
+    elif cls is not None and 'deploy' in _init_args(cls) and not node.get('deploy') and any(
+            callable(getattr(cls, m, None)) for m in ('switch_to_deploy', 'reparameterize')):
+        changes.append(f'{path}.deploy -> True')  # mmpretrain / mmyolo re-parameterisable models
+        node['deploy'] = True
     elif cls is not None and 'in_channels' in node and _fusable_type(node, scope):
         # a DO-Conv spelled out as a whole layer (a conv_cfg, without in_channels, became None)
         conv_args = _init_args(nn.Conv2d)
@@ -176,7 +185,9 @@ def deploy_config(cfg):
     """Copy of ``cfg`` whose model builds the fused architecture; returns ``(cfg, changes)``.
 
     DO-Conv ``conv_cfg`` become plain convs, ``stage_with_doconv`` all False,
-    and every model accepting ``small_kernel_merged`` gets it True.
+    ``WithDOConv`` its plain ``module``, every model accepting ``small_kernel_merged``
+    gets it True and every one with a ``deploy`` argument and ``switch_to_deploy`` /
+    ``reparameterize`` (mmpretrain, mmyolo) ``deploy=True``.
     """
     cfg = copy.deepcopy(cfg)
     changes = []

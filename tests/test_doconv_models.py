@@ -367,7 +367,7 @@ def test_registration_does_not_shadow_openmmlab_resnets():
     (dict(doconv_cfg='DOConv'), "must be a dict with a 'type'"),
     (dict(dcn=dict(type='DCN', deform_groups=1), stage_with_dcn=(False, False, True, True)),
      'cannot use both DCN and DO-Conv'),
-    (dict(conv_cfg=dict(type='ConvWS')), r'Stage 2 block 0 conv1 is a ConvWS2d'),
+    (dict(conv_cfg=dict(type='ConvWS')), r"'layer2\.0\.conv1' is a ConvWS2d"),
     (dict(doconv_cfg=dict(type='DOConv', D_mul=3)), r'D_mul=3 is invalid for a 3x3 kernel'),
 ])
 def test_bad_backbone_arguments_name_the_problem(kwargs, match):
