@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from reparam_mm.layers import triton_dw
 from reparam_mm.layers.triton_dw import bound_seconds, triton_available, triton_depthwise_conv2d
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None
@@ -48,7 +47,7 @@ def _inputs(n, c, h, w, kh, kw, channels_last, bias, dtype, seed):
 
 
 def _close(actual, ref, rel):
-    """|actual - ref| <= rel * max|ref| elementwise (sums of many terms: error scales with the max)."""
+    """|actual - ref| <= rel * max|ref| elementwise (sums of many terms: error follows the max)."""
     assert actual.shape == ref.shape
     err = (actual.detach().double().cpu() - ref.detach().cpu()).abs().max().item()
     scale = ref.abs().max().item()
@@ -106,7 +105,8 @@ def test_half_precision(dtype, channels_last):
     # fp32 accumulation, one rounding to the 16-bit type at the end (the interpreter truncates:
     # up to one bf16 ulp, 2**-7 relative); weight / bias gradients are summed in fp32 too
     rel = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    for actual, expected in ((out, ref), (x.grad, xd.grad), (weight.grad, wd.grad), (b.grad, bd.grad)):
+    pairs = ((out, ref), (x.grad, xd.grad), (weight.grad, wd.grad), (b.grad, bd.grad))
+    for actual, expected in pairs:
         assert actual.dtype == dtype
         _close(actual, expected, rel)
 
@@ -138,7 +138,8 @@ def test_empty_batch():
     assert out.shape == (0, 3, 8, 8)
     out.sum().backward()
     assert x.grad.shape == x.shape
-    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(b.grad, torch.zeros_like(b))
 
 
 @needs_triton
@@ -165,8 +166,11 @@ def test_bad_inputs_are_refused_with_one_sentence():
         triton_depthwise_conv2d(x, torch.randn(3, 1, 3, 3, device=DEVICE), padding=-1)
     with pytest.raises(TypeError, match='float32, bfloat16 and float16 inputs, got torch.float64'):
         triton_depthwise_conv2d(x.double(), torch.randn(3, 1, 3, 3, device=DEVICE).double())
+    with pytest.raises(ValueError, match="weight and bias must be on the input's device"):
+        triton_depthwise_conv2d(x, torch.randn(3, 1, 3, 3, device='meta'))
     with pytest.raises(ValueError, match=r'bias of shape \(3,\)'):
-        triton_depthwise_conv2d(x, torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(2, device=DEVICE))
+        triton_depthwise_conv2d(x, torch.randn(3, 1, 3, 3, device=DEVICE),
+                                torch.randn(2, device=DEVICE))
 
 
 def test_unavailable_without_interpreter_on_cpu(monkeypatch):
@@ -180,7 +184,7 @@ def test_unavailable_without_interpreter_on_cpu(monkeypatch):
 
 
 def test_package_imports_without_triton_and_refuses_cleanly():
-    """``import reparam_mm`` does not import triton; without triton a call says why it cannot run."""
+    """``import reparam_mm`` does not import triton; without it a call says why it cannot run."""
     code = (
         'import sys, torch, reparam_mm\n'
         'from reparam_mm.layers.triton_dw import triton_available, triton_depthwise_conv2d\n'
@@ -205,7 +209,8 @@ def test_bound_seconds_hand_computed():
     # forward: 512 x + 512 y + 36 w elements = 2120 bytes; 2*4*64*9 = 4608 FMAs
     assert bound_seconds(2, 4, 8, 8, 3, 3, torch.bfloat16, 1e3, 1e12, False) == pytest.approx(2.12)
     assert bound_seconds(2, 4, 8, 8, 3, 3, torch.bfloat16, 1e12, 1e3, False) == pytest.approx(4.608)
-    # forward + backward: + read gy, x, w, write gx, gw = 2120 + 2 * (3 * 512 + 2 * 36) = 5336 bytes;
+    # forward + backward: also read gy, x, w and write gx, gw:
+    # 2120 + 2 * (3 * 512 + 2 * 36) = 5336 bytes;
     # 3 * 4608 = 13824 FMAs
     assert bound_seconds(2, 4, 8, 8, 3, 3, torch.bfloat16, 1e3, 1e12, True) == pytest.approx(5.336)
     assert bound_seconds(2, 4, 8, 8, 3, 3, torch.bfloat16, 1e12, 1e3, True) == pytest.approx(13.824)

@@ -147,7 +147,9 @@ def _dw_conv_wgrad_kernel(x_ptr, g_ptr, part_ptr,
                           sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
                           PRECISION: tl.constexpr, BKH: tl.constexpr, BKW: tl.constexpr,
                           BC: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr):
-    """part[split, c, i, j] = sum over this split's output rows of g[n,c,oy,ox] * x[n,c,oy+i-PH,ox+j-PW].
+    """part[split, c, i, j] = sum of g[n, c, oy, ox] * x[n, c, oy + i - PH, ox + j - PW].
+
+    The sum runs over this split's output rows (n, oy) and all ox.
 
     The (n, oy) output rows are cut into splits of ROWS_PER_SPLIT; one program
     owns (BC channels, a BKH x BKW block of kernel taps, one split) and keeps
@@ -178,7 +180,8 @@ def _dw_conv_wgrad_kernel(x_ptr, g_ptr, part_ptr,
     r_lo = split * ROWS_PER_SPLIT
     r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, N * OH)
     p_lo = j0
-    p_hi = tl.minimum(j0 + BKW, KW) - 1 + OW  # columns p with some j of this block and 0 <= p - j < OW
+    # the columns p with 0 <= p - j < OW for some tap j of this block
+    p_hi = tl.minimum(j0 + BKW, KW) - 1 + OW
     x_c = x_ptr + c[:, None, None] * sxc
     g_c = g_ptr + c[:, None, None] * sgc
     acc = tl.zeros((BC, BKH, BKW), dtype=tl.float32)
@@ -261,7 +264,8 @@ else:
     _WGRAD_CONFIGS = {
         'cf': [_cfg(BC=1, BR=1, BS=64), _cfg(BC=1, BR=2, BS=64), _cfg(BC=1, BR=4, BS=32),
                _cfg(BC=1, BR=8, BS=16), _cfg(BC=2, BR=2, BS=32)],
-        'cl': [_cfg(BC=4, BR=4, BS=16), _cfg(BC=8, BR=2, BS=16), _cfg(BC=8, BR=4, BS=16, num_warps=8),
+        'cl': [_cfg(BC=4, BR=4, BS=16), _cfg(BC=8, BR=2, BS=16),
+               _cfg(BC=8, BR=4, BS=16, num_warps=8),
                _cfg(BC=4, BR=2, BS=32)],
     }
     _SUM_CONFIGS = {'cf': [_cfg(BC=1, BP=1024), _cfg(BC=4, BP=256)],
@@ -321,15 +325,14 @@ def compile_configs(arch=90, dtypes=('bf16', 'fp16', 'fp32'), first_only=()):
                     signature = {a: 'constexpr' if a in consts else
                                  pointer_types.get(a, f'*{dtype}' if a.endswith('_ptr') else 'i32')
                                  for a in fn.arg_names}
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
                     start = time.perf_counter()
                     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
-                                              target=target,
-                                              options={'num_warps': config.num_warps,
-                                                       'num_stages': config.num_stages})
+                                              target=target, options=options)
                     ptx = compiled.asm['ptx']
                     records.append(dict(
-                        kernel=name, family=family, dtype=dtype, config=dict(
-                            config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages),
+                        kernel=name, family=family, dtype=dtype,
+                        config=dict(config.kwargs, **options),
                         seconds=time.perf_counter() - start, shared=compiled.metadata.shared,
                         mma='wgmma' if 'wgmma.mma_async' in ptx else
                         'mma.sync' if 'mma.sync' in ptx else 'none'))

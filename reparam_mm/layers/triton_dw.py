@@ -36,6 +36,8 @@ without it); under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with
 one small block configuration, which is how the tests run them. CUDA speed:
 not yet measured (no GPU lent so far); see docs/large_kernel.md.
 """
+import contextlib
+import functools
 import importlib.util
 import os
 
@@ -94,10 +96,20 @@ def _precision(dtype):
     return 'tf32' if torch.backends.cudnn.allow_tf32 else 'tf32x3'
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(t):
     if t.is_cuda:
-        return torch.cuda.get_device_properties(t.device).multi_processor_count
+        return _cuda_sm_count(t.device.index)
     return 1  # interpreter: a few splits, so that the reduction path is exercised
+
+
+def _on_device_of(t):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _conv(x, w, bias, ph, pw, oh, ow, channels_last):
@@ -169,7 +181,7 @@ def _cdiv(a, b):
 
 
 def _tap_block(k):
-    """Kernel taps per wgrad program along one axis: a power of two in [16, 32] (tl.dot's minimum)."""
+    """Kernel taps per wgrad program along one axis: 16 (tl.dot's minimum) or 32."""
     return 16 if k <= 16 else 32
 
 
@@ -181,7 +193,8 @@ class _TritonDWConv2d(torch.autograd.Function):
         oh, ow = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
         w = weight.detach().to(x.dtype)[:, 0]
         channels_last = _is_channels_last(x)
-        y = _conv(x, w, bias, ph, pw, oh, ow, channels_last)
+        with _on_device_of(x):
+            y = _conv(x, w, bias, ph, pw, oh, ow, channels_last)
         ctx.save_for_backward(x, w)
         ctx.conf = (ph, pw, channels_last, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -194,14 +207,15 @@ class _TritonDWConv2d(torch.autograd.Function):
         kh, kw = w.shape[-2:]
         gy = gy.to(x.dtype)
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            # correlation of gy with the flipped kernel, padded so that it comes back at x's size
-            gx = _conv(gy, w.flip((-2, -1)), None, kh - 1 - ph, kw - 1 - pw, x.shape[2], x.shape[3],
-                       channels_last)
-        if ctx.needs_input_grad[1]:
-            gw = _wgrad(x, gy, kh, kw, ph, pw).to(weight_dtype).unsqueeze(1)
-        if bias_dtype is not None and ctx.needs_input_grad[2]:
-            gb = _channel_sum(gy).to(bias_dtype)
+        with _on_device_of(x):
+            if ctx.needs_input_grad[0]:
+                # correlation of gy with the flipped kernel, padded to come back at x's size
+                gx = _conv(gy, w.flip((-2, -1)), None, kh - 1 - ph, kw - 1 - pw, x.shape[2],
+                           x.shape[3], channels_last)
+            if ctx.needs_input_grad[1]:
+                gw = _wgrad(x, gy, kh, kw, ph, pw).to(weight_dtype).unsqueeze(1)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                gb = _channel_sum(gy).to(bias_dtype)
         return gx, gw, gb, None, None
 
 
@@ -239,7 +253,11 @@ def triton_depthwise_conv2d(x, weight, bias=None, padding=None):
     if oh < 1 or ow < 1:
         raise ValueError(f'triton_depthwise_conv2d: kernel {kh}x{kw} is larger than the padded '
                          f'input {x.shape[2] + 2 * ph}x{x.shape[3] + 2 * pw}.')
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+    if any(t is not None and t.device != x.device for t in (weight, bias)):
+        raise ValueError(f'triton_depthwise_conv2d: weight and bias must be on the input\'s device '
+                         f'{x.device}, got {weight.device}'
+                         f'{"" if bias is None else f" and {bias.device}"}.')
+    if x.dtype in _DTYPES and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.dtype not in _DTYPES:
         raise TypeError(f'triton_depthwise_conv2d supports float32, bfloat16 and float16 inputs, '
