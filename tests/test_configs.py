@@ -38,6 +38,14 @@ REQUIRED = [
     'replknet/faster-rcnn_replknet-31b-in1k-pre_fpn_8xb2-1x_coco.py',
     'replknet/cascade-rcnn_replknet-31b-in1k-pre_fpn_8xb2-1x_coco.py',
     'replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_16xb1-ms-crop-3x_coco.py',
+    'unireplknet/upernet_unireplknet-t-in1k-pre_8xb2-160k_ade20k-512x512.py',
+    'unireplknet/upernet_unireplknet-s-in1k-pre_8xb2-160k_ade20k-512x512.py',
+    'unireplknet/upernet_unireplknet-b-in22k-pre_8xb2-160k_ade20k-640x640.py',
+    'unireplknet/upernet_unireplknet-l-in22k-pre_8xb2-160k_ade20k-640x640.py',
+    'unireplknet/upernet_unireplknet-xl-in22k-pre_8xb2-160k_ade20k-640x640.py',
+] + [
+    f'unireplknet/cascade-mask-rcnn_unireplknet-{arch}-pre_fpn_4conv1fc-giou_{settings}_coco.py'
+    for arch in ('s-in1k', 'l-in22k') for settings in ['8xb2-ms-crop-3x']
 ] + [
     f'doconv/{algo}_{backbone}_{rest}'
     for base in ('4xb4-160k_ade20k-512x512.py', '4xb2-80k_cityscapes-512x1024.py',
@@ -68,6 +76,14 @@ REPLKNET = {  # name -> (arch, stage channels, backbone parameters in millions)
     '31l': ('31L', (192, 384, 768, 1536), 172 - 1.5),
     'xl': ('XL', (256, 512, 1024, 2048), 335 - 2.0),
 }
+UNIREPLKNET = {  # name -> (arch, stage channels, backbone parameters: the authors' downstream
+    # model (norm0..3, no classifier), counted from their code, tests/test_unireplknet.py)
+    't': ('T', (80, 160, 320, 640), 31_053_540),
+    's': ('S', (96, 192, 384, 768), 55_689_048),
+    'b': ('B', (128, 256, 512, 1024), 98_066_208),
+    'l': ('L', (192, 384, 768, 1536), 218_541_744),
+    'xl': ('XL', (256, 512, 1024, 2048), 386_645_568),
+}
 # Whole-model parameters (millions) the authors report for these set-ups (their README).
 REPORTED_PARAMS = {
     'replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py': 112,
@@ -76,6 +92,12 @@ REPORTED_PARAMS = {
     'replknet/upernet_replknet-xl-megdata73m-pre_16xb2-160k_ade20k-640x640.py': 374,
     'replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_16xb1-ms-crop-3x_coco.py':
     137,
+}
+# UniRepLKNet's reported counts are of the fused (deploy) inference model, auxiliary head left out.
+UNIREPLKNET_REPORTED_PARAMS = {  # config stem prefix -> millions
+    'upernet_unireplknet-t': 61, 'upernet_unireplknet-s': 86, 'upernet_unireplknet-b': 130,
+    'upernet_unireplknet-l': 254, 'upernet_unireplknet-xl': 425,
+    'cascade-mask-rcnn_unireplknet-s': 113, 'cascade-mask-rcnn_unireplknet-l': 276,
 }
 # DO-Conv layers outside the backbone when the algorithm is '-doconv': UperNet's 12 ConvModules
 # (4 PPM, 3 lateral, 3 FPN, 2 bottlenecks) + 1 FCN conv; FPN's 4 lateral + 4 output convs + the
@@ -230,6 +252,15 @@ def test_config_loads_and_matches_its_name(rel):
             assert model.auxiliary_head.in_channels == channels[2]
         if arch == 'XL':  # its MegData-73M pretraining normalised with mean = std = 127.5
             assert model.data_preprocessor.mean == model.data_preprocessor.std == [127.5] * 3
+    elif name['backbone'].startswith('unireplknet-'):
+        arch, channels, _ = UNIREPLKNET[name['backbone'].split('-')[1]]
+        assert backbone.type == 'UniRepLKNet' and backbone.arch == arch
+        assert backbone.norm_cfg['type'] == 'SyncBN' and not backbone.small_kernel_merged
+        assert tuple(backbone.out_indices) == (0, 1, 2, 3)
+        in_channels = model.decode_head.in_channels if scope == 'mmseg' else model.neck.in_channels
+        assert list(in_channels) == list(channels)
+        if scope == 'mmseg':
+            assert model.auxiliary_head.in_channels == channels[2]
     else:
         assert name['backbone'] in ('r50', 'r50-doconv-c3-c5')
         resnet = 'ResNetV1c' if scope == 'mmseg' else 'ResNet'
@@ -273,6 +304,67 @@ def test_replknet_recipes_follow_the_authors():
     assert mask.optim_wrapper.optimizer.lr == 4e-4 and mask.model.backbone.drop_path_rate == 0.6
     assert [s.get('milestones') for s in mask.param_scheduler] == [None, [27, 33]]
     assert {h.loss_bbox.type for h in mask.model.roi_head.bbox_head} == {'GIoULoss'}
+
+
+# The authors' downstream configs (AILab-CVC/UniRepLKNet segmentation/ and detection/configs):
+# name -> (drop_path, with_cp, layer-wise lr decay rate, its num_layers, checkpoint file).
+# XL on ADE20K has no published config: ours reuses L's recipe (see the config's header).
+UNIREPLKNET_RECIPES = {
+    'upernet_unireplknet-t': (0.2, False, 1.0, 9, 'unireplknet_t_in1k_224_acc83.21.pth'),
+    'upernet_unireplknet-s': (0.3, True, 0.9, 12, 'unireplknet_s_in1k_224_acc83.91.pth'),
+    'upernet_unireplknet-b': (0.3, True, 0.9, 12, 'unireplknet_b_in22k_to_in1k_384_acc87.40.pth'),
+    'upernet_unireplknet-l': (0.4, True, 0.85, 12, 'unireplknet_l_in22k_to_in1k_384_acc87.88.pth'),
+    'upernet_unireplknet-xl': (0.4, True, 0.85, 12,
+                               'unireplknet_xl_in22k_to_in1k_384_acc87.96.pth'),
+    'cascade-mask-rcnn_unireplknet-s': (0.5, True, 0.8, 12, 'unireplknet_s_in1k_224_acc83.91.pth'),
+    'cascade-mask-rcnn_unireplknet-l': (0.7, True, 0.7, 12,
+                                        'unireplknet_l_in22k_to_in1k_384_acc87.88.pth'),
+}
+
+
+@pytest.mark.parametrize('rel', [r for r in CONFIGS if r.startswith('unireplknet/')])
+def test_unireplknet_recipes_follow_the_authors(rel):
+    """The numbers the README quotes come from these recipes; keep them the authors'."""
+    cfg = load(rel)
+    stem = rel.split('/')[1].split('-in')[0]
+    drop_path, with_cp, decay_rate, num_layers, ckpt = UNIREPLKNET_RECIPES[stem]
+    m, optim = cfg.model, cfg.optim_wrapper
+    assert m.backbone.drop_path_rate == drop_path and m.backbone.with_cp == with_cp
+    assert cfg.checkpoint_file.endswith('/' + ckpt)
+    assert optim.constructor == 'UniRepLKNetLayerDecayOptimizerConstructor'
+    assert optim.paramwise_cfg == dict(decay_rate=decay_rate, decay_type='layer_wise',
+                                       num_layers=num_layers)
+    assert optim.optimizer == dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    assert cfg.train_dataloader.batch_size == 2  # x 8 GPUs, as theirs
+    if cfg.default_scope == 'mmseg':
+        warmup, poly = cfg.param_scheduler
+        assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 1e-6, 1500)
+        assert (poly.type, poly.power, poly.eta_min, poly.begin) == ('PolyLR', 1.0, 0.0, 1500)
+        assert m.test_cfg.mode == 'whole' and m.decode_head.channels == 512
+        assert m.auxiliary_head.in_index == 2 and m.auxiliary_head.loss_decode.loss_weight == 0.4
+        scale = (2560, 640) if '640x640' in rel else (2048, 512)
+        test = cfg.test_dataloader.dataset.pipeline
+        assert [t['type'] for t in test] == ['LoadImageFromFile', 'Resize', 'ResizeToMultiple',
+                                             'LoadAnnotations', 'PackSegInputs']
+        assert tuple(test[1]['scale']) == scale and test[2]['size_divisor'] == 32
+        train = {t['type']: t for t in cfg.train_dataloader.dataset.pipeline}
+        assert tuple(train['RandomResize']['scale']) == scale
+        assert cfg.default_hooks.checkpoint.save_best == 'mIoU'
+        assert cfg.train_cfg.val_interval == 4000
+    else:
+        warmup, step = cfg.param_scheduler
+        assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 0.001, 500)
+        assert step.milestones == [27, 33] and cfg.train_cfg.max_epochs == 36
+        heads = m.roi_head.bbox_head
+        assert {h.loss_bbox.type for h in heads} == {'GIoULoss'}
+        assert all(h.reg_decoded_bbox and h.norm_cfg['type'] == 'SyncBN' for h in heads)
+        ema = [h for h in cfg.custom_hooks if h['type'] == 'EMAHook']
+        if '-l-' in rel:  # their ExpMomentumEMAHook(momentum=0.0001), before the fused eval
+            assert ema == [dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0001,
+                                update_buffers=True, priority=49)]
+            assert [h['type'] for h in cfg.custom_hooks] == ['EMAHook', 'FusedEvalHook']
+        else:
+            assert not ema
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -332,6 +424,20 @@ def test_config_builds_its_model(rel):
         assert abs(n_params - params_m) / params_m < 0.03, (n_params, params_m)
         intermediate = [not isinstance(s.norm, nn.Identity) for s in backbone.stages]
         assert intermediate == [arch == 'XL'] * 4
+    if name['backbone'].startswith('unireplknet-'):
+        from reparam_mm.backbones.unireplknet import UniRepLKNet
+        arch, channels, params = UNIREPLKNET[name['backbone'].split('-')[1]]
+        assert isinstance(backbone, UniRepLKNet) and backbone.arch['dims'] == channels
+        assert sum(p.numel() for p in backbone.parameters()) == params
+        norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+        from reparam_mm.apis import deploy_config
+        deploy = build_model(deploy_config(cfg)[0])  # what tools/fuse.py writes: fused backbone
+        aux = getattr(deploy, 'auxiliary_head', None)
+        n_params = (sum(p.numel() for p in deploy.parameters())
+                    - (sum(p.numel() for p in aux.parameters()) if aux else 0)) / 1e6
+        reported = UNIREPLKNET_REPORTED_PARAMS[Path(rel).stem.split('-in')[0]]
+        assert abs(n_params - reported) / reported < 0.01, n_params
     if rel in REPORTED_PARAMS:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         assert abs(n_params - REPORTED_PARAMS[rel]) / REPORTED_PARAMS[rel] < 0.02, n_params

@@ -747,3 +747,69 @@ def test_cascade_mask_rcnn_mmdet_train_step_and_predict():
     for p in preds:
         assert p.pred_instances.bboxes.shape[1] == 4
         assert len(p.pred_instances.masks) == len(p.pred_instances.scores)
+
+
+def _with_bn(obj):
+    """A config with every SyncBN made BN (one CPU process has no process group)."""
+    if isinstance(obj, dict):
+        return {k: ('BN' if k == 'type' and v == 'SyncBN' else _with_bn(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_with_bn(v) for v in obj)
+    return obj
+
+
+@pytest.mark.parametrize('rel', [
+    'unireplknet/upernet_unireplknet-s-in1k-pre_8xb2-160k_ade20k-512x512.py',
+    'unireplknet/cascade-mask-rcnn_unireplknet-s-in1k-pre_fpn_4conv1fc-giou_8xb2-ms-crop-3x_coco.py',
+])
+def test_config_recipe_trains_the_tiny_arch_one_step(rel):
+    """The shipped recipe (optimizer with the authors' layer-wise lr decay, with_cp, the heads'
+    structure) with the tiny arch instead of S, BN instead of SyncBN and, for Cascade Mask R-CNN,
+    32-channel heads: one optimizer step on CPU."""
+    from pathlib import Path
+
+    from mmengine.config import Config, ConfigDict
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, DefaultScope
+    cfg = Config.fromfile(str(Path(__file__).resolve().parent.parent / 'configs' / rel))
+    model_cfg = _with_bn(cfg.model.to_dict())
+    model_cfg['backbone'].update(arch='tiny', init_cfg=None)
+    dims = [16, 32, 64, 128]
+    if cfg.default_scope == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        from mmseg.utils import register_all_modules
+        model_cfg['data_preprocessor']['size'] = (64, 64)
+        model_cfg['decode_head']['in_channels'] = dims
+        model_cfg['auxiliary_head']['in_channels'] = dims[2]
+        g = torch.Generator().manual_seed(0)
+        data = dict(inputs=[torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g)
+                            for _ in range(2)], data_samples=[])
+        for _ in range(2):
+            sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64)))
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 64, 64), generator=g))
+            data['data_samples'].append(sample)
+    else:
+        from mmdet.testing import demo_mm_inputs
+        from mmdet.utils import register_all_modules
+        model_cfg['neck'].update(in_channels=dims, out_channels=32)  # narrow heads: seconds
+        model_cfg['rpn_head'].update(in_channels=32, feat_channels=32)
+        roi = model_cfg['roi_head']
+        roi['bbox_roi_extractor']['out_channels'] = roi['mask_roi_extractor']['out_channels'] = 32
+        for head in roi['bbox_head']:
+            head.update(in_channels=32, conv_out_channels=32, fc_out_channels=64)
+        roi['mask_head'].update(in_channels=32, conv_out_channels=32)
+        data = demo_mm_inputs(2, [(3, 64, 64)] * 2, num_items=[2, 3], num_classes=80,
+                              with_mask=True)
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(ConfigDict(model_cfg))
+        model.init_weights()
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        lrs = {g['group_name']: g['lr'] for g in optim_wrapper.param_groups if 'group_name' in g}
+        assert min(lrs.values()) < max(lrs.values()) == pytest.approx(1e-4)  # decayed per layer
+        assert model.backbone.with_cp
+        before = model.backbone.stages[1][0].gamma.clone()
+        log_vars = model.train_step(copy.deepcopy(data), optim_wrapper)
+    assert all(math.isfinite(float(v)) for v in log_vars.values())
+    assert not torch.equal(before, model.backbone.stages[1][0].gamma)
