@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from reparam_mm.backbones.replknet import RepLKNet
-from reparam_mm.layers.large_kernel import fft_depthwise_conv2d, large_depthwise_conv2d
+from reparam_mm.layers.large_kernel import (dispatch_mode, fft_depthwise_conv2d,
+                                            large_depthwise_conv2d, triton_depthwise_conv2d)
 
 from .measure import new_result, summarize, time_calls
 
@@ -32,46 +33,66 @@ def dw_conv_cost(batch, channels, height, width, kernel, elem_bytes):
 
 
 def machine_ceilings(device='cpu', dtype=torch.float32, size=None):
-    """Measured peak GEMM FLOP/s and copy bandwidth (bytes/s) of ``device`` in ``dtype``.
+    """Measured peak FMA FLOP/s and copy bandwidth (bytes/s) of ``device`` for ``dtype`` data.
 
-    A depthwise conv cannot beat either; on GPUs the half-precision GEMM peak uses tensor
-    cores, which a depthwise conv cannot, so the compute bound there is loose.
+    The compute peak is a square GEMM's. On CUDA it is always the fp32 GEMM with TF32 off, i.e.
+    the CUDA cores' FMA rate: a depthwise conv has no tensor-core formulation as written (the
+    Triton candidate's banded products are one, at 2-2.5x the multiply-adds), so a half-precision
+    GEMM's tensor-core peak would be no bound for it. The copy runs in ``dtype``.
     """
     dev = torch.device(device)
     n = size or (4096 if dev.type == 'cuda' else 1024)
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
+    gemm_dtype = torch.float32 if dev.type == 'cuda' else dtype
+    a = torch.randn(n, n, device=dev).to(gemm_dtype)
+    b = torch.randn(n, n, device=dev).to(gemm_dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         t = min(time_calls(lambda: torch.mm(a, b), dev, repeat=5, warmup=2, min_time=0.5))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    numel = (256 if dev.type == 'cuda' else 64) * 2**20 // a.element_size()
+    numel = (256 if dev.type == 'cuda' else 64) * 2**20 // torch.finfo(dtype).bits * 8
     src = torch.empty(numel, device=dev, dtype=dtype).fill_(1)
     dst = torch.empty_like(src)
     tc = min(time_calls(lambda: dst.copy_(src), dev, repeat=5, warmup=2, min_time=0.5))
     return dict(gemm_flops_per_s=2 * n**3 / t, copy_bytes_per_s=2 * src.numel() *
-                src.element_size() / tc, gemm_size=n, copy_mb=src.numel() * src.element_size()
-                / 2**20)
+                src.element_size() / tc, gemm_size=n, gemm_dtype=str(gemm_dtype)[6:],
+                compute_peak=('CUDA-core FMA (fp32 GEMM, TF32 off)' if dev.type == 'cuda'
+                              else f'{str(dtype)[6:]} GEMM'),
+                copy_mb=src.numel() * src.element_size() / 2**20)
+
+
+def _dispatch(mode):
+    def run(x, w, p):
+        with dispatch_mode(mode):
+            return large_depthwise_conv2d(x, w, None, 1, p)
+    return run
 
 
 def dw_candidates(device):
-    """name -> (layout of the input handed in, function(x, w, padding))."""
+    """name -> (layout of the input handed in, function(x, w, padding)).
+
+    ``tuned`` / ``fixed`` are the dispatch in each mode, exactly what the backbones run (the
+    tuned one times its candidates during the warm-up call); the others call one
+    implementation directly: ``F.conv2d`` (oneDNN on CPU, cuDNN on CUDA) in each layout, the
+    FFT correlation, and on CUDA the Triton kernels.
+    """
 
     def direct(x, w, p):
         return F.conv2d(x, w, None, 1, p, 1, x.shape[1])
 
     cands = {
-        'dispatch': ('nchw', lambda x, w, p: large_depthwise_conv2d(x, w, None, 1, p)),
-        'dispatch_cl': ('channels_last', lambda x, w, p: large_depthwise_conv2d(x, w, None, 1, p)),
+        'tuned': ('nchw', _dispatch('tuned')),
+        'tuned_cl': ('channels_last', _dispatch('tuned')),
+        'fixed': ('nchw', _dispatch('fixed')),
+        'fixed_cl': ('channels_last', _dispatch('fixed')),
         'nchw_conv2d': ('nchw', direct),
         'cl_conv2d': ('channels_last', direct),
         'fft': ('nchw', lambda x, w, p: fft_depthwise_conv2d(x, w, None, p)),
     }
-    if torch.device(device).type == 'cuda':  # dispatch == F.conv2d there
-        for name in ('nchw_conv2d', 'cl_conv2d'):
-            cands.pop(name)
+    if torch.device(device).type == 'cuda':
+        cands['triton'] = ('nchw', lambda x, w, p: triton_depthwise_conv2d(x, w, None, p))
+        cands['triton_cl'] = ('channels_last', cands['triton'][1])
     return cands
 
 

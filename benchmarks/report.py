@@ -116,11 +116,11 @@ def render_large_dw(result):
                      _f(r.get('forward_over_bound'), '{:.1f}x'),
                      _f(fb['median_ms']) if fb else '-',
                      _f(r.get('forward_backward_over_bound'), '{:.1f}x')])
-    ceil = '; '.join(f"{d}: GEMM {c['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, copy "
-                     f"{c['copy_bytes_per_s'] / 1e9:.1f} GB/s"
+    ceil = '; '.join(f"{d}: {c.get('compute_peak', 'GEMM')} {c['gemm_flops_per_s'] / 1e9:.0f} "
+                     f"GFLOP/s, copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s"
                      for d, c in result['ceilings'].items())
     return [f"RepLKNet-{s['arch']} large depthwise convs at a {s['shape'][0]}x{s['shape'][1]} "
-            f"input, batch {s['batch']}. Measured ceilings: {ceil}. Bound = max(FLOPs / GEMM "
+            f"input, batch {s['batch']}. Measured ceilings: {ceil}. Bound = max(FLOPs / compute "
             'peak, minimum bytes / copy bandwidth), FLOPs counting a multiply-add as 2; the '
             'fwd+bwd bound is 3x (input and weight gradients are convolutions of the same size).',
             '', table(['stage', 'k', 'C', 'HxW', 'dtype', 'candidate', 'input layout',

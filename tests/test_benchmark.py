@@ -185,15 +185,26 @@ def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path,
     monkeypatch.setattr(large_kernel, 'fft_depthwise_conv2d',
                         lambda *a: calls.append(a[1].shape[-1]) or real_fft(*a))
     default = large_kernel.FFT_MIN_KERNEL
-    args = ['--large-dw', '--arch', 'tiny', '--shape', '64', '64', '--candidates', 'dispatch',
+    # the 'fixed' candidate is the dispatch in fixed mode, whose FFT threshold the option sets
+    args = ['--large-dw', '--arch', 'tiny', '--shape', '64', '64', '--candidates', 'fixed',
             '--repeat', '1', '--warmup', '0', '--min-time', '0', '--no-backward']
     tool = load_tool('benchmark')
     direct = tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '1000']))
     assert calls == [] and direct['settings']['dw_fft_min_kernel'] == 1000
+    assert direct['settings']['large_dw_dispatch'] == 'fixed'
     assert large_kernel.FFT_MIN_KERNEL == default  # restored after the run
-    fft = tool.run(tool.parse_args(args))
-    assert fft['settings']['dw_fft_min_kernel'] == default
+    assert large_kernel.active_dispatch_mode() == 'tuned'
+    fixed = tool.run(tool.parse_args(args[:-1] + ['--large-dw-dispatch', 'fixed',
+                                                  '--no-backward']))
+    assert fixed['settings'] == dict(fixed['settings'], dw_fft_min_kernel=default,
+                                     large_dw_dispatch='fixed')
     assert set(calls) == {31, 29, 27}  # tiny arch kernels 31/29/27/13: 13 stays direct
+    tuned = tool.run(tool.parse_args(args))
+    assert tuned['settings']['large_dw_dispatch'] == 'tuned'
+    assert tuned['settings']['dw_fft_min_kernel'] is None
+    with pytest.raises(SystemExit, match='--dw-fft-min-kernel sets a fixed rule'):
+        tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '9', '--large-dw-dispatch',
+                                         'tuned']))
 
 
 def test_cli_rejects_bad_arguments():
@@ -278,10 +289,10 @@ def test_detector_synthetic_training_batch():
 
 def test_large_dw_table_tiny(tmp_path):
     res = LDW.benchmark_large_dw('tiny', (64, 64), batch=1, repeat=1, warmup=0, min_time=0,
-                               candidates=['dispatch', 'fft'])
+                               candidates=['tuned', 'fft'])
     assert res['kind'] == 'large_dw' and res['ceilings']['fp32']['gemm_flops_per_s'] > 0
     assert [(r['stage'], r['kernel'], r['candidate']) for r in res['results']][:2] == [
-        ('stage1', 31, 'dispatch'), ('stage1', 31, 'fft')]
+        ('stage1', 31, 'tuned'), ('stage1', 31, 'fft')]
     for r in res['results']:
         assert r['flops'] == 2 * r['channels'] * r['height'] * r['width'] * r['kernel']**2
         assert r['forward_gflops'] == pytest.approx(r['flops'] / r['forward']['median_ms'] / 1e6)

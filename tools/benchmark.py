@@ -3,6 +3,7 @@
     # one config: inference (fused by default) or training iterations
     python tools/benchmark.py CONFIG [--checkpoint F] [--shape H W] [--batch N]
         [--mode infer|train] [--fuse|--no-fuse] [--device cpu|cuda] [--amp] [--channels-last]
+        [--large-dw-dispatch tuned|fixed]
         [--repeat R] [--warmup W] [--no-flops] [--dw-fft-min-kernel K] [--out FILE.json]
     # two variants timed alternately in one process (ratios B / A); a variant is CONFIG,
     # CONFIG:fused or CONFIG:unfused
@@ -62,8 +63,12 @@ def parse_args(argv=None):
     p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES))
     p.add_argument('--candidates', nargs='+', help='--large-dw implementations (default all)')
     p.add_argument('--no-backward', action='store_true', help='--large-dw: forward only')
+    p.add_argument('--large-dw-dispatch', choices=['tuned', 'fixed'],
+                   help="large depthwise convs: 'tuned' (time the candidates once per call "
+                        "signature) or 'fixed' (the rules measured on one CPU; cuDNN on CUDA). "
+                        'Default: the environment\'s, REPARAM_MM_LARGE_DW (tuned)')
     p.add_argument('--dw-fft-min-kernel', type=int, metavar='K',
-                   help='CPU large depthwise convs use FFTs from kernel side K (default: '
+                   help='fixed dispatch with CPU FFTs from kernel side K (default: '
                         'reparam_mm.layers.large_kernel.FFT_MIN_KERNEL; a huge K measures '
                         'direct convolution)')
     p.add_argument('--out', help='JSON file to write (default: print only)')
@@ -84,11 +89,19 @@ def parse_args(argv=None):
 
 
 def run(args):
-    threshold = (large_kernel.FFT_MIN_KERNEL if args.dw_fft_min_kernel is None
-                 else args.dw_fft_min_kernel)
-    with large_kernel.fft_min_kernel(threshold):
+    if args.dw_fft_min_kernel is not None:
+        if args.large_dw_dispatch == 'tuned':
+            raise SystemExit('--dw-fft-min-kernel sets a fixed rule; drop --large-dw-dispatch '
+                             'tuned (or the threshold).')
+        mode, threshold = 'fixed', args.dw_fft_min_kernel
+        scope = large_kernel.fft_min_kernel(threshold)
+    else:
+        mode = args.large_dw_dispatch or large_kernel.active_dispatch_mode()
+        threshold = large_kernel.FFT_MIN_KERNEL if mode == 'fixed' else None
+        scope = large_kernel.dispatch_mode(mode)
+    with scope:
         result = _run(args)
-    result['settings']['dw_fft_min_kernel'] = threshold
+    result['settings'].update(large_dw_dispatch=mode, dw_fft_min_kernel=threshold)
     return result
 
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'CANDIDATES', 'candidates',
-           'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'forced_candidate',
+           'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'fft_min_kernel',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
            'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature']
@@ -399,6 +399,11 @@ def _mode():
         raise ValueError(f'{_ENV_MODE}={env!r} is not a large-kernel dispatch mode; '
                          f'use one of {_MODES}.')
     return env
+
+
+def active_dispatch_mode():
+    """The mode calls run in now: 'tuned' or 'fixed'."""
+    return _mode()
 
 
 def set_dispatch_mode(mode):
