@@ -7,6 +7,7 @@ default scopes alike (``custom_imports=dict(imports=['reparam_mm'])``).
 from . import compat  # noqa: F401  (must run first: checkpoint loading fixes)
 from .fuse import fuse, fuse_with_report  # noqa: E402
 from .hooks import FusedEvalHook  # noqa: E402
+from .visualization import SavePredictionsHook  # noqa: E402
 from .layers import DOConv2d  # noqa: E402
 from .backbones import RepLKNet, UniRepLKNet  # noqa: E402
 from .models import ConvCfgRPNHead  # noqa: E402
@@ -16,5 +17,5 @@ from .optim import UniRepLKNetLayerDecayOptimizerConstructor  # noqa: E402
 __version__ = '0.1.0'
 
 __all__ = ['__version__', 'fuse', 'fuse_with_report', 'FusedEvalHook', 'DOConv2d',
-           'DemoADEDataset', 'RepLKNet', 'UniRepLKNet',
+           'SavePredictionsHook', 'DemoADEDataset', 'RepLKNet', 'UniRepLKNet',
            'UniRepLKNetLayerDecayOptimizerConstructor']

@@ -44,19 +44,18 @@ def _set_fuse_hook(cfg, fuse):
 
 
 def _trigger_visualization(cfg, scope, show, show_dir, wait_time):
-    hook = cfg.default_hooks.get('visualization')
-    if hook is None:
-        raise RuntimeError("--show / --show-dir need default_hooks.visualization in the config; "
+    vis_hook = (cfg.get('default_hooks') or {}).get('visualization')
+    if show_dir:  # one PNG per test image (mmseg's hook paints every 50th batch only)
+        score_thr = (vis_hook or {}).get('score_thr', 0.3)
+        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+            dict(type='SavePredictionsHook', out_dir=show_dir, score_thr=score_thr)]
+    if not show:
+        return
+    if vis_hook is None:
+        raise RuntimeError("--show needs default_hooks.visualization in the config; "
                            f"add visualization=dict(type='{'Seg' if scope == 'mmseg' else 'Det'}"
                            "VisualizationHook').")
-    hook['draw'] = True
-    if show:
-        hook.update(show=True, wait_time=wait_time)
-    if show_dir:
-        if scope == 'mmseg':
-            cfg.visualizer['save_dir'] = show_dir
-        else:
-            hook['test_out_dir'] = show_dir
+    vis_hook.update(draw=True, show=True, wait_time=wait_time)
 
 
 def _tta(cfg, scope):

@@ -1,0 +1,49 @@
+"""tools/test.py --show-dir: one painted picture per test image, segmentors and detectors."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import reparam_mm  # noqa: F401
+from conftest import load_tool
+from test_tools_test_fuse import det_config, make_coco, write_case
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
+
+
+def test_show_dir_on_the_demo_model_writes_one_picture_per_test_image(tmp_path, capsys):
+    from mmengine.config import Config
+    from reparam_mm.apis import build_model
+    from reparam_mm.datasets.synthetic import ensure_demo_ade
+    from test_fuse import perturb
+    data = tmp_path / 'demo_ade'
+    ensure_demo_ade(data, num_train=1, num_val=5, size=64, seed=0)  # mmseg's hook painted none of 5
+    torch.manual_seed(0)
+    model = perturb(build_model(Config.fromfile(str(DEMO_CONFIG))))
+    ckpt = tmp_path / 'demo.pth'
+    torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
+    show = tmp_path / 'show'
+    load_tool('test').main([str(DEMO_CONFIG), str(ckpt), '--work-dir', str(tmp_path / 'w'),
+                            '--show-dir', str(show), '--cfg-options',
+                            f'test_dataloader.dataset.data_root={data}'])
+    assert 'fused 29 module(s)' in capsys.readouterr().out
+    images = sorted(p.stem for p in (data / 'images/validation').iterdir())
+    pictures = sorted(show.glob('*.png'))
+    assert [p.stem for p in pictures] == images and len(images) == 5
+    for p in pictures:
+        painted = np.array(Image.open(p))
+        assert painted.shape == (64, 128, 3)  # ground truth | prediction, side by side
+        src = np.array(Image.open(next((data / 'images/validation').glob(f'{p.stem}.*'))).convert('RGB'))
+        assert not np.array_equal(painted[:, 64:], src)  # the prediction is painted over the input
+
+
+def test_show_dir_for_a_detector_with_a_relative_folder_does_not_nest(tmp_path, monkeypatch):
+    cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco', n=3)))
+    monkeypatch.chdir(tmp_path)
+    load_tool('test').main([cfg, ckpt, '--work-dir', 'w', '--show-dir', 'pics'])
+    pictures = sorted(tmp_path.glob('**/*.png'))
+    assert [p.relative_to(tmp_path).as_posix() for p in pictures] == \
+        ['pics/000000.png', 'pics/000001.png', 'pics/000002.png']
+    assert all(np.array(Image.open(p)).shape == (64, 128, 3) for p in pictures)
