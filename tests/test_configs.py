@@ -60,7 +60,19 @@ REQUIRED = [
                  f'{det}_r50-doconv-c3-c5_fpn_1x_coco.py',
                  f'{det}-doconv_r50_fpn_4conv1fc_1x_coco.py',
                  f'{det}-doconv_r50-doconv-c3-c5_fpn_4conv1fc_1x_coco.py')
+] + [  # DO-Conv on backbones not written for it (WithDOConv), beside their plain baselines
+    f'doconv/{algo}_{backbone}{doconv}_{rest}' for doconv in ('', '-doconv')
+    for algo, backbone, rest in [
+        ('deeplabv3plus', 'mobilenet-v2-d8', '4xb2-80k_cityscapes-512x1024.py'),
+        ('faster-rcnn', 'regnetx-3.2GF', 'fpn_1x_coco.py')]
+] + [  # mmpretrain's re-parameterisable backbones (need mmpretrain: parsed only without it)
+    f'mmpretrain/{algo}_{backbone}_{rest}' for backbone in ('repvgg-A0', 'mobileone-s0')
+    for algo, rest in [('upernet', '4xb4-160k_ade20k-512x512.py'),
+                       ('faster-rcnn', 'fpn_1x_coco.py')]
 ]
+# backbone in the name (without '-doconv') -> its type, for configs other than ResNet / RepLKNet
+OTHER_BACKBONES = {'mobilenet-v2-d8': 'MobileNetV2', 'regnetx-3.2GF': 'RegNet',
+                   'repvgg-A0': 'mmpretrain.RepVGG', 'mobileone-s0': 'mmpretrain.MobileOne'}
 
 DATASETS = {  # dataset in the name -> (scope, dataset type, classes)
     'ade20k': ('mmseg', 'ADE20KDataset', 150),
@@ -117,7 +129,9 @@ def _read_package_metafiles_once():
 
 @functools.lru_cache(maxsize=None)
 def _load(rel):
-    return Config.fromfile(str(CONFIG_DIR / rel))
+    # mmpretrain configs import mmpretrain.models, which needs torchvision: read them without
+    return Config.fromfile(str(CONFIG_DIR / rel),
+                           import_custom_modules=not rel.startswith('mmpretrain/'))
 
 
 def load(rel):
@@ -261,6 +275,14 @@ def test_config_loads_and_matches_its_name(rel):
         assert list(in_channels) == list(channels)
         if scope == 'mmseg':
             assert model.auxiliary_head.in_channels == channels[2]
+    elif name['backbone'].removesuffix('-doconv') in OTHER_BACKBONES:
+        plain_type = OTHER_BACKBONES[name['backbone'].removesuffix('-doconv')]
+        if name['backbone'].endswith('-doconv'):  # the plain baseline's backbone, converted
+            assert backbone.type == 'WithDOConv' and backbone.doconv_cfg == dict(type='DOConv')
+            assert backbone.module == load(rel.replace('-doconv', '')).model.backbone
+            assert backbone.module.type == plain_type
+        else:
+            assert backbone.type == plain_type
     else:
         assert name['backbone'] in ('r50', 'r50-doconv-c3-c5')
         resnet = 'ResNetV1c' if scope == 'mmseg' else 'ResNet'
@@ -384,6 +406,11 @@ def test_config_builds_its_model(rel):
     from reparam_mm.layers import DOConv2d
     cfg = load(rel)
     name = parse_name(rel)
+    if rel.startswith('mmpretrain/'):
+        try:
+            import mmpretrain.models  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's operator errors
+            pytest.skip(f'mmpretrain does not import on this stack ({type(e).__name__}: {e})')
     model = build_model(cfg)
     assert all(p.is_meta for p in model.parameters())
 
@@ -409,6 +436,9 @@ def test_config_builds_its_model(rel):
         blocks = [n for n, m in in_backbone.items()
                   if n.startswith(stages) and n.count('.') == 2]  # backbone.layerX.i
         assert len(blocks) == 4 + 6 + 3  # ResNet-50 stages 2-4
+    elif name['backbone'].endswith('-doconv'):  # WithDOConv: every k x k conv of the backbone
+        plain = [n for n, m in in_backbone.items() if _kxk(m)]
+        assert doconv_in and not plain, f'plain k x k convs left in the backbone: {plain}'
     else:
         assert not doconv_in, doconv_in
 
