@@ -174,18 +174,19 @@ def _state_ids(module: nn.Module) -> Tuple:
 
 
 def _call_convention(module: nn.Module, name: str, path: str) -> Tuple[nn.Module, bool]:
-    """Fuse ``module`` through its ``name`` method: (the module replacing it, whether anything changed)."""
+    """Fuse ``module`` through its method ``name``: (its replacement, whether anything changed)."""
     kind = type(module).__name__
     before = _state_ids(module)
     try:
         new = getattr(module, name)()
     except Exception as e:  # noqa: BLE001 - re-raised with the module's place in the model
         if hasattr(e, 'add_note'):  # Python >= 3.11
-            e.add_note(f'reparam_mm.fuse: raised by {kind}.{name}() of {path or "the root module"}.')
+            e.add_note(f'reparam_mm.fuse: raised by {kind}.{name}() of '
+                       f'{path or "the root module"}.')
         raise
     if isinstance(new, nn.Module):
         if new is module and name != 'to_fused':
-            setattr(module, _FUSED_MARK, True)  # fused in place: a later pass must not call it again
+            setattr(module, _FUSED_MARK, True)  # fused in place: no later pass calls it again
         return new, new is not module or _state_ids(new) != before
     if name == 'to_fused':
         raise TypeError(f'{kind}.to_fused() of {path or "the root module"} returned '

@@ -35,7 +35,8 @@ def _conv_bn(conv, channels):
 
 def _bn_kernel(conv_weight, bn):
     std = (bn.running_var + bn.eps).sqrt()
-    return conv_weight * (bn.weight / std).reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * bn.weight / std
+    scale = bn.weight / std
+    return conv_weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
 def _identity_kernel(channels, groups, k, like):
@@ -119,7 +120,7 @@ class MMPretrainRepVGG(nn.Module):
 
 # -- timm: reparameterize() in place, returns None -----------------------------------------------
 class TimmMobileOneBlock(nn.Module):
-    """timm's MobileOneBlock: k conv-BN branches + 1x1 scale + BN identity, guarded by reparam_conv."""
+    """timm's MobileOneBlock: kxk conv-BN branches + 1x1 scale + BN identity; reparam_conv guard."""
 
     def __init__(self, chs, kernel_size=3, num_conv_branches=2, inference_mode=False):
         super().__init__()
@@ -148,8 +149,10 @@ class TimmMobileOneBlock(nn.Module):
         if self.reparam_conv is not None:
             return
         pad = self.kernel_size // 2
-        kernel, bias = _bn_kernel(F.pad(self.conv_scale.conv.weight, [pad] * 4), self.conv_scale.norm)
-        k_id, b_id = _bn_kernel(_identity_kernel(self.chs, 1, self.kernel_size, kernel), self.identity)
+        scale = self.conv_scale
+        kernel, bias = _bn_kernel(F.pad(scale.conv.weight, [pad] * 4), scale.norm)
+        eye = _identity_kernel(self.chs, 1, self.kernel_size, kernel)
+        k_id, b_id = _bn_kernel(eye, self.identity)
         kernel, bias = kernel + k_id, bias + b_id
         for conv in self.conv_kxk:
             k, b = _bn_kernel(conv.conv.weight, conv.norm)
@@ -309,7 +312,7 @@ def test_every_convention_fused_children_first_and_a_second_pass_is_a_no_op():
     assert fused.repvgg.deploy and all(b.deploy for b in fused.repvgg.stage_1)
     assert fused.mobileone.inference_mode and isinstance(fused.repvit, nn.Conv2d)
     assert report.params_after < report.params_before
-    # second pass: nothing called (FastViT's unguarded reparameterize() would raise), nothing changed
+    # second pass: nothing called (FastViT's unguarded reparameterize() would raise), no change
     assert fusable_modules(fused) == [('replk', fused.replk)]  # to_fused is idempotent itself
     state = {k: v.clone() for k, v in fused.state_dict().items()}
     again, report2 = fuse_with_report(fused)
@@ -387,8 +390,8 @@ def test_a_helper_returning_values_without_fusing_is_a_clear_error():
 
     block = randomize(OnlyHelper(4, 4)).eval()
     state = {k: v.clone() for k, v in block.state_dict().items()}
-    with pytest.raises(TypeError, match=r"OnlyHelper\.reparameterize\(\) of 0 returned tuple and left "
-                                        r"the module unchanged.*give the class a to_fused\(\)"):
+    with pytest.raises(TypeError, match=r"OnlyHelper\.reparameterize\(\) of 0 returned tuple "
+                                        r"and left the module unchanged.*to_fused\(\)"):
         fuse(nn.Sequential(block))
     assert all(torch.equal(v, state[k]) for k, v in block.state_dict().items())
 
@@ -401,7 +404,8 @@ def test_a_failing_foreign_method_names_its_place_in_the_model():
     model = nn.Sequential(nn.Sequential(nn.Identity(), NeedsBN(4, 4))).eval()
     with pytest.raises(AssertionError) as err:
         fuse(model)
-    assert 'raised by NeedsBN.switch_to_deploy() of 0.1' in ''.join(getattr(err.value, '__notes__', []))
+    notes = ''.join(getattr(err.value, '__notes__', []))
+    assert 'raised by NeedsBN.switch_to_deploy() of 0.1' in notes
 
 
 def test_mmpretrain_conv_cfg_doconv_deploy_conv_is_fused_too():
@@ -452,7 +456,8 @@ def test_fused_eval_hook_validates_and_tests_the_zoo_fused(tmp_path):
         test_dataloader=_loader(4, 1), val_evaluator=Evaluator(ToyMetric()),
         test_evaluator=Evaluator(ToyMetric()),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
-        train_cfg=dict(by_epoch=False, max_iters=2, val_interval=2), val_cfg=dict(), test_cfg=dict(),
+        train_cfg=dict(by_epoch=False, max_iters=2, val_interval=2),
+        val_cfg=dict(), test_cfg=dict(),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=100, by_epoch=False)),
         custom_hooks=[hook], randomness=dict(seed=0), experiment_name='fuse_conventions_hook')
     runner.train()
@@ -460,7 +465,8 @@ def test_fused_eval_hook_validates_and_tests_the_zoo_fused(tmp_path):
     assert hook.last_report.fused == EXPECTED and hook.last_report.conventions == EXPECTED_VIA
     assert hook.last_check['same_structure'] and hook.last_check['max_rel'] < 1e-5
     net = runner.model.net
-    assert isinstance(net.stem, DOConv2d) and not net.repvgg.deploy and hasattr(net.fastvit_lk, 'large_conv')
+    assert isinstance(net.stem, DOConv2d) and not net.repvgg.deploy
+    assert hasattr(net.fastvit_lk, 'large_conv')
     val_report = hook.last_report
     runner.test()  # fused in place, checked against the unfused model on the first batch
     assert hook.last_report.fused == val_report.fused and hook.last_check['max_rel'] < 1e-5

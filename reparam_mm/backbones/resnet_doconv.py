@@ -3,11 +3,11 @@
 The switch works like ``stage_with_dcn``: every k>1 conv of a chosen stage's residual blocks
 (Bottleneck ``conv2``, BasicBlock ``conv1`` and ``conv2``) becomes a layer built from
 ``doconv_cfg``, converted right after the ResNet is built by the same code as
-``type='WithDOConv'`` (any backbone); 1x1 convs and shortcuts stay plain, so nothing is added where DO-Conv has nothing
-to over-parameterise. Parameter names other than the DO-Conv ``W`` / ``D`` are unchanged and a DO
-layer loads a plain ``weight``, so ImageNet ResNet checkpoints load through
-``init_cfg=dict(type='Pretrained', ...)`` with only the ``D`` keys missing (D starts at zero:
-the loaded network computes exactly what the plain one does).
+``type='WithDOConv'`` (any backbone); 1x1 convs and shortcuts stay plain, so nothing is added
+where DO-Conv has nothing to over-parameterise. Parameter names other than the DO-Conv ``W`` /
+``D`` are unchanged and a DO layer loads a plain ``weight``, so ImageNet ResNet checkpoints load
+through ``init_cfg=dict(type='Pretrained', ...)`` with only the ``D`` keys missing (D starts at
+zero: the loaded network computes exactly what the plain one does).
 """
 from mmdet.models.backbones.resnet import ResNet as MMDetResNet
 from mmengine.registry import MODELS

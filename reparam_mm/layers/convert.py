@@ -45,7 +45,7 @@ def doconv_kinds(module: nn.Module) -> Dict[str, int]:
 
 
 def _selected(name: str, patterns: Sequence[str]) -> bool:
-    """``name`` or one of its ancestors matches a glob pattern ('layer4' covers 'layer4.0.conv2')."""
+    """``name`` or an ancestor's matches a glob pattern ('layer4' covers 'layer4.0.conv2')."""
     parts = name.split('.')
     prefixes = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(fnmatchcase(p, pat) for pat in patterns for p in prefixes)

@@ -5,7 +5,7 @@
     backbone=dict(type='WithDOConv',
                   module=dict(type='mmseg.MobileNetV2', widen_factor=1., ...,
                               init_cfg=dict(type='Pretrained', checkpoint='mmcls://mobilenet_v2')),
-                  include=None,            # fnmatch patterns over module names; None: every k>1 conv
+                  include=None,            # fnmatch patterns over module names; None: all
                   exclude=['conv1'],       # kept plain
                   doconv_cfg=dict(type='DOConv'))
 
@@ -52,7 +52,8 @@ def build_with_doconv(module, include=None, exclude=None, doconv_cfg=None, regis
 
 def _register(registry, bound):
     """Register ``WithDOConv`` in ``registry``; ``bound``: build the wrapped type with it."""
-    def WithDOConv(module, include=None, exclude=None, doconv_cfg=None, **module_args):  # noqa: N802
+    def WithDOConv(module, include=None, exclude=None, doconv_cfg=None,  # noqa: N802
+                   **module_args):
         return build_with_doconv(module, include, exclude, doconv_cfg,
                                  registry=registry if bound else None, **module_args)
 
