@@ -585,6 +585,19 @@ def test_with_cp_matches_plain_forward_and_backward():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_with_cp_trains_with_a_cold_large_kernel_tuner(monkeypatch, tmp_path):
+    """Checkpointed blocks meet their large-kernel call signatures first inside the checkpoint,
+    where the dispatch times its candidates (forward + backward): training must still work, as on
+    the first step of the S / B / L / XL configs (with_cp=True) with an empty tuning cache."""
+    from reparam_mm.layers import large_kernel
+    monkeypatch.setenv('REPARAM_MM_CACHE', str(tmp_path))
+    monkeypatch.setattr(large_kernel, 'TUNER', large_kernel.LargeDWTuner())
+    model = tiny(with_cp=True).train()
+    with large_kernel.dispatch_mode('tuned'):
+        sum(o.mean() for o in model(torch.randn(1, 3, 48, 48))).backward()
+    assert model.stages[1][0].dwconv.lk_origin.weight.grad is not None
+
+
 def test_syncbn_config_builds_every_batchnorm():
     model = tiny(norm_cfg=dict(type='SyncBN'))
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]

@@ -27,7 +27,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..fuse import bn_folded_kernel
+from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
 
 __all__ = ['UniRepLKNet', 'UniRepLKNetBlock', 'DilatedReparamBlock', 'GRN', 'SEBlock',
