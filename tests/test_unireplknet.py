@@ -826,3 +826,33 @@ def test_config_recipe_trains_the_tiny_arch_one_step(rel):
         log_vars = model.train_step(copy.deepcopy(data), optim_wrapper)
     assert all(math.isfinite(float(v)) for v in log_vars.values())
     assert not torch.equal(before, model.backbone.stages[1][0].gamma)
+
+
+def test_tools_fuse_export_round_trip(tmp_path):
+    """tools/fuse.py's export on a UniRepLKNet segmentor with DO-Conv stages: the rewritten
+    config builds the fused structure (small_kernel_merged=True, no DO-Conv), which loads the
+    fused weights strictly and reproduces the trained model."""
+    from pathlib import Path
+
+    from mmengine.config import Config
+
+    from reparam_mm.apis import build_model, export_deploy
+    base = Path(__file__).resolve().parent.parent / 'configs' / 'unireplknet' / \
+        'upernet_unireplknet-t-in1k-pre_8xb2-160k_ade20k-512x512.py'
+    cfg = Config.fromfile(str(base))
+    bn = dict(type='BN', requires_grad=True)
+    cfg.model.data_preprocessor.size = (64, 64)
+    cfg.model.backbone.update(arch='tiny', init_cfg=None, norm_cfg=bn,
+                              stage_with_doconv=(True, True, False, False))
+    cfg.model.decode_head.update(in_channels=[16, 32, 64, 128], channels=32, norm_cfg=bn)
+    cfg.model.auxiliary_head.update(in_channels=64, channels=16, norm_cfg=bn)
+    model = build_model(cfg)
+    model.init_weights()
+    randomize(model.backbone)
+    ckpt = _save(tmp_path, {'state_dict': model.state_dict(), 'meta': {}})
+    summary = export_deploy(cfg, ckpt, str(tmp_path / 'deploy'), shape=(64, 64))
+    assert summary['changes'] == ['model.backbone.stage_with_doconv -> all False',
+                                  'model.backbone.small_kernel_merged -> True']
+    assert summary['check']['same_structure'] and summary['check']['max_rel'] < 1e-5
+    assert dict(summary['report'].fused) == {'DOConv2d': 9, 'DilatedReparamBlock': 3,
+                                             'UniRepLKNetBlock': 5}
