@@ -23,7 +23,8 @@ import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 
 from .batches import synthetic_batch
-from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint_strict
+from .checkpoint import (STRICT_FIX, CheckpointMismatchError, check_checkpoint_file,
+                         check_state_dict, load_checkpoint_strict)
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, tensor_outputs
 from .scope import init_scope
@@ -105,8 +106,10 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     ``FusedEvalHook`` in ``runner.hooks`` holds the fuse report and the fused
     vs unfused output check (``last_report``, ``last_check``).
     """
-    from .train import build_runner  # opens a gloo group on CPU-only torchrun launches
+    from .train import build_runner, check_data_roots  # opens a gloo group on CPU torchrun
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
+    check_data_roots(cfg, ['test_dataloader'])
+    check_checkpoint_file(checkpoint, STRICT_FIX)  # before the runner logs a page
     runner = build_runner(cfg)
     if out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
@@ -197,13 +200,13 @@ def deploy_config(cfg):
 
 
 def build_model(cfg):
+    """The model of ``cfg`` (mmseg or mmdet scope), built in its scope."""
     from mmengine.registry import MODELS
     init_scope(cfg)
     return MODELS.build(cfg.model)
 
 
 def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4):
-    """The model of ``cfg`` (mmseg or mmdet scope), built in its scope."""
     """Write ``<stem>_deploy.pth`` and ``<stem>_deploy.py`` to ``out_dir``; return a summary dict.
 
     The deploy model (built from the rewritten config, loaded strictly with

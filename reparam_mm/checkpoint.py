@@ -19,6 +19,7 @@ import torch
 from mmengine.model import BaseTTAModel, is_model_wrapper
 
 __all__ = ['CheckpointMismatchError', 'CheckpointReadError', 'load_from_local', 'read_checkpoint',
+           'check_checkpoint_file',
            'state_dict_of', 'compare_keys', 'mismatch_error', 'check_state_dict',
            'load_checkpoint_strict']
 
@@ -31,9 +32,10 @@ class CheckpointReadError(RuntimeError):
     """A checkpoint file that torch cannot read (truncated, corrupt, not a checkpoint)."""
 
 
-def unreadable_reason(filename, error=None):
+def unreadable_reason(filename, error=None, thorough=True):
     """Why ``filename`` is not a readable checkpoint, or None when the file itself looks
-    sound (then torch's own error, e.g. the safe unpickler refusing an object, stands)."""
+    sound (then torch's own error, e.g. the safe unpickler refusing an object, stands).
+    Without ``thorough`` only what is cheap to see: no checksums, which read every byte."""
     size = osp.getsize(filename)
     if size == 0:
         return 'is empty (0 bytes)'
@@ -42,6 +44,8 @@ def unreadable_reason(filename, error=None):
     if head.startswith(b'PK'):  # torch's zip format: the archive's directory is at the end
         if not zipfile.is_zipfile(filename):
             return f'is truncated ({size:,} bytes; its zip archive ends before its directory)'
+        if not thorough:
+            return None
         try:
             with zipfile.ZipFile(filename) as archive:
                 bad = archive.testzip()
@@ -66,10 +70,27 @@ def load_from_local(filename, map_location=None):
         reason = unreadable_reason(filename, error)
         if reason is None:
             raise
-    raise CheckpointReadError(
+    raise _read_error(filename, reason)
+
+
+def _read_error(filename, reason):
+    return CheckpointReadError(
         f'checkpoint {filename} {reason}: it was cut off or damaged while being written, '
-        'copied or downloaded, so copy or download it again, or use another checkpoint '
-        '(e.g. an earlier iter_*.pth of the same run).')
+        'copied or downloaded, so copy or download it again, or use another checkpoint such '
+        'as an earlier iter_*.pth of the same run.')
+
+
+def check_checkpoint_file(filename, fix='pass an existing .pth file'):
+    """Before anything is built: a missing local checkpoint is a FileNotFoundError ending in
+    ``fix``, and one visibly damaged (empty, cut off, not a checkpoint) the loader's error."""
+    filename = str(filename)
+    if '://' in filename:
+        return
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint {filename} does not exist; {fix}.')
+    reason = unreadable_reason(filename, thorough=False)
+    if reason is not None:
+        raise _read_error(filename, reason)
 
 
 def register_local_loader():
@@ -82,10 +103,8 @@ def read_checkpoint(filename, map_location='cpu', fix='pass an existing .pth fil
     """The checkpoint object at ``filename`` (a path or URL), through mmengine's loaders; a
     missing local file is a FileNotFoundError ending in ``fix``."""
     from mmengine.runner.checkpoint import CheckpointLoader
-    filename = str(filename)
-    if '://' not in filename and not osp.isfile(filename):
-        raise FileNotFoundError(f'checkpoint {filename} does not exist; {fix}.')
-    return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    check_checkpoint_file(filename, fix)
+    return CheckpointLoader.load_checkpoint(str(filename), map_location=map_location)
 
 
 def state_dict_of(checkpoint, name='checkpoint'):
@@ -152,10 +171,12 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
         raise error
 
 
+STRICT_FIX = 'pass the .pth file written by training (work_dirs/...) or by tools/fuse.py'
+
+
 def load_checkpoint_strict(model, filename, map_location='cpu'):
     """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint."""
-    checkpoint = read_checkpoint(filename, map_location, fix='pass the .pth file written by '
-                                 'training (work_dirs/...) or by tools/fuse.py')
+    checkpoint = read_checkpoint(filename, map_location, fix=STRICT_FIX)
     state = state_dict_of(checkpoint, f'checkpoint {filename}')
     check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
     _target(model).load_state_dict(state, strict=True)

@@ -157,6 +157,43 @@ def check_pretrained_files(cfg):
             f'--cfg-options {key}=PATH (or {key.rsplit(".", 1)[0]}=None to train from scratch).')
 
 
+def _datasets(dataset, key):
+    """Yield (config key, dataset config) of ``dataset`` and the datasets it wraps."""
+    if not isinstance(dataset, dict):
+        return
+    yield key, dataset
+    yield from _datasets(dataset.get('dataset'), f'{key}.dataset')  # RepeatDataset, ...
+    for i, inner in enumerate(dataset.get('datasets') or ()):  # ConcatDataset
+        yield from _datasets(inner, f'{key}.datasets.{i}')
+
+
+def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
+    """Fail before building anything when a dataset's ``data_root``, or an annotation file or
+    image / label folder under it, does not exist.
+
+    mmseg / mmdet would stop later, in the middle of building the runner or the first
+    epoch, with a FileNotFoundError traceback naming neither the config key nor the fix.
+    """
+    for loader in loaders:
+        for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+            root = ds.get('data_root')
+            backend = (ds.get('backend_args') or {}).get('backend', 'local')
+            if not isinstance(root, str) or not root or '://' in root or backend != 'local':
+                continue
+            if not osp.isdir(root):
+                raise FileNotFoundError(
+                    f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
+                    f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
+            parts = [('ann_file', ds.get('ann_file'))] + [
+                (f'data_prefix.{name}', rel) for name, rel in (ds.get('data_prefix') or {}).items()]
+            for part, rel in parts:
+                if isinstance(rel, str) and rel and not osp.exists(osp.join(root, rel)):
+                    raise FileNotFoundError(
+                        f'{osp.join(root, rel)!r} ({key}.{part} under data_root) does not '
+                        f'exist: the dataset at {root!r} is not laid out as the config expects '
+                        '(docs/datasets.md), or data_root points at the wrong folder.')
+
+
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -172,13 +209,19 @@ def build_runner(cfg):
 
 
 def train(cfg, hooks=()):
-    """Check the files ``cfg`` names, build its runner, add ``hooks`` and train; return the runner.
+    """Check the files and folders ``cfg`` names, build its runner, add ``hooks`` and train;
+    return the runner.
 
     ``hooks`` are extra :class:`mmengine.hooks.Hook` instances (a progress printer,
     say) for callers in Python; the metrics of the last validation are in
     ``runner.message_hub`` (``val/mIoU``, ...).
     """
+    from .checkpoint import check_checkpoint_file
     check_pretrained_files(cfg)
+    check_data_roots(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
+    if cfg.get('load_from'):  # --resume PATH or load_from: mmengine loads it after a page of logs
+        check_checkpoint_file(cfg.load_from, fix='pass an existing .pth file as --resume PATH '
+                              'or load_from')
     runner = build_runner(cfg)
     for hook in hooks:
         runner.register_hook(hook)

@@ -1,0 +1,119 @@
+"""Bad input, tried as a new user would: a truncated checkpoint and a missing data root are
+one sentence naming the file and the fix, through every tool that reads them."""
+import pytest
+import torch
+
+import reparam_mm  # noqa: F401
+from conftest import load_tool
+from reparam_mm.checkpoint import CheckpointReadError, load_checkpoint_strict
+from test_fuse import _nested
+from test_tools_test_fuse import make_ade, seg_config, write_case
+from test_train_tools import tiny_demo_config
+
+
+def truncated_copy(path, out):
+    """``path`` cut to half its size, as an interrupted copy or download leaves it."""
+    data = open(path, 'rb').read()
+    out.write_bytes(data[:len(data) // 2])
+    return str(out)
+
+
+def _assert_one_sentence(err, path):
+    msg = str(err.value)
+    assert msg.startswith(f'checkpoint {path} is truncated (') and msg.count('. ') == 0, msg
+    assert 'copy or download it again' in msg and msg.endswith('.'), msg
+    assert 'PytorchStreamReader' not in msg
+    assert err.value.__cause__ is None and err.value.__context__ is None  # no torch traceback
+
+
+def test_truncated_checkpoint_is_one_sentence_for_the_strict_loader(tmp_path):
+    good = tmp_path / 'good.pth'
+    torch.save(dict(state_dict=_nested().state_dict()), good)
+    bad = truncated_copy(good, tmp_path / 'cut.pth')
+    with pytest.raises(CheckpointReadError) as err:
+        load_checkpoint_strict(_nested(), bad)
+    _assert_one_sentence(err, bad)
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    with pytest.raises(CheckpointReadError, match=r'empty\.pth is empty \(0 bytes\)'):
+        load_checkpoint_strict(_nested(), str(empty))
+    page = tmp_path / 'page.pth'  # what a failed download often saves
+    page.write_text('<!DOCTYPE html><html>Access denied</html>')
+    with pytest.raises(CheckpointReadError, match=r"page\.pth is not a PyTorch checkpoint "
+                                                  r"\(it starts with b'<!DO'\)"):
+        load_checkpoint_strict(_nested(), str(page))
+
+
+class NotAllowListed:
+    """An object the safe unpickler refuses."""
+
+
+def test_a_sound_file_keeps_torchs_own_error(tmp_path):
+    """Only broken files are reworded: the safe unpickler refusing an object still says so."""
+    path = tmp_path / 'object.pth'
+    torch.save(dict(state_dict={}, extra=NotAllowListed()), path)
+    with pytest.raises(Exception, match='Weights only load failed') as err:
+        load_checkpoint_strict(_nested(), str(path))
+    assert not isinstance(err.value, CheckpointReadError)
+
+
+def test_truncated_checkpoint_in_test_fuse_and_train(tmp_path):
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade', n=1)))
+    bad = truncated_copy(ckpt, tmp_path / 'cut.pth')
+    with pytest.raises(CheckpointReadError) as err:  # tools/test.py
+        load_tool('test').main([cfg, bad, '--work-dir', str(tmp_path / 'wt')])
+    _assert_one_sentence(err, bad)
+    with pytest.raises(CheckpointReadError) as err:  # tools/fuse.py (deploy export)
+        load_tool('fuse').main([cfg, bad, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+    _assert_one_sentence(err, bad)
+    assert not (tmp_path / 'deploy').exists()
+
+    from reparam_mm.train import main as train_main
+    train_cfg = tiny_demo_config(tmp_path, max_iters=1)
+    wd = tmp_path / 'wd'
+    train_main([train_cfg, '--work-dir', str(wd)])
+    cut = truncated_copy(wd / 'iter_1.pth', tmp_path / 'iter_1_cut.pth')
+    with pytest.raises(CheckpointReadError) as err:  # tools/train.py --resume PATH
+        train_main([train_cfg, '--work-dir', str(wd), '--resume', cut])
+    _assert_one_sentence(err, cut)
+    (wd / 'last_checkpoint').write_text(cut)  # --resume alone: mmengine finds and loads it
+    with pytest.raises(CheckpointReadError) as err:
+        train_main([train_cfg, '--work-dir', str(wd), '--resume'])
+    _assert_one_sentence(err, cut)
+
+
+def test_truncated_pretrained_weights(tmp_path):
+    from reparam_mm.backbones import RepLKNet
+    good = tmp_path / 'replknet.pth'
+    torch.save(RepLKNet(arch='tiny').state_dict(), good)
+    bad = truncated_copy(good, tmp_path / 'replknet_cut.pth')
+    model = RepLKNet(arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=bad))
+    with pytest.raises(CheckpointReadError) as err:
+        model.init_weights()
+    _assert_one_sentence(err, bad)
+
+
+def test_missing_data_root_names_the_path_and_the_option(tmp_path):
+    from reparam_mm.train import main as train_main
+    train_cfg = tiny_demo_config(tmp_path)
+    missing = tmp_path / 'no_such_data'
+    with pytest.raises(FileNotFoundError) as err:
+        train_main([train_cfg, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                    f'train_dataloader.dataset.data_root={missing}'])
+    assert str(err.value) == (
+        f"data root '{missing}' (train_dataloader.dataset.data_root) does not exist: prepare the "
+        'dataset there (docs/datasets.md) or pass --cfg-options '
+        'train_dataloader.dataset.data_root=PATH.')
+    assert not (tmp_path / 'wd').exists()  # stopped before the runner made anything
+
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade', n=1)))
+    with pytest.raises(FileNotFoundError, match=r"data root '.*no_such_data' \(test_dataloader"
+                       r"\.dataset\.data_root\) does not exist.*--cfg-options "
+                       r'test_dataloader\.dataset\.data_root=PATH\.$'):
+        load_tool('test').main([cfg, ckpt, '--work-dir', str(tmp_path / 'wt'), '--cfg-options',
+                                f'test_dataloader.dataset.data_root={missing}'])
+    (tmp_path / 'ade' / 'annotations' / 'validation').rename(tmp_path / 'labels_elsewhere')
+    with pytest.raises(FileNotFoundError, match=r"ade/annotations/validation' \(test_dataloader"
+                       r'\.dataset\.data_prefix\.seg_map_path under data_root\) does not exist: '
+                       'the dataset at .* is not laid out as the config expects'):
+        load_tool('test').main([cfg, ckpt, '--work-dir', str(tmp_path / 'wt')])
