@@ -410,3 +410,18 @@ def test_dispatch_runs_the_triton_candidate_when_forced():
     ref = F.conv2d(x.contiguous(), w, b, 1, (3, 2), 1, 3)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_a_signature_first_met_inside_checkpointing_is_timed_there(tuner, reentrant):
+    # a cold tuner meets the fwd+bwd signature inside a checkpointed block: the timing must not
+    # trigger the block's recomputation (non-reentrant checkpointing packs saved tensors)
+    x, w, p = _call(requires_grad=True, seed=9)
+
+    def block(t):
+        return large_depthwise_conv2d(t * 2, w, None, 1, p).relu()
+
+    checkpoint(block, x, use_reentrant=reentrant).sum().backward()
+    assert tuner.measured  # timed during this call
+    want = torch.autograd.grad(F.conv2d(x * 2, w, None, 1, p, 1, 4).relu().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -380,10 +380,16 @@ def _timed_call(name, x, weight, bias, stride, padding, dilation, grad):
     xs, ws = xs.clone().requires_grad_(), ws.clone().requires_grad_()
 
     def run():
-        with torch.enable_grad():
+        # identity hooks shadow those of an enclosing non-reentrant checkpoint, which would
+        # otherwise pack this graph's tensors and recompute the caller's block on .grad()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             out = fn(xs, ws, bs, stride, padding, dilation)
             torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
     return run
+
+
+def _keep(t):
+    return t
 
 
 #: the process-wide tuner used by :func:`large_depthwise_conv2d`
