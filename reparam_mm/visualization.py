@@ -93,10 +93,11 @@ class SavePredictionsHook(Hook):
             img = mmcv.imfrombytes(fileio.get(img_path, backend_args=self.backend_args),
                                    channel_order='rgb')
             painter = self._get_painter(runner, sample)
-            extra = {} if type(sample).__name__ == 'SegDataSample' else dict(pred_score_thr=self.score_thr)
+            is_seg = type(sample).__name__ == 'SegDataSample'
+            extra = {} if is_seg else dict(pred_score_thr=self.score_thr)
             out_file = self._out_file(img_path)
-            painter.add_datasample(osp.basename(img_path), img, data_sample=sample, draw_gt=self.draw_gt,
-                                   show=False, out_file=out_file, **extra)
+            painter.add_datasample(osp.basename(img_path), img, data_sample=sample,
+                                   draw_gt=self.draw_gt, show=False, out_file=out_file, **extra)
             self.written.append(out_file)
 
 
@@ -110,7 +111,8 @@ def colorize(label, palette, ignore_index=255):
     return out
 
 
-def segmentation_grid(rows, out_file, titles=('input', 'ground truth', 'prediction'), scale=2, gap=4):
+def segmentation_grid(rows, out_file, titles=('input', 'ground truth', 'prediction'), scale=2,
+                      gap=4):
     """Write one PNG of ``rows`` (each a list of ``(H, W, 3)`` uint8 RGB images of one size),
     upscaled ``scale`` times (nearest), with a title above each column."""
     from PIL import Image, ImageDraw

@@ -35,7 +35,8 @@ def test_show_dir_on_the_demo_model_writes_one_picture_per_test_image(tmp_path, 
     for p in pictures:
         painted = np.array(Image.open(p))
         assert painted.shape == (64, 128, 3)  # ground truth | prediction, side by side
-        src = np.array(Image.open(next((data / 'images/validation').glob(f'{p.stem}.*'))).convert('RGB'))
+        src = next((data / 'images/validation').glob(f'{p.stem}.*'))
+        src = np.array(Image.open(src).convert('RGB'))
         assert not np.array_equal(painted[:, 64:], src)  # the prediction is painted over the input
 
 

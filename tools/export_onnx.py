@@ -20,16 +20,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
 from mmengine.config import DictAction  # noqa: E402
-from reparam_mm.export import OPSET, TOLERANCE, export_onnx, latency_line, measure_latency  # noqa: E402
+from reparam_mm.export import (OPSET, TOLERANCE, export_onnx, latency_line,  # noqa: E402
+                               measure_latency)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Export a fused model to ONNX, checked in onnxruntime')
+    parser = argparse.ArgumentParser(
+        description='Export a fused model to ONNX, checked in onnxruntime')
     parser.add_argument('config', help='training config, or the deploy config from tools/fuse.py')
     parser.add_argument('checkpoint', help='its checkpoint (loaded strictly)')
     parser.add_argument('out', help='the .onnx file to write')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help="input size (default: the config's crop_size / preprocessor size / test scale)")
+                        help="input size (default: the config's crop_size, preprocessor size or "
+                             'test scale)')
     parser.add_argument('--dynamic', action='store_true',
                         help='batch (segmentors), height, width and proposal count dynamic; '
                              'checked at a second size too')
@@ -49,9 +52,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    result = export_onnx(args.config, args.checkpoint, args.out, shape=args.shape, dynamic=args.dynamic,
-                         opset=args.opset, argmax=args.argmax, num_proposals=args.num_proposals,
-                         tolerance=args.tolerance, cfg_options=args.cfg_options)
+    result = export_onnx(args.config, args.checkpoint, args.out, shape=args.shape,
+                         dynamic=args.dynamic, opset=args.opset, argmax=args.argmax,
+                         num_proposals=args.num_proposals, tolerance=args.tolerance,
+                         cfg_options=args.cfg_options)
     if args.bench:
         times = measure_latency(result['model'], args.out, result['inputs'], repeat=args.bench,
                                 threads=args.threads)
