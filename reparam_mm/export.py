@@ -47,8 +47,8 @@ from .fuse import fuse_with_report
 from .outputs import compare_outputs
 
 __all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
-           'build_graph', 'default_shape', 'example_inputs', 'export_onnx', 'onnx_graph_summary',
-           'ort_session', 'measure_latency']
+           'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
+           'onnx_graph_summary', 'ort_session', 'measure_latency', 'latency_line']
 
 #: default ONNX opset: RoiAlign's half_pixel mode needs 16, LayerNorm 17
 OPSET = 17
@@ -253,6 +253,19 @@ def example_inputs(graph, shape, batch=1, num_proposals=100, seed=0):
     if isinstance(graph, DetectorGraph) and graph.two_stage:
         return image, _random_proposals(num_proposals, height, width, g)
     return (image,)
+
+
+def normalise_image(image, cfg):
+    """``(H, W, 3)`` uint8 RGB image -> ``(1, 3, H, W)`` float32 input of the exported graph, as
+    the config's data preprocessor feeds the model (channel order, mean, std; no padding)."""
+    import numpy as np
+    pre = cfg.model.get('data_preprocessor') or {}
+    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    if not pre.get('bgr_to_rgb') and not pre.get('rgb_to_bgr'):
+        x = x.flip(-1)  # files load as BGR, and the model was trained on that order
+    if pre.get('mean') is not None:
+        x = (x - torch.tensor(pre['mean']).float()) / torch.tensor(pre['std']).float()
+    return x.permute(2, 0, 1)[None].contiguous()
 
 
 # -- export-time rewrites (PyTorch numerics unchanged) ---------------------------------------------

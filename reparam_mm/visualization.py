@@ -7,7 +7,8 @@
   so a small test set gave no picture at all; mmdet 3.3.0's ``DetVisualizationHook`` joins
   a relative ``test_out_dir`` under ``work_dir/timestamp`` again on every batch, nesting
   the pictures one level deeper each time.
-* :func:`segmentation_grid`: rows of input / ground truth / prediction in one small PNG.
+* :func:`segmentation_grid`: rows of input / ground truth / prediction in one small PNG;
+  :func:`onnx_segmentation_grid` fills the prediction column from an exported ONNX file.
 """
 import os
 import os.path as osp
@@ -18,7 +19,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.visualization import Visualizer
 
-__all__ = ['SavePredictionsHook', 'segmentation_grid', 'colorize']
+__all__ = ['SavePredictionsHook', 'segmentation_grid', 'onnx_segmentation_grid', 'colorize']
 
 
 def _visualizer_for(sample):
@@ -130,3 +131,23 @@ def segmentation_grid(rows, out_file, titles=('input', 'ground truth', 'predicti
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     canvas.save(out_file, optimize=True)
     return out_file
+
+
+def onnx_segmentation_grid(onnx_path, cfg, pairs, palette, out_file, reduce_zero_label=True,
+                           titles=('input', 'ground truth', 'prediction (onnxruntime)')):
+    """Grid of ``pairs`` (image path, label path): image, ground truth and the argmax of the
+    logits that the ONNX file (tools/export_onnx.py) computes for it in onnxruntime."""
+    from PIL import Image
+
+    from .export import normalise_image, ort_session
+    session = ort_session(str(onnx_path))
+    name = session.get_inputs()[0].name
+    rows = []
+    for img_path, label_path in pairs:
+        img = np.array(Image.open(img_path).convert('RGB'))
+        label = np.array(Image.open(label_path)).astype(np.int64)
+        if reduce_zero_label:  # mmseg's LoadAnnotations(reduce_zero_label=True)
+            label = np.where(label == 0, 255, label - 1)
+        logits = session.run(None, {name: normalise_image(img, cfg).numpy()})[0]
+        rows.append([img, colorize(label, palette), colorize(logits[0].argmax(0), palette)])
+    return segmentation_grid(rows, out_file, titles=titles)

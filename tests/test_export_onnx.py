@@ -146,3 +146,35 @@ def test_deploy_pair_from_fuse_tool_exports_with_nothing_left_to_fuse(tmp_path, 
     assert result['report'].total == 0 and result['checks'][0]['ok']
     assert 'nothing to fuse' in capsys.readouterr().out
     assert np.isfinite(result['checks'][0]['worst']['max_rel'])
+
+
+def test_onnx_grid_predicts_what_the_mmseg_pipeline_predicts(tmp_path):
+    """normalise_image feeds the ONNX file what mmseg's pipeline feeds the model (RGB order,
+    mean, std): its logits are the fused model's test_step ones on the same file (with the
+    channels swapped they were 0.24 off, relative), and the grid paints their argmax."""
+    from mmengine.dataset import pseudo_collate
+    from mmseg.registry import DATASETS
+    from PIL import Image
+    from reparam_mm.export import load_fused, normalise_image
+    from reparam_mm.visualization import colorize, onnx_segmentation_grid
+    cfg, ckpt = _seg_case(tmp_path)
+    out = tmp_path / 'seg.onnx'
+    load_tool('export_onnx').main([cfg, ckpt, str(out), '--shape', '64', '64'])
+    c, model, _ = load_fused(cfg, ckpt)
+    item = DATASETS.build(c.test_dataloader.dataset)[0]
+    with torch.no_grad():
+        result = model.test_step(pseudo_collate([item]))[0]
+    sample = item['data_samples']
+    image = np.array(Image.open(sample.img_path).convert('RGB'))
+    logits = _ort(out, {'input': normalise_image(image, c)})[0][0]
+    assert _rel(result.seg_logits.data, logits) < 1e-4
+    pred = result.pred_sem_seg.data[0].numpy()
+    palette = [[0, 0, 0], [200, 40, 40], [40, 200, 40], [40, 40, 200]]
+    grid = np.array(Image.open(onnx_segmentation_grid(
+        out, c, [(sample.img_path, sample.seg_map_path)], palette, tmp_path / 'grid.png')))
+    assert grid.shape == (14 + 128, 3 * 128 + 2 * 4, 3)  # title row, three 2x-upscaled tiles
+    tile = grid[14:, 2 * (128 + 4):][::2, ::2]
+    assert (tile == colorize(pred, palette)).all()
+    truth = grid[14:, 128 + 4:2 * 128 + 4][::2, ::2]
+    label = np.array(Image.open(sample.seg_map_path)).astype(np.int64)
+    assert (truth == colorize(np.where(label == 0, 255, label - 1), palette)).all()
