@@ -68,8 +68,12 @@ def _tta(cfg, scope):
 
 
 def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, wait_time=2,
-                   cfg_options=None, launcher='none', tta=False, fuse=True):
-    """The test config as mmseg / mmdet ``tools/test.py`` build it, plus the fuse switch."""
+                   cfg_options=None, launcher='none', tta=False, fuse=True, amp=False):
+    """The test config as mmseg / mmdet ``tools/test.py`` build it, plus the fuse switch.
+
+    ``amp=True`` runs the test loop under autocast (bf16 on CPU, fp16 on CUDA: mmengine's
+    defaults), e.g. for CPUs with AMX; the fused-vs-unfused check still runs in fp32.
+    """
     cfg = config if isinstance(config, Config) else Config.fromfile(config)
     cfg = copy.deepcopy(cfg)
     cfg.launcher = launcher
@@ -96,6 +100,8 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
         raise ValueError(f'--out {out}: detection results are dumped to a pickle file; '
                          'give a path ending in .pkl.')
     _set_fuse_hook(cfg, fuse)
+    if amp:
+        cfg.test_cfg = ConfigDict(**(cfg.get('test_cfg') or dict(type='TestLoop')), fp16=True)
     return cfg
 
 

@@ -265,3 +265,23 @@ def test_tools_test_tta_fused_equals_unfused(tmp_path, capsys):
     assert 'fused 29 module(s)' in log
     assert float(re.search(r'max rel diff ([0-9.e+-]+)', log).group(1)) < 1e-5  # checked under TTA too
     assert test.main([cfg, ckpt, '--tta', '--no-fuse', '--work-dir', str(tmp_path / 'wu')]) == fused
+
+
+def test_tools_test_amp_runs_the_test_loop_under_autocast(tmp_path, capsys, monkeypatch):
+    import mmengine.runner.loops as loops
+    seen, real = [], loops.autocast
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get('enabled'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loops, 'autocast', spy)
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
+    test = load_tool('test')
+    amp = test.main([cfg, ckpt, '--amp', '--work-dir', str(tmp_path / 'wa')])
+    assert seen and set(seen) == {True}  # every test iteration ran under autocast (bf16 on CPU)
+    assert 'max rel diff' in capsys.readouterr().out  # the fused-vs-unfused check still ran
+    seen.clear()
+    fp32 = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf')])
+    assert set(seen) == {False}
+    assert abs(amp['mIoU'] - fp32['mIoU']) < 5  # bf16 rounding may flip a few pixels, not more
