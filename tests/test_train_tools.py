@@ -131,7 +131,8 @@ def test_train_then_resume(tmp_path):
 
 @pytest.mark.slow  # three interpreters (train, test fused, test unfused): ~40 s on 2 busy cores
 def test_demo_end_to_end(tmp_path):
-    """tools/demo.py on a short schedule: generates data, trains, tests fused and unfused."""
+    """tools/demo.py on a short schedule: generates data, trains, tests fused and unfused,
+    exports the fused model to ONNX (checked in onnxruntime) and draws the grid."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / 'tools/demo.py'), '--work-dir', str(tmp_path / 'wd'),
          '--data-root', str(tmp_path / 'data'), '--max-iters', '4', '--num-train', '8',
@@ -150,6 +151,12 @@ def test_demo_end_to_end(tmp_path):
     fused, unfused, diff = map(float, m.groups())
     assert abs(fused - unfused) <= 0.1 and abs(diff) <= 0.1 and 0 <= fused <= 100
     assert re.search(r'fusion\s+fused \d+ module\(s\) \(DOConv2d: \d+, ReparamLargeKernelConv: 5\)', out)
+    m = re.search(r'onnxruntime\s+vs PyTorch max rel diff ([\d.e+-]+) on 1x3x64x64 and 2x3x\d+x\d+', out)
+    assert m and float(m.group(1)) <= 1e-4, out[-2000:]
+    assert re.search(r'deployment\s+\S+demo_fused.onnx \(.*Conv up to 31x31, 0 DFT\)', out)
+    from PIL import Image
+    grid = Image.open(tmp_path / 'wd/demo_grid.png')
+    assert grid.size == (3 * 128 + 2 * 4, 14 + 4 * (128 + 4) - 4)  # 4 val images, 3 columns
     assert 'PASS' in out
 
 

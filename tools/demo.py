@@ -1,15 +1,18 @@
 """The main job (`make demo`): generate the demo set, train UperNet + RepLKNet-tiny with
-DO-Conv on CPU, test the checkpoint fused and unfused, print a summary.
+DO-Conv on CPU, test the checkpoint fused and unfused, export the fused model to ONNX
+(checked in onnxruntime), draw input / ground truth / prediction, print a summary.
 
     python tools/demo.py [--work-dir work_dirs/demo] [--data-root data/demo_ade] [--max-iters N]
 
 Everything runs in this process through reparam_mm's APIs, and the summary is made of
 what they return: ``reparam_mm.train.train`` (validation metrics by iteration, collected
 by a hook), ``reparam_mm.apis.build_test_runner`` (test metrics, and the FusedEvalHook's
-fuse report and fused vs unfused output check). mmengine's own output goes to
-``<work_dir>/demo_*.log``. The exit status is 1 when the fused model does not reproduce
-the unfused one (mIoU difference above ``MIOU_TOLERANCE`` points or output difference
-above the hook's tolerance), so the demo is also a check.
+fuse report and fused vs unfused output check), ``reparam_mm.export.export_onnx`` (the
+onnxruntime vs PyTorch check) and ``reparam_mm.visualization.onnx_segmentation_grid``.
+mmengine's own output goes to ``<work_dir>/demo_*.log``. The exit status is 1 when the
+fused model does not reproduce the unfused one (mIoU difference above ``MIOU_TOLERANCE``
+points or output difference above the hook's tolerance) or onnxruntime does not reproduce
+PyTorch, so the demo is also a check.
 """
 import argparse
 import contextlib
@@ -31,14 +34,18 @@ import reparam_mm  # noqa: E402,F401  (first: registers modules, fixes checkpoin
 from mmseg.evaluation import IoUMetric  # noqa: E402
 from mmseg.registry import METRICS  # noqa: E402
 from reparam_mm.apis import build_test_runner  # noqa: E402
-from reparam_mm.datasets.synthetic import DEMO_CLASSES, SPLITS, ensure_demo_ade  # noqa: E402
+from reparam_mm.datasets.synthetic import (DEMO_CLASSES, DEMO_PALETTE, SPLITS,  # noqa: E402
+                                           ensure_demo_ade)
+from reparam_mm.export import OnnxCheckError, export_onnx  # noqa: E402
 from reparam_mm.hooks import FusedEvalHook  # noqa: E402
 from reparam_mm.train import config_from_args, parse_args as train_args, train  # noqa: E402
+from reparam_mm.visualization import onnx_segmentation_grid  # noqa: E402
 
 DEMO_CONFIG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
 DEMO_SET = dict(num_train=160, num_val=40, size=64, seed=0)
 MIOU_TOLERANCE = 0.1  # mIoU points allowed between the fused and the unfused model
 OUTPUT_TOLERANCE = 1e-4  # relative logit difference (FusedEvalHook's default)
+GRID_IMAGES = 4  # validation images drawn in <work_dir>/demo_grid.png
 
 
 def parse_args(argv=None):
@@ -161,7 +168,7 @@ def main(argv=None):
 
     data_params = dict(DEMO_SET, num_train=args.num_train, num_val=args.num_val)
     made = ensure_demo_ade(data_root, **data_params)
-    print(f"[1/3] data: {data_root} ({'generated' if made else 'already there'}; "
+    print(f"[1/4] data: {data_root} ({'generated' if made else 'already there'}; "
           f"{data_params['num_train']} train / {data_params['num_val']} val images, "
           f"{data_params['size']}x{data_params['size']}, {len(DEMO_CLASSES)} classes)", flush=True)
 
@@ -172,7 +179,7 @@ def main(argv=None):
     cfg = config_from_args(train_args([args.config, '--work-dir', str(work_dir),
                                        '--cfg-options', *options]))
     max_iters = cfg.train_cfg.max_iters
-    print(f'[2/3] training ({_shown(Path(args.config))}); validation runs on a fused copy',
+    print(f'[2/4] training ({_shown(Path(args.config))}); validation runs on a fused copy',
           flush=True)
     progress = DemoProgress(cfg.default_hooks.logger.interval, console)
     t0 = time.time()
@@ -181,7 +188,7 @@ def main(argv=None):
     train_time = time.time() - t0
     ckpt = Path((work_dir / 'last_checkpoint').read_text().strip())
 
-    print(f'[3/3] testing {ckpt.name}, fused and unfused', flush=True)
+    print(f'[3/4] testing {ckpt.name}, fused and unfused', flush=True)
     metrics, hook = {}, None
     for mode in ('fused', 'unfused'):
         with logged_to(work_dir / f'demo_test_{mode}.log', console) as runners:
@@ -203,6 +210,40 @@ def main(argv=None):
     print(f'  fused vs unfused logits: max abs diff {check.get("max_abs", math.inf):.3e}, '
           f'max rel diff {rel:.3e}', flush=True)
     per_class = '  '.join(f'{c} {metrics["fused"][f"IoU.{c}"]:.1f}' for c in DEMO_CLASSES)
+
+    print('[4/4] deploying: the fused model to ONNX, checked in onnxruntime', flush=True)
+    onnx_path, grid_path = work_dir / 'demo_fused.onnx', work_dir / 'demo_grid.png'
+    deploy, deploy_line, ort_line = None, None, None
+    try:
+        with logged_to(work_dir / 'demo_export.log', console):
+            deploy = export_onnx(args.config, str(ckpt), str(onnx_path), dynamic=True, argmax=True,
+                                 cfg_options=roots,
+                                 log=lambda msg: print(f'  {msg}', file=console, flush=True))
+    except OnnxCheckError as e:
+        deploy_line = f'FAIL: {e}'
+        print(f'  {deploy_line}', flush=True)
+    if deploy is not None:
+        ops = deploy['graph']['ops']
+        deploy_line = (f"{_shown(onnx_path)} ({deploy['size_mb']:.1f} MB; "
+                       f"{ops.get('Conv', 0)} Conv up to {deploy['graph']['largest_kernel']}, "
+                       f"{ops.get('DFT', 0)} DFT)")
+        worst = max(c['worst']['max_rel'] for c in deploy['checks'])
+        sizes = ' and '.join('x'.join(map(str, c['input_shapes'][0])) for c in deploy['checks'])
+        ort_line = (f'vs PyTorch max rel diff {worst:.1e} on {sizes} '
+                    f'(tolerance {OUTPUT_TOLERANCE:.0e})')
+        val_dir = data_root / 'images' / SPLITS['val']
+        pairs = [(p, data_root / 'annotations' / SPLITS['val'] / f'{p.stem}.png')
+                 for p in sorted(val_dir.iterdir())[:GRID_IMAGES]]
+        onnx_segmentation_grid(onnx_path, deploy['config'], pairs, DEMO_PALETTE, grid_path)
+        print(f'  wrote {_shown(grid_path)}: input / ground truth / onnxruntime prediction of '
+              f'{len(pairs)} validation images', flush=True)
+    if not ok:
+        result = 'FAIL: fused and unfused differ'
+    elif deploy is None:
+        result = 'FAIL: onnxruntime does not reproduce the fused model'
+    else:
+        result = 'PASS: the fused model reproduces the trained one, onnxruntime the fused model'
+    ok = ok and deploy is not None
     curve = '  '.join(f'{it}: {m:.1f}' for it, m, _ in progress.val)
 
     line = '=' * 78
@@ -220,7 +261,10 @@ def main(argv=None):
         f'difference {diff:+.2f} (tolerance {MIOU_TOLERANCE})',
         f' logits        fused vs unfused max rel diff {rel:.1e} (tolerance {OUTPUT_TOLERANCE:.0e})',
         f" baseline      predicting '{base_cls}' everywhere: mIoU {base:.2f}",
-        f' result        {"PASS: the fused model reproduces the trained one" if ok else "FAIL: fused and unfused differ"}'
+        f' deployment    {deploy_line}',
+        f' onnxruntime   {ort_line or "-"}',
+        f' pictures      {_shown(grid_path) if deploy else "none (export failed)"}',
+        f' result        {result}'
         f' (total {_fmt_time(time.time() - start)})',
         line]), flush=True)
     return 0 if ok else 1
