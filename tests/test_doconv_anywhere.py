@@ -23,9 +23,14 @@ CASES = {
 
 
 def build(scope, cfg, seed=0):
+    """Build in ``scope``'s registry; the default scope is set too, since mmengine resolves
+    types in the current default scope first (another test may have left mmdet's)."""
     import importlib
+
+    from mmengine.registry import DefaultScope
     torch.manual_seed(seed)
-    return importlib.import_module(f'{scope}.registry').MODELS.build(copy.deepcopy(cfg))
+    with DefaultScope.overwrite_default_scope(scope):
+        return importlib.import_module(f'{scope}.registry').MODELS.build(copy.deepcopy(cfg))
 
 
 @torch.no_grad()

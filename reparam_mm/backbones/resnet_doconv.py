@@ -2,8 +2,8 @@
 
 The switch works like ``stage_with_dcn``: every k>1 conv of a chosen stage's residual blocks
 (Bottleneck ``conv2``, BasicBlock ``conv1`` and ``conv2``) becomes a layer built from
-``doconv_cfg``, converted right after the ResNet is built by the same code as
-``type='WithDOConv'`` (any backbone); 1x1 convs and shortcuts stay plain, so nothing is added
+``doconv_cfg``, converted as each stage is built by the same code as ``type='WithDOConv'``
+(any backbone); 1x1 convs and shortcuts stay plain, so nothing is added
 where DO-Conv has nothing to over-parameterise. Parameter names other than the DO-Conv ``W`` /
 ``D`` are unchanged and a DO layer loads a plain ``weight``, so ImageNet ResNet checkpoints load
 through ``init_cfg=dict(type='Pretrained', ...)`` with only the ``D`` keys missing (D starts at
@@ -19,13 +19,13 @@ __all__ = ['DOResNet', 'DOResNetV1c']
 
 
 class _DOConvStages:
-    """Mixin over an OpenMMLab ResNet: builds it, then converts the flagged stages.
+    """Mixin over an OpenMMLab ResNet: converts each flagged stage as it is built.
 
     The conversion is :func:`~reparam_mm.layers.convert.convert_to_doconv` (what
-    ``type='WithDOConv'`` does for any module) with ``include`` = the flagged stages'
-    ``layerN``: every k>1 conv of their residual blocks, i.e. the 3x3 convs (downsample
-    shortcuts are 1x1). Converted layers keep the plain convs' ``requires_grad``, so
-    ``frozen_stages`` freezes the DO-Conv parameters too.
+    ``type='WithDOConv'`` does for any module) on the stage's residual layer: every k>1 conv
+    of its blocks, i.e. the 3x3 convs (downsample shortcuts are 1x1). It runs in
+    ``make_res_layer``, before the parent's ``_freeze_stages``, so ``frozen_stages`` freezes
+    the DO-Conv parameters too, and the random init draws in the order it always did.
     """
 
     def __init__(self, stage_with_doconv=(False, True, True, True),
@@ -42,12 +42,18 @@ class _DOConvStages:
         if kwargs.get('dcn') is not None and any(a and b for a, b in zip(flags, dcn_stages)):
             raise ValueError('A stage cannot use both DCN and DO-Conv for its 3x3 conv; set '
                              'stage_with_dcn and stage_with_doconv on different stages.')
-        super().__init__(**kwargs)
+        # set before the parent __init__, whose stage loop calls make_res_layer
         self.stage_with_doconv = flags
         self.doconv_cfg = dict(doconv_cfg)
-        stages = [name for name, flag in zip(self.res_layers, flags) if flag]
-        if stages:
-            convert_to_doconv(self, include=stages, doconv_cfg=self.doconv_cfg)
+        self._stages_made = 0
+        super().__init__(**kwargs)
+
+    def make_res_layer(self, **kwargs):
+        res_layer = super().make_res_layer(**kwargs)
+        stage, self._stages_made = self._stages_made, self._stages_made + 1
+        if self.stage_with_doconv[stage]:
+            convert_to_doconv(res_layer, doconv_cfg=self.doconv_cfg, prefix=f'layer{stage + 1}.')
+        return res_layer
 
 
 @MODELS.register_module()

@@ -98,7 +98,7 @@ def _build_like(conv: nn.Conv2d, doconv_cfg: dict, name: str) -> nn.Module:
 
 def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None,
                       exclude: Optional[Sequence[str]] = None,
-                      doconv_cfg: Optional[dict] = None) -> List[str]:
+                      doconv_cfg: Optional[dict] = None, prefix: str = '') -> List[str]:
     """Replace the selected k>1 convs below ``module`` in place; return their names.
 
     Args:
@@ -109,6 +109,8 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
         exclude (list[str], optional): patterns of convs (or ancestors) to keep plain.
         doconv_cfg (dict, optional): conv config of the new layers. Defaults to
             ``dict(type='DOConv')`` (D_mul = M*N).
+        prefix (str): ``module``'s name in its model (e.g. ``'layer2.'``), put before the
+            names in error messages and in the returned list; patterns match without it.
 
     Each new layer starts as DO-Conv's own init (Kaiming normal over the composed kernel,
     D = 0; the OpenMMLab default conv init the plain layer would get), keeps the plain
@@ -133,8 +135,8 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
                 f"k>1 convs are named like {every[:3]}{' ...' if len(every) > 3 else ''}.")
     names = convertible_convs(module, include, exclude)
     modules = dict(module.named_modules())
-    new = {name: _build_like(modules[name], doconv_cfg, name) for name in names}  # may raise
-    for name, layer in new.items():
+    new = {name: _build_like(modules[name], doconv_cfg, prefix + name) for name in names}
+    for name, layer in new.items():  # only once every layer was built: nothing half-converted
         parent, _, child = name.rpartition('.')
         setattr(modules[parent] if parent else module, child, layer)
-    return names
+    return [prefix + name for name in names]
