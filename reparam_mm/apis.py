@@ -238,7 +238,8 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
         raise RuntimeError(
             f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "
             f"max rel diff {check['max_rel']:.3e} > {tolerance:.0e}); nothing written -- check the "
-            'to_fused() of the fused layers and the config rewrite: ' + '; '.join(changes))
+            'fuse method (to_fused, switch_to_deploy, reparameterize, fuse) of the fused layers '
+            'and the config rewrite: ' + '; '.join(changes))
 
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = osp.join(out_dir, f'{stem}_deploy.py')

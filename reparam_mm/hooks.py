@@ -150,5 +150,6 @@ class FusedEvalHook(Hook):
             print_log('!' * 79 + f'\nFusedEvalHook: FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE: {msg}'
                       + ('' if result['same_structure'] else ' (different number or shapes of outputs)')
                       + f', above the tolerance {self.tolerance:.0e}. The metrics below are NOT those '
-                      'of the trained model; check the to_fused() of the fused layers.\n' + '!' * 79,
+                      'of the trained model; check the fuse method of the fused layers (to_fused, '
+                      'switch_to_deploy, reparameterize or fuse; see the report above).\n' + '!' * 79,
                       logger='current', level=logging.WARNING)
