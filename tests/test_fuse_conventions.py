@@ -471,3 +471,26 @@ def test_fused_eval_hook_validates_and_tests_the_zoo_fused(tmp_path):
     runner.test()  # fused in place, checked against the unfused model on the first batch
     assert hook.last_report.fused == val_report.fused and hook.last_check['max_rel'] < 1e-5
     assert not any(isinstance(m, (nn.BatchNorm2d, DOConv2d)) for m in runner.model.net.modules())
+
+
+def test_deploy_config_sets_deploy_on_switch_to_deploy_models():
+    """tools/fuse.py's rewrite for mmpretrain-style models (checked here on the re-implementation,
+    registered under a test name): deploy=True builds the structure the fuse leaves."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+
+    from reparam_mm.apis import build_model, deploy_config
+
+    MODELS.register_module('TestMMPretrainRepVGG', module=MMPretrainRepVGG, force=True)
+    cfg = Config(dict(default_scope='mmseg', model=dict(type='TestMMPretrainRepVGG', channels=4)))
+    model = randomize(build_model(cfg)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse(model)
+    dcfg, changes = deploy_config(cfg)
+    assert changes == ['model.deploy -> True'] and dcfg.model.deploy is True
+    deploy = build_model(dcfg).eval()
+    deploy.load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(deploy(x), ref) < 1e-5
