@@ -425,3 +425,9 @@ def test_a_signature_first_met_inside_checkpointing_is_timed_there(tuner, reentr
     assert tuner.measured  # timed during this call
     want = torch.autograd.grad(F.conv2d(x * 2, w, None, 1, p, 1, 4).relu().sum(), x)[0]
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_meta_tensors_give_shapes_without_choosing():
+    x = torch.empty(2, 4, 20, 18, device='meta')
+    out = large_depthwise_conv2d(x, torch.empty(4, 1, 31, 31, device='meta'), None, 1, 15)
+    assert out.device.type == 'meta' and out.shape == (2, 4, 20, 18)

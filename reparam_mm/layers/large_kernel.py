@@ -486,7 +486,7 @@ def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1
     if weight.dim() != 4 or weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(f'large_depthwise_conv2d expects a depthwise (C, 1, kh, kw) weight with '
                          f'C={channels} (the input channels), got {tuple(weight.shape)}.')
-    if _exporting():
+    if _exporting() or x.device.type == 'meta':  # meta: shapes only, nothing to choose
         return F.conv2d(x, weight, bias, stride, padding, dilation, channels)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
