@@ -3,7 +3,7 @@ PY ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench env
+.PHONY: setup test demo bench env device-wheels
 setup:
 	$(PY) tools/setup_env.py
 
@@ -15,6 +15,11 @@ test: setup
 
 env: setup
 	$(VENV_PY) -m reparam_mm.env
+
+# `make device-wheels`: what tools/device_check.sh needs on the lent GPU machine (Python 3.12, no
+# internet) and its image lacks, downloaded into .whl/ (git-ignored); docs/gpu.md says how to run it.
+device-wheels: setup
+	tools/prepare_device_wheels.sh
 
 # `make bench`: CPU speed / memory figures of docs/benchmarks.md (~25-30 min on 2 cores; never
 # part of `make test`). JSON goes to $(BENCH_DIR); the report fills the doc's blocks from every
