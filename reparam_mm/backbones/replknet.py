@@ -6,15 +6,12 @@ load unchanged (``stem.0.conv.weight``, ``stages.0.blocks.0.large_kernel.lkb_ori
 switch SyncBN through a process-wide global), re-parameterising twice is a
 no-op, and checkpoint keys are checked instead of loaded with ``strict=False``.
 """
-import warnings
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmcv.cnn.bricks import DropPath
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -23,6 +20,7 @@ from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_di
 from ..layers import large_kernel
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
+from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['RepLKNet', 'RepLKBlock', 'ConvFFN', 'RepLKNetStage', 'ReparamLargeKernelConv',
            'conv_bn']
@@ -220,13 +218,6 @@ class RepLKNetStage(BaseModule):
         return x
 
 
-def _checkpointed(module, x):
-    """Activation checkpointing (recompute ``module`` in backward) when autograd records."""
-    if not torch.is_grad_enabled():
-        return module(x)
-    return cp.checkpoint(module, x, use_reentrant=False)
-
-
 def _arch_values(arch):
     """Validated copy of an arch dict (ffn_ratio defaults to 4)."""
     keys = ('large_kernel_sizes', 'layers', 'channels', 'small_kernel', 'dw_ratio')
@@ -244,7 +235,7 @@ def _arch_values(arch):
 
 
 @MODELS.register_module()
-class RepLKNet(BaseModule):
+class RepLKNet(LargeKernelBackbone):
     """RepLKNet backbone: large depthwise kernels with structural re-parameterisation.
 
     Stem (3x3 s2 conv, DW 3x3, 1x1, DW 3x3 s2; each conv-BN-ReLU), then stages
@@ -311,6 +302,8 @@ class RepLKNet(BaseModule):
     }
     #: top-level keys of the authors' ImageNet classifier that a backbone ignores
     classifier_prefixes = ('norm.', 'head.')
+    backbone_name = 'RepLKNet'
+    _arch_values = staticmethod(_arch_values)
 
     def __init__(self, arch='31B', in_channels=3, out_indices=(0, 1, 2, 3), frozen_stages=-1,
                  norm_eval=False, with_cp=False, drop_path_rate=0., norm_cfg=dict(type='BN'),
@@ -318,29 +311,14 @@ class RepLKNet(BaseModule):
                  stage_with_doconv=None, doconv_cfg=dict(type='DOConv'),
                  pretrained=None, init_cfg=None):
         super().__init__(init_cfg=self._resolve_init_cfg(pretrained, init_cfg))
-        if isinstance(arch, str):
-            if arch not in self.arch_settings:
-                raise ValueError(f"RepLKNet arch '{arch}' is unknown; use one of "
-                                 f"{', '.join(self.arch_settings)} or a dict with keys "
-                                 'large_kernel_sizes, layers, channels, small_kernel, dw_ratio.')
-            arch = self.arch_settings[arch]
-        elif not isinstance(arch, dict):
-            raise TypeError(f'RepLKNet arch must be a str or a dict, got {type(arch).__name__}.')
-        arch = _arch_values(arch)
-        self.arch = arch
+        self.arch = arch = self._resolve_arch(
+            arch, 'large_kernel_sizes, layers, channels, small_kernel, dw_ratio')
         channels, layers = arch['channels'], arch['layers']
         self.num_stages = len(layers)
         self.out_indices = self._check_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
-        if stage_with_doconv is None:
-            stage_with_doconv = (False, ) * self.num_stages
-        if len(stage_with_doconv) != self.num_stages:
-            raise ValueError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
-                             f'got {tuple(stage_with_doconv)}.')
+        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv)
         self.frozen_stages, self.norm_eval, self.with_cp = frozen_stages, norm_eval, with_cp
         self.norm_intermediate_features = norm_intermediate_features
-        self.stage_with_doconv = tuple(bool(s) for s in stage_with_doconv)
         conv_cfgs = [doconv_cfg if s and not small_kernel_merged else None
                      for s in self.stage_with_doconv]
 
@@ -370,39 +348,6 @@ class RepLKNet(BaseModule):
                     conv_bn(nxt, nxt, 3, stride=2, groups=nxt, conv_cfg=conv_cfgs[i + 1],
                             norm_cfg=norm_cfg, act=True)))
         self._freeze_stages()
-
-    # -- construction checks -------------------------------------------------------------------
-    @staticmethod
-    def _resolve_init_cfg(pretrained, init_cfg):
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError('RepLKNet: set either init_cfg or the deprecated pretrained, '
-                                 "not both; use init_cfg=dict(type='Pretrained', checkpoint=...).")
-            if not isinstance(pretrained, str):
-                raise TypeError(f'RepLKNet: pretrained must be a checkpoint path or URL, got '
-                                f'{type(pretrained).__name__}.')
-            warnings.warn("RepLKNet: pretrained is deprecated, use "
-                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.")
-            return dict(type='Pretrained', checkpoint=pretrained)
-        cfgs = [init_cfg] if isinstance(init_cfg, dict) else (init_cfg or [])
-        for cfg in cfgs:
-            if not isinstance(cfg, dict) or 'type' not in cfg:
-                raise TypeError(f'RepLKNet: init_cfg must be a dict (or list of dicts) with a '
-                                f"'type', got {cfg!r}.")
-            if cfg['type'] == 'Pretrained' and not cfg.get('checkpoint'):
-                raise ValueError("RepLKNet: init_cfg of type 'Pretrained' needs a 'checkpoint' "
-                                 f'(path or URL), got {cfg!r}.')
-        return init_cfg
-
-    def _check_out_indices(self, out_indices):
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        n = self.num_stages
-        if not isinstance(out_indices, (tuple, list)) or not out_indices or not all(
-                isinstance(i, int) and -n <= i < n for i in out_indices):
-            raise ValueError(f'out_indices={out_indices!r} must be a non-empty sequence of stage '
-                             f'indices in [-{n}, {n - 1}].')
-        return tuple(sorted({i % n for i in out_indices}))
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
@@ -434,56 +379,18 @@ class RepLKNet(BaseModule):
             frozen.append(self.stages[i])
             if i > 0:
                 frozen.append(self.transitions[i - 1])
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        self._freeze(frozen)
 
-    def train(self, mode=True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    # -- pretrained weights ---------------------------------------------------------------------
-    def init_weights(self):
-        cfgs = [self.init_cfg] if isinstance(self.init_cfg, dict) else list(self.init_cfg or [])
-        pretrained = [c for c in cfgs if c['type'] == 'Pretrained']
-        if not pretrained:
-            return super().init_weights()
-        others = [c for c in cfgs if c['type'] != 'Pretrained']
-        if others:  # e.g. Kaiming for layers the checkpoint does not cover
-            self.init_cfg = others
-            try:
-                super().init_weights()
-            finally:
-                self.init_cfg = cfgs
-        self.load_pretrained(**{k: v for k, v in pretrained[-1].items() if k != 'type'})
-        self._is_init = True
-
-    def load_pretrained(self, checkpoint, prefix=None, map_location='cpu'):
-        """Load a checkpoint in the authors' layout, checking every key (see class docstring)."""
+    # -- pretrained weights (the loading sequence is LargeKernelBackbone.load_pretrained) -----
+    @staticmethod
+    def _read_checkpoint(checkpoint, map_location):
         ckpt = read_checkpoint(checkpoint, map_location,
                                fix='point init_cfg.checkpoint to a .pth file or URL')
-        state = self._backbone_state(state_dict_of(ckpt, checkpoint), prefix, checkpoint)
-        allowed_missing = self._check_keys(state, checkpoint)
-        result = self.load_state_dict(state, strict=False)
-        assert not result.unexpected_keys and set(result.missing_keys) <= allowed_missing, result
-        if allowed_missing:
-            print_log(f'RepLKNet: {len(allowed_missing)} keys not in {checkpoint} keep their '
-                      f'initial values (e.g. {sorted(allowed_missing)[0]}).', logger='current')
+        return state_dict_of(ckpt, checkpoint)
 
     def _backbone_state(self, state, prefix, name):
         """The keys under ``prefix`` (stripped), without the classifier's."""
-        if prefix:
-            prefix = prefix if prefix.endswith('.') else prefix + '.'
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not state:
-                raise ValueError(f"RepLKNet: no key of {name} starts with prefix '{prefix}'; fix "
-                                 'init_cfg.prefix (e.g. "backbone.") or drop it.')
+        state = self._strip_prefix(state, prefix, name)
         return OrderedDict((k, v) for k, v in state.items()
                            if not k.startswith(self.classifier_prefixes))
 
@@ -513,9 +420,3 @@ class RepLKNet(BaseModule):
         if error is not None:
             raise error
         return {k for k in allowed if k in own}
-
-    def _arch_name(self):
-        for name, setting in self.arch_settings.items():
-            if _arch_values(setting) == self.arch:
-                return repr(name)
-        return 'custom'

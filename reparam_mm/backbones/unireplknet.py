@@ -12,13 +12,11 @@ loaded with ``strict=False``.
 """
 import os.path as osp
 import re
-import warnings
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
@@ -29,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
+from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['UniRepLKNet', 'UniRepLKNetBlock', 'DilatedReparamBlock', 'GRN', 'SEBlock',
            'LayerNorm', 'DILATED_BRANCHES']
@@ -391,13 +390,6 @@ class UniRepLKNetBlock(BaseModule):
         self.gamma = None
 
 
-def _checkpointed(module, x):
-    """Activation checkpointing (recompute ``module`` in backward) when autograd records."""
-    if not torch.is_grad_enabled():
-        return module(x)
-    return cp.checkpoint(module, x, use_reentrant=False)
-
-
 def _arch_values(arch):
     """Validated copy of an arch dict with tuple values."""
     keys = ('depths', 'dims', 'kernel_sizes')
@@ -427,7 +419,7 @@ _K_SBLXL = ((3, 3, 3), (13, 13, 13), (13, 3, 3) * 9, (13, 13, 13))
 
 
 @MODELS.register_module()
-class UniRepLKNet(BaseModule):
+class UniRepLKNet(LargeKernelBackbone):
     """UniRepLKNet backbone: dilated re-parameterised large depthwise kernels with SE and GRN FFNs.
 
     Stem (3x3 s2 conv to C/2, channels-first LayerNorm, GELU, 3x3 s2 conv, LayerNorm), then
@@ -502,6 +494,8 @@ class UniRepLKNet(BaseModule):
     classifier_prefixes = ('norm.', 'head.')
     #: the authors' from-scratch init, used when no init_cfg is given
     default_init_cfg = [dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.)]
+    backbone_name = 'UniRepLKNet'
+    _arch_values = staticmethod(_arch_values)
 
     def __init__(self, arch='S', in_channels=3, out_indices=(0, 1, 2, 3), frozen_stages=-1,
                  norm_eval=False, with_cp=False, drop_path_rate=0., layer_scale_init_value=1e-6,
@@ -509,28 +503,13 @@ class UniRepLKNet(BaseModule):
                  doconv_cfg=dict(type='DOConv'), pretrained=None, init_cfg=None):
         init_cfg = self._resolve_init_cfg(pretrained, init_cfg)
         super().__init__(init_cfg=init_cfg if init_cfg is not None else self.default_init_cfg)
-        if isinstance(arch, str):
-            if arch not in self.arch_settings:
-                raise ValueError(f"UniRepLKNet arch '{arch}' is unknown; use one of "
-                                 f"{', '.join(self.arch_settings)} or a dict with keys "
-                                 'depths, dims, kernel_sizes.')
-            arch = self.arch_settings[arch]
-        elif not isinstance(arch, dict):
-            raise TypeError(f'UniRepLKNet arch must be a str or a dict, got {type(arch).__name__}.')
-        self.arch = arch = _arch_values(arch)
+        self.arch = arch = self._resolve_arch(arch, 'depths, dims, kernel_sizes')
         dims, depths = arch['dims'], arch['depths']
         self.num_stages = len(depths)
         self.out_indices = self._check_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
-        if stage_with_doconv is None:
-            stage_with_doconv = (False, ) * self.num_stages
-        if len(stage_with_doconv) != self.num_stages:
-            raise ValueError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
-                             f'got {tuple(stage_with_doconv)}.')
+        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv)
         self.frozen_stages, self.norm_eval, self.with_cp = frozen_stages, norm_eval, with_cp
         self.small_kernel_merged = small_kernel_merged
-        self.stage_with_doconv = tuple(bool(s) for s in stage_with_doconv)
         conv_cfgs = [doconv_cfg if s and not small_kernel_merged else None
                      for s in self.stage_with_doconv]
 
@@ -562,39 +541,6 @@ class UniRepLKNet(BaseModule):
             self.add_module(f'norm{i}', LayerNorm(dims[i], eps=1e-6, data_format='channels_first'))
         self._freeze_stages()
 
-    # -- construction checks -------------------------------------------------------------------
-    @staticmethod
-    def _resolve_init_cfg(pretrained, init_cfg):
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError('UniRepLKNet: set either init_cfg or the deprecated pretrained, '
-                                 "not both; use init_cfg=dict(type='Pretrained', checkpoint=...).")
-            if not isinstance(pretrained, str):
-                raise TypeError(f'UniRepLKNet: pretrained must be a checkpoint path or URL, got '
-                                f'{type(pretrained).__name__}.')
-            warnings.warn("UniRepLKNet: pretrained is deprecated, use "
-                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.")
-            return dict(type='Pretrained', checkpoint=pretrained)
-        cfgs = [init_cfg] if isinstance(init_cfg, dict) else (init_cfg or [])
-        for cfg in cfgs:
-            if not isinstance(cfg, dict) or 'type' not in cfg:
-                raise TypeError(f'UniRepLKNet: init_cfg must be a dict (or list of dicts) with a '
-                                f"'type', got {cfg!r}.")
-            if cfg['type'] == 'Pretrained' and not cfg.get('checkpoint'):
-                raise ValueError("UniRepLKNet: init_cfg of type 'Pretrained' needs a 'checkpoint' "
-                                 f'(path or URL), got {cfg!r}.')
-        return init_cfg
-
-    def _check_out_indices(self, out_indices):
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        n = self.num_stages
-        if not isinstance(out_indices, (tuple, list)) or not out_indices or not all(
-                isinstance(i, int) and -n <= i < n for i in out_indices):
-            raise ValueError(f'out_indices={out_indices!r} must be a non-empty sequence of stage '
-                             f'indices in [-{n}, {n - 1}].')
-        return tuple(sorted({i % n for i in out_indices}))
-
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
         outs = []
@@ -613,49 +559,15 @@ class UniRepLKNet(BaseModule):
             frozen += [self.downsample_layers[i], self.stages[i]]
             if i in self.out_indices:
                 frozen.append(getattr(self, f'norm{i}'))
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        self._freeze(frozen)
 
-    def train(self, mode=True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    # -- pretrained weights ---------------------------------------------------------------------
-    def init_weights(self):
-        cfgs = [self.init_cfg] if isinstance(self.init_cfg, dict) else list(self.init_cfg or [])
-        pretrained = [c for c in cfgs if c['type'] == 'Pretrained']
-        if not pretrained:
-            return super().init_weights()
-        others = [c for c in cfgs if c['type'] != 'Pretrained']
-        if others:  # e.g. an init for layers the checkpoint does not cover
-            self.init_cfg = others
-            try:
-                super().init_weights()
-            finally:
-                self.init_cfg = cfgs
-        self.load_pretrained(**{k: v for k, v in pretrained[-1].items() if k != 'type'})
-        self._is_init = True
-
-    def load_pretrained(self, checkpoint, prefix=None, map_location='cpu'):
-        """Load a checkpoint in the authors' layout, checking every key (see class docstring)."""
+    # -- pretrained weights (the loading sequence is LargeKernelBackbone.load_pretrained) -----
+    @staticmethod
+    def _read_checkpoint(checkpoint, map_location):
         if '://' not in checkpoint and not osp.isfile(checkpoint):
             raise FileNotFoundError(f"UniRepLKNet: pretrained checkpoint '{checkpoint}' does not "
                                     'exist; point init_cfg.checkpoint to a .pth file or URL.')
-        ckpt = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
-        state = self._backbone_state(ckpt, prefix, checkpoint)
-        allowed_missing = self._check_keys(state, checkpoint)
-        result = self.load_state_dict(state, strict=False)
-        assert not result.unexpected_keys and set(result.missing_keys) <= allowed_missing, result
-        if allowed_missing:
-            print_log(f'UniRepLKNet: {len(allowed_missing)} keys not in {checkpoint} keep their '
-                      f'initial values (e.g. {sorted(allowed_missing)[0]}).', logger='current')
+        return CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
 
     def _backbone_state(self, ckpt, prefix, name):
         state = ckpt
@@ -667,12 +579,7 @@ class UniRepLKNet(BaseModule):
                             'dict.')
         if state and all(k.startswith('module.') for k in state):
             state = {k[len('module.'):]: v for k, v in state.items()}
-        if prefix:
-            prefix = prefix if prefix.endswith('.') else prefix + '.'
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not state:
-                raise ValueError(f"UniRepLKNet: no key of {name} starts with prefix '{prefix}'; "
-                                 'fix init_cfg.prefix (e.g. "backbone.") or drop it.')
+        state = self._strip_prefix(state, prefix, name)
         # the output norms of stages this model does not return (a downstream checkpoint's)
         unused = {f'norm{i}.' for i in range(self.num_stages) if i not in self.out_indices}
         skipped = sorted(k for k in state if k.startswith(tuple(unused)))
@@ -714,9 +621,3 @@ class UniRepLKNet(BaseModule):
             raise ValueError(f'UniRepLKNet(arch={self._arch_name()}) cannot load {name}: '
                              f'{"; ".join(parts)} keys; {hint}.')
         return {k for k in allowed if k in own}
-
-    def _arch_name(self):
-        for name, setting in self.arch_settings.items():
-            if _arch_values(setting) == self.arch:
-                return repr(name)
-        return 'custom'

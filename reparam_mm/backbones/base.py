@@ -1,0 +1,153 @@
+"""The OpenMMLab plumbing RepLKNet and UniRepLKNet share: init_cfg / pretrained handling,
+argument checks, freezing, ``norm_eval`` and the pretrained-loading sequence.
+
+What differs between the two (arch tables, checkpoint reading, key layouts, which keys may stay
+missing) stays in each backbone as the hooks ``_arch_values``, ``_read_checkpoint``,
+``_backbone_state``, ``_check_keys`` and ``_freeze_stages``.
+"""
+import warnings
+
+import torch
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ['LargeKernelBackbone']
+
+
+def _checkpointed(module, x):
+    """Activation checkpointing (recompute ``module`` in backward) when autograd records."""
+    if not torch.is_grad_enabled():
+        return module(x)
+    return cp.checkpoint(module, x, use_reentrant=False)
+
+
+class LargeKernelBackbone(BaseModule):
+    """Base of the large-kernel backbones; subclasses set ``backbone_name`` (used in messages),
+    ``arch_settings`` and the static ``_arch_values(arch)`` validator."""
+
+    #: the backbone's name in error and log messages
+    backbone_name = None
+    arch_settings = {}
+
+    # -- construction checks -------------------------------------------------------------------
+    @classmethod
+    def _resolve_init_cfg(cls, pretrained, init_cfg):
+        name = cls.backbone_name
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError(f'{name}: set either init_cfg or the deprecated pretrained, '
+                                 "not both; use init_cfg=dict(type='Pretrained', checkpoint=...).")
+            if not isinstance(pretrained, str):
+                raise TypeError(f'{name}: pretrained must be a checkpoint path or URL, got '
+                                f'{type(pretrained).__name__}.')
+            warnings.warn(f"{name}: pretrained is deprecated, use "
+                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.")
+            return dict(type='Pretrained', checkpoint=pretrained)
+        cfgs = [init_cfg] if isinstance(init_cfg, dict) else (init_cfg or [])
+        for cfg in cfgs:
+            if not isinstance(cfg, dict) or 'type' not in cfg:
+                raise TypeError(f'{name}: init_cfg must be a dict (or list of dicts) with a '
+                                f"'type', got {cfg!r}.")
+            if cfg['type'] == 'Pretrained' and not cfg.get('checkpoint'):
+                raise ValueError(f"{name}: init_cfg of type 'Pretrained' needs a 'checkpoint' "
+                                 f'(path or URL), got {cfg!r}.')
+        return init_cfg
+
+    def _resolve_arch(self, arch, dict_keys):
+        """The validated arch dict of a name in ``arch_settings`` or a dict."""
+        if isinstance(arch, str):
+            if arch not in self.arch_settings:
+                raise ValueError(f"{self.backbone_name} arch '{arch}' is unknown; use one of "
+                                 f"{', '.join(self.arch_settings)} or a dict with keys "
+                                 f'{dict_keys}.')
+            arch = self.arch_settings[arch]
+        elif not isinstance(arch, dict):
+            raise TypeError(f'{self.backbone_name} arch must be a str or a dict, got '
+                            f'{type(arch).__name__}.')
+        return self._arch_values(arch)
+
+    def _check_out_indices(self, out_indices):
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        n = self.num_stages
+        if not isinstance(out_indices, (tuple, list)) or not out_indices or not all(
+                isinstance(i, int) and -n <= i < n for i in out_indices):
+            raise ValueError(f'out_indices={out_indices!r} must be a non-empty sequence of stage '
+                             f'indices in [-{n}, {n - 1}].')
+        return tuple(sorted({i % n for i in out_indices}))
+
+    def _check_stage_args(self, frozen_stages, stage_with_doconv):
+        """Check ``frozen_stages``; return ``stage_with_doconv`` as one bool per stage."""
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
+        if stage_with_doconv is None:
+            stage_with_doconv = (False, ) * self.num_stages
+        if len(stage_with_doconv) != self.num_stages:
+            raise ValueError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
+                             f'got {tuple(stage_with_doconv)}.')
+        return tuple(bool(s) for s in stage_with_doconv)
+
+    def _arch_name(self):
+        for name, setting in self.arch_settings.items():
+            if self._arch_values(setting) == self.arch:
+                return repr(name)
+        return 'custom'
+
+    # -- training-mode behaviour ----------------------------------------------------------------
+    @staticmethod
+    def _freeze(modules):
+        """Eval mode and no gradients for ``modules`` (what ``_freeze_stages`` selects)."""
+        for module in modules:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    # -- pretrained weights ---------------------------------------------------------------------
+    def init_weights(self):
+        cfgs = [self.init_cfg] if isinstance(self.init_cfg, dict) else list(self.init_cfg or [])
+        pretrained = [c for c in cfgs if c['type'] == 'Pretrained']
+        if not pretrained:
+            return super().init_weights()
+        others = [c for c in cfgs if c['type'] != 'Pretrained']
+        if others:  # e.g. an init for layers the checkpoint does not cover
+            self.init_cfg = others
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = cfgs
+        self.load_pretrained(**{k: v for k, v in pretrained[-1].items() if k != 'type'})
+        self._is_init = True
+
+    def load_pretrained(self, checkpoint, prefix=None, map_location='cpu'):
+        """Load a checkpoint in the authors' layout, checking every key (see class docstring)."""
+        state = self._backbone_state(self._read_checkpoint(checkpoint, map_location), prefix,
+                                     checkpoint)
+        allowed_missing = self._check_keys(state, checkpoint)
+        result = self.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys and set(result.missing_keys) <= allowed_missing, result
+        if allowed_missing:
+            print_log(f'{self.backbone_name}: {len(allowed_missing)} keys not in {checkpoint} '
+                      f'keep their initial values (e.g. {sorted(allowed_missing)[0]}).',
+                      logger='current')
+
+    def _strip_prefix(self, state, prefix, name):
+        """The keys of ``state`` under ``prefix``, with it stripped (all keys without one)."""
+        if prefix:
+            prefix = prefix if prefix.endswith('.') else prefix + '.'
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not state:
+                raise ValueError(f'{self.backbone_name}: no key of {name} starts with prefix '
+                                 f"'{prefix}'; fix init_cfg.prefix (e.g. \"backbone.\") or drop "
+                                 'it.')
+        return state
