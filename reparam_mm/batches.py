@@ -10,7 +10,7 @@ __all__ = ['synthetic_batch']
 def synthetic_batch(cfg, height, width, batch=1, train=False, seed=0):
     """``dict(inputs=[uint8 CHW], data_samples=[...])`` for ``cfg``'s scope (mmseg or mmdet);
     with ``train`` the samples carry random ground truth (segmentation map, or boxes and
-    labels) for ``train_step``. Feed it to ``model.data_preprocessor`` like a real batch."""
+    labels, plus box-filled instance masks for a mask head) for ``train_step``. Feed it to ``model.data_preprocessor`` like a real batch."""
     g = torch.Generator().manual_seed(seed)
     scope = init_scope(cfg)
     inputs = [torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
@@ -51,12 +51,18 @@ def _num_classes(head, cfg):
 def _random_boxes(cfg, height, width, g, count=8):
     from mmengine.structures import InstanceData
     roi = cfg.model.get('roi_head') or {}
-    if roi.get('mask_head') is not None:
-        raise ValueError(f'{cfg.filename}: synthetic training batches hold boxes only; benchmark '
-                         'training of box detectors (no mask head), or inference.')
     head = roi.get('bbox_head') if roi else cfg.model.get('bbox_head')
     classes = _num_classes(head, cfg)
     xy = torch.rand(count, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
     wh = (0.1 + 0.2 * torch.rand(count, 2, generator=g)) * torch.tensor([width, height])
     boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([width - 1., height - 1.]))], dim=1)
-    return InstanceData(bboxes=boxes, labels=torch.randint(0, classes, (count, ), generator=g))
+    instances = InstanceData(bboxes=boxes,
+                             labels=torch.randint(0, classes, (count, ), generator=g))
+    if roi.get('mask_head') is not None:  # instance masks: each box filled
+        import numpy as np
+        from mmdet.structures.mask import BitmapMasks
+        masks = np.zeros((count, height, width), np.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.round().long().tolist()):
+            m[y1:y2 + 1, x1:x2 + 1] = 1
+        instances.masks = BitmapMasks(masks, height, width)
+    return instances

@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,6 +286,16 @@ def test_detector_synthetic_training_batch():
     assert boxes.shape == (8, 4) and (boxes[:, 2:] > boxes[:, :2]).all()
     assert boxes[:, 2].max() < 96 and boxes[:, 3].max() < 64
     assert data['data_samples'][0].gt_instances.labels.max() < 80
+
+
+def test_mask_detector_synthetic_training_batch_fills_each_box():
+    cfg = BM.bench_config(str(ROOT / 'configs/replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_'
+                                     'fpn_4conv1fc-giou_16xb1-ms-crop-3x_coco.py'), (64, 96))
+    inst = synthetic_batch(cfg, 64, 96, batch=1, train=True)['data_samples'][0].gt_instances
+    masks = inst.masks.masks
+    assert masks.shape == (8, 64, 96) and masks.dtype == np.uint8
+    for m, (x1, y1, x2, y2) in zip(masks, inst.bboxes.round().long().tolist()):
+        assert m.sum() == (x2 - x1 + 1) * (y2 - y1 + 1) and m[y1, x1] == m[y2, x2] == 1
 
 
 def test_large_dw_table_tiny(tmp_path):
