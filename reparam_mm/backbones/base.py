@@ -6,6 +6,7 @@ missing) stays in each backbone as the hooks ``_arch_values``, ``_read_checkpoin
 ``_backbone_state``, ``_check_keys`` and ``_freeze_stages``.
 """
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.utils.checkpoint as cp
@@ -151,3 +152,23 @@ class LargeKernelBackbone(BaseModule):
                                  f"'{prefix}'; fix init_cfg.prefix (e.g. \"backbone.\") or drop "
                                  'it.')
         return state
+
+    def _backbone_state(self, state, prefix, name):
+        """The keys under ``prefix`` (stripped), without the classifier's."""
+        state = self._strip_prefix(state, prefix, name)
+        return OrderedDict((k, v) for k, v in state.items()
+                           if not k.startswith(self.classifier_prefixes))
+
+    def _expected_keys(self, state):
+        """``(expected, allowed)``: key -> shape (None: any) a checkpoint should hold, and the
+        keys allowed to stay missing. A DO-Conv loads a plain conv's ``weight`` into W (D
+        starts at zero), so its ``weight`` is expected instead of W and D."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        allowed = set()
+        for mod_name, m in self.named_modules():
+            if hasattr(m, 'composed_weight') and f'{mod_name}.weight' in state:
+                expected.pop(f'{mod_name}.W', None)
+                expected.pop(f'{mod_name}.D', None)
+                expected[f'{mod_name}.weight'] = None  # W's shape differs; any shape is read
+                allowed.add(f'{mod_name}.D')
+        return expected, allowed

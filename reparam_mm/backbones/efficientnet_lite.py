@@ -15,7 +15,6 @@ import glob
 import importlib.util
 import math
 import os
-from collections import OrderedDict
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -239,23 +238,9 @@ class EfficientNetLite(LargeKernelBackbone):
                                "efficientnet-lite0'")
         return state_dict_of(ckpt, checkpoint)
 
-    def _backbone_state(self, state, prefix, name):
-        """The keys under ``prefix`` (stripped), without the ImageNet classifier's."""
-        state = self._strip_prefix(state, prefix, name)
-        return OrderedDict((k, v) for k, v in state.items()
-                           if not k.startswith(self.classifier_prefixes))
-
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""
-        own = self.state_dict()
-        expected, allowed = {k: v.shape for k, v in own.items()}, set()
-        for mod_name, m in self.named_modules():
-            # DO-Conv (WithDOConv) loads a plain conv's ``weight`` into W; D starts at zero
-            if hasattr(m, 'composed_weight') and f'{mod_name}.weight' in state:
-                expected.pop(f'{mod_name}.W', None)
-                expected.pop(f'{mod_name}.D', None)
-                expected[f'{mod_name}.weight'] = None
-                allowed.add(f'{mod_name}.D')
+        expected, allowed = self._expected_keys(state)
         allowed |= {k for k in set(expected) - set(state) if k.endswith('num_batches_tracked')}
         missing, unexpected, shapes = compare_keys(expected, state, allowed)
         error = mismatch_error(f'EfficientNetLite(arch={self._arch_name()}) cannot load {name}',
@@ -264,4 +249,4 @@ class EfficientNetLite(LargeKernelBackbone):
                                "arch='lite0')")
         if error is not None:
             raise error
-        return {k for k in allowed if k in own}
+        return allowed & set(self.state_dict())

@@ -388,23 +388,9 @@ class RepLKNet(LargeKernelBackbone):
                                fix='point init_cfg.checkpoint to a .pth file or URL')
         return state_dict_of(ckpt, checkpoint)
 
-    def _backbone_state(self, state, prefix, name):
-        """The keys under ``prefix`` (stripped), without the classifier's."""
-        state = self._strip_prefix(state, prefix, name)
-        return OrderedDict((k, v) for k, v in state.items()
-                           if not k.startswith(self.classifier_prefixes))
-
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""
-        own = self.state_dict()
-        expected, allowed = {k: v.shape for k, v in own.items()}, set()
-        for mod_name, m in self.named_modules():
-            # DO-Conv loads a plain conv's ``weight`` into W (D starts at zero)
-            if hasattr(m, 'composed_weight') and f'{mod_name}.weight' in state:
-                expected.pop(f'{mod_name}.W', None)
-                expected.pop(f'{mod_name}.D', None)
-                expected[f'{mod_name}.weight'] = None  # W's shape differs; any shape is read
-                allowed.add(f'{mod_name}.D')
+        expected, allowed = self._expected_keys(state)
         for key in set(expected) - set(state):
             if key.endswith('num_batches_tracked') or (
                     self.norm_intermediate_features and key.split('.')[2:3] == ['norm']):
@@ -419,4 +405,4 @@ class RepLKNet(LargeKernelBackbone):
                                missing, unexpected, shapes, hint)
         if error is not None:
             raise error
-        return {k for k in allowed if k in own}
+        return allowed & set(self.state_dict())
