@@ -31,7 +31,6 @@ import copy
 import math
 import os
 import os.path as osp
-import statistics
 import time
 import types
 import warnings
@@ -48,7 +47,7 @@ from .outputs import compare_outputs
 
 __all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
            'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
-           'onnx_graph_summary', 'ort_session', 'measure_latency', 'latency_line']
+           'onnx_graph_summary', 'ort_session', 'run_ort']
 
 #: default ONNX opset: RoiAlign's half_pixel mode needs 16, LayerNorm 17
 OPSET = 17
@@ -399,7 +398,7 @@ def ort_session(path, threads=None):
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
-def _run_ort(session, names, inputs):
+def run_ort(session, names, inputs):
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
@@ -412,7 +411,7 @@ def _check(graph, session, inputs, output_names, tolerance, argmax_label='labels
     """Per-output comparison of ORT with PyTorch; returns a dict (worst first in ``outputs``)."""
     with torch.no_grad():
         expected = _as_tuple(graph(*inputs))
-    got = _run_ort(session, graph.input_names, inputs)
+    got = run_ort(session, graph.input_names, inputs)
     per_output = []
     for name, ref, out in zip(output_names, expected, got):
         if not ref.is_floating_point():  # argmax labels: agreement, ties may flip
@@ -528,32 +527,3 @@ def _check_line(check):
         if 'agreement' in o:
             parts.append(f"{o['name']} agree on {100 * o['agreement']:.3f}% of pixels")
     return head + '; '.join(parts) + (' -- PASS' if check['ok'] else ' -- FAIL')
-
-
-# -- latency ---------------------------------------------------------------------------------------
-def measure_latency(graph, path, inputs, repeat=5, warmup=1, threads=2):
-    """Wall-clock seconds of PyTorch (the fused model, its own CPU dispatch) and onnxruntime (CPU
-    provider) on ``inputs``, each with ``threads`` threads: ``{name: [seconds, ...]}``."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    session = ort_session(path, threads=threads)
-    times = {'pytorch': [], 'onnxruntime': []}
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeat):
-                t0 = time.perf_counter()
-                graph(*inputs)
-                if i >= warmup:
-                    times['pytorch'].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                _run_ort(session, graph.input_names, inputs)
-                if i >= warmup:
-                    times['onnxruntime'].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(saved)
-    return times
-
-
-def latency_line(times):
-    return '; '.join(f'{k}: min {min(v):.3f} s, median {statistics.median(v):.3f} s over {len(v)}'
-                     for k, v in times.items())

@@ -10,7 +10,7 @@ written by tools/fuse.py. The checkpoint is loaded strictly. Segmentors export n
 and RoI-head outputs (NMS stays outside the graph). onnxruntime (CPU) runs the file on the same
 input and is compared with PyTorch; above --tolerance (relative) the file is removed and the
 command fails. --bench N times both on that input (N runs, --threads threads). Logic:
-reparam_mm/export.py.
+reparam_mm/export.py (the timing: benchmarks/onnx_latency.py).
 """
 import argparse
 import os
@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
 from mmengine.config import DictAction  # noqa: E402
-from reparam_mm.export import (OPSET, TOLERANCE, export_onnx, latency_line,  # noqa: E402
-                               measure_latency)
+from benchmarks.onnx_latency import latency_line, measure_latency  # noqa: E402
+from reparam_mm.export import OPSET, TOLERANCE, export_onnx  # noqa: E402
 
 
 def parse_args(argv=None):
