@@ -171,6 +171,16 @@ def _datasets(dataset, key):
         yield from _datasets(inner, f'{key}.datasets.{i}')
 
 
+def _check_dataset_paths(ds, key):
+    parts = [('ann_file', ds.get('ann_file'))] + [
+        (f'data_prefix.{name}', rel) for name, rel in (ds.get('data_prefix') or {}).items()]
+    for part, path in parts:
+        if isinstance(path, str) and path and '://' not in path and not osp.exists(path):
+            raise FileNotFoundError(
+                f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
+                f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
+
+
 def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
     """Fail before building anything when a dataset's ``data_root``, or an annotation file or
     image / label folder under it, does not exist.
@@ -182,7 +192,12 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
         for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
             root = ds.get('data_root')
             backend = (ds.get('backend_args') or {}).get('backend', 'local')
-            if not isinstance(root, str) or not root or '://' in root or backend != 'local':
+            if backend != 'local' or (isinstance(root, str) and '://' in root):
+                continue
+            if not root:  # paths are taken as they are, relative to the working directory
+                _check_dataset_paths(ds, key)
+                continue
+            if not isinstance(root, str):
                 continue
             if not osp.isdir(root):
                 raise FileNotFoundError(
