@@ -20,6 +20,13 @@ other object is still refused. Imported first by ``reparam_mm/__init__.py``.
 It also makes :func:`reparam_mm.checkpoint.load_from_local` mmengine's loader of
 local files, so a truncated or damaged checkpoint is one sentence naming the
 file and the fix wherever it is loaded (resume, load_from, pretrained, test).
+
+And it lets mmseg 1.2.2's ``CrossEntropyLoss(class_weight=...)`` train on labels with
+ignored pixels (Cityscapes, CamVid: 255), which it cannot (open-mmlab/mmsegmentation#3734):
+the mean's denominator indexes ``class_weight`` with every label, 255 included, and fails
+with "index 255 is out of bounds". :func:`patch_mmseg_class_weight` computes that denominator
+over the pixels that count, as ``F.cross_entropy(weight=...)`` does; with no ignored pixel
+the value is mmseg's own.
 """
 import numpy as np
 import torch
@@ -61,4 +68,39 @@ def patch_checkpoint_loading():
     _PATCHED = True
 
 
+def _class_weighted_mean_denominator(label, class_weight, ignore_index):
+    """Sum of the class weights of the labelled pixels: the denominator of the weighted mean."""
+    valid = label != ignore_index
+    return class_weight[label[valid].long()].sum()
+
+
+def patch_mmseg_class_weight():
+    """Give mmseg's ``cross_entropy`` the class-weighted denominator when it would compute it
+    from ignored pixels too (and fail); idempotent, a no-op without mmseg."""
+    try:
+        from mmseg.models.losses import cross_entropy_loss as ce
+    except ImportError:  # pragma: no cover - mmseg is a dependency
+        return
+    original = ce.cross_entropy
+    if getattr(original, '_reparam_mm_fixed', False):
+        return
+
+    def cross_entropy(pred, label, weight=None, class_weight=None, reduction='mean',
+                      avg_factor=None, ignore_index=-100, avg_non_ignore=False):
+        if class_weight is not None and avg_factor is None and reduction == 'mean':
+            avg_factor = _class_weighted_mean_denominator(label, class_weight, ignore_index)
+        return original(pred, label, weight=weight, class_weight=class_weight,
+                        reduction=reduction, avg_factor=avg_factor, ignore_index=ignore_index,
+                        avg_non_ignore=avg_non_ignore)
+
+    cross_entropy._reparam_mm_fixed = True
+    cross_entropy.__doc__ = original.__doc__
+    ce.cross_entropy = cross_entropy
+    # CrossEntropyLoss picks its criterion by name when built; built ones keep the old one.
+    import mmseg.models.losses as losses
+    if getattr(losses, 'cross_entropy', None) is original:
+        losses.cross_entropy = cross_entropy
+
+
 patch_checkpoint_loading()
+patch_mmseg_class_weight()
