@@ -10,7 +10,7 @@ from reparam_mm.datasets import class_counts, split_coco
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / 'shared/data/coco128/annotations/instances_train2017.json'
 DET_CONFIG = ROOT / ('configs/efficientnet/faster-rcnn_efficientnet-lite0-in1k-pre_fpn_4conv1fc'
-                     '_1xb4-600i_coco128-split-5cls-512x320.py')
+                     '_1xb4-400i_coco128-split-5cls-384x240.py')
 needs_coco128 = pytest.mark.skipif(not COCO128.is_file(), reason='../shared/data/coco128 absent')
 
 

@@ -205,3 +205,30 @@ def test_converter_cli(shared_data, tmp_path):
     assert 'val: 1 images' in proc.stdout
     assert len(list((out / 'gtFine/val').rglob('*.png'))) == 1
     assert not (out / 'gtFine/train').exists()
+
+
+def _write_trainid_labels(root, labels):
+    for i, label in enumerate(labels):
+        path = root / 'gtFine' / 'train' / 'seq' / f'seq_{i:03d}_gtFine_labelTrainIds.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(label, np.uint8), mode='L').save(path)
+
+
+def test_camvid_class_weights_are_median_frequency_balancing(tmp_path):
+    from reparam_mm.datasets import camvid_class_weights
+    # image 0: road 12 px, sky 4 px; image 1: road 8, car 4, 4 ignored (255)
+    a = np.full((4, 4), 0)
+    a[0] = 10
+    b = np.full((4, 4), 0)
+    b[:2, :2] = 13
+    b[3] = 255
+    _write_trainid_labels(tmp_path, [a, b])
+    # frequency = class pixels / pixels of the images holding it (16 px each, ignore included)
+    freq = {0: 20 / 32, 10: 4 / 16, 13: 4 / 16}  # road, sky, car; the other 8 classes: absent
+    order = [0, 1, 2, 4, 5, 7, 8, 10, 11, 12, 13]  # trainIds in CAMVID_CITYSCAPES_CLASSES order
+    median = float(np.median(list(freq.values())))  # over the classes present: 1/4
+    want = [median / freq[k] if k in freq else 1.0 for k in order]
+    assert camvid_class_weights(tmp_path, power=1.0) == pytest.approx(want)  # road 0.4, sky/car 1
+    assert camvid_class_weights(tmp_path) == pytest.approx([w ** 0.5 for w in want])
+    with pytest.raises(FileNotFoundError, match='no _gtFine_labelTrainIds.png labels under .*val'):
+        camvid_class_weights(tmp_path, split='val')

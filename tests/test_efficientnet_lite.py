@@ -204,7 +204,7 @@ def test_camvid_config_builds_with_the_backbone():
     from mmengine.config import Config, ConfigDict
     from mmengine.registry import MODELS, DefaultScope
     cfg = Config.fromfile(ROOT / 'configs/efficientnet' /
-                          'upernet_efficientnet-lite0-in1k-pre_1xb8-500i_camvid-128x128.py')
+                          'upernet_efficientnet-lite0-in1k-pre_1xb8-600i_camvid-192x192.py')
     assert cfg.model.backbone.init_cfg == PRETRAINED
     assert cfg.model.data_preprocessor.mean == [127.0] * 3
     assert cfg.model.data_preprocessor.std == [128.0] * 3

