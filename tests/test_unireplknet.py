@@ -327,9 +327,9 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         model.init_weights()
     msg = str(err.value)
     for needle in ("UniRepLKNet(arch=custom) cannot load",
-                   'missing 1 (e.g. stages.1.0.dwconv.dil_bn_k7_2.running_var)',
-                   'unexpected 1 (e.g. stages.1.0.pwconv3.weight)',
-                   'wrong shape 1 (e.g. downsample_layers.0.0.weight)'):
+                   '1 missing keys (stages.1.0.dwconv.dil_bn_k7_2.running_var)',
+                   '1 unexpected keys (stages.1.0.pwconv3.weight)',
+                   '1 shape mismatches (downsample_layers.0.0.weight (4, 3, 5, 5) vs'):
         assert needle in msg
     for k, v in model.state_dict().items():  # nothing was partially loaded
         assert torch.equal(v, before[k])

@@ -10,7 +10,6 @@ stages (the authors always return four), fusing follows the project protocol (``
 children first, idempotent, refused in training mode) and checkpoint keys are checked instead of
 loaded with ``strict=False``.
 """
-import os.path as osp
 import re
 from collections import OrderedDict
 
@@ -22,9 +21,9 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_dict_of
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
 from .base import LargeKernelBackbone, _checkpointed
@@ -564,60 +563,37 @@ class UniRepLKNet(LargeKernelBackbone):
     # -- pretrained weights (the loading sequence is LargeKernelBackbone.load_pretrained) -----
     @staticmethod
     def _read_checkpoint(checkpoint, map_location):
-        if '://' not in checkpoint and not osp.isfile(checkpoint):
-            raise FileNotFoundError(f"UniRepLKNet: pretrained checkpoint '{checkpoint}' does not "
-                                    'exist; point init_cfg.checkpoint to a .pth file or URL.')
-        return CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
+        ckpt = read_checkpoint(checkpoint, map_location,
+                               fix='point init_cfg.checkpoint to a .pth file or URL')
+        return state_dict_of(ckpt, checkpoint)
 
-    def _backbone_state(self, ckpt, prefix, name):
-        state = ckpt
-        for key in ('state_dict', 'model'):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict):
-            raise TypeError(f'UniRepLKNet: {name} holds a {type(state).__name__}, not a state '
-                            'dict.')
-        if state and all(k.startswith('module.') for k in state):
-            state = {k[len('module.'):]: v for k, v in state.items()}
-        state = self._strip_prefix(state, prefix, name)
+    def _backbone_state(self, state, prefix, name):
+        state = super()._backbone_state(state, prefix, name)
         # the output norms of stages this model does not return (a downstream checkpoint's)
-        unused = {f'norm{i}.' for i in range(self.num_stages) if i not in self.out_indices}
-        skipped = sorted(k for k in state if k.startswith(tuple(unused)))
+        unused = tuple(f'norm{i}.' for i in range(self.num_stages) if i not in self.out_indices)
+        skipped = [k for k in state if unused and k.startswith(unused)]
         if skipped:
             print_log(f'UniRepLKNet: {len(skipped)} keys of {name} belong to the output norms of '
                       f'stages not in out_indices={self.out_indices} and are not loaded (e.g. '
                       f'{skipped[0]}).', logger='current')
-        return OrderedDict((k, v) for k, v in state.items()
-                           if not k.startswith(self.classifier_prefixes) and k not in skipped)
+        return OrderedDict((k, v) for k, v in state.items() if k not in skipped)
 
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""
-        own = self.state_dict()
-        expected, allowed = set(own), set()
-        for mod_name, m in self.named_modules():
-            # DO-Conv loads a plain conv's ``weight`` into W (D starts at zero)
-            if hasattr(m, 'composed_weight') and f'{mod_name}.weight' in state:
-                expected -= {f'{mod_name}.W', f'{mod_name}.D'}
-                expected.add(f'{mod_name}.weight')
-                allowed.add(f'{mod_name}.D')
-        for key in expected - set(state):
+        expected, allowed = self._expected_keys(state)
+        for key in set(expected) - set(state):
             # BN counters, and the output norms, which ImageNet checkpoints do not have
             if key.endswith('num_batches_tracked') or re.match(r'norm\d+\.', key):
                 allowed.add(key)
-        missing = sorted(expected - set(state) - allowed)
-        unexpected = sorted(set(state) - expected)
-        shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-        if missing or unexpected or shapes:
-            parts = [f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})'
-                     for label, keys in (('missing', missing), ('unexpected', unexpected),
-                                         ('wrong shape', shapes)) if keys]
-            hint = 'check that arch and the checkpoint match'
-            fused_ckpt = any(k.endswith('.pwconv2.0.bias') for k in state)
-            if fused_ckpt and not self.small_kernel_merged:
-                hint = 'it is fused (a deploy checkpoint): build with small_kernel_merged=True'
-            elif not fused_ckpt and self.small_kernel_merged and any(
-                    '.pwconv2.2.' in k for k in state):
-                hint = 'it is unfused (a training checkpoint): build with small_kernel_merged=False'
-            raise ValueError(f'UniRepLKNet(arch={self._arch_name()}) cannot load {name}: '
-                             f'{"; ".join(parts)} keys; {hint}.')
-        return {k for k in allowed if k in own}
+        missing, unexpected, shapes = compare_keys(expected, state, allowed)
+        hint = 'check that arch and the checkpoint match'
+        fused_ckpt = any(k.endswith('.pwconv2.0.bias') for k in state)
+        if fused_ckpt and not self.small_kernel_merged:
+            hint = 'it is fused (a deploy checkpoint): build with small_kernel_merged=True'
+        elif not fused_ckpt and self.small_kernel_merged and any('.pwconv2.2.' in k for k in state):
+            hint = 'it is unfused (a training checkpoint): build with small_kernel_merged=False'
+        error = mismatch_error(f'UniRepLKNet(arch={self._arch_name()}) cannot load {name}',
+                               missing, unexpected, shapes, hint)
+        if error is not None:
+            raise error
+        return allowed & set(self.state_dict())
