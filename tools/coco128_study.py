@@ -1,5 +1,6 @@
 """The README's coco128 detection table: Faster R-CNN on ImageNet-pretrained EfficientNet-Lite0,
-plain vs DO-Conv everywhere, trained on 96 coco128 images and scored fused on the other 32.
+plain vs DO-Conv everywhere, person detection trained on 96 coco128 images and scored fused
+on the other 32.
 
     python tools/coco128_study.py [--variants ...] [--seeds 0 1 2] [--iters 400]
                                   [--out-dir work_dirs/coco128_study] [--report-only]
@@ -8,7 +9,7 @@ The split is fixed (:func:`reparam_mm.datasets.split_coco`, seed 0, written into
 data/coco128_split once). Rows are shared, resumed and reproduced as in
 ``tools/camvid_study.py`` (whose helpers this uses): each row is a config of
 ``configs/efficientnet`` plus a seed and a schedule, ``row_command`` prints its
-``tools/train.py`` line. Small-scale numbers: 96 training images, 5 classes, a few hundred
+``tools/train.py`` line. Small-scale numbers: 96 training images, one class, a few hundred
 iterations on CPU; not a COCO result.
 """
 import argparse
@@ -28,7 +29,7 @@ from reparam_mm.datasets import split_coco  # noqa: E402
 from reparam_mm.hooks import FusedEvalHook  # noqa: E402
 from reparam_mm.train import config_from_args, parse_args, train  # noqa: E402
 
-_NAME = 'fpn_4conv1fc_1xb4-400i_coco128-split-5cls-384x240.py'
+_NAME = 'fpn_4conv1fc_1xb4-400i_coco128-split-person-384x240.py'
 VARIANTS = {
     'effl0-plain': f'configs/efficientnet/faster-rcnn_efficientnet-lite0-in1k-pre_{_NAME}',
     'effl0-doconv-both': ('configs/efficientnet/faster-rcnn-doconv_efficientnet-lite0-doconv-'

@@ -5,8 +5,9 @@
 # fixed: reparam_mm.datasets.split_coco(num_val=32, seed=0) writes its two annotation files
 # into data/coco128_split (tools/dataset_converters/split_coco.py makes them); the images
 # are read in place from ../shared/data/coco128.
-# Classes: the five most frequent of coco128 among those with at least 5 boxes in each
-# split (boxes train / val): person 198/56, car 32/14, cup 26/10, chair 21/14, bowl 22/6.
+# One class, person: 198 boxes in the 96 training images, 56 in the 32 held out. With the
+# five most frequent classes (person, car, cup, chair, bowl) this schedule left every class but
+# person at 0 AP on the held-out images (box mAP 0.8-0.9, person AP 4.2-4.4, two pilots).
 # Sized for 2 CPU cores (about 10 minutes a run on one core): images at most 384x240, 64-channel
 # FPN / RPN / 4conv box head, 128 sampled RoIs per image, 400 iterations of batch 4 (17 epochs).
 # DO-Conv everywhere (backbone, FPN, RPN, box head): the -doconv config beside this one.
@@ -16,7 +17,7 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
     '../_base_/reparam_mm.py',
 ]
-classes = ('person', 'car', 'cup', 'chair', 'bowl')
+classes = ('person', )
 norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
     # the weights expect RGB normalised as (x - 127) / 128
@@ -65,7 +66,7 @@ val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(**dataset, ann_file=split_root + 'instances_val.json', pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=split_root + 'instances_val.json', classwise=True)
+val_evaluator = dict(ann_file=split_root + 'instances_val.json')
 test_evaluator = val_evaluator
 
 max_iters = 400
@@ -74,7 +75,7 @@ val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(norm_decay_mult=0.0),
     clip_grad=dict(max_norm=10.0))
 param_scheduler = [
