@@ -203,3 +203,14 @@ def test_coco128_printed_command_trains_the_same_config():
         det_study.row_options('x', 0, 400)
     with pytest.raises(ValueError, match='warm up for 50 iterations'):
         det_study.row_options('effl0-plain', 0, 50)
+
+
+def test_coco128_results_table_and_paired_line():
+    def row(variant, seed, m):
+        return dict(variant=variant, seed=seed, bbox_mAP=m, bbox_mAP_50=3 * m, bbox_mAP_75=m / 2,
+                    train_params=4.0e6, train_seconds=600.0)
+    table = det_study.results_table([row('effl0-plain', 0, 10.0), row('effl0-plain', 1, 12.0),
+                                     row('effl0-doconv-both', 1, 11.0)]).splitlines()
+    assert table[2] == '| effl0-plain | 11.0 ± 1.4 (s0 10.0, s1 12.0) | 33.0 | 5.5 | 4.00 M | 600 |'
+    assert table[3].startswith('| effl0-doconv-both | 11.0 (s1 11.0) |')
+    assert table[-1] == 'effl0-doconv-both − effl0-plain, paired by seed: -1.0 mAP (s1 -1.0)'

@@ -158,21 +158,29 @@ def load_results(out_dir):
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('*/result.json'))]
 
 
+def mean_std(values, digits=2):
+    """``mean ± sample std`` (the std only with two values or more)."""
+    std = f' ± {statistics.stdev(values):.{digits}f}' if len(values) > 1 else ''
+    return f'{statistics.mean(values):.{digits}f}{std}'
+
+
+def by_variant(results, variants):
+    """``{variant: its rows sorted by seed}`` in the order of ``variants``."""
+    rows = {}
+    for r in results:
+        rows.setdefault(r['variant'], []).append(r)
+    return {v: sorted(rows[v], key=lambda r: r['seed']) for v in variants if v in rows}
+
+
 def results_table(results):
     """Markdown: one line per variant, fused mIoU mean +- sample std over seeds (and each seed),
     aAcc mean, trained parameters, wall seconds per training run."""
-    by_variant = {}
-    for r in results:
-        by_variant.setdefault(r['variant'], []).append(r)
     lines = ['| variant | fused mIoU: mean ± std (per seed) | aAcc mean | train params | '
              's / run |', '|---|---|---|---|---|']
-    for name in [v for v in VARIANTS if v in by_variant]:
-        rows = sorted(by_variant[name], key=lambda r: r['seed'])
-        mious = [r['mIoU'] for r in rows]
-        std = f' ± {statistics.stdev(mious):.2f}' if len(mious) > 1 else ''
+    for name, rows in by_variant(results, VARIANTS).items():
         seeds = ', '.join(f's{r["seed"]} {r["mIoU"]:.2f}' for r in rows)
         lines.append(
-            f'| {name} | {statistics.mean(mious):.2f}{std} ({seeds}) | '
+            f'| {name} | {mean_std([r["mIoU"] for r in rows])} ({seeds}) | '
             f'{statistics.mean(r["aAcc"] for r in rows):.2f} | '
             f'{rows[0]["train_params"] / 1e6:.2f} M | '
             f'{statistics.mean(r["train_seconds"] for r in rows):.0f} |')
@@ -184,24 +192,46 @@ def baseline_of(variant):
     return variant.split('-doconv')[0] + '-plain'
 
 
+def paired_differences(results, variants, metric):
+    """``[(variant, its plain row, seeds, differences)]``: each DO-Conv variant minus its plain
+    row at the seeds both have (same seed: same data order and head init)."""
+    value = {(r['variant'], r['seed']): r[metric] for r in results}
+    pairs = []
+    for name in variants:
+        base = baseline_of(name)
+        seeds = sorted(s for v, s in value if v == name and (base, s) in value)
+        if name != base and seeds:
+            pairs.append((name, base, seeds, [value[name, s] - value[base, s] for s in seeds]))
+    return pairs
+
+
 def paired_table(results):
-    """Markdown: each DO-Conv variant minus its plain baseline, seed by seed (same seed, same
-    data order and head init), as mean ± sample std of the differences, the per-seed values and
-    how many seeds the DO-Conv row won."""
-    miou = {(r['variant'], r['seed']): r['mIoU'] for r in results}
+    """Markdown: each DO-Conv variant minus its plain baseline, seed by seed, as mean ± sample
+    std of the differences, the per-seed values and how many seeds the DO-Conv row won."""
     lines = ['| variant − its plain row | paired mIoU difference: mean ± std (per seed) | '
              'DO-Conv ahead |', '|---|---|---|']
-    for name in VARIANTS:
-        base = baseline_of(name)
-        seeds = sorted(s for v, s in miou if v == name and (base, s) in miou)
-        if name == base or not seeds:
-            continue
-        diffs = [miou[name, s] - miou[base, s] for s in seeds]
-        std = f' ± {statistics.stdev(diffs):.2f}' if len(diffs) > 1 else ''
+    for name, base, seeds, diffs in paired_differences(results, VARIANTS, 'mIoU'):
         per_seed = ', '.join(f's{s} {d:+.2f}' for s, d in zip(seeds, diffs))
-        lines.append(f'| {name} − {base} | {statistics.mean(diffs):+.2f}{std} ({per_seed}) | '
+        lines.append(f'| {name} − {base} | {"+" if statistics.mean(diffs) >= 0 else ""}'
+                     f'{mean_std(diffs)} ({per_seed}) | '
                      f'{sum(d > 0 for d in diffs)} of {len(diffs)} |')
     return '\n'.join(lines)
+
+
+def train_rows(out, variants, seeds, iters, train_row, summary):
+    """Train every row of ``out`` not finished or claimed by a live process, seed by seed (so a
+    study cut short has every variant at the same seeds); ``train_row(variant, seed, work_dir)``
+    returns the row's result, ``summary(result)`` the words printed after its name."""
+    for seed in seeds:
+        for variant in variants:
+            work_dir = Path(out) / f'{variant}_seed{seed}_{iters}i'
+            if (work_dir / 'result.json').exists():
+                print(f'{work_dir.name}: done before, kept', flush=True)
+                continue
+            if not claim_row(work_dir):
+                print(f'{work_dir.name}: another process is training it', flush=True)
+                continue
+            print(f'{work_dir.name}: {summary(train_row(variant, seed, work_dir))}', flush=True)
 
 
 def main(argv=None):
@@ -223,19 +253,9 @@ def main(argv=None):
         if not (data_root / 'gtFine' / 'val').is_dir():
             print(f'converting {args.camvid} -> {data_root}', flush=True)
             convert_camvid(args.camvid, data_root)
-        # seed by seed, so a study cut short still has every variant at the same seeds
-        for seed in args.seeds:
-            for variant in args.variants:
-                work_dir = out / f'{variant}_seed{seed}_{args.iters}i'
-                if (work_dir / 'result.json').exists():
-                    print(f'{work_dir.name}: done before, kept', flush=True)
-                    continue
-                if not claim_row(work_dir):
-                    print(f'{work_dir.name}: another process is training it', flush=True)
-                    continue
-                r = run_row(variant, seed, args.iters, data_root, work_dir)
-                print(f'{work_dir.name}: fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s',
-                      flush=True)
+        train_rows(out, args.variants, args.seeds, args.iters,
+                   lambda v, seed, wd: run_row(v, seed, args.iters, data_root, wd),
+                   lambda r: f'fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s')
     results = [r for r in load_results(out) if r['iters'] == args.iters]
     table = results_table(results) + '\n\n' + paired_table(results)
     out.mkdir(parents=True, exist_ok=True)

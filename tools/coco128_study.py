@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
 import reparam_mm  # noqa: E402,F401
-from camvid_study import _cli_value, baseline_of, claim_row, load_results  # noqa: E402
+from camvid_study import (_cli_value, by_variant, load_results, mean_std,  # noqa: E402
+                          paired_differences, train_rows)
 from reparam_mm.datasets import split_coco  # noqa: E402
 from reparam_mm.hooks import FusedEvalHook  # noqa: E402
 from reparam_mm.train import config_from_args, parse_args, train  # noqa: E402
@@ -86,30 +87,18 @@ def run_row(variant, seed, iters, work_dir):
 def results_table(results):
     """Markdown: per variant, fused box mAP / AP50 / AP75 (mean ± std over seeds, and each
     seed's mAP), then each DO-Conv row minus the plain one, seed by seed."""
-    by_variant = {}
-    for r in results:
-        by_variant.setdefault(r['variant'], []).append(r)
     lines = ['| variant | fused box mAP: mean ± std (per seed) | AP50 | AP75 | train params | '
              's / run |', '|---|---|---|---|---|---|']
-    for name in [v for v in VARIANTS if v in by_variant]:
-        rows = sorted(by_variant[name], key=lambda r: r['seed'])
-        maps = [r['bbox_mAP'] for r in rows]
-        std = f' ± {statistics.stdev(maps):.1f}' if len(maps) > 1 else ''
+    for name, rows in by_variant(results, VARIANTS).items():
         seeds = ', '.join(f's{r["seed"]} {r["bbox_mAP"]:.1f}' for r in rows)
-        lines.append(f'| {name} | {statistics.mean(maps):.1f}{std} ({seeds}) | '
+        lines.append(f'| {name} | {mean_std([r["bbox_mAP"] for r in rows], 1)} ({seeds}) | '
                      f'{statistics.mean(r["bbox_mAP_50"] for r in rows):.1f} | '
                      f'{statistics.mean(r["bbox_mAP_75"] for r in rows):.1f} | '
                      f'{rows[0]["train_params"] / 1e6:.2f} M | '
                      f'{statistics.mean(r["train_seconds"] for r in rows):.0f} |')
-    maps = {(r['variant'], r['seed']): r['bbox_mAP'] for r in results}
-    for name in VARIANTS:
-        base = baseline_of(name)
-        seeds = sorted(s for v, s in maps if v == name and (base, s) in maps)
-        if name != base and seeds:
-            diffs = [maps[name, s] - maps[base, s] for s in seeds]
-            std = f' ± {statistics.stdev(diffs):.1f}' if len(diffs) > 1 else ''
-            lines.append(f'\n{name} − {base}, paired by seed: {statistics.mean(diffs):+.1f}{std} '
-                         f'mAP ({", ".join(f"s{s} {d:+.1f}" for s, d in zip(seeds, diffs))})')
+    for name, base, seeds, diffs in paired_differences(results, VARIANTS, 'bbox_mAP'):
+        per_seed = ', '.join(f's{s} {d:+.1f}' for s, d in zip(seeds, diffs))
+        lines.append(f'\n{name} − {base}, paired by seed: {mean_std(diffs, 1)} mAP ({per_seed})')
     return '\n'.join(lines)
 
 
@@ -131,18 +120,9 @@ def main(argv=None):
         if not (split / 'instances_val.json').is_file():
             print(f'splitting {args.coco128} -> {split}', flush=True)
             split_coco(Path(args.coco128) / 'annotations/instances_train2017.json', split)
-        for seed in args.seeds:
-            for variant in args.variants:
-                work_dir = out / f'{variant}_seed{seed}_{args.iters}i'
-                if (work_dir / 'result.json').exists():
-                    print(f'{work_dir.name}: done before, kept', flush=True)
-                    continue
-                if not claim_row(work_dir):
-                    print(f'{work_dir.name}: another process is training it', flush=True)
-                    continue
-                r = run_row(variant, seed, args.iters, work_dir)
-                print(f'{work_dir.name}: fused box mAP {r["bbox_mAP"]:.1f} in '
-                      f'{r["train_seconds"]:.0f} s', flush=True)
+        train_rows(out, args.variants, args.seeds, args.iters,
+                   lambda v, seed, wd: run_row(v, seed, args.iters, wd),
+                   lambda r: f'fused box mAP {r["bbox_mAP"]:.1f} in {r["train_seconds"]:.0f} s')
     results = [r for r in load_results(out) if r['iters'] == args.iters]
     table = results_table(results)
     out.mkdir(parents=True, exist_ok=True)
