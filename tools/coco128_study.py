@@ -76,7 +76,7 @@ def run_row(variant, seed, iters, work_dir):
     hook = next(h for h in runner.hooks if isinstance(h, FusedEvalHook))
     hub = runner.message_hub
     result = dict(variant=variant, seed=seed, iters=iters, config=VARIANTS[variant],
-                  **{m: 100 * hub.get_scalar(f'coco/{m}').current() for m in METRICS},
+                  **{m: 100 * hub.get_scalar(f'val/coco/{m}').current() for m in METRICS},
                   fused_modules=hook.last_report.total,
                   train_params=sum(p.numel() for p in runner.model.parameters()),
                   train_seconds=round(seconds, 1), command=row_command(variant, seed, iters))
