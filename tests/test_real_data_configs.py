@@ -214,3 +214,36 @@ def test_coco128_results_table_and_paired_line():
     assert table[2] == '| effl0-plain | 11.0 ± 1.4 (s0 10.0, s1 12.0) | 33.0 | 5.5 | 4.00 M | 600 |'
     assert table[3].startswith('| effl0-doconv-both | 11.0 (s1 11.0) |')
     assert table[-1] == 'effl0-doconv-both − effl0-plain, paired by seed: -1.0 mAP (s1 -1.0)'
+
+
+def _finished_runner(metrics, name):
+    """What a study reads from a finished run: mmengine's message hub after validation (filled
+    by mmengine's own RuntimeInfoHook), the FusedEvalHook's report and the model."""
+    from types import SimpleNamespace
+
+    from mmengine.hooks import RuntimeInfoHook
+    from mmengine.logging import MessageHub
+
+    from reparam_mm.hooks import FusedEvalHook
+    runner = SimpleNamespace(message_hub=MessageHub.get_instance(name), hooks=[FusedEvalHook()],
+                             model=nn.Linear(3, 2))
+    runner.hooks[0].last_report = SimpleNamespace(total=17)
+    RuntimeInfoHook().after_val_epoch(runner, metrics=metrics)
+    return runner
+
+
+def test_study_rows_read_the_metrics_where_mmengine_puts_them(tmp_path, monkeypatch):
+    det = _finished_runner({'coco/bbox_mAP': 0.057, 'coco/bbox_mAP_50': 0.165,
+                            'coco/bbox_mAP_75': 0.012}, 'det-study-row')
+    monkeypatch.setattr(det_study, 'train', lambda cfg: det)
+    (tmp_path / 'det').mkdir()  # the study's claim makes it before training
+    (tmp_path / 'seg').mkdir()
+    r = det_study.run_row('effl0-doconv-both', 1, 400, tmp_path / 'det')
+    assert (r['bbox_mAP'], r['bbox_mAP_50'], r['bbox_mAP_75']) == pytest.approx((5.7, 16.5, 1.2))
+    assert r['fused_modules'] == 17 and r['train_params'] == 8
+    assert det_study.load_results(tmp_path) == [r]
+
+    seg = _finished_runner({'mIoU': 61.6, 'aAcc': 90.1, 'mAcc': 75.0}, 'seg-study-row')
+    monkeypatch.setattr(study, 'train', lambda cfg: seg)
+    r = study.run_row('effl0-plain', 2, 600, 'data/cv', tmp_path / 'seg')
+    assert (r['mIoU'], r['aAcc'], r['mAcc'], r['seed']) == (61.6, 90.1, 75.0, 2)
