@@ -208,7 +208,7 @@ def test_camvid_config_builds_with_the_backbone():
     assert cfg.model.backbone.init_cfg == PRETRAINED
     assert cfg.model.data_preprocessor.mean == [127.0] * 3
     assert cfg.model.data_preprocessor.std == [128.0] * 3
-    assert cfg.train_cfg.max_iters == 500
+    assert cfg.train_cfg.max_iters == 600 and cfg.crop_size == (192, 192)
     backbone_cfg = dict(cfg.model.backbone.to_dict(), init_cfg=None)
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = MODELS.build(ConfigDict(dict(cfg.model.to_dict(), backbone=backbone_cfg)))
