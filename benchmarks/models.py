@@ -223,6 +223,26 @@ def same_weights(a, b):
     return True
 
 
+def same_start(a, b):
+    """Load A's weights into B when B is A over-parameterised (B's DO-Conv layers take A's
+    plain ``weight`` into W with D = 0: only D keys missing); True if done, else B is untouched.
+
+    For training, B then starts as the same function as A: a detector's proposals, and so the
+    cost of RoI pooling (which grows with the RoIs' size), are the same in both, and the ratio
+    measures the DO-Conv work instead of what different random weights make the RPN propose.
+    """
+    state, before = a.model.state_dict(), copy.deepcopy(b.model.state_dict())
+    try:
+        result = b.model.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatches
+        result = None
+    if result is None or result.unexpected_keys or not all(
+            k.endswith('.D') for k in result.missing_keys):
+        b.model.load_state_dict(before, strict=True)
+        return False
+    return True
+
+
 def output_difference(a, b):
     """Max |A - B| over the tensor outputs of both variants on A's batch (inference only)."""
     return compare_outputs(*(tensor_outputs(v.model, copy.deepcopy(a.data)) for v in (a, b)))
@@ -256,6 +276,8 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
         settings['same_weights'] = a.config == b.config or same_weights(a, b)
         if settings['same_weights']:  # else the outputs differ by construction
             settings['output_difference'] = output_difference(a, b)
+    if len(variants) == 2 and mode == 'train' and variants[0].config != variants[1].config:
+        settings['same_start'] = same_start(*variants)
     result['results'] = run_variants(variants, repeat, warmup, count_flops)
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])

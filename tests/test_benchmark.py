@@ -1,5 +1,6 @@
 """tools/benchmark.py, tools/bench_report.py and benchmarks/: formulas, arithmetic and schema,
 never timings."""
+import copy
 import json
 import math
 import re
@@ -337,3 +338,25 @@ def test_checkpoint_is_loaded_strictly(tmp_path):
     torch.save(dict(state_dict=state), bad)
     with pytest.raises(CheckpointMismatchError, match='decode_head.conv_seg.bias'):
         BM.Variant(str(DEMO_DO), True, 'infer', (64, 64), 1, checkpoint=str(bad))
+
+
+def test_training_compare_starts_the_doconv_model_as_the_plain_one(tmp_path):
+    """--mode train --compare plain doconv: the DO-Conv model takes the plain weights (D = 0), so
+    both start as one function (a detector then proposes the same RoIs in both); the other way
+    round nothing is loaded."""
+    plain = tmp_path / 'plain.py'
+    plain.write_text(f"_base_ = ['{DEMO_DO}']\nmodel = dict(backbone=dict(stage_with_doconv="
+                     "(False, False, False, False)), decode_head=dict(conv_cfg=None), "
+                     "auxiliary_head=dict(conv_cfg=None))\n")
+    a = BM.Variant(str(plain), False, 'train', (64, 64), 1)
+    b = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 1)
+    assert BM.same_start(a, b)
+    a.model.eval(), b.model.eval()
+    out_a, out_b = (BM.tensor_outputs(v.model, copy.deepcopy(a.data)) for v in (a, b))
+    assert BM.compare_outputs(out_a, out_b)['max_rel'] < 1e-5
+    before = copy.deepcopy(a.model.state_dict())
+    assert not BM.same_start(b, a)  # a DO-Conv model's W and D do not load into plain convs
+    assert all(torch.equal(v, before[k]) for k, v in a.model.state_dict().items())
+    res = BM.benchmark_models([str(plain), str(DEMO_DO)], mode='train', shape=(64, 64), batch=2,
+                             repeat=1, warmup=0, count_flops=False)
+    assert res['settings']['same_start'] is True
