@@ -171,14 +171,12 @@ def _datasets(dataset, key):
         yield from _datasets(inner, f'{key}.datasets.{i}')
 
 
-def _check_dataset_paths(ds, key):
+def _dataset_paths(ds):
+    """``(config key part, path)`` of a dataset's annotation file and data_prefix folders."""
     parts = [('ann_file', ds.get('ann_file'))] + [
         (f'data_prefix.{name}', rel) for name, rel in (ds.get('data_prefix') or {}).items()]
-    for part, path in parts:
-        if isinstance(path, str) and path and '://' not in path and not osp.exists(path):
-            raise FileNotFoundError(
-                f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
-                f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
+    return [(part, path) for part, path in parts
+            if isinstance(path, str) and path and '://' not in path]
 
 
 def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
@@ -192,21 +190,21 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
         for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
             root = ds.get('data_root')
             backend = (ds.get('backend_args') or {}).get('backend', 'local')
-            if backend != 'local' or (isinstance(root, str) and '://' in root):
+            if backend != 'local' or (root and not isinstance(root, str)) or '://' in (root or ''):
                 continue
             if not root:  # paths are taken as they are, relative to the working directory
-                _check_dataset_paths(ds, key)
-                continue
-            if not isinstance(root, str):
+                for part, path in _dataset_paths(ds):
+                    if not osp.exists(path):
+                        raise FileNotFoundError(
+                            f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
+                            f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
                 continue
             if not osp.isdir(root):
                 raise FileNotFoundError(
                     f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
                     f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
-            parts = [('ann_file', ds.get('ann_file'))] + [
-                (f'data_prefix.{name}', rel) for name, rel in (ds.get('data_prefix') or {}).items()]
-            for part, rel in parts:
-                if isinstance(rel, str) and rel and not osp.exists(osp.join(root, rel)):
+            for part, rel in _dataset_paths(ds):
+                if not osp.exists(osp.join(root, rel)):
                     raise FileNotFoundError(
                         f'{osp.join(root, rel)!r} ({key}.{part} under data_root) does not '
                         f'exist: the dataset at {root!r} is not laid out as the config expects '

@@ -93,23 +93,35 @@ def _cli_value(value):
     return str(value)
 
 
-def row_argv(variant, seed, iters, data_root, work_dir=None):
-    """``tools/train.py``'s arguments for one row of the table."""
-    config, options = row_options(variant, seed, iters, data_root)
+def train_argv(config, options, work_dir=None):
+    """``tools/train.py``'s arguments for ``config`` with ``options`` as --cfg-options."""
     argv = [config] + (['--work-dir', str(work_dir)] if work_dir else [])
     return argv + ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in options.items()]
 
 
+def train_command(argv):
+    """The shell line of ``tools/train.py`` with ``argv``."""
+    return 'python tools/train.py ' + shlex.join(argv)
+
+
+def config_of(argv):
+    """The config ``tools/train.py`` would train with ``argv`` (no model is built)."""
+    return config_from_args(parse_args([str(ROOT / argv[0])] + argv[1:]))
+
+
+def row_argv(variant, seed, iters, data_root, work_dir=None):
+    """``tools/train.py``'s arguments for one row of the table."""
+    return train_argv(*row_options(variant, seed, iters, data_root), work_dir)
+
+
 def row_command(variant, seed, iters, data_root='data/camvid_cityscapes'):
     """The shell line that trains one row of the table."""
-    return 'python tools/train.py ' + shlex.join(row_argv(variant, seed, iters, data_root))
+    return train_command(row_argv(variant, seed, iters, data_root))
 
 
 def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None):
     """A row's config through tools/train.py's own argument path (no model is built)."""
-    argv = row_argv(variant, seed, iters, data_root, work_dir)
-    argv[0] = str(ROOT / argv[0])
-    return config_from_args(parse_args(argv))
+    return config_of(row_argv(variant, seed, iters, data_root, work_dir))
 
 
 def run_row(variant, seed, iters, data_root, work_dir):

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
 import reparam_mm  # noqa: E402,F401
-from camvid_study import (_cli_value, by_variant, load_results, mean_std,  # noqa: E402
-                          paired_differences, train_rows)
+from camvid_study import (by_variant, config_of, load_results, mean_std,  # noqa: E402
+                          paired_differences, train_argv, train_command, train_rows)
 from reparam_mm.datasets import split_coco  # noqa: E402
 from reparam_mm.hooks import FusedEvalHook  # noqa: E402
-from reparam_mm.train import config_from_args, parse_args, train  # noqa: E402
+from reparam_mm.train import train  # noqa: E402
 
 _NAME = 'fpn_4conv1fc_1xb4-400i_coco128-split-person-384x240.py'
 VARIANTS = {
@@ -53,20 +53,15 @@ def row_options(variant, seed, iters):
 
 
 def row_argv(variant, seed, iters, work_dir=None):
-    config, options = row_options(variant, seed, iters)
-    argv = [config] + (['--work-dir', str(work_dir)] if work_dir else [])
-    return argv + ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in options.items()]
+    return train_argv(*row_options(variant, seed, iters), work_dir)
 
 
 def row_command(variant, seed, iters):
-    import shlex
-    return 'python tools/train.py ' + shlex.join(row_argv(variant, seed, iters))
+    return train_command(row_argv(variant, seed, iters))
 
 
 def row_config(variant, seed=0, iters=400, work_dir=None):
-    argv = row_argv(variant, seed, iters, work_dir)
-    argv[0] = str(ROOT / argv[0])
-    return config_from_args(parse_args(argv))
+    return config_of(row_argv(variant, seed, iters, work_dir))
 
 
 def run_row(variant, seed, iters, work_dir):

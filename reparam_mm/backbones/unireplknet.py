@@ -23,7 +23,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoint import compare_keys, mismatch_error, read_checkpoint, state_dict_of
+from ..checkpoint import compare_keys, mismatch_error
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
 from .base import LargeKernelBackbone, _checkpointed
@@ -561,12 +561,6 @@ class UniRepLKNet(LargeKernelBackbone):
         self._freeze(frozen)
 
     # -- pretrained weights (the loading sequence is LargeKernelBackbone.load_pretrained) -----
-    @staticmethod
-    def _read_checkpoint(checkpoint, map_location):
-        ckpt = read_checkpoint(checkpoint, map_location,
-                               fix='point init_cfg.checkpoint to a .pth file or URL')
-        return state_dict_of(ckpt, checkpoint)
-
     def _backbone_state(self, state, prefix, name):
         state = super()._backbone_state(state, prefix, name)
         # the output norms of stages this model does not return (a downstream checkpoint's)
