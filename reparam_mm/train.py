@@ -220,6 +220,11 @@ def build_runner(cfg):
     # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
     set_dispatch_mode(cfg.get('large_dw_dispatch', None))
     prepare_cpu_distributed(cfg)
+    if not torch.cuda.is_available():  # a CPU run: reuse freed blocks instead of page-faulting
+        from .cpu_malloc import ENV, keep_freed_memory
+        if keep_freed_memory():
+            print_log(f'CPU run: large freed blocks stay in the process for reuse '
+                      f'({ENV}=0 turns this off)', logger='current')
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)
