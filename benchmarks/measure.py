@@ -121,6 +121,32 @@ class PeakMemory:
                     delta_mb=None if delta is None else round(delta, 1), reset=self.reset)
 
 
+class KernelTime:
+    """What a block cost in the operating system: minor page faults (pages the kernel
+    zero-filled on first touch) and system CPU seconds, from ``getrusage``; None where that is
+    not available."""
+
+    def __enter__(self):
+        self.minor_faults = self.system_s = None
+        self._start = _rusage()
+        return self
+
+    def __exit__(self, *exc):
+        end = _rusage()
+        if self._start is not None and end is not None:
+            self.minor_faults = end.ru_minflt - self._start.ru_minflt
+            self.system_s = end.ru_stime - self._start.ru_stime
+        return False
+
+
+def _rusage():
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF)
+    except (ImportError, OSError):
+        return None
+
+
 def _proc_status_mb(field):
     try:
         with open('/proc/self/status') as f:

@@ -9,18 +9,20 @@ import copy
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from reparam_mm.apis import build_model
 from reparam_mm.batches import synthetic_batch
 from reparam_mm.checkpoint import load_checkpoint_strict
+from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.layers.large_kernel import fft_min_kernel
 from reparam_mm.outputs import compare_outputs, tensor_outputs
 from reparam_mm.scope import init_scope
 
-from .measure import (PeakMemory, new_result, ratio_stats, summarize, synchronize,
+from .measure import (KernelTime, PeakMemory, new_result, ratio_stats, summarize, synchronize,
                       warnings_off)
 
 
@@ -123,6 +125,13 @@ class Variant:
             cfg.pop('loss_scale', None)
         return build_optim_wrapper(self.model, cfg)
 
+    def hold_weights(self):
+        """Learning rate 0 from now on: every step still runs the optimizer's full update (the
+        work to time), but the weights stay where they are, so two models started as one
+        function (:func:`same_start`) stay one function through the timed steps."""
+        for group in self.optim_wrapper.optimizer.param_groups:
+            group['lr'] = 0.0
+
     def _autocast(self):
         if not self.amp or self.mode == 'train':  # training: AmpOptimWrapper autocasts
             return contextlib.nullcontext()
@@ -191,17 +200,29 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
             v.step()
     times = [[] for _ in variants]
     mems = [None] * len(variants)
+    kernel = [[] for _ in variants]  # per run: (minor page faults, system seconds)
     for r in range(repeat):
         order = range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))
         for i in order:
             v = variants[i]
-            with PeakMemory(v.device) as mem:
+            with PeakMemory(v.device) as mem, KernelTime() as k:
                 start = time.perf_counter()
                 v.step()
                 synchronize(v.device)
                 times[i].append(time.perf_counter() - start)
+            kernel[i].append(k)
             if mems[i] is None or mem.peak_mb > mems[i]['peak_mb']:
                 mems[i] = mem.to_dict()
+    for i, runs in enumerate(kernel):
+        if all(k.minor_faults is not None for k in runs):
+            mems[i].update(minor_faults_median=int(np.median([k.minor_faults for k in runs])),
+                           system_s_median=round(float(np.median([k.system_s for k in runs])), 3))
+    if kept_freed_memory():  # the timed runs' resident size is the retained heap, not their use:
+        for i, v in enumerate(variants):  # measure each peak in one more run from a trimmed heap
+            release_freed_memory()
+            with PeakMemory(v.device) as mem:
+                v.step()
+            mems[i].update(mem.to_dict(), measured='untimed run after malloc_trim(0)')
     flops = {}  # per config: fused and unfused of one config share the fused model's count
     for v in variants if count_flops else ():
         if v.config not in flops:
@@ -278,6 +299,10 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
             settings['output_difference'] = output_difference(a, b)
     if len(variants) == 2 and mode == 'train' and variants[0].config != variants[1].config:
         settings['same_start'] = same_start(*variants)
+        if settings['same_start']:  # keep them one function: the steps then differ by DO-Conv only
+            for v in variants:
+                v.hold_weights()
+            settings['weights_held'] = True
     result['results'] = run_variants(variants, repeat, warmup, count_flops)
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])

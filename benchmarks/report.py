@@ -52,20 +52,30 @@ def table(header, rows):
 
 def render_models(result):
     s = result['settings']
+    faults = all('minor_faults_median' in r['memory'] for r in result['results'])
     rows = []
     for r in result['results']:
         lat, mem = r['latency'], r['memory']
         rows.append([r['name'], r['mode'], _f(lat['median_ms'], '{:.1f}'),
                      _f(100 * lat['spread'], '{:.1f}%'), _f(lat['images_per_s']),
-                     _f(mem['peak_mb'], '{:.0f}'), _f(mem.get('delta_mb'), '{:.0f}'),
-                     _f(r['params'] / 1e6), _f(r['flops'] / 1e9 if r.get('flops') else None,
-                                               '{:.1f}')])
+                     _f(mem['peak_mb'], '{:.0f}'), _f(mem.get('delta_mb'), '{:.0f}')]
+                    + ([_f(mem['minor_faults_median'] / 1e3, '{:.0f}'),
+                        _f(mem['system_s_median'])] if faults else [])
+                    + [_f(r['params'] / 1e6), _f(r['flops'] / 1e9 if r.get('flops') else None,
+                                                 '{:.1f}')])
     what = 'inference (test_step)' if s['mode'] == 'infer' else 'training iteration (train_step)'
+    malloc = {'keep': ', freed CPU blocks kept for reuse',
+              'default': ", glibc's default malloc"}.get(s.get('cpu_malloc'), '')
+    if any(r['memory'].get('measured') for r in result['results']):
+        malloc += ' (peak memory from one more run per variant, heap trimmed first)'
+    if s.get('weights_held'):
+        malloc += '; both models start as one function and keep their weights (lr 0)'
     out = [f"{what}, {s['shape'][0]}x{s['shape'][1]}, batch {s['batch']}, {s['repeat']} timed "
            f"runs after {s['warmup']} warm-up{', AMP' if s['amp'] else ''}"
-           f"{', channels_last' if s['channels_last'] else ''}",
-           '', table(['variant', 'mode', 'median ms', 'IQR', 'img/s', 'peak MB', '+MB in run',
-                      'params M', 'GFLOPs (fused)'], rows)]
+           f"{', channels_last' if s['channels_last'] else ''}{malloc}",
+           '', table(['variant', 'mode', 'median ms', 'IQR', 'img/s', 'peak MB', '+MB in run']
+                     + (['page faults / run (k)', 'system s / run'] if faults else [])
+                     + ['params M', 'GFLOPs (fused)'], rows)]
     if 'ratios' in result:
         q = result['ratios']['latency_b_over_a']
         a, b = (r['name'] for r in result['results'])

@@ -18,6 +18,7 @@ from benchmarks import models as BM
 from benchmarks import report
 from conftest import ROOT, load_tool
 from reparam_mm.batches import synthetic_batch
+from reparam_mm.cpu_malloc import release_freed_memory
 from reparam_mm.layers.doconv import DOConv2d
 
 DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
@@ -131,7 +132,9 @@ def test_parse_variant():
 
 def test_peak_memory_reports_cpu_peak():
     # 96 MB: above glibc's largest mmap threshold (32 MB), so the block maps fresh pages even
-    # after earlier tests freed big tensors (a smaller buffer can reuse resident heap memory)
+    # after earlier tests freed big tensors (a smaller buffer can reuse resident heap memory);
+    # where an earlier test kept freed memory in the process (cpu_malloc), hand it back first
+    release_freed_memory()
     with M.PeakMemory('cpu') as mem:
         buf = torch.ones(96 * 2**20 // 4)
         del buf
@@ -360,3 +363,33 @@ def test_training_compare_starts_the_doconv_model_as_the_plain_one(tmp_path):
     res = BM.benchmark_models([str(plain), str(DEMO_DO)], mode='train', shape=(64, 64), batch=2,
                              repeat=1, warmup=0, count_flops=False)
     assert res['settings']['same_start'] is True
+    assert res['settings']['weights_held'] is True
+    for rec in res['results']:  # what each run cost the kernel, beside its time
+        assert rec['memory']['minor_faults_median'] >= 0
+        assert rec['memory']['system_s_median'] >= 0
+    assert 'page faults / run (k)' in "\n".join(report.render_models(res))
+
+
+def test_held_weights_stay_through_training_steps():
+    """hold_weights: the optimizer still steps (its state fills) but no parameter moves."""
+    v = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 2)
+    before = copy.deepcopy(v.model.state_dict())
+    v.step()
+    moved = [k for k, t in v.model.state_dict().items()
+             if t.is_floating_point() and not torch.equal(t, before[k]) and 'running' not in k]
+    assert moved  # a normal step trains
+    v.hold_weights()
+    params = {k: p.detach().clone() for k, p in v.model.named_parameters()}
+    v.step()
+    assert all(torch.equal(p, params[k]) for k, p in v.model.named_parameters())
+    assert v.optim_wrapper.optimizer.state  # the update ran (momentum buffers exist)
+
+
+def test_with_kept_memory_the_peak_comes_from_a_run_on_a_trimmed_heap(monkeypatch):
+    """Kept freed memory stays resident, so a timed run's peak RSS would be the retained heap:
+    the peak is then measured in one extra run after malloc_trim."""
+    monkeypatch.setattr(BM, 'kept_freed_memory', lambda: True)
+    res = BM.benchmark_models([str(DEMO_DO)], mode='infer', shape=(64, 64), batch=1,
+                              repeat=1, warmup=0, count_flops=False)
+    mem = res['results'][0]['memory']
+    assert mem['measured'] == 'untimed run after malloc_trim(0)' and mem['peak_mb'] > 0

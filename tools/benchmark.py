@@ -27,6 +27,7 @@ from benchmarks.doconv_layers import LAYER_KEYS, benchmark_doconv_layers  # noqa
 from benchmarks.large_dw import DTYPES, benchmark_large_dw  # noqa: E402
 from benchmarks.measure import to_json  # noqa: E402
 from benchmarks.models import benchmark_models  # noqa: E402
+from reparam_mm.cpu_malloc import keep_freed_memory  # noqa: E402
 from reparam_mm.layers import large_kernel  # noqa: E402
 
 
@@ -57,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=None, help='untimed runs first (default 2)')
     p.add_argument('--min-time', type=float, default=None,
                    help='layer tables: keep timing until this many seconds (default 0.5 / 1.0)')
+    p.add_argument('--cpu-malloc', choices=['keep', 'default'], default='keep',
+                   help="CPU: 'keep' freed large blocks in the process for reuse, as tools/train.py "
+                        "and tools/test.py do (reparam_mm.cpu_malloc); 'default': glibc's "
+                        'mmap / unmap per block, which page-faults every step')
     p.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
     p.add_argument('--arch', default='31B', help='RepLKNet arch of the --large-dw shapes')
@@ -99,9 +104,12 @@ def run(args):
         mode = args.large_dw_dispatch or large_kernel.active_dispatch_mode()
         threshold = large_kernel.FFT_MIN_KERNEL if mode == 'fixed' else None
         scope = large_kernel.dispatch_mode(mode)
+    kept = (not args.device.startswith('cuda') and args.cpu_malloc == 'keep'
+            and keep_freed_memory())
     with scope:
         result = _run(args)
-    result['settings'].update(large_dw_dispatch=mode, dw_fft_min_kernel=threshold)
+    result['settings'].update(large_dw_dispatch=mode, dw_fft_min_kernel=threshold,
+                              cpu_malloc='keep' if kept else 'default')
     return result
 
 
