@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import downstream
 import reparam_mm  # noqa: F401  (registers everything)
 from reparam_mm.backbones.replknet import ReparamLargeKernelConv, RepLKNet
 from reparam_mm.fuse import fuse
@@ -512,96 +513,19 @@ def test_official_31b_checkpoint_loads_into_the_backbone(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in own.items())
 
 
-# -- downstream: mmseg UperNet, mmdet Faster / Cascade R-CNN with the tiny arch --------------------------
-def _package_cfg(package, rel):
-    import importlib
-    import os.path as osp
-
-    from mmengine.config import Config
-    root = osp.dirname(importlib.import_module(package).__file__)
-    return Config.fromfile(osp.join(root, '.mim', 'configs', '_base_', 'models', rel)).model
-
-
-def _train_step(model, data):
-    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    model.train()
-    batch = model.data_preprocessor(copy.deepcopy(data), True)
-    losses = model(**batch, mode='loss')
-    loss, log_vars = model.parse_losses(losses)
-    assert torch.isfinite(loss) and loss > 0
-    before = model.backbone.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.clone()
-    optim.zero_grad()
-    loss.backward()
-    optim.step()
-    after = model.backbone.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight
-    assert not torch.equal(before, after)  # the backbone was trained through the head's loss
-    return log_vars
+# -- downstream: mmseg UperNet, mmdet Faster / Cascade R-CNN with the tiny arch --------------------
+def _lk_weight(model):
+    return model.backbone.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight
 
 
 def test_upernet_mmseg_loss_and_predict():
-    from mmengine.registry import DefaultScope
-    from mmengine.structures import PixelData
-    from mmseg.registry import MODELS as SEG_MODELS
-    from mmseg.structures import SegDataSample
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    cfg = _package_cfg('mmseg', 'upernet_r50.py')
-    bn = dict(type='BN', requires_grad=True)
-    cfg.pretrained = None
-    cfg.data_preprocessor.size = (64, 64)
-    cfg.backbone = dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, with_cp=True)
-    cfg.decode_head.update(in_channels=[16, 32, 64, 128], channels=32, num_classes=4, norm_cfg=bn)
-    cfg.auxiliary_head.update(in_channels=64, channels=16, num_classes=4, norm_cfg=bn)
-    g = torch.Generator().manual_seed(0)
-    data = dict(inputs=[], data_samples=[])
-    for _ in range(2):
-        data['inputs'].append(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g))
-        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64), generator=g))
-        data['data_samples'].append(sample)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        model = SEG_MODELS.build(cfg)
-        model.init_weights()
-        log_vars = _train_step(model, data)
-        assert {'decode.loss_ce', 'aux.loss_ce'} <= set(log_vars)
-        model.eval()
-        with torch.no_grad():
-            batch = model.data_preprocessor(copy.deepcopy(data), False)
-            preds = model(**batch, mode='predict')
-            logits = model(batch['inputs'], mode='tensor')
-            fuse(model)  # the deploy path: same segmentation logits after merging
-            fused_logits = model(batch['inputs'], mode='tensor')
-    assert [p.pred_sem_seg.data.shape for p in preds] == [(1, 64, 64)] * 2
-    assert rel_err(fused_logits, logits) < 1e-5
+    downstream.upernet_train_predict_fuse(
+        dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, with_cp=True), moves=_lk_weight)
 
 
 @pytest.mark.parametrize('base', ['faster-rcnn_r50_fpn.py', 'cascade-rcnn_r50_fpn.py'])
 def test_rcnn_mmdet_loss_and_predict(base):
-    from mmengine.registry import DefaultScope
-    from mmdet.registry import MODELS as DET_MODELS
-    from mmdet.testing import demo_mm_inputs
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    cfg = _package_cfg('mmdet', base)
-    cfg.backbone = dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, frozen_stages=0,
-                        norm_eval=True)
-    cfg.neck.update(in_channels=[16, 32, 64, 128], out_channels=32)
-    cfg.rpn_head.update(in_channels=32, feat_channels=32)
-    cfg.roi_head.bbox_roi_extractor.out_channels = 32
-    heads = cfg.roi_head.bbox_head
-    for head in heads if isinstance(heads, list) else [heads]:
-        head.update(in_channels=32, fc_out_channels=64, num_classes=3)
-    data = demo_mm_inputs(2, [(3, 64, 64)] * 2, num_items=[2, 3], num_classes=3)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = DET_MODELS.build(cfg)
-        model.init_weights()
-        log_vars = _train_step(model, data)
-        assert {'loss_rpn_cls', 'loss_rpn_bbox'} <= set(log_vars)
-        assert any(k.endswith('loss_cls') and k != 'loss_rpn_cls' for k in log_vars)
-        model.eval()
-        with torch.no_grad():
-            preds = model(**model.data_preprocessor(copy.deepcopy(data), False), mode='predict')
-    assert len(preds) == 2
-    for p in preds:
-        assert p.pred_instances.bboxes.shape[1] == 4
-        assert len(p.pred_instances.scores) == len(p.pred_instances.labels)
+    log_vars = downstream.rcnn_train_predict(
+        base, dict(type='RepLKNet', arch='tiny', drop_path_rate=0.1, frozen_stages=0,
+                   norm_eval=True), moves=_lk_weight)
+    assert any(k.endswith('loss_cls') and k != 'loss_rpn_cls' for k in log_vars)

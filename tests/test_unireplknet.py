@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import downstream
 import reparam_mm  # noqa: F401  (registers everything)
 from reparam_mm.backbones.unireplknet import (DILATED_BRANCHES, DilatedReparamBlock, UniRepLKNet,
                                               UniRepLKNetBlock)
@@ -667,99 +668,26 @@ def test_layer_decay_needs_num_layers():
 
 
 # -- downstream: UperNet (mmseg) and Cascade Mask R-CNN (mmdet) with the tiny arch, one CPU step ---
-def _package_cfg(package, rel):
-    import importlib
-    import os.path as osp
-
-    from mmengine.config import Config
-    root = osp.dirname(importlib.import_module(package).__file__)
-    return Config.fromfile(osp.join(root, '.mim', 'configs', '_base_', 'models', rel)).model
+def _gamma(model):  # the layer scale moves; the large kernel's gradient is small (scale 1e-6)
+    return model.backbone.stages[1][0].gamma
 
 
-def _train_step(model, data):
-    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    model.train()
-    batch = model.data_preprocessor(copy.deepcopy(data), True)
-    loss, log_vars = model.parse_losses(model(**batch, mode='loss'))
-    assert torch.isfinite(loss) and loss > 0
-    lk = model.backbone.stages[1][0].dwconv.lk_origin.weight
-    optim.zero_grad()
-    loss.backward()
-    # the large kernel gets a gradient through the head's loss (small: the layer scale starts at
-    # 1e-6), and the layer scale itself moves
-    assert lk.grad is not None and lk.grad.abs().max() > 0
-    before = model.backbone.stages[1][0].gamma.clone()
-    optim.step()
-    assert not torch.equal(before, model.backbone.stages[1][0].gamma)
-    return log_vars
+def _large_kernel(model):
+    return [model.backbone.stages[1][0].dwconv.lk_origin.weight]
 
 
 def test_upernet_mmseg_train_step_predict_and_fuse():
-    from mmengine.registry import DefaultScope
-    from mmengine.structures import PixelData
-    from mmseg.registry import MODELS as SEG_MODELS
-    from mmseg.structures import SegDataSample
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    cfg = _package_cfg('mmseg', 'upernet_r50.py')
-    bn = dict(type='BN', requires_grad=True)
-    cfg.pretrained = None
-    cfg.data_preprocessor.size = (64, 64)
-    cfg.backbone = dict(type='UniRepLKNet', arch='tiny', drop_path_rate=0.1, with_cp=True)
-    cfg.decode_head.update(in_channels=[16, 32, 64, 128], channels=32, num_classes=4, norm_cfg=bn)
-    cfg.auxiliary_head.update(in_channels=64, channels=16, num_classes=4, norm_cfg=bn)
-    g = torch.Generator().manual_seed(0)
-    data = dict(inputs=[], data_samples=[])
-    for _ in range(2):
-        data['inputs'].append(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g))
-        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64), generator=g))
-        data['data_samples'].append(sample)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        model = SEG_MODELS.build(cfg)
-        model.init_weights()
-        log_vars = _train_step(model, data)
-        assert {'decode.loss_ce', 'aux.loss_ce'} <= set(log_vars)
-        model.eval()
-        with torch.no_grad():
-            batch = model.data_preprocessor(copy.deepcopy(data), False)
-            preds = model(**batch, mode='predict')
-            logits = model(batch['inputs'], mode='tensor')
-            fuse(model)  # the deploy path: same segmentation logits after fusing
-            fused_logits = model(batch['inputs'], mode='tensor')
-    assert [p.pred_sem_seg.data.shape for p in preds] == [(1, 64, 64)] * 2
-    assert rel_err(fused_logits, logits) < 1e-5
+    downstream.upernet_train_predict_fuse(
+        dict(type='UniRepLKNet', arch='tiny', drop_path_rate=0.1, with_cp=True),
+        moves=_gamma, gets_grad=_large_kernel)
 
 
 def test_cascade_mask_rcnn_mmdet_train_step_and_predict():
-    from mmengine.registry import DefaultScope
-    from mmdet.registry import MODELS as DET_MODELS
-    from mmdet.testing import demo_mm_inputs
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
-    cfg = _package_cfg('mmdet', 'cascade-mask-rcnn_r50_fpn.py')
-    cfg.backbone = dict(type='UniRepLKNet', arch='tiny', drop_path_rate=0.1, frozen_stages=0,
-                        norm_eval=True)
-    cfg.neck.update(in_channels=[16, 32, 64, 128], out_channels=32)
-    cfg.rpn_head.update(in_channels=32, feat_channels=32)
-    cfg.roi_head.bbox_roi_extractor.out_channels = 32
-    cfg.roi_head.mask_roi_extractor.out_channels = 32
-    for head in cfg.roi_head.bbox_head:
-        head.update(in_channels=32, fc_out_channels=64, num_classes=3)
-    cfg.roi_head.mask_head.update(in_channels=32, conv_out_channels=32, num_classes=3)
-    data = demo_mm_inputs(2, [(3, 64, 64)] * 2, num_items=[2, 3], num_classes=3, with_mask=True)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = DET_MODELS.build(cfg)
-        model.init_weights()
-        log_vars = _train_step(model, data)
-        assert {'loss_rpn_cls', 'loss_rpn_bbox', 's0.loss_mask', 's2.loss_cls'} <= set(log_vars)
-        model.eval()
-        with torch.no_grad():
-            preds = model(**model.data_preprocessor(copy.deepcopy(data), False), mode='predict')
-    assert len(preds) == 2
-    for p in preds:
-        assert p.pred_instances.bboxes.shape[1] == 4
-        assert len(p.pred_instances.masks) == len(p.pred_instances.scores)
+    log_vars = downstream.rcnn_train_predict(
+        'cascade-mask-rcnn_r50_fpn.py',
+        dict(type='UniRepLKNet', arch='tiny', drop_path_rate=0.1, frozen_stages=0,
+             norm_eval=True), moves=_gamma, gets_grad=_large_kernel)
+    assert {'s0.loss_mask', 's2.loss_cls'} <= set(log_vars)
 
 
 def _with_bn(obj):
@@ -787,21 +715,13 @@ def test_config_recipe_trains_the_tiny_arch_one_step(rel):
     cfg = Config.fromfile(str(Path(__file__).resolve().parent.parent / 'configs' / rel))
     model_cfg = _with_bn(cfg.model.to_dict())
     model_cfg['backbone'].update(arch='tiny', init_cfg=None)
-    dims = [16, 32, 64, 128]
+    dims = downstream.TINY_DIMS
     if cfg.default_scope == 'mmseg':
-        from mmengine.structures import PixelData
-        from mmseg.structures import SegDataSample
         from mmseg.utils import register_all_modules
         model_cfg['data_preprocessor']['size'] = (64, 64)
         model_cfg['decode_head']['in_channels'] = dims
         model_cfg['auxiliary_head']['in_channels'] = dims[2]
-        g = torch.Generator().manual_seed(0)
-        data = dict(inputs=[torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g)
-                            for _ in range(2)], data_samples=[])
-        for _ in range(2):
-            sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64)))
-            sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 64, 64), generator=g))
-            data['data_samples'].append(sample)
+        data = downstream.seg_batch(num_classes=150)
     else:
         from mmdet.testing import demo_mm_inputs
         from mmdet.utils import register_all_modules
