@@ -50,13 +50,19 @@ class FusedEvalHook(Hook):
             every validation / test. Defaults to True.
         tolerance (float): relative difference above which the comparison is
             a loud warning. Defaults to 1e-4.
+        amp_tolerance (float): the same for the second comparison made when the
+            loop runs under autocast (``--amp``: bf16 on CPU, fp16 on CUDA), where
+            both models round differently. Defaults to 5e-2.
     """
     priority = 'LOW'
 
-    def __init__(self, fuse_bn: bool = False, check: bool = True, tolerance: float = 1e-4):
+    def __init__(self, fuse_bn: bool = False, check: bool = True, tolerance: float = 1e-4,
+                 amp_tolerance: float = 5e-2):
         self.fuse_bn = fuse_bn
         self.check = check
         self.tolerance = tolerance
+        self.amp_tolerance = amp_tolerance
+        self.last_amp_check = None  # the same under the loop's autocast (--amp), else None
         self.last_report = None   # FuseReport of the latest fuse
         self.last_check = None    # compare_outputs() result of the latest check
         self._saved_model = None  # runner.model while a fused copy stands in for it
@@ -116,15 +122,15 @@ class FusedEvalHook(Hook):
     # -- checking -------------------------------------------------------------
     def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
         if batch_idx == 0:
-            self._check(runner, data_batch)
+            self._check(runner, data_batch, runner.val_loop)
 
     def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
         if batch_idx == 0:
-            self._check(runner, data_batch)
+            self._check(runner, data_batch, runner.test_loop)
         if self._saved_model is None:
             self._reference = None  # in-place test: the unfused copy is no longer needed
 
-    def _check(self, runner, data_batch):
+    def _check(self, runner, data_batch, loop=None):
         reference, fused = self._reference, _unwrap(runner.model)
         if not self.check or reference is None or data_batch is None:
             return
@@ -153,3 +159,26 @@ class FusedEvalHook(Hook):
                       'of the trained model; check the fuse method of the fused layers (to_fused, '
                       'switch_to_deploy, reparameterize or fuse; see the report above).\n' + '!' * 79,
                       logger='current', level=logging.WARNING)
+        self.last_amp_check = None
+        if getattr(loop, 'fp16', False):
+            self._check_under_autocast(reference, fused, data_batch)
+
+    def _check_under_autocast(self, reference, fused, data_batch):
+        """The loop runs the fused model under autocast: compare the two there too."""
+        device = next(fused.parameters()).device.type
+        dtype = torch.float16 if device == 'cuda' else torch.bfloat16
+        name = 'fp16' if dtype == torch.float16 else 'bf16'
+        try:
+            with torch.autocast(device, dtype=dtype):
+                result = compare_outputs(tensor_outputs(reference, data_batch),
+                                         tensor_outputs(fused, data_batch))
+        except Exception as e:  # noqa: BLE001 - a failed check must not stop evaluation
+            print_log(f'FusedEvalHook: could not compare under {name} autocast '
+                      f'({type(e).__name__}: {e}).', logger='current', level=logging.WARNING)
+            return
+        self.last_amp_check = result
+        ok = result['same_structure'] and result['max_rel'] <= self.amp_tolerance
+        print_log(f"FusedEvalHook: fused vs unfused outputs under {name} autocast: max rel diff "
+                  f"{result['max_rel']:.3e}, {'within' if ok else 'ABOVE'} the {name} tolerance "
+                  f'{self.amp_tolerance:.0e}.', logger='current',
+                  level=logging.INFO if ok else logging.WARNING)

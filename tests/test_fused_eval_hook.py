@@ -97,7 +97,8 @@ def _loader(n, seed, shuffle=False):
                 batch_size=4, collate_fn=dict(type='default_collate'))
 
 
-def _runner(work_dir, hooks, max_iters=4, resume=False, load_from=None, ema=False, broken=False):
+def _runner(work_dir, hooks, max_iters=4, resume=False, load_from=None, ema=False, broken=False,
+            amp=False):
     _COUNT[0] += 1
     custom = list(hooks) + ([dict(type='EMAHook', momentum=0.5)] if ema else [])
     return Runner(
@@ -107,7 +108,7 @@ def _runner(work_dir, hooks, max_iters=4, resume=False, load_from=None, ema=Fals
         val_evaluator=Evaluator(ToyMetric()), test_evaluator=Evaluator(ToyMetric()),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
         train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=2),
-        val_cfg=dict(), test_cfg=dict(),
+        val_cfg=dict(), test_cfg=dict(fp16=True) if amp else dict(),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=4, by_epoch=False,
                                            save_best='logit_mean', rule='greater'),
                            logger=dict(type='LoggerHook', interval=1)),
@@ -164,6 +165,22 @@ def test_test_fuses_in_place_after_loading(tmp_path):
     assert abs(fused['logit_mean'] - plain['logit_mean']) < 1e-5
     random_init = _runner(tmp_path / 'random', []).test()
     assert abs(random_init['logit_mean'] - plain['logit_mean']) > 1e-3  # loading mattered
+
+
+def test_under_autocast_the_check_runs_again_at_the_half_precision_tolerance(tmp_path, capsys):
+    hook = FusedEvalHook()
+    _runner(tmp_path / 'ok', [hook], load_from=None, amp=True).test()  # bf16 on CPU
+    assert hook.last_check['max_rel'] < 1e-5  # fusing itself is checked in fp32
+    assert 0 < hook.last_amp_check['max_rel'] < hook.amp_tolerance
+    assert 'under bf16 autocast' in capsys.readouterr().out
+    broken = FusedEvalHook(amp_tolerance=1e-3)
+    _runner(tmp_path / 'broken', [broken], broken=True, amp=True).test()
+    assert broken.last_amp_check['max_rel'] > 1e-3
+    out = capsys.readouterr()
+    assert 'ABOVE the bf16 tolerance' in out.out + out.err
+    plain = FusedEvalHook()
+    _runner(tmp_path / 'fp32', [plain]).test()
+    assert plain.last_amp_check is None  # no autocast, no second check
 
 
 def test_a_wrong_fusion_is_a_loud_warning(tmp_path, capsys):
