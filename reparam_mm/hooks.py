@@ -40,6 +40,18 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
+def _compare(reference, fused, data_batch, what):
+    """compare_outputs() of the two models on ``data_batch``, or None (logged) if it fails:
+    a failed check must not stop evaluation."""
+    try:
+        return compare_outputs(tensor_outputs(reference, data_batch),
+                               tensor_outputs(fused, data_batch))
+    except Exception as e:  # noqa: BLE001
+        print_log(f'FusedEvalHook: could not compare {what} ({type(e).__name__}: {e}).',
+                  logger='current', level=logging.WARNING)
+        return None
+
+
 @HOOKS.register_module()
 class FusedEvalHook(Hook):
     """Evaluate the re-parameterised (fused) model; keep the trained one intact.
@@ -140,12 +152,8 @@ class FusedEvalHook(Hook):
                 data_batch = {k: v[0] for k, v in data_batch.items()}
             else:
                 data_batch = data_batch[0]
-        try:
-            result = compare_outputs(tensor_outputs(reference, data_batch),
-                                     tensor_outputs(fused, data_batch))
-        except Exception as e:  # noqa: BLE001 - a failed check must not stop evaluation
-            print_log(f'FusedEvalHook: could not compare fused and unfused outputs '
-                      f'({type(e).__name__}: {e}).', logger='current', level=logging.WARNING)
+        result = _compare(reference, fused, data_batch, 'fused and unfused outputs')
+        if result is None:
             return
         self.last_check = result
         msg = (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
@@ -168,13 +176,9 @@ class FusedEvalHook(Hook):
         device = next(fused.parameters()).device.type
         dtype = torch.float16 if device == 'cuda' else torch.bfloat16
         name = 'fp16' if dtype == torch.float16 else 'bf16'
-        try:
-            with torch.autocast(device, dtype=dtype):
-                result = compare_outputs(tensor_outputs(reference, data_batch),
-                                         tensor_outputs(fused, data_batch))
-        except Exception as e:  # noqa: BLE001 - a failed check must not stop evaluation
-            print_log(f'FusedEvalHook: could not compare under {name} autocast '
-                      f'({type(e).__name__}: {e}).', logger='current', level=logging.WARNING)
+        with torch.autocast(device, dtype=dtype):
+            result = _compare(reference, fused, data_batch, f'under {name} autocast')
+        if result is None:
             return
         self.last_amp_check = result
         ok = result['same_structure'] and result['max_rel'] <= self.amp_tolerance
