@@ -200,7 +200,7 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
             v.step()
     times = [[] for _ in variants]
     mems = [None] * len(variants)
-    kernel = [[] for _ in variants]  # per run: (minor page faults, system seconds)
+    kernel = [[] for _ in variants]  # per run: its KernelTime (page faults, system seconds)
     for r in range(repeat):
         order = range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))
         for i in order:

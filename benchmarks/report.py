@@ -64,15 +64,15 @@ def render_models(result):
                     + [_f(r['params'] / 1e6), _f(r['flops'] / 1e9 if r.get('flops') else None,
                                                  '{:.1f}')])
     what = 'inference (test_step)' if s['mode'] == 'infer' else 'training iteration (train_step)'
-    malloc = {'keep': ', freed CPU blocks kept for reuse',
-              'default': ", glibc's default malloc"}.get(s.get('cpu_malloc'), '')
+    notes = {'keep': ', freed CPU blocks kept for reuse',
+             'default': ", glibc's default malloc"}.get(s.get('cpu_malloc'), '')
     if any(r['memory'].get('measured') for r in result['results']):
-        malloc += ' (peak memory from one more run per variant, heap trimmed first)'
+        notes += ' (peak memory from one more run per variant, heap trimmed first)'
     if s.get('weights_held'):
-        malloc += '; both models start as one function and keep their weights (lr 0)'
+        notes += '; both models start as one function and keep their weights (lr 0)'
     out = [f"{what}, {s['shape'][0]}x{s['shape'][1]}, batch {s['batch']}, {s['repeat']} timed "
            f"runs after {s['warmup']} warm-up{', AMP' if s['amp'] else ''}"
-           f"{', channels_last' if s['channels_last'] else ''}{malloc}",
+           f"{', channels_last' if s['channels_last'] else ''}{notes}",
            '', table(['variant', 'mode', 'median ms', 'IQR', 'img/s', 'peak MB', '+MB in run']
                      + (['page faults / run (k)', 'system s / run'] if faults else [])
                      + ['params M', 'GFLOPs (fused)'], rows)]

@@ -9,6 +9,7 @@ faults and seconds of system time per step, spent on memory the process had a mo
 so freed blocks are reused. The process's resident memory then stays near its peak.
 """
 import ctypes
+import functools
 import os
 import sys
 
@@ -25,6 +26,7 @@ class _MallInfo2(ctypes.Structure):
         'fordblks', 'keepcost')]
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     """glibc as a ctypes library, or None (not Linux, or another C library such as musl)."""
     if not sys.platform.startswith('linux'):

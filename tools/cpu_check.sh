@@ -128,6 +128,6 @@ step replk replk
 step r50 r50
 step overhead overhead
 step report report
-grep -h -E 'cpu: |cpu flag|s$' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | grep -E 'cpu|pad' | tee -a "$LOG"
+grep -h -E '^cpu: |^cpu flag|pad \(' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | tee -a "$LOG"
 echo "cpu_check: done in $SECONDS s; tables in $OUT/report.md" | tee -a "$LOG"
 ! grep -q 'rc=[1-9]' "$LOG"
