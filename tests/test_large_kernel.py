@@ -221,12 +221,20 @@ def tuner(monkeypatch, tmp_path):
     fresh = large_kernel.LargeDWTuner()
     fresh.times, fresh.measured = {}, []
 
-    def measure(name, run):
-        run()  # the candidate really runs on the call's shapes
-        fresh.measured.append(name)
-        return fresh.times.get(name, 1.0)
+    def time_candidates(runs):
+        times, errors = {}, {}
+        for name, run in runs.items():
+            try:
+                run()  # the candidate really runs on the call's shapes
+            except RuntimeError as e:
+                errors[name] = str(e)
+                continue
+            fresh.measured.append(name)
+            times[name] = fresh.times.get(name, 1.0)
+        return times, errors
 
-    fresh.measure = measure
+    fresh.time_candidates = time_candidates
+    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: None)  # a quiet machine
     monkeypatch.setattr(large_kernel, 'TUNER', fresh)
     return fresh
 
@@ -256,9 +264,105 @@ def test_tuner_picks_the_fastest_and_caches_it(tuner, monkeypatch, fastest):
     assert entry['fixed'] == 'fft'
     # another process (a fresh tuner) reads the file instead of timing again
     other = large_kernel.LargeDWTuner()
-    other.measure = lambda *a: pytest.fail('a cached signature was timed again')
+    other.time_candidates = lambda *a: pytest.fail('a cached signature was timed again')
     monkeypatch.setattr(large_kernel, 'TUNER', other)
     assert large_kernel.choose(x, w, None, 1, p) == fastest
+
+
+class _FakeClock:
+    """A clock that only the candidates advance (seconds per call, in order)."""
+
+    def __init__(self):
+        self.now, self.log = 0., []
+
+    def __call__(self):
+        return self.now
+
+    def run(self, name, seconds):
+        durations = iter(seconds)
+
+        def call():
+            self.log.append(name)
+            self.now += next(durations, seconds[-1])
+        return call
+
+
+def test_candidates_are_timed_in_interleaved_rounds_after_a_warm_up():
+    tuner, clock = large_kernel.LargeDWTuner(), _FakeClock()
+    tuner.clock = clock
+
+    def bad():
+        clock.log.append('bad')
+        raise RuntimeError('no kernel')
+
+    runs = {'a': clock.run('a', [0.01]), 'b': clock.run('b', [0.05, 0.05, 0.05, 0.02]),
+            'slow': clock.run('slow', [0.6, 0.7]), 'bad': bad}
+    times, errors = tuner.time_candidates(runs)
+    assert times == pytest.approx({'a': 0.01, 'b': 0.02, 'slow': 0.6})  # each one's best, warm
+    assert errors == {'bad': 'RuntimeError: no kernel'}
+    log = clock.log
+    assert log[:5] == ['a', 'b', 'slow', 'slow', 'bad']  # first runs; a slow one runs twice only
+    assert log[5:23] == ['a'] * 9 + ['b'] * 9  # warm-up: 10 runs each (under 0.4 s)
+    rounds = log[23:]
+    assert len(rounds) >= 6 and rounds == ['a', 'b'] * (len(rounds) // 2)  # then alternating
+
+
+def test_other_processes_cpu_use_marks_a_timing_contended():
+    tuner = large_kernel.LargeDWTuner()
+    # 1.5 s of busy CPU in 1 s, 0.5 s of it this process's: others used one core
+    assert tuner.other_cores((100., 10.), (101.5, 10.5), 1.) == pytest.approx(1.)
+    assert tuner.other_cores(None, (101.5, 10.5), 1.) == 0.  # not Linux: never contended
+    assert tuner.contended(1., cpus=2, threads=2)
+    assert not tuner.contended(0.1, cpus=2, threads=2)
+    assert not tuner.contended(1., cpus=16, threads=8)  # the others ran on cores left free
+
+
+def test_cpu_seconds_count_this_process():
+    before = large_kernel._cpu_seconds()
+    if before is None:
+        pytest.skip('no /proc/stat on this system')
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # spin
+        pass
+    busy, own = (a - b for a, b in zip(large_kernel._cpu_seconds(), before))
+    assert own >= 0.25 and busy >= own - 0.05  # the CPUs' busy time includes ours (10 ms ticks)
+
+
+def test_contended_timing_serves_this_process_and_is_timed_again_by_the_next(tuner, monkeypatch):
+    tuner.times = {'direct_nchw': 1.0, 'direct_channels_last': 0.5, 'fft': 2.0}
+    readings = iter([(100., 10.), (100. + 2 * 5., 10.)])  # others kept two cores busy throughout
+    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: next(readings))
+    monkeypatch.setattr(large_kernel, '_usable_cpus', lambda: 2)
+    tuner.clock = iter([0., 5.]).__next__  # the timing took 5 s
+    x, w, p = _call()
+    with pytest.warns(UserWarning, match=r'other processes used 2\.0 CPU cores while the '
+                                         r'large-kernel dispatch timed cpu\|float32.*kept for this '
+                                         'process only and timed again by the next one'):
+        assert large_kernel.choose(x, w, None, 1, p) == 'direct_channels_last'
+    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: None)  # quiet from now on
+    assert large_kernel.choose(x, w, None, 1, p) == 'direct_channels_last'  # kept in memory
+    entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()
+    assert entry['contended'] is True and entry['other_cores'] == 2.0
+    # the next process times it again, and keeps its quiet result
+    nxt = large_kernel.LargeDWTuner()
+    nxt.time_candidates = lambda runs: ({'fft': 0.1, 'direct_nchw': 1.0}, {})
+    monkeypatch.setattr(large_kernel, 'TUNER', nxt)
+    assert large_kernel.choose(x, w, None, 1, p) == 'fft'
+    entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()
+    assert entry['contended'] is False and entry['choice'] == 'fft'
+    last = large_kernel.LargeDWTuner()
+    last.time_candidates = lambda *a: pytest.fail('a quiet timing was timed again')
+    monkeypatch.setattr(large_kernel, 'TUNER', last)
+    assert large_kernel.choose(x, w, None, 1, p) == 'fft'
+
+
+def test_entries_from_before_contention_was_recorded_are_timed_again(tuner, monkeypatch):
+    x, w, p = _call()
+    sig = large_kernel.signature(x, w, 1, p, 1)
+    key = tuner.device_key(x.device)
+    tuner.cache_path.write_text(json.dumps({key: {sig: {'choice': 'direct_nchw', 'ms': {}}}}))
+    tuner.times = {'fft': 0.1}
+    assert large_kernel.choose(x, w, None, 1, p) == 'fft' and 'fft' in tuner.measured
 
 
 def test_signature_separates_what_changes_the_choice(tuner):

@@ -17,9 +17,11 @@ computes the call with one of several **candidates**, all equal to
 stride, padding, dilation, whether gradients are needed) the fastest candidate by timing each
 once, as ``torch.backends.cudnn.benchmark`` does. The choice is kept in memory and in a JSON file
 (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``) keyed by the device
-name and library versions, so a machine times a signature once. **Fixed mode** applies rules
-measured on one CPU (:func:`fixed_choice`); choose it with ``REPARAM_MM_LARGE_DW=fixed``, a
-config's top-level ``large_dw_dispatch = 'fixed'``, or :func:`dispatch_mode`.
+name and library versions, so a machine times a signature once (a timing during which other
+processes used the CPUs it needs is timed again by the next process: :class:`LargeDWTuner`).
+**Fixed mode** applies rules measured on one CPU (:func:`fixed_choice`); choose it with
+``REPARAM_MM_LARGE_DW=fixed``, a config's top-level ``large_dw_dispatch = 'fixed'``, or
+:func:`dispatch_mode`.
 
 Some candidates are never timed: oneDNN's half-precision channels_last depthwise conv stalls for
 minutes on Intel CPUs with AMX when a kernel wider than 7 is padded beyond ``k // 2`` (the
@@ -40,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..cpu_malloc import kept_freed_memory
 
 __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'CANDIDATES', 'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
@@ -235,11 +239,43 @@ def fft_min_kernel(kernel):
 
 
 # -- the tuner -------------------------------------------------------------------------------------
+def _usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_seconds():
+    """(busy seconds of the CPUs this process may run on, this process's CPU seconds), read from
+    /proc/stat; None where it cannot be read (not Linux)."""
+    try:
+        allowed = {f'cpu{i}' for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open('/proc/stat') as f:
+            for line in f:
+                fields = line.split()
+                if not fields or not fields[0].startswith('cpu'):
+                    break
+                if fields[0] in allowed:
+                    # user nice system idle iowait irq softirq steal: all but idle and iowait
+                    ticks = [int(v) for v in fields[1:9]] + [0] * (9 - len(fields))
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+        if busy == 0:
+            return None
+        own = os.times()
+        return busy / os.sysconf('SC_CLK_TCK'), own.user + own.system
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _device_name(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
     from ..env import cpu_model
-    return f'{cpu_model() or platform.machine()} ({torch.get_num_threads()} threads)'
+    # with glibc's default malloc every large FFT buffer is page-faulted afresh (2.5x slower)
+    malloc = ', freed memory kept' if kept_freed_memory() else ''
+    return f'{cpu_model() or platform.machine()} ({torch.get_num_threads()} threads{malloc})'
 
 
 def _library_versions():
@@ -268,11 +304,20 @@ def signature(x, weight, stride, padding, dilation):
 class LargeDWTuner:
     """Times the candidates of a signature once and remembers the fastest.
 
-    ``measure(name, run)`` returns the seconds ``run()`` takes (tests replace it to inject
-    timings); ``cache_path`` is the JSON file shared by the processes of one machine.
+    ``time_candidates(runs)`` times them (tests replace it to inject timings); ``cache_path`` is
+    the JSON file shared by the processes of one machine. A CPU timing during which other
+    processes used the cores this one needs is *contended*: its choice serves this process but
+    is saved marked as such, and the next process times that signature again, so one busy
+    moment does not fix a slow choice for good.
     """
 
+    #: other processes' CPU use (in cores, beyond those this process leaves free) above which a
+    #: timing is called contended and its choice is not reused by later processes
+    CONTENDED_CORES = 0.25
+
     def __init__(self):
+        self.clock = time.perf_counter
+        self._warned_contended = False
         self.choices = {}  # (device key, signature) -> name
         self._device_keys = {}
         self._loaded = set()
@@ -283,8 +328,9 @@ class LargeDWTuner:
         return Path(root) / 'large_dw_tuning.json'
 
     def device_key(self, device):
-        """Device name and library versions (read once per device and thread count: 0.3 ms)."""
-        cache_key = (str(device), torch.get_num_threads())
+        """Device name and library versions (read once per device, thread count and malloc mode:
+        0.3 ms)."""
+        cache_key = (str(device), torch.get_num_threads(), kept_freed_memory())
         if cache_key not in self._device_keys:
             self._device_keys[cache_key] = f'{_device_name(device)} | {_library_versions()}'
         return self._device_keys[cache_key]
@@ -299,7 +345,9 @@ class LargeDWTuner:
         except (OSError, ValueError):
             return
         for sig, entry in entries.items():
-            if isinstance(entry, dict) and entry.get('choice') in CANDIDATES:
+            # entries timed under contention, or before contention was recorded, are timed again
+            if (isinstance(entry, dict) and entry.get('choice') in CANDIDATES
+                    and entry.get('contended') is False):
                 self.choices.setdefault((key, sig), entry['choice'])
 
     def _save(self, key, sig, entry):
@@ -319,34 +367,76 @@ class LargeDWTuner:
             warnings.warn(f'reparam_mm: could not write the large-kernel tuning cache {path} ({e}); '
                           'choices are kept in memory only. Set REPARAM_MM_CACHE to a writable folder.')
 
-    def measure(self, name, run):
-        """Seconds of one ``run()``, the best of timed runs after a warm-up.
+    def time_candidates(self, runs):
+        """Seconds of one run of each candidate (its best run), and the errors of those that raised.
 
-        The warm-up matters: the CPU FFT runs ~2.5x slower for its first ~8 calls of a shape
-        (allocator and plan caches settling), so timing cold runs would pick direct convs the
-        FFT beats once warm. A candidate slower than 0.5 s a run is timed twice only.
+        ``runs`` maps names to zero-argument callables. After a warm-up the candidates are timed
+        in interleaved rounds, so that a burst of other work on the machine slows every
+        candidate alike rather than the one being timed. The warm-up matters: the CPU FFT runs
+        ~2.5x slower for its first ~8 calls of a shape (allocator and plan caches settling), so
+        timing cold runs would pick direct convs the FFT beats once warm. A candidate slower
+        than 0.5 s a run is timed twice only. ``self.clock`` reads the time (tests replace it).
         """
-        def once():
-            if sync is not None:
-                sync()
-            t = time.perf_counter()
-            run()
-            if sync is not None:
-                sync()
-            return time.perf_counter() - t
         sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
             else None
-        first = once()  # compilation, autotuning, allocation
-        if first > 0.5:
-            return min(first, once())
-        spent, runs = first, 1
-        while runs < 10 and spent < 0.4:
-            spent, runs = spent + once(), runs + 1
-        best, spent, runs = float('inf'), 0., 0
-        while runs < 3 or (spent < 0.2 and runs < 100):
-            t = once()
-            best, spent, runs = min(best, t), spent + t, runs + 1
-        return best
+        times, errors, spent, calls = {}, {}, {}, {}
+
+        def once(name):
+            """One timed run of ``name``; a candidate that raises is dropped with its error."""
+            try:
+                if sync is not None:
+                    sync()
+                t = self.clock()
+                runs[name]()
+                if sync is not None:
+                    sync()
+                return self.clock() - t
+            except Exception as e:  # a candidate that cannot run this call is left out
+                errors[name] = f'{type(e).__name__}: {e}'[:200]
+                spent.pop(name, None)
+                times.pop(name, None)
+                return None
+
+        for name in runs:  # first run: compilation, autotuning, allocation
+            first = once(name)
+            if first is None:
+                continue
+            if first > 0.5:
+                second = once(name)
+                if second is not None:
+                    times[name] = min(first, second)
+            else:
+                spent[name], calls[name] = first, 1
+        for name in list(spent):  # warm-up: up to 10 runs or 0.4 s each
+            while name in spent and calls[name] < 10 and spent[name] < 0.4:
+                t = once(name)
+                if t is not None:
+                    spent[name], calls[name] = spent[name] + t, calls[name] + 1
+        best = dict.fromkeys(spent, float('inf'))
+        rounds, total = 0, 0.
+        while spent and (rounds < 3 or (total < 0.2 * len(spent) and rounds < 100)):
+            for name in list(spent):
+                t = once(name)
+                if t is not None:
+                    best[name], total = min(best[name], t), total + t
+            rounds += 1
+        times.update((name, best[name]) for name in spent)
+        return times, errors
+
+    def other_cores(self, before, after, seconds):
+        """CPU cores' worth of work other processes (and the hypervisor) did on this process's
+        CPUs during a timing of ``seconds``, from two :func:`_cpu_seconds` readings."""
+        if before is None or after is None or seconds <= 0:
+            return 0.
+        (busy0, own0), (busy1, own1) = before, after
+        return max(0., (busy1 - busy0) - (own1 - own0)) / seconds
+
+    def contended(self, other_cores, cpus=None, threads=None):
+        """Whether other work took CPU time this process's threads needed: more than
+        ``CONTENDED_CORES`` beyond the cores its threads leave free."""
+        cpus = _usable_cpus() if cpus is None else cpus
+        threads = torch.get_num_threads() if threads is None else threads
+        return other_cores > max(0, cpus - threads) + self.CONTENDED_CORES
 
     def choose(self, x, weight, bias, stride, padding, dilation):
         key, sig = self.device_key(x.device), signature(x, weight, stride, padding, dilation)
@@ -356,21 +446,30 @@ class LargeDWTuner:
         names = candidates(x, weight.shape[-2:], stride, padding, dilation)
         if len(names) == 1:
             return names[0]
-        times, errors = {}, {}
         grad = sig.endswith('fwd+bwd')
-        for name in names:
-            try:
-                times[name] = self.measure(name, _timed_call(name, x, weight, bias, stride, padding,
-                                                             dilation, grad))
-            except Exception as e:  # a candidate that cannot run this call is left out
-                errors[name] = f'{type(e).__name__}: {e}'[:200]
+        runs = {name: _timed_call(name, x, weight, bias, stride, padding, dilation, grad)
+                for name in names}
+        on_cpu = x.device.type == 'cpu'
+        before, start = _cpu_seconds() if on_cpu else None, self.clock()
+        times, errors = self.time_candidates(runs)
+        seconds = self.clock() - start
+        others = self.other_cores(before, _cpu_seconds() if on_cpu else None, seconds)
         if not times:
             raise RuntimeError(f'no large depthwise conv candidate ran {sig}: {errors}')
         choice = min(times, key=times.get)
         self.choices[(key, sig)] = choice
+        contended = on_cpu and self.contended(others)
+        if contended and not self._warned_contended:
+            self._warned_contended = True
+            warnings.warn(
+                f'reparam_mm: other processes used {others:.1f} CPU cores while the large-kernel '
+                f'dispatch timed {sig}; choices timed under such contention are kept for this '
+                'process only and timed again by the next one (lasting choices need a quiet '
+                'machine).')
         self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
                                   errors=errors, fixed=fixed_choice(x, weight.shape[-2:], stride,
-                                                                    padding, dilation)))
+                                                                    padding, dilation),
+                                  other_cores=round(others, 2), contended=contended))
         return choice
 
 
