@@ -18,7 +18,7 @@ import torch
 from reparam_mm.env import collect_env
 
 SCHEMA = 'reparam_mm.benchmark/1'
-KINDS = ('model', 'compare', 'doconv_layers', 'large_dw')
+KINDS = ('model', 'compare', 'doconv_layers', 'large_dw', 'cpu_check')
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

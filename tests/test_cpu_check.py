@@ -1,10 +1,15 @@
-"""tools/cpu_check.sh: issue 16's CPU figures in one command. Here only its cheap steps run:
-the CPU report and the per-test time limit firing on a throwaway sleeping test."""
+"""tools/cpu_check.sh: issue 16's CPU figures in one command. Here only its cheap steps run
+(the CPU report, the per-test time limit firing on a throwaway sleeping test, a step stopped at
+its own limit), and its summary (benchmarks/cpu_check.py) is built from a folder written here."""
+import json
 import os
 import subprocess
 import sys
 
 from conftest import ROOT
+
+from benchmarks.cpu_check import render_vendors, summarize
+from benchmarks.measure import SCHEMA
 
 SCRIPT = ROOT / 'tools' / 'cpu_check.sh'
 
@@ -21,6 +26,8 @@ def test_bad_arguments_say_what_is_accepted(tmp_path):
     r = run(str(tmp_path / 'a'), str(tmp_path / 'b'))
     assert r.returncode == 2 and 'give one OUT_DIR' in r.stderr
     assert run().returncode == 2
+    r = run(str(tmp_path), '--quick', '--record')
+    assert r.returncode == 2 and "--record keeps figures at the docs' sizes" in r.stderr
 
 
 def test_cpu_report_and_the_time_limit_firing(tmp_path):
@@ -33,3 +40,103 @@ def test_cpu_report_and_the_time_limit_firing(tmp_path):
     out = (tmp_path / 'timeout.log').read_text()
     assert 'Timeout' in out and 'in test_sleeps_past_the_limit' in out
     assert 'pytest exit status: 1' in out
+
+
+def test_a_step_past_its_limit_is_stopped_with_what_it_started(tmp_path):
+    # the quick sleeping test would run 35 s (pytest stops it at 5 s); the step limit is 2 s
+    r = run(str(tmp_path), '--quick', CPU_CHECK_STEPS='timeout', CPU_CHECK_LIMIT_S='2')
+    assert r.returncode == 1
+    log = (tmp_path / 'cpu_check.log').read_text()
+    assert '== timeout: stopped at its 2 s limit' in log and '== timeout: rc=124' in log
+    left = subprocess.run(['pgrep', '-f', 'test_throwaway_sleep'], capture_output=True, text=True)
+    assert left.stdout == ''  # pytest, started by the step, went with it
+
+
+# -- the summary ----------------------------------------------------------------------------------
+def _result(kind, cpu, results, **extra):
+    env = dict(cpu=cpu, torch='2.13.0+cpu', torch_threads=2, cpu_count=2, git='abc1234',
+               date='2026-11-30T06:00:00+00:00', device='cpu')
+    return dict(schema=SCHEMA, kind=kind, env=env, settings=dict(shape=[512, 512]),
+                results=results, **extra)
+
+
+def _model(ms):
+    return dict(latency=dict(median_ms=ms))
+
+
+def _dw(stage, dtype, cand, fwd, fwd_bwd):
+    return dict(stage=stage, kernel=31, dtype=dtype, candidate=cand,
+                forward=dict(median_ms=fwd), forward_backward=dict(median_ms=fwd_bwd))
+
+
+def _check_folder(path, cpu, overhead=True):
+    path.mkdir()
+    (path / 'cpu.log').write_text(f'cpu: {cpu}\ncpu flag: avx512f\ncpu flag: amx_bf16\n')
+    (path / 'cpu_check.log').write_text('== cpu: rc=0 in 4 s\n== timeout: rc=0 in 300 s\n')
+    (path / 'stalls.log').write_text(
+        '(31, 29) pad (15, 15) channels_last=True fixed: 0.012 s\n'
+        '.(31, 31) pad (15, 16) channels_last=False tuned: 0.281 s\n.\n8 passed in 4s\n')
+    (path / 'suite.log').write_text('===== 556 passed, 4 skipped in 217.83s (0:03:37) =====\n'
+                                    'real\t4m47.283s\n')
+    files = {
+        'cpu_infer_upernet-replknet-31b_fp32.json': _result('model', cpu, [_model(1600.)]),
+        'cpu_infer_upernet-replknet-31b_bf16.json': _result('model', cpu, [_model(800.)]),
+        'cpu_train_upernet-replknet-31b_tuned.json': _result('model', cpu, [_model(15000.)]),
+        'cpu_large-dw.json': _result('large_dw', cpu, [
+            _dw('stage1', 'fp32', 'fft', 10., 30.), _dw('stage1', 'fp32', 'cl_conv2d', 15., 900.),
+            _dw('stage1', 'fp32', 'tuned', 10.5, 31.), _dw('stage1', 'fp32', 'fixed', 20., 30.),
+            _dw('stage1', 'bf16', 'cl_conv2d', 8., 600.),
+            _dw('stage1', 'bf16', 'tuned_cl', 8., 40.),
+            _dw('stage1', 'bf16', 'tuned', 99., 99.)]),
+    }
+    if overhead:
+        files['cpu_train-overhead_upernet-r50.json'] = _result(
+            'compare', cpu, [_model(8000.), _model(8200.)],
+            ratios=dict(latency_b_over_a=dict(median_ratio=1.025, paired_median=1.02)))
+    for name, data in files.items():
+        (path / name).write_text(json.dumps(data))
+    return path
+
+
+def test_summary_gathers_every_step_of_a_folder(tmp_path):
+    s, = summarize(str(_check_folder(tmp_path / 'amd', 'AMD EPYC')))['results']
+    assert s['cpu'] == 'AMD EPYC' and s['flags'] == ['avx512f', 'amx_bf16']
+    assert s['steps'] == {'cpu': dict(rc=0, seconds=4), 'timeout': dict(rc=0, seconds=300)}
+    assert [(r['kernel'], r['channels_last'], r['mode'], r['seconds']) for r in s['stalls']] == [
+        ([31, 29], True, 'fixed', 0.012), ([31, 31], False, 'tuned', 0.281)]
+    assert s['infer'] == {'upernet-replknet-31b': {'fp32': 1600., 'bf16': 800.}}
+    assert s['train_31b'] == {'tuned': 15000.}  # the fixed run is missing: left out
+    assert s['overhead']['upernet-r50'] == dict(ratio=1.025, paired=1.02, plain_ms=8000.)
+    assert s['suite'] == '556 passed, 4 skipped in 217.83s (0:03:37); wall time 4m47.283s'
+    rules = {(r['dtype'], r['step']): r for r in s['large_dw']}
+    # the fastest single candidate, and the dispatch in the layout the backbones hand in
+    assert rules['fp32', 'fwd']['best'] == 'fft' and rules['fp32', 'fwd']['fixed_ms'] == 20.
+    assert rules['fp32', 'fwd+bwd']['best'] == 'fft' and rules['fp32', 'fwd+bwd']['tuned_ms'] == 31.
+    assert rules['bf16', 'fwd']['tuned_ms'] == 8.
+    assert rules['bf16', 'fwd']['layout'] == 'channels_last'
+
+
+def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
+    amd = summarize(str(_check_folder(tmp_path / 'amd', 'AMD EPYC')))
+    intel = summarize(str(_check_folder(tmp_path / 'intel', 'Intel Xeon', overhead=False)))
+    lines = render_vendors([intel, amd])
+    assert lines[0].startswith('| figure | AMD EPYC (2 threads, 512x512, 2026-11-30) | Intel Xeon')
+    row = next(line for line in lines if 'UperNet-RepLKNet-31B fused inference' in line)
+    assert row.count('1600 ms / 800 ms (2.00x)') == 2
+    row = next(line for line in lines if 'overhead, UperNet-R50' in line)
+    assert '1.025, paired 1.020 at 8.0 s per plain step' in row and row.endswith('not measured |')
+    assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x, '
+                               'fixed 2.00x') for line in lines)
+    # tools/bench_report.py fills the doc's side-by-side block from the kept summaries
+    for name, result in (('cpu_check_amd-epyc.json', amd), ('cpu_check_intel-xeon.json', intel)):
+        (tmp_path / name).write_text(json.dumps(result))
+    doc = tmp_path / 'doc.md'
+    doc.write_text('x\n<!-- bench:cpu-vendors -->\nnot yet measured\n'
+                   '<!-- /bench:cpu-vendors -->\n')
+    kept = [str(tmp_path / 'cpu_check_amd-epyc.json'), str(tmp_path / 'cpu_check_intel-xeon.json')]
+    r = subprocess.run([sys.executable, 'tools/bench_report.py', *kept, '--doc', str(doc)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = doc.read_text()
+    assert 'not yet measured' not in text and '| figure | AMD EPYC' in text and 'Intel Xeon' in text
+    assert 'no <!-- bench:' not in r.stdout  # the summaries have no blocks of their own

@@ -5,7 +5,8 @@
 
 Each file's table replaces the block between ``<!-- bench:STEM -->`` and ``<!-- /bench:STEM -->``
 in the doc (STEM = the JSON file name without .json); blocks without a file keep their text
-("not yet measured"). Without ``--doc`` the tables are printed. Plots: ``ratios.png`` (every
+("not yet measured"). tools/cpu_check.sh summaries (docs/benchmarks/cpu_check_*.json) also fill
+``<!-- bench:cpu-vendors -->``: every CPU's figures side by side. Without ``--doc`` the tables are printed. Plots: ``ratios.png`` (every
 compare file), ``doconv_layers.png`` and ``large_dw_<device>.png``. Logic: benchmarks/report.py.
 """
 import argparse
@@ -14,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.report import fill_doc, load, make_plots, render, stem  # noqa: E402
+from benchmarks.report import (combined_blocks, fill_doc, load, make_plots, render,  # noqa: E402
+                               stem)
 
 
 def main(argv=None):
@@ -24,7 +26,10 @@ def main(argv=None):
     p.add_argument('--plots', help='directory for the PNG plots')
     args = p.parse_args(argv)
     loaded = [(f, load(f)) for f in args.files]
-    blocks = {stem(f): render(r, os.path.relpath(f)) for f, r in loaded}
+    # a CPU check summary shows in the side-by-side block only
+    blocks = {stem(f): render(r, os.path.relpath(f))
+              for f, r in loaded if r['kind'] != 'cpu_check'}
+    blocks.update(combined_blocks(loaded))
     if args.doc:
         with open(args.doc) as f:
             text, missing = fill_doc(f.read(), blocks)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Issue 16's CPU figures in one command, for the CPU this runs on (an AMX Xeon or an AMD EPYC):
 #
-#   tools/cpu_check.sh OUT_DIR            # the figures at the docs' sizes (~40 min on 2 cores)
+#   tools/cpu_check.sh OUT_DIR            # the figures at the docs' sizes (~17 min, 2-core AMD)
 #   tools/cpu_check.sh OUT_DIR --quick    # the same steps at small sizes (~6 min): a rehearsal
+#   tools/cpu_check.sh OUT_DIR --record   # full sizes, then keep the summary in docs/benchmarks/
+#                                         # and fill docs/benchmarks.md's CPU-vendor table
 #
 # Run it on a quiet machine after `make setup`, from any folder. Steps, each logged with its time
-# in OUT_DIR/cpu_check.log (its full output in OUT_DIR/<step>.log):
+# in OUT_DIR/cpu_check.log (its full output in OUT_DIR/<step>.log) and stopped when it runs past
+# its time limit (a stall then costs minutes, not the session):
 #   cpu       the CPU model and whether it has AMX-BF16 / AVX512-BF16
 #   stalls    the bf16 calls that stalled oneDNN on AMX (tests/test_large_kernel.py), their times
 #   timeout   a throwaway test that sleeps past the suite's per-test limit must fail by name
@@ -15,23 +18,31 @@
 #             with the tuned and the fixed large-kernel dispatch
 #   r50       DO-Conv UperNet-R50 fused inference fp32 vs bf16 autocast
 #   overhead  DO-Conv training overhead, UperNet-R50 and Faster R-CNN R50 (docs/benchmarks.md 3)
-#   report    every table, rendered into OUT_DIR/report.md
-# The JSON files land in OUT_DIR; copy them to work_dirs/bench/ under the doc's block names to
-# fill docs/benchmarks.md. CPU_CHECK_STEPS=stalls,r50 runs only those steps.
+#   report    every table into OUT_DIR/report.md, and OUT_DIR/cpu_check_summary.json: the figures
+#             above in one file (benchmarks/cpu_check.py), rendered side by side per CPU
+#   suite     (only when named in CPU_CHECK_STEPS) `make test` in a clean clone of this checkout,
+#             with its wall time: the suite's run on this CPU
+# CPU_CHECK_STEPS=stalls,r50 runs only those steps; CPU_CHECK_LIMIT_S=N gives every step a limit
+# of N seconds instead of its own (tests).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
-OUT="" QUICK=0
+OUT="" QUICK=0 RECORD=0
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    -*) echo "cpu_check: unknown option $arg; the options are OUT_DIR and --quick." >&2; exit 2 ;;
+    --record) RECORD=1 ;;
+    -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "cpu_check: unknown option $arg; the options are OUT_DIR, --quick and --record." >&2
+        exit 2 ;;
     *) if [ -n "$OUT" ]; then echo "cpu_check: give one OUT_DIR (got '$OUT' and '$arg')." >&2; exit 2; fi
        OUT=$arg ;;
   esac
 done
-if [ -z "$OUT" ]; then echo "usage: tools/cpu_check.sh OUT_DIR [--quick]" >&2; exit 2; fi
+if [ -z "$OUT" ]; then echo "usage: tools/cpu_check.sh OUT_DIR [--quick | --record]" >&2; exit 2; fi
+if [ "$QUICK" = 1 ] && [ "$RECORD" = 1 ]; then
+  echo "cpu_check: --record keeps figures at the docs' sizes; drop --quick to record." >&2; exit 2
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 cd "$ROOT" || exit 1
@@ -40,6 +51,9 @@ if ! "$PY" -c 'import reparam_mm, mmcv' 2>/dev/null; then
   echo "cpu_check: $PY cannot import reparam_mm and mmcv; run \`make setup\` first." >&2; exit 2
 fi
 STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,report}
+# the large-kernel dispatch times its candidates afresh on this machine; its choices come back in
+# OUT_DIR/cache/large_dw_tuning.json
+export REPARAM_MM_CACHE=$OUT/cache
 LOG=$OUT/cpu_check.log
 : > "$LOG"
 
@@ -55,15 +69,17 @@ FRCNN_R50=configs/doconv/faster-rcnn_r50_fpn_4conv1fc_1x_coco.py
 FRCNN_R50_DO=configs/doconv/faster-rcnn-doconv_r50-doconv-c3-c5_fpn_4conv1fc_1x_coco.py
 UPER_REPLK=configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py
 
-# step NAME COMMAND...: run it unless CPU_CHECK_STEPS leaves it out; log its time and status
+# step NAME LIMIT_S COMMAND...: run it unless CPU_CHECK_STEPS leaves it out; log its time and
+# status; past its limit the step is stopped (with everything it started) and logged rc=124
 step() {
-  local name=$1; shift
+  local name=$1 limit=${CPU_CHECK_LIMIT_S:-$2}; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
   local t0 rc
   t0=$(date +%s)
-  echo "== $name: $*" | tee -a "$LOG"
-  "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: $* (limit ${limit} s)" | tee -a "$LOG"
+  timeout -k 30 "$limit" bash -c '"$@"' "$name" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
+  [ "$rc" = 124 ] && echo "== $name: stopped at its ${limit} s limit" | tee -a "$LOG"
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
 
@@ -73,8 +89,8 @@ cpu_info() {
     | sed 's/^/cpu flag: /'
 }
 
-stalling_calls() {
-  "$PY" -m pytest -q -s -p no:cacheprovider tests/test_large_kernel.py -k amx_stalling
+stalling_calls() {  # a stall fails its test after 60 s, named
+  "$PY" -m pytest -q -s -p no:cacheprovider -o timeout=60 tests/test_large_kernel.py -k amx_stalling
 }
 
 # A test that sleeps past the limit must be stopped, named in the stack pytest-timeout prints,
@@ -116,18 +132,39 @@ overhead() {
 }
 
 report() {
-  "$PY" tools/bench_report.py "$OUT"/*.json > "$OUT/report.md"
+  "$PY" -m benchmarks.cpu_check "$OUT" ${RECORD_DIR:+--record "$RECORD_DIR"} > /dev/null &&
+  "$PY" tools/bench_report.py "$OUT"/*.json > "$OUT/report.md" &&
+  if [ -n "$RECORD_DIR" ]; then
+    "$PY" tools/bench_report.py "$RECORD_DIR"/cpu_check_*.json --doc docs/benchmarks.md
+  fi
 }
 
-step cpu cpu_info
-step stalls stalling_calls
-step timeout timeout_fires
-step large_dw $BENCH --large-dw --batch 1 --dtypes fp32 bf16 --repeat 3 \
+# `make test` in a clean clone of this checkout's last commit: the suite on this CPU
+suite() {
+  local dir rc
+  dir=$(mktemp -d)
+  git clone -q "$ROOT" "$dir/clone" && cd "$dir/clone" && { time make test; } 2>&1
+  rc=$?
+  cd "$ROOT" && rm -rf "$dir"
+  return $rc
+}
+
+RECORD_DIR=
+[ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
+export PY OUT ROOT LIMIT BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50 \
+  FRCNN_R50_DO UPER_REPLK
+export -f cpu_info stalling_calls timeout_fires replk r50 overhead report suite
+
+step cpu 120 cpu_info
+step stalls 900 stalling_calls
+step timeout $(( ${LIMIT:-300} + 120 )) timeout_fires
+step large_dw 1500 $BENCH --large-dw --batch 1 --dtypes fp32 bf16 --repeat 3 \
   --out "$OUT/cpu_large-dw.json"
-step replk replk
-step r50 r50
-step overhead overhead
-step report report
+step replk 1800 replk
+step r50 900 r50
+step overhead 1800 overhead
+step suite 3600 suite
+step report 300 report
 grep -h -E '^cpu: |^cpu flag|pad \(' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | tee -a "$LOG"
 echo "cpu_check: done in $SECONDS s; tables in $OUT/report.md" | tee -a "$LOG"
 ! grep -q 'rc=[1-9]' "$LOG"

@@ -1,0 +1,225 @@
+"""One CPU's issue-16 figures, gathered from a ``tools/cpu_check.sh`` folder into one summary, and
+the summaries of several CPUs side by side (docs/benchmarks.md, "The same figures on each CPU").
+
+    python -m benchmarks.cpu_check OUT_DIR [--record docs/benchmarks]
+
+writes ``OUT_DIR/cpu_check_summary.json``; ``--record DIR`` also keeps it as
+``DIR/cpu_check_<cpu>.json``, the committed record the side-by-side table is rendered from
+(``tools/bench_report.py docs/benchmarks/cpu_check_*.json --doc docs/benchmarks.md``).
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+
+from .measure import SCHEMA
+
+#: a line of tests/test_large_kernel.py's stalling-call tests (run with -s)
+STALL_LINE = re.compile(r'\((\d+), (\d+)\) pad \((\d+), (\d+)\) channels_last=(True|False) '
+                        r'(fixed|tuned): ([\d.]+) s')
+STEP_LINE = re.compile(r'^== (\w+): rc=(\d+) in (\d+) s$', re.M)
+#: the candidates that compute one way each (the rest are the dispatch in a mode)
+DIRECT = ('nchw_conv2d', 'cl_conv2d', 'fft')
+HALF = ('bf16', 'fp16')
+INFER = {'upernet-replknet-31b': 'UperNet-RepLKNet-31B',
+         'upernet-r50-doconv': 'DO-Conv UperNet-R50'}
+OVERHEAD = {'upernet-r50': 'UperNet-R50', 'faster-rcnn-r50': 'Faster R-CNN R50 4conv1fc'}
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _json(path):
+    text = _read(path)
+    return json.loads(text) if text is not None else None
+
+
+def _median(result, index=0):
+    return result['results'][index]['latency']['median_ms'] if result else None
+
+
+def large_dw_rules(result):
+    """Per stage, dtype and pass: the fastest single candidate, and the tuned and fixed dispatch
+    against it, in the layout the backbones hand in (NCHW in fp32, channels_last in half
+    precision: ``backbone_channels_last``)."""
+    rows, groups = [], {}
+    for r in result['results']:
+        groups.setdefault((r['stage'], r['kernel'], r['dtype']), {})[r['candidate']] = r
+    for (stage, kernel, dtype), by_cand in groups.items():
+        suffix = '_cl' if dtype in HALF else ''
+        for key, label in (('forward', 'fwd'), ('forward_backward', 'fwd+bwd')):
+            def ms(cand):
+                rec = by_cand.get(cand) or {}
+                return (rec.get(key) or {}).get('median_ms')
+            direct = {c: ms(c) for c in DIRECT if ms(c) is not None}
+            if not direct:
+                continue
+            best = min(direct, key=direct.get)
+            rows.append(dict(stage=stage, kernel=kernel, dtype=dtype, step=label, best=best,
+                             best_ms=direct[best], tuned_ms=ms('tuned' + suffix),
+                             fixed_ms=ms('fixed' + suffix),
+                             layout='channels_last' if suffix else 'nchw'))
+    return rows
+
+
+def summarize(out_dir):
+    """The figures of one ``tools/cpu_check.sh`` run; missing steps are left out."""
+    def path(name):
+        return os.path.join(out_dir, name)
+    large_dw = _json(path('cpu_large-dw.json'))
+    loaded = [_json(p) for p in sorted(glob.glob(path('cpu_*.json')))]
+    loaded = [r for r in loaded if r and r.get('schema') == SCHEMA and r.get('kind') != 'cpu_check']
+    if not loaded:
+        raise ValueError(f'{out_dir} holds no tools/benchmark.py results; run '
+                         f'`tools/cpu_check.sh {out_dir}` first.')
+    env = dict(loaded[0]['env'])
+    summary = dict(cpu=env.get('cpu'), flags=[], steps={}, stalls=[], infer={}, train_31b={},
+                   overhead={}, large_dw=large_dw_rules(large_dw) if large_dw else [],
+                   shape=loaded[0]['settings'].get('shape'))
+    cpu_log = _read(path('cpu.log')) or ''
+    summary['flags'] = re.findall(r'^cpu flag: (\S+)', cpu_log, re.M)
+    for name, rc, seconds in STEP_LINE.findall(_read(path('cpu_check.log')) or ''):
+        summary['steps'][name] = dict(rc=int(rc), seconds=int(seconds))
+    for kh, kw, ph, pw, cl, mode, seconds in STALL_LINE.findall(_read(path('stalls.log')) or ''):
+        summary['stalls'].append(dict(kernel=[int(kh), int(kw)], padding=[int(ph), int(pw)],
+                                      channels_last=cl == 'True', mode=mode,
+                                      seconds=float(seconds)))
+    for model in INFER:
+        times = {d: _median(_json(path(f'cpu_infer_{model}_{d}.json'))) for d in ('fp32', 'bf16')}
+        if any(times.values()):
+            summary['infer'][model] = times
+    for mode in ('tuned', 'fixed'):
+        ms = _median(_json(path(f'cpu_train_upernet-replknet-31b_{mode}.json')))
+        if ms is not None:
+            summary['train_31b'][mode] = ms
+    for model in OVERHEAD:
+        result = _json(path(f'cpu_train-overhead_{model}.json'))
+        if result:
+            ratio = result['ratios']['latency_b_over_a']
+            summary['overhead'][model] = dict(ratio=ratio['median_ratio'],
+                                              paired=ratio.get('paired_median'),
+                                              plain_ms=_median(result, 0))
+    suite = _read(path('suite.log')) or ''
+    outcome = re.findall(r'^=*\s*(\d+ (?:passed|failed|errors?)\b.*? in [\d.]+s(?: \([\d:]+\))?)'
+                         r'\s*=*$', suite, re.M)
+    wall = re.search(r'^real\s+(\S+)', suite, re.M)
+    if outcome:
+        summary['suite'] = outcome[-1] + (f'; wall time {wall.group(1)}' if wall else '')
+    return dict(schema=SCHEMA, kind='cpu_check', env=env, settings=dict(out_dir=out_dir),
+                results=[summary])
+
+
+def slug(cpu):
+    """A file-name part for a CPU model: 'AMD EPYC' -> 'amd-epyc'."""
+    return re.sub(r'[^a-z0-9]+', '-', (cpu or 'unknown-cpu').lower()).strip('-')
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def _ms(x, unit='ms'):
+    if x is None:
+        return '-'
+    return f'{x / 1e3:.1f} s' if unit == 's' else f'{x:.0f} ms'
+
+
+def _speedup(a, b):
+    return f' ({a / b:.2f}x)' if a and b else ''
+
+
+def _figures(s, step_ok):
+    """figure label -> text, for one CPU's summary."""
+    out = {}
+    flags = [f for f in ('amx_bf16', 'avx512_bf16', 'avx512f') if f in s['flags']]
+    out['CPU flags (AMX / bf16)'] = ', '.join(flags) or 'none of amx_bf16, avx512_bf16, avx512f'
+    if s.get('suite'):
+        out['`make test` from a clean clone'] = s['suite']
+    if s['stalls']:
+        worst = max(s['stalls'], key=lambda r: r['seconds'])
+        out['the 8 bf16 calls that stalled oneDNN on AMX'] = (
+            f"all returned; slowest {worst['seconds']:.3f} s ({worst['mode']})")
+    if 'timeout' in s['steps']:
+        out['per-test time limit on a sleeping test'] = (
+            'fired, test named' if step_ok('timeout') else 'did NOT fire as expected')
+    for model, label in INFER.items():
+        t = s['infer'].get(model)
+        if t:
+            out[f'{label} fused inference, fp32 / bf16 autocast'] = (
+                f"{_ms(t.get('fp32'))} / {_ms(t.get('bf16'))}"
+                f"{_speedup(t.get('fp32'), t.get('bf16'))}")
+    if s['train_31b']:
+        t = s['train_31b']
+        out['UperNet-RepLKNet-31B training step, tuned / fixed dispatch'] = (
+            f"{_ms(t.get('tuned'), 's')} / {_ms(t.get('fixed'), 's')}")
+    for model, label in OVERHEAD.items():
+        o = s['overhead'].get(model)
+        if o:
+            paired = f", paired {o['paired']:.3f}" if o.get('paired') else ''
+            out[f'DO-Conv training overhead, {label}'] = (
+                f"{o['ratio']:.3f}{paired} at {_ms(o['plain_ms'], 's')} per plain step")
+    return out
+
+
+def render_vendors(results):
+    """Markdown: the CPUs' figures side by side, then the large-DW rule table per CPU."""
+    results = sorted(results, key=lambda r: r['results'][0]['cpu'] or '')
+    heads, columns = [], []
+    for r in results:
+        s = r['results'][0]
+        shape = 'x'.join(map(str, s.get('shape') or [])) or '?'
+        heads.append(f"{s['cpu']} ({r['env'].get('torch_threads')} threads, {shape}, "
+                     f"{r['env']['date'][:10]})")
+        columns.append(_figures(s, lambda name, s=s: s['steps'].get(name, {}).get('rc') == 0))
+    labels = list(dict.fromkeys(label for col in columns for label in col))
+    lines = ['| figure | ' + ' | '.join(heads) + ' |', '|---|' + '---|' * len(heads)]
+    lines += [f'| {label} | ' + ' | '.join(col.get(label, 'not measured') for col in columns) + ' |'
+              for label in labels]
+    rules = {}
+    for r, head in zip(results, heads):
+        for row in r['results'][0]['large_dw']:
+            key = (row['stage'], row['kernel'], row['dtype'], row['step'])
+            tuned = (f"; tuned {row['tuned_ms'] / row['best_ms']:.2f}x"
+                     if row.get('tuned_ms') else '')
+            fixed = (f", fixed {row['fixed_ms'] / row['best_ms']:.2f}x"
+                     if row.get('fixed_ms') else '')
+            rules.setdefault(key, {})[head] = f"{row['best']} {row['best_ms']:.2f} ms{tuned}{fixed}"
+    if rules:
+        lines += ['', 'RepLKNet-31B large depthwise convs: the fastest single candidate, and the '
+                  'dispatch in each mode as a multiple of it (input NCHW in fp32, channels_last in '
+                  'bf16, as the backbones hand it in).', '',
+                  '| stage | k | dtype | pass | ' + ' | '.join(heads) + ' |',
+                  '|---|---|---|---|' + '---|' * len(heads)]
+        for (stage, kernel, dtype, step), cells in rules.items():
+            lines.append(f'| {stage} | {kernel} | {dtype} | {step} | '
+                         + ' | '.join(cells.get(h, 'not measured') for h in heads) + ' |')
+    sources = ', '.join(f"commit {r['env'].get('git')}" for r in results)
+    lines += ['', f'*{sources}; torch {results[0]["env"]["torch"]}*']
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Summarise a tools/cpu_check.sh folder.')
+    p.add_argument('out_dir', help='the folder tools/cpu_check.sh wrote')
+    p.add_argument('--record', metavar='DIR',
+                   help='also keep the summary as DIR/cpu_check_<cpu>.json (docs/benchmarks)')
+    args = p.parse_args(argv)
+    result = summarize(args.out_dir)
+    target = os.path.join(args.out_dir, 'cpu_check_summary.json')
+    with open(target, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f'wrote {target}')
+    if args.record:
+        os.makedirs(args.record, exist_ok=True)
+        kept = os.path.join(args.record, f"cpu_check_{slug(result['results'][0]['cpu'])}.json")
+        shutil.copyfile(target, kept)
+        print(f'wrote {kept}')
+    print('\n'.join(render_vendors([result])))
+
+
+if __name__ == '__main__':
+    main()
