@@ -247,8 +247,9 @@ def _usable_cpus():
 
 
 def _cpu_seconds():
-    """(busy seconds of the CPUs this process may run on, this process's CPU seconds), read from
-    /proc/stat; None where it cannot be read (not Linux)."""
+    """(busy seconds of the CPUs this process may run on, this process's CPU seconds, the
+    readings' resolution in seconds: a clock tick per CPU counter), read from /proc/stat; None
+    where it cannot be read (not Linux)."""
     try:
         allowed = {f'cpu{i}' for i in os.sched_getaffinity(0)}
         busy = 0
@@ -263,8 +264,8 @@ def _cpu_seconds():
                     busy += sum(ticks) - ticks[3] - ticks[4]
         if busy == 0:
             return None
-        own = os.times()
-        return busy / os.sysconf('SC_CLK_TCK'), own.user + own.system
+        own, tick = os.times(), 1 / os.sysconf('SC_CLK_TCK')
+        return busy * tick, own.user + own.system, (len(allowed) + 1) * tick
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -425,11 +426,12 @@ class LargeDWTuner:
 
     def other_cores(self, before, after, seconds):
         """CPU cores' worth of work other processes (and the hypervisor) did on this process's
-        CPUs during a timing of ``seconds``, from two :func:`_cpu_seconds` readings."""
+        CPUs during a timing of ``seconds``, from two :func:`_cpu_seconds` readings; what the
+        counters' ticks cannot resolve counts as none (a short timing is never contended)."""
         if before is None or after is None or seconds <= 0:
             return 0.
-        (busy0, own0), (busy1, own1) = before, after
-        return max(0., (busy1 - busy0) - (own1 - own0)) / seconds
+        (busy0, own0, res0), (busy1, own1, res1) = before, after
+        return max(0., (busy1 - busy0) - (own1 - own0) - res0 - res1) / seconds
 
     def contended(self, other_cores, cpus=None, threads=None):
         """Whether other work took CPU time this process's threads needed: more than
