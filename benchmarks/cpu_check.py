@@ -47,13 +47,12 @@ def _median(result, index=0):
 
 def large_dw_rules(result):
     """Per stage, dtype and pass: the fastest single candidate, and the tuned and fixed dispatch
-    against it, in the layout the backbones hand in (NCHW in fp32, channels_last in half
-    precision: ``backbone_channels_last``)."""
+    against it, with NCHW and with channels_last input (a backbone hands in either:
+    ``backbone_layout``)."""
     rows, groups = [], {}
     for r in result['results']:
         groups.setdefault((r['stage'], r['kernel'], r['dtype']), {})[r['candidate']] = r
     for (stage, kernel, dtype), by_cand in groups.items():
-        suffix = '_cl' if dtype in HALF else ''
         for key, label in (('forward', 'fwd'), ('forward_backward', 'fwd+bwd')):
             def ms(cand):
                 rec = by_cand.get(cand) or {}
@@ -63,9 +62,23 @@ def large_dw_rules(result):
                 continue
             best = min(direct, key=direct.get)
             rows.append(dict(stage=stage, kernel=kernel, dtype=dtype, step=label, best=best,
-                             best_ms=direct[best], tuned_ms=ms('tuned' + suffix),
-                             fixed_ms=ms('fixed' + suffix),
-                             layout='channels_last' if suffix else 'nchw'))
+                             best_ms=direct[best], tuned_ms=ms('tuned'), tuned_cl_ms=ms('tuned_cl'),
+                             fixed_ms=ms('fixed'), fixed_cl_ms=ms('fixed_cl')))
+    return rows
+
+
+def layout_choices(tuning):
+    """The whole-backbone layouts the tuner chose (``layout|...`` entries of its cache file)."""
+    rows = []
+    for entries in (tuning or {}).values():
+        for sig, entry in entries.items():
+            if not sig.startswith('layout|'):
+                continue
+            _, module, _, dtype, autocast, shape, step = sig.split('|')
+            rows.append(dict(backbone=module.split(':')[0], mode=module.split(':')[-1],
+                             dtype=dtype, autocast=autocast.replace('autocast ', ''), shape=shape,
+                             step=step, choice=entry['choice'], ms=entry['ms'],
+                             contended=entry.get('contended')))
     return rows
 
 
@@ -82,6 +95,7 @@ def summarize(out_dir):
     env = dict(loaded[0]['env'])
     summary = dict(cpu=env.get('cpu'), flags=[], steps={}, stalls=[], infer={}, train_31b={},
                    overhead={}, large_dw=large_dw_rules(large_dw) if large_dw else [],
+                   layouts=layout_choices(_json(path('cache/large_dw_tuning.json'))),
                    shape=loaded[0]['settings'].get('shape'))
     cpu_log = _read(path('cpu.log')) or ''
     summary['flags'] = re.findall(r'^cpu flag: (\S+)', cpu_log, re.M)
@@ -152,6 +166,12 @@ def _figures(s, step_ok):
             out[f'{label} fused inference, fp32 / bf16 autocast'] = (
                 f"{_ms(t.get('fp32'))} / {_ms(t.get('bf16'))}"
                 f"{_speedup(t.get('fp32'), t.get('bf16'))}")
+    for row in s.get('layouts', []):
+        precision = row['dtype'] if row['autocast'] == 'off' else f"{row['autocast']} autocast"
+        times = ' vs '.join(f"{row['ms'][name] / 1e3:.2f} s" for name in ('channels_last', 'nchw')
+                            if name in row['ms'])
+        out[f"{row['backbone']} whole-backbone layout, {row['mode']} {row['shape']} {precision} "
+            f"{row['step']} (channels_last vs NCHW)"] = f"{row['choice']}: {times}"
     if s['train_31b']:
         t = s['train_31b']
         out['UperNet-RepLKNet-31B training step, tuned / fixed dispatch'] = (
@@ -183,15 +203,18 @@ def render_vendors(results):
     for r, head in zip(results, heads):
         for row in r['results'][0]['large_dw']:
             key = (row['stage'], row['kernel'], row['dtype'], row['step'])
-            tuned = (f"; tuned {row['tuned_ms'] / row['best_ms']:.2f}x"
-                     if row.get('tuned_ms') else '')
-            fixed = (f", fixed {row['fixed_ms'] / row['best_ms']:.2f}x"
-                     if row.get('fixed_ms') else '')
-            rules.setdefault(key, {})[head] = f"{row['best']} {row['best_ms']:.2f} ms{tuned}{fixed}"
+            def ratios(mode):
+                nchw, cl = row.get(f'{mode}_ms'), row.get(f'{mode}_cl_ms')
+                if not nchw and not cl:
+                    return ''
+                fmt = [f'{t / row["best_ms"]:.2f}x' if t else '-' for t in (nchw, cl)]
+                return f'; {mode} {fmt[0]} / {fmt[1]}'
+            rules.setdefault(key, {})[head] = (f"{row['best']} {row['best_ms']:.2f} ms"
+                                               f"{ratios('tuned')}{ratios('fixed')}")
     if rules:
         lines += ['', 'RepLKNet-31B large depthwise convs: the fastest single candidate, and the '
-                  'dispatch in each mode as a multiple of it (input NCHW in fp32, channels_last in '
-                  'bf16, as the backbones hand it in).', '',
+                  'dispatch in each mode as a multiple of it, with the input NCHW / channels_last '
+                  '(a backbone hands in either, as its layout is chosen).', '',
                   '| stage | k | dtype | pass | ' + ' | '.join(heads) + ' |',
                   '|---|---|---|---|' + '---|' * len(heads)]
         for (stage, kernel, dtype, step), cells in rules.items():

@@ -89,6 +89,12 @@ def _check_folder(path, cpu, overhead=True):
             _dw('stage1', 'bf16', 'tuned_cl', 8., 40.),
             _dw('stage1', 'bf16', 'tuned', 99., 99.)]),
     }
+    (path / 'cache').mkdir()
+    sig = 'layout|RepLKNet:78500224:eval|cpu|float32|autocast off|1x3x512x512|fwd'
+    (path / 'cache' / 'large_dw_tuning.json').write_text(json.dumps({'AMD EPYC (2 threads)': {
+        sig: dict(choice='channels_last', ms={'channels_last': 531.8, 'nchw': 590.2},
+                  contended=False),
+        'cpu|float32|nchw|1x4x20x18|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
     if overhead:
         files['cpu_train-overhead_upernet-r50.json'] = _result(
             'compare', cpu, [_model(8000.), _model(8200.)],
@@ -109,11 +115,15 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert s['overhead']['upernet-r50'] == dict(ratio=1.025, paired=1.02, plain_ms=8000.)
     assert s['suite'] == '556 passed, 4 skipped in 217.83s (0:03:37); wall time 4m47.283s'
     rules = {(r['dtype'], r['step']): r for r in s['large_dw']}
-    # the fastest single candidate, and the dispatch in the layout the backbones hand in
+    # the fastest single candidate, and the dispatch with each input layout
     assert rules['fp32', 'fwd']['best'] == 'fft' and rules['fp32', 'fwd']['fixed_ms'] == 20.
     assert rules['fp32', 'fwd+bwd']['best'] == 'fft' and rules['fp32', 'fwd+bwd']['tuned_ms'] == 31.
-    assert rules['bf16', 'fwd']['tuned_ms'] == 8.
-    assert rules['bf16', 'fwd']['layout'] == 'channels_last'
+    assert rules['bf16', 'fwd']['tuned_cl_ms'] == 8. and rules['bf16', 'fwd']['tuned_ms'] == 99.
+    assert rules['fp32', 'fwd']['fixed_cl_ms'] is None  # not measured
+    layout, = s['layouts']
+    assert layout == dict(backbone='RepLKNet', mode='eval', dtype='float32', autocast='off',
+                          shape='1x3x512x512', step='fwd', choice='channels_last',
+                          ms={'channels_last': 531.8, 'nchw': 590.2}, contended=False)
 
 
 def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
@@ -125,8 +135,13 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     assert row.count('1600 ms / 800 ms (2.00x)') == 2
     row = next(line for line in lines if 'overhead, UperNet-R50' in line)
     assert '1.025, paired 1.020 at 8.0 s per plain step' in row and row.endswith('not measured |')
-    assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x, '
-                               'fixed 2.00x') for line in lines)
+    assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x / -; '
+                               'fixed 2.00x / -') for line in lines)
+    assert any(line.startswith('| stage1 | 31 | bf16 | fwd | cl_conv2d 8.00 ms; tuned 12.38x / '
+                               '1.00x |') for line in lines)
+    row = next(line for line in lines if 'whole-backbone layout' in line)
+    assert row.startswith('| RepLKNet whole-backbone layout, eval 1x3x512x512 float32 fwd '
+                          '(channels_last vs NCHW) | channels_last: 0.53 s vs 0.59 s |')
     # tools/bench_report.py fills the doc's side-by-side block from the kept summaries
     for name, result in (('cpu_check_amd-epyc.json', amd), ('cpu_check_intel-xeon.json', intel)):
         (tmp_path / name).write_text(json.dumps(result))

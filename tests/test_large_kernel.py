@@ -368,6 +368,101 @@ def test_entries_from_before_contention_was_recorded_are_timed_again(tuner, monk
     assert large_kernel.choose(x, w, None, 1, p) == 'fft' and 'fft' in tuner.measured
 
 
+class _ToyBackbone(torch.nn.Module):
+    """A backbone that asks :func:`backbone_layout` for its layout, as RepLKNet does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.layouts = []
+
+    def forward(self, x):
+        return self.in_layout(x, large_kernel.backbone_layout(self, x, self.in_layout))
+
+    def in_layout(self, x, channels_last):
+        self.layouts.append(channels_last)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.bn(self.conv(x)) + 0 * torch.rand(1)  # draws from the RNG, as drop-path does
+        return (out.contiguous(), )
+
+
+def test_backbone_layout_is_timed_once_and_leaves_no_trace(tuner):
+    import copy
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    toy = _ToyBackbone().train()
+    ref = copy.deepcopy(toy)
+    x, r = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    torch.manual_seed(0)
+    want = ref.in_layout(x, False)[0]
+    (want * r).sum().backward()
+    after_ref = torch.rand(3)
+    torch.manual_seed(0)
+    out = toy(x)[0]
+    assert toy.layouts == [False, True, True]  # one timed run each, then the call, channels_last
+    assert toy.conv.weight.grad is None  # the timing's backward wrote no .grad
+    # one forward's worth of BN statistics, the RNG where it would be without the timing
+    torch.testing.assert_close(toy.bn.running_mean, ref.bn.running_mean)
+    assert toy.bn.num_batches_tracked.item() == 1
+    (out * r).sum().backward()
+    torch.testing.assert_close(torch.rand(3), after_ref)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = ref.conv.weight.grad  # the same sums in another order
+    torch.testing.assert_close(toy.conv.weight.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+    toy(x)  # cached: not timed again
+    assert toy.layouts[3:] == [True] and tuner.measured == ['nchw', 'channels_last']
+    entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()
+    assert entry['choice'] == 'channels_last' and entry['fixed'] == 'nchw'
+    sig, = json.loads(tuner.cache_path.read_text()).popitem()[1]
+    assert sig == 'layout|_ToyBackbone:156:train|cpu|float32|autocast off|2x4x8x8|fwd+bwd'
+    with torch.no_grad():  # inference is another signature
+        toy.eval()(x)
+    assert tuner.measured[2:] == ['nchw', 'channels_last']
+
+
+def test_backbone_layout_follows_the_rule_where_it_is_not_timed(tuner, monkeypatch):
+    toy, x = _ToyBackbone(), torch.randn(1, 4, 8, 8)
+    with dispatch_mode('fixed'):
+        toy(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # half precision under autocast too
+            toy(x)
+    assert toy.layouts == [False, True]
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)  # ranks must run alike
+    toy(x)
+    monkeypatch.undo()
+    toy(x.contiguous(memory_format=torch.channels_last))  # not ours to change
+    assert toy.layouts[2:] == [False, False] and tuner.measured == []
+    meta = torch.randn(1, 4, 8, 8, device='meta').bfloat16()
+    assert large_kernel.backbone_layout(toy, meta, toy.in_layout) is False
+    assert backbone_channels_last(x.bfloat16()) and not backbone_channels_last(x)
+
+
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_replknet_trains_alike_in_the_layout_it_is_given(tuner, with_cp):
+    import copy
+
+    from reparam_mm.backbones import RepLKNet
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0, 'fft': 0.1}
+    model = RepLKNet(arch='tiny', out_indices=(0, 1), with_cp=with_cp).train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    outs = model(x)
+    assert tuner.choices and all(o.is_contiguous() for o in outs)
+    assert any(sig.startswith('layout|RepLKNet') for _, sig in tuner.choices)
+    with dispatch_mode('fixed'):  # fp32: NCHW throughout
+        want = ref(x)
+    grads = [torch.randn_like(o) for o in outs]  # not ones: BN makes those sum to ~0
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(want, grads)
+    for a, b in zip(outs, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    # as one vector: BN-fed parameters' grads are sums that nearly cancel, in either layout
+    got = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    ref_grad = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
+    assert got.shape == ref_grad.shape
+    assert float((got - ref_grad).norm() / ref_grad.norm()) < 1e-4
+
+
 def test_signature_separates_what_changes_the_choice(tuner):
     x, w, p = _call()
     base = large_kernel.signature(x, w, 1, p, 1)

@@ -351,12 +351,16 @@ class RepLKNet(LargeKernelBackbone):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
-        # the layout policy lives in layers/large_kernel.py: channels_last on CPU
-        restore = x.is_contiguous() and large_kernel.backbone_channels_last(x)
-        if restore:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs = [out.contiguous() if restore else out for out in self._forward(x)]
-        return tuple(outs)
+        # the layout policy lives in layers/large_kernel.py: on CPU the faster one, timed
+        channels_last = large_kernel.backbone_layout(self, x, self._forward_in_layout)
+        return self._forward_in_layout(x, channels_last)
+
+    def _forward_in_layout(self, x, channels_last):
+        """The features for ``x``, computed channels_last or not, returned in ``x``'s layout."""
+        if not channels_last:
+            return tuple(self._forward(x))
+        outs = self._forward(x.contiguous(memory_format=torch.channels_last))
+        return tuple(out.contiguous() for out in outs)
 
     def _forward(self, x):
         x = self.stem[0](x)

@@ -19,6 +19,7 @@ once, as ``torch.backends.cudnn.benchmark`` does. The choice is kept in memory a
 (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``) keyed by the device
 name and library versions, so a machine times a signature once (a timing during which other
 processes used the CPUs it needs is timed again by the next process: :class:`LargeDWTuner`).
+The layout a whole backbone runs in is tuned the same way (:func:`backbone_layout`).
 **Fixed mode** applies rules measured on one CPU (:func:`fixed_choice`); choose it with
 ``REPARAM_MM_LARGE_DW=fixed``, a config's top-level ``large_dw_dispatch = 'fixed'``, or
 :func:`dispatch_mode`.
@@ -47,7 +48,8 @@ from ..cpu_malloc import kept_freed_memory
 
 __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'CANDIDATES', 'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
-           'use_channels_last', 'use_fft', 'backbone_channels_last', 'fft_min_kernel',
+           'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
+           'layout_signature', 'fft_min_kernel',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
            'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature']
 
@@ -347,7 +349,7 @@ class LargeDWTuner:
             return
         for sig, entry in entries.items():
             # entries timed under contention, or before contention was recorded, are timed again
-            if (isinstance(entry, dict) and entry.get('choice') in CANDIDATES
+            if (isinstance(entry, dict) and entry.get('choice') in (*CANDIDATES, *LAYOUTS)
                     and entry.get('contended') is False):
                 self.choices.setdefault((key, sig), entry['choice'])
 
@@ -451,13 +453,55 @@ class LargeDWTuner:
         grad = sig.endswith('fwd+bwd')
         runs = {name: _timed_call(name, x, weight, bias, stride, padding, dilation, grad)
                 for name in names}
-        on_cpu = x.device.type == 'cpu'
+        return self._time_and_keep(key, sig, runs, x.device.type == 'cpu',
+                                   fixed_choice(x, weight.shape[-2:], stride, padding, dilation))
+
+    def choose_layout(self, module, x, forward):
+        """'channels_last' or 'nchw': the faster layout for a whole backbone ``forward(x,
+        channels_last)`` on this input, timed once per signature like the convs.
+
+        The timing runs leave no trace: buffers (BN statistics) are restored, the RNG stream is
+        forked, and with gradients the backward goes through ``torch.autograd.grad``, so no
+        ``.grad`` is written.
+        """
+        key = self.device_key(x.device)
+        sig = layout_signature(module, x)
+        self._load(key)
+        if (key, sig) in self.choices:
+            return self.choices[(key, sig)]
+        params = [p for p in module.parameters() if p.requires_grad]
+        grad = sig.endswith('fwd+bwd')
+
+        def timed(channels_last):
+            def run():
+                if not grad:
+                    with torch.no_grad():
+                        forward(x, channels_last)
+                    return
+                outs = forward(x, channels_last)
+                total = sum(o.float().sum() for o in outs)
+                torch.autograd.grad(total, params, allow_unused=True)
+            return run
+        saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
+                                                      for name in LAYOUTS},
+                                           x.device.type == 'cpu', fixed_layout(x))
+        finally:
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    b.copy_(saved[name])
+
+    def _time_and_keep(self, key, sig, runs, on_cpu, fixed):
+        """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
+        time, the fixed rule's choice and the other processes' load during the timing."""
         before, start = _cpu_seconds() if on_cpu else None, self.clock()
         times, errors = self.time_candidates(runs)
         seconds = self.clock() - start
         others = self.other_cores(before, _cpu_seconds() if on_cpu else None, seconds)
         if not times:
-            raise RuntimeError(f'no large depthwise conv candidate ran {sig}: {errors}')
+            raise RuntimeError(f'no candidate ran {sig}: {errors}')
         choice = min(times, key=times.get)
         self.choices[(key, sig)] = choice
         contended = on_cpu and self.contended(others)
@@ -469,9 +513,8 @@ class LargeDWTuner:
                 'process only and timed again by the next one (lasting choices need a quiet '
                 'machine).')
         self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
-                                  errors=errors, fixed=fixed_choice(x, weight.shape[-2:], stride,
-                                                                    padding, dilation),
-                                  other_cores=round(others, 2), contended=contended))
+                                  errors=errors, fixed=fixed, other_cores=round(others, 2),
+                                  contended=contended))
         return choice
 
 
@@ -500,7 +543,9 @@ def _keep(t):
     return t
 
 
-#: the process-wide tuner used by :func:`large_depthwise_conv2d`
+#: the whole-backbone layouts :func:`backbone_layout` chooses between
+LAYOUTS = ('nchw', 'channels_last')
+#: the process-wide tuner used by :func:`large_depthwise_conv2d` and :func:`backbone_layout`
 TUNER = LargeDWTuner()
 _state = dict(mode=None, forced=None)
 
@@ -574,13 +619,56 @@ def choose(x, weight, bias=None, stride=1, padding=0, dilation=1):
 
 
 def backbone_channels_last(x: torch.Tensor) -> bool:
-    """Whether a large-kernel backbone should run its whole forward channels_last for ``x``.
+    """The fixed rule: whether a large-kernel backbone runs its whole forward channels_last.
 
-    On CPU, in half precision: oneDNN's convs are native in NHWC, and the backbones pad their
-    large kernels by ``k // 2`` (safe). In fp32 the 31/29/27 kernels are fastest through FFTs,
-    which want NCHW (docs/benchmarks.md). The backbone returns features in the input's layout.
+    On CPU, in half precision (the input's dtype or autocast's): oneDNN's convs are native in
+    NHWC, and the backbones pad their large kernels by ``k // 2`` (safe). In fp32 the 31/29/27
+    kernels were fastest through FFTs, which want NCHW. Tuned mode times both instead
+    (:func:`backbone_layout`). The backbone returns features in the input's layout.
     """
-    return x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _HALF_DTYPES
+    if x.device.type != 'cpu' or x.dim() != 4:
+        return False
+    autocast_half = torch.is_autocast_enabled('cpu') and \
+        torch.get_autocast_dtype('cpu') in _HALF_DTYPES
+    return x.dtype in _HALF_DTYPES or autocast_half
+
+
+def fixed_layout(x):
+    return 'channels_last' if backbone_channels_last(x) else 'nchw'
+
+
+def layout_signature(module, x):
+    """A whole-backbone layout choice's tuning key: the backbone (class, size, train / eval), the
+    input, autocast, and whether gradients are needed."""
+    autocast = (str(torch.get_autocast_dtype(x.device.type))[6:]
+                if torch.is_autocast_enabled(x.device.type) else 'off')
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for p in module.parameters()))
+    size = sum(p.numel() for p in module.parameters())
+    return (f'layout|{type(module).__name__}:{size}:{"train" if module.training else "eval"}'
+            f'|{x.device.type}|{str(x.dtype)[6:]}|autocast {autocast}|{"x".join(map(str, x.shape))}'
+            f'|{"fwd+bwd" if grad else "fwd"}')
+
+
+def _distributed():
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def backbone_layout(module, x, forward) -> bool:
+    """Whether backbone ``module`` runs ``forward(x, channels_last)`` channels_last for ``x``.
+
+    On CPU in tuned mode both layouts are timed once per :func:`layout_signature`, as the convs
+    are, since which is faster depends on the CPU and on the convs' choices (NHWC suits oneDNN's
+    1x1 convs, the FFT wants NCHW). The fixed rule (:func:`backbone_channels_last`) decides in
+    fixed mode, while exporting or compiling, and in distributed runs, whose ranks must run the
+    same number of forwards (SyncBN). Other devices keep the input's layout.
+    """
+    if x.device.type != 'cpu' or x.dim() != 4 or not x.is_contiguous():
+        return False
+    if _mode() == 'fixed' or _exporting() or _distributed():
+        return backbone_channels_last(x)
+    return TUNER.choose_layout(module, x, forward) == 'channels_last'
 
 
 def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
