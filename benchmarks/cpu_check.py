@@ -120,6 +120,11 @@ def summarize(out_dir):
             summary['overhead'][model] = dict(ratio=ratio['median_ratio'],
                                               paired=ratio.get('paired_median'),
                                               plain_ms=_median(result, 0))
+            b = result.get('breakdown')
+            if b:
+                summary['overhead'][model].update(
+                    composition_ms=b['composition_ms'], optimizer_ms=b['optimizer_extra_ms'],
+                    rest_ms=b['rest_ms'])
     suite = _read(path('suite.log')) or ''
     outcome = re.findall(r'^=*\s*(\d+ (?:passed|failed|errors?)\b.*? in [\d.]+s(?: \([\d:]+\))?)'
                          r'\s*=*$', suite, re.M)
@@ -180,8 +185,12 @@ def _figures(s, step_ok):
         o = s['overhead'].get(model)
         if o:
             paired = f", paired {o['paired']:.3f}" if o.get('paired') else ''
+            parts = ''
+            if 'composition_ms' in o:
+                parts = (f"; extra: composition {o['composition_ms']:.0f} ms, optimizer "
+                         f"{o['optimizer_ms']:.0f} ms, rest {o['rest_ms']:.0f} ms")
             out[f'DO-Conv training overhead, {label}'] = (
-                f"{o['ratio']:.3f}{paired} at {_ms(o['plain_ms'], 's')} per plain step")
+                f"{o['ratio']:.3f}{paired} at {_ms(o['plain_ms'], 's')} per plain step{parts}")
     return out
 
 

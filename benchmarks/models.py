@@ -307,4 +307,8 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))
+    if settings.get('weights_held'):  # a plain and a DO-Conv model, one function: split B - A
+        from .doconv_profile import breakdown
+        result['breakdown'] = breakdown(
+            variants, [r['latency']['median_ms'] for r in result['results']], min(repeat, 5))
     return result

@@ -83,6 +83,9 @@ def render_models(result):
                 f"paired ratio median {q['paired_median']:.3f}, IQR {q['paired_p25']:.3f}-"
                 f"{q['paired_p75']:.3f}, {len(result['results'][0]['latency']['times_ms'])} "
                 'rounds, alternating order).']
+        if result.get('breakdown'):
+            from .doconv_profile import render_breakdown
+            out += ['', render_breakdown(result['breakdown'])]
         diff = s.get('output_difference')
         if diff:
             out.append(f"Same weights in both: outputs differ by at most {diff['max_rel']:.1e} "

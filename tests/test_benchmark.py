@@ -14,6 +14,7 @@ import reparam_mm  # noqa: F401
 from benchmarks import doconv_layers as DL
 from benchmarks import large_dw as LDW
 from benchmarks import measure as M
+from benchmarks.doconv_profile import composition_ms, doconv_layers, optimizer_step_ms
 from benchmarks import models as BM
 from benchmarks import report
 from conftest import ROOT, load_tool
@@ -368,6 +369,29 @@ def test_training_compare_starts_the_doconv_model_as_the_plain_one(tmp_path):
         assert rec['memory']['minor_faults_median'] >= 0
         assert rec['memory']['system_s_median'] >= 0
     assert 'page faults / run (k)' in "\n".join(report.render_models(res))
+    # the step difference split: B composes its kernels and steps more tensors; A neither
+    b = res['breakdown']
+    (pa, pb) = b['variants']
+    assert pa['composition'] is None and pb['composition']['layers'] == len(
+        doconv_layers(BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 1).model)) > 0
+    assert pb['composition']['forward_ms'] > 0 and pb['optimizer']['tensors'] > pa['optimizer'][
+        'tensors']
+    assert b['rest_ms'] == pytest.approx(b['step_extra_ms'] - b['composition_ms']
+                                         - b['optimizer_extra_ms'])
+    assert "Where B's extra" in "\n".join(report.render_models(res))
+
+
+def test_breakdown_timings_leave_gradients_and_weights_as_they_were():
+    v = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 1)
+    with pytest.raises(ValueError, match='only with the weights held'):
+        optimizer_step_ms(v, repeat=1)
+    v.hold_weights()
+    weights = {k: p.detach().clone() for k, p in v.model.named_parameters()}
+    comp = composition_ms(v.model, repeat=1)
+    opt = optimizer_step_ms(v, repeat=1)
+    assert comp['layers'] > 0 and comp['backward_ms'] >= 0 and opt['ms'] > 0
+    assert all(p.grad is None for p in v.model.parameters())
+    assert all(torch.equal(p, weights[k]) for k, p in v.model.named_parameters())
 
 
 def test_held_weights_stay_through_training_steps():

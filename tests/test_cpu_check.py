@@ -50,6 +50,10 @@ def test_a_step_past_its_limit_is_stopped_with_what_it_started(tmp_path):
     assert '== timeout: stopped at its 2 s limit' in log and '== timeout: rc=124' in log
     left = subprocess.run(['pgrep', '-f', 'test_throwaway_sleep'], capture_output=True, text=True)
     assert left.stdout == ''  # pytest, started by the step, went with it
+    # a later run of another step into the same folder appends, and its status is its own
+    assert run(str(tmp_path), '--quick', CPU_CHECK_STEPS='cpu').returncode == 0
+    log = (tmp_path / 'cpu_check.log').read_text()
+    assert '== timeout: rc=124' in log and '== cpu: rc=0' in log and log.count('== run ') == 2
 
 
 # -- the summary ----------------------------------------------------------------------------------
