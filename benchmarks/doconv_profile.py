@@ -20,12 +20,17 @@ def doconv_layers(model):
     return [m for m in model.modules() if isinstance(m, DOConv2d) and m.D is not None]
 
 
-def _median_ms(fn, repeat):
+def _median_ms(fn, repeat, device):
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
     fn()  # warm-up
     times = []
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1e3
 
@@ -46,8 +51,8 @@ def composition_ms(model, repeat=5):
     def forward_backward():
         torch.autograd.grad(forward(), params, grads)  # no .grad written
 
-    fwd = _median_ms(forward, repeat)
-    both = _median_ms(forward_backward, repeat)
+    fwd = _median_ms(forward, repeat, params[0].device)
+    both = _median_ms(forward_backward, repeat, params[0].device)
     for p, g in zip(params, saved):
         p.grad = g
     return dict(layers=len(layers), forward_ms=fwd, backward_ms=max(0., both - fwd),
@@ -65,7 +70,7 @@ def optimizer_step_ms(variant, repeat=5):
     saved = [p.grad for p in params]
     for p in params:
         p.grad = torch.zeros_like(p)
-    ms = _median_ms(optimizer.step, repeat)
+    ms = _median_ms(optimizer.step, repeat, params[0].device)
     for p, g in zip(params, saved):
         p.grad = g
     return dict(ms=ms, tensors=len(params), params=sum(p.numel() for p in params))
@@ -80,7 +85,9 @@ def breakdown(variants, step_ms, repeat=5):
     """The step difference B - A split into DO-Conv composition, optimizer and the rest."""
     per = []
     for v in variants:
-        per.append(dict(name=v.name, composition=composition_ms(v.model, repeat),
+        with v.optim_wrapper.optim_context(v.model):  # autocast, as in the step, under AMP
+            composition = composition_ms(v.model, repeat)
+        per.append(dict(name=v.name, composition=composition,
                         optimizer=optimizer_step_ms(v, repeat)))
     extra = step_ms[1] - step_ms[0]
     comp_ms = _composition_total(per[1]) - _composition_total(per[0])
