@@ -20,6 +20,8 @@ from .measure import SCHEMA
 STALL_LINE = re.compile(r'\((\d+), (\d+)\) pad \((\d+), (\d+)\) channels_last=(True|False) '
                         r'(fixed|tuned): ([\d.]+) s')
 STEP_LINE = re.compile(r'^== (\w+): rc=(\d+) in (\d+) s$', re.M)
+#: tests/test_large_kernel.py's stalling calls: 2 kernels x 2 layouts x 2 dispatch modes
+STALLING_CALLS = 8
 #: the candidates that compute one way each (the rest are the dispatch in a mode)
 DIRECT = ('nchw_conv2d', 'cl_conv2d', 'fft')
 HALF = ('bf16', 'fp16')
@@ -158,10 +160,17 @@ def _figures(s, step_ok):
     out['CPU flags (AMX / bf16)'] = ', '.join(flags) or 'none of amx_bf16, avx512_bf16, avx512f'
     if s.get('suite'):
         out['`make test` from a clean clone'] = s['suite']
-    if s['stalls']:
-        worst = max(s['stalls'], key=lambda r: r['seconds'])
-        out['the 8 bf16 calls that stalled oneDNN on AMX'] = (
-            f"all returned; slowest {worst['seconds']:.3f} s ({worst['mode']})")
+    if s['stalls'] or 'stalls' in s['steps']:
+        returned = len(s['stalls'])
+        worst = max(s['stalls'], key=lambda r: r['seconds'], default=None)
+        text = f'{returned} of {STALLING_CALLS} returned'
+        if worst:
+            text += f"; slowest {worst['seconds']:.3f} s ({worst['mode']})"
+        if 'stalls' not in s['steps']:
+            text += '; the step has no status in cpu_check.log'
+        elif not step_ok('stalls'):
+            text += f"; the step FAILED (rc={s['steps']['stalls']['rc']})"
+        out[f'the {STALLING_CALLS} bf16 calls that stalled oneDNN on AMX'] = text
     if 'timeout' in s['steps']:
         out['per-test time limit on a sleeping test'] = (
             'fired, test named' if step_ok('timeout') else 'did NOT fire as expected')
