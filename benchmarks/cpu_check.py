@@ -47,25 +47,41 @@ def _median(result, index=0):
     return result['results'][index]['latency']['median_ms'] if result else None
 
 
-def large_dw_rules(result):
+TORCH_DTYPE = dict(fp32='float32', bf16='bfloat16', fp16='float16')
+#: the dispatch's candidate names, shortened for table cells
+SHORT = dict(direct_nchw='nchw', direct_channels_last='cl', fft='fft', triton='triton')
+
+
+def large_dw_rules(result, tuning=None):
     """Per stage, dtype and pass: the fastest single candidate, and the tuned and fixed dispatch
     against it, with NCHW and with channels_last input (a backbone hands in either:
-    ``backbone_layout``)."""
+    ``backbone_layout``); with the tuner's cache, which candidate it chose for each input."""
+    choices = {sig: entry.get('choice') for entries in (tuning or {}).values()
+               for sig, entry in entries.items()}
     rows, groups = [], {}
     for r in result['results']:
         groups.setdefault((r['stage'], r['kernel'], r['dtype']), {})[r['candidate']] = r
     for (stage, kernel, dtype), by_cand in groups.items():
+        shape = next(iter(by_cand.values()))
         for key, label in (('forward', 'fwd'), ('forward_backward', 'fwd+bwd')):
             def ms(cand):
                 rec = by_cand.get(cand) or {}
                 return (rec.get(key) or {}).get('median_ms')
+
+            def chosen(layout):  # large_kernel.signature() of the benchmark's call
+                p = kernel // 2
+                return choices.get(
+                    f"cpu|{TORCH_DTYPE.get(dtype, dtype)}|{layout}|{shape['batch']}x"
+                    f"{shape['channels']}x{shape['height']}x{shape['width']}|k{kernel}x{kernel}"
+                    f"|s1x1|p{p}x{p}|d1x1|{label}")
             direct = {c: ms(c) for c in DIRECT if ms(c) is not None}
             if not direct:
                 continue
             best = min(direct, key=direct.get)
             rows.append(dict(stage=stage, kernel=kernel, dtype=dtype, step=label, best=best,
                              best_ms=direct[best], tuned_ms=ms('tuned'), tuned_cl_ms=ms('tuned_cl'),
-                             fixed_ms=ms('fixed'), fixed_cl_ms=ms('fixed_cl')))
+                             fixed_ms=ms('fixed'), fixed_cl_ms=ms('fixed_cl'),
+                             tuned_choice=chosen('nchw'), tuned_cl_choice=chosen('channels_last')))
     return rows
 
 
@@ -89,6 +105,7 @@ def summarize(out_dir):
     def path(name):
         return os.path.join(out_dir, name)
     large_dw = _json(path('cpu_large-dw.json'))
+    tuning = _json(path('cache/large_dw_tuning.json'))
     loaded = [_json(p) for p in sorted(glob.glob(path('cpu_*.json')))]
     loaded = [r for r in loaded if r and r.get('schema') == SCHEMA and r.get('kind') != 'cpu_check']
     if not loaded:
@@ -96,8 +113,8 @@ def summarize(out_dir):
                          f'`tools/cpu_check.sh {out_dir}` first.')
     env = dict(loaded[0]['env'])
     summary = dict(cpu=env.get('cpu'), flags=[], steps={}, stalls=[], infer={}, train_31b={},
-                   overhead={}, large_dw=large_dw_rules(large_dw) if large_dw else [],
-                   layouts=layout_choices(_json(path('cache/large_dw_tuning.json'))),
+                   overhead={}, large_dw=large_dw_rules(large_dw, tuning) if large_dw else [],
+                   layouts=layout_choices(tuning),
                    shape=loaded[0]['settings'].get('shape'))
     cpu_log = _read(path('cpu.log')) or ''
     summary['flags'] = re.findall(r'^cpu flag: (\S+)', cpu_log, re.M)
@@ -225,14 +242,20 @@ def render_vendors(results):
                 nchw, cl = row.get(f'{mode}_ms'), row.get(f'{mode}_cl_ms')
                 if not nchw and not cl:
                     return ''
-                fmt = [f'{t / row["best_ms"]:.2f}x' if t else '-' for t in (nchw, cl)]
+                fmt = []
+                for t, layout in ((nchw, ''), (cl, '_cl')):
+                    choice = row.get(f'{mode}{layout}_choice') if mode == 'tuned' else None
+                    fmt.append((f'{t / row["best_ms"]:.2f}x' if t else '-')
+                               + (f' ({SHORT.get(choice, choice)})' if choice else ''))
                 return f'; {mode} {fmt[0]} / {fmt[1]}'
             rules.setdefault(key, {})[head] = (f"{row['best']} {row['best_ms']:.2f} ms"
                                                f"{ratios('tuned')}{ratios('fixed')}")
     if rules:
         lines += ['', 'RepLKNet-31B large depthwise convs: the fastest single candidate, and the '
                   'dispatch in each mode as a multiple of it, with the input NCHW / channels_last '
-                  '(a backbone hands in either, as its layout is chosen).', '',
+                  '(a backbone hands in either, as its layout is chosen); in brackets the '
+                  "candidate the tuner chose (nchw / cl: oneDNN's direct conv in that layout).",
+                  '',
                   '| stage | k | dtype | pass | ' + ' | '.join(heads) + ' |',
                   '|---|---|---|---|' + '---|' * len(heads)]
         for (stage, kernel, dtype, step), cells in rules.items():

@@ -69,7 +69,8 @@ def _model(ms):
 
 
 def _dw(stage, dtype, cand, fwd, fwd_bwd):
-    return dict(stage=stage, kernel=31, dtype=dtype, candidate=cand,
+    return dict(stage=stage, kernel=31, dtype=dtype, candidate=cand, batch=1, channels=128,
+                height=128, width=128,
                 forward=dict(median_ms=fwd), forward_backward=dict(median_ms=fwd_bwd))
 
 
@@ -98,7 +99,7 @@ def _check_folder(path, cpu, overhead=True):
     (path / 'cache' / 'large_dw_tuning.json').write_text(json.dumps({'AMD EPYC (2 threads)': {
         sig: dict(choice='channels_last', ms={'channels_last': 531.8, 'nchw': 590.2},
                   contended=False),
-        'cpu|float32|nchw|1x4x20x18|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
+        'cpu|float32|nchw|1x128x128x128|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
     if overhead:
         files['cpu_train-overhead_upernet-r50.json'] = _result(
             'compare', cpu, [_model(8000.), _model(8200.)],
@@ -124,6 +125,8 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert rules['fp32', 'fwd+bwd']['best'] == 'fft' and rules['fp32', 'fwd+bwd']['tuned_ms'] == 31.
     assert rules['bf16', 'fwd']['tuned_cl_ms'] == 8. and rules['bf16', 'fwd']['tuned_ms'] == 99.
     assert rules['fp32', 'fwd']['fixed_cl_ms'] is None  # not measured
+    assert rules['fp32', 'fwd']['tuned_choice'] == 'fft'  # from the tuner's cache
+    assert rules['fp32', 'fwd+bwd']['tuned_choice'] is None  # not in it
     layout, = s['layouts']
     assert layout == dict(backbone='RepLKNet', mode='eval', dtype='float32', autocast='off',
                           shape='1x3x512x512', step='fwd', choice='channels_last',
@@ -141,7 +144,7 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     assert '| 2 of 8 returned; slowest 0.281 s (tuned); the step has no status in' in row
     row = next(line for line in lines if 'overhead, UperNet-R50' in line)
     assert '1.025, paired 1.020 at 8.0 s per plain step' in row and row.endswith('not measured |')
-    assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x / -; '
+    assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x (fft) / -; '
                                'fixed 2.00x / -') for line in lines)
     assert any(line.startswith('| stage1 | 31 | bf16 | fwd | cl_conv2d 8.00 ms; tuned 12.38x / '
                                '1.00x |') for line in lines)
