@@ -221,7 +221,7 @@ def tuner(monkeypatch, tmp_path):
     fresh = large_kernel.LargeDWTuner()
     fresh.times, fresh.measured = {}, []
 
-    def time_candidates(runs):
+    def time_candidates(runs, warm_up=True):
         times, errors = {}, {}
         for name, run in runs.items():
             try:
@@ -264,7 +264,7 @@ def test_tuner_picks_the_fastest_and_caches_it(tuner, monkeypatch, fastest):
     assert entry['fixed'] == 'fft'
     # another process (a fresh tuner) reads the file instead of timing again
     other = large_kernel.LargeDWTuner()
-    other.time_candidates = lambda *a: pytest.fail('a cached signature was timed again')
+    other.time_candidates = lambda *a, **k: pytest.fail('a cached signature was timed again')
     monkeypatch.setattr(large_kernel, 'TUNER', other)
     assert large_kernel.choose(x, w, None, 1, p) == fastest
 
@@ -305,6 +305,15 @@ def test_candidates_are_timed_in_interleaved_rounds_after_a_warm_up():
     assert log[5:23] == ['a'] * 9 + ['b'] * 9  # warm-up: 10 runs each (under 0.4 s)
     rounds = log[23:]
     assert len(rounds) >= 6 and rounds == ['a', 'b'] * (len(rounds) // 2)  # then alternating
+
+
+def test_whole_backbones_are_timed_without_the_long_warm_up():
+    tuner, clock = large_kernel.LargeDWTuner(), _FakeClock()
+    tuner.clock = clock
+    runs = {'nchw': clock.run('nchw', [0.3, 0.1]), 'channels_last': clock.run('cl', [0.3, 0.08])}
+    times, _ = tuner.time_candidates(runs, warm_up=False)
+    assert times == pytest.approx({'nchw': 0.1, 'channels_last': 0.08})
+    assert clock.log == ['nchw', 'cl'] + ['nchw', 'cl'] * 3  # a first run each, then 3 rounds
 
 
 def test_other_processes_cpu_use_marks_a_timing_contended():
@@ -348,13 +357,13 @@ def test_contended_timing_serves_this_process_and_is_timed_again_by_the_next(tun
     assert entry['contended'] is True and entry['other_cores'] == 2.0
     # the next process times it again, and keeps its quiet result
     nxt = large_kernel.LargeDWTuner()
-    nxt.time_candidates = lambda runs: ({'fft': 0.1, 'direct_nchw': 1.0}, {})
+    nxt.time_candidates = lambda runs, warm_up: ({'fft': 0.1, 'direct_nchw': 1.0}, {})
     monkeypatch.setattr(large_kernel, 'TUNER', nxt)
     assert large_kernel.choose(x, w, None, 1, p) == 'fft'
     entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()
     assert entry['contended'] is False and entry['choice'] == 'fft'
     last = large_kernel.LargeDWTuner()
-    last.time_candidates = lambda *a: pytest.fail('a quiet timing was timed again')
+    last.time_candidates = lambda *a, **k: pytest.fail('a quiet timing was timed again')
     monkeypatch.setattr(large_kernel, 'TUNER', last)
     assert large_kernel.choose(x, w, None, 1, p) == 'fft'
 

@@ -370,15 +370,17 @@ class LargeDWTuner:
             warnings.warn(f'reparam_mm: could not write the large-kernel tuning cache {path} ({e}); '
                           'choices are kept in memory only. Set REPARAM_MM_CACHE to a writable folder.')
 
-    def time_candidates(self, runs):
+    def time_candidates(self, runs, warm_up=True):
         """Seconds of one run of each candidate (its best run), and the errors of those that raised.
 
         ``runs`` maps names to zero-argument callables. After a warm-up the candidates are timed
         in interleaved rounds, so that a burst of other work on the machine slows every
         candidate alike rather than the one being timed. The warm-up matters: the CPU FFT runs
         ~2.5x slower for its first ~8 calls of a shape (allocator and plan caches settling), so
-        timing cold runs would pick direct convs the FFT beats once warm. A candidate slower
-        than 0.5 s a run is timed twice only. ``self.clock`` reads the time (tests replace it).
+        timing cold runs would pick direct convs the FFT beats once warm. ``warm_up=False``
+        (whole backbones, whose every run is long) keeps only the first run as warm-up and
+        times 3 rounds. A candidate slower than 0.5 s a run is timed twice only. ``self.clock``
+        reads the time (tests replace it).
         """
         sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
             else None
@@ -410,14 +412,15 @@ class LargeDWTuner:
                     times[name] = min(first, second)
             else:
                 spent[name], calls[name] = first, 1
-        for name in list(spent):  # warm-up: up to 10 runs or 0.4 s each
+        for name in list(spent) if warm_up else ():  # warm-up: up to 10 runs or 0.4 s each
             while name in spent and calls[name] < 10 and spent[name] < 0.4:
                 t = once(name)
                 if t is not None:
                     spent[name], calls[name] = spent[name] + t, calls[name] + 1
         best = dict.fromkeys(spent, float('inf'))
         rounds, total = 0, 0.
-        while spent and (rounds < 3 or (total < 0.2 * len(spent) and rounds < 100)):
+        min_total = 0.1 * len(spent) if warm_up else 0.  # 3 rounds, then to 0.1 s each
+        while spent and (rounds < 3 or (total < min_total and rounds < 30)):
             for name in list(spent):
                 t = once(name)
                 if t is not None:
@@ -487,17 +490,18 @@ class LargeDWTuner:
             with torch.random.fork_rng(devices=[]):
                 return self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
                                                       for name in LAYOUTS},
-                                           x.device.type == 'cpu', fixed_layout(x))
+                                           x.device.type == 'cpu', fixed_layout(x),
+                                           warm_up=False)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
 
-    def _time_and_keep(self, key, sig, runs, on_cpu, fixed):
+    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, warm_up=True):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
         time, the fixed rule's choice and the other processes' load during the timing."""
         before, start = _cpu_seconds() if on_cpu else None, self.clock()
-        times, errors = self.time_candidates(runs)
+        times, errors = self.time_candidates(runs, warm_up=warm_up)
         seconds = self.clock() - start
         others = self.other_cores(before, _cpu_seconds() if on_cpu else None, seconds)
         if not times:
