@@ -104,20 +104,22 @@ def summarize(out_dir):
     """The figures of one ``tools/cpu_check.sh`` run; missing steps are left out."""
     def path(name):
         return os.path.join(out_dir, name)
-    large_dw = _json(path('cpu_large-dw.json'))
-    tuning = _json(path('cache/large_dw_tuning.json'))
-    loaded = [_json(p) for p in sorted(glob.glob(path('cpu_*.json')))]
-    loaded = [r for r in loaded if r and r.get('schema') == SCHEMA and r.get('kind') != 'cpu_check']
-    if not loaded:
+    results = {}  # file stem -> tools/benchmark.py result, each file read once
+    for file in sorted(glob.glob(path('cpu_*.json'))):
+        r = _json(file)
+        if r and r.get('schema') == SCHEMA and r.get('kind') != 'cpu_check':
+            results[os.path.splitext(os.path.basename(file))[0]] = r
+    if not results:
         raise ValueError(f'{out_dir} holds no tools/benchmark.py results; run '
                          f'`tools/cpu_check.sh {out_dir}` first.')
-    env = dict(loaded[0]['env'])
-    summary = dict(cpu=env.get('cpu'), flags=[], steps={}, stalls=[], infer={}, train_31b={},
+    first = next(iter(results.values()))
+    env = dict(first['env'])
+    large_dw = results.get('cpu_large-dw')
+    tuning = _json(path('cache/large_dw_tuning.json'))
+    summary = dict(cpu=env.get('cpu'), steps={}, stalls=[], infer={}, train_31b={},
                    overhead={}, large_dw=large_dw_rules(large_dw, tuning) if large_dw else [],
-                   layouts=layout_choices(tuning),
-                   shape=loaded[0]['settings'].get('shape'))
-    cpu_log = _read(path('cpu.log')) or ''
-    summary['flags'] = re.findall(r'^cpu flag: (\S+)', cpu_log, re.M)
+                   layouts=layout_choices(tuning), shape=first['settings'].get('shape'))
+    summary['flags'] = re.findall(r'^cpu flag: (\S+)', _read(path('cpu.log')) or '', re.M)
     for name, rc, seconds in STEP_LINE.findall(_read(path('cpu_check.log')) or ''):
         summary['steps'][name] = dict(rc=int(rc), seconds=int(seconds))
     for kh, kw, ph, pw, cl, mode, seconds in STALL_LINE.findall(_read(path('stalls.log')) or ''):
@@ -125,15 +127,15 @@ def summarize(out_dir):
                                       channels_last=cl == 'True', mode=mode,
                                       seconds=float(seconds)))
     for model in INFER:
-        times = {d: _median(_json(path(f'cpu_infer_{model}_{d}.json'))) for d in ('fp32', 'bf16')}
+        times = {d: _median(results.get(f'cpu_infer_{model}_{d}')) for d in ('fp32', 'bf16')}
         if any(times.values()):
             summary['infer'][model] = times
     for mode in ('tuned', 'fixed'):
-        ms = _median(_json(path(f'cpu_train_upernet-replknet-31b_{mode}.json')))
+        ms = _median(results.get(f'cpu_train_upernet-replknet-31b_{mode}'))
         if ms is not None:
             summary['train_31b'][mode] = ms
     for model in OVERHEAD:
-        result = _json(path(f'cpu_train-overhead_{model}.json'))
+        result = results.get(f'cpu_train-overhead_{model}')
         if result:
             ratio = result['ratios']['latency_b_over_a']
             summary['overhead'][model] = dict(ratio=ratio['median_ratio'],

@@ -22,6 +22,7 @@ from reparam_mm.layers.large_kernel import fft_min_kernel
 from reparam_mm.outputs import compare_outputs, tensor_outputs
 from reparam_mm.scope import init_scope
 
+from .doconv_profile import breakdown
 from .measure import (KernelTime, PeakMemory, new_result, ratio_stats, summarize, synchronize,
                       warnings_off)
 
@@ -308,7 +309,6 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))
     if settings.get('weights_held'):  # a plain and a DO-Conv model, one function: split B - A
-        from .doconv_profile import breakdown
         result['breakdown'] = breakdown(
             variants, [r['latency']['median_ms'] for r in result['results']], min(repeat, 5))
     return result

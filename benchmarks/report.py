@@ -9,7 +9,9 @@ import json
 import os
 import re
 
+from .cpu_check import render_vendors
 from .doconv_layers import LAYER_KEYS
+from .doconv_profile import render_breakdown
 from .measure import KINDS, SCHEMA
 
 LAYER_LABELS = dict(plain='plain conv', doconv='DOConv2d', doconv_t2d='DOConv2d, 2-D transpose',
@@ -84,7 +86,6 @@ def render_models(result):
                 f"{q['paired_p75']:.3f}, {len(result['results'][0]['latency']['times_ms'])} "
                 'rounds, alternating order).']
         if result.get('breakdown'):
-            from .doconv_profile import render_breakdown
             out += ['', render_breakdown(result['breakdown'])]
         diff = s.get('output_difference')
         if diff:
@@ -141,13 +142,8 @@ def render_large_dw(result):
                        'fwd+bwd / bound'], rows)]
 
 
-def render_cpu_check(result):
-    from .cpu_check import render_vendors
-    return render_vendors([result])
-
-
 RENDER = dict(model=render_models, compare=render_models, doconv_layers=render_doconv_layers,
-              large_dw=render_large_dw, cpu_check=render_cpu_check)
+              large_dw=render_large_dw)  # cpu_check summaries: combined_blocks
 
 
 def render(result, source):
@@ -159,7 +155,6 @@ def render(result, source):
 def combined_blocks(loaded):
     """Blocks drawn from several files: ``cpu-vendors``, every CPU's tools/cpu_check.sh summary
     side by side."""
-    from .cpu_check import render_vendors
     checks = [(path, r) for path, r in loaded if r['kind'] == 'cpu_check']
     if not checks:
         return {}

@@ -5,9 +5,10 @@
 
 Each file's table replaces the block between ``<!-- bench:STEM -->`` and ``<!-- /bench:STEM -->``
 in the doc (STEM = the JSON file name without .json); blocks without a file keep their text
-("not yet measured"). tools/cpu_check.sh summaries (docs/benchmarks/cpu_check_*.json) also fill
-``<!-- bench:cpu-vendors -->``: every CPU's figures side by side. Without ``--doc`` the tables are printed. Plots: ``ratios.png`` (every
-compare file), ``doconv_layers.png`` and ``large_dw_<device>.png``. Logic: benchmarks/report.py.
+("not yet measured"). tools/cpu_check.sh summaries (docs/benchmarks/cpu_check_*.json) fill
+``<!-- bench:cpu-vendors -->`` instead: every CPU's figures side by side. Without ``--doc`` the
+tables are printed. Plots: ``ratios.png`` (every compare file), ``doconv_layers.png`` and
+``large_dw_<device>.png``. Logic: benchmarks/report.py.
 """
 import argparse
 import os

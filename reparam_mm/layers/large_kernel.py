@@ -646,9 +646,9 @@ def layout_signature(module, x):
     input, autocast, and whether gradients are needed."""
     autocast = (str(torch.get_autocast_dtype(x.device.type))[6:]
                 if torch.is_autocast_enabled(x.device.type) else 'off')
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        p.requires_grad for p in module.parameters()))
-    size = sum(p.numel() for p in module.parameters())
+    params = list(module.parameters())
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    size = sum(p.numel() for p in params)
     return (f'layout|{type(module).__name__}:{size}:{"train" if module.training else "eval"}'
             f'|{x.device.type}|{str(x.dtype)[6:]}|autocast {autocast}|{"x".join(map(str, x.shape))}'
             f'|{"fwd+bwd" if grad else "fwd"}')
