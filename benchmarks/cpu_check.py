@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 
+from reparam_mm.layers.large_kernel import shape_label
+
 from .measure import SCHEMA
 
 #: a line of tests/test_large_kernel.py's stalling-call tests (run with -s)
@@ -70,9 +72,10 @@ def large_dw_rules(result, tuning=None):
 
             def chosen(layout):  # large_kernel.signature() of the benchmark's call
                 p = kernel // 2
+                sizes = shape_label((shape['batch'], shape['channels'], shape['height'],
+                                     shape['width']))
                 return choices.get(
-                    f"cpu|{TORCH_DTYPE.get(dtype, dtype)}|{layout}|{shape['batch']}x"
-                    f"{shape['channels']}x{shape['height']}x{shape['width']}|k{kernel}x{kernel}"
+                    f"cpu|{TORCH_DTYPE.get(dtype, dtype)}|{layout}|{sizes}|k{kernel}x{kernel}"
                     f"|s1x1|p{p}x{p}|d1x1|{label}")
             direct = {c: ms(c) for c in DIRECT if ms(c) is not None}
             if not direct:
@@ -93,8 +96,10 @@ def layout_choices(tuning):
             if not sig.startswith('layout|'):
                 continue
             _, module, _, dtype, autocast, shape, step = sig.split('|')
+            # the size timed (the signature holds its size buckets)
             rows.append(dict(backbone=module.split(':')[0], mode=module.split(':')[-1],
-                             dtype=dtype, autocast=autocast.replace('autocast ', ''), shape=shape,
+                             dtype=dtype, autocast=autocast.replace('autocast ', ''),
+                             shape=entry.get('shape', shape),
                              step=step, choice=entry['choice'], ms=entry['ms'],
                              contended=entry.get('contended')))
     return rows

@@ -95,11 +95,11 @@ def _check_folder(path, cpu, overhead=True):
             _dw('stage1', 'bf16', 'tuned', 99., 99.)]),
     }
     (path / 'cache').mkdir()
-    sig = 'layout|RepLKNet:78500224:eval|cpu|float32|autocast off|1x3x512x512|fwd'
+    sig = 'layout|RepLKNet:78500224:eval|cpu|float32|autocast off|1x3x512-608x512-608|fwd'
     (path / 'cache' / 'large_dw_tuning.json').write_text(json.dumps({'AMD EPYC (2 threads)': {
         sig: dict(choice='channels_last', ms={'channels_last': 531.8, 'nchw': 590.2},
-                  contended=False),
-        'cpu|float32|nchw|1x128x128x128|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
+                  contended=False, shape='1x3x512x512'),
+        'cpu|float32|nchw|1x128x128-152x128-152|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
     if overhead:
         files['cpu_train-overhead_upernet-r50.json'] = _result(
             'compare', cpu, [_model(8000.), _model(8200.)],

@@ -1,6 +1,7 @@
 """The large depthwise conv dispatch point: same results as F.conv2d, the candidate (direct
 NCHW / channels_last, FFT, Triton) chosen per call signature by timing or by fixed rules."""
 import json
+import math
 import time
 
 import pytest
@@ -259,7 +260,7 @@ def test_tuner_picks_the_fastest_and_caches_it(tuner, monkeypatch, fastest):
     (key, entries), = data.items()
     assert f'torch {torch.__version__}' in key
     (sig, entry), = entries.items()
-    assert sig == 'cpu|float32|nchw|1x4x20x18|k31x31|s1x1|p15x15|d1x1|fwd'
+    assert sig == 'cpu|float32|nchw|1x4x20-22x16-19|k31x31|s1x1|p15x15|d1x1|fwd'
     assert entry['choice'] == fastest and set(entry['ms']) == set(tuner.times)
     assert entry['fixed'] == 'fft'
     # another process (a fresh tuner) reads the file instead of timing again
@@ -267,6 +268,43 @@ def test_tuner_picks_the_fastest_and_caches_it(tuner, monkeypatch, fastest):
     other.time_candidates = lambda *a, **k: pytest.fail('a cached signature was timed again')
     monkeypatch.setattr(large_kernel, 'TUNER', other)
     assert large_kernel.choose(x, w, None, 1, p) == fastest
+
+
+def test_size_buckets_tile_the_sizes_geometrically():
+    # below SIZE_BUCKET_MIN every size is its own bucket; from there 4 buckets per doubling
+    assert large_kernel.size_bucket(1) == (1, 1)
+    assert large_kernel.size_bucket(large_kernel.SIZE_BUCKET_MIN - 1) == (15, 15)
+    assert [large_kernel.size_bucket(n) for n in (16, 19, 20, 32, 512, 608, 609)] == [
+        (16, 19), (16, 19), (20, 22), (32, 38), (512, 608), (512, 608), (609, 724)]
+    previous_hi = 15
+    for n in range(16, 4100):
+        lo, hi = large_kernel.size_bucket(n)
+        assert lo <= n <= hi
+        if lo != previous_hi + 1:  # inside the bucket met before
+            assert (lo, hi) == bucket
+        else:  # the next bucket starts where the last one ended, at most 2 ** (1/4) wider
+            assert hi + 1 <= math.ceil(lo * 2 ** 0.25) + 1
+        bucket, previous_hi = (lo, hi), hi
+    assert large_kernel.shape_label((1, 128, 128, 160)) == '1x128x128-152x153-181'
+    assert large_kernel.shape_label((2, 3)) == '2x3'  # not an image: as it is
+
+
+def test_sizes_in_one_bucket_share_a_timing_and_the_entry_names_the_size_timed(tuner):
+    tuner.times = {'direct_nchw': 3.0, 'direct_channels_last': 2.0, 'fft': 0.5}
+    w = torch.randn(4, 1, 31, 31)
+    assert large_kernel.choose(torch.randn(1, 4, 20, 18), w, None, 1, 15) == 'fft'
+    assert len(tuner.measured) == 3
+    tuner.times['fft'] = 9.0  # were the next size timed, the choice would change
+    assert large_kernel.choose(torch.randn(1, 4, 22, 16), w, None, 1, 15) == 'fft'
+    assert len(tuner.measured) == 3  # 22 and 16 share the buckets of 20 and 18
+    assert large_kernel.choose(torch.randn(1, 4, 23, 18), w, None, 1, 15) == 'direct_channels_last'
+    assert len(tuner.measured) == 6  # 23 starts the next bucket
+    entries = json.loads(tuner.cache_path.read_text()).popitem()[1]
+    assert {sig.split('|')[3]: e['shape'] for sig, e in entries.items()} == {
+        '1x4x20-22x16-19': '1x4x20x18', '1x4x23-26x16-19': '1x4x23x18'}
+    # the batch and channels stay exact
+    large_kernel.choose(torch.randn(2, 4, 20, 18), w.new_zeros(4, 1, 31, 31), None, 1, 15)
+    assert len(tuner.measured) == 9
 
 
 class _FakeClock:
@@ -426,7 +464,13 @@ def test_backbone_layout_is_timed_once_and_leaves_no_trace(tuner):
     assert sig == 'layout|_ToyBackbone:156:train|cpu|float32|autocast off|2x4x8x8|fwd+bwd'
     with torch.no_grad():  # inference is another signature
         toy.eval()(x)
-    assert tuner.measured[2:] == ['nchw', 'channels_last']
+        assert tuner.measured[2:] == ['nchw', 'channels_last']
+        toy(torch.randn(2, 4, 24, 40))
+        toy(torch.randn(2, 4, 26, 45))  # the same size buckets (23-26, 39-45): not timed again
+        assert tuner.measured[4:] == ['nchw', 'channels_last']
+    sigs = json.loads(tuner.cache_path.read_text()).popitem()[1]
+    assert sigs['layout|_ToyBackbone:156:eval|cpu|float32|autocast off|2x4x23-26x39-45|fwd'][
+        'shape'] == '2x4x24x40'
 
 
 def test_backbone_layout_follows_the_rule_where_it_is_not_timed(tuner, monkeypatch):

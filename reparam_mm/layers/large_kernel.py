@@ -13,9 +13,10 @@ computes the call with one of several **candidates**, all equal to
 * ``triton``: the Triton kernels of :mod:`reparam_mm.layers.triton_dw` (CUDA, or Triton's
   interpreter).
 
-**Tuned mode** (the default) picks per call *signature* (device, dtype, layout, N, C, H, W, kernel,
-stride, padding, dilation, whether gradients are needed) the fastest candidate by timing each
-once, as ``torch.backends.cudnn.benchmark`` does. The choice is kept in memory and in a JSON file
+**Tuned mode** (the default) picks per call *signature* (device, dtype, layout, N, C, the size
+buckets of H and W, kernel, stride, padding, dilation, whether gradients are needed) the fastest
+candidate by timing each once, as ``torch.backends.cudnn.benchmark`` does, except that sizes
+within 1.19x of each other share a timing (:func:`size_bucket`). The choice is kept in memory and in a JSON file
 (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``) keyed by the device
 name and library versions, so a machine times a signature once (a timing during which other
 processes used the CPUs it needs is timed again by the next process: :class:`LargeDWTuner`).
@@ -33,6 +34,7 @@ docs/large_kernel.md.
 """
 import contextlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -46,12 +48,13 @@ import torch.nn.functional as F
 
 from ..cpu_malloc import kept_freed_memory
 
-__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'CANDIDATES', 'candidates',
+__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CANDIDATES', 'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
            'layout_signature', 'fft_min_kernel',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
-           'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature']
+           'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature', 'size_bucket',
+           'shape_label']
 
 #: fixed rule: smallest kernel side for which CPU calls run channels_last (oneDNN's NCHW
 #: depthwise kernel is fast only up to 9x9)
@@ -61,6 +64,12 @@ FFT_MIN_KERNEL = 27
 #: half-precision channels_last calls with a kernel side above this, padded beyond k // 2, stall
 #: oneDNN on AMX CPUs; 7x7 and 7x5 were measured safe there
 _CL_HALF_OVERPAD_MAX_KERNEL = 7
+#: spatial sizes from this one on share a tuning signature with their neighbours in a size
+#: bucket (:func:`size_bucket`): the fastest candidate follows the kernel, dtype and layout, and
+#: barely the image size, so images of many sizes need not each pay for a timing
+SIZE_BUCKET_MIN = 16
+#: size buckets per doubling of the size (neighbours within 2 ** (1/4) = 1.19x share one)
+SIZE_BUCKETS_PER_OCTAVE = 4
 _FFT_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MODES = ('tuned', 'fixed')
@@ -291,15 +300,48 @@ def _library_versions():
     return versions
 
 
+def _bucket_edge(i):
+    return math.ceil(SIZE_BUCKET_MIN * 2 ** (i / SIZE_BUCKETS_PER_OCTAVE) - 1e-9)
+
+
+def size_bucket(n):
+    """``(lo, hi)``: the spatial sizes that share a tuning signature with size ``n``.
+
+    Sizes below ``SIZE_BUCKET_MIN`` are their own bucket; from there on the buckets grow
+    geometrically, ``SIZE_BUCKETS_PER_OCTAVE`` per doubling (16-19, 20-22, 23-26, 27-31, 32-38,
+    ..., 512-608, 609-724, ...). Whole-image inference (mmseg's ``mode='whole'``, mmdet's
+    keep-ratio resize) meets a new size with nearly every image; buckets time a handful.
+    """
+    if n < SIZE_BUCKET_MIN:
+        return n, n
+    i = int(math.log2(n / SIZE_BUCKET_MIN) * SIZE_BUCKETS_PER_OCTAVE)
+    while _bucket_edge(i + 1) <= n:
+        i += 1
+    while _bucket_edge(i) > n:
+        i -= 1
+    return _bucket_edge(i), _bucket_edge(i + 1) - 1
+
+
+def shape_label(shape):
+    """A tensor shape as signatures spell it: ``NxCxHxW`` with H and W as their size buckets
+    (``1x128x128-152x153-181``)."""
+    sizes = [str(n) for n in shape]
+    if len(shape) == 4:
+        for d in (2, 3):
+            lo, hi = size_bucket(shape[d])
+            sizes[d] = str(lo) if lo == hi else f'{lo}-{hi}'
+    return 'x'.join(sizes)
+
+
 def signature(x, weight, stride, padding, dilation):
-    """A call's tuning key: everything that can change which candidate is fastest."""
+    """A call's tuning key: everything that can change which candidate is fastest, with the
+    spatial sizes as size buckets (:func:`size_bucket`)."""
     layout = ('channels_last' if x.dim() == 4 and not x.is_contiguous()
               and x.is_contiguous(memory_format=torch.channels_last) else 'nchw')
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    shape = 'x'.join(map(str, x.shape))
     kh, kw = weight.shape[-2:]
     pad = padding if isinstance(padding, str) else 'x'.join(map(str, _pair(padding)))
-    return (f'{x.device.type}|{str(x.dtype)[6:]}|{layout}|{shape}|k{kh}x{kw}'
+    return (f'{x.device.type}|{str(x.dtype)[6:]}|{layout}|{shape_label(x.shape)}|k{kh}x{kw}'
             f'|s{"x".join(map(str, _pair(stride)))}|p{pad}|d{"x".join(map(str, _pair(dilation)))}'
             f'|{"fwd+bwd" if grad else "fwd"}')
 
@@ -450,6 +492,8 @@ class LargeDWTuner:
         self._load(key)
         if (key, sig) in self.choices:  # every call after a signature's first one
             return self.choices[(key, sig)]
+        # a size bucket's choice serves all its sizes: which candidates can compute a call does
+        # not depend on its size (beyond the input covering the kernel, which any conv needs)
         names = candidates(x, weight.shape[-2:], stride, padding, dilation)
         if len(names) == 1:
             return names[0]
@@ -457,7 +501,8 @@ class LargeDWTuner:
         runs = {name: _timed_call(name, x, weight, bias, stride, padding, dilation, grad)
                 for name in names}
         return self._time_and_keep(key, sig, runs, x.device.type == 'cpu',
-                                   fixed_choice(x, weight.shape[-2:], stride, padding, dilation))
+                                   fixed_choice(x, weight.shape[-2:], stride, padding, dilation),
+                                   shape=x.shape)
 
     def choose_layout(self, module, x, forward):
         """'channels_last' or 'nchw': the faster layout for a whole backbone ``forward(x,
@@ -491,15 +536,16 @@ class LargeDWTuner:
                 return self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
                                                       for name in LAYOUTS},
                                            x.device.type == 'cpu', fixed_layout(x),
-                                           warm_up=False)
+                                           warm_up=False, shape=x.shape)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
 
-    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, warm_up=True):
+    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, warm_up=True, shape=None):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
-        time, the fixed rule's choice and the other processes' load during the timing."""
+        time, the fixed rule's choice, the input ``shape`` timed (one size of its buckets) and
+        the other processes' load during the timing."""
         before, start = _cpu_seconds() if on_cpu else None, self.clock()
         times, errors = self.time_candidates(runs, warm_up=warm_up)
         seconds = self.clock() - start
@@ -516,9 +562,11 @@ class LargeDWTuner:
                 f'dispatch timed {sig}; choices timed under such contention are kept for this '
                 'process only and timed again by the next one (lasting choices need a quiet '
                 'machine).')
-        self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
-                                  errors=errors, fixed=fixed, other_cores=round(others, 2),
-                                  contended=contended))
+        entry = dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
+                     errors=errors, fixed=fixed, other_cores=round(others, 2), contended=contended)
+        if shape is not None:
+            entry['shape'] = 'x'.join(map(str, shape))
+        self._save(key, sig, entry)
         return choice
 
 
@@ -643,14 +691,14 @@ def fixed_layout(x):
 
 def layout_signature(module, x):
     """A whole-backbone layout choice's tuning key: the backbone (class, size, train / eval), the
-    input, autocast, and whether gradients are needed."""
+    input (its spatial sizes as size buckets), autocast, and whether gradients are needed."""
     autocast = (str(torch.get_autocast_dtype(x.device.type))[6:]
                 if torch.is_autocast_enabled(x.device.type) else 'off')
     params = list(module.parameters())
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     size = sum(p.numel() for p in params)
     return (f'layout|{type(module).__name__}:{size}:{"train" if module.training else "eval"}'
-            f'|{x.device.type}|{str(x.dtype)[6:]}|autocast {autocast}|{"x".join(map(str, x.shape))}'
+            f'|{x.device.type}|{str(x.dtype)[6:]}|autocast {autocast}|{shape_label(x.shape)}'
             f'|{"fwd+bwd" if grad else "fwd"}')
 
 
