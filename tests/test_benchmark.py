@@ -417,3 +417,33 @@ def test_with_kept_memory_the_peak_comes_from_a_run_on_a_trimmed_heap(monkeypatc
                               repeat=1, warmup=0, count_flops=False)
     mem = res['results'][0]['memory']
     assert mem['measured'] == 'untimed run after malloc_trim(0)' and mem['peak_mb'] > 0
+
+
+# -- benchmarks/size_buckets.py ---------------------------------------------------------------------
+def test_size_buckets_test_sizes_follow_mmdet_keep_ratio_resize_and_padding(tmp_path):
+    from benchmarks.size_buckets import padded_test_sizes
+    ann = tmp_path / 'instances.json'
+    ann.write_text(json.dumps({'images': [dict(height=480, width=640), dict(height=427, width=640),
+                                          dict(height=640, width=427)]}))
+    # 480x640: x5/3 -> 800x1067, padded to 800x1088; 427x640: x800/427 -> 800x1199 -> 800x1216
+    assert padded_test_sizes(ann) == [(800, 1088), (800, 1216), (1216, 800)]
+    assert padded_test_sizes(ann, scale=(666, 400)) == [(416, 544), (416, 608), (608, 416)]
+
+
+def test_size_buckets_price_of_sharing_reads_each_size_s_own_table():
+    from benchmarks.size_buckets import price_of_sharing
+    tail = '|k31x31|s1x1|p15x15|d1x1|fwd'
+    bucketed = {'cpu': {f'cpu|float32|nchw|1x8x128-152x20-22{tail}': dict(choice='fft'),
+                        'layout|X:1:eval|cpu|float32|autocast off|1x3x512-608x80-95|fwd':
+                            dict(choice='nchw')}}
+    alone = {'cpu': {
+        f'cpu|float32|nchw|1x8x130x21{tail}': dict(
+            choice='direct_channels_last', shape='1x8x130x21',
+            ms={'fft': 12.0, 'direct_channels_last': 10.0}),
+        f'cpu|float32|nchw|1x8x140x20{tail}': dict(
+            choice='fft', shape='1x8x140x20', ms={'fft': 9.0, 'direct_channels_last': 11.0}),
+        f'cpu|float32|channels_last|1x8x140x20{tail}': dict(  # never run with buckets
+            choice='fft', shape='1x8x140x20', ms={'fft': 9.0})}}
+    rows = price_of_sharing(bucketed, alone)
+    assert [(r['own'], r['shared'], r['own_ms'], r['shared_ms']) for r in rows] == [
+        ('direct_channels_last', 'fft', 10.0, 12.0), ('fft', 'fft', 9.0, 9.0)]
