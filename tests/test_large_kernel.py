@@ -222,7 +222,7 @@ def tuner(monkeypatch, tmp_path):
     fresh = large_kernel.LargeDWTuner()
     fresh.times, fresh.measured = {}, []
 
-    def time_candidates(runs, warm_up=True):
+    def time_candidates(runs, **options):
         times, errors = {}, {}
         for name, run in runs.items():
             try:
@@ -339,10 +339,37 @@ def test_candidates_are_timed_in_interleaved_rounds_after_a_warm_up():
     assert times == pytest.approx({'a': 0.01, 'b': 0.02, 'slow': 0.6})  # each one's best, warm
     assert errors == {'bad': 'RuntimeError: no kernel'}
     log = clock.log
-    assert log[:5] == ['a', 'b', 'slow', 'slow', 'bad']  # first runs; a slow one runs twice only
+    assert log[:5] == ['a', 'b', 'slow', 'bad', 'slow']  # first runs; a slow one runs twice only
     assert log[5:23] == ['a'] * 9 + ['b'] * 9  # warm-up: 10 runs each (under 0.4 s)
     rounds = log[23:]
     assert len(rounds) >= 6 and rounds == ['a', 'b'] * (len(rounds) // 2)  # then alternating
+
+
+def test_on_cpu_a_hopeless_candidate_keeps_its_first_run_and_is_not_run_again():
+    tuner, clock = large_kernel.LargeDWTuner(), _FakeClock()
+    tuner.clock = clock
+    runs = {'fast': clock.run('fast', [0.02, 0.01]), 'hopeless': clock.run('hopeless', [0.8]),
+            'close': clock.run('close', [0.15, 0.05])}
+    times, _ = tuner.time_candidates(runs, drop_hopeless=True)
+    assert clock.log.count('hopeless') == 1 and times['hopeless'] == pytest.approx(0.8)  # 40x
+    assert clock.log.count('close') > 3  # 7.5x on its first run: timed as the others
+    assert times == pytest.approx({'fast': 0.01, 'close': 0.05, 'hopeless': 0.8})
+    # 11x, but under 50 ms: a first run that short may be mostly a primitive's JIT
+    short = {'fast': clock.run('fast', [0.004]), 'short': clock.run('short', [0.045, 0.002])}
+    assert tuner.time_candidates(short, drop_hopeless=True)[0]['short'] == pytest.approx(0.002)
+    clock.log.clear()
+    tuner.time_candidates(runs, drop_hopeless=False)  # CUDA: a first run includes compiling
+    assert clock.log.count('hopeless') == 2
+
+
+def test_a_backbone_layout_is_never_dropped_after_its_first_run(tuner, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tuner, 'time_candidates', lambda runs, **options: (
+        seen.update(options) or ({'nchw': 1., 'channels_last': 2.}, {})))
+    _ToyBackbone()(torch.randn(1, 4, 8, 8))
+    assert seen == dict(warm_up=False, drop_hopeless=False)
+    large_kernel.choose(*_call()[:2], None, 1, 15)
+    assert seen == dict(warm_up=True, drop_hopeless=True)
 
 
 def test_whole_backbones_are_timed_without_the_long_warm_up():
@@ -395,7 +422,7 @@ def test_contended_timing_serves_this_process_and_is_timed_again_by_the_next(tun
     assert entry['contended'] is True and entry['other_cores'] == 2.0
     # the next process times it again, and keeps its quiet result
     nxt = large_kernel.LargeDWTuner()
-    nxt.time_candidates = lambda runs, warm_up: ({'fft': 0.1, 'direct_nchw': 1.0}, {})
+    nxt.time_candidates = lambda runs, **options: ({'fft': 0.1, 'direct_nchw': 1.0}, {})
     monkeypatch.setattr(large_kernel, 'TUNER', nxt)
     assert large_kernel.choose(x, w, None, 1, p) == 'fft'
     entry, = json.loads(tuner.cache_path.read_text()).popitem()[1].values()

@@ -359,6 +359,12 @@ class LargeDWTuner:
     #: other processes' CPU use (in cores, beyond those this process leaves free) above which a
     #: timing is called contended and its choice is not reused by later processes
     CONTENDED_CORES = 0.25
+    #: on CPU, a candidate whose first run takes this many times the fastest first run (and
+    #: over ``HOPELESS_MIN_S``) is not timed further: oneDNN's NCHW 31x31 fp32 conv takes 0.8 s
+    #: where the FFT takes 20 ms, and its further runs were half of a new size's timing
+    HOPELESS_RATIO = 8
+    #: below this a first run may be mostly one-time cost (a primitive's JIT), so never dropped
+    HOPELESS_MIN_S = 0.05
 
     def __init__(self):
         self.clock = time.perf_counter
@@ -412,7 +418,7 @@ class LargeDWTuner:
             warnings.warn(f'reparam_mm: could not write the large-kernel tuning cache {path} ({e}); '
                           'choices are kept in memory only. Set REPARAM_MM_CACHE to a writable folder.')
 
-    def time_candidates(self, runs, warm_up=True):
+    def time_candidates(self, runs, warm_up=True, drop_hopeless=False):
         """Seconds of one run of each candidate (its best run), and the errors of those that raised.
 
         ``runs`` maps names to zero-argument callables. After a warm-up the candidates are timed
@@ -421,8 +427,10 @@ class LargeDWTuner:
         ~2.5x slower for its first ~8 calls of a shape (allocator and plan caches settling), so
         timing cold runs would pick direct convs the FFT beats once warm. ``warm_up=False``
         (whole backbones, whose every run is long) keeps only the first run as warm-up and
-        times 3 rounds. A candidate slower than 0.5 s a run is timed twice only. ``self.clock``
-        reads the time (tests replace it).
+        times 3 rounds. A candidate slower than 0.5 s a run is timed twice only. With
+        ``drop_hopeless`` (CPU; on CUDA a first run includes compiling) a candidate whose first
+        run is ``HOPELESS_RATIO`` times the fastest first run keeps that time and is not run
+        again. ``self.clock`` reads the time (tests replace it).
         """
         sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
             else None
@@ -444,16 +452,21 @@ class LargeDWTuner:
                 times.pop(name, None)
                 return None
 
+        first = {}
         for name in runs:  # first run: compilation, autotuning, allocation
-            first = once(name)
-            if first is None:
-                continue
-            if first > 0.5:
+            t = once(name)
+            if t is not None:
+                first[name] = t
+        fastest = min(first.values(), default=0.)
+        for name, t in first.items():
+            if drop_hopeless and t > max(self.HOPELESS_MIN_S, self.HOPELESS_RATIO * fastest):
+                times[name] = t
+            elif t > 0.5:
                 second = once(name)
                 if second is not None:
-                    times[name] = min(first, second)
+                    times[name] = min(t, second)
             else:
-                spent[name], calls[name] = first, 1
+                spent[name], calls[name] = t, 1
         for name in list(spent) if warm_up else ():  # warm-up: up to 10 runs or 0.4 s each
             while name in spent and calls[name] < 10 and spent[name] < 0.4:
                 t = once(name)
@@ -547,7 +560,9 @@ class LargeDWTuner:
         time, the fixed rule's choice, the input ``shape`` timed (one size of its buckets) and
         the other processes' load during the timing."""
         before, start = _cpu_seconds() if on_cpu else None, self.clock()
-        times, errors = self.time_candidates(runs, warm_up=warm_up)
+        # a whole backbone's first run also times its convs, so its first runs compare nothing
+        times, errors = self.time_candidates(runs, warm_up=warm_up,
+                                             drop_hopeless=on_cpu and warm_up)
         seconds = self.clock() - start
         others = self.other_cores(before, _cpu_seconds() if on_cpu else None, seconds)
         if not times:
