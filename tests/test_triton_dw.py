@@ -246,3 +246,16 @@ def test_every_block_configuration_compiles_for_the_h200(tmp_path):
         # a 2-D tile, which Hopper runs as warpgroup MMAs
         wide = r['config']['BC'] == 1 and r['config'].get('BH', 0) >= 64
         assert r['mma'] == ('wgmma' if wide else 'mma.sync'), r
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_autotuning_times_once_per_size_bucket_not_per_size():
+    """Whole-image inference meets a new plane size with nearly every image; the autotuner's key
+    holds the batch and the size buckets (as the dispatch's signatures do), never exact sizes."""
+    from reparam_mm.layers import _triton_dw_kernels as kernels
+    from reparam_mm.layers.triton_dw import _size_key
+    assert _size_key(1, 20, 18) == _size_key(1, 22, 16)  # buckets 20-22 x 16-19
+    assert _size_key(1, 23, 18) != _size_key(1, 20, 18) != _size_key(2, 20, 18)
+    assert 0 <= _size_key(64, 4000, 4000) < 2 ** 31  # an int32 kernel argument
+    for tuned in (*kernels.conv.values(), *kernels.wgrad.values(), *kernels.channel_sum.values()):
+        assert 'SIZE_KEY' in tuned.keys and not {'N', 'H', 'W', 'OH', 'OW'} & set(tuned.keys)

@@ -59,9 +59,9 @@ if INTERPRET:
     _fix_interpreter()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['SIZE_KEY'])
 def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
-                    N, C, H, W, OH, OW, KH, KW, PH, PW,
+                    N, C, H, W, OH, OW, KH, KW, PH, PW, SIZE_KEY,
                     sxn, sxc, sxh, sxw, swc, swh, sww, syn, syc, syh, syw,
                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
@@ -141,9 +141,9 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['SIZE_KEY'])
 def _dw_conv_wgrad_kernel(x_ptr, g_ptr, part_ptr,
-                          N, C, H, W, OH, OW, KH, KW, PH, PW, ROWS_PER_SPLIT,
+                          N, C, H, W, OH, OW, KH, KW, PH, PW, ROWS_PER_SPLIT, SIZE_KEY,
                           sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
                           PRECISION: tl.constexpr, BKH: tl.constexpr, BKW: tl.constexpr,
                           BC: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr):
@@ -209,8 +209,8 @@ def _dw_conv_wgrad_kernel(x_ptr, g_ptr, part_ptr,
     tl.store(part_ptr + out_off, acc, mask=out_ok)
 
 
-@triton.jit
-def _channel_sum_kernel(g_ptr, part_ptr, C, OH, OW, P_PER_SPLIT, P_TOTAL,
+@triton.jit(do_not_specialize=['SIZE_KEY'])
+def _channel_sum_kernel(g_ptr, part_ptr, C, OH, OW, P_PER_SPLIT, P_TOTAL, SIZE_KEY,
                         sgn, sgc, sgh, sgw, BC: tl.constexpr, BP: tl.constexpr):
     """part[split, c] = sum of g[n, c, oy, ox] over this split's (n, oy, ox) positions (fp32)."""
     pid = tl.program_id(0)
@@ -274,9 +274,12 @@ else:
 #: smallest channel block of each wgrad family: the number of row splits is sized for it
 WGRAD_MIN_BC = {fam: min(c.kwargs['BC'] for c in cfgs) for fam, cfgs in _WGRAD_CONFIGS.items()}
 
-_CONV_KEY = ['N', 'C', 'H', 'W', 'OH', 'OW', 'KH', 'KW', 'PH', 'PW']
-_WGRAD_KEY = ['N', 'C', 'H', 'W', 'OH', 'OW', 'KH', 'KW', 'PH', 'PW', 'ROWS_PER_SPLIT']
-_SUM_KEY = ['C', 'OH', 'OW', 'P_PER_SPLIT', 'P_TOTAL']
+# The autotuner times the configurations once per key. SIZE_KEY (unused by the kernels) stands
+# for the batch and the size buckets of the plane (large_kernel.size_bucket), so images of many
+# sizes share a timing as the dispatch's own signatures do, instead of one per exact size.
+_CONV_KEY = ['C', 'KH', 'KW', 'PH', 'PW', 'SIZE_KEY']
+_WGRAD_KEY = ['C', 'KH', 'KW', 'PH', 'PW', 'SIZE_KEY']
+_SUM_KEY = ['C', 'SIZE_KEY']
 
 
 def _tuned(fn, configs, key):

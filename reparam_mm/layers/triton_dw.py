@@ -44,6 +44,8 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from .large_kernel import size_bucket
+
 __all__ = ['triton_available', 'triton_depthwise_conv2d', 'bound_seconds']
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +114,12 @@ def _on_device_of(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _size_key(n, h, w):
+    """The kernels' autotuning key for a batch of n planes of h x w: the same for the sizes of
+    one size bucket (an int32 kernel argument)."""
+    return hash((n, size_bucket(h)[0], size_bucket(w)[0])) & 0x3FFFFFFF
+
+
 def _conv(x, w, bias, ph, pw, oh, ow, channels_last):
     """Launch the direct kernel: y = conv(x, w (C, kh, kw)) + bias, with output size (oh, ow)."""
     k = _load_kernels()
@@ -125,7 +133,7 @@ def _conv(x, w, bias, ph, pw, oh, ow, channels_last):
                 * _cdiv(ow, meta['BW']),)
 
     kernel[grid](x, w, bias if bias is not None else w, y,
-                 n, c, h, wd, oh, ow, w.shape[1], w.shape[2], ph, pw,
+                 n, c, h, wd, oh, ow, w.shape[1], w.shape[2], ph, pw, _size_key(n, h, wd),
                  *x.stride(), *w.stride(), *y.stride(),
                  HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype))
     return y
@@ -152,7 +160,7 @@ def _wgrad(x, g, kh, kw, ph, pw):
         return (_cdiv(c, meta['BC']) * tap_blocks * splits,)
 
     k.wgrad[fam][grid](x, g, part, n, c, h, wd, oh, ow, kh, kw, ph, pw, rows_per_split,
-                       *x.stride(), *g.stride(),
+                       _size_key(n, h, wd), *x.stride(), *g.stride(),
                        PRECISION=_precision(x.dtype), BKH=bkh, BKW=bkw)
     return part.sum(0)
 
@@ -172,7 +180,8 @@ def _channel_sum(g):
     def grid(meta):
         return (_cdiv(c, meta['BC']) * splits,)
 
-    k.channel_sum[_family(g)][grid](g, part, c, oh, ow, per_split, total, *g.stride())
+    k.channel_sum[_family(g)][grid](g, part, c, oh, ow, per_split, total, _size_key(n, oh, ow),
+                                    *g.stride())
     return part.sum(0)
 
 
