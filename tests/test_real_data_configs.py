@@ -79,6 +79,16 @@ def test_printed_command_trains_the_same_config(variant):
     assert from_command.randomness == direct.randomness == {'seed': 1}
 
 
+def test_loader_workers_are_an_option_of_the_row_and_of_its_printed_command():
+    assert study.row_config('r18-plain').train_dataloader.num_workers == 0  # 2 cores: main process
+    cfg = study.row_config('r18-plain', workers=6)
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        assert loader.num_workers == 6 and loader.persistent_workers is True
+    argv = shlex.split(study.row_command('r18-plain', 0, 500, workers=6))
+    argv[2] = str(ROOT / argv[2])
+    assert config_from_args(parse_args(argv[2:])).train_dataloader == cfg.train_dataloader
+
+
 def test_unknown_variant_is_named():
     with pytest.raises(KeyError, match="unknown CamVid study variant 'r19'.*r18-plain"):
         study.row_options('r19', 0, 10, 'data')

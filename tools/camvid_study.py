@@ -79,12 +79,22 @@ def data_options(data_root):
             for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')}
 
 
-def row_options(variant, seed, iters, data_root):
+def loader_options(workers):
+    """Data loader processes (the configs load in the main process, as 2 cores want; a GPU
+    waits for that); 0 keeps the configs' setting."""
+    if not workers:
+        return {}
+    return {f'{loader}.{key}': value
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+            for key, value in (('num_workers', workers), ('persistent_workers', True))}
+
+
+def row_options(variant, seed, iters, data_root, workers=0):
     if variant not in VARIANTS:
         raise KeyError(f'unknown CamVid study variant {variant!r}; choose from {sorted(VARIANTS)}.')
     config, overrides = VARIANTS[variant]
     return config, {**overrides, **schedule_options(iters), **data_options(data_root),
-                    'randomness.seed': seed}
+                    **loader_options(workers), 'randomness.seed': seed}
 
 
 def _cli_value(value):
@@ -109,26 +119,27 @@ def config_of(argv):
     return config_from_args(parse_args([str(ROOT / argv[0])] + argv[1:]))
 
 
-def row_argv(variant, seed, iters, data_root, work_dir=None):
+def row_argv(variant, seed, iters, data_root, work_dir=None, workers=0):
     """``tools/train.py``'s arguments for one row of the table."""
-    return train_argv(*row_options(variant, seed, iters, data_root), work_dir)
+    return train_argv(*row_options(variant, seed, iters, data_root, workers), work_dir)
 
 
-def row_command(variant, seed, iters, data_root='data/camvid_cityscapes'):
+def row_command(variant, seed, iters, data_root='data/camvid_cityscapes', workers=0):
     """The shell line that trains one row of the table."""
-    return train_command(row_argv(variant, seed, iters, data_root))
+    return train_command(row_argv(variant, seed, iters, data_root, workers=workers))
 
 
-def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None):
+def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None,
+               workers=0):
     """A row's config through tools/train.py's own argument path (no model is built)."""
-    return config_of(row_argv(variant, seed, iters, data_root, work_dir))
+    return config_of(row_argv(variant, seed, iters, data_root, work_dir, workers))
 
 
-def run_row(variant, seed, iters, data_root, work_dir):
+def run_row(variant, seed, iters, data_root, work_dir, workers=0):
     """Train one row; return its fused validation metrics, size and time as a dict (also
     written to work_dir/result.json)."""
     start = time.perf_counter()
-    runner = train(row_config(variant, seed, iters, data_root, work_dir))
+    runner = train(row_config(variant, seed, iters, data_root, work_dir, workers))
     seconds = time.perf_counter() - start
     hook = next(h for h in runner.hooks if isinstance(h, FusedEvalHook))
     hub = runner.message_hub
@@ -139,7 +150,8 @@ def run_row(variant, seed, iters, data_root, work_dir):
         mAcc=hub.get_scalar('val/mAcc').current(),
         fused_modules=hook.last_report.total,
         train_params=sum(p.numel() for p in model.parameters()),
-        train_seconds=round(seconds, 1), command=row_command(variant, seed, iters))
+        train_seconds=round(seconds, 1),
+        command=row_command(variant, seed, iters, workers=workers))
     (Path(work_dir) / 'result.json').write_text(json.dumps(result, indent=1))
     return result
 
@@ -254,6 +266,9 @@ def main(argv=None):
     parser.add_argument('--camvid', default=str(ROOT.parent / 'shared/data/camvid'),
                         help='CamVid source, converted once into --data-root if that is missing')
     parser.add_argument('--data-root', default='data/camvid_cityscapes')
+    parser.add_argument('--workers', type=int, default=0,
+                        help='data loader processes (default: the configs\' 0, loading in the '
+                             'main process; a GPU run wants several)')
     parser.add_argument('--out-dir', default='work_dirs/camvid_study')
     parser.add_argument('--report-only', action='store_true',
                         help='print the table of the results already in --out-dir')
@@ -266,7 +281,7 @@ def main(argv=None):
             print(f'converting {args.camvid} -> {data_root}', flush=True)
             convert_camvid(args.camvid, data_root)
         train_rows(out, args.variants, args.seeds, args.iters,
-                   lambda v, seed, wd: run_row(v, seed, args.iters, data_root, wd),
+                   lambda v, seed, wd: run_row(v, seed, args.iters, data_root, wd, args.workers),
                    lambda r: f'fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s')
     results = [r for r in load_results(out) if r['iters'] == args.iters]
     table = results_table(results) + '\n\n' + paired_table(results)

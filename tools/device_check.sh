@@ -17,9 +17,15 @@
 # and the CUDA mmcv wheel, split into parts of < 16 MiB when larger (copy them into .whl/mmcv/
 # for the next run: it then skips both builds).
 #
+# Issue 11's real GPU training run is a second call, when device time remains (docs/gpu.md):
+# DEVICE_CHECK_STEPS=camvid-train trains the CamVid study's rows on the GPU and scores them fused
+# on CamVid val (the data carried in .device_data/camvid; never part of the default steps).
+#
 # Environment: DEVICE_CHECK_BUDGET (seconds for the whole script; 555 on the GPU, so a device
 # run with timeout_s=600 returns everything), DEVICE_CHECK_STEPS (comma-separated step names
-# to run, default all; `none` runs only the set-up), DEVICE_CHECK_WORK (scratch and build
+# to run, default all but camvid-train; `none` runs only the set-up), DEVICE_CHECK_CAMVID (the
+# CamVid source folder, default .device_data/camvid; ../shared/data/camvid when rehearsing),
+# DEVICE_CHECK_WORK (scratch and build
 # folders, default /tmp/reparam_mm_device_check: a second call on a still-warm machine resumes
 # an unfinished CUDA build there), DEVICE_CHECK_PYTHON (default python3; .venv/bin/python when
 # rehearsing), DEVICE_CHECK_REHEARSE_BUILD=1 (rehearsal: also build mmcv's CPU ops from the sdist).
@@ -48,10 +54,12 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 T0=$(date +%s)
 if [ "$REHEARSE" = 1 ]; then  # a 2-core CPU at tiny shapes: the same steps, longer limits
   PY=${DEVICE_CHECK_PYTHON:-.venv/bin/python}
+  CAMVID=${DEVICE_CHECK_CAMVID:-../shared/data/camvid}
   BUDGET=${DEVICE_CHECK_BUDGET:-3600}
   SCALE=${DEVICE_CHECK_LIMIT_SCALE:-4}
 else
   PY=${DEVICE_CHECK_PYTHON:-python3}
+  CAMVID=${DEVICE_CHECK_CAMVID:-.device_data/camvid}
   BUDGET=${DEVICE_CHECK_BUDGET:-555}
   SCALE=${DEVICE_CHECK_LIMIT_SCALE:-1}
 fi
@@ -73,7 +81,7 @@ SPLIT_BYTES=${DEVICE_CHECK_SPLIT_BYTES:-16000000}  # files come back at most 16 
 OPS_KIND=cuda REHEARSE_BUILD=0
 if [ "$REHEARSE" = 1 ]; then OPS_KIND=cpu REHEARSE_BUILD=${DEVICE_CHECK_REHEARSE_BUILD:-0}; fi
 rm -rf "$RES" "$WORK/cuda_build.status" "$WORK/cuda_build.pid"
-mkdir -p "$RES/json" "$RES/logs" "$SITE" || exit 1
+mkdir -p "$RES/json" "$RES/logs" "$RES/camvid" "$SITE" || exit 1
 : > "$LOG"
 printf 'step\tstatus\tseconds\tlimit_s\tnote\n' > "$RES/steps.tsv"
 # One tuning cache and Triton kernel cache for all steps: each process reuses what the
@@ -403,6 +411,7 @@ TRAIN="--device cuda --mode train --amp --repeat 5 --warmup 2 --no-flops"
 FUSED="--device cuda --amp --repeat 10 --warmup 2 --no-flops"
 
 # name | needs (- or cuda-ops) | limit s | least s to start | kind | arguments (@ = JSON folder)
+# camvid: iterations, then the CamVid study's variants (seed 0); run only when named
 STEPS_TABLE="
 seg-31b-train       -        100 40 bench $UPER_31B --shape 512 512 --batch 2 $TRAIN --out @/cuda_train_upernet-replknet-31b.json
 triton-tests        -         90 40 pytest tests/test_triton_dw.py
@@ -424,6 +433,7 @@ seg-31l-fused       -         60 30 bench --compare $UPER_31L:unfused $UPER_31L:
 seg-xl-fused        -         70 30 bench --compare $UPER_XL:unfused $UPER_XL:fused --shape 640 640 $FUSED --out @/cuda_unfused-vs-fused_upernet-replknet-xl.json
 large-dw-b16        -        160 120 bench --large-dw --arch 31B --shape 512 512 --batch 16 --device cuda --dtypes fp32 bf16 fp16 --repeat 10 --min-time 0.1 --out @/cuda_large-dw_b16.json
 cmr-31b-train       cuda-ops 100 45 bench $CMR_31B --shape 800 1333 --batch 1 $TRAIN --out @/cuda_train_cascade-mask-rcnn-replknet-31b.json
+camvid-train        -        230 120 camvid 2000 replknet-tiny-doconv-both r18-plain
 "
 
 # Rehearsal: the same arguments on CPU at tiny shapes, one iteration, fp32.
@@ -457,6 +467,12 @@ run_step() {  # NAME LIMIT KIND ARGS...
   if [ "$kind" = bench ]; then
     [ "$REHEARSE" = 1 ] && mapfile -t args < <(rehearse_args "${args[@]}")
     cmd=("$PY" tools/benchmark.py "${args[@]}")
+  elif [ "$kind" = camvid ]; then  # checkpoints stay in $WORK; results come back in camvid/
+    local iters=${args[0]}
+    [ "$REHEARSE" = 1 ] && iters=21
+    cmd=("$PY" tools/camvid_study.py --camvid "$CAMVID" --iters "$iters" --seeds 0
+         --variants "${args[@]:1}" --out-dir "$WORK/camvid_study"
+         --data-root "$WORK/camvid_cityscapes" --workers "$([ "$REHEARSE" = 1 ] && echo 1 || echo 8)")
   else  # compiled Triton kernels on the GPU (TRITON_INTERPRET=0); a hung test fails after 60 s
     cmd=(env TRITON_INTERPRET=0 "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
          --junitxml="$RES/logs/$name.xml" "${args[@]}")
@@ -472,6 +488,10 @@ run_step() {  # NAME LIMIT KIND ARGS...
     *) status="failed rc=$rc" ;;
   esac
   log "END   $name: $status in ${secs}s"
+  if [ "$kind" = camvid ]; then
+    (cd "$WORK/camvid_study" 2>/dev/null && find . \( -name result.json -o -name 'table_*.md' \
+      -o -name '*.log' \) -print0 | xargs -0 -r cp --parents -t "$RES/camvid")
+  fi
   if [ "$status" = ok ]; then
     grep -v -E '^\$ |^[[:space:]]|Warning|warn\(' "$steplog" | tail -n 8 | sed 's/^/      | /' | tee -a "$LOG"
   else
@@ -481,14 +501,21 @@ run_step() {  # NAME LIMIT KIND ARGS...
   bundle
 }
 
-run_steps() {
-  local names=() needs=() limits=() mins=() kinds=() argss=() line n ne li mi ki rest i
+selected_steps() {  # the STEPS_TABLE lines DEVICE_CHECK_STEPS names (all: every one but camvid)
   local want=",${DEVICE_CHECK_STEPS:-all},"
   while read -r n ne li mi ki rest; do
     [ -n "$n" ] || continue
-    if [ "$want" != ",all," ] && [[ $want != *",$n,"* ]]; then continue; fi
-    names+=("$n") needs+=("$ne") limits+=("$li") mins+=("$mi") kinds+=("$ki") argss+=("$rest")
+    if [ "$want" = ",all," ]; then [ "$ki" != camvid ] || continue
+    elif [[ $want != *",$n,"* ]]; then continue; fi
+    echo "$n $ne $li $mi $ki $rest"
   done <<< "$STEPS_TABLE"
+}
+
+run_steps() {
+  local names=() needs=() limits=() mins=() kinds=() argss=() line n ne li mi ki rest i
+  while read -r n ne li mi ki rest; do
+    names+=("$n") needs+=("$ne") limits+=("$li") mins+=("$mi") kinds+=("$ki") argss+=("$rest")
+  done < <(selected_steps)
   local done_=() pending=${#names[@]}
   log "steps to run, in order of value: ${names[*]:-none}"
   while [ "$pending" -gt 0 ]; do
@@ -567,6 +594,11 @@ for path in sorted(glob.glob(os.path.join(res, 'json', '*.json'))):
         errors = sorted({x['error'][:80] for x in rows if x.get('error')})
         print(f"{name} | {r.get('kind')}: {len(rows)} rows, {len(errors)} distinct errors "
               f"{errors[:2]} | {dev}")
+for path in sorted(glob.glob(os.path.join(res, 'camvid', '*', 'result.json'))):
+    r = json.load(open(path))
+    print(f"camvid | {r['variant']} seed {r['seed']}, {r['iters']} iterations: fused mIoU "
+          f"{r['mIoU']:.2f}, aAcc {r['aAcc']:.2f}, {r['fused_modules']} modules fused, "
+          f"trained in {r['train_seconds']:.0f} s")
 EOF
   log "summary (results.tar.gz holds the JSONs, each step's output and summary.txt):"
   sed 's/^/      | /' "$RES/summary.txt" | tee -a "$LOG"
@@ -589,7 +621,10 @@ if ! setup_mmcv; then
   log "set-up failed: no working mmcv; every step needs it. See results.tar.gz logs/mmcv_build_cpu.log."
   bundle; exit 1
 fi
-[ "$CUDA_OPS" = 1 ] || start_cuda_build
+# the CUDA-ops build only when a chosen step needs it (it holds cores, and the script waits for it)
+if [ "$CUDA_OPS" != 1 ] && selected_steps | awk '$2 == "cuda-ops" {found = 1} END {exit !found}'; then
+  start_cuda_build
+fi
 t=$(date +%s)
 if msg=$(pyrun -c 'import reparam_mm, mmseg, mmdet, mmengine
 print("stack imports: reparam_mm", reparam_mm.__version__, "| mmseg", mmseg.__version__, "| mmdet", mmdet.__version__, "| mmengine", mmengine.__version__)' 2>&1 | tail -n 4); then
