@@ -16,9 +16,9 @@ computes the call with one of several **candidates**, all equal to
 **Tuned mode** (the default) picks per call *signature* (device, dtype, layout, N, C, the size
 buckets of H and W, kernel, stride, padding, dilation, whether gradients are needed) the fastest
 candidate by timing each once, as ``torch.backends.cudnn.benchmark`` does, except that sizes
-within 1.19x of each other share a timing (:func:`size_bucket`). The choice is kept in memory and in a JSON file
-(``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``) keyed by the device
-name and library versions, so a machine times a signature once (a timing during which other
+within 1.19x of each other share a timing (:func:`size_bucket`). The choice is kept in memory
+and in a JSON file (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``)
+keyed by the device name and library versions, so a machine times a signature once (a timing during which other
 processes used the CPUs it needs is timed again by the next process: :class:`LargeDWTuner`).
 The layout a whole backbone runs in is tuned the same way (:func:`backbone_layout`).
 **Fixed mode** applies rules measured on one CPU (:func:`fixed_choice`); choose it with
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from ..cpu_malloc import kept_freed_memory
 
-__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CANDIDATES', 'candidates',
+__all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CANDIDATES',
+           'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
            'layout_signature', 'fft_min_kernel',
@@ -515,7 +516,7 @@ class LargeDWTuner:
                 for name in names}
         return self._time_and_keep(key, sig, runs, x.device.type == 'cpu',
                                    fixed_choice(x, weight.shape[-2:], stride, padding, dilation),
-                                   shape=x.shape)
+                                   x.shape)
 
     def choose_layout(self, module, x, forward):
         """'channels_last' or 'nchw': the faster layout for a whole backbone ``forward(x,
@@ -548,14 +549,14 @@ class LargeDWTuner:
             with torch.random.fork_rng(devices=[]):
                 return self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
                                                       for name in LAYOUTS},
-                                           x.device.type == 'cpu', fixed_layout(x),
-                                           warm_up=False, shape=x.shape)
+                                           x.device.type == 'cpu', fixed_layout(x), x.shape,
+                                           warm_up=False)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
 
-    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, warm_up=True, shape=None):
+    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, shape, warm_up=True):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
         time, the fixed rule's choice, the input ``shape`` timed (one size of its buckets) and
         the other processes' load during the timing."""
@@ -577,11 +578,9 @@ class LargeDWTuner:
                 f'dispatch timed {sig}; choices timed under such contention are kept for this '
                 'process only and timed again by the next one (lasting choices need a quiet '
                 'machine).')
-        entry = dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
-                     errors=errors, fixed=fixed, other_cores=round(others, 2), contended=contended)
-        if shape is not None:
-            entry['shape'] = 'x'.join(map(str, shape))
-        self._save(key, sig, entry)
+        self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
+                                  errors=errors, fixed=fixed, shape='x'.join(map(str, shape)),
+                                  other_cores=round(others, 2), contended=contended))
         return choice
 
 
