@@ -3,7 +3,7 @@ sizes of real images, its large-kernel dispatch and layout tuned from an empty c
 sizes sharing a timing per size bucket (the default) and once with every size timed alone.
 
     python -m benchmarks.size_buckets [--coco ../shared/data/coco128] [--scale 666 400]
-        [--arch 31B] [--out work_dirs/size_buckets.json]
+        [--arch 31B] [--amp] [--out work_dirs/size_buckets.json]
 
 The sizes are those mmdet's test pipeline gives the images of a COCO annotation file: a
 keep-ratio resize to ``--scale``, then padding to a multiple of 32. Each distinct size is run
@@ -46,8 +46,9 @@ def padded_test_sizes(annotation_file, scale=(1333, 800), divisor=32):
     return sizes
 
 
-def run_sizes(model, sizes, bucket_min):
-    """Seconds of the first and second forward of each distinct size, and the tuning cache."""
+def run_sizes(model, sizes, bucket_min, amp=False):
+    """Seconds of the first and second forward of each distinct size, and the tuning cache;
+    ``amp``: under bf16 autocast, as ``tools/test.py --amp`` on CPU."""
     saved = large_kernel.SIZE_BUCKET_MIN, large_kernel.TUNER, os.environ.get('REPARAM_MM_CACHE')
     with tempfile.TemporaryDirectory() as cache:
         os.environ['REPARAM_MM_CACHE'] = cache
@@ -56,7 +57,7 @@ def run_sizes(model, sizes, bucket_min):
             first, steady = {}, {}
             for size in dict.fromkeys(sizes):
                 x = torch.randn(1, 3, *size)
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=amp):
                     for times in (first, steady):
                         start = time.perf_counter()
                         model(x)
@@ -99,6 +100,7 @@ def main():
     parser.add_argument('--scale', type=int, nargs=2, default=(666, 400),
                         help="the test resize's (long, short) bound (mmdet: 1333 800)")
     parser.add_argument('--arch', default='31B', choices=sorted(RepLKNet.arch_settings))
+    parser.add_argument('--amp', action='store_true', help='run under bf16 autocast')
     parser.add_argument('--out', default='work_dirs/size_buckets.json')
     args = parser.parse_args()
     annotations = sorted(Path(args.coco).glob('annotations/*.json'))
@@ -109,11 +111,11 @@ def main():
     sizes = padded_test_sizes(annotations[0], args.scale)
     torch.manual_seed(0)
     model = fuse(RepLKNet(arch=args.arch).eval())
-    result = dict(env=environment('cpu'), arch=args.arch, scale=list(args.scale),
+    result = dict(env=environment('cpu'), arch=args.arch, scale=list(args.scale), amp=args.amp,
                   images=len(sizes), sizes=len(set(sizes)), freed_memory_kept=kept, modes={})
     caches = {}
     for mode, bucket_min in (('buckets', large_kernel.SIZE_BUCKET_MIN), ('alone', NO_BUCKETS)):
-        first, steady, caches[mode] = run_sizes(model, sizes, bucket_min)
+        first, steady, caches[mode] = run_sizes(model, sizes, bucket_min, args.amp)
         signatures = sum(len(entries) for entries in caches[mode].values())
         result['modes'][mode] = dict(
             signatures=signatures, first_s=round(sum(first.values()), 2),
