@@ -72,11 +72,14 @@ def large_dw_rules(result, tuning=None):
 
             def chosen(layout):  # large_kernel.signature() of the benchmark's call
                 p = kernel // 2
-                sizes = shape_label((shape['batch'], shape['channels'], shape['height'],
-                                     shape['width']))
-                return choices.get(
-                    f"cpu|{TORCH_DTYPE.get(dtype, dtype)}|{layout}|{sizes}|k{kernel}x{kernel}"
-                    f"|s1x1|p{p}x{p}|d1x1|{label}")
+                dims = (shape['batch'], shape['channels'], shape['height'], shape['width'])
+                # caches written before size buckets spell the exact sizes
+                for sizes in (shape_label(dims), 'x'.join(map(str, dims))):
+                    sig = (f"cpu|{TORCH_DTYPE.get(dtype, dtype)}|{layout}|{sizes}"
+                           f"|k{kernel}x{kernel}|s1x1|p{p}x{p}|d1x1|{label}")
+                    if sig in choices:
+                        return choices[sig]
+                return None
             direct = {c: ms(c) for c in DIRECT if ms(c) is not None}
             if not direct:
                 continue
@@ -151,6 +154,16 @@ def summarize(out_dir):
                 summary['overhead'][model].update(
                     composition_ms=b['composition_ms'], optimizer_ms=b['optimizer_extra_ms'],
                     rest_ms=b['rest_ms'])
+    for dtype in ('fp32', 'bf16'):
+        b = _json(path(f'size_buckets/size_buckets_{dtype}.json'))
+        if b:
+            modes, sharing = b['modes'], b['sharing']
+            summary.setdefault('buckets', {})[dtype] = dict(
+                sizes=b['sizes'], scale=b['scale'],
+                signatures=[modes['buckets']['signatures'], modes['alone']['signatures']],
+                tuning_s=[modes['buckets']['tuning_s'], modes['alone']['tuning_s']],
+                price=sharing['shared_ms'] / sharing['own_ms'] if sharing['own_ms'] else None,
+                other_choice=sharing['other_choice'], convs=sharing['convs'])
     suite = _read(path('suite.log')) or ''
     outcome = re.findall(r'^=*\s*(\d+ (?:passed|failed|errors?)\b.*? in [\d.]+s(?: \([\d:]+\))?)'
                          r'\s*=*$', suite, re.M)
@@ -214,6 +227,13 @@ def _figures(s, step_ok):
         t = s['train_31b']
         out['UperNet-RepLKNet-31B training step, tuned / fixed dispatch'] = (
             f"{_ms(t.get('tuned'), 's')} / {_ms(t.get('fixed'), 's')}")
+    for dtype, b in s.get('buckets', {}).items():
+        price = f"{b['price']:.3f}x" if b['price'] else '-'
+        out[f'size buckets, {dtype}: timing with buckets / every size alone; a bucket\'s choice '
+            f'in each size\'s own table'] = (
+            f"{b['tuning_s'][0]:.0f} s / {b['tuning_s'][1]:.0f} s over {b['sizes']} sizes "
+            f"({b['signatures'][0]} / {b['signatures'][1]} signatures); {price} "
+            f"({b['other_choice']} of {b['convs']} convs chose otherwise)")
     for model, label in OVERHEAD.items():
         o = s['overhead'].get(model)
         if o:

@@ -3,7 +3,7 @@ sizes of real images, its large-kernel dispatch and layout tuned from an empty c
 sizes sharing a timing per size bucket (the default) and once with every size timed alone.
 
     python -m benchmarks.size_buckets [--coco ../shared/data/coco128] [--scale 666 400]
-        [--arch 31B] [--amp] [--out work_dirs/size_buckets.json]
+        [--arch 31B] [--amp] [--sizes N] [--out work_dirs/size_buckets.json]
 
 The sizes are those mmdet's test pipeline gives the images of a COCO annotation file: a
 keep-ratio resize to ``--scale``, then padding to a multiple of 32. Each distinct size is run
@@ -101,6 +101,8 @@ def main():
                         help="the test resize's (long, short) bound (mmdet: 1333 800)")
     parser.add_argument('--arch', default='31B', choices=sorted(RepLKNet.arch_settings))
     parser.add_argument('--amp', action='store_true', help='run under bf16 autocast')
+    parser.add_argument('--sizes', type=int, default=None,
+                        help='only the images up to the N-th distinct size (default: all)')
     parser.add_argument('--out', default='work_dirs/size_buckets.json')
     args = parser.parse_args()
     annotations = sorted(Path(args.coco).glob('annotations/*.json'))
@@ -109,6 +111,9 @@ def main():
                      '(e.g. ../shared/data/coco128).')
     kept = keep_freed_memory()  # as tools/test.py does
     sizes = padded_test_sizes(annotations[0], args.scale)
+    if args.sizes is not None:
+        keep = set(list(dict.fromkeys(sizes))[:args.sizes])
+        sizes = [size for size in sizes if size in keep]
     torch.manual_seed(0)
     model = fuse(RepLKNet(arch=args.arch).eval())
     result = dict(env=environment('cpu'), arch=args.arch, scale=list(args.scale), amp=args.amp,

@@ -99,8 +99,17 @@ def _check_folder(path, cpu, overhead=True):
     (path / 'cache' / 'large_dw_tuning.json').write_text(json.dumps({'AMD EPYC (2 threads)': {
         sig: dict(choice='channels_last', ms={'channels_last': 531.8, 'nchw': 590.2},
                   contended=False, shape='1x3x512x512'),
-        'cpu|float32|nchw|1x128x128-152x128-152|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft')}}))
+        'cpu|float32|nchw|1x128x128-152x128-152|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft'),
+        # written before size buckets: exact sizes
+        'cpu|bfloat16|channels_last|1x128x128x128|k31x31|s1x1|p15x15|d1x1|fwd':
+            dict(choice='direct_channels_last')}}))
     if overhead:
+        (path / 'size_buckets').mkdir()
+        (path / 'size_buckets' / 'size_buckets_bf16.json').write_text(json.dumps(dict(
+            sizes=21, scale=[666, 400],
+            modes=dict(buckets=dict(signatures=86, tuning_s=48.8),
+                       alone=dict(signatures=189, tuning_s=110.4)),
+            sharing=dict(convs=163, other_choice=7, own_ms=732.2, shared_ms=735.2, rows=[]))))
         files['cpu_train-overhead_upernet-r50.json'] = _result(
             'compare', cpu, [_model(8000.), _model(8200.)],
             ratios=dict(latency_b_over_a=dict(median_ratio=1.025, paired_median=1.02)))
@@ -127,6 +136,10 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert rules['fp32', 'fwd']['fixed_cl_ms'] is None  # not measured
     assert rules['fp32', 'fwd']['tuned_choice'] == 'fft'  # from the tuner's cache
     assert rules['fp32', 'fwd+bwd']['tuned_choice'] is None  # not in it
+    assert rules['bf16', 'fwd']['tuned_cl_choice'] == 'direct_channels_last'  # an older cache
+    assert s['buckets'] == {'bf16': dict(sizes=21, scale=[666, 400], signatures=[86, 189],
+                                         tuning_s=[48.8, 110.4], price=735.2 / 732.2,
+                                         other_choice=7, convs=163)}
     layout, = s['layouts']
     assert layout == dict(backbone='RepLKNet', mode='eval', dtype='float32', autocast='off',
                           shape='1x3x512x512', step='fwd', choice='channels_last',
@@ -147,7 +160,10 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x (fft) / -; '
                                'fixed 2.00x / -') for line in lines)
     assert any(line.startswith('| stage1 | 31 | bf16 | fwd | cl_conv2d 8.00 ms; tuned 12.38x / '
-                               '1.00x |') for line in lines)
+                               '1.00x (cl) |') for line in lines)
+    row = next(line for line in lines if 'size buckets, bf16' in line)
+    assert '| 49 s / 110 s over 21 sizes (86 / 189 signatures); 1.004x (7 of 163 convs chose ' \
+           'otherwise) | not measured |' in row
     row = next(line for line in lines if 'whole-backbone layout' in line)
     assert row.startswith('| RepLKNet whole-backbone layout, eval 1x3x512x512 float32 fwd '
                           '(channels_last vs NCHW) | channels_last: 0.53 s vs 0.59 s |')

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16's CPU figures in one command, for the CPU this runs on (an AMX Xeon or an AMD EPYC):
 #
-#   tools/cpu_check.sh OUT_DIR            # the figures at the docs' sizes (~17 min, 2-core AMD)
+#   tools/cpu_check.sh OUT_DIR            # the figures at the docs' sizes (~30 min, 2-core AMD)
 #   tools/cpu_check.sh OUT_DIR --quick    # the same steps at small sizes (~6 min): a rehearsal
 #   tools/cpu_check.sh OUT_DIR --record   # full sizes, then keep the summary in docs/benchmarks/
 #                                         # and fill docs/benchmarks.md's CPU-vendor table
@@ -18,6 +18,8 @@
 #             with the tuned and the fixed large-kernel dispatch
 #   r50       DO-Conv UperNet-R50 fused inference fp32 vs bf16 autocast
 #   overhead  DO-Conv training overhead, UperNet-R50 and Faster R-CNN R50 (docs/benchmarks.md 3)
+#   buckets   the tuner's size buckets over COCO-128's test sizes (benchmarks/size_buckets.py),
+#             fp32 and bf16: timing saved, and what sharing a bucket's choice costs on this CPU
 #   report    every table into OUT_DIR/report.md, and OUT_DIR/cpu_check_summary.json: the figures
 #             above in one file (benchmarks/cpu_check.py), rendered side by side per CPU
 #   suite     (only when named in CPU_CHECK_STEPS) `make test` in a clean clone of this checkout,
@@ -50,7 +52,7 @@ PY=${CPU_CHECK_PYTHON:-.venv/bin/python}
 if ! "$PY" -c 'import reparam_mm, mmcv' 2>/dev/null; then
   echo "cpu_check: $PY cannot import reparam_mm and mmcv; run \`make setup\` first." >&2; exit 2
 fi
-STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,report}
+STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,buckets,report}
 # the large-kernel dispatch times its candidates afresh on this machine; its choices come back in
 # OUT_DIR/cache/large_dw_tuning.json
 export REPARAM_MM_CACHE=$OUT/cache
@@ -61,9 +63,9 @@ echo "== run $(date -u +%FT%TZ): steps $STEPS" >> "$LOG"
 RUN_START=$(wc -l < "$LOG")
 
 if [ "$QUICK" = 1 ]; then
-  SHAPE="128 128" REPEAT=2 TRAIN_REPEAT=2 LIMIT=5
+  SHAPE="128 128" REPEAT=2 TRAIN_REPEAT=2 LIMIT=5 BUCKETS_ARGS="--sizes 4 --scale 333 200"
 else
-  SHAPE="512 512" REPEAT=5 TRAIN_REPEAT=6 LIMIT=
+  SHAPE="512 512" REPEAT=5 TRAIN_REPEAT=6 LIMIT= BUCKETS_ARGS=
 fi
 BENCH="$PY tools/benchmark.py --shape $SHAPE"
 UPER_R50=configs/doconv/upernet_r50_4xb4-160k_ade20k-512x512.py
@@ -134,6 +136,13 @@ overhead() {
     --no-flops --out "$OUT/cpu_train-overhead_faster-rcnn-r50.json"
 }
 
+buckets() {  # each run tunes from its own empty caches; --quick: 4 sizes at a quarter scale
+  mkdir -p "$OUT/size_buckets" &&
+  "$PY" -m benchmarks.size_buckets $BUCKETS_ARGS --out "$OUT/size_buckets/size_buckets_fp32.json" &&
+  "$PY" -m benchmarks.size_buckets $BUCKETS_ARGS --amp \
+    --out "$OUT/size_buckets/size_buckets_bf16.json"
+}
+
 report() {
   "$PY" -m benchmarks.cpu_check "$OUT" ${RECORD_DIR:+--record "$RECORD_DIR"} > /dev/null &&
   "$PY" tools/bench_report.py "$OUT"/*.json > "$OUT/report.md" &&
@@ -155,8 +164,8 @@ suite() {
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
 export PY OUT ROOT LIMIT BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50 \
-  FRCNN_R50_DO UPER_REPLK
-export -f cpu_info stalling_calls timeout_fires replk r50 overhead report suite
+  FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS
+export -f cpu_info stalling_calls timeout_fires replk r50 overhead buckets report suite
 
 step cpu 120 cpu_info
 step stalls 900 stalling_calls
@@ -166,6 +175,7 @@ step large_dw 1500 $BENCH --large-dw --batch 1 --dtypes fp32 bf16 --repeat 3 \
 step replk 1800 replk
 step r50 900 r50
 step overhead 1800 overhead
+step buckets 1200 buckets
 step suite 3600 suite
 step report 300 report
 grep -h -E '^cpu: |^cpu flag|pad \(' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | tee -a "$LOG"
