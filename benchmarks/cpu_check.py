@@ -154,9 +154,11 @@ def summarize(out_dir):
                 summary['overhead'][model].update(
                     composition_ms=b['composition_ms'], optimizer_ms=b['optimizer_extra_ms'],
                     rest_ms=b['rest_ms'])
+    runs = list(results.values())
     for dtype in ('fp32', 'bf16'):
         b = _json(path(f'size_buckets/size_buckets_{dtype}.json'))
         if b:
+            runs.append(b)
             modes, sharing = b['modes'], b['sharing']
             summary.setdefault('buckets', {})[dtype] = dict(
                 sizes=b['sizes'], scale=b['scale'],
@@ -164,6 +166,9 @@ def summarize(out_dir):
                 tuning_s=[modes['buckets']['tuning_s'], modes['alone']['tuning_s']],
                 price=sharing['shared_ms'] / sharing['own_ms'] if sharing['own_ms'] else None,
                 other_choice=sharing['other_choice'], convs=sharing['convs'])
+    # steps re-run later come from later commits: every commit the figures were measured at
+    summary['commits'] = list(dict.fromkeys(
+        r['env'].get('git') for r in sorted(runs, key=lambda r: r['env'].get('date') or '')))
     suite = _read(path('suite.log')) or ''
     outcome = re.findall(r'^=*\s*(\d+ (?:passed|failed|errors?)\b.*? in [\d.]+s(?: \([\d:]+\))?)'
                          r'\s*=*$', suite, re.M)
@@ -288,7 +293,11 @@ def render_vendors(results):
         for (stage, kernel, dtype, step), cells in rules.items():
             lines.append(f'| {stage} | {kernel} | {dtype} | {step} | '
                          + ' | '.join(cells.get(h, 'not measured') for h in heads) + ' |')
-    sources = ', '.join(f"commit {r['env'].get('git')}" for r in results)
+    sources = '; '.join(
+        f"{r['results'][0]['cpu']}: commit"
+        f"{'s' if len(r['results'][0].get('commits', [])) > 1 else ''} "
+        + ', '.join(r['results'][0].get('commits') or [str(r['env'].get('git'))])
+        for r in results)
     lines += ['', f'*{sources}; torch {results[0]["env"]["torch"]}*']
     return lines
 

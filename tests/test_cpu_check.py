@@ -106,7 +106,7 @@ def _check_folder(path, cpu, overhead=True):
     if overhead:
         (path / 'size_buckets').mkdir()
         (path / 'size_buckets' / 'size_buckets_bf16.json').write_text(json.dumps(dict(
-            sizes=21, scale=[666, 400],
+            sizes=21, scale=[666, 400], env=dict(git='def5678', date='2026-11-30T09:00:00+00:00'),
             modes=dict(buckets=dict(signatures=86, tuning_s=48.8),
                        alone=dict(signatures=189, tuning_s=110.4)),
             sharing=dict(convs=163, other_choice=7, own_ms=732.2, shared_ms=735.2, rows=[]))))
@@ -137,6 +137,7 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert rules['fp32', 'fwd']['tuned_choice'] == 'fft'  # from the tuner's cache
     assert rules['fp32', 'fwd+bwd']['tuned_choice'] is None  # not in it
     assert rules['bf16', 'fwd']['tuned_cl_choice'] == 'direct_channels_last'  # an older cache
+    assert s['commits'] == ['abc1234', 'def5678']  # the bucket step ran later, at another commit
     assert s['buckets'] == {'bf16': dict(sizes=21, scale=[666, 400], signatures=[86, 189],
                                          tuning_s=[48.8, 110.4], price=735.2 / 732.2,
                                          other_choice=7, convs=163)}
@@ -167,6 +168,8 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     row = next(line for line in lines if 'whole-backbone layout' in line)
     assert row.startswith('| RepLKNet whole-backbone layout, eval 1x3x512x512 float32 fwd '
                           '(channels_last vs NCHW) | channels_last: 0.53 s vs 0.59 s |')
+    assert lines[-1] == ('*AMD EPYC: commits abc1234, def5678; Intel Xeon: commit abc1234; '
+                         'torch 2.13.0+cpu*')
     # tools/bench_report.py fills the doc's side-by-side block from the kept summaries
     for name, result in (('cpu_check_amd-epyc.json', amd), ('cpu_check_intel-xeon.json', intel)):
         (tmp_path / name).write_text(json.dumps(result))
