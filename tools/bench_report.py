@@ -6,7 +6,8 @@
 Each file's table replaces the block between ``<!-- bench:STEM -->`` and ``<!-- /bench:STEM -->``
 in the doc (STEM = the JSON file name without .json); blocks without a file keep their text
 ("not yet measured"). tools/cpu_check.sh summaries (docs/benchmarks/cpu_check_*.json) fill
-``<!-- bench:cpu-vendors -->`` instead: every CPU's figures side by side. Without ``--doc`` the
+``<!-- bench:cpu-vendors -->`` instead: every CPU's figures side by side. Every model timed on
+CUDA also goes into ``<!-- bench:gpu-configs -->`` (the README's GPU table). Without ``--doc`` the
 tables are printed. Plots: ``ratios.png`` (every compare file), ``doconv_layers.png`` and
 ``large_dw_<device>.png``. Logic: benchmarks/report.py.
 """
