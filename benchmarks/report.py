@@ -154,10 +154,12 @@ def render(result, source):
 
 def render_gpu_configs(results):
     """The README's GPU table: one row per model run on CUDA (config, what ran, iteration time,
-    images/s, peak memory, device, torch, CUDA, date)."""
+    images/s, peak memory, the fused outputs' largest relative difference from the unfused ones,
+    device, torch, CUDA, date)."""
     rows = []
     for r in results:
         s, e = r['settings'], r['env']
+        diff = (s.get('output_difference') or {}).get('max_rel')
         for v in r['results']:
             lat, mem = v['latency'], v['memory']
             form = re.search(r' \((fused|unfused)\)$', v['name'])  # a compare's variants
@@ -168,10 +170,12 @@ def render_gpu_configs(results):
                          f"{', AMP' if s.get('amp') else ''}",
                          _f(lat['median_ms'], '{:.1f}'), _f(lat['images_per_s'], '{:.1f}'),
                          _f(mem['peak_mb'] / 1024 if mem.get('peak_mb') else None, '{:.1f}'),
+                         _f(diff if form and form.group(1) == 'fused' else None, '{:.1e}'),
                          e.get('gpu') or e.get('gpus') or '?', e['torch'],
                          f"{e.get('cuda')} / cuDNN {e.get('cudnn')}", e['date'][:10]])
     return table(['config', 'step', 'batch x crop', 'ms / iteration', 'images / s',
-                  'peak GiB', 'device', 'torch', 'CUDA', 'date'], rows)
+                  'peak GiB', 'fused vs unfused (max rel)', 'device', 'torch', 'CUDA', 'date'],
+                 rows)
 
 
 def _on_cuda(result):
