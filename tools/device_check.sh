@@ -395,8 +395,8 @@ stop_cuda_build() {
 # ---------------------------------------------------------------------------------- steps --
 # Per-GPU batch and crop of each config (the batch in its name, NxB). 31L's config trains at
 # batch 1 on 64 GPUs with SyncBN; in one process the benchmark uses BN, and the pyramid pooling
-# BN cannot train on one image, so 31L runs at batch 2. Cascade Mask R-CNN: inference only until
-# reparam_mm.batches draws synthetic masks (its train step is listed last so it shows when).
+# BN cannot train on one image, so 31L runs at batch 2. Cascade Mask R-CNN trains on synthetic
+# box-filled instance masks (reparam_mm.batches); its train step, the costliest, runs last.
 R=configs/replknet D=configs/doconv
 UPER_31B=$R/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py
 UPER_31L=$R/upernet_replknet-31l-in22k-pre_64xb1-80k_ade20k-640x640.py
