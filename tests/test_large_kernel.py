@@ -457,7 +457,7 @@ class _ToyBackbone(torch.nn.Module):
         self.layouts.append(channels_last)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.bn(self.conv(x)) + 0 * torch.rand(1)  # draws from the RNG, as drop-path does
+        out = self.bn(self.conv(x)) + 0 * torch.rand(())  # draws from the RNG, as drop-path does
         return (out.contiguous(), )
 
 
@@ -498,6 +498,17 @@ def test_backbone_layout_is_timed_once_and_leaves_no_trace(tuner):
     sigs = json.loads(tuner.cache_path.read_text()).popitem()[1]
     assert sigs['layout|_ToyBackbone:156:eval|cpu|float32|autocast off|2x4x23-26x39-45|fwd'][
         'shape'] == '2x4x24x40'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (the GPU check)')
+def test_on_cuda_the_backbone_layout_is_timed_too(tuner):
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    toy = _ToyBackbone().cuda().eval()
+    with torch.no_grad():
+        toy(torch.randn(1, 4, 8, 8, device='cuda'))
+    assert toy.layouts == [False, True, True] and tuner.measured == ['nchw', 'channels_last']
+    sig, = json.loads(tuner.cache_path.read_text()).popitem()[1]
+    assert '|cuda|float32|' in sig
 
 
 def test_backbone_layout_follows_the_rule_where_it_is_not_timed(tuner, monkeypatch):

@@ -351,7 +351,7 @@ class RepLKNet(LargeKernelBackbone):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
-        # the layout policy lives in layers/large_kernel.py: on CPU the faster one, timed
+        # the layout policy lives in layers/large_kernel.py: on CPU and CUDA the faster one, timed
         channels_last = large_kernel.backbone_layout(self, x, self._forward_in_layout)
         return self._forward_in_layout(x, channels_last)
 

@@ -724,13 +724,14 @@ def _distributed():
 def backbone_layout(module, x, forward) -> bool:
     """Whether backbone ``module`` runs ``forward(x, channels_last)`` channels_last for ``x``.
 
-    On CPU in tuned mode both layouts are timed once per :func:`layout_signature`, as the convs
-    are, since which is faster depends on the CPU and on the convs' choices (NHWC suits oneDNN's
-    1x1 convs, the FFT wants NCHW). The fixed rule (:func:`backbone_channels_last`) decides in
-    fixed mode, while exporting or compiling, and in distributed runs, whose ranks must run the
-    same number of forwards (SyncBN). Other devices keep the input's layout.
+    On CPU and CUDA in tuned mode both layouts are timed once per :func:`layout_signature`, as
+    the convs are, since which is faster depends on the device and on the convs' choices (NHWC
+    suits oneDNN's 1x1 convs and cuDNN's tensor cores under AMP, the FFT wants NCHW). The fixed
+    rule (:func:`backbone_channels_last`) decides in fixed mode, while exporting or compiling,
+    and in distributed runs, whose ranks must run the same number of forwards (SyncBN). Other
+    devices keep the input's layout.
     """
-    if x.device.type != 'cpu' or x.dim() != 4 or not x.is_contiguous():
+    if x.device.type not in ('cpu', 'cuda') or x.dim() != 4 or not x.is_contiguous():
         return False
     if _mode() == 'fixed' or _exporting() or _distributed():
         return backbone_channels_last(x)
