@@ -252,6 +252,13 @@ def _figures(s, step_ok):
     return out
 
 
+def _commits(result):
+    """'CPU: commit(s) ...': every commit a CPU's figures were measured at."""
+    s = result['results'][0]
+    commits = s.get('commits') or [str(result['env'].get('git'))]
+    return f"{s['cpu']}: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+
+
 def render_vendors(results):
     """Markdown: the CPUs' figures side by side, then the large-DW rule table per CPU."""
     results = sorted(results, key=lambda r: r['results'][0]['cpu'] or '')
@@ -293,12 +300,7 @@ def render_vendors(results):
         for (stage, kernel, dtype, step), cells in rules.items():
             lines.append(f'| {stage} | {kernel} | {dtype} | {step} | '
                          + ' | '.join(cells.get(h, 'not measured') for h in heads) + ' |')
-    sources = '; '.join(
-        f"{r['results'][0]['cpu']}: commit"
-        f"{'s' if len(r['results'][0].get('commits', [])) > 1 else ''} "
-        + ', '.join(r['results'][0].get('commits') or [str(r['env'].get('git'))])
-        for r in results)
-    lines += ['', f'*{sources}; torch {results[0]["env"]["torch"]}*']
+    lines += ['', f"*{'; '.join(map(_commits, results))}; torch {results[0]['env']['torch']}*"]
     return lines
 
 

@@ -7,12 +7,12 @@ extra time goes"), measured beside a training ``--compare`` of a plain and a DO-
   model updates W and D);
 * the rest of the step difference: autograd's per-layer bookkeeping, memory traffic, noise.
 """
-import time
-
 import numpy as np
 import torch
 
 from reparam_mm.layers.doconv import DOConv2d
+
+from .measure import time_calls
 
 
 def doconv_layers(model):
@@ -21,18 +21,7 @@ def doconv_layers(model):
 
 
 def _median_ms(fn, repeat, device):
-    def sync():
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median(time_calls(fn, device, repeat, warmup=1))) * 1e3
 
 
 def composition_ms(model, repeat=5):

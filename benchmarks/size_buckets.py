@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -49,26 +50,19 @@ def padded_test_sizes(annotation_file, scale=(1333, 800), divisor=32):
 def run_sizes(model, sizes, bucket_min, amp=False):
     """Seconds of the first and second forward of each distinct size, and the tuning cache;
     ``amp``: under bf16 autocast, as ``tools/test.py --amp`` on CPU."""
-    saved = large_kernel.SIZE_BUCKET_MIN, large_kernel.TUNER, os.environ.get('REPARAM_MM_CACHE')
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ['REPARAM_MM_CACHE'] = cache
-        large_kernel.SIZE_BUCKET_MIN, large_kernel.TUNER = bucket_min, large_kernel.LargeDWTuner()
-        try:
-            first, steady = {}, {}
-            for size in dict.fromkeys(sizes):
-                x = torch.randn(1, 3, *size)
-                with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=amp):
-                    for times in (first, steady):
-                        start = time.perf_counter()
-                        model(x)
-                        times[size] = time.perf_counter() - start
-            return first, steady, json.loads(large_kernel.TUNER.cache_path.read_text())
-        finally:
-            large_kernel.SIZE_BUCKET_MIN, large_kernel.TUNER = saved[:2]
-            if saved[2] is None:
-                os.environ.pop('REPARAM_MM_CACHE', None)
-            else:
-                os.environ['REPARAM_MM_CACHE'] = saved[2]
+    with tempfile.TemporaryDirectory() as cache, \
+            mock.patch.dict(os.environ, REPARAM_MM_CACHE=cache), \
+            mock.patch.multiple(large_kernel, SIZE_BUCKET_MIN=bucket_min,
+                                TUNER=large_kernel.LargeDWTuner()):
+        first, steady = {}, {}
+        for size in dict.fromkeys(sizes):
+            x = torch.randn(1, 3, *size)
+            with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=amp):
+                for times in (first, steady):
+                    start = time.perf_counter()
+                    model(x)
+                    times[size] = time.perf_counter() - start
+        return first, steady, json.loads(large_kernel.TUNER.cache_path.read_text())
 
 
 def price_of_sharing(bucketed, alone):

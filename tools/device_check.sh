@@ -25,9 +25,8 @@
 # run with timeout_s=600 returns everything), DEVICE_CHECK_STEPS (comma-separated step names
 # to run, default all but camvid-train; `none` runs only the set-up), DEVICE_CHECK_CAMVID (the
 # CamVid source folder, default .device_data/camvid; ../shared/data/camvid when rehearsing),
-# DEVICE_CHECK_WORK (scratch and build
-# folders, default /tmp/reparam_mm_device_check: a second call on a still-warm machine resumes
-# an unfinished CUDA build there), DEVICE_CHECK_PYTHON (default python3; .venv/bin/python when
+# DEVICE_CHECK_WORK (scratch and build folders, default /tmp/reparam_mm_device_check: a second
+# call on a still-warm machine resumes an unfinished CUDA build there), DEVICE_CHECK_PYTHON (default python3; .venv/bin/python when
 # rehearsing), DEVICE_CHECK_REHEARSE_BUILD=1 (rehearsal: also build mmcv's CPU ops from the sdist).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1

@@ -18,8 +18,9 @@ buckets of H and W, kernel, stride, padding, dilation, whether gradients are nee
 candidate by timing each once, as ``torch.backends.cudnn.benchmark`` does, except that sizes
 within 1.19x of each other share a timing (:func:`size_bucket`). The choice is kept in memory
 and in a JSON file (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``)
-keyed by the device name and library versions, so a machine times a signature once (a timing during which other
-processes used the CPUs it needs is timed again by the next process: :class:`LargeDWTuner`).
+keyed by the device name and library versions, so a machine times a signature once (a timing
+during which other processes used the CPUs it needs is timed again by the next process:
+:class:`LargeDWTuner`).
 The layout a whole backbone runs in is tuned the same way (:func:`backbone_layout`).
 **Fixed mode** applies rules measured on one CPU (:func:`fixed_choice`); choose it with
 ``REPARAM_MM_LARGE_DW=fixed``, a config's top-level ``large_dw_dispatch = 'fixed'``, or
