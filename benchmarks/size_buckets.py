@@ -3,14 +3,15 @@ sizes of real images, its large-kernel dispatch and layout tuned from an empty c
 sizes sharing a timing per size bucket (the default) and once with every size timed alone.
 
     python -m benchmarks.size_buckets [--coco ../shared/data/coco128] [--scale 666 400]
-        [--arch 31B] [--amp] [--sizes N] [--out work_dirs/size_buckets.json]
+        [--arch 31B] [--amp] [--sizes N] [--skip-ratio R] [--out work_dirs/size_buckets.json]
 
 The sizes are those mmdet's test pipeline gives the images of a COCO annotation file: a
 keep-ratio resize to ``--scale``, then padding to a multiple of 32. Each distinct size is run
 twice in the images' order: the first forward pays any timing, the second is the steady
 forward. Besides the seconds, the run compares the choices: for every conv signature timed
 alone, the time of the choice its bucket made, read from that signature's own timing table, so
-the price of sharing is measured, not assumed.
+the price of sharing is measured, not assumed. ``--skip-ratio inf`` runs every candidate at every
+size (the tuner leaves out those hopeless at nearby sizes: ``LargeDWTuner.hopeless_nearby``).
 """
 import argparse
 import json
@@ -47,13 +48,16 @@ def padded_test_sizes(annotation_file, scale=(1333, 800), divisor=32):
     return sizes
 
 
-def run_sizes(model, sizes, bucket_min, amp=False):
+def run_sizes(model, sizes, bucket_min, amp=False, skip_ratio=None):
     """Seconds of the first and second forward of each distinct size, and the tuning cache;
-    ``amp``: under bf16 autocast, as ``tools/test.py --amp`` on CPU."""
+    ``amp``: under bf16 autocast, as ``tools/test.py --amp`` on CPU; ``skip_ratio``: the tuner's
+    ``SKIP_RATIO`` (None: its own)."""
+    tuner = large_kernel.LargeDWTuner()
+    if skip_ratio is not None:
+        tuner.SKIP_RATIO = skip_ratio
     with tempfile.TemporaryDirectory() as cache, \
             mock.patch.dict(os.environ, REPARAM_MM_CACHE=cache), \
-            mock.patch.multiple(large_kernel, SIZE_BUCKET_MIN=bucket_min,
-                                TUNER=large_kernel.LargeDWTuner()):
+            mock.patch.multiple(large_kernel, SIZE_BUCKET_MIN=bucket_min, TUNER=tuner):
         first, steady = {}, {}
         for size in dict.fromkeys(sizes):
             x = torch.randn(1, 3, *size)
@@ -97,6 +101,8 @@ def main():
     parser.add_argument('--amp', action='store_true', help='run under bf16 autocast')
     parser.add_argument('--sizes', type=int, default=None,
                         help='only the images up to the N-th distinct size (default: all)')
+    parser.add_argument('--skip-ratio', type=float, default=None,
+                        help="the tuner's SKIP_RATIO (default: its own; inf: run every candidate)")
     parser.add_argument('--out', default='work_dirs/size_buckets.json')
     args = parser.parse_args()
     annotations = sorted(Path(args.coco).glob('annotations/*.json'))
@@ -110,17 +116,25 @@ def main():
         sizes = [size for size in sizes if size in keep]
     torch.manual_seed(0)
     model = fuse(RepLKNet(arch=args.arch).eval())
+    skip_ratio = args.skip_ratio
+    if skip_ratio is None:
+        skip_ratio = large_kernel.LargeDWTuner.SKIP_RATIO
     result = dict(env=environment('cpu'), arch=args.arch, scale=list(args.scale), amp=args.amp,
+                  skip_ratio=skip_ratio if math.isfinite(skip_ratio) else 'off',
                   images=len(sizes), sizes=len(set(sizes)), freed_memory_kept=kept, modes={})
     caches = {}
     for mode, bucket_min in (('buckets', large_kernel.SIZE_BUCKET_MIN), ('alone', NO_BUCKETS)):
-        first, steady, caches[mode] = run_sizes(model, sizes, bucket_min, args.amp)
+        first, steady, caches[mode] = run_sizes(model, sizes, bucket_min, args.amp, skip_ratio)
         signatures = sum(len(entries) for entries in caches[mode].values())
+        skipped = sum(len(e.get('skipped', {})) for entries in caches[mode].values()
+                      for e in entries.values())
         result['modes'][mode] = dict(
-            signatures=signatures, first_s=round(sum(first.values()), 2),
+            signatures=signatures, skipped_candidates=skipped,
+            first_s=round(sum(first.values()), 2),
             steady_s=round(sum(steady.values()), 2),
             tuning_s=round(sum(first.values()) - sum(steady.values()), 2))
-        print(f'{mode:8s} {signatures:4d} signatures timed; first forwards '
+        print(f'{mode:8s} {signatures:4d} signatures timed ({skipped} hopeless candidates not '
+              'run); first forwards '
               f'{sum(first.values()):7.1f} s, steady forwards {sum(steady.values()):6.1f} s '
               f'({len(first)} sizes)', flush=True)
     rows = price_of_sharing(caches['buckets'], caches['alone'])

@@ -307,6 +307,58 @@ def test_sizes_in_one_bucket_share_a_timing_and_the_entry_names_the_size_timed(t
     assert len(tuner.measured) == 9
 
 
+def test_a_candidate_hopeless_at_nearby_sizes_is_not_run_at_a_new_one(tuner, monkeypatch):
+    tuner.times = {'direct_nchw': 40.0, 'direct_channels_last': 1.0, 'fft': 1.25}
+    w = torch.randn(4, 1, 31, 31)
+    assert large_kernel.choose(torch.randn(1, 4, 40, 40), w, None, 1, 15) == 'direct_channels_last'
+    assert len(tuner.measured) == 3
+    tuner.measured.clear()
+    # the next bucket, within 2x: NCHW (40x the best there) is not run; the others are
+    assert large_kernel.choose(torch.randn(1, 4, 48, 56), w, None, 1, 15) == 'direct_channels_last'
+    assert sorted(tuner.measured) == ['direct_channels_last', 'fft']
+    entries = json.loads(tuner.cache_path.read_text()).popitem()[1]
+    entry = entries['cpu|float32|nchw|1x4x46-53x54-63|k31x31|s1x1|p15x15|d1x1|fwd']
+    assert entry['skipped'] == {'direct_nchw': '40x the best at 40x40'}
+    assert set(entry['ms']) == {'direct_channels_last', 'fft'}
+    # every other call is timed in full: more than 2x away, another layout, other channels
+    for x in (torch.randn(1, 4, 40, 120), torch.randn(1, 4, 19, 40),
+              torch.randn(1, 4, 44, 44).contiguous(memory_format=torch.channels_last),
+              torch.randn(1, 8, 44, 44)):
+        tuner.measured.clear()
+        large_kernel.choose(x, w.new_zeros(x.shape[1], 1, 31, 31), None, 1, 15)
+        assert sorted(tuner.measured) == ['direct_channels_last', 'direct_nchw', 'fft'], x.shape
+    # a candidate only 10x slower keeps being timed
+    tuner.times['fft'] = 10.0
+    w2 = w[:2]
+    large_kernel.choose(torch.randn(1, 2, 40, 40), w2, None, 1, 15)
+    tuner.measured.clear()
+    large_kernel.choose(torch.randn(1, 2, 64, 64), w2, None, 1, 15)
+    assert sorted(tuner.measured) == ['direct_channels_last', 'fft']
+    tuner.times['fft'] = 1.25
+    # another process reads the timing tables with the choices
+    other = large_kernel.LargeDWTuner()
+    other.time_candidates, other.measured = tuner.time_candidates, tuner.measured
+    monkeypatch.setattr(large_kernel, 'TUNER', other)
+    tuner.measured.clear()
+    large_kernel.choose(torch.randn(1, 4, 36, 36), w, None, 1, 15)
+    assert sorted(tuner.measured) == ['direct_channels_last', 'fft']
+
+
+def test_hopeless_nearby_never_leaves_out_every_candidate(tuner):
+    key = tuner.device_key(torch.device('cpu'))
+    sig = 'cpu|float32|nchw|1x4x46-53x46-53|k31x31|s1x1|p15x15|d1x1|fwd'
+    tuner.tables[(key, 'cpu|float32|nchw|1x4|k31x31|s1x1|p15x15|d1x1|fwd')] = [
+        (40, 40, {'a': 1.0, 'b': 20.0, 'c': 30.0}), (60, 60, {'a': 20.0, 'b': 1.0, 'c': 50.})]
+    # 'b' was the best at 60x60, so only 'c' (hopeless at both) is left out
+    assert tuner.hopeless_nearby(key, sig, (1, 4, 48, 48), ['a', 'b', 'c']) == {
+        'c': '30x the best at 40x40'}
+    assert tuner.hopeless_nearby(key, sig, (1, 4, 48, 48), ['c']) == {}  # one must run
+    assert tuner.hopeless_nearby(key, sig, (1, 4, 48, 48), ['c', 'd']) == {
+        'c': '30x the best at 40x40'}  # 'd', never timed near here, runs
+    layout_sig = 'layout|RepLKNet:1:eval|cpu'
+    assert tuner.hopeless_nearby(key, layout_sig, (1, 3, 48, 48), ['c', 'a']) == {}
+
+
 class _FakeClock:
     """A clock that only the candidates advance (seconds per call, in order)."""
 

@@ -16,9 +16,11 @@ computes the call with one of several **candidates**, all equal to
 **Tuned mode** (the default) picks per call *signature* (device, dtype, layout, N, C, the size
 buckets of H and W, kernel, stride, padding, dilation, whether gradients are needed) the fastest
 candidate by timing each once, as ``torch.backends.cudnn.benchmark`` does, except that sizes
-within 1.19x of each other share a timing (:func:`size_bucket`). The choice is kept in memory
-and in a JSON file (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default ``~/.cache/reparam_mm``)
-keyed by the device name and library versions, so a machine times a signature once (a timing
+within 1.19x of each other share a timing (:func:`size_bucket`) and, on CPU, a candidate far
+behind at every nearby timed size is not run (:meth:`LargeDWTuner.hopeless_nearby`). The choice
+is kept in memory and in a JSON file (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default
+``~/.cache/reparam_mm``) keyed by the device name and library versions, so a machine times a
+signature once (a timing
 during which other processes used the CPUs it needs is timed again by the next process:
 :class:`LargeDWTuner`).
 The layout a whole backbone runs in is tuned the same way (:func:`backbone_layout`).
@@ -367,11 +369,18 @@ class LargeDWTuner:
     HOPELESS_RATIO = 8
     #: below this a first run may be mostly one-time cost (a primitive's JIT), so never dropped
     HOPELESS_MIN_S = 0.05
+    #: on CPU, a candidate this many times slower than the best at every timed size near a new
+    #: one (same call otherwise: :meth:`hopeless_nearby`) is not run there at all: the one run
+    #: of oneDNN's NCHW 27-31 px kernels (20-40x the best) was 40% of a new size bucket's timing
+    SKIP_RATIO = 16
+    #: timed sizes within this factor of a new one, per side, count as near it
+    NEAR_FACTOR = 2.
 
     def __init__(self):
         self.clock = time.perf_counter
         self._warned_contended = False
         self.choices = {}  # (device key, signature) -> name
+        self.tables = {}  # (device key, signature without H, W) -> [(H, W, {name: ms})]
         self._device_keys = {}
         self._loaded = set()
 
@@ -402,6 +411,7 @@ class LargeDWTuner:
             if (isinstance(entry, dict) and entry.get('choice') in (*CANDIDATES, *LAYOUTS)
                     and entry.get('contended') is False):
                 self.choices.setdefault((key, sig), entry['choice'])
+                self._remember_table(key, sig, entry.get('shape'), entry.get('ms'))
 
     def _save(self, key, sig, entry):
         path = self.cache_path
@@ -486,6 +496,42 @@ class LargeDWTuner:
         times.update((name, best[name]) for name in spent)
         return times, errors
 
+    def _remember_table(self, key, sig, shape, ms):
+        """Keep a conv signature's timing table (ms per candidate) under its size-free family,
+        for :meth:`hopeless_nearby`; layouts and malformed entries are left out."""
+        family = _size_free(sig)
+        try:
+            h, w = (int(n) for n in str(shape).split('x')[2:])
+            ok = family is not None and ms and all(float(t) > 0 for t in ms.values())
+        except (TypeError, ValueError, AttributeError):
+            return
+        if ok:
+            self.tables.setdefault((key, family), []).append((h, w, dict(ms)))
+
+    def hopeless_nearby(self, key, sig, shape, names):
+        """``{name: why}``: the candidates among ``names`` not worth running for ``sig``.
+
+        A candidate is left out when the timed sizes near this one (the same call in another
+        size bucket, within ``NEAR_FACTOR`` per side) that ran it all found it ``SKIP_RATIO``
+        times slower than their best. The best candidate of any of them is never left out, so
+        at least one always runs; a candidate that raised at a nearby size is still tried.
+        """
+        family = _size_free(sig)
+        if family is None or len(shape) != 4:
+            return {}
+        h, w = shape[-2:]
+        near = [(th, tw, ms) for th, tw, ms in self.tables.get((key, family), ())
+                if max(h / th, th / h) <= self.NEAR_FACTOR
+                and max(w / tw, tw / w) <= self.NEAR_FACTOR]
+        skipped = {}
+        for name in names:
+            ratios = [(ms[name] / min(ms.values()), f'{th}x{tw}') for th, tw, ms in near
+                      if name in ms]
+            if ratios and all(r >= self.SKIP_RATIO for r, _ in ratios):
+                r, at = min(ratios)
+                skipped[name] = f'{r:.0f}x the best at {at}'
+        return skipped if len(skipped) < len(names) else {}
+
     def other_cores(self, before, after, seconds):
         """CPU cores' worth of work other processes (and the hypervisor) did on this process's
         CPUs during a timing of ``seconds``, from two :func:`_cpu_seconds` readings; what the
@@ -512,12 +558,14 @@ class LargeDWTuner:
         names = candidates(x, weight.shape[-2:], stride, padding, dilation)
         if len(names) == 1:
             return names[0]
-        grad = sig.endswith('fwd+bwd')
+        grad, on_cpu = sig.endswith('fwd+bwd'), x.device.type == 'cpu'
+        # on CUDA a first run includes compiling, so no candidate is judged by it
+        skipped = self.hopeless_nearby(key, sig, x.shape, names) if on_cpu else {}
         runs = {name: _timed_call(name, x, weight, bias, stride, padding, dilation, grad)
-                for name in names}
-        return self._time_and_keep(key, sig, runs, x.device.type == 'cpu',
+                for name in names if name not in skipped}
+        return self._time_and_keep(key, sig, runs, on_cpu,
                                    fixed_choice(x, weight.shape[-2:], stride, padding, dilation),
-                                   x.shape)
+                                   x.shape, skipped=skipped)
 
     def choose_layout(self, module, x, forward):
         """'channels_last' or 'nchw': the faster layout for a whole backbone ``forward(x,
@@ -557,10 +605,11 @@ class LargeDWTuner:
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
 
-    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, shape, warm_up=True):
+    def _time_and_keep(self, key, sig, runs, on_cpu, fixed, shape, warm_up=True, skipped=None):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
-        time, the fixed rule's choice, the input ``shape`` timed (one size of its buckets) and
-        the other processes' load during the timing."""
+        time, the candidates ``skipped`` (name -> why), the fixed rule's choice, the input
+        ``shape`` timed (one size of its buckets) and the other processes' load during the
+        timing."""
         before, start = _cpu_seconds() if on_cpu else None, self.clock()
         # a whole backbone's first run also times its convs, so its first runs compare nothing
         times, errors = self.time_candidates(runs, warm_up=warm_up,
@@ -579,10 +628,23 @@ class LargeDWTuner:
                 f'dispatch timed {sig}; choices timed under such contention are kept for this '
                 'process only and timed again by the next one (lasting choices need a quiet '
                 'machine).')
-        self._save(key, sig, dict(choice=choice, ms={n: round(t * 1e3, 4) for n, t in times.items()},
-                                  errors=errors, fixed=fixed, shape='x'.join(map(str, shape)),
-                                  other_cores=round(others, 2), contended=contended))
+        ms = {n: round(t * 1e3, 4) for n, t in times.items()}
+        label = 'x'.join(map(str, shape))
+        self._remember_table(key, sig, label, ms)
+        self._save(key, sig, dict(choice=choice, ms=ms, errors=errors, skipped=skipped or {},
+                                  fixed=fixed, shape=label, other_cores=round(others, 2),
+                                  contended=contended))
         return choice
+
+
+def _size_free(sig):
+    """A conv signature without its H and W (``cpu|float32|nchw|1x128|k31x31|...``): the
+    calls whose timings can speak for each other's sizes; None for a layout signature."""
+    fields = sig.split('|')
+    if sig.startswith('layout|') or len(fields) < 4:
+        return None
+    fields[3] = 'x'.join(fields[3].split('x')[:2])
+    return '|'.join(fields)
 
 
 def _timed_call(name, x, weight, bias, stride, padding, dilation, grad):
