@@ -552,6 +552,32 @@ def test_backbone_layout_is_timed_once_and_leaves_no_trace(tuner):
         'shape'] == '2x4x24x40'
 
 
+def test_a_backbone_layout_timing_logs_one_line_saying_why_the_forward_was_slow(
+        tuner, monkeypatch):
+    import mmengine.logging
+    lines = []
+    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, logger=None: lines.append(msg))
+
+    class WithLargeKernel(_ToyBackbone):
+        def in_layout(self, x, channels_last):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return (large_kernel.large_depthwise_conv2d(x, torch.ones(4, 1, 13, 13), None, 1, 6),)
+
+    toy = WithLargeKernel().eval()
+    with torch.no_grad():
+        toy(torch.randn(1, 4, 24, 40))
+        toy(torch.randn(1, 4, 26, 45))  # the same buckets: no timing, no line
+    line, = lines
+    assert line.startswith('reparam_mm: ') and ' s timing the large-kernel dispatch of ' \
+        'WithLargeKernel (eval, fwd) for the new input size bucket 1x4x23-26x39-45: ' in line
+    assert ', 2 conv signature(s); ' in line  # the 13x13 conv in either layout
+    assert str(tuner.cache_path) in line and 'REPARAM_MM_LARGE_DW=fixed' in line
+    with torch.no_grad():
+        toy(torch.randn(1, 4, 48, 48))
+    assert len(lines) == 2 and 'bucket 1x4x46-53x46-53' in lines[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (the GPU check)')
 def test_on_cuda_the_backbone_layout_is_timed_too(tuner):
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}

@@ -594,16 +594,20 @@ class LargeDWTuner:
                 torch.autograd.grad(total, params, allow_unused=True)
             return run
         saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+        known, start = len(self.choices), time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
-                return self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
-                                                      for name in LAYOUTS},
-                                           x.device.type == 'cpu', fixed_layout(x), x.shape,
-                                           warm_up=False)
+                choice = self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
+                                                        for name in LAYOUTS},
+                                             x.device.type == 'cpu', fixed_layout(x), x.shape,
+                                             warm_up=False)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
+        _report_timing(module, sig, choice, len(self.choices) - known - 1,
+                       time.perf_counter() - start, self.cache_path)
+        return choice
 
     def _time_and_keep(self, key, sig, runs, on_cpu, fixed, shape, warm_up=True, skipped=None):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
@@ -635,6 +639,18 @@ class LargeDWTuner:
                                   fixed=fixed, shape=label, other_cores=round(others, 2),
                                   contended=contended))
         return choice
+
+
+def _report_timing(module, sig, choice, convs, seconds, path):
+    """One log line per timed backbone layout signature, so that a slow first forward at a new
+    input size says why, and that it is paid once per size bucket."""
+    from mmengine.logging import print_log
+    fields = sig.split('|')
+    print_log(f'reparam_mm: {seconds:.1f} s timing the large-kernel dispatch of '
+              f'{type(module).__name__} ({fields[1].split(":")[-1]}, {fields[-1]}) for the new '
+              f'input size bucket {fields[5]}: {choice}, {convs} conv signature(s); kept in '
+              f'{path} for every size in the bucket (REPARAM_MM_LARGE_DW=fixed times nothing).',
+              logger='current')
 
 
 def _size_free(sig):
