@@ -20,9 +20,8 @@ within 1.19x of each other share a timing (:func:`size_bucket`) and, on CPU, a c
 behind at every nearby timed size is not run (:meth:`LargeDWTuner.hopeless_nearby`). The choice
 is kept in memory and in a JSON file (``$REPARAM_MM_CACHE/large_dw_tuning.json``, default
 ``~/.cache/reparam_mm``) keyed by the device name and library versions, so a machine times a
-signature once (a timing
-during which other processes used the CPUs it needs is timed again by the next process:
-:class:`LargeDWTuner`).
+signature once (a timing during which other processes used the CPUs it needs is timed again by
+the next process: :class:`LargeDWTuner`).
 The layout a whole backbone runs in is tuned the same way (:func:`backbone_layout`).
 **Fixed mode** applies rules measured on one CPU (:func:`fixed_choice`); choose it with
 ``REPARAM_MM_LARGE_DW=fixed``, a config's top-level ``large_dw_dispatch = 'fixed'``, or
@@ -370,8 +369,8 @@ class LargeDWTuner:
     #: below this a first run may be mostly one-time cost (a primitive's JIT), so never dropped
     HOPELESS_MIN_S = 0.05
     #: on CPU, a candidate this many times slower than the best at every timed size near a new
-    #: one (same call otherwise: :meth:`hopeless_nearby`) is not run there at all: the one run
-    #: of oneDNN's NCHW 27-31 px kernels (20-40x the best) was 40% of a new size bucket's timing
+    #: one (same call otherwise: :meth:`hopeless_nearby`) is not run there at all, as oneDNN's
+    #: NCHW direct conv at the 27-31 kernels: even its one run was a large part of a new bucket
     SKIP_RATIO = 16
     #: timed sizes within this factor of a new one, per side, count as near it
     NEAR_FACTOR = 2.
