@@ -9,7 +9,8 @@ Run with any Python 3.9-3.12 (``make test`` / ``make demo`` call it). Steps:
    torch and the setuptools range in a constraints file used by every later
    pip call, so no dependency can swap torch under the compiled mmcv;
 3. install mmcv 2.1.0 with compiled ops from a wheel cache keyed by mmcv,
-   torch, Python and CUDA versions, building the wheel from the sdist once
+   torch, Python and CUDA versions and the GPU architectures compiled for
+   (:func:`mmcv_ops`), building the wheel from the sdist once
    (about 13 minutes on 2 cores) and publishing it atomically;
 4. install requirements.txt and reparam_mm (editable);
 5. check that ``mmcv.ops`` works and mmseg / mmdet / reparam_mm import.
@@ -20,7 +21,9 @@ changed, and the import check still runs.
 Environment knobs: ``TORCH_SPEC`` (default ``torch==2.13.0``) and
 ``TORCH_INDEX_URL`` choose the torch to install into a new venv;
 ``REPARAM_MM_CACHE`` moves the wheel cache (default ``~/.cache/reparam_mm``);
-``MAX_JOBS`` sets the build parallelism.
+``MAX_JOBS`` sets the build parallelism. With a CUDA torch mmcv gets CUDA ops for
+the visible GPUs' architectures, or ``TORCH_CUDA_ARCH_LIST``'s where none is
+visible (a login node); ``FORCE_CUDA=0`` builds CPU ops only.
 """
 import hashlib
 import os
@@ -138,22 +141,48 @@ def cuda_arch_list():
     return out or None
 
 
-def build_mmcv_wheel(key_dir, cuda):
+def cuda_home():
+    return venv_python('from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")')
+
+
+def mmcv_ops(torch_v, cuda, gpu_archs, environ):
+    """``(wheel-cache suffix, build environment)``: which ops mmcv is compiled with.
+
+    A CPU torch gets CPU ops; a CUDA torch CUDA ops for ``gpu_archs`` (the visible GPUs') or
+    ``TORCH_CUDA_ARCH_LIST``, which the suffix names, so a cache shared by machines with other
+    GPUs never hands over a wheel built for another architecture; ``FORCE_CUDA=0`` asks for CPU
+    ops with a CUDA torch (a machine that only tests on CPU).
+    """
+    if cuda == 'cpu':
+        return 'cpu', {'FORCE_CUDA': '0'}
+    if environ.get('FORCE_CUDA') == '0':
+        # mmcv compiles CUDA ops whenever it sees a GPU, so it is shown none
+        return f'cuda{cuda}_cpu-ops', {'FORCE_CUDA': '0', 'CUDA_VISIBLE_DEVICES': ''}
+    arch = environ.get('TORCH_CUDA_ARCH_LIST') or gpu_archs
+    if not arch:
+        raise SetupError(
+            f'torch {torch_v} is a CUDA {cuda} build but no GPU is visible and '
+            "TORCH_CUDA_ARCH_LIST is not set, so mmcv's CUDA ops have no architecture to be "
+            "compiled for: set TORCH_CUDA_ARCH_LIST to your GPUs' compute capability (e.g. 9.0 "
+            'for H100 / H200, 8.0 for A100) or FORCE_CUDA=0 for CPU ops only, and run again.')
+    archs = [a for a in arch.replace(' ', ';').split(';') if a]
+    tag = '-'.join(a.replace('.', '').replace('+PTX', 'ptx') for a in archs)
+    return f'cuda{cuda}_sm{tag}', {'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': arch}
+
+
+def build_mmcv_wheel(key_dir, cuda, build_env):
     """Build the mmcv wheel into a private temp dir, then publish it with one rename."""
     if not (shutil.which('c++') or shutil.which('g++')):
         raise SetupError('no C++ compiler found: mmcv must be compiled; install one '
                          '(Debian/Ubuntu: apt-get install g++) and run again.')
+    if build_env['FORCE_CUDA'] == '1' and not cuda_home():
+        raise SetupError(f"no CUDA compiler (nvcc) found for mmcv's CUDA ops: install the CUDA "
+                         f'{cuda} toolkit and set CUDA_HOME, or set FORCE_CUDA=0 for CPU ops '
+                         'only, and run again.')
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{key_dir.name}.partial-', dir=CACHE))
-    env = dict(os.environ)
+    env = dict(os.environ, **build_env)
     env.setdefault('MAX_JOBS', str(os.cpu_count() or 2))
-    if cuda != 'cpu':
-        env['FORCE_CUDA'] = '1'
-        arch = cuda_arch_list()
-        if arch:
-            env.setdefault('TORCH_CUDA_ARCH_LIST', arch)
-    else:
-        env['FORCE_CUDA'] = '0'
     log(f'building mmcv {MMCV_VERSION} from source for {key_dir.name} '
         f'(MAX_JOBS={env["MAX_JOBS"]}; about 13 minutes on 2 cores) ...')
     t0 = time.time()
@@ -181,14 +210,15 @@ def ensure_mmcv():
     if mmcv_ok():
         log(f'mmcv {MMCV_VERSION} with ops already installed')
         return
-    torch_v, cuda, py, _ = torch_info()
-    key_dir = CACHE / f'mmcv-{MMCV_VERSION}_torch-{torch_v}_py{py}_{"cuda" + cuda if cuda != "cpu" else "cpu"}'
+    torch_v, cuda, py, has_gpu = torch_info()
+    suffix, build_env = mmcv_ops(torch_v, cuda, cuda_arch_list() if has_gpu else None, os.environ)
+    key_dir = CACHE / f'mmcv-{MMCV_VERSION}_torch-{torch_v}_py{py}_{suffix}'
     pip('ninja', 'wheel', SETUPTOOLS_RANGE)
     wheels = sorted(key_dir.glob('mmcv-*.whl'))
     if wheels:
         log(f'using cached mmcv wheel {wheels[0]}')
     else:
-        build_mmcv_wheel(key_dir, cuda)
+        build_mmcv_wheel(key_dir, cuda, build_env)
         wheels = sorted(key_dir.glob('mmcv-*.whl'))
     # mmcv's own requirements (addict, yapf, opencv ...) come with the wheel's metadata.
     pip('--force-reinstall', '--no-deps', wheels[0])
