@@ -449,6 +449,24 @@ def test_size_buckets_price_of_sharing_reads_each_size_s_own_table():
         ('direct_channels_last', 'fft', 10.0, 12.0), ('fft', 'fft', 9.0, 9.0)]
 
 
+def test_size_buckets_skip_ratio_reaches_the_tuner():
+    from benchmarks.size_buckets import run_sizes
+    from reparam_mm.layers.large_kernel import LargeKernelDWConv2d, SIZE_BUCKET_MIN
+    conv = LargeKernelDWConv2d(3, 13).eval()  # run_sizes feeds images (3 channels)
+    sizes = [(40, 40), (48, 48)]  # two buckets within 2x of each other
+    tables = {}
+    for ratio in (1.0001, float('inf')):  # every candidate but the best is hopeless / none is
+        _, _, cache = run_sizes(conv, sizes, SIZE_BUCKET_MIN, skip_ratio=ratio)
+        (entries, ) = cache.values()
+        first, second = (entries[sig] for sig in sorted(entries, key=lambda s: s.split('|')[3]))
+        tables[ratio] = first, second
+    first, second = tables[1.0001]
+    assert set(second['ms']) == {first['choice']}
+    assert set(second['skipped']) == set(first['ms']) - {first['choice']}
+    first, second = tables[float('inf')]
+    assert second['skipped'] == {} and set(second['ms']) == set(first['ms'])
+
+
 def test_gpu_configs_block_has_one_row_per_model_run_on_cuda():
     env = dict(gpu='NVIDIA H200', torch='2.11.0+cu130', cuda='13.0', cudnn=91300,
                date='2026-12-01T10:00:00+00:00')
