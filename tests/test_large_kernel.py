@@ -344,6 +344,18 @@ def test_a_candidate_hopeless_at_nearby_sizes_is_not_run_at_a_new_one(tuner, mon
     assert sorted(tuner.measured) == ['direct_channels_last', 'fft']
 
 
+def test_a_timing_under_contention_leaves_nothing_out_at_nearby_sizes(tuner, monkeypatch):
+    tuner.times = {'direct_nchw': 40.0, 'direct_channels_last': 1.0, 'fft': 1.25}
+    w = torch.randn(4, 1, 31, 31)
+    monkeypatch.setattr(tuner, 'contended', lambda *a, **k: True)
+    with pytest.warns(UserWarning, match='other processes used'):
+        large_kernel.choose(torch.randn(1, 4, 40, 40), w, None, 1, 15)
+    monkeypatch.setattr(tuner, 'contended', lambda *a, **k: False)
+    tuner.measured.clear()
+    large_kernel.choose(torch.randn(1, 4, 48, 48), w, None, 1, 15)
+    assert sorted(tuner.measured) == ['direct_channels_last', 'direct_nchw', 'fft']
+
+
 def test_hopeless_nearby_never_leaves_out_every_candidate(tuner):
     key = tuner.device_key(torch.device('cpu'))
     sig = 'cpu|float32|nchw|1x4x46-53x46-53|k31x31|s1x1|p15x15|d1x1|fwd'

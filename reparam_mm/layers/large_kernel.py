@@ -633,7 +633,8 @@ class LargeDWTuner:
                 'machine).')
         ms = {n: round(t * 1e3, 4) for n, t in times.items()}
         label = 'x'.join(map(str, shape))
-        self._remember_table(key, sig, label, ms)
+        if not contended:  # load distorts ratios (a 0.3 ms conv timed at 28 ms): never skip by it
+            self._remember_table(key, sig, label, ms)
         self._save(key, sig, dict(choice=choice, ms=ms, errors=errors, skipped=skipped or {},
                                   fixed=fixed, shape=label, other_cores=round(others, 2),
                                   contended=contended))
