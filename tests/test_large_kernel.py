@@ -515,7 +515,7 @@ class _ToyBackbone(torch.nn.Module):
         self.layouts = []
 
     def forward(self, x):
-        return self.in_layout(x, large_kernel.backbone_layout(self, x, self.in_layout))
+        return large_kernel.forward_in_best_layout(self, x, self.in_layout)
 
     def in_layout(self, x, channels_last):
         self.layouts.append(channels_last)
@@ -562,6 +562,24 @@ def test_backbone_layout_is_timed_once_and_leaves_no_trace(tuner):
     sigs = json.loads(tuner.cache_path.read_text()).popitem()[1]
     assert sigs['layout|_ToyBackbone:156:eval|cpu|float32|autocast off|2x4x23-26x39-45|fwd'][
         'shape'] == '2x4x24x40'
+
+
+def test_an_eval_call_returns_its_layout_timing_s_output_instead_of_running_again(tuner):
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    toy = _ToyBackbone().eval()
+    x = torch.randn(2, 4, 24, 40)
+    with torch.no_grad():
+        out, = toy(x)
+        assert toy.layouts == [False, True]  # the two timed runs, and no third for the call
+        torch.testing.assert_close(out, toy.in_layout(x, True)[0], rtol=0, atol=0)
+        toy.layouts.clear()
+        toy(torch.randn(2, 4, 26, 45))  # the same buckets, chosen already: one forward
+        assert toy.layouts == [True]
+        toy.layouts.clear()
+        toy.train()(x)  # training updates BN statistics and draws random numbers: run again
+        assert toy.layouts == [False, True, True]
+    # a kept output serves only the module and input it was computed for, once
+    assert tuner.take_output(toy, x, True) is None
 
 
 def test_a_backbone_layout_timing_logs_one_line_saying_why_the_forward_was_slow(

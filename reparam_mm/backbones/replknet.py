@@ -352,8 +352,7 @@ class RepLKNet(LargeKernelBackbone):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x):
         # the layout policy lives in layers/large_kernel.py: on CPU and CUDA the faster one, timed
-        channels_last = large_kernel.backbone_layout(self, x, self._forward_in_layout)
-        return self._forward_in_layout(x, channels_last)
+        return large_kernel.forward_in_best_layout(self, x, self._forward_in_layout)
 
     def _forward_in_layout(self, x, channels_last):
         """The features for ``x``, computed channels_last or not, returned in ``x``'s layout."""

@@ -54,6 +54,7 @@ __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CAN
            'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
+           'forward_in_best_layout',
            'layout_signature', 'fft_min_kernel',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
            'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature', 'size_bucket',
@@ -382,6 +383,7 @@ class LargeDWTuner:
         self.tables = {}  # (device key, signature without H, W) -> [(H, W, {name: ms})]
         self._device_keys = {}
         self._loaded = set()
+        self._kept = None  # (module, input, layout, output) of the last layout timing, if reusable
 
     @property
     def cache_path(self) -> Path:
@@ -581,12 +583,17 @@ class LargeDWTuner:
             return self.choices[(key, sig)]
         params = [p for p in module.parameters() if p.requires_grad]
         grad = sig.endswith('fwd+bwd')
+        # an eval forward without gradients draws no random numbers and updates no buffers, so
+        # its timed run's output is the call's answer (take_output)
+        outputs = {} if not grad and not module.training else None
 
         def timed(channels_last):
             def run():
                 if not grad:
                     with torch.no_grad():
-                        forward(x, channels_last)
+                        out = forward(x, channels_last)
+                    if outputs is not None:
+                        outputs[channels_last] = out
                     return
                 outs = forward(x, channels_last)
                 total = sum(o.float().sum() for o in outs)
@@ -606,7 +613,17 @@ class LargeDWTuner:
                     b.copy_(saved[name])
         _report_timing(module, sig, choice, len(self.choices) - known - 1,
                        time.perf_counter() - start, self.cache_path)
+        cl = choice == 'channels_last'
+        self._kept = (module, x, cl, outputs[cl]) if outputs and cl in outputs else None
         return choice
+
+    def take_output(self, module, x, channels_last):
+        """The output of the layout timing just run for ``module`` on ``x`` in that layout, if
+        it can stand for the call (:meth:`choose_layout`), else None; handed out once."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] is module and kept[1] is x and kept[2] == channels_last:
+            return kept[3]
+        return None
 
     def _time_and_keep(self, key, sig, runs, on_cpu, fixed, shape, warm_up=True, skipped=None):
         """Time ``runs`` (name -> callable), keep the fastest for ``sig`` and save it with every
@@ -815,6 +832,18 @@ def backbone_layout(module, x, forward) -> bool:
     if _mode() == 'fixed' or _exporting() or _distributed():
         return backbone_channels_last(x)
     return TUNER.choose_layout(module, x, forward) == 'channels_last'
+
+
+def forward_in_best_layout(module, x, forward):
+    """``forward(x, channels_last)`` in the layout :func:`backbone_layout` picks for ``x``.
+
+    When that pick was timed on this very input by an eval-mode backbone without gradients, the
+    timing's last run in the chosen layout already is the answer and is returned instead of a
+    forward more (one per new size bucket in whole-image inference).
+    """
+    channels_last = backbone_layout(module, x, forward)
+    kept = TUNER.take_output(module, x, channels_last)
+    return kept if kept is not None else forward(x, channels_last)
 
 
 def large_depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
