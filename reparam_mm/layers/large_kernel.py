@@ -436,9 +436,10 @@ class LargeDWTuner:
 
         ``runs`` maps names to zero-argument callables. After a warm-up the candidates are timed
         in interleaved rounds, so that a burst of other work on the machine slows every
-        candidate alike rather than the one being timed. The warm-up matters: the CPU FFT runs
-        ~2.5x slower for its first ~8 calls of a shape (allocator and plan caches settling), so
-        timing cold runs would pick direct convs the FFT beats once warm. ``warm_up=False``
+        candidate alike rather than the one being timed. The warm-up matters: a candidate's first
+        calls of a shape run slower (allocator and plan caches settling; the process's first FFT
+        several times), so cold timings pick direct convs the FFT beats once warm, and a shorter
+        warm-up was measured to choose worse (docs/large_kernel.md). ``warm_up=False``
         (whole backbones, whose every run is long) keeps only the first run as warm-up and
         times 3 rounds. A candidate slower than 0.5 s a run is timed twice only. With
         ``drop_hopeless`` (CPU; on CUDA a first run includes compiling) a candidate whose first
@@ -611,7 +612,7 @@ class LargeDWTuner:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
-        _report_timing(module, sig, choice, len(self.choices) - known - 1,
+        _report_timing(module, x, grad, choice, len(self.choices) - known - 1,
                        time.perf_counter() - start, self.cache_path)
         cl = choice == 'channels_last'
         self._kept = (module, x, cl, outputs[cl]) if outputs and cl in outputs else None
@@ -658,15 +659,16 @@ class LargeDWTuner:
         return choice
 
 
-def _report_timing(module, sig, choice, convs, seconds, path):
+def _report_timing(module, x, grad, choice, convs, seconds, path):
     """One log line per timed backbone layout signature, so that a slow first forward at a new
     input size says why, and that it is paid once per size bucket."""
     from mmengine.logging import print_log
-    fields = sig.split('|')
+    mode = 'train' if module.training else 'eval'
     print_log(f'reparam_mm: {seconds:.1f} s timing the large-kernel dispatch of '
-              f'{type(module).__name__} ({fields[1].split(":")[-1]}, {fields[-1]}) for the new '
-              f'input size bucket {fields[5]}: {choice}, {convs} conv signature(s); kept in '
-              f'{path} for every size in the bucket (REPARAM_MM_LARGE_DW=fixed times nothing).',
+              f'{type(module).__name__} ({mode}, {"fwd+bwd" if grad else "fwd"}) for the new '
+              f'input size bucket {shape_label(x.shape)}: {choice}, {convs} conv signature(s); '
+              f'kept in {path} for every size in the bucket (REPARAM_MM_LARGE_DW=fixed times '
+              'nothing).',
               logger='current')
 
 
