@@ -52,3 +52,102 @@ def test_a_cuda_build_without_nvcc_stops_before_building(setup_env, monkeypatch,
         setup_env.build_mmcv_wheel(tmp_path / 'key', '13.0',
                                    {'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': '9.0'})
     assert not (tmp_path / 'wheels').exists()
+
+
+def _headers(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text('#pragma once\n')
+    return str(folder)
+
+
+def test_a_full_toolkit_needs_no_extra_header_folders(setup_env, tmp_path):
+    home = tmp_path / 'cuda'
+    _headers(home / 'include', setup_env.CUDA_LIBRARY_HEADERS)
+    pip_dir = _headers(tmp_path / 'nvidia' / 'cu13' / 'include', setup_env.CUDA_LIBRARY_HEADERS)
+    assert setup_env.cuda_header_dirs(home, [pip_dir]) == []
+
+
+def test_a_toolkit_without_math_headers_takes_them_from_torchs_nvidia_packages(setup_env, tmp_path):
+    # the shape of this machine: nvcc and cudart only, and torch 2.11's nvidia/cu13/include;
+    # a CUDA 12 torch spreads them over one package per library
+    home = tmp_path / 'cuda'
+    _headers(home / 'include', ['cuda_runtime.h', 'cublasLt.h'])
+    empty = _headers(tmp_path / 'nvidia' / 'cudnn' / 'include', ['cudnn.h'])
+    cu13 = _headers(tmp_path / 'nvidia' / 'cu13' / 'include', setup_env.CUDA_LIBRARY_HEADERS)
+    assert setup_env.cuda_header_dirs(home, [empty, cu13]) == [cu13]
+    cublas = _headers(tmp_path / 'nvidia' / 'cublas' / 'include', ['cublas_v2.h'])
+    cusparse = _headers(tmp_path / 'nvidia' / 'cusparse' / 'include', ['cusparse.h'])
+    cusolver = _headers(tmp_path / 'nvidia' / 'cusolver' / 'include', ['cusolverDn.h'])
+    assert setup_env.cuda_header_dirs(home, [cublas, cusolver, cusparse]) == [cublas, cusparse, cusolver]
+
+
+def test_a_missing_math_header_is_named_before_building(setup_env, tmp_path):
+    home = tmp_path / 'cuda'
+    _headers(home / 'include', ['cuda_runtime.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h'])
+    with pytest.raises(setup_env.SetupError, match=r"cusparse.h, which torch's CUDA headers include, "
+                       r'is neither in .*cuda/include nor in torch.s nvidia-\* packages'):
+        setup_env.cuda_header_dirs(home, [])
+
+
+def test_a_failed_build_shows_the_compilers_errors_and_keeps_the_whole_output(
+        setup_env, monkeypatch, tmp_path):
+    output = '\n'.join([  # the shape of pip's output when the build of this machine failed
+        '  error: subprocess-exited-with-error',
+        '      calls to avoid build errors in the future.',
+        '      [36/136] /usr/local/cuda/bin/nvcc -c active_rotated_filter_cuda.cu',
+        '      FAILED: [code=1] build/active_rotated_filter_cuda.o',
+        '      torch/include/ATen/cuda/CUDAContextLight.h:10:10: fatal error: cusparse.h: No such file or directory',
+        '      compilation terminated.',
+        '      nms_cuda.cu(12): error: identifier "THCudaCheck" is undefined',
+        '  Traceback (most recent call last):',
+        '      raise RuntimeError(message) from e',
+        '  RuntimeError: Error compiling objects for extension',
+        '  note: This error originates from a subprocess, and is likely not a problem with pip.',
+        '  ERROR: Failed building wheel for mmcv'])
+
+    class Failed:
+        returncode, stdout = 1, output
+
+    monkeypatch.setattr(setup_env.shutil, 'which', lambda name: f'/usr/bin/{name}')
+    monkeypatch.setattr(setup_env, 'CACHE', tmp_path / 'wheels')
+    monkeypatch.setattr(setup_env.subprocess, 'run', lambda *a, **k: Failed())
+    with pytest.raises(setup_env.SetupError) as failure:
+        setup_env.build_mmcv_wheel(tmp_path / 'wheels' / 'key', 'cpu', {'FORCE_CUDA': '0'})
+    message = str(failure.value)
+    assert message.splitlines()[:4] == [
+        'building mmcv 2.1.0 failed; the compiler said:',
+        '  FAILED: [code=1] build/active_rotated_filter_cuda.o',
+        '  torch/include/ATen/cuda/CUDAContextLight.h:10:10: fatal error: cusparse.h: No such file or directory',
+        '  nms_cuda.cu(12): error: identifier "THCudaCheck" is undefined']
+    build_log = tmp_path / 'wheels' / 'key.build.log'
+    assert message.endswith(f'The whole build output is in {build_log}.')
+    assert build_log.read_text() == output
+    assert not (tmp_path / 'wheels' / 'key').exists()  # nothing published
+
+
+def _toolkit(folder):
+    _headers(folder / 'include', ['cuda_runtime.h'])
+    _headers(folder / 'bin', ['nvcc'])
+    return str(folder)
+
+
+def test_the_toolkit_is_found_where_torch_guesses_wrong(setup_env, monkeypatch, tmp_path):
+    # a wrapper script /usr/local/bin/nvcc makes torch guess /usr/local, which holds no CUDA header
+    monkeypatch.setattr(setup_env, 'DEFAULT_CUDA_HOME', str(tmp_path / 'no-default'))
+    wrong = tmp_path / 'usr-local'
+    (wrong / 'include').mkdir(parents=True)
+    real = _toolkit(tmp_path / 'cuda-13.0')
+    assert setup_env.cuda_toolkit(str(wrong), f'{real}/bin/nvcc', {}) == real
+    monkeypatch.setattr(setup_env, 'DEFAULT_CUDA_HOME', real)
+    assert setup_env.cuda_toolkit(str(wrong), str(wrong / 'bin' / 'nvcc'), {}) == real
+    assert setup_env.cuda_toolkit(real, '', {}) == real  # a right guess is kept
+
+
+def test_cuda_home_is_taken_as_given_and_named_when_it_holds_no_toolkit(setup_env, monkeypatch, tmp_path):
+    real = _toolkit(tmp_path / 'cuda-13.0')
+    other = _toolkit(tmp_path / 'cuda-12.8')
+    assert setup_env.cuda_toolkit(real, '', {'CUDA_HOME': other}) == other
+    with pytest.raises(setup_env.SetupError, match=r"no CUDA toolkit with nvcc and cuda_runtime.h found "
+                       r"to compile mmcv's CUDA ops \(.*/empty\): install the CUDA toolkit and set CUDA_HOME"):
+        setup_env.cuda_toolkit(real, '', {'CUDA_HOME': str(tmp_path / 'empty')})

@@ -20,13 +20,17 @@ changed, and the import check still runs.
 
 Environment knobs: ``TORCH_SPEC`` (default ``torch==2.13.0``) and
 ``TORCH_INDEX_URL`` choose the torch to install into a new venv;
+``REPARAM_MM_VENV`` puts the venv elsewhere (tools/build_device_mmcv.sh makes
+the GPU machine's Python and torch there);
 ``REPARAM_MM_CACHE`` moves the wheel cache (default ``~/.cache/reparam_mm``);
 ``MAX_JOBS`` sets the build parallelism. With a CUDA torch mmcv gets CUDA ops for
 the visible GPUs' architectures, or ``TORCH_CUDA_ARCH_LIST``'s where none is
 visible (a login node); ``FORCE_CUDA=0`` builds CPU ops only.
 """
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / '.venv'
+VENV = Path(os.environ.get('REPARAM_MM_VENV', ROOT / '.venv')).absolute()
 VPY = VENV / 'bin' / 'python'
 CONSTRAINTS = VENV / 'reparam_mm-constraints.txt'
 STAMP = VENV / '.reparam_mm-setup-stamp'
@@ -145,6 +149,81 @@ def cuda_home():
     return venv_python('from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")')
 
 
+# torch's ATen/cuda headers include these. A CUDA toolkit of only nvcc and the runtime lacks
+# them, while a CUDA torch from PyPI brings them in its nvidia-* packages.
+CUDA_LIBRARY_HEADERS = ('cublas_v2.h', 'cublasLt.h', 'cusparse.h', 'cusolverDn.h')
+DEFAULT_CUDA_HOME = '/usr/local/cuda'
+CUDA_SEARCH_CODE = r"""
+import json, os, shutil
+from torch.utils.cpp_extension import CUDA_HOME
+dirs = []
+try:
+    import nvidia  # the nvidia-* wheels a CUDA torch from PyPI depends on
+    for root in nvidia.__path__:
+        dirs += sorted(os.path.join(root, n, 'include') for n in os.listdir(root))
+        dirs.append(os.path.join(root, 'include'))
+except ImportError:
+    pass
+nvcc = shutil.which('nvcc')
+print(json.dumps({'torch_cuda_home': CUDA_HOME or '', 'nvcc': os.path.realpath(nvcc) if nvcc else '',
+                  'dirs': [d for d in dirs if os.path.isdir(d)]}))
+"""
+
+
+def cuda_toolkit(torch_cuda_home, nvcc, environ):
+    """The CUDA toolkit to compile with: ``CUDA_HOME`` if set; else torch's guess if it holds the
+    runtime headers; else /usr/local/cuda or the folder above nvcc's. torch guesses the folder
+    above the first nvcc on PATH, which for a wrapper script such as /usr/local/bin/nvcc is
+    /usr/local, where no CUDA header is."""
+    if environ.get('CUDA_HOME'):
+        candidates = [environ['CUDA_HOME']]
+    else:
+        candidates = [torch_cuda_home, DEFAULT_CUDA_HOME, str(Path(nvcc).parent.parent) if nvcc else '']
+    for home in candidates:
+        if home and (Path(home) / 'include' / 'cuda_runtime.h').exists() \
+                and (Path(home) / 'bin' / 'nvcc').exists():
+            return home
+    shown = ', '.join(dict.fromkeys(c for c in candidates if c)) or 'none found'
+    raise SetupError(f"no CUDA toolkit with nvcc and cuda_runtime.h found to compile mmcv's CUDA "
+                     f'ops ({shown}): install the CUDA toolkit and set CUDA_HOME to it, and run again.')
+
+
+def cuda_header_dirs(cuda_home, search_dirs):
+    """Folders to put on the compilers' search path (``CPATH``) so that torch's CUDA headers
+    find the library headers that ``cuda_home``'s own include folder lacks."""
+    have = Path(cuda_home) / 'include'
+    dirs = []
+    for header in CUDA_LIBRARY_HEADERS:
+        if (have / header).exists():
+            continue
+        found = next((d for d in search_dirs if (Path(d) / header).exists()), None)
+        if found is None:
+            raise SetupError(
+                f"{header}, which torch's CUDA headers include, is neither in {have} nor in "
+                "torch's nvidia-* packages: install the CUDA toolkit's math libraries (cuBLAS, "
+                'cuSPARSE, cuSOLVER) or a full toolkit and point CUDA_HOME at it, and run again.')
+        if found not in dirs:
+            dirs.append(found)
+    return dirs
+
+
+def cuda_build_env(python, environ):
+    """``CUDA_HOME`` and ``CPATH`` for compiling mmcv's CUDA ops against ``python``'s torch."""
+    proc = subprocess.run([str(python), '-c', CUDA_SEARCH_CODE], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SetupError(f'{python} cannot import torch to find its CUDA headers:\n'
+                         + proc.stderr[-2000:])
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    home = cuda_toolkit(found['torch_cuda_home'], found['nvcc'], environ)
+    dirs = cuda_header_dirs(home, found['dirs'])
+    env = {'CUDA_HOME': home}
+    cpath = os.pathsep.join(dirs + [p for p in [environ.get('CPATH', '')] if p])
+    if cpath:
+        env['CPATH'] = cpath
+    return env
+
+
 def mmcv_ops(torch_v, cuda, gpu_archs, environ):
     """``(wheel-cache suffix, build environment)``: which ops mmcv is compiled with.
 
@@ -170,6 +249,19 @@ def mmcv_ops(torch_v, cuda, gpu_archs, environ):
     return f'cuda{cuda}_sm{tag}', {'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': arch}
 
 
+# gcc / ld (file:line:col: error), nvcc (file(line): error), ninja's FAILED: lines
+COMPILER_ERROR = re.compile(r'^\s*FAILED:|(:\d+(:\d+)?|\(\d+\)): (fatal )?error|collect2: error|'
+                            r'undefined reference to')
+
+
+def build_failure(output, build_log):
+    """The message of a failed mmcv build: the compiler's own error lines, not pip's traceback."""
+    errors = [line.strip() for line in output.splitlines() if COMPILER_ERROR.search(line)]
+    shown = '\n  '.join(dict.fromkeys(errors)) if errors else '\n'.join(output.splitlines()[-15:])
+    return (f'building mmcv {MMCV_VERSION} failed; the compiler said:\n  {shown[:3000]}\n'
+            f'The whole build output is in {build_log}.')
+
+
 def build_mmcv_wheel(key_dir, cuda, build_env):
     """Build the mmcv wheel into a private temp dir, then publish it with one rename."""
     if not (shutil.which('c++') or shutil.which('g++')):
@@ -179,9 +271,11 @@ def build_mmcv_wheel(key_dir, cuda, build_env):
         raise SetupError(f"no CUDA compiler (nvcc) found for mmcv's CUDA ops: install the CUDA "
                          f'{cuda} toolkit and set CUDA_HOME, or set FORCE_CUDA=0 for CPU ops '
                          'only, and run again.')
+    env = dict(os.environ, **build_env)
+    if build_env['FORCE_CUDA'] == '1':
+        env.update(cuda_build_env(VPY, os.environ))
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{key_dir.name}.partial-', dir=CACHE))
-    env = dict(os.environ, **build_env)
     env.setdefault('MAX_JOBS', str(os.cpu_count() or 2))
     log(f'building mmcv {MMCV_VERSION} from source for {key_dir.name} '
         f'(MAX_JOBS={env["MAX_JOBS"]}; about 13 minutes on 2 cores) ...')
@@ -189,8 +283,13 @@ def build_mmcv_wheel(key_dir, cuda, build_env):
     try:
         # --no-cache-dir: pip's own wheel cache is keyed by the sdist only, so it would hand back
         # a wheel compiled against another torch (or without CUDA ops).
-        run(VPY, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-cache-dir',
-            '-w', tmp, f'mmcv=={MMCV_VERSION}', env=env, quiet=True)
+        proc = subprocess.run([str(VPY), '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                               '--no-cache-dir', '-w', str(tmp), f'mmcv=={MMCV_VERSION}'],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            build_log = CACHE / f'{key_dir.name}.build.log'
+            build_log.write_text(proc.stdout)
+            raise SetupError(build_failure(proc.stdout, build_log))
         wheels = list(tmp.glob('mmcv-*.whl'))
         if len(wheels) != 1:
             raise SetupError(f'mmcv build produced {len(wheels)} wheels in {tmp}')
@@ -264,7 +363,18 @@ def verify():
     log('ready: ' + proc.stdout.strip())
 
 
-def main():
+def main(argv):
+    if argv[:1] == ['--cuda-build-env']:
+        # for tools/device_check.sh's own mmcv build: `setup_env.py --cuda-build-env PYTHON`
+        # prints CUDA_HOME=... and CPATH=..., one per line
+        try:
+            for key, value in cuda_build_env(argv[1] if len(argv) > 1 else sys.executable,
+                                             os.environ).items():
+                print(f'{key}={value}')
+        except SetupError as e:
+            print(f'[setup] ERROR: {e}', file=sys.stderr)
+            return 1
+        return 0
     t0 = time.time()
     try:
         check_python()
@@ -281,4 +391,4 @@ def main():
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
