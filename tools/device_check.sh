@@ -5,10 +5,11 @@
 #   tools/device_check.sh OUT_DIR --rehearse   # here on CPU: same steps, tiny shapes, 1 iteration
 #
 # 1. set-up: installs the carried wheels (.whl/*.whl, tools/prepare_device_wheels.sh) into a
-#    --target site on PYTHONPATH; mmcv 2.1.0: a wheel carried in .whl/mmcv/ (built by an
-#    earlier run) if its CUDA ops work, else the CPU-ops build from the carried sdist first
-#    (about a minute on 16 cores; segmentation calls no mmcv CUDA op) and the CUDA-ops build
-#    for sm_90 in the background while the benchmarks run; detection steps wait for it.
+#    --target site on PYTHONPATH; mmcv 2.1.0: a wheel carried in .whl/mmcv/ (make device-mmcv
+#    on the CPU machine, or returned by an earlier run) if its CUDA ops work, else the CPU-ops
+#    build from the carried sdist first (about a minute on 16 cores; segmentation calls no mmcv
+#    CUDA op) and the CUDA-ops build for sm_90 in the background while the benchmarks run;
+#    detection steps wait for it.
 # 2. benchmarks through tools/benchmark.py's command line, most valuable first, each under its
 #    own time limit; a step that no longer fits the budget is skipped and logged as such.
 #
@@ -262,6 +263,15 @@ sys.exit(not os.path.exists(os.path.join(os.path.dirname(torch.__file__), "inclu
       env+=(MMCV_CUDA_ARGS=-I$WORK/thc_shim)
       note="this torch has no THC/THCAtomics.cuh: nvcc includes the shim in $WORK/thc_shim"
     fi
+    # The toolkit (CUDA_HOME: torch's guess is wrong for a wrapper nvcc on PATH) and, where it
+    # lacks torch's cuBLAS / cuSPARSE / cuSOLVER headers, torch's nvidia-* packages (CPATH):
+    # tools/setup_env.py decides, as for any CUDA set-up.
+    local cuda_env
+    if ! cuda_env=$(PYTHONPATH="$(MMCV_SITE='' pythonpath)" "$PY" tools/setup_env.py --cuda-build-env "$PY" 2>&1); then
+      echo "$cuda_env" > "$blog"
+      return 1
+    fi
+    mapfile -t -O "${#env[@]}" env <<< "$cuda_env"
   else  # hide the GPU: mmcv's setup.py builds CUDA ops whenever torch sees one
     env+=(FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=)
   fi

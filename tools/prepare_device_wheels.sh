@@ -14,7 +14,8 @@
 # anyway: mmcv's setup.py and mmengine's `mmseg::` config inheritance import pkg_resources,
 # which setuptools >= 81 removed, and the image's setuptools version is unknown.
 # DEVICE_WHEELS_ALL=1 carries the image's packages too (to see the size; it does not fit).
-# Wheels already built on the GPU machine (mmcv with CUDA ops) live in .whl/mmcv/ and are kept.
+# mmcv with CUDA ops, built here by tools/build_device_mmcv.sh (make device-mmcv) or returned by
+# a GPU run, lives in .whl/mmcv/ and is kept.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
