@@ -3,7 +3,7 @@ PY ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench env device-wheels
+.PHONY: setup test demo bench env device-wheels device-mmcv
 setup:
 	$(PY) tools/setup_env.py
 
@@ -20,6 +20,12 @@ env: setup
 # internet) and its image lacks, downloaded into .whl/ (git-ignored); docs/gpu.md says how to run it.
 device-wheels: setup
 	tools/prepare_device_wheels.sh
+
+# `make device-mmcv`: mmcv with CUDA ops for the GPU machine (Python 3.12, torch 2.11.0, sm_90),
+# built here with nvcc into .whl/mmcv/ so the device call carries it and compiles nothing
+# (tools/build_device_mmcv.sh; about 15 minutes on 2 cores once, seconds after).
+device-mmcv:
+	tools/build_device_mmcv.sh
 
 # `make bench`: CPU speed / memory figures of docs/benchmarks.md (~25-30 min on 2 cores; never
 # part of `make test`). JSON goes to $(BENCH_DIR); the report fills the doc's blocks from every
