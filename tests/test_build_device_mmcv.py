@@ -41,21 +41,17 @@ def test_without_python_3_12_it_says_how_to_get_one(tmp_path):
     assert not (tmp_path / 'venv').exists()
 
 
-def test_an_nvcc_of_another_cuda_major_is_refused_before_building(tmp_path):
+@pytest.mark.parametrize('release, says', [
+    ('12.8', "build_device_mmcv: nvcc is CUDA 12.8, but the GPU machine's torch 2.11.0 is built for "
+             'CUDA 13 and torch refuses to compile extensions across major versions; put a CUDA 13 '
+             'nvcc first on PATH (or CUDA_HOME), and run again.'),
+    # the right Python and nvcc: the carried wheels are still missing
+    ('13.0', 'build_device_mmcv: no {whl}/: run `make device-wheels` first (the wheels the device '
+             'call carries beside this one).'),
+])
+def test_it_checks_nvcc_and_the_carried_wheels_before_building(tmp_path, release, says):
     python = _fake(tmp_path / 'bin', 'python3.12', 'echo 3.12')
-    _fake(tmp_path / 'bin', 'nvcc', 'echo "Cuda compilation tools, release 12.8, V12.8.93"')
+    _fake(tmp_path / 'bin', 'nvcc', f'echo "Cuda compilation tools, release {release}, V{release}.1"')
     rc, err = _run(tmp_path, DEVICE_PYTHON=str(python))
-    assert rc == 1
-    assert err.startswith('build_device_mmcv: nvcc is CUDA 12.8, but the GPU machine\'s torch 2.11.0 '
-                          'is built for CUDA 13 and torch refuses to compile extensions across major '
-                          'versions; put a CUDA 13 nvcc first on PATH')
+    assert (rc, err) == (1, says.format(whl=tmp_path / 'whl'))
     assert not (tmp_path / 'venv').exists()
-
-
-def test_with_the_right_tools_it_wants_the_carried_wheels_first(tmp_path):
-    python = _fake(tmp_path / 'bin', 'python3.12', 'echo 3.12')
-    _fake(tmp_path / 'bin', 'nvcc', 'echo "Cuda compilation tools, release 13.0, V13.0.88"')
-    rc, err = _run(tmp_path, DEVICE_PYTHON=str(python))
-    assert rc == 1
-    assert err == (f'build_device_mmcv: no {tmp_path / "whl"}/: run `make device-wheels` first (the '
-                   'wheels the device call carries beside this one).')
