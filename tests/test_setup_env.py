@@ -135,8 +135,9 @@ def _toolkit(folder):
 def test_the_toolkit_is_found_where_torch_guesses_wrong(setup_env, monkeypatch, tmp_path):
     # a wrapper script /usr/local/bin/nvcc makes torch guess /usr/local, which holds no CUDA header
     monkeypatch.setattr(setup_env, 'DEFAULT_CUDA_HOME', str(tmp_path / 'no-default'))
-    wrong = tmp_path / 'usr-local'
-    (wrong / 'include').mkdir(parents=True)
+    wrong = tmp_path / 'usr-local'  # bin/nvcc (the wrapper) and an include folder, no CUDA header
+    _headers(wrong / 'bin', ['nvcc'])
+    _headers(wrong / 'include', ['zlib.h'])
     real = _toolkit(tmp_path / 'cuda-13.0')
     assert setup_env.cuda_toolkit(str(wrong), f'{real}/bin/nvcc', {}) == real
     monkeypatch.setattr(setup_env, 'DEFAULT_CUDA_HOME', real)
@@ -151,3 +152,7 @@ def test_cuda_home_is_taken_as_given_and_named_when_it_holds_no_toolkit(setup_en
     with pytest.raises(setup_env.SetupError, match=r"no CUDA toolkit with nvcc and cuda_runtime.h found "
                        r"to compile mmcv's CUDA ops \(.*/empty\): install the CUDA toolkit and set CUDA_HOME"):
         setup_env.cuda_toolkit(real, '', {'CUDA_HOME': str(tmp_path / 'empty')})
+    headers_only = tmp_path / 'nvidia-cu13'  # the runtime headers of torch's nvidia-* packages, no nvcc
+    _headers(headers_only / 'include', ['cuda_runtime.h'])
+    with pytest.raises(setup_env.SetupError, match='no CUDA toolkit with nvcc and cuda_runtime.h'):
+        setup_env.cuda_toolkit(real, '', {'CUDA_HOME': str(headers_only)})
