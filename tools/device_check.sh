@@ -28,7 +28,8 @@
 # CamVid source folder, default .device_data/camvid; ../shared/data/camvid when rehearsing),
 # DEVICE_CHECK_WORK (scratch and build folders, default /tmp/reparam_mm_device_check: a second
 # call on a still-warm machine resumes an unfinished CUDA build there), DEVICE_CHECK_PYTHON (default python3; .venv/bin/python when
-# rehearsing), DEVICE_CHECK_REHEARSE_BUILD=1 (rehearsal: also build mmcv's CPU ops from the sdist).
+# rehearsing), DEVICE_CHECK_REHEARSE_BUILD=1 (rehearsal: also build mmcv's CPU ops from the sdist;
+# =cuda: the environment's mmcv, and the real CUDA-ops build in the background, which needs nvcc).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -310,9 +311,14 @@ return_wheel() {  # WHEEL: into OUT_DIR for the next session, split below the 16
 setup_mmcv() {
   if carried_mmcv; then return 0; fi
   local t0 rc msg whl
-  if [ "$REHEARSE" = 1 ] && [ "${DEVICE_CHECK_REHEARSE_BUILD:-0}" != 1 ] && msg=$(mmcv_check cpu); then
+  if [ "$REHEARSE" = 1 ] && [ "$REHEARSE_BUILD" != 1 ] && msg=$(mmcv_check cpu); then
     MMCV_STATE=venv CUDA_OPS=1
-    log "mmcv: rehearsal uses the environment's mmcv, no build (DEVICE_CHECK_REHEARSE_BUILD=1 builds the CPU ops): $msg"
+    if [ "$REHEARSE_BUILD" = cuda ]; then  # the detection steps wait for the real CUDA build
+      CUDA_OPS=0
+      log "mmcv: rehearsal uses the environment's mmcv for the steps that need no CUDA ops; the others wait for the CUDA-ops build: $msg"
+    else
+      log "mmcv: rehearsal uses the environment's mmcv, no build (DEVICE_CHECK_REHEARSE_BUILD=1 builds the CPU ops): $msg"
+    fi
     return 0
   fi
   # CPU ops first: every step can start after about a minute; CUDA ops follow in the background.
@@ -342,9 +348,12 @@ setup_mmcv() {
 start_cuda_build() {
   local kind=cuda
   if [ "$REHEARSE" = 1 ]; then
-    if [ "$REHEARSE_BUILD" != 1 ]; then CUDA_BUILD_STATE="skipped (rehearsal)"; return; fi
-    kind=cpu
-    log "mmcv: rehearsal: the CPU-ops build, redone in the background, stands in for the CUDA build"
+    case $REHEARSE_BUILD in
+      1) kind=cpu
+         log "mmcv: rehearsal: the CPU-ops build, redone in the background, stands in for the CUDA build" ;;
+      cuda) log "mmcv: rehearsal: the real CUDA-ops build for sm_90, as on the GPU (nvcc compiles without one)" ;;
+      *) CUDA_BUILD_STATE="skipped (rehearsal)"; return ;;
+    esac
   fi
   local limit=$(( $(left) - RESERVE - 25 ))  # leaves time to install, check and return the wheel
   if [ "$limit" -lt 120 ]; then CUDA_BUILD_STATE="not started: ${limit}s left"; log "mmcv: $CUDA_BUILD_STATE"; return; fi
