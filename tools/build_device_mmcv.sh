@@ -59,10 +59,8 @@ CFLAGS=-g0 CXXFLAGS=-g0 REPARAM_MM_VENV=$VENV TORCH_SPEC=torch==$DEVICE_TORCH TO
 
 read -r TORCH_V CUDA_V < <("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')
 [ "${TORCH_V%%+*}" = "$DEVICE_TORCH" ] || fail "$VENV has torch $TORCH_V, not the GPU machine's $DEVICE_TORCH; delete $VENV and run again."
-CACHE_DIR=${REPARAM_MM_CACHE:-$HOME/.cache/reparam_mm}/wheels
-KEY=mmcv-2.1.0_torch-${TORCH_V}_py3.12_cuda${CUDA_V}_sm${DEVICE_ARCH/./}
-WHEEL=$(ls "$CACHE_DIR/$KEY"/mmcv-2.1.0-cp312-*.whl 2>/dev/null | head -1)
-[ -n "$WHEEL" ] || fail "tools/setup_env.py left no wheel in $CACHE_DIR/$KEY (its key scheme changed?); nothing was put in $DEST/mmcv/."
+WHEEL=$(REPARAM_MM_VENV=$VENV TORCH_CUDA_ARCH_LIST=$DEVICE_ARCH "$PY312" tools/setup_env.py --mmcv-wheel) \
+  || fail "tools/setup_env.py names no cached mmcv wheel (above); nothing was put in $DEST/mmcv/."
 
 # The CUDA ops cannot run here; the CPU ops of the same _ext library can, so it loads and links.
 "$VENV/bin/python" - <<'EOF' || fail "the built mmcv does not run its CPU ops in $VENV (above)."

@@ -305,13 +305,18 @@ def build_mmcv_wheel(key_dir, cuda, build_env):
     log(f'built mmcv in {time.time() - t0:.0f} s -> {key_dir}')
 
 
+def mmcv_cache_dir():
+    """``(folder, CUDA version, build environment)`` of the venv torch's mmcv wheel in the cache."""
+    torch_v, cuda, py, has_gpu = torch_info()
+    suffix, build_env = mmcv_ops(torch_v, cuda, cuda_arch_list() if has_gpu else None, os.environ)
+    return CACHE / f'mmcv-{MMCV_VERSION}_torch-{torch_v}_py{py}_{suffix}', cuda, build_env
+
+
 def ensure_mmcv():
     if mmcv_ok():
         log(f'mmcv {MMCV_VERSION} with ops already installed')
         return
-    torch_v, cuda, py, has_gpu = torch_info()
-    suffix, build_env = mmcv_ops(torch_v, cuda, cuda_arch_list() if has_gpu else None, os.environ)
-    key_dir = CACHE / f'mmcv-{MMCV_VERSION}_torch-{torch_v}_py{py}_{suffix}'
+    key_dir, cuda, build_env = mmcv_cache_dir()
     pip('ninja', 'wheel', SETUPTOOLS_RANGE)
     wheels = sorted(key_dir.glob('mmcv-*.whl'))
     if wheels:
@@ -374,6 +379,19 @@ def main(argv):
         except SetupError as e:
             print(f'[setup] ERROR: {e}', file=sys.stderr)
             return 1
+        return 0
+    if argv[:1] == ['--mmcv-wheel']:
+        # for tools/build_device_mmcv.sh: the cached wheel the set-up installed in this venv
+        try:
+            wheels = sorted(mmcv_cache_dir()[0].glob('mmcv-*.whl'))
+        except SetupError as e:
+            print(f'[setup] ERROR: {e}', file=sys.stderr)
+            return 1
+        if not wheels:
+            print(f'[setup] ERROR: no mmcv wheel cached for {VENV}\'s torch; run the set-up first.',
+                  file=sys.stderr)
+            return 1
+        print(wheels[0])
         return 0
     t0 = time.time()
     try:
