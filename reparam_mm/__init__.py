@@ -17,5 +17,5 @@ from .optim import UniRepLKNetLayerDecayOptimizerConstructor  # noqa: E402
 __version__ = '0.1.0'
 
 __all__ = ['__version__', 'fuse', 'fuse_with_report', 'FusedEvalHook', 'DOConv2d',
-           'SavePredictionsHook', 'DemoADEDataset', 'RepLKNet', 'UniRepLKNet',
+           'SavePredictionsHook', 'DemoADEDataset', 'RepLKNet', 'UniRepLKNet', 'ConvCfgRPNHead',
            'UniRepLKNetLayerDecayOptimizerConstructor']

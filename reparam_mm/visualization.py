@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
-from mmengine.visualization import Visualizer
 
 __all__ = ['SavePredictionsHook', 'segmentation_grid', 'onnx_segmentation_grid', 'colorize']
 
@@ -88,7 +87,7 @@ class SavePredictionsHook(Hook):
             if img_path is None:
                 if not self._warned:
                     warnings.warn('--show-dir: test samples carry no img_path, so no picture is '
-                                  'painted; keep img_path in the test pipeline meta_keys.')
+                                  'painted; keep img_path in the test pipeline meta_keys.', stacklevel=2)
                     self._warned = True
                 continue
             img = mmcv.imfrombytes(fileio.get(img_path, backend_args=self.backend_args),

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import reparam_mm  # noqa: F401
 from benchmarks import doconv_layers as DL

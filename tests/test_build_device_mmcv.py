@@ -1,6 +1,5 @@
 """tools/build_device_mmcv.sh refuses, in one sentence and before any download or build, to make
 a GPU wheel with a Python or nvcc other than the GPU machine's."""
-import os
 import shutil
 import subprocess
 

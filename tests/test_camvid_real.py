@@ -15,7 +15,7 @@ from PIL import Image
 import reparam_mm  # noqa: F401
 from conftest import ROOT, load_tool
 from reparam_mm.apis import run_test
-from reparam_mm.datasets import CAMVID_CITYSCAPES_CLASSES, convert_camvid
+from reparam_mm.datasets import convert_camvid
 from reparam_mm.train import main as train_main
 
 study = load_tool('camvid_study')

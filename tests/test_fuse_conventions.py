@@ -399,7 +399,7 @@ def test_a_helper_returning_values_without_fusing_is_a_clear_error():
 def test_a_failing_foreign_method_names_its_place_in_the_model():
     class NeedsBN(MMPretrainRepVGGBlock):
         def switch_to_deploy(self):
-            assert False, "Switch is not allowed when norm_cfg['type'] != 'BN'."
+            assert False, "Switch is not allowed when norm_cfg['type'] != 'BN'."  # noqa: B011 (as mmpretrain writes it)
 
     model = nn.Sequential(nn.Sequential(nn.Identity(), NeedsBN(4, 4))).eval()
     with pytest.raises(AssertionError) as err:

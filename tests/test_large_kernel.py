@@ -276,7 +276,7 @@ def test_size_buckets_tile_the_sizes_geometrically():
     assert large_kernel.size_bucket(large_kernel.SIZE_BUCKET_MIN - 1) == (15, 15)
     assert [large_kernel.size_bucket(n) for n in (16, 19, 20, 32, 512, 608, 609)] == [
         (16, 19), (16, 19), (20, 22), (32, 38), (512, 608), (512, 608), (609, 724)]
-    previous_hi = 15
+    bucket, previous_hi = None, 15
     for n in range(16, 4100):
         lo, hi = large_kernel.size_bucket(n)
         assert lo <= n <= hi

@@ -47,7 +47,7 @@ class LargeKernelBackbone(BaseModule):
                 raise TypeError(f'{name}: pretrained must be a checkpoint path or URL, got '
                                 f'{type(pretrained).__name__}.')
             warnings.warn(f"{name}: pretrained is deprecated, use "
-                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.")
+                          "init_cfg=dict(type='Pretrained', checkpoint=...) instead.", stacklevel=3)
             return dict(type='Pretrained', checkpoint=pretrained)
         cfgs = [init_cfg] if isinstance(init_cfg, dict) else (init_cfg or [])
         for cfg in cfgs:

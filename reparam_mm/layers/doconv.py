@@ -293,7 +293,7 @@ class DOConv2d(nn.Module):
             f'{prefix or "DOConv2d"}: the DO-Conv reference code pairs this grouped layer '
             f'(groups={self.groups}, in={self.in_channels}, out={self.out_channels}) with D rows '
             'of other channels; its composed kernel was loaded into W with D = 0 (same outputs, '
-            'D restarts from zero).')
+            'D restarts from zero).', stacklevel=2)
 
     def extra_repr(self):
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
