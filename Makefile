@@ -3,7 +3,7 @@ PY ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench env device-wheels device-mmcv
+.PHONY: setup test demo bench env device-wheels device-mmcv test-ecosystem
 setup:
 	$(PY) tools/setup_env.py
 
@@ -26,6 +26,16 @@ device-wheels: setup
 # (tools/build_device_mmcv.sh; about 15 minutes on 2 cores once, seconds after).
 device-mmcv:
 	tools/build_device_mmcv.sh
+
+# `make test-ecosystem`: the tests marked `ecosystem` (timm's and mmpretrain's real re-parameterisable
+# models through reparam_mm.fuse, the mmpretrain configs), which skip in `make test`: both libraries
+# import torchvision, which imports only beside the torch it was built for. They run in the venv of
+# `make device-mmcv` (the GPU machine's Python 3.12 and torch 2.11, with torchvision, timm and
+# mmpretrain), where a library that does not import fails them.
+DEVICE_VENV ?= $(or $(REPARAM_MM_CACHE),$(HOME)/.cache/reparam_mm)/device-py3.12-torch2.11.0
+test-ecosystem:
+	@test -x $(DEVICE_VENV)/bin/python || { echo "test-ecosystem: no venv at $(DEVICE_VENV); run make device-wheels device-mmcv first (it makes it, with torchvision, timm and mmpretrain)." >&2; exit 1; }
+	REPARAM_MM_ECOSYSTEM=required PYTHONPATH=. $(DEVICE_VENV)/bin/python -m pytest -p no:cacheprovider -m ecosystem $(PYTEST_ARGS)
 
 # `make bench`: CPU speed / memory figures of docs/benchmarks.md (~25-30 min on 2 cores; never
 # part of `make test`). JSON goes to $(BENCH_DIR); the report fills the doc's blocks from every

@@ -28,6 +28,20 @@ os.environ['REPARAM_MM_CACHE'] = tempfile.mkdtemp(prefix='reparam_mm-test-cache-
 atexit.register(shutil.rmtree, os.environ['REPARAM_MM_CACHE'], True)
 
 
+def import_ecosystem(module):
+    """``module`` (timm, mmpretrain: they import torchvision, which imports only beside a torch
+    it was built for), or a skip that says why not; with ``REPARAM_MM_ECOSYSTEM=required``
+    (``make test-ecosystem``, the GPU check) a failure instead. Tests import it as
+    ``from conftest import import_ecosystem``."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's operator errors
+        why = f'{module} does not import on this stack ({type(e).__name__}: {e})'
+        if os.environ.get('REPARAM_MM_ECOSYSTEM') == 'required':
+            pytest.fail(f'{why}; REPARAM_MM_ECOSYSTEM=required says it must here.')
+        pytest.skip(why)
+
+
 def load_tool(name):
     """``tools/<name>.py`` as a module, loaded once per session (the tools are scripts, not a
     package; each puts the checkout on ``sys.path`` itself). Tests import it as

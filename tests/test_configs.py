@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import import_ecosystem
 from mmengine.config import Config, ConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -402,16 +403,15 @@ def _kxk(m):
     return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
 
 
-@pytest.mark.parametrize('rel', CONFIGS)
+@pytest.mark.parametrize('rel', [
+    pytest.param(r, marks=pytest.mark.ecosystem) if r.startswith('mmpretrain/') else r
+    for r in CONFIGS])
 def test_config_builds_its_model(rel):
     from reparam_mm.layers import DOConv2d
     cfg = load(rel)
     name = parse_name(rel)
     if rel.startswith('mmpretrain/'):
-        try:
-            import mmpretrain.models  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's operator errors
-            pytest.skip(f'mmpretrain does not import on this stack ({type(e).__name__}: {e})')
+        import_ecosystem('mmpretrain.models')
     model = build_model(cfg)
     assert all(p.is_meta for p in model.parameters())
 

@@ -14,7 +14,10 @@
 # ~/.cache/reparam_mm/device-py3.12-torch2.11.0). The venv is made and mmcv built by
 # tools/setup_env.py, for sm_90 (the H200), into its wheel cache: a second run takes seconds.
 # That venv then also holds the GPU machine's Python and torch for a rehearsal:
-# DEVICE_CHECK_PYTHON=<venv>/bin/python tools/device_check.sh OUT --rehearse.
+# DEVICE_CHECK_PYTHON=<venv>/bin/python tools/device_check.sh OUT --rehearse. Last, the script
+# adds what the GPU image has and the CPU venv cannot import (torchvision for that torch, timm)
+# and mmpretrain, the GPU run's carried wheel: `make test-ecosystem` runs the tests of timm's and
+# mmpretrain's real re-parameterisable models there.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +28,8 @@ DEVICE_ARCH=9.0         # the H200's compute capability
 DEST=${DEVICE_WHEELS_DIR:-.whl}
 VENV=${DEVICE_VENV:-${REPARAM_MM_CACHE:-$HOME/.cache/reparam_mm}/device-py3.12-torch$DEVICE_TORCH}
 LIMIT_MIB=60            # what travels (.whl/ and the working tree) must stay under the 64 MiB limit
+# torchvision built for DEVICE_TORCH (the image's 0.26), the timm tested here, and mmpretrain
+ECOSYSTEM=(torchvision==0.26.0 timm==1.0.31 mmpretrain==1.2.0)
 
 fail() { echo "build_device_mmcv: $*" >&2; exit 1; }
 
@@ -91,4 +96,7 @@ if [ $((total + tree)) -gt $((LIMIT_MIB * 1048576)) ]; then
   rm -f "$DEST"/mmcv/mmcv-*.whl
   fail "$DEST/ and the working tree would exceed $LIMIT_MIB MiB with this wheel, so it was taken out again; the GPU machine builds mmcv itself."
 fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${ECOSYSTEM[@]}" \
+  || fail "could not install ${ECOSYSTEM[*]} into $VENV (above); the mmcv wheel in $DEST/mmcv/ is ready, only make test-ecosystem needs them."
+echo "[device-mmcv] $VENV also has ${ECOSYSTEM[*]} (make test-ecosystem)"
 echo "[device-mmcv] done: the device call's carry of '$DEST' takes it along (docs/gpu.md)"
