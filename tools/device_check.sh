@@ -74,6 +74,7 @@ WHEELS=${DEVICE_CHECK_WHEELS:-.whl}
 WORK=${DEVICE_CHECK_WORK:-/tmp/reparam_mm_device_check}
 RES=$WORK/results
 SITE=$WORK/site
+ECO_SITE=$WORK/site_ecosystem   # .whl/ecosystem/ (mmpretrain): only the ecosystem-tests step sees it
 LOG=$OUT/device_check.log
 SPLIT_BYTES=${DEVICE_CHECK_SPLIT_BYTES:-16000000}  # files come back at most 16 MiB each
 # The mmcv ops the detection steps need: CUDA on the GPU; in a rehearsal the CPU ops stand in
@@ -169,6 +170,14 @@ install_wheels() {
   "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target "$SITE" "${extra[@]}" "${wheels[@]}" \
       > "$RES/logs/install_wheels.log" 2>&1 || { tail_into_log "$RES/logs/install_wheels.log" 15; return 1; }
+  local eco=("$WHEELS"/ecosystem/*.whl)
+  if [ -e "${eco[0]}" ]; then  # a failure here costs only the ecosystem-tests step
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$ECO_SITE" "${extra[@]}" "${eco[@]}" \
+        >> "$RES/logs/install_wheels.log" 2>&1 \
+      && log "installed ${#eco[@]} wheels of the ecosystem tests (mmpretrain) into $ECO_SITE" \
+      || log "WARNING: the ecosystem wheels did not install (logs/install_wheels.log); ecosystem-tests will fail"
+  fi
   log "installed ${#wheels[@]} wheels into $SITE$([ "$NATIVE" = 0 ] && echo " (for Python 3.12; this rehearsal runs Python $pyver from its own environment)")"
   if [ "$NATIVE" = 1 ]; then
     pyrun -c 'import mmengine, pycocotools, shapely, yapf, addict, termcolor, prettytable, terminaltables, ftfy, pkg_resources, setuptools
@@ -447,7 +456,7 @@ doconv-layers       -         45 20 bench --doconv-layers --shape 512 512 --batc
 doconv-seg-fused    -         50 25 bench --compare $UPER_R50_DO:unfused $UPER_R50_DO:fused --shape 512 512 $FUSED --out @/cuda_unfused-vs-fused_upernet-r50-doconv.json
 doconv-seg-vs-plain -         50 25 bench --compare $UPER_R50:fused $UPER_R50_DO:fused --shape 512 512 $FUSED --out @/cuda_fused-doconv-vs-plain_upernet-r50.json
 doconv-det-fused    cuda-ops  60 30 bench --compare $FRCNN_R50_DO:unfused $FRCNN_R50_DO:fused --shape 800 1333 $FUSED --out @/cuda_unfused-vs-fused_faster-rcnn-r50-doconv.json
-ecosystem-tests     -         60 25 pytest -m ecosystem tests/test_fuse_real_libraries.py tests/test_configs.py
+ecosystem-tests     -         60 25 ecosystem -m ecosystem tests/test_fuse_real_libraries.py tests/test_configs.py
 seg-31l-fused       -         60 30 bench --compare $UPER_31L:unfused $UPER_31L:fused --shape 640 640 $FUSED --out @/cuda_unfused-vs-fused_upernet-replknet-31l.json
 seg-xl-fused        -         70 30 bench --compare $UPER_XL:unfused $UPER_XL:fused --shape 640 640 $FUSED --out @/cuda_unfused-vs-fused_upernet-replknet-xl.json
 large-dw-b16        -        160 120 bench --large-dw --arch 31B --shape 512 512 --batch 16 --device cuda --dtypes fp32 bf16 fp16 --repeat 10 --min-time 0.1 --out @/cuda_large-dw_b16.json
@@ -493,16 +502,21 @@ run_step() {  # NAME LIMIT KIND ARGS...
          --variants "${args[@]:1}" --out-dir "$WORK/camvid_study"
          --data-root "$WORK/camvid_cityscapes" --workers "$([ "$REHEARSE" = 1 ] && echo 1 || echo 8)")
   else  # compiled Triton kernels on the GPU (TRITON_INTERPRET=0); a hung test fails after 60 s.
-    # On Python 3.12 (the GPU, or a rehearsal in make device-mmcv's venv) timm and mmpretrain
-    # must import: the ecosystem tests fail instead of skipping.
-    cmd=(env TRITON_INTERPRET=0 REPARAM_MM_ECOSYSTEM=$([ "$NATIVE" = 1 ] && echo required || echo optional)
-         "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
+    # kind ecosystem: the tests of timm's and mmpretrain's models, with .whl/ecosystem/ on the
+    # path; on Python 3.12 (the GPU, or a rehearsal in make device-mmcv's venv) both libraries
+    # must import, so they fail instead of skipping.
+    local eco=optional
+    [ "$kind" = ecosystem ] && [ "$NATIVE" = 1 ] && eco=required
+    cmd=(env TRITON_INTERPRET=0 REPARAM_MM_ECOSYSTEM=$eco "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
          --junitxml="$RES/logs/$name.xml" "${args[@]}")
   fi
   log "START $name (limit ${limit}s): ${cmd[*]}"
   t0=$(date +%s)
   echo "\$ ${cmd[*]}" > "$steplog"
-  PYTHONPATH=$(pythonpath) timeout -k 10 "$limit" "${cmd[@]}" >> "$steplog" 2>&1
+  local pp
+  pp=$(pythonpath)
+  [ "$kind" = ecosystem ] && [ "$NATIVE" = 1 ] && pp=$ECO_SITE${pp:+:$pp}
+  PYTHONPATH=$pp timeout -k 10 "$limit" "${cmd[@]}" >> "$steplog" 2>&1
   rc=$? secs=$(( $(date +%s) - t0 ))
   case $rc in
     0) status=ok ;;

