@@ -170,10 +170,13 @@ def test_timm_model_fuses_like_timm_and_with_doconv_inside(name, with_doconv):
 @pytest.mark.parametrize('name', list(MMPRETRAIN_BACKBONES))
 def test_mmpretrain_backbone_fuses_like_switch_to_deploy_and_with_doconv_inside(name, with_doconv):
     import_ecosystem('mmpretrain.models')
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     cfg, side, dtype = MMPRETRAIN_BACKBONES[name]
     torch.manual_seed(0)
-    model = MODELS.build(copy.deepcopy(cfg))
+    # whatever scope an earlier test left current, 'RepVGG' must mean mmpretrain's
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(copy.deepcopy(cfg))
 
     def switch_to_deploy(m):
         m.switch_to_deploy()
