@@ -30,7 +30,8 @@ import copy
 
 import pytest
 import torch
-from conftest import import_ecosystem
+from conftest import ROOT, import_ecosystem
+from downstream import seg_batch, train_once
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import reparam_mm  # noqa: F401  (registers DOConv)
@@ -228,3 +229,40 @@ def test_mmpretrain_backbone_in_an_mmseg_upernet_fuses_end_to_end():
         got = fused(x, mode='tensor')
     assert report.fused.get('RepVGGBlock', 0) == 22 and report.fused.get('DOConv2d', 0) > 0
     _assert_same([got], [unfused], 1e-9, 'fused vs unfused UperNet-RepVGG')
+
+
+MMPRETRAIN_CONFIGS = sorted(p.name for p in (ROOT / 'configs' / 'mmpretrain').glob('*.py'))
+
+
+@pytest.mark.parametrize('name', MMPRETRAIN_CONFIGS)
+def test_mmpretrain_config_trains_a_step_and_deploys_fused(name, tmp_path):
+    """Each ``configs/mmpretrain/`` config, whole (full-width heads), from random weights: one
+    training step, then ``tools/fuse.py``'s export: the deploy config (``deploy=True`` on the
+    backbone) loads the fused weights strictly and reproduces the trained model."""
+    import_ecosystem('mmpretrain.models')
+    from mmengine.config import Config
+    from reparam_mm.apis import build_model, export_deploy
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'mmpretrain' / name))
+    cfg.model.backbone.init_cfg = None  # the ImageNet file is not here
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    if cfg.default_scope == 'mmseg':
+        data, side = seg_batch(cfg.model.decode_head.num_classes, size=64), 64
+    else:
+        from mmdet.testing import demo_mm_inputs
+        side = 128
+        data = demo_mm_inputs(2, [(3, side, side)] * 2, num_items=[2, 3], num_classes=80)
+    # after train(): mmpretrain backbones freeze their frozen_stages there
+    train_once(model, data,
+               moves=lambda m: next(p for p in m.backbone.parameters() if p.requires_grad))
+
+    ckpt = tmp_path / 'trained.pth'
+    torch.save(dict(meta={}, state_dict=model.state_dict()), ckpt)
+    cfg_path = tmp_path / name
+    cfg.dump(str(cfg_path))
+    result = export_deploy(str(cfg_path), str(ckpt), str(tmp_path / 'deploy'), shape=(side, side))
+    assert result['check']['same_structure'] and result['check']['max_rel'] < 1e-5, result['check']
+    assert Config.fromfile(result['config']).model.backbone.deploy is True
+    block = 'RepVGGBlock' if 'repvgg' in name else 'MobileOneBlock'
+    assert result['report'].fused.get(block, 0) > 0, result['report'].fused

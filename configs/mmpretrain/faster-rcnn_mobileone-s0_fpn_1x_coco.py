@@ -12,7 +12,8 @@
 # switch_to_deploy() refuses other norm types. NEEDS mmpretrain 1.x, which
 # imports torchvision: a stack where torchvision matches torch (e.g. CUDA torch
 # + torchvision + mmpretrain); the CPU stack of this project cannot import it
-# (see README), there the config only parses. The ImageNet weights are read from
+# (see README), there the config only parses (make test-ecosystem
+# trains it a step and exports it, in a venv where mmpretrain imports). The ImageNet weights are read from
 # a local file, never downloaded; the classifier checkpoint's backbone keys
 # start with 'backbone.'.
 _base_ = [
