@@ -32,50 +32,35 @@ import pytest
 import torch
 from conftest import ROOT, import_ecosystem
 from downstream import seg_batch, train_once
-from torch.nn.modules.batchnorm import _BatchNorm
+from test_fuse import perturb
 
 import reparam_mm  # noqa: F401  (registers DOConv)
-from reparam_mm.fuse import fuse_with_report
+from reparam_mm.fuse import count_params, fuse_with_report
 from reparam_mm.layers.convert import convert_to_doconv
 from reparam_mm.layers.doconv import DOConv2d
+from reparam_mm.outputs import compare_outputs
 
 pytestmark = [pytest.mark.ecosystem, pytest.mark.timeout(240)]
 
-# name -> input side; each family's re-parameterisable blocks, small variants
-TIMM_MODELS = {
-    'mobileone_s0': 64,      # MobileOneBlock.reparameterize(), guarded by reparam_conv
-    'fastvit_t8': 64,        # + RepMixer, ReparamLargeKernelConv (no guard: fails twice)
-    'repvit_m0_9': 64,       # fuse() returning modules; RepVggDw calls its child's fuse()
-    'repghostnet_050': 64,   # RepGhostModule.switch_to_deploy()
-    'repvgg_a0': 64,         # byobnet RepVggBlock.reparameterize()
-    'efficientvit_m0': 64,   # ConvNorm / NormLinear fuse() returning modules
-}
-MMPRETRAIN_BACKBONES = {  # name -> (config, input side, dtype the library's fuse supports)
-    'RepVGG-A0': (dict(type='RepVGG', arch='A0'), 64, torch.float64),
-    'MobileOne-s0': (dict(type='MobileOne', arch='s0'), 64, torch.float64),
-    'RepMLPNet-B': (dict(type='RepMLPNet', arch='B', img_size=64), 64, torch.float32),
-    'LeViT-128s': (dict(type='LeViT', arch='128s', img_size=64), 64, torch.float64),
+SIDE = 64  # input height and width of every model
+# each family's re-parameterisable blocks, small variants
+TIMM_MODELS = (
+    'mobileone_s0',      # MobileOneBlock.reparameterize(), guarded by reparam_conv
+    'fastvit_t8',        # + RepMixer, ReparamLargeKernelConv (no guard: fails twice)
+    'repvit_m0_9',       # fuse() returning modules; RepVggDw calls its child's fuse()
+    'repghostnet_050',   # RepGhostModule.switch_to_deploy()
+    'repvgg_a0',         # byobnet RepVggBlock.reparameterize()
+    'efficientvit_m0',   # ConvNorm / NormLinear fuse() returning modules
+)
+MMPRETRAIN_BACKBONES = {  # name -> (config, dtype the library's fuse supports)
+    'RepVGG-A0': (dict(type='RepVGG', arch='A0'), torch.float64),
+    'MobileOne-s0': (dict(type='MobileOne', arch='s0'), torch.float64),
+    'RepMLPNet-B': (dict(type='RepMLPNet', arch='B', img_size=SIDE), torch.float32),
+    'LeViT-128s': (dict(type='LeViT', arch='128s', img_size=SIDE), torch.float64),
     'RepLKNet-small': (dict(type='RepLKNet', arch=dict(
         large_kernel_sizes=[13, 11, 9, 7], layers=[1, 1, 1, 1], channels=[16, 32, 64, 128],
-        small_kernel=5, dw_ratio=1)), 64, torch.float64),
+        small_kernel=5, dw_ratio=1)), torch.float64),
 }
-
-
-def _randomize(model, seed=0):
-    """Random BN statistics and affine values and DO-Conv D, so every fold does real work."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 0.1)
-            if isinstance(m, DOConv2d) and m.D is not None:
-                m.D.copy_(torch.randn(m.D.shape, generator=g, dtype=torch.float64) * 0.05)
-    return model
 
 
 def _outputs(model, x):
@@ -85,18 +70,14 @@ def _outputs(model, x):
 
 
 def _relative_error(got, want):
-    assert len(got) == len(want)
-    return max(((g.double() - w.double()).abs().max() / w.abs().max()).item()
-               for g, w in zip(got, want))
+    diff = compare_outputs(want, got)
+    assert diff['same_structure']
+    return diff['max_rel']
 
 
 def _assert_same(got, want, rtol, what):
     err = _relative_error(got, want)
     assert err <= rtol, f'{what}: max difference {err:.3e} of the output scale, above {rtol:.0e}'
-
-
-def _params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def _rounded_to_float32(model, dtype):
@@ -123,7 +104,7 @@ def _check(model, x, library_fuse, with_doconv, dtype=torch.float64):
     unfused model, in ``dtype``; returns fuse's report."""
     if with_doconv:
         assert convert_to_doconv(model), 'no k > 1 conv was converted to DO-Conv'
-    model = _randomize(model).to(dtype)
+    model = perturb(model).to(dtype)
     model.eval()  # not chained: mmpretrain backbones' train() returns None
     x = x.to(dtype)
     unfused = _outputs(model, x)
@@ -143,7 +124,7 @@ def _check(model, x, library_fuse, with_doconv, dtype=torch.float64):
     reference = library_fuse(_fold_doconv_only(model) if with_doconv else copy.deepcopy(model))
     _rounded_to_float32(reference, dtype)
     _assert_same(_outputs(fused, x), _outputs(reference, x), 1e-12, "fused vs the library's pass")
-    assert _params(fused) == _params(reference)
+    assert count_params(fused) == count_params(reference)
 
     again, second = fuse_with_report(fused)
     assert second.total == 0, f'a second pass fused {second.fused}'
@@ -152,7 +133,7 @@ def _check(model, x, library_fuse, with_doconv, dtype=torch.float64):
 
 
 @pytest.mark.parametrize('with_doconv', [False, True], ids=['as-built', 'doconv'])
-@pytest.mark.parametrize('name', list(TIMM_MODELS))
+@pytest.mark.parametrize('name', TIMM_MODELS)
 def test_timm_model_fuses_like_timm_and_with_doconv_inside(name, with_doconv):
     timm = import_ecosystem('timm')
     from timm.utils.model import reparameterize_model
@@ -160,8 +141,7 @@ def test_timm_model_fuses_like_timm_and_with_doconv_inside(name, with_doconv):
         pytest.skip(f'timm {timm.__version__} has no {name}')
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10)
-    side = TIMM_MODELS[name]
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     report = _check(model, x, reparameterize_model, with_doconv)
     if with_doconv:
         assert report.fused.get('DOConv2d', 0) > 0
@@ -173,7 +153,7 @@ def test_mmpretrain_backbone_fuses_like_switch_to_deploy_and_with_doconv_inside(
     import_ecosystem('mmpretrain.models')
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
-    cfg, side, dtype = MMPRETRAIN_BACKBONES[name]
+    cfg, dtype = MMPRETRAIN_BACKBONES[name]
     torch.manual_seed(0)
     # whatever scope an earlier test left current, 'RepVGG' must mean mmpretrain's
     with DefaultScope.overwrite_default_scope('mmpretrain'):
@@ -183,7 +163,7 @@ def test_mmpretrain_backbone_fuses_like_switch_to_deploy_and_with_doconv_inside(
         m.switch_to_deploy()
         return m
 
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     report = _check(model, x, switch_to_deploy, with_doconv, dtype)
     if with_doconv:
         assert report.fused.get('DOConv2d', 0) > 0
@@ -220,7 +200,7 @@ def test_mmpretrain_backbone_in_an_mmseg_upernet_fuses_end_to_end():
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = SEG_MODELS.build(cfg)
     convert_to_doconv(model.decode_head)
-    model = _randomize(model).double()
+    model = perturb(model).double()
     model.eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
@@ -248,7 +228,7 @@ def test_mmpretrain_config_trains_a_step_and_deploys_fused(name, tmp_path):
     model = build_model(cfg)
     model.init_weights()
     if cfg.default_scope == 'mmseg':
-        data, side = seg_batch(cfg.model.decode_head.num_classes, size=64), 64
+        data, side = seg_batch(cfg.model.decode_head.num_classes, size=SIDE), SIDE
     else:
         from mmdet.testing import demo_mm_inputs
         side = 128

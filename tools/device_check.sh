@@ -491,7 +491,8 @@ rehearse_args() {
 
 run_step() {  # NAME LIMIT KIND ARGS...
   local name=$1 limit=$2 kind=$3; shift 3
-  local args=("${@//@/$RES/json}") cmd t0 rc secs status steplog=$RES/logs/$name.log
+  local args=("${@//@/$RES/json}") cmd t0 rc secs status steplog=$RES/logs/$name.log eco_site=0
+  [ "$kind" = ecosystem ] && [ "$NATIVE" = 1 ] && eco_site=1  # .whl/ecosystem/ installed and used
   if [ "$kind" = bench ]; then
     [ "$REHEARSE" = 1 ] && mapfile -t args < <(rehearse_args "${args[@]}")
     cmd=("$PY" tools/benchmark.py "${args[@]}")
@@ -505,9 +506,8 @@ run_step() {  # NAME LIMIT KIND ARGS...
     # kind ecosystem: the tests of timm's and mmpretrain's models, with .whl/ecosystem/ on the
     # path; on Python 3.12 (the GPU, or a rehearsal in make device-mmcv's venv) both libraries
     # must import, so they fail instead of skipping.
-    local eco=optional
-    [ "$kind" = ecosystem ] && [ "$NATIVE" = 1 ] && eco=required
-    cmd=(env TRITON_INTERPRET=0 REPARAM_MM_ECOSYSTEM=$eco "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
+    cmd=(env TRITON_INTERPRET=0 REPARAM_MM_ECOSYSTEM=$([ "$eco_site" = 1 ] && echo required || echo optional)
+         "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
          --junitxml="$RES/logs/$name.xml" "${args[@]}")
   fi
   log "START $name (limit ${limit}s): ${cmd[*]}"
@@ -515,7 +515,7 @@ run_step() {  # NAME LIMIT KIND ARGS...
   echo "\$ ${cmd[*]}" > "$steplog"
   local pp
   pp=$(pythonpath)
-  [ "$kind" = ecosystem ] && [ "$NATIVE" = 1 ] && pp=$ECO_SITE${pp:+:$pp}
+  [ "$eco_site" = 1 ] && pp=$ECO_SITE${pp:+:$pp}
   PYTHONPATH=$pp timeout -k 10 "$limit" "${cmd[@]}" >> "$steplog" 2>&1
   rc=$? secs=$(( $(date +%s) - t0 ))
   case $rc in

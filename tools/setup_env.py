@@ -368,30 +368,33 @@ def verify():
     log('ready: ' + proc.stdout.strip())
 
 
+def print_cuda_build_env(argv):
+    """``--cuda-build-env [PYTHON]`` (tools/device_check.sh's own mmcv build): CUDA_HOME=... and
+    CPATH=..., one per line."""
+    for key, value in cuda_build_env(argv[0] if argv else sys.executable, os.environ).items():
+        print(f'{key}={value}')
+
+
+def print_mmcv_wheel(argv):
+    """``--mmcv-wheel`` (tools/build_device_mmcv.sh): the cached wheel the set-up installed."""
+    if not VPY.exists():
+        raise SetupError(f'no venv at {VENV}; run the set-up first.')
+    wheels = sorted(mmcv_cache_dir()[0].glob('mmcv-*.whl'))
+    if not wheels:
+        raise SetupError(f"no mmcv wheel cached for {VENV}'s torch; run the set-up first.")
+    print(wheels[0])
+
+
+QUERIES = {'--cuda-build-env': print_cuda_build_env, '--mmcv-wheel': print_mmcv_wheel}
+
+
 def main(argv):
-    if argv[:1] == ['--cuda-build-env']:
-        # for tools/device_check.sh's own mmcv build: `setup_env.py --cuda-build-env PYTHON`
-        # prints CUDA_HOME=... and CPATH=..., one per line
+    if argv[:1] and argv[0] in QUERIES:
         try:
-            for key, value in cuda_build_env(argv[1] if len(argv) > 1 else sys.executable,
-                                             os.environ).items():
-                print(f'{key}={value}')
+            QUERIES[argv[0]](argv[1:])
         except SetupError as e:
             print(f'[setup] ERROR: {e}', file=sys.stderr)
             return 1
-        return 0
-    if argv[:1] == ['--mmcv-wheel']:
-        # for tools/build_device_mmcv.sh: the cached wheel the set-up installed in this venv
-        try:
-            wheels = sorted(mmcv_cache_dir()[0].glob('mmcv-*.whl'))
-        except SetupError as e:
-            print(f'[setup] ERROR: {e}', file=sys.stderr)
-            return 1
-        if not wheels:
-            print(f'[setup] ERROR: no mmcv wheel cached for {VENV}\'s torch; run the set-up first.',
-                  file=sys.stderr)
-            return 1
-        print(wheels[0])
         return 0
     t0 = time.time()
     try:
