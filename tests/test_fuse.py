@@ -78,7 +78,7 @@ class ToyRepBlock(nn.Module):
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -208,6 +208,34 @@ def test_fuse_bn_skips_norm_before_conv():
     ref = model(x)
     fuse(model, fuse_bn=True)
     assert fuse.last_report.fused == {} and isinstance(model.bn, nn.BatchNorm2d)
+    assert torch.equal(model(x), ref)
+
+
+class _NotPairs(nn.Module):
+    """Conv children registered right before a BN that does not normalise their output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_cat = nn.BatchNorm2d(8)  # normalises [x, conv(x)]: channels differ
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.bn_up = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn_free = nn.BatchNorm2d(8, track_running_stats=False)  # batch statistics only
+
+    def forward(self, x):
+        y = self.bn_up(self.up(self.bn_cat(torch.cat([x, self.conv(x)], 1))))
+        return self.bn_free(self.conv2(y))
+
+
+def test_fuse_bn_leaves_what_is_not_a_conv_bn_pair():
+    model = _randomize_bn(_NotPairs()).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    ref = model(x)
+    fuse(model, fuse_bn=True)
+    assert fuse.last_report.fused == {}
+    assert [n for n, m in model.named_children() if isinstance(m, nn.BatchNorm2d)] == \
+        ['bn_cat', 'bn_up', 'bn_free']
     assert torch.equal(model(x), ref)
 
 
