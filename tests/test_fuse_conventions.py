@@ -333,6 +333,38 @@ def test_parent_first_for_nested_timm_fuse_calls_only_the_outer_one():
     assert report.fused == {'TimmRepVggDw': 1} and type(fused[0]) is nn.Conv2d
 
 
+class TimmFusesOnlyItsOwnConv(nn.Module):
+    """A timm ``fuse()`` that folds its own conv + BN and hands back a new module still holding
+    a child with a ``fuse()`` of its own, which it leaves to its caller."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch)
+        self.mlp = TimmConvNorm(ch, ch)
+
+    def forward(self, x):
+        return self.mlp(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def fuse(self):
+        w, b = _bn_kernel(self.conv.weight, self.bn)
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 3, padding=1)
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        return nn.Sequential(conv, self.mlp)
+
+
+def test_what_a_timm_fuse_returns_unfused_is_fused_after_it():
+    block = randomize(TimmFusesOnlyItsOwnConv(4)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        ref = block(x)
+        fused, report = fuse_with_report(nn.Sequential(copy.deepcopy(block)))
+        assert rel_err(fused(x), ref) < 1e-5
+    assert report.fused == {'TimmConvNorm': 1, 'TimmFusesOnlyItsOwnConv': 1}
+    assert [type(m) for m in fused[0]] == [nn.Conv2d, nn.Conv2d]
+
+
 def test_training_mode_is_refused_before_anything_changes():
     model = zoo().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
