@@ -156,3 +156,25 @@ def test_cuda_home_is_taken_as_given_and_named_when_it_holds_no_toolkit(setup_en
     _headers(headers_only / 'include', ['cuda_runtime.h'])
     with pytest.raises(setup_env.SetupError, match='no CUDA toolkit with nvcc and cuda_runtime.h'):
         setup_env.cuda_toolkit(real, '', {'CUDA_HOME': str(headers_only)})
+
+
+def _never_set_up(setup_env, monkeypatch):
+    for step in ('check_python', 'ensure_venv', 'ensure_torch', 'ensure_mmcv', 'ensure_requirements'):
+        monkeypatch.setattr(setup_env, step, lambda: pytest.fail(f'{step} ran'))
+
+
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_prints_the_usage_and_sets_nothing_up(setup_env, monkeypatch, capsys, flag):
+    _never_set_up(setup_env, monkeypatch)
+    assert setup_env.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert 'Usage:' in out and '--cuda-build-env [PYTHON]' in out and '--mmcv-wheel' in out
+    assert 'TORCH_SPEC' in out  # the environment knobs are the set-up's options
+
+
+def test_an_unknown_argument_is_one_sentence_and_sets_nothing_up(setup_env, monkeypatch, capsys):
+    _never_set_up(setup_env, monkeypatch)
+    assert setup_env.main(['--venv', 'x']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("[setup] ERROR: unknown argument '--venv'") and err.count('\n') == 0
+    assert 'environment variables' in err and '--help' in err

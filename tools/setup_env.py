@@ -388,7 +388,27 @@ def print_mmcv_wheel(argv):
 QUERIES = {'--cuda-build-env': print_cuda_build_env, '--mmcv-wheel': print_mmcv_wheel}
 
 
+USAGE = __doc__.split('Environment knobs')[0].rstrip() + """
+
+Usage:
+  tools/setup_env.py                            the set-up above
+  tools/setup_env.py --cuda-build-env [PYTHON]  print CUDA_HOME=... and CPATH=... to build mmcv
+                                                against PYTHON's torch (tools/device_check.sh)
+  tools/setup_env.py --mmcv-wheel               print the cached mmcv wheel the set-up installed
+                                                (tools/build_device_mmcv.sh)
+
+Environment knobs""" + __doc__.split('Environment knobs')[1]
+
+
 def main(argv):
+    if argv[:1] and argv[0] in ('-h', '--help'):
+        print(USAGE)
+        return 0
+    if argv and argv[0] not in QUERIES:
+        print(f'[setup] ERROR: unknown argument {argv[0]!r}: the set-up takes no arguments (its '
+              f'options are environment variables), the queries are {", ".join(QUERIES)}; '
+              'see tools/setup_env.py --help.', file=sys.stderr)
+        return 2
     if argv[:1] and argv[0] in QUERIES:
         try:
             QUERIES[argv[0]](argv[1:])
