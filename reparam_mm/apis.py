@@ -20,14 +20,14 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-from mmengine.config import Config, ConfigDict
+from mmengine.config import ConfigDict
 
 from .batches import synthetic_batch
 from .checkpoint import (STRICT_FIX, CheckpointMismatchError, check_checkpoint_file,
                          check_state_dict, load_checkpoint_strict)
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, tensor_outputs
-from .scope import init_scope
+from .scope import init_scope, load_config
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
            'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
@@ -74,7 +74,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     ``amp=True`` runs the test loop under autocast (bf16 on CPU, fp16 on CUDA: mmengine's
     defaults), e.g. for CPUs with AMX; the fused-vs-unfused check still runs in fp32.
     """
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
     cfg.launcher = launcher
     if cfg_options:
@@ -219,7 +219,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     the fused weights) must reproduce the unfused model on a random input
     within ``tolerance`` relative difference, or nothing is written.
     """
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    cfg = load_config(config)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     model = build_model(cfg)
     ckpt = load_checkpoint_strict(model, checkpoint)

@@ -39,11 +39,11 @@ from collections import Counter
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.config import Config
 
 from .apis import build_model, load_checkpoint_strict
 from .fuse import fuse_with_report
 from .outputs import compare_outputs
+from .scope import load_config
 
 __all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
            'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
@@ -61,7 +61,7 @@ class OnnxCheckError(RuntimeError):
 
 def load_fused(config, checkpoint, cfg_options=None):
     """``(cfg, fused_model, FuseReport)``: build, load ``checkpoint`` strictly, eval, fuse."""
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)

@@ -1,7 +1,39 @@
-"""Which OpenMMLab package builds a config's model: its ``default_scope``, mmseg or mmdet."""
+"""Reading a config, and which OpenMMLab package builds its model (its ``default_scope``)."""
 import importlib
+import re
+
+from mmengine.config import Config
 
 SCOPES = ('mmseg', 'mmdet')
+
+#: packages a config may import that need more than ``pip install`` beside the CPU torch
+_IMPORT_HINTS = {
+    'mmpretrain': ('mmpretrain imports torchvision, which must match the installed torch: install '
+                   'mmpretrain 1.x with the torchvision built for your torch (the README\'s '
+                   '"timm and mmpretrain models" names a venv that has both)'),
+}
+
+
+def load_config(config):
+    """``config`` as a :class:`Config` (a path is read). A module of its ``custom_imports``
+    that does not import is one sentence naming the config, the module and the fix, instead of
+    mmengine's advice to set ``PYTHONPATH``."""
+    if isinstance(config, Config):
+        return config
+    try:
+        return Config.fromfile(config)
+    except ImportError as error:
+        failed = re.match(r'Failed to import (\S+)', str(error.__cause__ or ''))
+        if failed is None:
+            raise
+        module = failed.group(1)
+        root = error.__cause__.__context__
+        why = f'{type(root).__name__}: {root}' if root is not None else 'it does not import'
+        package = module.split('.')[0]
+        fix = _IMPORT_HINTS.get(package, f'install the package that provides {package}, or take '
+                                          f'{module} out of custom_imports')
+        raise ImportError(f'config {config} imports {module} (custom_imports), which fails here '
+                          f'({why}); {fix}.') from None
 
 
 def init_scope(cfg):

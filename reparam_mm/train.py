@@ -19,8 +19,10 @@ import os.path as osp
 
 import torch
 import torch.distributed as torch_dist
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.logging import print_log
+
+from .scope import load_config
 
 
 def build_parser():
@@ -54,7 +56,7 @@ def parse_args(argv=None):
 
 def config_from_args(args):
     """Load the config and apply the command line to it, as mmseg / mmdet do."""
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import reparam_mm  # noqa: F401
-from conftest import load_tool
+from conftest import ROOT, load_tool
 from reparam_mm.checkpoint import CheckpointReadError, load_checkpoint_strict
+from reparam_mm.scope import load_config
 from test_fuse import _nested
 from test_tools_test_fuse import make_ade, seg_config, write_case
 from test_train_tools import tiny_demo_config
@@ -117,3 +118,34 @@ def test_missing_data_root_names_the_path_and_the_option(tmp_path):
                        r'\.dataset\.data_prefix\.seg_map_path under data_root\) does not exist: '
                        'the dataset at .* is not laid out as the config expects'):
         load_tool('test').main([cfg, ckpt, '--work-dir', str(tmp_path / 'wt')])
+
+
+def test_a_config_whose_custom_import_fails_is_one_sentence_in_every_tool(tmp_path):
+    """mmengine's own message says to set PYTHONPATH, whatever the module; ours names the
+    config, the module, why it failed and what to install."""
+    cfg = tmp_path / 'needs_missing.py'
+    cfg.write_text("custom_imports = dict(imports=['reparam_mm', 'no_such_pkg_xyz.models'], "
+                   "allow_failed_imports=False)\ndefault_scope = 'mmseg'\n")
+    expected = (rf"^config {cfg} imports no_such_pkg_xyz\.models \(custom_imports\), which fails "
+                r"here \(ModuleNotFoundError: No module named 'no_such_pkg_xyz'\); install the "
+                r"package that provides no_such_pkg_xyz, or take no_such_pkg_xyz\.models out of "
+                r"custom_imports\.$")
+    calls = [lambda: load_tool('train').main([str(cfg), '--work-dir', str(tmp_path / 'w')]),
+             lambda: load_tool('test').main([str(cfg), str(tmp_path / 'x.pth')]),
+             lambda: load_tool('fuse').main([str(cfg), str(tmp_path / 'x.pth'), str(tmp_path / 'd')])]
+    for call in calls:
+        with pytest.raises(ImportError, match=expected) as err:
+            call()
+        assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_mmpretrain_configs_without_mmpretrain_say_what_to_install():
+    try:
+        import mmpretrain  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip('mmpretrain imports here')
+    with pytest.raises(ImportError, match=r'imports mmpretrain\.models \(custom_imports\).*'
+                                          r'torchvision, which must match the installed torch'):
+        load_config(str(ROOT / 'configs/mmpretrain/upernet_repvgg-A0_4xb4-160k_ade20k-512x512.py'))
