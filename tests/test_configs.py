@@ -1,4 +1,4 @@
-"""Every config under configs/ (but ``_base_`` and ``demo``) loads, is named honestly, builds.
+"""Every config under configs/ (but ``_base_``, ``demo``, ``efficientnet``) loads, is named honestly, builds.
 
 The list is globbed, so a new config is tested without touching this file. Names follow
 OpenMMLab's ``{algorithm}_{backbone}[_{components}]_{[N]xb[B]-}[extras-]{schedule}_{dataset}[-crop]``
@@ -24,7 +24,7 @@ from mmengine.config import Config, ConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / 'configs'
 NOT_TESTED_HERE = ('_base_', 'demo', 'efficientnet')  # demo configs are tested with the demo,
-# the small-scale EfficientNet-Lite CamVid configs in tests/test_efficientnet_lite.py
+# the small-scale EfficientNet-Lite ones (CamVid, coco128) in tests/test_real_data_configs.py
 CONFIGS = sorted(
     p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob('*.py')
     if p.relative_to(CONFIG_DIR).parts[0] not in NOT_TESTED_HERE)
