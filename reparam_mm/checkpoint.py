@@ -53,7 +53,9 @@ def unreadable_reason(filename, error=None, thorough=True):
             return f'is corrupt ({e})'
         return f'is corrupt (its part {bad} fails its checksum)' if bad else None
     if head.startswith(b'\x80'):  # a legacy (pickle) checkpoint
-        cut = isinstance(error, EOFError) or 'truncated' in str(error)
+        # EOFError, pickle's 'data was truncated', torch's 'unexpected EOF, expected N more bytes'
+        cut = isinstance(error, EOFError) or any(
+            sign in str(error) for sign in ('truncated', 'unexpected EOF'))
         return f'is truncated ({size:,} bytes; its data ends early)' if cut else None
     return f'is not a PyTorch checkpoint (it starts with {head!r})'
 

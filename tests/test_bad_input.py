@@ -34,6 +34,13 @@ def test_truncated_checkpoint_is_one_sentence_for_the_strict_loader(tmp_path):
     with pytest.raises(CheckpointReadError) as err:
         load_checkpoint_strict(_nested(), bad)
     _assert_one_sentence(err, bad)
+    legacy = tmp_path / 'legacy.pth'  # torch's pickle format (before 1.6, still written by some)
+    torch.save(dict(state_dict=_nested().state_dict()), legacy, _use_new_zipfile_serialization=False)
+    bad = truncated_copy(legacy, tmp_path / 'legacy_cut.pth')
+    with pytest.raises(CheckpointReadError) as err:
+        load_checkpoint_strict(_nested(), bad)
+    _assert_one_sentence(err, bad)
+    assert 'its data ends early' in str(err.value)
     empty = tmp_path / 'empty.pth'
     empty.write_bytes(b'')
     with pytest.raises(CheckpointReadError, match=r'empty\.pth is empty \(0 bytes\)'):

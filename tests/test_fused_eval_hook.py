@@ -167,6 +167,18 @@ def test_test_fuses_in_place_after_loading(tmp_path):
     assert abs(random_init['logit_mean'] - plain['logit_mean']) > 1e-3  # loading mattered
 
 
+def test_test_with_ema_fuses_a_copy_since_ema_swaps_the_weights_back(tmp_path):
+    _runner(tmp_path / 'train', [], ema=True).train()
+    ckpt = str(tmp_path / 'train' / 'iter_4.pth')
+    plain = _runner(tmp_path / 'plain', [], load_from=ckpt, ema=True).test()
+    hook = FusedEvalHook()
+    runner = _runner(tmp_path / 'fused', [hook], load_from=ckpt, ema=True)
+    fused = runner.test()
+    assert _has_unfused(runner.model)  # fused in place, EMA would swap into the wrong modules
+    assert hook.last_check['max_rel'] < 1e-5 and hook._saved_model is None
+    assert abs(fused['logit_mean'] - plain['logit_mean']) < 1e-5  # the EMA weights, fused
+
+
 def test_under_autocast_the_check_runs_again_at_the_half_precision_tolerance(tmp_path, capsys):
     hook = FusedEvalHook()
     _runner(tmp_path / 'ok', [hook], load_from=None, amp=True).test()  # bf16 on CPU
