@@ -157,8 +157,16 @@ def test_test_fuses_in_place_after_loading(tmp_path):
     ckpt = str(tmp_path / 'train' / 'iter_4.pth')
     plain = _runner(tmp_path / 'plain', [], load_from=ckpt).test()
     hook = FusedEvalHook()
-    runner = _runner(tmp_path / 'fused', [hook], load_from=ckpt)
+
+    class HoldsReference(Hook):  # the unfused copy is freed once the first batch was checked
+        priority, held = 'LOWEST', []
+
+        def before_test_iter(self, runner, batch_idx, data_batch=None):
+            self.held.append(hook._reference is not None)
+
+    runner = _runner(tmp_path / 'fused', [hook, HoldsReference()], load_from=ckpt)
     fused = runner.test()
+    assert HoldsReference.held == [False, False]
     assert not _has_unfused(runner.model)
     assert hook.last_check['max_rel'] < 1e-5 and hook._reference is None
     assert fused['acc'] == plain['acc']
