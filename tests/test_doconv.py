@@ -256,6 +256,10 @@ def test_own_state_dict_round_trips():
                                    r'M\*N = 9'),
     (dict(kernel_size=(1, 3), D_mul=2.5), r'D_mul=2.5 is invalid'),
     (dict(kernel_size=3, groups=3), 'must both be divisible by groups=3'),
+    (dict(kernel_size=3, groups=4), 'out_channels=6 must both be divisible by groups=4'),
+    (dict(kernel_size=3, D_mul=12.0), r'D_mul=12\.0 is invalid .* use an integer'),
+    (dict(kernel_size=3, D_mul=True), r'D_mul=True is invalid'),
+    (dict(kernel_size=3, padding='same', stride=2), "padding='same' is not supported for strided"),
     (dict(kernel_size=3, padding_mode='mirror'), "padding_mode='mirror' is not one of"),
 ])
 def test_bad_arguments_name_the_problem(kwargs, match):
@@ -274,6 +278,9 @@ def test_mismatched_checkpoints_raise_one_clear_sentence():
     both = {**other.state_dict(), 'weight': torch.zeros(6, 4, 3, 3)}
     with pytest.raises(ValueError, match="holds both 'weight'"):
         other.load_state_dict(both)
+    wrong_d = {**layer.state_dict(), 'D': torch.zeros(4, 9, 8)}
+    with pytest.raises(ValueError, match=r"Cannot load DO-Conv D 'D' of shape \(4, 9, 8\)"):
+        layer.load_state_dict(wrong_d)
     wrong_diag = {**layer.state_dict(), 'd_diag': torch.ones(4, 9, 9)}
     with pytest.raises(ValueError, match="'d_diag' is not the DO-Conv identity for D_mul=9"):
         layer.load_state_dict(wrong_diag)
@@ -299,6 +306,10 @@ def test_to_fused_returns_plain_conv_with_same_output(kwargs):
     layer64 = copy.deepcopy(layer).double().train()
     fused64 = layer64.to_fused()
     assert fused64.weight.dtype == torch.float64 and fused64.training
+    # a frozen layer fuses into a frozen conv
+    frozen = copy.deepcopy(layer).requires_grad_(False).to_fused()
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in fused.parameters())
     assert rel_err(fused64(x.double()), layer64(x.double())) < 1e-12
 
 

@@ -112,6 +112,22 @@ def test_include_exclude_and_frozen_stages():
     assert converted == ['layer7.0.conv.1.conv']
 
 
+def test_a_converted_conv_keeps_requires_grad_mode_dtype_and_padding_mode():
+    frozen = nn.Conv2d(3, 4, 3, padding=1, padding_mode='reflect').double().requires_grad_(False)
+    model = nn.Sequential(frozen, nn.Conv2d(4, 4, 3, groups=4, bias=False).double()).eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    ref, plain_state = model(x), copy.deepcopy(model.state_dict())
+    assert convert_to_doconv(model) == ['0', '1']
+    assert all(isinstance(m, DOConv2d) and not m.training for m in model)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[1].parameters())
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model[0].padding_mode == 'reflect'
+    missing, unexpected = model.load_state_dict(plain_state, strict=False)
+    assert missing == ['0.D', '1.D'] and unexpected == []
+    assert torch.allclose(model(x), ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(include=['layer9']), r"include pattern\(s\) \['layer9'\] match no k>1 conv of "
                                r"MobileNetV2; its k>1 convs are named like \['conv1.conv'"),
