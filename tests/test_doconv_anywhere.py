@@ -132,6 +132,8 @@ def test_a_converted_conv_keeps_requires_grad_mode_dtype_and_padding_mode():
     (dict(include=['layer9']), r"include pattern\(s\) \['layer9'\] match no k>1 conv of "
                                r"MobileNetV2; its k>1 convs are named like \['conv1.conv'"),
     (dict(exclude=['stem']), r"exclude pattern\(s\) \['stem'\] match no k>1 conv"),
+    (dict(include=['layer1', 7]), r"include=\['layer1', 7\] must be a list of module-name patterns"),
+    (dict(exclude=['']), r"exclude=\[''\] must be a list of module-name patterns"),
     (dict(include='layer1', doconv_cfg='DOConv'),
      "doconv_cfg='DOConv' must be a dict with a 'type'"),
     (dict(doconv_cfg=dict(type='DOConv', D_mul=4)), r'D_mul=4 is invalid for a 3x3 kernel'),
