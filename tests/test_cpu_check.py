@@ -155,7 +155,10 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     row = next(line for line in lines if 'UperNet-RepLKNet-31B fused inference' in line)
     assert row.count('1600 ms / 800 ms (2.00x)') == 2
     row = next(line for line in lines if 'stalled oneDNN' in line)
-    assert '| 2 of 8 returned; slowest 0.281 s (tuned); the step has no status in' in row
+    assert '| 2 of 16 returned; slowest 0.281 s (tuned); the step has no status in' in row
+    amd['results'][0].pop('stalling_calls')  # a record made when the test had 8 stalling calls
+    row = next(line for line in render_vendors([amd]) if 'stalled oneDNN' in line)
+    assert '| 2 of 8 returned;' in row
     row = next(line for line in lines if 'overhead, UperNet-R50' in line)
     assert '1.025, paired 1.020 at 8.0 s per plain step' in row and row.endswith('not measured |')
     assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x (fft) / -; '

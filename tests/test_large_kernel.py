@@ -134,6 +134,8 @@ def test_fft_rule():
     assert not use_fft(x, (31, 5))  # both sides must be large
     assert not use_fft(x, k, stride=2) and not use_fft(x, k, dilation=2)
     assert not use_fft(x, k, padding='same')
+    assert not use_fft(torch.randn(1, 4, 40, 8), (31, 31), 1, (15, 5))  # too narrow for the kernel
+    assert use_fft(torch.randn(1, 4, 40, 8), (31, 31), 1, (15, 12))
     assert not use_fft(x.bfloat16(), k) and not use_fft(x.half(), k)
     assert not use_fft(torch.randn(1, 4, 8, 8, device='meta'), k)
 
@@ -169,25 +171,28 @@ def test_dispatch_takes_fft_for_large_stride_1_kernels_and_matches(monkeypatch, 
     assert calls == ['fft']
 
 
-# -- calls that stall oneDNN on Intel CPUs with AMX (issue: `make test` hangs) -------------------
-# Input (2, 8, 37, 30) bf16: channels_last with a large kernel padded beyond k // 2 never returned
-# there; NCHW took 0.08 s. Each call must return and match F.conv2d at bf16 tolerance, in either
-# mode and input layout (pytest-timeout turns a stall into a failure naming the test).
-STALLING = [((31, 29), (15, 15)), ((31, 31), (15, 16))]
+# -- calls that stall oneDNN's bf16 channels_last depthwise conv (issue: `make test` hangs) --------
+# Intel Xeon with AMX, input (2, 8, 37, 30): a large kernel padded beyond k // 2 never returned;
+# NCHW took 0.08 s. AMD EPYC (AVX512-BF16), 16 channels 45x60: 15x15 to 31x31 kernels at k // 2
+# padding never returned (inside oneDNN's JIT kernel generation); NCHW took 0.04 s. Each call must
+# return and match F.conv2d at bf16 tolerance, in either mode and input layout (pytest-timeout
+# turns a stall into a failure naming the test).
+STALLING = [((2, 8, 37, 30), (31, 29), (15, 15)), ((2, 8, 37, 30), (31, 31), (15, 16)),  # AMX
+            ((2, 16, 45, 60), (31, 31), (15, 15)), ((1, 16, 45, 60), (15, 15), (7, 7))]  # AMD
 
 
-def _bf16_case(kernel, seed=3):
+def _bf16_case(kernel, shape=(2, 8, 37, 30), seed=3):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 8, 37, 30, generator=g)
-    w = torch.randn(8, 1, *kernel, generator=g) / (kernel[0] * kernel[1]) ** 0.5
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(shape[1], 1, *kernel, generator=g) / (kernel[0] * kernel[1]) ** 0.5
     return x, w
 
 
-@pytest.mark.parametrize('kernel,padding', STALLING)
+@pytest.mark.parametrize('shape,kernel,padding', STALLING)
 @pytest.mark.parametrize('channels_last_input', [False, True])
 @pytest.mark.parametrize('mode', ['fixed', 'tuned'])
-def test_amx_stalling_bf16_calls_return_and_match(kernel, padding, channels_last_input, mode):
-    x, w = _bf16_case(kernel)
+def test_stalling_bf16_calls_return_and_match(shape, kernel, padding, channels_last_input, mode):
+    x, w = _bf16_case(kernel, shape)
     xb = x.bfloat16()
     if channels_last_input:
         xb = xb.contiguous(memory_format=torch.channels_last)
@@ -197,21 +202,31 @@ def test_amx_stalling_bf16_calls_return_and_match(kernel, padding, channels_last
         out = large_depthwise_conv2d(xb, w.bfloat16(), None, 1, padding)
     elapsed = time.perf_counter() - t
     print(f'{kernel} pad {padding} channels_last={channels_last_input} {mode}: {elapsed:.3f} s')
-    ref = F.conv2d(xb.float().contiguous(), w.bfloat16().float(), None, 1, padding, 1, 8)
+    ref = F.conv2d(xb.float().contiguous(), w.bfloat16().float(), None, 1, padding, 1, shape[1])
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     layout = torch.channels_last if channels_last_input else torch.contiguous_format
     assert out.is_contiguous(memory_format=layout)
 
 
-def test_only_over_padded_half_precision_large_kernels_lose_channels_last():
-    x = torch.randn(2, 8, 37, 30).bfloat16()
+def test_only_stalling_half_precision_calls_lose_channels_last():
+    x = torch.randn(2, 32, 37, 30).bfloat16()  # over-padding (AMX)
     assert 'direct_channels_last' in candidates(x, (31, 29), 1, (15, 14))  # k // 2: same size
     assert 'direct_channels_last' in candidates(x, (7, 7), 1, (3, 4))  # measured safe there
     assert 'direct_channels_last' in candidates(x.float(), (31, 29), 1, (15, 15))  # fp32
+    assert 'direct_channels_last' not in candidates(x, (31, 29), 1, (15, 15))
+    assert 'direct_channels_last' not in candidates(x.half(), (31, 29), 1, (15, 15))  # fp16 too
     assert fixed_choice(x, (31, 29), 1, (15, 15)) == 'direct_nchw'
     assert fixed_choice(x, (31, 29), 1, (15, 14)) == 'direct_channels_last'
     assert not use_channels_last(x, (31, 29), (15, 15)) and use_channels_last(x, (31, 29), (15, 14))
+    few = torch.randn(1, 16, 45, 60).bfloat16()  # 16 channels or fewer (AMD), any padding
+    for kernel, padding in [((15, 15), (7, 7)), ((31, 29), (15, 14)), ((13, 15), 'same')]:
+        assert 'direct_channels_last' not in candidates(few, kernel, 1, padding), kernel
+        assert fixed_choice(few, kernel, 1, padding) == 'direct_nchw'
+    assert 'direct_channels_last' in candidates(few, (13, 13), 1, (6, 6))
+    assert 'direct_channels_last' in candidates(few.float(), (31, 31), 1, (15, 15))
+    assert 'direct_channels_last' in candidates(torch.randn(1, 17, 45, 60).bfloat16(), (31, 31),
+                                                1, (15, 15))
 
 
 # -- the tuner -------------------------------------------------------------------------------------
@@ -504,6 +519,26 @@ def test_entries_from_before_contention_was_recorded_are_timed_again(tuner, monk
     tuner.cache_path.write_text(json.dumps({key: {sig: {'choice': 'direct_nchw', 'ms': {}}}}))
     tuner.times = {'fft': 0.1}
     assert large_kernel.choose(x, w, None, 1, p) == 'fft' and 'fft' in tuner.measured
+
+
+def test_a_kept_choice_that_a_rule_now_leaves_out_is_timed_again(tuner):
+    """A cache written before a stall was known (or by a run at a size of the bucket where the
+    call returned) must not walk into it: the kept choice is used only if still a candidate."""
+    x, w = _bf16_case((31, 31), (1, 16, 45, 60))
+    x, w = x.bfloat16().contiguous(memory_format=torch.channels_last), w.bfloat16()
+    sig, key = large_kernel.signature(x, w, 1, 15, 1), tuner.device_key(x.device)
+    kept = {'choice': 'direct_channels_last', 'ms': {}, 'contended': False}
+    tuner.cache_path.write_text(json.dumps({key: {sig: kept}}))
+    tuner.times = {'fft': 0.1}
+    assert large_kernel.choose(x, w, None, 1, 15) == 'fft'
+    assert set(tuner.measured) == {'direct_nchw', 'fft'}
+    x32, w32, p = _call()  # a kept choice that is still a candidate is taken without timing
+    sig32 = large_kernel.signature(x32, w32, 1, p, 1)
+    tuner.cache_path.write_text(json.dumps({key: {sig32: kept}}))
+    fresh = large_kernel.LargeDWTuner()
+    fresh.time_candidates = lambda *a, **k: pytest.fail('a safe kept choice was timed again')
+    large_kernel.TUNER = fresh  # (the fixture's monkeypatch restores it)
+    assert large_kernel.choose(x32, w32, None, 1, p) == 'direct_channels_last'
 
 
 class _ToyBackbone(torch.nn.Module):

@@ -10,7 +10,7 @@
 # in OUT_DIR/cpu_check.log (its full output in OUT_DIR/<step>.log) and stopped when it runs past
 # its time limit (a stall then costs minutes, not the session):
 #   cpu       the CPU model and whether it has AMX-BF16 / AVX512-BF16
-#   stalls    the bf16 calls that stalled oneDNN on AMX (tests/test_large_kernel.py), their times
+#   stalls    the bf16 calls that stalled oneDNN on AMX or AMD (tests/test_large_kernel.py), their times
 #   timeout   a throwaway test that sleeps past the suite's per-test limit must fail by name
 #             (full: the configured 300 s limit; --quick: the same mechanism with a 5 s limit)
 #   large_dw  RepLKNet-31B's large depthwise convs, fp32 and bf16: every candidate, tuned vs fixed
@@ -95,7 +95,7 @@ cpu_info() {
 }
 
 stalling_calls() {  # a stall fails its test after 60 s, named
-  "$PY" -m pytest -q -s -p no:cacheprovider -o timeout=60 tests/test_large_kernel.py -k amx_stalling
+  "$PY" -m pytest -q -s -p no:cacheprovider -o timeout=60 tests/test_large_kernel.py -k stalling_bf16
 }
 
 # A test that sleeps past the limit must be stopped, named in the stack pytest-timeout prints,

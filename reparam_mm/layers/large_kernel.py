@@ -28,8 +28,10 @@ The layout a whole backbone runs in is tuned the same way (:func:`backbone_layou
 :func:`dispatch_mode`.
 
 Some candidates are never timed: oneDNN's half-precision channels_last depthwise conv stalls for
-minutes on Intel CPUs with AMX when a kernel wider than 7 is padded beyond ``k // 2`` (the
-output larger than the input), so such calls run NCHW (:func:`candidates`). While exporting
+minutes (inside its JIT kernel generation) on Intel CPUs with AMX when a kernel wider than 7 is
+padded beyond ``k // 2`` (the output larger than the input), and on AMD EPYC (AVX512-BF16) in
+bf16 with at most 16 channels and a kernel side of 15 or more, at any padding; such calls run
+NCHW (:func:`candidates`). While exporting
 (ONNX, ``torch.jit`` tracing) or compiling, calls run plain ``F.conv2d`` so graphs hold a
 standard Conv. Measurements behind the rules: docs/benchmarks.md section 4; the design:
 docs/large_kernel.md.
@@ -68,6 +70,11 @@ FFT_MIN_KERNEL = 27
 #: half-precision channels_last calls with a kernel side above this, padded beyond k // 2, stall
 #: oneDNN on AMX CPUs; 7x7 and 7x5 were measured safe there
 _CL_HALF_OVERPAD_MAX_KERNEL = 7
+#: half-precision channels_last calls on at most this many channels with a kernel side above
+#: _CL_HALF_FEW_CHANNELS_MAX_KERNEL stall oneDNN on AMD EPYC (AVX512-BF16) at any padding, on
+#: wide enough inputs (where the rule ends was measured: docs/large_kernel.md)
+_CL_HALF_FEW_CHANNELS = 16
+_CL_HALF_FEW_CHANNELS_MAX_KERNEL = 13
 #: spatial sizes from this one on share a tuning signature with their neighbours in a size
 #: bucket (:func:`size_bucket`): the fastest candidate follows the kernel, dtype and layout, and
 #: barely the image size, so images of many sizes need not each pay for a timing
@@ -170,10 +177,15 @@ CANDIDATES = {'direct_nchw': _direct('nchw'), 'direct_channels_last': _direct('c
 
 
 def _stalls_onednn(x, kernel_size, padding):
-    """oneDNN's half-precision channels_last call that stalls on AMX CPUs (module docstring)."""
-    if x.device.type != 'cpu' or x.dtype not in _HALF_DTYPES or isinstance(padding, str):
+    """A half-precision channels_last call that stalls oneDNN on some CPU (module docstring)."""
+    if x.device.type != 'cpu' or x.dtype not in _HALF_DTYPES:
         return False
-    return any(k > _CL_HALF_OVERPAD_MAX_KERNEL and 2 * p > k - 1
+    if x.dim() == 4 and x.shape[1] <= _CL_HALF_FEW_CHANNELS \
+            and max(kernel_size) > _CL_HALF_FEW_CHANNELS_MAX_KERNEL:
+        return True  # AMD EPYC, any padding
+    if isinstance(padding, str):
+        return False
+    return any(k > _CL_HALF_OVERPAD_MAX_KERNEL and 2 * p > k - 1  # AMX, padded beyond k // 2
                for k, p in zip(kernel_size, _pair(padding)))
 
 
@@ -383,6 +395,7 @@ class LargeDWTuner:
         self.tables = {}  # (device key, signature without H, W) -> [(H, W, {name: ms})]
         self._device_keys = {}
         self._loaded = set()
+        self._safe = set()  # (device key, signature) whose kept choice is among the candidates
         self._kept = None  # (module, input, layout, output) of the last layout timing, if reusable
 
     @property
@@ -553,11 +566,20 @@ class LargeDWTuner:
     def choose(self, x, weight, bias, stride, padding, dilation):
         key, sig = self.device_key(x.device), signature(x, weight, stride, padding, dilation)
         self._load(key)
+        names = None
         if (key, sig) in self.choices:  # every call after a signature's first one
-            return self.choices[(key, sig)]
+            if (key, sig) in self._safe:
+                return self.choices[(key, sig)]
+            # a choice read from the cache file may predate a rule that now leaves it out
+            # (a call that stalls oneDNN): it is used only if it is still a candidate
+            names = candidates(x, weight.shape[-2:], stride, padding, dilation)
+            if self.choices[(key, sig)] in names:
+                self._safe.add((key, sig))
+                return self.choices[(key, sig)]
+            del self.choices[(key, sig)]
         # a size bucket's choice serves all its sizes: which candidates can compute a call does
         # not depend on its size (beyond the input covering the kernel, which any conv needs)
-        names = candidates(x, weight.shape[-2:], stride, padding, dilation)
+        names = names or candidates(x, weight.shape[-2:], stride, padding, dilation)
         if len(names) == 1:
             return names[0]
         grad, on_cpu = sig.endswith('fwd+bwd'), x.device.type == 'cpu'
