@@ -10,6 +10,7 @@
   architecture directly (:func:`deploy_config`), verified to reproduce the
   unfused model before anything is written.
 """
+import argparse
 import copy
 import importlib
 import inspect
@@ -131,6 +132,18 @@ def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     return build_test_runner(config, checkpoint, out=out, fuse=fuse, **kwargs).test()
 
 
+def image_size(text):
+    """argparse type of ``--shape H W``: a positive number of pixels."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an image size; give two positive '
+                                         'integers, H and W, e.g. --shape 512 512')
+    return value
+
+
 # -- tools/fuse.py -------------------------------------------------------------------------------
 def _registered(type_name, scope):
     if not isinstance(type_name, str):
@@ -205,6 +218,14 @@ def deploy_config(cfg):
     return cfg, changes
 
 
+def apply_dispatch_setting(cfg):
+    """A config's ``large_dw_dispatch`` ('tuned' / 'fixed'), where it sets one, for this process:
+    the tools that build a model without a runner honour it as training and testing do."""
+    if cfg.get('large_dw_dispatch') is not None:
+        from .layers.large_kernel import set_dispatch_mode
+        set_dispatch_mode(cfg.large_dw_dispatch)
+
+
 def build_model(cfg):
     """The model of ``cfg`` (mmseg or mmdet scope), built in its scope."""
     from mmengine.registry import MODELS
@@ -220,9 +241,16 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     within ``tolerance`` relative difference, or nothing is written.
     """
     cfg = load_config(config)
+    apply_dispatch_setting(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     model = build_model(cfg)
     ckpt = load_checkpoint_strict(model, checkpoint)
+    written_by = ((ckpt.get('meta') or {}).get('reparam_mm') or {})
+    if written_by.get('deploy'):
+        raise ValueError(f'checkpoint {checkpoint} is already fused: tools/fuse.py wrote it, with '
+                         f"{written_by.get('deploy_config', 'its deploy config')}; test or export "
+                         'that pair as it is, or fuse the training checkpoint it came from '
+                         f"({written_by.get('source_checkpoint', 'see its meta')}).")
     model.eval()
     batch = synthetic_batch(cfg, *shape)
     reference = tensor_outputs(model, batch)

@@ -10,6 +10,7 @@
   :func:`mismatch_error` are the comparison and the message it and RepLKNet's pretrained
   loader share.
 """
+import os
 import os.path as osp
 import re
 import zipfile
@@ -79,7 +80,7 @@ def _read_error(filename, reason):
     return CheckpointReadError(
         f'checkpoint {filename} {reason}: it was cut off or damaged while being written, '
         'copied or downloaded, so copy or download it again, or use another checkpoint such '
-        'as an earlier iter_*.pth of the same run.')
+        'as an earlier iter_*.pth of the same run, where the run kept one.')
 
 
 def check_checkpoint_file(filename, fix='pass an existing .pth file'):
@@ -88,11 +89,28 @@ def check_checkpoint_file(filename, fix='pass an existing .pth file'):
     filename = str(filename)
     if '://' in filename:
         return
+    if osp.isdir(filename):
+        raise IsADirectoryError(f'checkpoint {filename} is a folder, not a file; pass a .pth file '
+                                f'in it{_latest_in(filename)}.')
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint {filename} does not exist; {fix}.')
     reason = unreadable_reason(filename, thorough=False)
     if reason is not None:
         raise _read_error(filename, reason)
+
+
+def _latest_in(folder):
+    """', such as X' naming a run folder's latest checkpoint (mmengine's last_checkpoint), or ''."""
+    try:
+        with open(osp.join(folder, 'last_checkpoint')) as f:
+            latest = f.read().strip()
+    except OSError:
+        latest = None
+    if not latest or not osp.isfile(latest):
+        found = sorted((p for p in os.listdir(folder) if p.endswith('.pth')),
+                       key=lambda p: osp.getmtime(osp.join(folder, p)))
+        latest = osp.join(folder, found[-1]) if found else None
+    return f', such as the latest, {latest}' if latest else ''
 
 
 def register_local_loader():
@@ -161,14 +179,19 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
     """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
     expected = {k: v.shape for k, v in _target(model).state_dict().items()}
     info = (meta or {}).get('reparam_mm', {})
+    missing, unexpected, shapes = compare_keys(expected, state_dict)
     if info.get('deploy'):
         hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
                 f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
+    elif shapes and not (missing or unexpected):  # fused and unfused forms differ in keys
+        hint = ('the same layers with other sizes: it was trained with another variant of this '
+                'config (e.g. another num_classes or width); use the config it was trained with')
     else:
         hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
-                'the deploy config written by tools/fuse.py')
+                'the deploy config written by tools/fuse.py; a checkpoint of another model needs '
+                'the config it was trained with')
     error = mismatch_error(f'{source} does not match the model built from the config',
-                           *compare_keys(expected, state_dict), hint)
+                           missing, unexpected, shapes, hint)
     if error is not None:
         raise error
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .apis import build_model, load_checkpoint_strict
+from .apis import apply_dispatch_setting, build_model, load_checkpoint_strict
 from .fuse import fuse_with_report
 from .outputs import compare_outputs
 from .scope import load_config
@@ -65,6 +65,7 @@ def load_fused(config, checkpoint, cfg_options=None):
     cfg = copy.deepcopy(cfg)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    apply_dispatch_setting(cfg)
     model = build_model(cfg)
     load_checkpoint_strict(model, checkpoint)
     model, report = fuse_with_report(model.eval())
@@ -448,6 +449,9 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
     Raises :class:`OnnxCheckError` (and removes ``out``) when onnxruntime's outputs differ
     from PyTorch's by more than ``tolerance`` (relative, per output).
     """
+    if osp.isdir(out):
+        raise IsADirectoryError(f'{out} is a folder; give the .onnx file to write, e.g. '
+                                f'{osp.join(out, "model.onnx")}.')
     cfg, model, report = load_fused(config, checkpoint, cfg_options)
     log(f'fused: {report}')
     graph = build_graph(cfg, model, argmax=argmax)

@@ -156,3 +156,47 @@ def test_mmpretrain_configs_without_mmpretrain_say_what_to_install():
     with pytest.raises(ImportError, match=r'imports mmpretrain\.models \(custom_imports\).*'
                                           r'torchvision, which must match the installed torch'):
         load_config(str(ROOT / 'configs/mmpretrain/upernet_repvgg-A0_4xb4-160k_ade20k-512x512.py'))
+
+
+def test_a_run_folder_for_a_checkpoint_names_the_file_to_pass(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'iter_10.pth').write_bytes(b'x')
+    (run / 'iter_20.pth').write_bytes(b'x')
+    (run / 'last_checkpoint').write_text(str(run / 'iter_20.pth'))
+    with pytest.raises(IsADirectoryError, match=rf'^checkpoint {run} is a folder, not a file; pass '
+                                                rf'a \.pth file in it, such as the latest, '
+                                                rf'{run}/iter_20\.pth\.$'):
+        load_checkpoint_strict(_nested(), str(run))
+
+
+@pytest.mark.parametrize('tool,extra', [('fuse', ['out_dir']), ('export_onnx', ['out.onnx'])])
+@pytest.mark.parametrize('shape', [['0', '64'], ['-5', '64'], ['64', 'x']])
+def test_a_bad_shape_is_argparses_one_line(tool, extra, shape, capsys):
+    with pytest.raises(SystemExit) as err:
+        load_tool(tool).parse_args(['c.py', 'c.pth', *extra, '--shape', *shape])
+    assert err.value.code == 2
+    bad = next(s for s in shape if not s.isdigit() or s == '0')
+    assert f"argument --shape: '{bad}' is not an image size; give two positive integers" in \
+        capsys.readouterr().err
+
+
+def test_onnx_export_into_a_folder_is_refused_before_any_work(tmp_path):
+    from reparam_mm.export import export_onnx
+    with pytest.raises(IsADirectoryError, match=rf'^{tmp_path} is a folder; give the \.onnx file'):
+        export_onnx(str(tmp_path / 'never_read.py'), str(tmp_path / 'never_read.pth'), str(tmp_path))
+
+
+def test_export_honours_and_checks_the_configs_dispatch_setting():
+    from mmengine.config import Config
+
+    from reparam_mm.apis import apply_dispatch_setting
+    from reparam_mm.layers.large_kernel import active_dispatch_mode, dispatch_mode
+    with dispatch_mode('tuned'):
+        apply_dispatch_setting(Config(dict(large_dw_dispatch='fixed')))
+        assert active_dispatch_mode() == 'fixed'
+        apply_dispatch_setting(Config(dict()))  # no setting: the mode stays
+        assert active_dispatch_mode() == 'fixed'
+        with pytest.raises(ValueError, match=r"large_dw_dispatch='fxed' is not a large-kernel "
+                                             r"dispatch mode; use one of \('tuned', 'fixed'\)"):
+            apply_dispatch_setting(Config(dict(large_dw_dispatch='fxed')))

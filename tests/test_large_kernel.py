@@ -641,6 +641,12 @@ def test_a_backbone_layout_timing_logs_one_line_saying_why_the_forward_was_slow(
     with torch.no_grad():
         toy(torch.randn(1, 4, 48, 48))
     assert len(lines) == 2 and 'bucket 1x4x46-53x46-53' in lines[1]
+    # timed while other processes used the CPUs: the line says what its warning says
+    monkeypatch.setattr(tuner, 'contended', lambda *a: True)
+    with torch.no_grad(), pytest.warns(UserWarning, match='kept for this process only'):
+        toy(torch.randn(1, 4, 64, 64))
+    assert len(lines) == 3 and 'kept for this process only, since other processes used' in lines[2]
+    assert str(tuner.cache_path) not in lines[2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (the GPU check)')

@@ -47,7 +47,9 @@ def test_unfused_checkpoint_into_fused_model_is_refused(tmp_path):
 def test_shape_mismatch_and_missing_file_are_clear(tmp_path):
     state = _nested().state_dict()
     state['3.weight'] = torch.zeros(4, 4, 3, 3)
-    with pytest.raises(CheckpointMismatchError, match=r'1 shape mismatches \(3\.weight \(4, 4, 3, 3\) vs'):
+    with pytest.raises(CheckpointMismatchError, match=r'1 shape mismatches \(3\.weight \(4, 4, 3, 3\) vs'
+                                                       r'.* -- the same layers with other sizes: .*'
+                                                       r'use the config it was trained with\.$'):
         load_checkpoint_strict(_nested(), _save(tmp_path / 's.pth', state))
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_checkpoint_strict(_nested(), str(tmp_path / 'nope.pth'))
@@ -220,6 +222,12 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
         run_test(cfg, dckpt, work_dir=str(tmp_path / 'x1'))
     with pytest.raises(CheckpointMismatchError, match=r'unexpected keys \(.*training config'):
         run_test(dcfg, ckpt, work_dir=str(tmp_path / 'x2'))
+    # fusing the deploy pair again is refused instead of writing *_deploy_deploy.*
+    with pytest.raises(ValueError, match=rf'checkpoint {re.escape(dckpt)} is already fused: '
+                                         rf'tools/fuse.py wrote it, with {re.escape(dcfg)}; .*'
+                                         rf'training checkpoint it came from \({re.escape(ckpt)}\)'):
+        load_tool('fuse').main([dcfg, dckpt, str(tmp_path / 'again'), '--shape', '64', '64'])
+    assert not (tmp_path / 'again').exists()
 
 
 def test_fuse_tool_writes_nothing_when_the_deploy_model_differs(tmp_path):

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reparam_mm  # noqa: E402,F401
 from mmengine.config import DictAction  # noqa: E402
 from benchmarks.onnx_latency import latency_line, measure_latency  # noqa: E402
+from reparam_mm.apis import image_size  # noqa: E402
 from reparam_mm.export import OPSET, TOLERANCE, export_onnx  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='training config, or the deploy config from tools/fuse.py')
     parser.add_argument('checkpoint', help='its checkpoint (loaded strictly)')
     parser.add_argument('out', help='the .onnx file to write')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--shape', type=image_size, nargs=2, metavar=('H', 'W'),
                         help="input size (default: the config's crop_size, preprocessor size or "
                              'test scale)')
     parser.add_argument('--dynamic', action='store_true',

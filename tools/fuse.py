@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.apis import export_deploy  # noqa: E402
+from reparam_mm.apis import export_deploy, image_size  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     parser.add_argument('config', help='training config file path')
     parser.add_argument('checkpoint', help='training (unfused) checkpoint')
     parser.add_argument('out_dir', help='directory for <config>_deploy.pth and <config>_deploy.py')
-    parser.add_argument('--shape', type=int, nargs=2, default=[256, 256], metavar=('H', 'W'),
+    parser.add_argument('--shape', type=image_size, nargs=2, default=[256, 256], metavar=('H', 'W'),
                         help='size of the random input used to verify the deploy model')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='max relative output difference accepted')

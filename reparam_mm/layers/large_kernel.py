@@ -391,6 +391,7 @@ class LargeDWTuner:
     def __init__(self):
         self.clock = time.perf_counter
         self._warned_contended = False
+        self.contended_timings = 0  # how many timings of this process were contended
         self.choices = {}  # (device key, signature) -> name
         self.tables = {}  # (device key, signature without H, W) -> [(H, W, {name: ms})]
         self._device_keys = {}
@@ -623,7 +624,7 @@ class LargeDWTuner:
                 torch.autograd.grad(total, params, allow_unused=True)
             return run
         saved = {name: b.detach().clone() for name, b in module.named_buffers()}
-        known, start = len(self.choices), time.perf_counter()
+        known, start, contended = len(self.choices), time.perf_counter(), self.contended_timings
         try:
             with torch.random.fork_rng(devices=[]):
                 choice = self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
@@ -635,7 +636,8 @@ class LargeDWTuner:
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
         _report_timing(module, x, grad, choice, len(self.choices) - known - 1,
-                       time.perf_counter() - start, self.cache_path)
+                       time.perf_counter() - start,
+                       None if self.contended_timings > contended else self.cache_path)
         cl = choice == 'channels_last'
         self._kept = (module, x, cl, outputs[cl]) if outputs and cl in outputs else None
         return choice
@@ -664,6 +666,7 @@ class LargeDWTuner:
         choice = min(times, key=times.get)
         self.choices[(key, sig)] = choice
         contended = on_cpu and self.contended(others)
+        self.contended_timings += contended
         if contended and not self._warned_contended:
             self._warned_contended = True
             warnings.warn(
@@ -683,14 +686,16 @@ class LargeDWTuner:
 
 def _report_timing(module, x, grad, choice, convs, seconds, path):
     """One log line per timed backbone layout signature, so that a slow first forward at a new
-    input size says why, and that it is paid once per size bucket."""
+    input size says why, and that it is paid once per size bucket (``path`` None: some of the
+    timings were contended, so they serve this process only)."""
     from mmengine.logging import print_log
     mode = 'train' if module.training else 'eval'
+    kept = (f'kept in {path} for every size in the bucket' if path is not None else
+            'kept for this process only, since other processes used the CPUs meanwhile')
     print_log(f'reparam_mm: {seconds:.1f} s timing the large-kernel dispatch of '
               f'{type(module).__name__} ({mode}, {"fwd+bwd" if grad else "fwd"}) for the new '
               f'input size bucket {shape_label(x.shape)}: {choice}, {convs} conv signature(s); '
-              f'kept in {path} for every size in the bucket (REPARAM_MM_LARGE_DW=fixed times '
-              'nothing).',
+              f'{kept} (REPARAM_MM_LARGE_DW=fixed times nothing).',
               logger='current')
 
 
