@@ -1,10 +1,15 @@
 """Reading a config, and which OpenMMLab package builds its model (its ``default_scope``)."""
 import importlib
+import os
 import re
 
 from mmengine.config import Config
 
 SCOPES = ('mmseg', 'mmdet')
+
+
+class ConfigImportError(ImportError):
+    """A module of a config's ``custom_imports`` does not import."""
 
 #: packages a config may import that need more than ``pip install`` beside the CPU torch
 _IMPORT_HINTS = {
@@ -20,6 +25,9 @@ def load_config(config):
     mmengine's advice to set ``PYTHONPATH``."""
     if isinstance(config, Config):
         return config
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f'config {config} does not exist; pass the path of a config file, '
+                                'e.g. one under configs/ (docs/configs.md lists them).')
     try:
         return Config.fromfile(config)
     except ImportError as error:
@@ -32,8 +40,8 @@ def load_config(config):
         package = module.split('.')[0]
         fix = _IMPORT_HINTS.get(package, f'install the package that provides {package}, or take '
                                           f'{module} out of custom_imports')
-        raise ImportError(f'config {config} imports {module} (custom_imports), which fails here '
-                          f'({why}); {fix}.') from None
+        raise ConfigImportError(f'config {config} imports {module} (custom_imports), which '
+                                f'fails here ({why}); {fix}.') from None
 
 
 def init_scope(cfg):

@@ -200,3 +200,28 @@ def test_export_honours_and_checks_the_configs_dispatch_setting():
         with pytest.raises(ValueError, match=r"large_dw_dispatch='fxed' is not a large-kernel "
                                              r"dispatch mode; use one of \('tuned', 'fixed'\)"):
             apply_dispatch_setting(Config(dict(large_dw_dispatch='fxed')))
+
+
+def test_tools_print_an_input_errors_sentence_alone(tmp_path):
+    """From the shell: one line and exit status 1; REPARAM_MM_TRACEBACK=1 shows the traceback."""
+    import os
+    import subprocess
+    import sys
+    config = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
+    argv = [sys.executable, str(ROOT / 'tools/fuse.py'), str(config), str(tmp_path / 'no.pth'),
+            str(tmp_path / 'out')]
+    env = {k: v for k, v in os.environ.items() if k != 'REPARAM_MM_TRACEBACK'}
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
+    lines = [line for line in run.stderr.splitlines() if 'Warning' not in line
+             and not line.startswith('  ')]  # library warnings at import
+    assert run.returncode == 1 and lines == [
+        f'error: checkpoint {tmp_path}/no.pth does not exist; pass the .pth file written by '
+        'training (work_dirs/...) or by tools/fuse.py.'], run.stderr
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=240,
+                         env=dict(env, REPARAM_MM_TRACEBACK='1'))
+    assert run.returncode == 1 and 'Traceback (most recent call last)' in run.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / 'tools/train.py'), 'configs/nope.py'],
+                             capture_output=True, text=True, env=env, timeout=240)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
+        'error: config configs/nope.py does not exist; pass the path of a config file, e.g. one '
+        'under configs/ (docs/configs.md lists them).')

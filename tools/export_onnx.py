@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
+from reparam_mm.cli import run_tool  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from benchmarks.onnx_latency import latency_line, measure_latency  # noqa: E402
 from reparam_mm.apis import image_size  # noqa: E402
@@ -66,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

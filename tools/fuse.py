@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
+from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.apis import export_deploy, image_size  # noqa: E402
 
 
@@ -42,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401  (registers everything, checkpoint loading fixes)
+from reparam_mm.cli import run_tool  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from reparam_mm.apis import run_test  # noqa: E402
 
@@ -53,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reparam_mm  # noqa: E402,F401  (first: registers modules, fixes checkpoint loading)
+from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.train import main  # noqa: E402
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))
