@@ -272,6 +272,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = osp.join(out_dir, f'{stem}_deploy.py')
     ckpt_path = osp.join(out_dir, f'{stem}_deploy.pth')
+    replaced = [p for p in (ckpt_path, cfg_path) if osp.exists(p)]
     meta = dict(ckpt.get('meta') or {})
     meta['reparam_mm'] = dict(deploy=True, deploy_config=cfg_path, source_config=cfg.filename,
                               source_checkpoint=str(checkpoint), fuse_report=report.to_dict(),
@@ -279,4 +280,5 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     torch.save(dict(meta=meta, state_dict=OrderedDict((k, v.cpu()) for k, v in state.items())),
                ckpt_path)
     dcfg.dump(cfg_path)
-    return dict(config=cfg_path, checkpoint=ckpt_path, report=report, check=check, changes=changes)
+    return dict(config=cfg_path, checkpoint=ckpt_path, report=report, check=check, changes=changes,
+                replaced=replaced)

@@ -202,6 +202,10 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
     result = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
     assert result['check']['same_structure'] and result['check']['max_rel'] < 1e-5
     dcfg, dckpt = result['config'], result['checkpoint']
+    assert result['replaced'] == []
+    if kind == 'seg-replknet':  # a second export into the same folder says what it replaced
+        again = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+        assert again['replaced'] == [dckpt, dcfg]
     src, deploy = Config.fromfile(cfg).model, Config.fromfile(dcfg).model
     assert deploy.backbone.stage_with_doconv == (False,) * 4 and deploy.backbone.type == src.backbone.type
 

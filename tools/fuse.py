@@ -38,7 +38,9 @@ def main(argv=None):
         print(f'config: {change}')
     check = result['check']
     print(f"{result['report']}\nverified: deploy vs unfused outputs max abs diff {check['max_abs']:.3e}, "
-          f"max rel diff {check['max_rel']:.3e}\nwrote {result['checkpoint']}\nwrote {result['config']}")
+          f"max rel diff {check['max_rel']:.3e}")
+    for path in (result['checkpoint'], result['config']):
+        print(f"wrote {path}" + (' (replaced the one there)' if path in result['replaced'] else ''))
     return result
 
 
