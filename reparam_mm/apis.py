@@ -24,7 +24,7 @@ import torch.nn as nn
 from mmengine.config import ConfigDict
 
 from .batches import synthetic_batch
-from .checkpoint import (STRICT_FIX, CheckpointMismatchError, check_checkpoint_file,
+from .checkpoint import (STRICT_FIX, CheckpointMismatchError, read_checkpoint, state_dict_of,
                          check_state_dict, load_checkpoint_strict)
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, tensor_outputs
@@ -116,15 +116,30 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     from .train import build_runner, check_data_roots  # opens a gloo group on CPU torchrun
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
     check_data_roots(cfg, ['test_dataloader'])
-    check_checkpoint_file(checkpoint, STRICT_FIX)  # before the runner logs a page
+    # before the runner logs a page of environment and config: the file, then its keys
+    ckpt = read_checkpoint(checkpoint, fix=STRICT_FIX)
+    _check_keys_on_meta(cfg, ckpt, checkpoint)
     runner = build_runner(cfg)
     if out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
-    load_checkpoint_strict(runner.model, checkpoint)
+    load_checkpoint_strict(runner.model, checkpoint, checkpoint=ckpt)
     runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
                        f"{'fused' if fuse else 'unfused'} model")
     return runner
+
+
+def _check_keys_on_meta(cfg, ckpt, filename):
+    """:func:`check_state_dict` against the config's model built on the meta device (no
+    memory, no init), so a checkpoint of another model fails before the runner is built. A
+    model that does not build there is checked by the strict load after the runner."""
+    try:
+        with torch.device('meta'):
+            model = build_model(cfg)
+    except Exception:  # noqa: BLE001 - only an early check; the real load checks again
+        return
+    check_state_dict(model, state_dict_of(ckpt, f'checkpoint {filename}'), f'checkpoint {filename}',
+                     ckpt.get('meta'))
 
 
 def run_test(config, checkpoint, out=None, fuse=True, **kwargs):

@@ -199,9 +199,11 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
 STRICT_FIX = 'pass the .pth file written by training (work_dirs/...) or by tools/fuse.py'
 
 
-def load_checkpoint_strict(model, filename, map_location='cpu'):
-    """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint."""
-    checkpoint = read_checkpoint(filename, map_location, fix=STRICT_FIX)
+def load_checkpoint_strict(model, filename, map_location='cpu', checkpoint=None):
+    """Load ``filename`` into ``model`` only if keys and shapes match exactly; return the checkpoint
+    (``checkpoint``: that file's contents, when the caller has read it already)."""
+    if checkpoint is None:
+        checkpoint = read_checkpoint(filename, map_location, fix=STRICT_FIX)
     state = state_dict_of(checkpoint, f'checkpoint {filename}')
     check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
     _target(model).load_state_dict(state, strict=True)

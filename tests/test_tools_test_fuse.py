@@ -158,6 +158,22 @@ def write_case(tmp_path, cfg_dict, seed=0):
     return str(cfg_path), ckpt
 
 
+def test_a_checkpoint_of_another_model_fails_before_the_runner_is_built(tmp_path, monkeypatch):
+    """Keys are checked against the config's model built on the meta device, so the error is
+    not preceded by the runner's page of environment and config."""
+    import reparam_mm.train
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
+    state['decode_head.conv_seg.weight'] = state['decode_head.conv_seg.weight'][:2]
+    state['decode_head.conv_seg.bias'] = state['decode_head.conv_seg.bias'][:2]
+    other = _save(tmp_path / 'other.pth', state)
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built before the keys were checked'))
+    with pytest.raises(CheckpointMismatchError, match=r'2 shape mismatches \(decode_head\.conv_seg'
+                                                      r'.*trained with another variant'):
+        load_tool('test').main([cfg, other, '--work-dir', str(tmp_path / 'w')])
+
+
 def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
     test = load_tool('test')
