@@ -174,6 +174,16 @@ def test_a_checkpoint_of_another_model_fails_before_the_runner_is_built(tmp_path
         load_tool('test').main([cfg, other, '--work-dir', str(tmp_path / 'w')])
 
 
+def test_detection_out_must_be_a_pickle_file(tmp_path):
+    from mmengine.config import Config
+    from reparam_mm.apis import build_test_cfg
+    cfg = Config(det_config(tmp_path / 'coco'))
+    with pytest.raises(ValueError, match=r'--out r\.json: detection results are dumped to a '
+                                         r'pickle file; give a path ending in \.pkl\.'):
+        build_test_cfg(cfg, out='r.json')
+    assert build_test_cfg(cfg, out='r.pkl').test_evaluator is not None
+
+
 def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
     test = load_tool('test')
