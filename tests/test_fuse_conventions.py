@@ -321,13 +321,20 @@ def test_every_convention_fused_children_first_and_a_second_pass_is_a_no_op():
     assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items())
 
 
-def test_parent_first_for_nested_timm_fuse_calls_only_the_outer_one():
-    block = randomize(TimmRepVggDw(4)).eval()
+def fuse_in_sequential(block):
+    """``(fused nn.Sequential(block), report)`` of a random-weight copy of ``block`` in eval
+    mode, checked to compute what it did."""
+    block = randomize(block).eval()
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         ref = block(x)
         fused, report = fuse_with_report(nn.Sequential(copy.deepcopy(block)))
         assert rel_err(fused(x), ref) < 1e-5
+    return fused, report
+
+
+def test_parent_first_for_nested_timm_fuse_calls_only_the_outer_one():
+    fused, report = fuse_in_sequential(TimmRepVggDw(4))
     # the inner ConvNorm.fuse() is RepVggDw.fuse()'s job; called first, it would leave a Conv2d
     # for RepVggDw.fuse() to call .fuse() on
     assert report.fused == {'TimmRepVggDw': 1} and type(fused[0]) is nn.Conv2d
@@ -355,12 +362,7 @@ class TimmFusesOnlyItsOwnConv(nn.Module):
 
 
 def test_what_a_timm_fuse_returns_unfused_is_fused_after_it():
-    block = randomize(TimmFusesOnlyItsOwnConv(4)).eval()
-    x = torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
-        ref = block(x)
-        fused, report = fuse_with_report(nn.Sequential(copy.deepcopy(block)))
-        assert rel_err(fused(x), ref) < 1e-5
+    fused, report = fuse_in_sequential(TimmFusesOnlyItsOwnConv(4))
     assert report.fused == {'TimmConvNorm': 1, 'TimmFusesOnlyItsOwnConv': 1}
     assert [type(m) for m in fused[0]] == [nn.Conv2d, nn.Conv2d]
 
