@@ -9,12 +9,13 @@ import sys
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError
 from .scope import ConfigImportError
+from .train import NotAvailableHereError
 
 __all__ = ['INPUT_ERRORS', 'run_tool']
 
-#: errors that name a file, checkpoint or config the user gave, and what to do about it
+#: errors that name a file, checkpoint or config the user gave (or hardware it needs), and the fix
 INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, CheckpointMismatchError,
-                CheckpointReadError, ConfigImportError)
+                CheckpointReadError, ConfigImportError, NotAvailableHereError)
 TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 
 

@@ -25,6 +25,26 @@ from mmengine.logging import print_log
 from .scope import load_config
 
 
+class NotAvailableHereError(RuntimeError):
+    """What the config or the command line asks for needs hardware this machine lacks."""
+
+
+def check_amp_device(cfg):
+    """mmengine's AmpOptimWrapper trains on CUDA, NPU, MLU or MUSA only, and says so after the
+    runner is built; say it before, with what to do on CPU."""
+    wrapper = (cfg.get('optim_wrapper') or {}).get('type')
+    if wrapper != 'AmpOptimWrapper':
+        return
+    from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
+                                 is_npu_available)
+    if not (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available()):
+        raise NotAvailableHereError(
+            'mixed-precision training (--amp, or optim_wrapper AmpOptimWrapper) needs a GPU (or '
+            "an NPU / MLU / MUSA device) and this machine has none; train in fp32 here (drop --amp "
+            "or set optim_wrapper.type='OptimWrapper'); tools/test.py --amp does run bf16 on CPU.")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description='Train a segmentor or detector')
     parser.add_argument('config', help='train config file path')
@@ -107,12 +127,12 @@ def prepare_cpu_distributed(cfg):
     if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
         return
     if cfg.launcher != 'pytorch':
-        raise RuntimeError(f'--launcher {cfg.launcher} without CUDA is not supported; on CPU '
+        raise NotAvailableHereError(f'--launcher {cfg.launcher} without CUDA is not supported; on CPU '
                            'launch with torchrun and --launcher pytorch.')
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     backend = dist_cfg.pop('backend', 'nccl')
     if backend != 'gloo':
-        raise RuntimeError(f'dist backend {backend!r} needs GPUs; on CPU set '
+        raise NotAvailableHereError(f'dist backend {backend!r} needs GPUs; on CPU set '
                            "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
                            'env_cfg.dist_cfg.backend=gloo).')
     if not torch_dist.is_initialized():
@@ -241,6 +261,7 @@ def train(cfg, hooks=()):
     ``runner.message_hub`` (``val/mIoU``, ...).
     """
     from .checkpoint import check_checkpoint_file
+    check_amp_device(cfg)
     check_pretrained_files(cfg)
     check_data_roots(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
     if cfg.get('load_from'):  # --resume PATH or load_from: mmengine loads it after a page of logs

@@ -50,6 +50,15 @@ def test_amp(tmp_path):
         _cfg([other, '--amp'])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without a GPU')
+def test_amp_training_without_a_gpu_is_refused_before_the_runner(tmp_path, monkeypatch):
+    import reparam_mm.train as train_module
+    monkeypatch.setattr(train_module, 'build_runner', lambda cfg: pytest.fail('runner built'))
+    with pytest.raises(train_module.NotAvailableHereError, match=r'^mixed-precision training '
+                       r'\(--amp, or optim_wrapper AmpOptimWrapper\) needs a GPU .*\(drop --amp'):
+        main([tiny_demo_config(tmp_path), '--amp', '--work-dir', str(tmp_path / 'w')])
+
+
 def test_resume_auto_and_path(tmp_path):
     path = _simple_cfg(tmp_path)
     assert 'resume' not in _cfg([path])  # the config decides when --resume is not given
