@@ -11,6 +11,7 @@ SCOPES = ('mmseg', 'mmdet')
 class ConfigImportError(ImportError):
     """A module of a config's ``custom_imports`` does not import."""
 
+
 #: packages a config may import that need more than ``pip install`` beside the CPU torch
 _IMPORT_HINTS = {
     'mmpretrain': ('mmpretrain imports torchvision, which must match the installed torch: install '

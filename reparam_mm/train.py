@@ -127,14 +127,14 @@ def prepare_cpu_distributed(cfg):
     if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
         return
     if cfg.launcher != 'pytorch':
-        raise NotAvailableHereError(f'--launcher {cfg.launcher} without CUDA is not supported; on CPU '
-                           'launch with torchrun and --launcher pytorch.')
+        raise NotAvailableHereError(f'--launcher {cfg.launcher} without CUDA is not supported; on '
+                                    'CPU launch with torchrun and --launcher pytorch.')
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     backend = dist_cfg.pop('backend', 'nccl')
     if backend != 'gloo':
         raise NotAvailableHereError(f'dist backend {backend!r} needs GPUs; on CPU set '
-                           "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
-                           'env_cfg.dist_cfg.backend=gloo).')
+                                    "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
+                                    'env_cfg.dist_cfg.backend=gloo).')
     if not torch_dist.is_initialized():
         if 'timeout' in dist_cfg:
             dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])

@@ -31,9 +31,8 @@ Some candidates are never timed: oneDNN's half-precision channels_last depthwise
 minutes (inside its JIT kernel generation) on Intel CPUs with AMX when a kernel wider than 7 is
 padded beyond ``k // 2`` (the output larger than the input), and on AMD EPYC (AVX512-BF16) in
 bf16 with at most 16 channels and a kernel side of 15 or more, at any padding; such calls run
-NCHW (:func:`candidates`). While exporting
-(ONNX, ``torch.jit`` tracing) or compiling, calls run plain ``F.conv2d`` so graphs hold a
-standard Conv. Measurements behind the rules: docs/benchmarks.md section 4; the design:
+NCHW (:func:`candidates`). While exporting (ONNX, ``torch.jit`` tracing) or compiling, calls run
+plain ``F.conv2d`` so graphs hold a standard Conv. Measurements behind the rules: docs/benchmarks.md section 4; the design:
 docs/large_kernel.md.
 """
 import contextlib
@@ -567,20 +566,17 @@ class LargeDWTuner:
     def choose(self, x, weight, bias, stride, padding, dilation):
         key, sig = self.device_key(x.device), signature(x, weight, stride, padding, dilation)
         self._load(key)
-        names = None
-        if (key, sig) in self.choices:  # every call after a signature's first one
-            if (key, sig) in self._safe:
-                return self.choices[(key, sig)]
-            # a choice read from the cache file may predate a rule that now leaves it out
-            # (a call that stalls oneDNN): it is used only if it is still a candidate
-            names = candidates(x, weight.shape[-2:], stride, padding, dilation)
-            if self.choices[(key, sig)] in names:
-                self._safe.add((key, sig))
-                return self.choices[(key, sig)]
-            del self.choices[(key, sig)]
+        kept = self.choices.get((key, sig))
+        if kept is not None and (key, sig) in self._safe:  # every call after the first ones
+            return kept
         # a size bucket's choice serves all its sizes: which candidates can compute a call does
         # not depend on its size (beyond the input covering the kernel, which any conv needs)
-        names = names or candidates(x, weight.shape[-2:], stride, padding, dilation)
+        names = candidates(x, weight.shape[-2:], stride, padding, dilation)
+        # a choice read from the cache file may predate a rule that now leaves it out (a call
+        # that stalls oneDNN): it is used only while it is still a candidate, else timed again
+        if kept in names:
+            self._safe.add((key, sig))
+            return kept
         if len(names) == 1:
             return names[0]
         grad, on_cpu = sig.endswith('fwd+bwd'), x.device.type == 'cpu'
