@@ -13,9 +13,10 @@ from .backbones import RepLKNet, UniRepLKNet  # noqa: E402
 from .models import ConvCfgRPNHead  # noqa: E402
 from .datasets import DemoADEDataset  # noqa: E402
 from .optim import UniRepLKNetLayerDecayOptimizerConstructor  # noqa: E402
+from .amp import CPUAmpOptimWrapper  # noqa: E402
 
 __version__ = '0.1.0'
 
 __all__ = ['__version__', 'fuse', 'fuse_with_report', 'FusedEvalHook', 'DOConv2d',
            'SavePredictionsHook', 'DemoADEDataset', 'RepLKNet', 'UniRepLKNet', 'ConvCfgRPNHead',
-           'UniRepLKNetLayerDecayOptimizerConstructor']
+           'UniRepLKNetLayerDecayOptimizerConstructor', 'CPUAmpOptimWrapper']

@@ -68,12 +68,21 @@ def _tta(cfg, scope):
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
 
 
+def _amp_test_loop(test_cfg):
+    loop = dict(test_cfg or {})
+    if loop.get('type', 'TestLoop') not in ('TestLoop', 'AmpTestLoop'):
+        raise ValueError(f"--amp runs the test under AmpTestLoop, a TestLoop; the config's test_cfg "
+                         f"is a {loop['type']}: drop --amp, or set fp16=True in its test_cfg.")
+    return ConfigDict({**loop, 'type': 'AmpTestLoop', 'fp16': True})
+
+
 def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, wait_time=2,
                    cfg_options=None, launcher='none', tta=False, fuse=True, amp=False):
     """The test config as mmseg / mmdet ``tools/test.py`` build it, plus the fuse switch.
 
     ``amp=True`` runs the test loop under autocast (bf16 on CPU, fp16 on CUDA: mmengine's
-    defaults), e.g. for CPUs with AMX; the fused-vs-unfused check still runs in fp32.
+    defaults; ``amp.AmpTestLoop``), e.g. for CPUs with AMX; the fused-vs-unfused check runs in
+    fp32 and again under autocast.
     """
     cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
@@ -102,7 +111,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
                          'give a path ending in .pkl.')
     _set_fuse_hook(cfg, fuse)
     if amp:
-        cfg.test_cfg = ConfigDict(**(cfg.get('test_cfg') or dict(type='TestLoop')), fp16=True)
+        cfg.test_cfg = _amp_test_loop(cfg.get('test_cfg'))
     return cfg
 
 

@@ -29,20 +29,28 @@ class NotAvailableHereError(RuntimeError):
     """What the config or the command line asks for needs hardware this machine lacks."""
 
 
-def check_amp_device(cfg):
-    """mmengine's AmpOptimWrapper trains on CUDA, NPU, MLU or MUSA only, and says so after the
-    runner is built; say it before, with what to do on CPU."""
-    wrapper = (cfg.get('optim_wrapper') or {}).get('type')
-    if wrapper != 'AmpOptimWrapper':
-        return
+def has_amp_accelerator():
+    """Whether mmengine's AmpOptimWrapper can train here (CUDA, NPU, MLU or MUSA)."""
     from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
                                  is_npu_available)
-    if not (is_cuda_available() or is_npu_available() or is_mlu_available()
-            or is_musa_available()):
+    return (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available())
+
+
+def check_amp_device(cfg):
+    """mmengine's AmpOptimWrapper trains on CUDA, NPU, MLU or MUSA only, and says so after the
+    runner is built; say it before, with what to do on CPU (and the reverse for ours)."""
+    wrapper = (cfg.get('optim_wrapper') or {}).get('type')
+    if wrapper == 'AmpOptimWrapper' and not has_amp_accelerator():
         raise NotAvailableHereError(
-            'mixed-precision training (--amp, or optim_wrapper AmpOptimWrapper) needs a GPU (or '
-            "an NPU / MLU / MUSA device) and this machine has none; train in fp32 here (drop --amp "
-            "or set optim_wrapper.type='OptimWrapper'); tools/test.py --amp does run bf16 on CPU.")
+            'optim_wrapper AmpOptimWrapper (fp16 mixed precision) needs a GPU (or an NPU / MLU / '
+            "MUSA device) and this machine has none; on CPU set optim_wrapper.type="
+            "'CPUAmpOptimWrapper' (bf16 autocast), or train in fp32.")
+    if wrapper == 'CPUAmpOptimWrapper' and has_amp_accelerator():
+        raise NotAvailableHereError(
+            'optim_wrapper CPUAmpOptimWrapper autocasts CPU ops, but this machine has a GPU (or '
+            "another accelerator) where the model will train; set optim_wrapper.type="
+            "'AmpOptimWrapper' there (tools/train.py --amp picks it).")
 
 
 def build_parser():
@@ -53,7 +61,8 @@ def build_parser():
         '--resume', nargs='?', type=str, const='auto',
         help='resume from the latest checkpoint in the work_dir, or from PATH if given')
     parser.add_argument('--amp', action='store_true', default=False,
-                        help='enable automatic-mixed-precision training')
+                        help='mixed-precision training: fp16 with a loss scale on a GPU, bf16 '
+                        'autocast on a CPU-only machine')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the real batch size (config needs auto_scale_lr)')
     parser.add_argument(
@@ -88,16 +97,7 @@ def config_from_args(args):
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
-        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if wrapper == 'AmpOptimWrapper':
-            print_log('AMP training is already enabled in your config.', logger='current',
-                      level=logging.WARNING)
-        elif wrapper != 'OptimWrapper':
-            raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has '
-                             f'{wrapper}; set AmpOptimWrapper in the config instead.')
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        set_amp_wrapper(cfg)
 
     if args.auto_scale_lr:
         scale = cfg.get('auto_scale_lr', None)
@@ -116,6 +116,26 @@ def config_from_args(args):
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
+
+
+def set_amp_wrapper(cfg):
+    """``--amp``: fp16 ``AmpOptimWrapper`` with a dynamic loss scale where mmengine has one (GPU),
+    bf16 :class:`~reparam_mm.amp.CPUAmpOptimWrapper` on a machine without."""
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+        print_log('AMP training is already enabled in your config.', logger='current',
+                  level=logging.WARNING)
+        return
+    if wrapper != 'OptimWrapper':
+        raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has '
+                         f'{wrapper}; set AmpOptimWrapper in the config instead.')
+    if has_amp_accelerator():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        print_log('--amp without a GPU: training under bf16 autocast on CPU (CPUAmpOptimWrapper).',
+                  logger='current')
 
 
 def prepare_cpu_distributed(cfg):

@@ -15,6 +15,7 @@ from reparam_mm.train import config_from_args, main, parse_args, prepare_cpu_dis
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN_DEMO = ROOT / 'configs/demo/upernet_r18-tiny_1xb8-600i_demoade-64x64.py'
+DOCONV_REPLKNET_DEMO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
 
 
 def _simple_cfg(tmp_path, text="optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1))\n"):
@@ -42,21 +43,54 @@ def test_cfg_options_and_launcher(tmp_path):
     assert cfg.launcher == 'pytorch'
 
 
-def test_amp(tmp_path):
+def test_amp_picks_the_wrapper_of_the_machine(tmp_path, monkeypatch):
+    import reparam_mm.train as train_module
+    monkeypatch.setattr(train_module, 'has_amp_accelerator', lambda: True)
     cfg = _cfg([_simple_cfg(tmp_path), '--amp'])
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 'dynamic'
+    monkeypatch.setattr(train_module, 'has_amp_accelerator', lambda: False)
+    cfg = _cfg([_simple_cfg(tmp_path), '--amp'])
+    assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper' and 'loss_scale' not in cfg.optim_wrapper
     other = _simple_cfg(tmp_path, "optim_wrapper = dict(type='DeepSpeedOptimWrapper')\n")
     with pytest.raises(ValueError, match='--amp needs optim_wrapper.type OptimWrapper'):
         _cfg([other, '--amp'])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without a GPU')
-def test_amp_training_without_a_gpu_is_refused_before_the_runner(tmp_path, monkeypatch):
+def test_a_wrapper_for_other_hardware_is_refused_before_the_runner(tmp_path, monkeypatch):
     import reparam_mm.train as train_module
     monkeypatch.setattr(train_module, 'build_runner', lambda cfg: pytest.fail('runner built'))
-    with pytest.raises(train_module.NotAvailableHereError, match=r'^mixed-precision training '
-                       r'\(--amp, or optim_wrapper AmpOptimWrapper\) needs a GPU .*\(drop --amp'):
-        main([tiny_demo_config(tmp_path), '--amp', '--work-dir', str(tmp_path / 'w')])
+    monkeypatch.setattr(train_module, 'has_amp_accelerator', lambda: False)
+    with pytest.raises(train_module.NotAvailableHereError, match=r'^optim_wrapper AmpOptimWrapper '
+                       r"\(fp16 mixed precision\) needs a GPU .* optim_wrapper.type='CPUAmpOptimWrapper'"):
+        main([tiny_demo_config(tmp_path), '--work-dir', str(tmp_path / 'w'),
+              '--cfg-options', 'optim_wrapper.type=AmpOptimWrapper'])
+    monkeypatch.setattr(train_module, 'has_amp_accelerator', lambda: True)
+    with pytest.raises(train_module.NotAvailableHereError, match=r'^optim_wrapper CPUAmpOptimWrapper '
+                       r"autocasts CPU ops, but this machine has a GPU .*'AmpOptimWrapper'"):
+        main([tiny_demo_config(tmp_path), '--work-dir', str(tmp_path / 'w'),
+              '--cfg-options', 'optim_wrapper.type=CPUAmpOptimWrapper'])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='--amp trains on the GPU there')
+def test_amp_trains_doconv_and_replknet_under_bf16_on_cpu_and_resumes(tmp_path, capsys):
+    cfg = tiny_demo_config(tmp_path, max_iters=2, base=DOCONV_REPLKNET_DEMO)
+    wd = tmp_path / 'wd'
+    runner = main([cfg, '--work-dir', str(wd), '--amp'])
+    assert type(runner.optim_wrapper).__name__ == 'CPUAmpOptimWrapper'
+    assert runner.iter == 2
+    saved = torch.load(wd / 'iter_2.pth', map_location='cpu', weights_only=True)
+    weights = saved['state_dict']
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+    assert any(k.endswith('.D') for k in weights)  # DO-Conv layers (their D) were trained
+    resumed = main([cfg, '--work-dir', str(wd), '--amp', '--resume',
+                    '--cfg-options', 'train_cfg.max_iters=3', 'default_hooks.checkpoint.interval=3'])
+    assert resumed.iter == 3
+    state = torch.load(wd / 'iter_3.pth', map_location='cpu', weights_only=True)
+    # the optimizer state went on from iter 2 (SGD momentum buffers, one per trained parameter)
+    assert state['optimizer']['state'].keys() == saved['optimizer']['state'].keys()
+    name = 'decode_head.conv_seg.weight'
+    assert not torch.equal(state['state_dict'][name], weights[name])
+    assert 'training under bf16 autocast on CPU (CPUAmpOptimWrapper)' in capsys.readouterr().out
 
 
 def test_resume_auto_and_path(tmp_path):
@@ -94,12 +128,12 @@ def test_cpu_distributed_needs_gloo(tmp_path):
     assert 'model_wrapper_cfg' not in single
 
 
-def tiny_demo_config(tmp_path, max_iters=2, extra=''):
+def tiny_demo_config(tmp_path, max_iters=2, extra='', base=PLAIN_DEMO):
     """A 32x32, 2-image-batch variant of the plain demo config over a fresh tiny demo set."""
     data = generate_demo_ade(tmp_path / 'data', num_train=6, num_val=2, size=32, seed=5)
     path = tmp_path / 'tiny_cfg.py'
     path.write_text(f"""
-_base_ = [{str(PLAIN_DEMO)!r}]
+_base_ = [{str(base)!r}]
 data_root = {str(data)!r}
 train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
 val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
