@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from reparam_mm.amp import cast_mmcv_ops_to_fp32
 from reparam_mm.apis import build_model
 from reparam_mm.batches import synthetic_batch
 from reparam_mm.checkpoint import load_checkpoint_strict
@@ -98,6 +99,8 @@ class Variant:
         self.model = model if model is not None else build_bench_model(
             self.cfg, device, checkpoint)
         self.fuse_report = None
+        if amp and self.device.type == 'cpu':
+            cast_mmcv_ops_to_fp32()  # detectors: nms, RoIAlign under bf16 autocast
         if mode == 'infer':
             self.model.eval()
             if fuse:
@@ -116,14 +119,12 @@ class Variant:
         from mmengine.optim import build_optim_wrapper
         cfg = copy.deepcopy(self.cfg.get('optim_wrapper') or dict(
             type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01, momentum=0.9)))
-        if self.amp:
-            if self.device.type != 'cuda':
-                raise ValueError('--amp training needs --device cuda (mmengine mixed precision '
-                                 'training is CUDA-only); drop --amp on CPU.')
-            cfg['type'] = 'AmpOptimWrapper'
-        elif cfg.get('type') == 'AmpOptimWrapper':
-            cfg['type'] = 'OptimWrapper'
+        if cfg.get('type') in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+            cfg['type'] = 'OptimWrapper'  # --amp decides, as tools/train.py's does
             cfg.pop('loss_scale', None)
+            cfg.pop('dtype', None)
+        if self.amp:  # fp16 with a loss scale on CUDA, bf16 autocast on CPU
+            cfg['type'] = 'AmpOptimWrapper' if self.device.type == 'cuda' else 'CPUAmpOptimWrapper'
         return build_optim_wrapper(self.model, cfg)
 
     def hold_weights(self):

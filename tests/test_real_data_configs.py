@@ -89,6 +89,17 @@ def test_loader_workers_are_an_option_of_the_row_and_of_its_printed_command():
     assert config_from_args(parse_args(argv[2:])).train_dataloader == cfg.train_dataloader
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='--amp picks AmpOptimWrapper on a GPU')
+def test_amp_rows_train_under_bf16_and_their_command_says_so():
+    assert study.row_config('r18-plain').optim_wrapper.type == 'OptimWrapper'
+    cfg = study.row_config('r18-plain', amp=True)
+    assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
+    argv = shlex.split(study.row_command('r18-plain', 0, 500, amp=True))
+    assert argv[3] == '--amp'
+    argv[2] = str(ROOT / argv[2])
+    assert config_from_args(parse_args(argv[2:])).optim_wrapper == cfg.optim_wrapper
+
+
 def test_unknown_variant_is_named():
     with pytest.raises(KeyError, match="unknown CamVid study variant 'r19'.*r18-plain"):
         study.row_options('r19', 0, 10, 'data')

@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    help='infer: fuse before timing (default); train: not allowed')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--amp', action='store_true',
-                   help='mixed precision (inference: fp16 autocast on CUDA, bf16 on CPU)')
+                   help='mixed precision: fp16 autocast on CUDA (training: AmpOptimWrapper), bf16 '
+                   'autocast on CPU (training: CPUAmpOptimWrapper)')
     p.add_argument('--channels-last', action='store_true', help='model in channels_last')
     p.add_argument('--repeat', type=int, default=None,
                    help='timed runs per variant (default 5; 10 for --doconv-layers, 3 for '

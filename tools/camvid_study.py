@@ -119,39 +119,40 @@ def config_of(argv):
     return config_from_args(parse_args([str(ROOT / argv[0])] + argv[1:]))
 
 
-def row_argv(variant, seed, iters, data_root, work_dir=None, workers=0):
-    """``tools/train.py``'s arguments for one row of the table."""
-    return train_argv(*row_options(variant, seed, iters, data_root, workers), work_dir)
+def row_argv(variant, seed, iters, data_root, work_dir=None, workers=0, amp=False):
+    """``tools/train.py``'s arguments for one row of the table (``amp``: with ``--amp``)."""
+    argv = train_argv(*row_options(variant, seed, iters, data_root, workers), work_dir)
+    return argv[:1] + ['--amp'] + argv[1:] if amp else argv
 
 
-def row_command(variant, seed, iters, data_root='data/camvid_cityscapes', workers=0):
+def row_command(variant, seed, iters, data_root='data/camvid_cityscapes', workers=0, amp=False):
     """The shell line that trains one row of the table."""
-    return train_command(row_argv(variant, seed, iters, data_root, workers=workers))
+    return train_command(row_argv(variant, seed, iters, data_root, workers=workers, amp=amp))
 
 
 def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None,
-               workers=0):
+               workers=0, amp=False):
     """A row's config through tools/train.py's own argument path (no model is built)."""
-    return config_of(row_argv(variant, seed, iters, data_root, work_dir, workers))
+    return config_of(row_argv(variant, seed, iters, data_root, work_dir, workers, amp))
 
 
-def run_row(variant, seed, iters, data_root, work_dir, workers=0):
+def run_row(variant, seed, iters, data_root, work_dir, workers=0, amp=False):
     """Train one row; return its fused validation metrics, size and time as a dict (also
     written to work_dir/result.json)."""
     start = time.perf_counter()
-    runner = train(row_config(variant, seed, iters, data_root, work_dir, workers))
+    runner = train(row_config(variant, seed, iters, data_root, work_dir, workers, amp))
     seconds = time.perf_counter() - start
     hook = next(h for h in runner.hooks if isinstance(h, FusedEvalHook))
     hub = runner.message_hub
     model = runner.model
     result = dict(
-        variant=variant, seed=seed, iters=iters, config=VARIANTS[variant][0],
+        variant=variant, seed=seed, iters=iters, amp=amp, config=VARIANTS[variant][0],
         mIoU=hub.get_scalar('val/mIoU').current(), aAcc=hub.get_scalar('val/aAcc').current(),
         mAcc=hub.get_scalar('val/mAcc').current(),
         fused_modules=hook.last_report.total,
         train_params=sum(p.numel() for p in model.parameters()),
         train_seconds=round(seconds, 1),
-        command=row_command(variant, seed, iters, workers=workers))
+        command=row_command(variant, seed, iters, workers=workers, amp=amp))
     (Path(work_dir) / 'result.json').write_text(json.dumps(result, indent=1))
     return result
 
@@ -269,6 +270,9 @@ def main(argv=None):
     parser.add_argument('--workers', type=int, default=0,
                         help='data loader processes (default: the configs\' 0, loading in the '
                              'main process; a GPU run wants several)')
+    parser.add_argument('--amp', action='store_true',
+                        help='train with tools/train.py --amp (bf16 autocast on a CPU); give '
+                             'these rows their own --out-dir')
     parser.add_argument('--out-dir', default='work_dirs/camvid_study')
     parser.add_argument('--report-only', action='store_true',
                         help='print the table of the results already in --out-dir')
@@ -281,9 +285,11 @@ def main(argv=None):
             print(f'converting {args.camvid} -> {data_root}', flush=True)
             convert_camvid(args.camvid, data_root)
         train_rows(out, args.variants, args.seeds, args.iters,
-                   lambda v, seed, wd: run_row(v, seed, args.iters, data_root, wd, args.workers),
+                   lambda v, seed, wd: run_row(v, seed, args.iters, data_root, wd, args.workers,
+                                               args.amp),
                    lambda r: f'fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s')
-    results = [r for r in load_results(out) if r['iters'] == args.iters]
+    results = [r for r in load_results(out)
+               if r['iters'] == args.iters and r.get('amp', False) == args.amp]
     table = results_table(results) + '\n\n' + paired_table(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'table_{args.iters}i.md').write_text(table + '\n')
