@@ -30,6 +30,8 @@ HALF = ('bf16', 'fp16')
 INFER = {'upernet-replknet-31b': 'UperNet-RepLKNet-31B',
          'upernet-r50-doconv': 'DO-Conv UperNet-R50'}
 OVERHEAD = {'upernet-r50': 'UperNet-R50', 'faster-rcnn-r50': 'Faster R-CNN R50 4conv1fc'}
+#: summary key -> file stem of the overhead step's compares: fp32, and bf16 autocast (--amp)
+OVERHEAD_RUNS = {'overhead': 'cpu_train-overhead', 'overhead_bf16': 'cpu_train-amp-overhead'}
 
 
 def _read(path):
@@ -126,7 +128,7 @@ def summarize(out_dir):
     tuning = _json(path('cache/large_dw_tuning.json'))
     summary = dict(cpu=env.get('cpu'), steps={}, stalls=[], stalling_calls=STALLING_CALLS,
                    infer={}, train_31b={},
-                   overhead={}, large_dw=large_dw_rules(large_dw, tuning) if large_dw else [],
+                   overhead={}, overhead_bf16={}, large_dw=large_dw_rules(large_dw, tuning) if large_dw else [],
                    layouts=layout_choices(tuning), shape=first['settings'].get('shape'))
     summary['flags'] = re.findall(r'^cpu flag: (\S+)', _read(path('cpu.log')) or '', re.M)
     for name, rc, seconds in STEP_LINE.findall(_read(path('cpu_check.log')) or ''):
@@ -143,18 +145,19 @@ def summarize(out_dir):
         ms = _median(results.get(f'cpu_train_upernet-replknet-31b_{mode}'))
         if ms is not None:
             summary['train_31b'][mode] = ms
-    for model in OVERHEAD:
-        result = results.get(f'cpu_train-overhead_{model}')
-        if result:
-            ratio = result['ratios']['latency_b_over_a']
-            summary['overhead'][model] = dict(ratio=ratio['median_ratio'],
-                                              paired=ratio.get('paired_median'),
-                                              plain_ms=_median(result, 0))
-            b = result.get('breakdown')
-            if b:
-                summary['overhead'][model].update(
-                    composition_ms=b['composition_ms'], optimizer_ms=b['optimizer_extra_ms'],
-                    rest_ms=b['rest_ms'])
+    for key, stem in OVERHEAD_RUNS.items():
+        for model in OVERHEAD:
+            result = results.get(f'{stem}_{model}')
+            if result:
+                ratio = result['ratios']['latency_b_over_a']
+                summary[key][model] = dict(ratio=ratio['median_ratio'],
+                                           paired=ratio.get('paired_median'),
+                                           plain_ms=_median(result, 0))
+                b = result.get('breakdown')
+                if b:
+                    summary[key][model].update(
+                        composition_ms=b['composition_ms'], optimizer_ms=b['optimizer_extra_ms'],
+                        rest_ms=b['rest_ms'])
     runs = list(results.values())
     for dtype in ('fp32', 'bf16'):
         b = _json(path(f'size_buckets/size_buckets_{dtype}.json'))
@@ -241,16 +244,25 @@ def _figures(s, step_ok):
             f"({b['signatures'][0]} / {b['signatures'][1]} signatures); {price} "
             f"({b['other_choice']} of {b['convs']} convs chose otherwise)")
     for model, label in OVERHEAD.items():
-        o = s['overhead'].get(model)
-        if o:
-            paired = f", paired {o['paired']:.3f}" if o.get('paired') else ''
-            parts = ''
-            if 'composition_ms' in o:
-                parts = (f"; extra: composition {o['composition_ms']:.0f} ms, optimizer "
-                         f"{o['optimizer_ms']:.0f} ms, rest {o['rest_ms']:.0f} ms")
-            out[f'DO-Conv training overhead, {label}'] = (
-                f"{o['ratio']:.3f}{paired} at {_ms(o['plain_ms'], 's')} per plain step{parts}")
+        fp32, bf16 = s['overhead'].get(model), s.get('overhead_bf16', {}).get(model)
+        if fp32:
+            out[f'DO-Conv training overhead, {label}'] = _overhead(fp32)
+        if bf16:
+            out[f'DO-Conv training overhead under bf16 autocast (--amp), {label}'] = _overhead(bf16)
+        if fp32 and bf16:
+            out[f'{label} (plain) training step, fp32 / bf16 autocast'] = (
+                f"{_ms(fp32['plain_ms'], 's')} / {_ms(bf16['plain_ms'], 's')}"
+                f"{_speedup(fp32['plain_ms'], bf16['plain_ms'])}")
     return out
+
+
+def _overhead(o):
+    paired = f", paired {o['paired']:.3f}" if o.get('paired') else ''
+    parts = ''
+    if 'composition_ms' in o:
+        parts = (f"; extra: composition {o['composition_ms']:.0f} ms, optimizer "
+                 f"{o['optimizer_ms']:.0f} ms, rest {o['rest_ms']:.0f} ms")
+    return f"{o['ratio']:.3f}{paired} at {_ms(o['plain_ms'], 's')} per plain step{parts}"
 
 
 def _commits(result):

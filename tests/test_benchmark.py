@@ -282,6 +282,19 @@ def test_train_mode_and_fused_training_refused():
         BM.benchmark_models([str(DEMO_DO)], mode='train', fuse=True, shape=(64, 64), repeat=1)
 
 
+def test_amp_training_variant_uses_the_wrapper_of_its_device_and_drops_the_configs():
+    v = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 2, amp=True)
+    assert type(v.optim_wrapper).__name__ == 'CPUAmpOptimWrapper'
+    seen = []
+    v.model.backbone.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    v.step()
+    assert seen == [torch.bfloat16]
+    # a config's own mixed-precision wrapper is the config's choice for its GPUs: fp32 without --amp
+    amp_cfg = {'optim_wrapper.type': 'AmpOptimWrapper', 'optim_wrapper.loss_scale': 'dynamic'}
+    plain = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 1, cfg_options=amp_cfg)
+    assert type(plain.optim_wrapper).__name__ == 'OptimWrapper'
+
+
 def test_detector_synthetic_training_batch():
     cfg = BM.bench_config(str(ROOT / 'configs/doconv/faster-rcnn_r50_fpn_1x_coco.py'), (64, 96))
     data = synthetic_batch(cfg, 64, 96, batch=2, train=True)

@@ -113,6 +113,10 @@ def _check_folder(path, cpu, overhead=True):
         files['cpu_train-overhead_upernet-r50.json'] = _result(
             'compare', cpu, [_model(8000.), _model(8200.)],
             ratios=dict(latency_b_over_a=dict(median_ratio=1.025, paired_median=1.02)))
+        files['cpu_train-amp-overhead_upernet-r50.json'] = _result(
+            'compare', cpu, [_model(5000.), _model(5100.)],
+            ratios=dict(latency_b_over_a=dict(median_ratio=1.02, paired_median=1.018)),
+            breakdown=dict(composition_ms=120., optimizer_extra_ms=1., rest_ms=-21.))
     for name, data in files.items():
         (path / name).write_text(json.dumps(data))
     return path
@@ -127,6 +131,9 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert s['infer'] == {'upernet-replknet-31b': {'fp32': 1600., 'bf16': 800.}}
     assert s['train_31b'] == {'tuned': 15000.}  # the fixed run is missing: left out
     assert s['overhead']['upernet-r50'] == dict(ratio=1.025, paired=1.02, plain_ms=8000.)
+    assert s['overhead_bf16'] == {'upernet-r50': dict(ratio=1.02, paired=1.018, plain_ms=5000.,
+                                                      composition_ms=120., optimizer_ms=1.,
+                                                      rest_ms=-21.)}
     assert s['suite'] == '556 passed, 4 skipped in 217.83s (0:03:37); wall time 4m47.283s'
     rules = {(r['dtype'], r['step']): r for r in s['large_dw']}
     # the fastest single candidate, and the dispatch with each input layout
@@ -161,6 +168,11 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     assert '| 2 of 8 returned;' in row
     row = next(line for line in lines if 'overhead, UperNet-R50' in line)
     assert '1.025, paired 1.020 at 8.0 s per plain step' in row and row.endswith('not measured |')
+    row = next(line for line in lines if 'under bf16 autocast (--amp), UperNet-R50' in line)
+    assert ('1.020, paired 1.018 at 5.0 s per plain step; extra: composition 120 ms, optimizer '
+            '1 ms, rest -21 ms | not measured |') in row
+    row = next(line for line in lines if 'UperNet-R50 (plain) training step' in line)
+    assert '| 8.0 s / 5.0 s (1.60x) | not measured |' in row
     assert any(line.startswith('| stage1 | 31 | fp32 | fwd | fft 10.00 ms; tuned 1.05x (fft) / -; '
                                'fixed 2.00x / -') for line in lines)
     assert any(line.startswith('| stage1 | 31 | bf16 | fwd | cl_conv2d 8.00 ms; tuned 12.38x / '

@@ -17,7 +17,8 @@
 #   replk     UperNet-RepLKNet-31B fused inference fp32 vs bf16 autocast, and one training step
 #             with the tuned and the fixed large-kernel dispatch
 #   r50       DO-Conv UperNet-R50 fused inference fp32 vs bf16 autocast
-#   overhead  DO-Conv training overhead, UperNet-R50 and Faster R-CNN R50 (docs/benchmarks.md 3)
+#   overhead  DO-Conv training overhead, UperNet-R50 and Faster R-CNN R50 (docs/benchmarks.md 3),
+#             in fp32 and under bf16 autocast (tools/train.py --amp on a CPU)
 #   buckets   the tuner's size buckets over COCO-128's test sizes (benchmarks/size_buckets.py),
 #             fp32 and bf16: timing saved, and what sharing a bucket's choice costs on this CPU
 #   report    every table into OUT_DIR/report.md, and OUT_DIR/cpu_check_summary.json: the figures
@@ -133,7 +134,11 @@ overhead() {
   $BENCH --compare $UPER_R50 $UPER_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
     --no-flops --out "$OUT/cpu_train-overhead_upernet-r50.json" &&
   $BENCH --compare $FRCNN_R50 $FRCNN_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
-    --no-flops --out "$OUT/cpu_train-overhead_faster-rcnn-r50.json"
+    --no-flops --out "$OUT/cpu_train-overhead_faster-rcnn-r50.json" &&
+  $BENCH --compare $UPER_R50 $UPER_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
+    --no-flops --amp --out "$OUT/cpu_train-amp-overhead_upernet-r50.json" &&
+  $BENCH --compare $FRCNN_R50 $FRCNN_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
+    --no-flops --amp --out "$OUT/cpu_train-amp-overhead_faster-rcnn-r50.json"
 }
 
 buckets() {  # each run tunes from its own empty caches; --quick: 4 sizes at a quarter scale
