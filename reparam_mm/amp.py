@@ -64,10 +64,11 @@ def _half_to_fp32(t):
 
 
 def _half_dtype(args, kwargs):
-    for t in list(args) + list(kwargs.values()):
-        if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.dtype in _HALF:
-            return t.dtype
-    return None
+    """The dtype of the first bf16 / fp16 CPU tensor among the arguments (lists included)."""
+    found = []
+    _map_tensors((args, kwargs), lambda t: found.append(t.dtype)
+                 if t.device.type == 'cpu' and t.dtype in _HALF else None)
+    return found[0] if found else None
 
 
 def _fp32_forward(forward):
