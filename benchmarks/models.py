@@ -20,7 +20,7 @@ from reparam_mm.checkpoint import load_checkpoint_strict
 from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.layers.large_kernel import fft_min_kernel
-from reparam_mm.outputs import compare_outputs, tensor_outputs
+from reparam_mm.outputs import compare_models
 from reparam_mm.scope import init_scope
 
 from .doconv_profile import breakdown
@@ -268,7 +268,7 @@ def same_start(a, b):
 
 def output_difference(a, b):
     """Max |A - B| over the tensor outputs of both variants on A's batch (inference only)."""
-    return compare_outputs(*(tensor_outputs(v.model, copy.deepcopy(a.data)) for v in (a, b)))
+    return compare_models(a.model, b.model, copy.deepcopy(a.data))
 
 
 def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu',

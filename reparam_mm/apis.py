@@ -27,7 +27,7 @@ from .batches import synthetic_batch
 from .checkpoint import (STRICT_FIX, CheckpointMismatchError, read_checkpoint, state_dict_of,
                          check_state_dict, load_checkpoint_strict)
 from .fuse import fuse_with_report
-from .outputs import compare_outputs, tensor_outputs
+from .outputs import compare_outputs, rpn_proposals, tensor_outputs
 from .scope import init_scope, load_config
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
@@ -277,7 +277,8 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
                          f"({written_by.get('source_checkpoint', 'see its meta')}).")
     model.eval()
     batch = synthetic_batch(cfg, *shape)
-    reference = tensor_outputs(model, batch)
+    proposals = rpn_proposals(model, batch)  # a two-stage detector: both RoI heads on these
+    reference = tensor_outputs(model, batch, proposals)
 
     fused, report = fuse_with_report(model)
     state = fused.state_dict()
@@ -285,7 +286,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
     deploy = build_model(dcfg)
     check_state_dict(deploy, state, f'the fused weights of {checkpoint}')
     deploy.load_state_dict(state, strict=True)
-    check = compare_outputs(reference, tensor_outputs(deploy, batch))
+    check = compare_outputs(reference, tensor_outputs(deploy, batch, proposals))
     if not check['same_structure'] or check['max_rel'] > tolerance:
         raise RuntimeError(
             f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "

@@ -1,9 +1,11 @@
 """Raw model outputs and how far two sets of them differ: what FusedEvalHook, tools/fuse.py
 and the benchmark compare when they check that a fused model computes the unfused one."""
+import contextlib
+
 import torch
 from mmengine.model import is_model_wrapper
 
-__all__ = ['flatten_tensors', 'compare_outputs', 'tensor_outputs']
+__all__ = ['flatten_tensors', 'compare_models', 'compare_outputs', 'rpn_proposals', 'tensor_outputs']
 
 
 def flatten_tensors(obj) -> list:
@@ -42,19 +44,63 @@ def compare_outputs(reference, output) -> dict:
     return result
 
 
-@torch.no_grad()
-def tensor_outputs(model, data_batch):
-    """Raw outputs of ``model`` (``mode='tensor'``) on a dataloader batch, in eval mode.
-
-    The training flags of every submodule are restored afterwards, so a model
-    being trained can be queried in the middle of training.
-    """
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` unwrapped, in eval mode; every submodule's training flag restored after, so a
+    model being trained can be queried in the middle of training."""
     model = model.module if is_model_wrapper(model) else model
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        data = model.data_preprocessor(data_batch, False)
-        return model(**data, mode='tensor')
+        yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _is_two_stage(model):
+    return (getattr(model, 'with_rpn', False) and hasattr(model, 'roi_head')
+            and hasattr(model, 'extract_feat'))
+
+
+@torch.no_grad()
+def rpn_proposals(model, data_batch):
+    """A two-stage detector's RPN proposals on a dataloader batch; None for any other model.
+
+    Two models' RoI heads are compared on the same proposals (the reference's): a proposal
+    that lands on the other side of nms or of the top-k cut after a rounding-sized change
+    would otherwise put different boxes side by side.
+    """
+    with _eval_mode(model) as net:
+        if not _is_two_stage(net):
+            return None
+        data = net.data_preprocessor(data_batch, False)
+        return net.rpn_head.predict(net.extract_feat(data['inputs']), data['data_samples'],
+                                    rescale=False)
+
+
+@torch.no_grad()
+def tensor_outputs(model, data_batch, proposals=None):
+    """Raw outputs of ``model`` (``mode='tensor'``) on a dataloader batch, in eval mode.
+
+    A two-stage detector answers its neck's features, its RPN head's raw outputs and its RoI
+    head's outputs on ``proposals`` (:func:`rpn_proposals`; by default its own), as
+    ``mode='tensor'`` answers only the last of them.
+    """
+    with _eval_mode(model) as net:
+        data = net.data_preprocessor(data_batch, False)
+        if not _is_two_stage(net):
+            return net(**data, mode='tensor')
+        feats = net.extract_feat(data['inputs'])
+        if proposals is None:
+            proposals = net.rpn_head.predict(feats, data['data_samples'], rescale=False)
+        return (feats, net.rpn_head(feats),
+                net.roi_head.forward(feats, proposals, data['data_samples']))
+
+
+def compare_models(reference, other, data_batch) -> dict:
+    """:func:`compare_outputs` of two models' :func:`tensor_outputs` on one batch (a two-stage
+    detector's RoI heads on the reference's proposals)."""
+    proposals = rpn_proposals(reference, data_batch)
+    return compare_outputs(tensor_outputs(reference, data_batch, proposals),
+                           tensor_outputs(other, data_batch, proposals))

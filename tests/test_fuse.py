@@ -408,6 +408,37 @@ CASES = [('mmseg', 'upernet', 'doconv'), ('mmseg', 'upernet', 'replknet'),
          ('mmdet', 'cascade', 'doconv'), ('mmdet', 'cascade', 'replknet')]
 
 
+def test_two_stage_detectors_are_compared_on_the_references_proposals():
+    """A change of RPN scores the size of rounding moves proposals across nms and the top-k cut:
+    compared on their own proposals, two such detectors differ in how many boxes they score at
+    all. compare_models runs both RoI heads on the reference's proposals and sees the change's
+    own size; the features and the RPN's raw outputs are compared too."""
+    from mmengine.config import Config
+
+    from reparam_mm.apis import build_model
+    from reparam_mm.batches import synthetic_batch
+    from reparam_mm.outputs import compare_models, compare_outputs, rpn_proposals, tensor_outputs
+    from test_amp import COCO128
+    cfg = Config.fromfile(str(COCO128))
+    torch.manual_seed(0)
+    a = build_model(cfg).eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        w = b.rpn_head.rpn_conv.W
+        w.add_(torch.randn_like(w) * w.abs().max() * 1e-3)
+    batch = synthetic_batch(cfg, 128, 160, batch=1)
+    proposals = rpn_proposals(a, copy.deepcopy(batch))
+    assert len(proposals) == 1 and proposals[0].bboxes.shape[1] == 4
+    own = compare_outputs(*(tensor_outputs(m, copy.deepcopy(batch)) for m in (a, b)))
+    assert own['same_structure'] is False
+    shared = compare_models(a, b, copy.deepcopy(batch))
+    assert shared['same_structure'] and 1e-4 < shared['max_rel'] < 5e-2
+    feats, rpn_outs, (cls_score, bbox_pred) = tensor_outputs(a, copy.deepcopy(batch), proposals)
+    assert len(feats) == 5 and cls_score.shape[0] == len(proposals[0])  # one row per proposal
+    assert compare_models(a, copy.deepcopy(a), copy.deepcopy(batch))['max_rel'] == 0
+    assert rpn_proposals(nn.Conv2d(3, 3, 1), {'inputs': torch.zeros(1, 3, 8, 8)}) is None
+
+
 @pytest.mark.parametrize('scope,arch,backbone', CASES, ids=['-'.join(c[1:]) for c in CASES])
 def test_fuse_real_models(scope, arch, backbone):
     from mmengine.config import Config

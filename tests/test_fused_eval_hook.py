@@ -1,4 +1,6 @@
 """FusedEvalHook in a real mmengine Runner with a toy re-parameterisable model (no mmcv needed)."""
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,11 +195,21 @@ def test_under_autocast_the_check_runs_again_at_the_half_precision_tolerance(tmp
     assert hook.last_check['max_rel'] < 1e-5  # fusing itself is checked in fp32
     assert 0 < hook.last_amp_check['max_rel'] < hook.amp_tolerance
     assert 'under bf16 autocast' in capsys.readouterr().out
+    # the limit is twice what bf16 alone moves the unfused outputs, where that is above the
+    # tolerance: a correct fusion passes however small the tolerance
+    strict = FusedEvalHook(amp_tolerance=1e-9)
+    _runner(tmp_path / 'strict', [strict], load_from=None, amp=True).test()
+    check = strict.last_amp_check
+    assert 0 < check['autocast_error'] and check['limit'] == 2 * check['autocast_error']
+    assert check['max_rel'] <= check['limit']
+    assert re.search(r'under bf16 autocast: max rel diff [0-9.e+-]+, within the limit '
+                     r'[0-9.e+-]+ \(the bf16 tolerance 1e-09, or twice what bf16 alone moves',
+                     capsys.readouterr().out)
     broken = FusedEvalHook(amp_tolerance=1e-3)
     _runner(tmp_path / 'broken', [broken], broken=True, amp=True).test()
-    assert broken.last_amp_check['max_rel'] > 1e-3
+    assert broken.last_amp_check['max_rel'] > broken.last_amp_check['limit'] >= 1e-3
     out = capsys.readouterr()
-    assert 'ABOVE the bf16 tolerance' in out.out + out.err
+    assert 'ABOVE the limit' in out.out + out.err
     plain = FusedEvalHook()
     _runner(tmp_path / 'fp32', [plain]).test()
     assert plain.last_amp_check is None  # no autocast, no second check
