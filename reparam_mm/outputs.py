@@ -84,8 +84,8 @@ def tensor_outputs(model, data_batch, proposals=None):
     """Raw outputs of ``model`` (``mode='tensor'``) on a dataloader batch, in eval mode.
 
     A two-stage detector answers its neck's features, its RPN head's raw outputs and its RoI
-    head's outputs on ``proposals`` (:func:`rpn_proposals`; by default its own), as
-    ``mode='tensor'`` answers only the last of them.
+    head's outputs on ``proposals`` (:func:`rpn_proposals`; by default its own), where
+    ``mode='tensor'`` answers only the last, on its own proposals.
     """
     with _eval_mode(model) as net:
         data = net.data_preprocessor(data_batch, False)
