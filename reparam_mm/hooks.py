@@ -61,10 +61,11 @@ class FusedEvalHook(Hook):
             every validation / test. Defaults to True.
         tolerance (float): relative difference above which the comparison is
             a loud warning. Defaults to 1e-4.
-        amp_tolerance (float): the same for the second comparison made when the
+        amp_tolerance (float): the limit of the second comparison, made when the
             loop runs under autocast (``--amp``: bf16 on CPU, fp16 on CUDA), where
-            both models round differently; raised to twice what autocast alone
-            moves the unfused model's outputs, where that is more. Defaults to 5e-2.
+            both models round differently: on the mean relative difference, and
+            raised to twice what autocast alone moves the unfused model's outputs
+            where that is more. Defaults to 5e-2.
     """
     priority = 'LOW'
 
@@ -189,14 +190,17 @@ class FusedEvalHook(Hook):
                       f'({type(e).__name__}: {e}).', logger='current', level=logging.WARNING)
             return
         result = compare_outputs(ref_half, fused_half)
-        result['autocast_error'] = compare_outputs(full, ref_half)['max_rel']
+        # judged on the mean difference: a few RoIs of a detector move by whole logits under
+        # bf16 alone (rounding amplified through the head), which a max would take for a fault
+        result['autocast_error'] = compare_outputs(full, ref_half)['mean_rel']
         # two models rounded apart: up to twice what one rounding moves, or the tolerance
         limit = max(self.amp_tolerance, 2 * result['autocast_error'])
         result['limit'] = limit
         self.last_amp_check = result
-        ok = result['same_structure'] and result['max_rel'] <= limit
-        print_log(f"FusedEvalHook: fused vs unfused outputs under {name} autocast: max rel diff "
-                  f"{result['max_rel']:.3e}, {'within' if ok else 'ABOVE'} the limit {limit:.1e} "
-                  f"(the {name} tolerance {self.amp_tolerance:.0e}, or twice what {name} alone "
-                  f"moves the unfused outputs: {result['autocast_error']:.1e}).", logger='current',
+        ok = result['same_structure'] and result['mean_rel'] <= limit
+        print_log(f"FusedEvalHook: fused vs unfused outputs under {name} autocast: mean rel diff "
+                  f"{result['mean_rel']:.3e} (max {result['max_rel']:.1e}), "
+                  f"{'within' if ok else 'ABOVE'} the limit {limit:.1e} (the {name} tolerance "
+                  f"{self.amp_tolerance:.0e}, or twice what {name} alone moves the unfused "
+                  f"outputs: {result['autocast_error']:.1e}).", logger='current',
                   level=logging.INFO if ok else logging.WARNING)
