@@ -6,7 +6,7 @@ checksum of the final parameters; the test then checks that both ranks
 trained on disjoint shards in lock-step (DDP kept the weights equal), that
 only rank 0 saved, and that the one checkpoint holds the trained weights.
 About 15 s on 2 idle cores (two interpreters importing torch and mmseg), so not
-slow-marked.
+slow-marked; once in fp32 and once with --amp (bf16 autocast on CPU, DDP over gloo).
 """
 import json
 import os
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_train_tools import tiny_demo_config
@@ -46,6 +47,7 @@ class RankProbeHook(Hook):
         self.record['checksum'] = sum(float(p.double().sum()) for p in model.parameters())
         self.record['world_size'] = runner.world_size
         self.record['wrapper'] = type(runner.model).__name__
+        self.record['optim_wrapper'] = type(runner.optim_wrapper).__name__
         with open(f'{self.out_dir}/rank{get_rank()}.json', 'w') as f:
             json.dump(self.record, f)
 '''
@@ -57,7 +59,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_training(tmp_path):
+@pytest.mark.parametrize('amp', [False, pytest.param(True, marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason='--amp picks the GPU wrapper there'))], ids=['fp32', 'bf16-amp'])
+def test_two_process_gloo_training(tmp_path, amp):
     (tmp_path / 'rank_probe.py').write_text(PROBE)
     cfg = tiny_demo_config(tmp_path, max_iters=3, extra=f"""
 custom_imports = dict(imports=['reparam_mm', 'rank_probe'], allow_failed_imports=False)
@@ -67,7 +71,8 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     wd = tmp_path / 'wd'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir', str(wd)],
+    argv = [cfg, '2', '--work-dir', str(wd)] + (['--amp'] if amp else [])
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), *argv],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -75,6 +80,7 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     for r in ranks:
         assert r['iters'] == [1, 2, 3] and r['world_size'] == 2
         assert r['wrapper'] == 'MMDistributedDataParallel'
+        assert r['optim_wrapper'] == ('CPUAmpOptimWrapper' if amp else 'OptimWrapper')
     # each iteration, the two ranks read different images (the sampler shards by rank)
     for a, b in zip(ranks[0]['images'], ranks[1]['images']):
         assert len(a) == 2 and not set(a) & set(b)
