@@ -124,6 +124,29 @@ def test_predictions_to_fp32_reaches_nested_fields_and_keeps_integers():
     assert pred.labels.dtype == torch.int64
 
 
+def test_a_detector_trains_a_step_under_bf16_through_mmcvs_roi_ops():
+    """nms in the RPN, RoIAlign forward and backward in the RoI head: under CPU autocast they
+    compute in fp32, the gradients reach the backbone, every weight stays fp32."""
+    from mmengine.config import Config
+
+    from reparam_mm.apis import build_model
+    from reparam_mm.batches import synthetic_batch
+    cfg = Config.fromfile(str(COCO128))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    wrapper = CPUAmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    model.roi_head.bbox_head.shared_fcs[0].register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    log = model.train_step(synthetic_batch(cfg, 128, 160, batch=2, train=True), wrapper)
+    assert seen == [torch.bfloat16] and all(torch.isfinite(v) for v in log.values())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith('backbone.') for n in moved)  # through RoIAlign's backward too
+    assert any(n.startswith('roi_head.') for n in moved) and any(n.startswith('rpn_head.') for n in moved)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def _random_detector_checkpoint(tmp_path):
     from mmengine.config import Config
 
