@@ -136,8 +136,32 @@ def test_fft_rule():
     assert not use_fft(x, k, padding='same')
     assert not use_fft(torch.randn(1, 4, 40, 8), (31, 31), 1, (15, 5))  # too narrow for the kernel
     assert use_fft(torch.randn(1, 4, 40, 8), (31, 31), 1, (15, 12))
-    assert not use_fft(x.bfloat16(), k) and not use_fft(x.half(), k)
+    assert not use_fft(x.bfloat16(), k) and not use_fft(x.half(), k)  # inference: direct
+    # half-precision training: oneDNN's direct backward is 7-26x the FFT's at 27-31
+    assert use_fft(x.bfloat16(), k, 1, 13, grad=True) and use_fft(x.half(), k, 1, 13, grad=True)
+    assert not use_fft(x.bfloat16(), (FFT_MIN_KERNEL - 2,) * 2, 1, 12, grad=True)
     assert not use_fft(torch.randn(1, 4, 8, 8, device='meta'), k)
+
+
+@dispatch_mode('fixed')
+def test_fixed_rules_train_half_precision_through_the_fft_and_infer_direct():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 40, 36, generator=g).bfloat16()
+    w = (torch.randn(8, 1, 31, 31, generator=g) * 0.05).bfloat16()
+    assert large_kernel.choose(x, w, None, 1, 15) != 'fft'  # inference: direct
+    with torch.no_grad():
+        assert large_kernel.choose(x, w.requires_grad_(), None, 1, 15) != 'fft'
+    assert large_kernel.choose(x, w, None, 1, 15) == 'fft'  # differentiated: FFT
+    x.requires_grad_()
+    out = large_depthwise_conv2d(x, w, None, 1, 15)
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(grad)
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = F.conv2d(xr, wr, None, 1, 15, 1, 8)
+    ref.backward(grad.float())
+    for got, want in ((out, ref), (x.grad, xr.grad), (w.grad, wr.grad)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize('channels_last_input', [False, True])

@@ -64,7 +64,8 @@ __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CAN
 #: fixed rule: smallest kernel side for which CPU calls run channels_last (oneDNN's NCHW
 #: depthwise kernel is fast only up to 9x9)
 CHANNELS_LAST_MIN_KERNEL = 11
-#: fixed rule: smallest kernel side for which CPU fp32/fp64 calls are computed through FFTs
+#: fixed rule: smallest kernel side for which CPU fp32/fp64 calls (and half-precision ones that
+#: are differentiated) are computed through FFTs
 FFT_MIN_KERNEL = 27
 #: half-precision channels_last calls with a kernel side above this, padded beyond k // 2, stall
 #: oneDNN on AMX CPUs; 7x7 and 7x5 were measured safe there
@@ -214,9 +215,12 @@ def candidates(x, kernel_size, stride=1, padding=0, dilation=1):
     return names
 
 
-def use_fft(x, kernel_size, stride=1, padding=0, dilation=1) -> bool:
-    """Fixed rule: CPU fp32/fp64 stride-1 calls with both kernel sides >= ``FFT_MIN_KERNEL``."""
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in _FFT_DTYPES
+def use_fft(x, kernel_size, stride=1, padding=0, dilation=1, grad=False) -> bool:
+    """Fixed rule: CPU stride-1 calls with both kernel sides >= ``FFT_MIN_KERNEL``, in fp32 /
+    fp64, and in half precision when the call is differentiated (``grad``: bf16 training, where
+    oneDNN's direct backward at 27-31 costs 7-26x the FFT; its forward alone is faster)."""
+    dtypes = _FFT_DTYPES + (_HALF_DTYPES if grad else ())
+    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in dtypes
             and min(kernel_size) >= FFT_MIN_KERNEL
             and _fft_fits(x, kernel_size, stride, padding, dilation))
 
@@ -228,18 +232,19 @@ def use_channels_last(x, kernel_size, padding=0) -> bool:
             and not _stalls_onednn(x, kernel_size, padding))
 
 
-def fixed_choice(x, kernel_size, stride=1, padding=0, dilation=1):
+def fixed_choice(x, kernel_size, stride=1, padding=0, dilation=1, grad=False):
     """The candidate the fixed rules (measured on an AMD EPYC CPU) give this call.
 
-    CPU: FFT for fp32/fp64 stride-1 kernels >= 27, channels_last direct from 11 on, else direct
-    in the input's layout; any call that would stall oneDNN runs NCHW. Other devices: direct in
-    the input's layout (cuDNN), until GPU measurements say otherwise.
+    CPU: FFT for stride-1 kernels >= 27 in fp32/fp64 (in half precision too when ``grad``: the
+    call is differentiated), channels_last direct from 11 on, else direct in the input's layout;
+    any call that would stall oneDNN runs NCHW. Other devices: direct in the input's layout
+    (cuDNN), until GPU measurements say otherwise.
     """
     if x.dim() != 4:
         return 'direct_nchw'
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if x.device.type == 'cpu':
-        if use_fft(x, kernel_size, stride, padding, dilation):
+        if use_fft(x, kernel_size, stride, padding, dilation, grad):
             return 'fft'
         if use_channels_last(x, kernel_size, padding):
             return 'direct_channels_last'
@@ -348,12 +353,18 @@ def shape_label(shape):
     return 'x'.join(sizes)
 
 
+def differentiated(x, weight):
+    """Whether autograd will take this call's backward (training), which can change its best
+    candidate."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def signature(x, weight, stride, padding, dilation):
     """A call's tuning key: everything that can change which candidate is fastest, with the
     spatial sizes as size buckets (:func:`size_bucket`)."""
     layout = ('channels_last' if x.dim() == 4 and not x.is_contiguous()
               and x.is_contiguous(memory_format=torch.channels_last) else 'nchw')
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    grad = differentiated(x, weight)
     kh, kw = weight.shape[-2:]
     pad = padding if isinstance(padding, str) else 'x'.join(map(str, _pair(padding)))
     return (f'{x.device.type}|{str(x.dtype)[6:]}|{layout}|{shape_label(x.shape)}|k{kh}x{kw}'
@@ -585,7 +596,8 @@ class LargeDWTuner:
         runs = {name: _timed_call(name, x, weight, bias, stride, padding, dilation, grad)
                 for name in names if name not in skipped}
         return self._time_and_keep(key, sig, runs, on_cpu,
-                                   fixed_choice(x, weight.shape[-2:], stride, padding, dilation),
+                                   fixed_choice(x, weight.shape[-2:], stride, padding, dilation,
+                                                grad),
                                    x.shape, skipped=skipped)
 
     def choose_layout(self, module, x, forward):
@@ -801,7 +813,7 @@ def choose(x, weight, bias=None, stride=1, padding=0, dilation=1):
     if forced is not None and forced in candidates(x, kernel, stride, padding, dilation):
         return forced
     if _mode() == 'fixed':
-        return fixed_choice(x, kernel, stride, padding, dilation)
+        return fixed_choice(x, kernel, stride, padding, dilation, differentiated(x, weight))
     return TUNER.choose(x, weight, bias, stride, padding, dilation)
 
 
