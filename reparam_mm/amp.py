@@ -103,7 +103,10 @@ def cast_mmcv_ops_to_fp32():
     answers in their dtype, as a GPU op does in fp16, so mmdet's code around it (RoI feature
     buffers made with ``new_zeros``) sees the dtype it expects; its ``backward`` computes in fp32
     and autograd hands the gradients back in the inputs' dtype. Outside CPU autocast the ops run
-    as mmcv wrote them. Returns the names of the ops changed by this call.
+    as mmcv wrote them. Ops that mmcv calls without an autograd Function (``nms_match``,
+    ``nms_rotated``, ``nms_quadri``, ``box_iou_rotated``: PISA and rotated-box detectors, none of
+    this project's configs) are not reached.
+    Returns the names of the ops changed by this call.
     """
     changed = []
     for fn in _mmcv_op_functions():
