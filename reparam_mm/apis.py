@@ -27,7 +27,7 @@ from .batches import synthetic_batch
 from .checkpoint import (STRICT_FIX, CheckpointMismatchError, read_checkpoint, state_dict_of,
                          check_state_dict, load_checkpoint_strict)
 from .fuse import fuse_with_report
-from .outputs import compare_outputs, rpn_proposals, tensor_outputs
+from .outputs import compare_outputs, reference_outputs, tensor_outputs
 from .scope import init_scope, load_config
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
@@ -277,8 +277,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4)
                          f"({written_by.get('source_checkpoint', 'see its meta')}).")
     model.eval()
     batch = synthetic_batch(cfg, *shape)
-    proposals = rpn_proposals(model, batch)  # a two-stage detector: both RoI heads on these
-    reference = tensor_outputs(model, batch, proposals)
+    reference, proposals = reference_outputs(model, batch)  # a detector: both RoI heads on these
 
     fused, report = fuse_with_report(model)
     state = fused.state_dict()

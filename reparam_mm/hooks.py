@@ -31,7 +31,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .fuse import fuse_with_report
-from .outputs import compare_models, compare_outputs, rpn_proposals, tensor_outputs
+from .outputs import compare_outputs, reference_outputs, tensor_outputs
 
 __all__ = ['FusedEvalHook']
 
@@ -41,10 +41,12 @@ def _unwrap(model):
 
 
 def _compare(reference, fused, data_batch, what):
-    """compare_outputs() of the two models on ``data_batch``, or None (logged) if it fails:
-    a failed check must not stop evaluation."""
+    """compare_outputs() of the two models on ``data_batch``, with the reference's outputs and
+    proposals (``outputs.reference_outputs``) for a second comparison, or None (logged) if it
+    fails: a failed check must not stop evaluation."""
     try:
-        return compare_models(reference, fused, data_batch)
+        full, proposals = reference_outputs(reference, data_batch)
+        return compare_outputs(full, tensor_outputs(fused, data_batch, proposals)), full, proposals
     except Exception as e:  # noqa: BLE001
         print_log(f'FusedEvalHook: could not compare {what} ({type(e).__name__}: {e}).',
                   logger='current', level=logging.WARNING)
@@ -153,9 +155,10 @@ class FusedEvalHook(Hook):
                 data_batch = {k: v[0] for k, v in data_batch.items()}
             else:
                 data_batch = data_batch[0]
-        result = _compare(reference, fused, data_batch, 'fused and unfused outputs')
-        if result is None:
+        compared = _compare(reference, fused, data_batch, 'fused and unfused outputs')
+        if compared is None:
             return
+        result, full, proposals = compared
         self.last_check = result
         msg = (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
                f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")
@@ -170,18 +173,16 @@ class FusedEvalHook(Hook):
                       logger='current', level=logging.WARNING)
         self.last_amp_check = None
         if getattr(loop, 'fp16', False):
-            self._check_under_autocast(reference, fused, data_batch)
+            self._check_under_autocast(reference, fused, data_batch, full, proposals)
 
-    def _check_under_autocast(self, reference, fused, data_batch):
+    def _check_under_autocast(self, reference, fused, data_batch, full, proposals):
         """The loop runs the fused model under autocast: compare the two there too, against what
         autocast alone does to the unfused model's outputs (its rounding grows with depth, so a
         deep network can pass a fixed tolerance by a hair while nothing is wrong)."""
         device = next(fused.parameters()).device.type
         dtype = torch.float16 if device == 'cuda' else torch.bfloat16
         name = 'fp16' if dtype == torch.float16 else 'bf16'
-        try:
-            proposals = rpn_proposals(reference, data_batch)  # one set of RoIs for all three
-            full = tensor_outputs(reference, data_batch, proposals)
+        try:  # ``full``: the fp32 check's reference outputs, on ``proposals`` as the two here
             with torch.autocast(device, dtype=dtype):
                 ref_half = tensor_outputs(reference, data_batch, proposals)
                 fused_half = tensor_outputs(fused, data_batch, proposals)

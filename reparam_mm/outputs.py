@@ -5,7 +5,8 @@ import contextlib
 import torch
 from mmengine.model import is_model_wrapper
 
-__all__ = ['flatten_tensors', 'compare_models', 'compare_outputs', 'rpn_proposals', 'tensor_outputs']
+__all__ = ['flatten_tensors', 'compare_models', 'compare_outputs', 'reference_outputs', 'rpn_proposals',
+           'tensor_outputs']
 
 
 def flatten_tensors(obj) -> list:
@@ -70,6 +71,26 @@ def _is_two_stage(model):
 
 
 @torch.no_grad()
+def _outputs(model, data_batch, proposals):
+    with _eval_mode(model) as net:
+        data = net.data_preprocessor(data_batch, False)
+        if not _is_two_stage(net):
+            return net(**data, mode='tensor'), None
+        feats = net.extract_feat(data['inputs'])
+        if proposals is None:
+            proposals = net.rpn_head.predict(feats, data['data_samples'], rescale=False)
+        roi = net.roi_head.forward(feats, proposals, data['data_samples'])
+        return (feats, net.rpn_head(feats), roi), proposals
+
+
+def reference_outputs(model, data_batch):
+    """``(tensor_outputs(model, data_batch), proposals)``: a reference's outputs and the RPN
+    proposals they were computed on (None but for a two-stage detector), on which another
+    model's RoI heads are then compared (:func:`tensor_outputs`' ``proposals``)."""
+    return _outputs(model, data_batch, None)
+
+
+@torch.no_grad()
 def rpn_proposals(model, data_batch):
     """A two-stage detector's RPN proposals on a dataloader batch; None for any other model.
 
@@ -85,7 +106,6 @@ def rpn_proposals(model, data_batch):
                                     rescale=False)
 
 
-@torch.no_grad()
 def tensor_outputs(model, data_batch, proposals=None):
     """Raw outputs of ``model`` (``mode='tensor'``) on a dataloader batch, in eval mode.
 
@@ -93,20 +113,11 @@ def tensor_outputs(model, data_batch, proposals=None):
     head's outputs on ``proposals`` (:func:`rpn_proposals`; by default its own), where
     ``mode='tensor'`` answers only the last, on its own proposals.
     """
-    with _eval_mode(model) as net:
-        data = net.data_preprocessor(data_batch, False)
-        if not _is_two_stage(net):
-            return net(**data, mode='tensor')
-        feats = net.extract_feat(data['inputs'])
-        if proposals is None:
-            proposals = net.rpn_head.predict(feats, data['data_samples'], rescale=False)
-        return (feats, net.rpn_head(feats),
-                net.roi_head.forward(feats, proposals, data['data_samples']))
+    return _outputs(model, data_batch, proposals)[0]
 
 
 def compare_models(reference, other, data_batch) -> dict:
     """:func:`compare_outputs` of two models' :func:`tensor_outputs` on one batch (a two-stage
     detector's RoI heads on the reference's proposals)."""
-    proposals = rpn_proposals(reference, data_batch)
-    return compare_outputs(tensor_outputs(reference, data_batch, proposals),
-                           tensor_outputs(other, data_batch, proposals))
+    reference_out, proposals = reference_outputs(reference, data_batch)
+    return compare_outputs(reference_out, tensor_outputs(other, data_batch, proposals))
