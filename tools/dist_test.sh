@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args...]
-# Runs torchrun (python -m torch.distributed.run; PYTHON picks the interpreter).
+# Runs torchrun (python -m torch.distributed.run).
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT as in mmseg / mmdet's scripts.
 CONFIG=$1
 CHECKPOINT=$2
@@ -9,7 +9,12 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
+# PYTHON picks the interpreter; unset, the checkout's .venv (made by `make setup`) where it
+# exists, else `python` from PATH.
+if [ -z "${PYTHON:-}" ]; then
+    VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+    if [ -x "$VENV_PY" ]; then PYTHON=$VENV_PY; else PYTHON=python; fi
+fi
 
 PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
 $PYTHON -m torch.distributed.run \

@@ -12,7 +12,12 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-4}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 PY_ARGS=${@:5}
 SRUN_ARGS=${SRUN_ARGS:-""}
-PYTHON=${PYTHON:-python}
+# PYTHON picks the interpreter; unset, the checkout's .venv (made by `make setup`) where it
+# exists, else `python` from PATH.
+if [ -z "${PYTHON:-}" ]; then
+    VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+    if [ -x "$VENV_PY" ]; then PYTHON=$VENV_PY; else PYTHON=python; fi
+fi
 
 PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
 srun -p ${PARTITION} \

@@ -1,0 +1,83 @@
+"""tools/{dist,slurm}_{train,test}.sh pick the interpreter a user of this checkout expects.
+
+README's commands run `.venv/bin/python`; the launch scripts are called with `bash`, where no venv
+is active, so unset ``PYTHON`` must mean the checkout's `.venv` (made by `make setup`), falling
+back to `python` from PATH only where there is none. Each script is copied into a throwaway
+checkout whose `.venv/bin/python`, PATH `python` and PATH `srun` are stubs that record how they
+were called; nothing is trained.
+"""
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RECORDER = '#!/bin/sh\necho "$(basename "$0") $0 $*" >> "$RECORD"\n'
+# srun runs its command (the interpreter and its arguments) after its own options; of those the
+# scripts pass, only `-p PARTITION` takes a separate value
+SRUN = ('#!/bin/sh\necho "srun $*" >> "$RECORD"\n'
+        'while [ "${1#-}" != "$1" ]; do [ "$1" = -p ] && shift; shift; done\nexec "$@"\n')
+
+SCRIPTS = {
+    'dist_train.sh': ['configs/x.py', '2', '--work-dir', 'wd'],
+    'dist_test.sh': ['configs/x.py', 'ckpt.pth', '2'],
+    'slurm_train.sh': ['PART', 'job', 'configs/x.py', '--work-dir', 'wd'],
+    'slurm_test.sh': ['PART', 'job', 'configs/x.py', 'ckpt.pth'],
+}
+
+
+def _stub(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _run(tmp_path, script, with_venv, python=None):
+    checkout = tmp_path / 'checkout'
+    (checkout / 'tools').mkdir(parents=True)
+    shutil.copy(ROOT / 'tools' / script, checkout / 'tools' / script)
+    if with_venv:
+        _stub(checkout / '.venv/bin/python', RECORDER)
+    _stub(tmp_path / 'bin/python', RECORDER)
+    _stub(tmp_path / 'bin/srun', SRUN)
+    record = tmp_path / 'record.txt'
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
+    env.update(PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin', RECORD=str(record))
+    if python:
+        env['PYTHON'] = python
+    proc = subprocess.run(['bash', str(checkout / 'tools' / script), *SCRIPTS[script]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = record.read_text().splitlines()
+    # the last line is the interpreter's own call: "python <path it ran as> <args>"
+    name, path, *args = lines[-1].split()
+    assert name == 'python', lines
+    return checkout, Path(path), args, lines
+
+
+@pytest.mark.parametrize('script', sorted(SCRIPTS))
+def test_unset_python_runs_the_checkouts_venv(tmp_path, script):
+    checkout, interpreter, args, lines = _run(tmp_path, script, with_venv=True)
+    assert interpreter == checkout / '.venv/bin/python'
+    tool = 'train.py' if 'train' in script else 'test.py'
+    assert any(a.endswith(f'tools/{tool}') for a in args), args
+    if script.startswith('dist'):
+        assert args[:2] == ['-m', 'torch.distributed.run'] and '--nproc_per_node=2' in args
+    else:
+        assert lines[0].startswith('srun ') and '--launcher=slurm' in args
+
+
+@pytest.mark.parametrize('script', ['dist_train.sh', 'slurm_test.sh'])
+def test_without_a_venv_python_comes_from_path(tmp_path, script):
+    _, interpreter, _, _ = _run(tmp_path, script, with_venv=False)
+    assert interpreter == tmp_path / 'bin/python'
+
+
+@pytest.mark.parametrize('script', ['dist_test.sh', 'slurm_train.sh'])
+def test_python_set_by_the_user_wins(tmp_path, script):
+    _, interpreter, _, _ = _run(tmp_path, script, with_venv=True, python=str(tmp_path / 'bin/python'))
+    assert interpreter == tmp_path / 'bin/python'
