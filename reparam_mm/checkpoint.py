@@ -9,7 +9,11 @@
   match exactly (mmengine's runner loads with ``strict=False``), and :func:`compare_keys` /
   :func:`mismatch_error` are the comparison and the message it and RepLKNet's pretrained
   loader share.
+* :func:`check_training_load` does the same for what training loads (``load_from``,
+  ``--resume``) before mmengine's runner loads it non-strictly; ``load_from_partial = True``
+  in the config opts into a partial ``load_from`` (fine-tuning with a new head, say).
 """
+import logging
 import os
 import os.path as osp
 import re
@@ -22,7 +26,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 __all__ = ['CheckpointMismatchError', 'CheckpointReadError', 'load_from_local', 'read_checkpoint',
            'check_checkpoint_file',
            'state_dict_of', 'compare_keys', 'mismatch_error', 'check_state_dict',
-           'load_checkpoint_strict']
+           'load_checkpoint_strict', 'loadable_state_keys', 'check_training_load']
 
 
 class CheckpointMismatchError(ValueError, RuntimeError):
@@ -175,11 +179,9 @@ def _target(model):
     return model.module if isinstance(model, BaseTTAModel) else model
 
 
-def check_state_dict(model, state_dict, source='checkpoint', meta=None):
-    """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
-    expected = {k: v.shape for k, v in _target(model).state_dict().items()}
+def _mismatch_hint(meta, missing, unexpected, shapes):
+    """Why a whole-model checkpoint does not match its config, and which config it needs."""
     info = (meta or {}).get('reparam_mm', {})
-    missing, unexpected, shapes = compare_keys(expected, state_dict)
     if info.get('deploy'):
         hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
                 f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
@@ -190,10 +192,89 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
         hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
                 'the deploy config written by tools/fuse.py; a checkpoint of another model needs '
                 'the config it was trained with')
-    error = mismatch_error(f'{source} does not match the model built from the config',
-                           missing, unexpected, shapes, hint)
+    return hint
+
+
+def check_state_dict(model, state_dict, source='checkpoint', meta=None):
+    """Raise :class:`CheckpointMismatchError` unless keys and shapes match exactly."""
+    expected = {k: v.shape for k, v in _target(model).state_dict().items()}
+    missing, unexpected, shapes = compare_keys(expected, state_dict)
+    error = mismatch_error(f'{source} does not match the model built from the config', missing,
+                           unexpected, shapes, _mismatch_hint(meta, missing, unexpected, shapes))
     if error is not None:
         raise error
+
+
+def loadable_state_keys(model, state_dict):
+    """``(keys, allowed_missing)``: ``state_dict``'s keys as ``model.load_state_dict`` takes
+    them, and the model keys it may leave out.
+
+    A DO-Conv layer takes a plain conv's ``weight`` into its W (its D restarts at zero, so the
+    layer equals that conv: a plain model's checkpoint starts a DO-Conv model) and drops the
+    authors' frozen identity ``d_diag`` / ``D_diag``.
+    """
+    from .layers.doconv import DOConv2d
+    keys = dict.fromkeys(state_dict)
+    allowed = set()
+    for name, module in _target(model).named_modules():
+        if not isinstance(module, DOConv2d):
+            continue
+        p = f'{name}.' if name else ''
+        for diag in ('d_diag', 'D_diag'):
+            keys.pop(p + diag, None)
+        if p + 'weight' in keys and p + 'W' not in keys:
+            keys.pop(p + 'weight')
+            keys[p + 'W'] = None
+            if module.D is not None:
+                allowed.add(p + 'D')
+    return list(keys), allowed
+
+
+def check_training_load(model, checkpoint, filename, resume=False, partial=False):
+    """Raise :class:`CheckpointMismatchError` when training would load ``checkpoint`` (read from
+    ``filename``) into ``model`` only in part, or resume from one without training state.
+
+    mmengine's runner loads ``load_from`` and ``--resume`` with ``strict=False``: it logs the
+    keys it skipped among pages of output and trains on, the skipped layers at their
+    initialisation, and ``--resume`` from another model's checkpoint ends in a traceback from
+    the optimizer. ``partial`` (``load_from_partial = True`` in the config) accepts a partial
+    ``load_from`` and logs what was left out; a resume is never partial.
+    """
+    from mmengine.logging import print_log
+    state = state_dict_of(checkpoint, f'checkpoint {filename}')
+    keys, allowed = loadable_state_keys(model, state)
+    target = _target(model).state_dict()
+    expected = {k: v.shape for k, v in target.items()}
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k])}' for k in keys
+              if k in expected and k in state and tuple(state[k].shape) != tuple(expected[k])]
+    missing = [k for k in expected if k not in keys and k not in allowed]
+    unexpected = [k for k in keys if k not in expected]
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    what = f"{'--resume' if resume else 'load_from'} {filename}"
+    if not resume and partial:
+        if missing or unexpected or shapes:
+            print_log(f'{what}: loading {len(expected) - len(missing) - len(shapes)} of '
+                      f'{len(expected)} model tensors (load_from_partial=True); left at their '
+                      f'initialisation: {_few(missing + [s.split()[0] for s in shapes], 6)}'
+                      + (f'; {len(unexpected)} checkpoint keys unused ({_few(unexpected)})'
+                         if unexpected else ''), logger='current', level=logging.WARNING)
+        return
+    fix = ('resume needs a checkpoint written by training this config (an iter_*.pth or '
+           'epoch_*.pth in its work_dir)' if resume else
+           'or, to start from the matching tensors only (e.g. fine-tuning with another '
+           'num_classes), add --cfg-options load_from_partial=True')
+    error = mismatch_error(f'{what} does not match the model built from the config', missing,
+                           unexpected, shapes,
+                           f'{_mismatch_hint(meta, missing, unexpected, shapes)}; {fix}')
+    if error is not None:
+        raise error
+    if resume and not (isinstance(checkpoint, dict) and 'message_hub' in checkpoint
+                       and 'iter' in (meta or {})):
+        raise CheckpointMismatchError(
+            f'{what} holds the model\'s weights but no training state (no message_hub or '
+            'iteration in it, as in a checkpoint saved by hand or exported), so training cannot '
+            f'resume from it; resume from an iter_*.pth / epoch_*.pth written by training, or '
+            f'start from its weights with --cfg-options load_from={filename} without --resume.')
 
 
 STRICT_FIX = 'pass the .pth file written by training (work_dirs/...) or by tools/fuse.py'

@@ -1,4 +1,5 @@
-"""``FusedEvalHook``: validate and test the fused model, never touch the trained one.
+"""``FusedEvalHook``: validate and test the fused model, never touch the trained one;
+``TrainingLoadCheckHook``: train only from a checkpoint that loads whole.
 
 * Validation (during training or ``runner.val()``): ``before_val_epoch``
   deep-copies the model, fuses the copy and points ``runner.model`` at it;
@@ -30,10 +31,11 @@ from mmengine.logging import print_log
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import HOOKS
 
+from .checkpoint import check_training_load
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, reference_outputs, tensor_outputs
 
-__all__ = ['FusedEvalHook']
+__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook']
 
 
 def _unwrap(model):
@@ -205,3 +207,26 @@ class FusedEvalHook(Hook):
                   f"{self.amp_tolerance:.0e}, or twice what {name} alone moves the unfused "
                   f"outputs: {result['autocast_error']:.1e}).", logger='current',
                   level=logging.INFO if ok else logging.WARNING)
+
+
+@HOOKS.register_module()
+class TrainingLoadCheckHook(Hook):
+    """Refuse a ``load_from`` / ``--resume`` checkpoint that would load only in part
+    (:func:`reparam_mm.checkpoint.check_training_load`). mmengine's runner hands every checkpoint
+    it loads to ``after_load_checkpoint`` before loading it into the model, non-strictly.
+
+    Args:
+        partial (bool): accept a ``load_from`` that fills only part of the model, logging what
+            it left out (the config's ``load_from_partial``). Default: False.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, partial=False):
+        self.partial = partial
+
+    def after_load_checkpoint(self, runner, checkpoint):
+        from mmengine.runner import find_latest_checkpoint
+        filename = runner._load_from or find_latest_checkpoint(runner.work_dir)
+        check_training_load(runner.model, checkpoint, filename, resume=runner._resume,
+                            partial=self.partial)

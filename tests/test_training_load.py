@@ -1,0 +1,126 @@
+"""What training loads (``load_from``, ``--resume``) must fill the whole model.
+
+mmengine's runner loads both with ``strict=False``: another model's checkpoint trained on with
+its skipped layers at their initialisation (exit status 0), and ``--resume`` from one ended in
+a traceback from the optimizer or ``KeyError: 'message_hub'``. ``TrainingLoadCheckHook`` refuses
+both in one sentence; ``load_from_partial = True`` opts into a partial ``load_from``.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_tools import DOCONV_REPLKNET_DEMO, PLAIN_DEMO, tiny_demo_config
+
+import reparam_mm  # noqa: F401
+from reparam_mm.apis import build_model
+from reparam_mm.checkpoint import CheckpointMismatchError, check_training_load, loadable_state_keys
+from reparam_mm.cli import run_tool
+from reparam_mm.scope import load_config
+from reparam_mm.train import main
+
+# the plain demo model with DO-Conv in its backbone and heads (tools/camvid_study.py's r18 rows)
+DOCONV_R18 = {'model.backbone.type': 'DOResNetV1c',
+              'model.backbone.stage_with_doconv': (True, True, True, True),
+              'model.backbone.doconv_cfg.type': 'DOConv',
+              'model.decode_head.conv_cfg.type': 'DOConv',
+              'model.auxiliary_head.conv_cfg.type': 'DOConv'}
+
+
+def _model(config, options=None):
+    cfg = load_config(str(config))
+    if options:
+        cfg.merge_from_dict(options)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope='module')
+def plain():
+    return _model(PLAIN_DEMO)
+
+
+@pytest.fixture(scope='module')
+def replknet():
+    return _model(DOCONV_REPLKNET_DEMO)
+
+
+def test_another_models_checkpoint_is_refused_naming_the_opt_in(plain, replknet):
+    with pytest.raises(CheckpointMismatchError, match=r'^load_from x\.pth does not match the model '
+                       r'built from the config: \d+ missing keys .*load_from_partial=True\.$'):
+        check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth')
+    # opted in: accepted (what it loads is logged)
+    check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth', partial=True)
+    # a resume is never partial, and says what it needs
+    with pytest.raises(CheckpointMismatchError, match='resume needs a checkpoint written by training'):
+        check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth', resume=True,
+                            partial=True)
+
+
+def test_other_sizes_and_deploy_checkpoints_get_their_own_hint(plain):
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    state['decode_head.conv_seg.weight'] = torch.zeros(7, *state['decode_head.conv_seg.weight'].shape[1:])
+    with pytest.raises(CheckpointMismatchError, match=r'1 shape mismatches \(decode_head\.conv_seg'
+                       r'\.weight .*other sizes.*load_from_partial=True'):
+        check_training_load(plain, {'state_dict': state}, 'x.pth')
+    deploy = {'state_dict': {'a.weight': torch.zeros(1)},
+              'meta': {'reparam_mm': {'deploy': True, 'deploy_config': 'out/m_deploy.py'}}}
+    with pytest.raises(CheckpointMismatchError, match=r'deploy \(fused\) checkpoint.*out/m_deploy\.py'):
+        check_training_load(plain, deploy, 'x.pth')
+
+
+def test_a_plain_checkpoint_starts_a_doconv_model_as_torch_loads_it(plain):
+    """DO-Conv layers take a plain conv's weight into W and leave D at zero: the keys the check
+    allows missing are exactly those torch's own non-strict load leaves missing."""
+    doconv = _model(PLAIN_DEMO, DOCONV_R18)
+    state = plain.state_dict()
+    check_training_load(doconv, {'state_dict': state}, 'plain.pth')  # no error
+    keys, allowed = loadable_state_keys(doconv, state)
+    assert allowed and all(k.endswith('.D') for k in allowed)
+    result = doconv.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
+    assert set(result.missing_keys) == allowed and not result.unexpected_keys
+    assert set(keys) == set(doconv.state_dict()) - allowed
+    # and a DO-Conv model's checkpoint does not fit the plain model
+    with pytest.raises(CheckpointMismatchError, match='unexpected keys'):
+        check_training_load(plain, {'state_dict': doconv.state_dict()}, 'doconv.pth')
+
+
+def test_resume_needs_training_state(plain):
+    weights_only = {'state_dict': plain.state_dict(), 'meta': {}}
+    with pytest.raises(CheckpointMismatchError, match=r'no training state.*load_from=w\.pth '
+                       'without --resume'):
+        check_training_load(plain, weights_only, 'w.pth', resume=True)
+    check_training_load(plain, weights_only, 'w.pth')  # the same file is a fine load_from
+
+
+def _run(argv, capsys):
+    status = run_tool(main, argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_tools_train_ends_with_one_line_and_partial_opt_in_trains(tmp_path, capsys, replknet):
+    other = tmp_path / 'replknet.pth'
+    torch.save({'state_dict': replknet.state_dict(), 'meta': {}}, other)
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    wd = tmp_path / 'wd'
+
+    status, err = _run([cfg, '--work-dir', str(wd), '--cfg-options', f'load_from={other}'], capsys)
+    assert status == 1
+    assert re.match(rf'error: load_from {re.escape(str(other))} does not match the model built '
+                    r'from the config: \d+ missing keys', err[-1]), err[-3:]
+    assert not (wd / 'iter_1.pth').exists()  # refused before the first iteration
+
+    status, err = _run([cfg, '--work-dir', str(wd), '--resume', str(other)], capsys)
+    assert status == 1 and err[-1].startswith(f'error: --resume {other} does not match'), err[-3:]
+
+    runner = main([cfg, '--work-dir', str(wd), '--cfg-options', f'load_from={other}',
+                   'load_from_partial=True'])
+    assert runner.iter == 1
+    log = (Path(runner.log_dir) / f'{runner.timestamp}.log').read_text()
+    assert re.search(r'load_from .* loading \d+ of \d+ model tensors \(load_from_partial=True\); '
+                     r'left at their initialisation: ', log)
+
+    # its own checkpoint resumes, and loads whole as load_from
+    resumed = main([cfg, '--work-dir', str(wd), '--resume', str(wd / 'iter_1.pth'),
+                    '--cfg-options', 'train_cfg.max_iters=2'])
+    assert resumed.iter == 2
