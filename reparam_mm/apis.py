@@ -24,11 +24,17 @@ import torch.nn as nn
 from mmengine.config import ConfigDict
 
 from .batches import synthetic_batch
-from .checkpoint import (STRICT_FIX, CheckpointMismatchError, read_checkpoint, state_dict_of,
-                         check_state_dict, load_checkpoint_strict)
+from .checkpoint import (
+    STRICT_FIX,
+    CheckpointMismatchError,
+    check_state_dict,
+    load_checkpoint_strict,
+    read_checkpoint,
+    state_dict_of,
+)
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, reference_outputs, tensor_outputs
-from .scope import init_scope, load_config
+from .scope import ConfigError, init_scope, load_config, merge_cfg_options
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
            'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
@@ -54,25 +60,72 @@ def _trigger_visualization(cfg, scope, show, show_dir, wait_time):
     if not show:
         return
     if vis_hook is None:
-        raise RuntimeError("--show needs default_hooks.visualization in the config; "
-                           f"add visualization=dict(type='{'Seg' if scope == 'mmseg' else 'Det'}"
-                           "VisualizationHook').")
+        raise ConfigError("--show needs default_hooks.visualization in the config; "
+                          f"add visualization=dict(type='{'Seg' if scope == 'mmseg' else 'Det'}"
+                          "VisualizationHook').")
     vis_hook.update(draw=True, show=True, wait_time=wait_time)
 
 
+#: ``--tta`` on a config without ``tta_model``: mmseg's and mmdet's merging wrappers, the latter
+#: as mmdet's tools/test.py sets it
+DEFAULT_TTA_MODELS = {
+    'mmseg': dict(type='SegTTAModel'),
+    'mmdet': dict(type='DetTTAModel',
+                  tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)),
+}
+
+
+def _innermost_dataset(dataset):
+    while isinstance(dataset.get('dataset'), dict):  # RepeatDataset, ClassBalancedDataset, ...
+        dataset = dataset['dataset']
+    return dataset
+
+
+def flip_tta_pipeline(test_pipeline):
+    """``test_pipeline`` with each image also seen flipped horizontally: its packing step (last)
+    becomes a ``TestTimeAug`` over both flips, the annotations loaded after the flip so that
+    the labels stay as the metric reads them (the merged prediction is flipped back), and the
+    packed meta data say which view was flipped."""
+    steps = [dict(step) for step in test_pipeline]
+    if not steps or not str(steps[-1].get('type', '')).startswith('Pack'):
+        raise ConfigError('--tta without tta_pipeline in the config derives one from the test '
+                          "pipeline, which must end in its Pack*Inputs step; add tta_pipeline to "
+                          'the config.')
+    pack = steps.pop()
+    if pack.get('meta_keys') is not None:  # the merging wrappers flip each view's prediction back
+        pack['meta_keys'] = tuple(pack['meta_keys']) + tuple(
+            key for key in ('flip', 'flip_direction') if key not in pack['meta_keys'])
+    annotations = [step for step in steps if step.get('type') == 'LoadAnnotations']
+    steps = [step for step in steps if step.get('type') != 'LoadAnnotations']
+    flips = [dict(type='RandomFlip', prob=prob, direction='horizontal') for prob in (0., 1.)]
+    transforms = [flips] + [[step] for step in annotations] + [[pack]]
+    return steps + [dict(type='TestTimeAug', transforms=transforms)]
+
+
 def _tta(cfg, scope):
-    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-        raise ValueError('--tta needs tta_model and tta_pipeline in the config (as in the mmseg / '
-                         'mmdet base configs); add them or drop --tta.')
-    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    """``--tta``: the config's ``tta_model`` and ``tta_pipeline``, or, where it has none, the
+    defaults (a horizontal flip merged by :data:`DEFAULT_TTA_MODELS`), as mmdet's tools/test.py
+    does; mmseg's asks for both, and this project's demo and detection configs have none."""
+    dataset = _innermost_dataset(cfg.test_dataloader.dataset)
+    defaults = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if 'tta_model' not in cfg:
+        cfg.tta_model = copy.deepcopy(DEFAULT_TTA_MODELS[scope])
+    if 'tta_pipeline' not in cfg:
+        cfg.tta_pipeline = flip_tta_pipeline(dataset.pipeline)
+    if defaults:
+        from mmengine.logging import print_log
+        print_log(f"--tta: the config has no {' or '.join(defaults)}; testing each image as it "
+                  f"is and flipped, merged by {cfg.tta_model['type']} (add them to the config to "
+                  'choose other views).', logger='current')
+    dataset.pipeline = cfg.tta_pipeline
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
 
 
 def _amp_test_loop(test_cfg):
     loop = dict(test_cfg or {})
     if loop.get('type', 'TestLoop') not in ('TestLoop', 'AmpTestLoop'):
-        raise ValueError(f"--amp runs the test under AmpTestLoop, a TestLoop; the config's test_cfg "
-                         f"is a {loop['type']}: drop --amp, or set fp16=True in its test_cfg.")
+        raise ConfigError(f"--amp runs the test under AmpTestLoop, a TestLoop; the config's test_cfg "
+                          f"is a {loop['type']}: drop --amp, or set fp16=True in its test_cfg.")
     return ConfigDict({**loop, 'type': 'AmpTestLoop', 'fp16': True})
 
 
@@ -87,8 +140,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
     cfg.launcher = launcher
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    merge_cfg_options(cfg, cfg_options)
     scope = init_scope(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     if work_dir is not None:
@@ -107,8 +159,8 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
         cfg.test_evaluator['output_dir'] = out
         cfg.test_evaluator['keep_results'] = True
     elif out is not None and not out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out {out}: detection results are dumped to a pickle file; '
-                         'give a path ending in .pkl.')
+        raise ConfigError(f'--out {out}: detection results are dumped to a pickle file; '
+                          'give a path ending in .pkl.')
     _set_fuse_hook(cfg, fuse)
     if amp:
         cfg.test_cfg = _amp_test_loop(cfg.get('test_cfg'))
@@ -257,24 +309,25 @@ def build_model(cfg):
     return MODELS.build(cfg.model)
 
 
-def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4):
+def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4, cfg_options=None):
     """Write ``<stem>_deploy.pth`` and ``<stem>_deploy.py`` to ``out_dir``; return a summary dict.
 
     The deploy model (built from the rewritten config, loaded strictly with
     the fused weights) must reproduce the unfused model on a random input
     within ``tolerance`` relative difference, or nothing is written.
+    ``cfg_options`` (``--cfg-options``) change the config first; the deploy config keeps them.
     """
-    cfg = load_config(config)
+    cfg = merge_cfg_options(copy.deepcopy(load_config(config)), cfg_options)
     apply_dispatch_setting(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     model = build_model(cfg)
     ckpt = load_checkpoint_strict(model, checkpoint)
     written_by = ((ckpt.get('meta') or {}).get('reparam_mm') or {})
     if written_by.get('deploy'):
-        raise ValueError(f'checkpoint {checkpoint} is already fused: tools/fuse.py wrote it, with '
-                         f"{written_by.get('deploy_config', 'its deploy config')}; test or export "
-                         'that pair as it is, or fuse the training checkpoint it came from '
-                         f"({written_by.get('source_checkpoint', 'see its meta')}).")
+        raise ConfigError(f'checkpoint {checkpoint} is already fused: tools/fuse.py wrote it, with '
+                          f"{written_by.get('deploy_config', 'its deploy config')}; test or export "
+                          'that pair as it is, or fuse the training checkpoint it came from '
+                          f"({written_by.get('source_checkpoint', 'see its meta')}).")
     model.eval()
     batch = synthetic_batch(cfg, *shape)
     reference, proposals = reference_outputs(model, batch)  # a detector: both RoI heads on these

@@ -5,27 +5,69 @@ from the shell prints that sentence alone (``error: ...``, exit status 1) instea
 traceback above it. ``REPARAM_MM_TRACEBACK=1`` shows the traceback, as do all other errors.
 """
 import os
+import re
 import sys
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError
-from .scope import ConfigImportError
+from .scope import ConfigError, ConfigImportError
 from .train import NotAvailableHereError
 
-__all__ = ['INPUT_ERRORS', 'run_tool']
+__all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool']
 
-#: errors that name a file, checkpoint or config the user gave (or hardware it needs), and the fix
+#: errors that name a file, checkpoint, config setting or flag the user gave (or hardware it
+#: needs), and the fix
 INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, CheckpointMismatchError,
-                CheckpointReadError, ConfigImportError, NotAvailableHereError)
+                CheckpointReadError, ConfigError, ConfigImportError, NotAvailableHereError)
 TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
+
+# what mmengine's registry says for a config ``type`` it does not know
+_UNKNOWN_TYPE = re.compile(r'^(\S+) is not in the (\S+) registry')
+_BAD_KEYWORD = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _raised_by_registry_call(error):
+    """True when ``error`` was raised by mmengine's registry calling a class with the config's
+    keywords: after its last frame in the registry, only constructors (``super().__init__``
+    passing ``**kwargs`` on; binding errors are raised in the caller's frame)."""
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    calls = [i for i, code in enumerate(frames) if code.co_filename.replace('\\', '/').endswith(
+        'mmengine/registry/build_functions.py')]
+    return bool(calls) and all(code.co_name == '__init__' for code in frames[calls[-1] + 1:])
+
+
+def input_error_message(error):
+    """The one sentence to print for ``error``, or None when it is not bad input.
+
+    Besides :data:`INPUT_ERRORS`, two errors of mmengine's registry come from the config alone:
+    an unknown ``type``, and a keyword the class it builds does not take (a misspelt key).
+    """
+    if isinstance(error, INPUT_ERRORS):
+        return str(error)
+    text = str(error.args[0]) if error.args else ''
+    unknown = _UNKNOWN_TYPE.match(text)
+    if isinstance(error, KeyError) and unknown:
+        return (f"the config names type={unknown.group(1)!r}, which is not in the "
+                f"{unknown.group(2)} registry: fix the spelling, or import the module that "
+                'registers it (custom_imports).')
+    keyword = _BAD_KEYWORD.search(text)
+    if isinstance(error, TypeError) and keyword and _raised_by_registry_call(error):
+        return (f'{keyword.group(1)} does not take {keyword.group(2)!r}, which the config (or '
+                f'--cfg-options) gives it: fix or remove that key ({TRACEBACK_ENV}=1 shows '
+                'where it was built).')
+    return None
 
 
 def run_tool(main, argv=None):
     """Run a tool's ``main(argv)``; return its exit status (0, or 1 after an input error)."""
     try:
         main(argv)
-    except INPUT_ERRORS as error:
-        if os.environ.get(TRACEBACK_ENV, '0') not in ('', '0'):
+    except Exception as error:  # noqa: BLE001 - anything not bad input is re-raised
+        message = input_error_message(error)
+        if message is None or os.environ.get(TRACEBACK_ENV, '0') not in ('', '0'):
             raise
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {message}', file=sys.stderr)
         return 1
     return 0

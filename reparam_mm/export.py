@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .apis import apply_dispatch_setting, build_model, load_checkpoint_strict
 from .fuse import fuse_with_report
 from .outputs import compare_outputs
-from .scope import load_config
+from .scope import ConfigError, load_config, merge_cfg_options
 
 __all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
            'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
@@ -63,8 +63,7 @@ def load_fused(config, checkpoint, cfg_options=None):
     """``(cfg, fused_model, FuseReport)``: build, load ``checkpoint`` strictly, eval, fuse."""
     cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    merge_cfg_options(cfg, cfg_options)
     apply_dispatch_setting(cfg)
     model = build_model(cfg)
     load_checkpoint_strict(model, checkpoint)
@@ -201,7 +200,7 @@ def build_graph(cfg, model, argmax=False):
     if scope == 'mmseg':
         return SegmentorGraph(model, argmax=argmax).eval()
     if argmax:
-        raise ValueError('--argmax applies to segmentors; a detector graph ends at the heads.')
+        raise ConfigError('--argmax applies to segmentors; a detector graph ends at the heads.')
     return DetectorGraph(model).eval()
 
 
@@ -458,11 +457,11 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
     divisor = _divisor(cfg)
     shape = tuple(shape) if shape else default_shape(cfg)
     if any(s % divisor for s in shape):
-        raise ValueError(f'--shape {shape[0]} {shape[1]}: the model pads its inputs to multiples '
-                         f'of {divisor} (data_preprocessor); pass a multiple of {divisor}.')
+        raise ConfigError(f'--shape {shape[0]} {shape[1]}: the model pads its inputs to multiples '
+                          f'of {divisor} (data_preprocessor); pass a multiple of {divisor}.')
     if isinstance(graph, DetectorGraph) and graph.two_stage and opset < 16:
-        raise ValueError(f'--opset {opset}: RoIAlign exports as ONNX RoiAlign with half_pixel '
-                         'coordinates, which needs opset 16 or later.')
+        raise ConfigError(f'--opset {opset}: RoIAlign exports as ONNX RoiAlign with half_pixel '
+                          'coordinates, which needs opset 16 or later.')
     inputs = example_inputs(graph, shape, num_proposals=num_proposals, seed=seed)
     with torch.no_grad():
         graph(*inputs)  # output names of a detector depend on its heads

@@ -1,15 +1,69 @@
-"""Reading a config, and which OpenMMLab package builds its model (its ``default_scope``)."""
+"""Reading a config and applying ``--cfg-options`` to it, and which OpenMMLab package builds its
+model (its ``default_scope``)."""
+import difflib
 import importlib
 import os
 import re
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 
 SCOPES = ('mmseg', 'mmdet')
 
 
 class ConfigImportError(ImportError):
     """A module of a config's ``custom_imports`` does not import."""
+
+
+class ConfigError(ValueError):
+    """A setting of a config, or a command-line flag applied to it, that cannot work; the
+    message names the setting and the fix (the tools print it as one line)."""
+
+
+class CfgOptionsAction(DictAction):
+    """mmengine's ``--cfg-options`` parser, with a usage error instead of a traceback for an item
+    that is not ``KEY=VALUE``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values or ():
+            if '=' not in item:
+                parser.error(f"{option_string} takes KEY=VALUE items; {item!r} has no '=' "
+                             f'(write {item}=VALUE).')
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _near_miss(cfg, key):
+    """``(written, existing)`` when ``key`` adds a name next to a near-identical existing one
+    (``train_cfg.max_iter`` beside ``max_iters``), else None."""
+    node, parts = cfg, key.split('.')
+    for i, part in enumerate(parts):
+        if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not hasattr(node, 'keys'):
+            return None
+        if part in node:
+            node = node[part]
+            continue
+        close = difflib.get_close_matches(part, [k for k in node.keys() if isinstance(k, str)],
+                                          n=1, cutoff=0.8)
+        return ('.'.join(parts[:i + 1]), '.'.join(parts[:i] + close)) if close else None
+    return None
+
+
+def merge_cfg_options(cfg, options):
+    """Apply ``--cfg-options`` to ``cfg`` as mmengine does (a new key is added), refusing a key
+    that looks like a misspelling of one the config has: mmengine would add it and the run
+    would fail pages later with a ``TypeError`` naming a class, or silently ignore it."""
+    for key in options or {}:
+        miss = _near_miss(cfg, key)
+        if miss is not None:
+            raise ConfigError(
+                f'--cfg-options {key}: the config has no {miss[0]}, but has {miss[1]}; fix the '
+                'spelling (a new key that is meant so goes into a config file that inherits '
+                'this one).')
+    if options:
+        cfg.merge_from_dict(options)
+    return cfg
 
 
 #: packages a config may import that need more than ``pip install`` beside the CPU torch
@@ -51,7 +105,7 @@ def init_scope(cfg):
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
         name = f'{cfg.filename}: ' if getattr(cfg, 'filename', None) else ''
-        raise ValueError(f"{name}config default_scope is {scope!r}; reparam_mm's tools support "
-                         f"{' and '.join(SCOPES)} configs, so set default_scope to one of them.")
+        raise ConfigError(f"{name}config default_scope is {scope!r}; reparam_mm's tools support "
+                          f"{' and '.join(SCOPES)} configs, so set default_scope to one of them.")
     importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
     return scope

@@ -19,10 +19,9 @@ import os.path as osp
 
 import torch
 import torch.distributed as torch_dist
-from mmengine.config import DictAction
 from mmengine.logging import print_log
 
-from .scope import load_config
+from .scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options
 
 
 class NotAvailableHereError(RuntimeError):
@@ -31,8 +30,7 @@ class NotAvailableHereError(RuntimeError):
 
 def has_amp_accelerator():
     """Whether mmengine's AmpOptimWrapper can train here (CUDA, NPU, MLU or MUSA)."""
-    from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
-                                 is_npu_available)
+    from mmengine.device import is_cuda_available, is_mlu_available, is_musa_available, is_npu_available
     return (is_cuda_available() or is_npu_available() or is_mlu_available()
             or is_musa_available())
 
@@ -66,7 +64,7 @@ def build_parser():
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the real batch size (config needs auto_scale_lr)')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options', nargs='+', action=CfgOptionsAction,
         help='override some settings in the used config, the key-value pair in xxx=yyy format '
         'will be merged into config file, e.g. key="[a,b]" or key=a,b; no white space allowed.')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -87,8 +85,7 @@ def config_from_args(args):
     """Load the config and apply the command line to it, as mmseg / mmdet do."""
     cfg = load_config(args.config)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    merge_cfg_options(cfg, args.cfg_options)
 
     # work_dir priority: CLI > config > config file name
     if args.work_dir is not None:
@@ -102,8 +99,8 @@ def config_from_args(args):
     if args.auto_scale_lr:
         scale = cfg.get('auto_scale_lr', None)
         if not scale or 'base_batch_size' not in scale:
-            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
-                             'in the config.')
+            raise ConfigError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
+                              'in the config.')
         cfg.auto_scale_lr.enable = True
 
     if args.resume == 'auto':
@@ -127,8 +124,8 @@ def set_amp_wrapper(cfg):
                   level=logging.WARNING)
         return
     if wrapper != 'OptimWrapper':
-        raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has '
-                         f'{wrapper}; set AmpOptimWrapper in the config instead.')
+        raise ConfigError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has '
+                          f'{wrapper}; set AmpOptimWrapper in the config instead.')
     if has_amp_accelerator():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -136,6 +133,22 @@ def set_amp_wrapper(cfg):
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         print_log('--amp without a GPU: training under bf16 autocast on CPU (CPUAmpOptimWrapper).',
                   logger='current')
+
+
+#: what each launcher's processes find in their environment, and what starts them so
+_LAUNCHER_ENV = {'pytorch': ('RANK', 'tools/dist_train.sh CONFIG N (torchrun)'),
+                 'slurm': ('SLURM_PROCID', 'tools/slurm_train.sh (srun)')}
+
+
+def check_launcher_env(cfg):
+    """``--launcher pytorch`` / ``slurm`` in a process its launcher did not start: one sentence
+    instead of torch's traceback about a missing environment variable."""
+    launcher = cfg.get('launcher', 'none')
+    if launcher in _LAUNCHER_ENV and _LAUNCHER_ENV[launcher][0] not in os.environ:
+        variable, starter = _LAUNCHER_ENV[launcher]
+        raise ConfigError(f'--launcher {launcher} expects a process started by its launcher '
+                          f'({variable} is not set); run it through {starter}, or drop '
+                          '--launcher for one process.')
 
 
 def prepare_cpu_distributed(cfg):
@@ -221,36 +234,64 @@ def _dataset_paths(ds):
             if isinstance(path, str) and path and '://' not in path]
 
 
+def _missing_data_paths(cfg, loader):
+    """``(config key, sentence)`` for each path of ``loader``'s datasets that does not exist."""
+    for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+        root = ds.get('data_root')
+        backend = (ds.get('backend_args') or {}).get('backend', 'local')
+        if backend != 'local' or (root and not isinstance(root, str)) or '://' in (root or ''):
+            continue
+        if not root:  # paths are taken as they are, relative to the working directory
+            for part, path in _dataset_paths(ds):
+                if not osp.exists(path):
+                    yield f'{key}.{part}', (
+                        f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
+                        f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
+            continue
+        if not osp.isdir(root):
+            yield f'{key}.data_root', (
+                f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
+                f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
+            continue
+        for part, rel in _dataset_paths(ds):
+            if not osp.exists(osp.join(root, rel)):
+                yield f'{key}.{part}', (
+                    f'{osp.join(root, rel)!r} ({key}.{part} under data_root) does not '
+                    f'exist: the dataset at {root!r} is not laid out as the config expects '
+                    '(docs/datasets.md), or data_root points at the wrong folder.')
+
+
+def _missing_evaluator_files(cfg, evaluator):
+    """``(config key, sentence)`` for each local ``ann_file`` of ``evaluator``'s metrics (COCO's
+    ground truth) that does not exist."""
+    metrics = cfg.get(evaluator)
+    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
+    for i, metric in metrics:
+        path = metric.get('ann_file') if isinstance(metric, dict) else None
+        if isinstance(path, str) and path and '://' not in path and not osp.exists(path):
+            key = f'{evaluator}.ann_file' if i is None else f'{evaluator}.{i}.ann_file'
+            yield key, (f'{path!r} ({key}) does not exist: the metric reads its ground truth '
+                        f'there; prepare the dataset (docs/datasets.md) or pass --cfg-options '
+                        f'{key}=PATH.')
+
+
 def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
     """Fail before building anything when a dataset's ``data_root``, or an annotation file or
-    image / label folder under it, does not exist.
+    image / label folder under it, or the annotation file a loader's evaluator reads, does not
+    exist; the error names the first and the config keys of the others.
 
     mmseg / mmdet would stop later, in the middle of building the runner or the first
-    epoch, with a FileNotFoundError traceback naming neither the config key nor the fix.
+    epoch (the evaluator's file at the first validation), with a FileNotFoundError traceback
+    naming neither the config key nor the fix.
     """
+    problems = []
     for loader in loaders:
-        for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
-            root = ds.get('data_root')
-            backend = (ds.get('backend_args') or {}).get('backend', 'local')
-            if backend != 'local' or (root and not isinstance(root, str)) or '://' in (root or ''):
-                continue
-            if not root:  # paths are taken as they are, relative to the working directory
-                for part, path in _dataset_paths(ds):
-                    if not osp.exists(path):
-                        raise FileNotFoundError(
-                            f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
-                            f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
-                continue
-            if not osp.isdir(root):
-                raise FileNotFoundError(
-                    f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
-                    f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
-            for part, rel in _dataset_paths(ds):
-                if not osp.exists(osp.join(root, rel)):
-                    raise FileNotFoundError(
-                        f'{osp.join(root, rel)!r} ({key}.{part} under data_root) does not '
-                        f'exist: the dataset at {root!r} is not laid out as the config expects '
-                        '(docs/datasets.md), or data_root points at the wrong folder.')
+        problems += _missing_data_paths(cfg, loader)
+        problems += _missing_evaluator_files(cfg, loader.replace('_dataloader', '_evaluator'))
+    if problems:
+        others = [key for key, _ in problems[1:]]
+        raise FileNotFoundError(problems[0][1] + (
+            f' Also missing: {", ".join(others)}.' if others else ''))
 
 
 def build_runner(cfg):
@@ -261,6 +302,7 @@ def build_runner(cfg):
     # `large_dw_dispatch = 'fixed'` (or --cfg-options large_dw_dispatch=fixed) turns the
     # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
     set_dispatch_mode(cfg.get('large_dw_dispatch', None))
+    check_launcher_env(cfg)
     prepare_cpu_distributed(cfg)
     if not torch.cuda.is_available():  # a CPU run: reuse freed blocks instead of page-faulting
         from .cpu_malloc import ENV, keep_freed_memory
@@ -274,7 +316,8 @@ def build_runner(cfg):
 
 def train(cfg, hooks=()):
     """Check the files and folders ``cfg`` names, build its runner, add ``hooks`` and train;
-    return the runner.
+    return the runner. A ``load_from`` / ``--resume`` checkpoint must fill the whole model
+    (``load_from_partial = True`` in the config accepts less: ``TrainingLoadCheckHook``).
 
     ``hooks`` are extra :class:`mmengine.hooks.Hook` instances (a progress printer,
     say) for callers in Python; the metrics of the last validation are in
@@ -288,6 +331,8 @@ def train(cfg, hooks=()):
         check_checkpoint_file(cfg.load_from, fix='pass an existing .pth file as --resume PATH '
                               'or load_from')
     runner = build_runner(cfg)
+    from .hooks import TrainingLoadCheckHook
+    runner.register_hook(TrainingLoadCheckHook(partial=bool(cfg.get('load_from_partial', False))))
     for hook in hooks:
         runner.register_hook(hook)
     runner.train()

@@ -8,7 +8,7 @@ from conftest import ROOT, load_tool
 from reparam_mm.checkpoint import CheckpointReadError, load_checkpoint_strict
 from reparam_mm.scope import load_config
 from test_fuse import _nested
-from test_tools_test_fuse import make_ade, seg_config, write_case
+from test_tools_test_fuse import det_config, make_ade, make_coco, seg_config, write_case
 from test_train_tools import tiny_demo_config
 
 
@@ -225,3 +225,78 @@ def test_tools_print_an_input_errors_sentence_alone(tmp_path):
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
         'error: config configs/nope.py does not exist; pass the path of a config file, e.g. one '
         'under configs/ (docs/configs.md lists them).')
+
+
+def test_a_misspelt_cfg_option_is_refused_naming_the_key_the_config_has(tmp_path):
+    from mmengine.config import Config
+
+    from reparam_mm.scope import ConfigError, merge_cfg_options
+    cfg = Config(dict(train_cfg=dict(max_iters=2), model=dict(backbone=dict(arch='tiny')),
+                      custom_hooks=[dict(type='FusedEvalHook')]))
+    for key, has in [('train_cfg.max_iter', 'train_cfg.max_iters'),
+                     ('model.backbone.archh', 'model.backbone.arch'),
+                     ('custom_hooks.0.typ', 'custom_hooks.0.type')]:
+        with pytest.raises(ConfigError, match=rf'^--cfg-options {key}: the config has no {key}, '
+                                              rf'but has {has}; fix the spelling'):
+            merge_cfg_options(cfg, {key: 1})
+    assert cfg.train_cfg == dict(max_iters=2)  # nothing merged
+    # new keys that resemble nothing are merged, as mmengine does
+    merge_cfg_options(cfg, {'load_from_partial': True, 'model.backbone.init_cfg.type': 'Pretrained',
+                            'train_cfg.max_iters': 5})
+    assert cfg.load_from_partial and cfg.model.backbone.init_cfg.type == 'Pretrained'
+    assert cfg.train_cfg.max_iters == 5
+
+
+def test_a_cfg_option_without_a_value_is_argparses_one_line(capsys):
+    from reparam_mm.train import parse_args
+    with pytest.raises(SystemExit) as err:
+        parse_args(['c.py', '--cfg-options', 'a=1', 'model.backbone.drop_path_rate'])
+    assert err.value.code == 2
+    assert ("error: --cfg-options takes KEY=VALUE items; 'model.backbone.drop_path_rate' has no "
+            "'=' (write model.backbone.drop_path_rate=VALUE).") in capsys.readouterr().err
+
+
+def test_registry_errors_from_the_config_are_one_sentence_and_code_errors_are_not():
+    from mmengine.registry import MODELS, init_default_scope
+
+    from reparam_mm.cli import input_error_message
+    init_default_scope('mmseg')
+    with pytest.raises(KeyError) as unknown:
+        MODELS.build(dict(type='RepLKNett'))
+    assert input_error_message(unknown.value) == (
+        "the config names type='RepLKNett', which is not in the mmseg::model registry: fix the "
+        'spelling, or import the module that registers it (custom_imports).')
+    with pytest.raises(TypeError) as keyword:  # through ResNetV1c's super().__init__(**kwargs)
+        MODELS.build(dict(type='ResNetV1c', depth=18, archh='tiny'))
+    assert input_error_message(keyword.value) == (
+        "ResNet does not take 'archh', which the config (or --cfg-options) gives it: fix or "
+        'remove that key (REPARAM_MM_TRACEBACK=1 shows where it was built).')
+
+    def buggy():  # the same TypeError raised by code, not by building a config
+        return torch.nn.Conv2d(1, 1, 1, archh='tiny')
+    with pytest.raises(TypeError) as code:
+        buggy()
+    assert input_error_message(code.value) is None
+    assert input_error_message(KeyError('no_such_key')) is None
+
+
+@pytest.mark.parametrize('case', ['auto-scale-lr', 'out-json', 'arch'])
+def test_config_errors_end_the_tools_with_their_sentence(tmp_path, capsys, case):
+    from reparam_mm.cli import run_tool
+    from reparam_mm.train import main as train_main
+    if case == 'auto-scale-lr':
+        status = run_tool(train_main, [tiny_demo_config(tmp_path), '--auto-scale-lr',
+                                       '--work-dir', str(tmp_path / 'w')])
+        expected = 'error: --auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) in the config.'
+    elif case == 'out-json':
+        cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco', n=1)))
+        status = run_tool(load_tool('test').main, [cfg, ckpt, '--out', str(tmp_path / 'd.json')])
+        expected = (f'error: --out {tmp_path}/d.json: detection results are dumped to a pickle '
+                    'file; give a path ending in .pkl.')
+    else:
+        config = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
+        status = run_tool(train_main, [str(config), '--work-dir', str(tmp_path / 'w'),
+                                       '--cfg-options', 'model.backbone.arch=tinny'])
+        expected = "error: RepLKNet arch 'tinny' is unknown; use one of 31B, 31L, XL, tiny"
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(expected)

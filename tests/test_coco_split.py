@@ -70,4 +70,20 @@ def test_detection_config_without_its_split_names_the_file_and_the_option(tmp_pa
     assert str(err.value) == (
         "'data/coco128_split/instances_train.json' (train_dataloader.dataset.ann_file) does not "
         'exist: prepare the dataset there (docs/datasets.md) or pass --cfg-options '
-        'train_dataloader.dataset.ann_file=PATH.')
+        'train_dataloader.dataset.ann_file=PATH. Also missing: '
+        'train_dataloader.dataset.data_prefix.img, val_dataloader.dataset.ann_file, '
+        'val_dataloader.dataset.data_prefix.img, val_evaluator.ann_file.')
+    # the loaders set right, the evaluator's ground truth (read at the first validation) is named
+    (tmp_path / 'images').mkdir()
+    for loader in ('train', 'val'):
+        (tmp_path / f'{loader}.json').write_text('{}')
+        cfg[f'{loader}_dataloader'].dataset.ann_file = str(tmp_path / f'{loader}.json')
+        cfg[f'{loader}_dataloader'].dataset.data_prefix.img = str(tmp_path / 'images')
+    with pytest.raises(FileNotFoundError) as err:
+        check_data_roots(cfg)
+    assert str(err.value) == (
+        "'data/coco128_split/instances_val.json' (val_evaluator.ann_file) does not exist: the "
+        'metric reads its ground truth there; prepare the dataset (docs/datasets.md) or pass '
+        '--cfg-options val_evaluator.ann_file=PATH.')
+    cfg.val_evaluator.ann_file = str(tmp_path / 'val.json')
+    check_data_roots(cfg)

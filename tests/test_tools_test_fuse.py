@@ -242,8 +242,10 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
     dcfg, dckpt = result['config'], result['checkpoint']
     assert result['replaced'] == []
     if kind == 'seg-replknet':  # a second export into the same folder says what it replaced
-        again = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+        again = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64',
+                                        '--cfg-options', 'model.decode_head.dropout_ratio=0.25'])
         assert again['replaced'] == [dckpt, dcfg]
+        assert Config.fromfile(dcfg).model.decode_head.dropout_ratio == 0.25  # kept in the deploy config
     src, deploy = Config.fromfile(cfg).model, Config.fromfile(dcfg).model
     assert deploy.backbone.stage_with_doconv == (False,) * 4 and deploy.backbone.type == src.backbone.type
 
@@ -339,3 +341,50 @@ def test_tools_test_amp_runs_the_test_loop_under_autocast(tmp_path, capsys, monk
     fp32 = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wf')])
     assert set(seen) == {False}
     assert abs(amp['mIoU'] - fp32['mIoU']) < 5  # bf16 rounding may flip a few pixels, not more
+
+
+def test_tta_pipeline_derived_from_the_test_pipeline_flips_images_not_labels(tmp_path):
+    """--tta on a config without tta_pipeline: each image as it is and flipped, labels as loaded."""
+    from mmcv.transforms import Compose
+    from mmengine.registry import init_default_scope
+    from reparam_mm.apis import flip_tta_pipeline
+    init_default_scope('mmseg')
+    cfg = seg_config(make_ade(tmp_path / 'ade', n=1))
+    tta = flip_tta_pipeline(cfg['test_dataloader']['dataset']['pipeline'])
+    assert [t['type'] for t in tta] == ['LoadImageFromFile', 'Resize', 'TestTimeAug']
+    root = tmp_path / 'ade'
+    sample = dict(img_path=str(root / 'images/validation/ADE_val_00000000.jpg'),
+                  seg_map_path=str(root / 'annotations/validation/ADE_val_00000000.png'),
+                  reduce_zero_label=True, seg_fields=[])
+    views = Compose(tta)(dict(sample))
+    plain = Compose(cfg['test_dataloader']['dataset']['pipeline'])(dict(sample))
+    (img0, img1), (meta0, meta1) = views['inputs'], views['data_samples']
+    assert [meta0.flip, meta1.flip] == [False, True] and meta1.flip_direction == 'horizontal'
+    assert torch.equal(img0, plain['inputs']) and torch.equal(img1, plain['inputs'].flip(-1))
+    for meta in (meta0, meta1):  # the metric reads the labels as they are on disk
+        assert torch.equal(meta.gt_sem_seg.data, plain['data_samples'].gt_sem_seg.data)
+    det = flip_tta_pipeline(det_config(tmp_path)['test_dataloader']['dataset']['pipeline'])
+    assert det[-1]['transforms'][-1][0]['meta_keys'][-2:] == ('flip', 'flip_direction')
+    with pytest.raises(ValueError, match='must end in its Pack'):
+        flip_tta_pipeline([dict(type='LoadImageFromFile')])
+
+
+@pytest.mark.parametrize('kind', ['seg', 'det'])
+def test_tools_test_tta_without_tta_settings_uses_flip_tta(tmp_path, capsys, kind):
+    if kind == 'seg':
+        cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade', n=2)))
+        metric = 'mIoU'
+    else:
+        cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco', n=2)))
+        metric = 'coco/bbox_mAP'
+    test = load_tool('test')
+    plain = test.main([cfg, ckpt, '--work-dir', str(tmp_path / 'wp')])
+    capsys.readouterr()
+    fused = test.main([cfg, ckpt, '--tta', '--work-dir', str(tmp_path / 'wf')])
+    log = capsys.readouterr().out
+    model = 'SegTTAModel' if kind == 'seg' else 'DetTTAModel'
+    assert (f'--tta: the config has no tta_model or tta_pipeline; testing each image as it is and '
+            f'flipped, merged by {model}') in log
+    assert float(re.search(r'max rel diff ([0-9.e+-]+)', log).group(1)) < 1e-4  # fused check ran
+    unfused = test.main([cfg, ckpt, '--tta', '--no-fuse', '--work-dir', str(tmp_path / 'wu')])
+    assert fused == unfused and 0 <= fused[metric] <= 100 and metric in plain

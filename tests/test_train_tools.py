@@ -275,3 +275,19 @@ def test_file_checks_reach_wrapped_datasets_and_every_pretrained_spelling(tmp_pa
                 'torchvision://resnet50'):
         check_pretrained_files(Config(dict(model=dict(backbone=dict(
             init_cfg=dict(type='Pretrained', checkpoint=url))))))
+
+
+def test_a_launcher_without_its_processes_is_one_sentence(tmp_path, monkeypatch):
+    from reparam_mm.scope import ConfigError
+    from reparam_mm.train import check_launcher_env
+    for variable in ('RANK', 'SLURM_PROCID'):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ConfigError, match=r'^--launcher pytorch expects a process started by its '
+                                          r'launcher \(RANK is not set\); run it through '
+                                          r'tools/dist_train\.sh CONFIG N \(torchrun\)'):
+        check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'pytorch']))
+    with pytest.raises(ConfigError, match=r'SLURM_PROCID is not set\); run it through tools/slurm_train'):
+        check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'slurm']))
+    check_launcher_env(_cfg([_simple_cfg(tmp_path)]))  # one process: nothing to check
+    monkeypatch.setenv('RANK', '0')
+    check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'pytorch']))

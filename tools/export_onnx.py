@@ -19,11 +19,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.cli import run_tool  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
 from benchmarks.onnx_latency import latency_line, measure_latency  # noqa: E402
 from reparam_mm.apis import image_size  # noqa: E402
+from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.export import OPSET, TOLERANCE, export_onnx  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,7 +44,7 @@ def parse_args(argv=None):
                         help='two-stage detectors: proposals in the check input')
     parser.add_argument('--tolerance', type=float, default=TOLERANCE,
                         help='max relative difference onnxruntime vs PyTorch, per output')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override config settings, key=value pairs as in mmengine')
     parser.add_argument('--bench', type=int, default=0, metavar='N',
                         help='also time PyTorch and onnxruntime N times on the check input')

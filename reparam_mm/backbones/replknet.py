@@ -20,6 +20,7 @@ from ..checkpoint import compare_keys, mismatch_error
 from ..layers import large_kernel
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
+from ..scope import ConfigError
 from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['RepLKNet', 'RepLKBlock', 'ConvFFN', 'RepLKNetStage', 'ReparamLargeKernelConv',
@@ -98,9 +99,9 @@ class ReparamLargeKernelConv(BaseModule):
         super().__init__(init_cfg)
         if kernel_size % 2 == 0 or (small_kernel is not None and (
                 small_kernel % 2 == 0 or small_kernel > kernel_size)):
-            raise ValueError(f'kernel sizes must be odd with small_kernel <= kernel_size so the '
-                             f'small kernel pads centrally into the large one; got '
-                             f'kernel_size={kernel_size}, small_kernel={small_kernel}.')
+            raise ConfigError(f'kernel sizes must be odd with small_kernel <= kernel_size so the '
+                              f'small kernel pads centrally into the large one; got '
+                              f'kernel_size={kernel_size}, small_kernel={small_kernel}.')
         self.channels, self.kernel_size = channels, kernel_size
         self.small_kernel, self.stride = small_kernel, stride
         if small_kernel_merged:
@@ -224,13 +225,13 @@ def _arch_values(arch):
     missing = [k for k in keys if k not in arch]
     extra = [k for k in arch if k not in keys + ('ffn_ratio',)]
     if missing or extra:
-        raise ValueError(f'a RepLKNet arch dict needs exactly the keys {", ".join(keys)} '
-                         f'(ffn_ratio optional); missing {missing}, unknown {extra}.')
+        raise ConfigError(f'a RepLKNet arch dict needs exactly the keys {", ".join(keys)} '
+                          f'(ffn_ratio optional); missing {missing}, unknown {extra}.')
     arch = dict(arch, ffn_ratio=arch.get('ffn_ratio', 4))
     n = len(arch['layers'])
     if n == 0 or len(arch['channels']) != n or len(arch['large_kernel_sizes']) != n:
-        raise ValueError('a RepLKNet arch dict needs large_kernel_sizes, layers and channels of '
-                         f'the same non-zero length, got {arch}.')
+        raise ConfigError('a RepLKNet arch dict needs large_kernel_sizes, layers and channels of '
+                          f'the same non-zero length, got {arch}.')
     return arch
 
 

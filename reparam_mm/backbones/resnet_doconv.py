@@ -14,6 +14,7 @@ from mmengine.registry import MODELS
 from mmseg.models.backbones.resnet import ResNetV1c as MMSegResNetV1c
 
 from ..layers.convert import convert_to_doconv
+from ..scope import ConfigError
 
 __all__ = ['DOResNet', 'DOResNetV1c']
 
@@ -33,15 +34,15 @@ class _DOConvStages:
         num_stages = kwargs.get('num_stages', 4)
         flags = tuple(stage_with_doconv)
         if len(flags) != num_stages or not all(isinstance(f, bool) for f in flags):
-            raise ValueError(f'stage_with_doconv={stage_with_doconv!r} must hold one bool per '
-                             f'stage ({num_stages}), e.g. (False, True, True, True).')
+            raise ConfigError(f'stage_with_doconv={stage_with_doconv!r} must hold one bool per '
+                              f'stage ({num_stages}), e.g. (False, True, True, True).')
         if not isinstance(doconv_cfg, dict) or 'type' not in doconv_cfg:
-            raise ValueError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
-                             "dict(type='DOConv', D_mul=None).")
+            raise ConfigError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
+                              "dict(type='DOConv', D_mul=None).")
         dcn_stages = kwargs.get('stage_with_dcn', (False, ) * num_stages)
         if kwargs.get('dcn') is not None and any(a and b for a, b in zip(flags, dcn_stages)):
-            raise ValueError('A stage cannot use both DCN and DO-Conv for its 3x3 conv; set '
-                             'stage_with_dcn and stage_with_doconv on different stages.')
+            raise ConfigError('A stage cannot use both DCN and DO-Conv for its 3x3 conv; set '
+                              'stage_with_dcn and stage_with_doconv on different stages.')
         # set before the parent __init__, whose stage loop calls make_res_layer
         self.stage_with_doconv = flags
         self.doconv_cfg = dict(doconv_cfg)

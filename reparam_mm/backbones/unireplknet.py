@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..checkpoint import compare_keys, mismatch_error
 from ..layers.bn_fold import bn_folded_kernel
 from ..layers.large_kernel import LargeKernelDWConv2d
+from ..scope import ConfigError
 from .base import LargeKernelBackbone, _checkpointed
 
 __all__ = ['UniRepLKNet', 'UniRepLKNetBlock', 'DilatedReparamBlock', 'GRN', 'SEBlock',
@@ -210,8 +211,8 @@ class DilatedReparamBlock(BaseModule):
                  norm_cfg=dict(type='BN'), init_cfg=None):
         super().__init__(init_cfg)
         if kernel_size not in DILATED_BRANCHES:
-            raise ValueError(f'DilatedReparamBlock has no dilated branches for kernel_size='
-                             f'{kernel_size}; use one of {sorted(DILATED_BRANCHES)}.')
+            raise ConfigError(f'DilatedReparamBlock has no dilated branches for kernel_size='
+                              f'{kernel_size}; use one of {sorted(DILATED_BRANCHES)}.')
         self.channels, self.kernel_size = channels, kernel_size
         self.kernel_sizes, self.dilates = DILATED_BRANCHES[kernel_size]  # the authors' names
         self.lk_origin = LargeKernelDWConv2d(channels, kernel_size, bias=small_kernel_merged)
@@ -292,10 +293,10 @@ class UniRepLKNetBlock(BaseModule):
                  init_cfg=None):
         super().__init__(init_cfg)
         if kernel_size not in BLOCK_KERNELS:
-            raise ValueError(f'UniRepLKNet block kernel_size={kernel_size} is not supported; use '
-                             '0 (no depthwise conv), 3 or 5 (a plain depthwise conv) or one of '
-                             f'{", ".join(str(k) for k in BLOCK_KERNELS[3:])} '
-                             '(a DilatedReparamBlock).')
+            raise ConfigError(f'UniRepLKNet block kernel_size={kernel_size} is not supported; use '
+                              '0 (no depthwise conv), 3 or 5 (a plain depthwise conv) or one of '
+                              f'{", ".join(str(k) for k in BLOCK_KERNELS[3:])} '
+                              '(a DilatedReparamBlock).')
         if small_kernel_merged:
             conv_cfg = None
         if kernel_size == 0:
@@ -395,19 +396,19 @@ def _arch_values(arch):
     missing = [k for k in keys if k not in arch]
     extra = [k for k in arch if k not in keys]
     if missing or extra:
-        raise ValueError(f'a UniRepLKNet arch dict needs exactly the keys {", ".join(keys)}; '
-                         f'missing {missing}, unknown {extra}.')
+        raise ConfigError(f'a UniRepLKNet arch dict needs exactly the keys {", ".join(keys)}; '
+                          f'missing {missing}, unknown {extra}.')
     depths, dims = tuple(arch['depths']), tuple(arch['dims'])
     kernels = tuple(tuple(k) for k in arch['kernel_sizes'])
     if not depths or len(dims) != len(depths) or len(kernels) != len(depths) or any(
             len(k) != d for k, d in zip(kernels, depths)):
-        raise ValueError('a UniRepLKNet arch dict needs depths, dims and kernel_sizes of the same '
-                         'non-zero length, with one kernel size per block (len(kernel_sizes[i]) '
-                         f'== depths[i]); got {arch}.')
+        raise ConfigError('a UniRepLKNet arch dict needs depths, dims and kernel_sizes of the same '
+                          'non-zero length, with one kernel size per block (len(kernel_sizes[i]) '
+                          f'== depths[i]); got {arch}.')
     bad = sorted({k for stage in kernels for k in stage if k not in BLOCK_KERNELS})
     if bad:
-        raise ValueError(f'UniRepLKNet kernel sizes {bad} are not supported; use 0, 3, 5 or one '
-                         f'of {", ".join(str(k) for k in BLOCK_KERNELS[3:])}.')
+        raise ConfigError(f'UniRepLKNet kernel sizes {bad} are not supported; use 0, 3, 5 or one '
+                          f'of {", ".join(str(k) for k in BLOCK_KERNELS[3:])}.')
     return dict(depths=depths, dims=dims, kernel_sizes=kernels)
 
 

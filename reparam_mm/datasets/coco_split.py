@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from ..scope import ConfigError
+
 
 def split_coco(ann_file, out_dir, num_val=32, seed=0):
     """Write ``instances_train.json`` and ``instances_val.json`` under ``out_dir``; return
@@ -21,8 +23,8 @@ def split_coco(ann_file, out_dir, num_val=32, seed=0):
     data = json.loads(Path(ann_file).read_text())
     image_ids = sorted(image['id'] for image in data['images'])
     if not 0 < num_val < len(image_ids):
-        raise ValueError(f'num_val={num_val}: {ann_file} has {len(image_ids)} images, so the '
-                         f'validation split needs between 1 and {len(image_ids) - 1} of them.')
+        raise ConfigError(f'num_val={num_val}: {ann_file} has {len(image_ids)} images, so the '
+                          f'validation split needs between 1 and {len(image_ids) - 1} of them.')
     val_ids = set(random.Random(seed).sample(image_ids, num_val))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS, DefaultScope
 
 from ..layers.convert import convert_to_doconv, doconv_kinds
+from ..scope import ConfigError
 
 __all__ = ['build_with_doconv']
 
@@ -35,8 +36,8 @@ def build_with_doconv(module, include=None, exclude=None, doconv_cfg=None, regis
                       **module_args):
     """Build ``module`` with ``registry`` (default: the current scope's) and convert it."""
     if not isinstance(module, dict) or 'type' not in module:
-        raise ValueError(f"WithDOConv needs module=dict(type=..., ...), the config of the "
-                         f"backbone / neck / head to convert; got module={module!r}.")
+        raise ConfigError(f"WithDOConv needs module=dict(type=..., ...), the config of the "
+                          f"backbone / neck / head to convert; got module={module!r}.")
     cfg = dict(module, **module_args)
     if registry is None:
         scope = DefaultScope.get_current_instance()
