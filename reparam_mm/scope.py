@@ -1,6 +1,5 @@
 """Reading a config and applying ``--cfg-options`` to it, and which OpenMMLab package builds its
 model (its ``default_scope``)."""
-import difflib
 import importlib
 import os
 import re
@@ -31,9 +30,23 @@ class CfgOptionsAction(DictAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def _one_edit_apart(a, b):
+    """True when ``b`` is ``a`` with one character inserted, deleted, replaced, or two neighbours
+    swapped: the typing slips (``max_iter`` for ``max_iters``), not related names
+    (``stage_with_doconv`` beside ``stage_with_dcn``)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
 def _near_miss(cfg, key):
-    """``(written, existing)`` when ``key`` adds a name next to a near-identical existing one
-    (``train_cfg.max_iter`` beside ``max_iters``), else None."""
+    """``(written, existing)`` when ``key`` adds a name one typing slip away from one the config
+    has at that place (``train_cfg.max_iter`` beside ``max_iters``), else None."""
     node, parts = cfg, key.split('.')
     for i, part in enumerate(parts):
         if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
@@ -44,9 +57,9 @@ def _near_miss(cfg, key):
         if part in node:
             node = node[part]
             continue
-        close = difflib.get_close_matches(part, [k for k in node.keys() if isinstance(k, str)],
-                                          n=1, cutoff=0.8)
-        return ('.'.join(parts[:i + 1]), '.'.join(parts[:i] + close)) if close else None
+        close = sorted(k for k in node.keys()
+                       if isinstance(k, str) and len(part) >= 3 and _one_edit_apart(part, k))
+        return ('.'.join(parts[:i + 1]), '.'.join(parts[:i] + close[:1])) if close else None
     return None
 
 

@@ -231,19 +231,21 @@ def test_a_misspelt_cfg_option_is_refused_naming_the_key_the_config_has(tmp_path
     from mmengine.config import Config
 
     from reparam_mm.scope import ConfigError, merge_cfg_options
-    cfg = Config(dict(train_cfg=dict(max_iters=2), model=dict(backbone=dict(arch='tiny')),
-                      custom_hooks=[dict(type='FusedEvalHook')]))
+    cfg = Config(dict(train_cfg=dict(max_iters=2), custom_hooks=[dict(type='FusedEvalHook')],
+                      model=dict(backbone=dict(arch='tiny', stage_with_dcn=(False,) * 4, dcn=None))))
     for key, has in [('train_cfg.max_iter', 'train_cfg.max_iters'),
                      ('model.backbone.archh', 'model.backbone.arch'),
-                     ('custom_hooks.0.typ', 'custom_hooks.0.type')]:
+                     ('custom_hooks.0.tpye', 'custom_hooks.0.type')]:
         with pytest.raises(ConfigError, match=rf'^--cfg-options {key}: the config has no {key}, '
                                               rf'but has {has}; fix the spelling'):
             merge_cfg_options(cfg, {key: 1})
     assert cfg.train_cfg == dict(max_iters=2)  # nothing merged
-    # new keys that resemble nothing are merged, as mmengine does
+    # new keys are merged, as mmengine does, related names included (DO-Conv beside DCN)
     merge_cfg_options(cfg, {'load_from_partial': True, 'model.backbone.init_cfg.type': 'Pretrained',
-                            'train_cfg.max_iters': 5})
+                            'train_cfg.max_iters': 5, 'model.backbone.stage_with_doconv': (True,) * 4,
+                            'model.backbone.doconv_cfg.type': 'DOConv'})
     assert cfg.load_from_partial and cfg.model.backbone.init_cfg.type == 'Pretrained'
+    assert cfg.model.backbone.stage_with_doconv == (True,) * 4
     assert cfg.train_cfg.max_iters == 5
 
 
