@@ -31,17 +31,18 @@ class CfgOptionsAction(DictAction):
 
 
 def _one_edit_apart(a, b):
-    """True when ``b`` is ``a`` with one character inserted, deleted, replaced, or two neighbours
-    swapped: the typing slips (``max_iter`` for ``max_iters``), not related names
-    (``stage_with_doconv`` beside ``stage_with_dcn``)."""
-    if a == b or abs(len(a) - len(b)) > 1:
+    """True when ``b`` is ``a`` with one typing slip past the first letter: a character inserted,
+    deleted or replaced, or two neighbours swapped (``max_iter`` for ``max_iters``). Not related
+    names (``stage_with_doconv`` beside ``stage_with_dcn``), nor a new first letter (``dtype``
+    beside ``type``, both real keys of an optimizer wrapper)."""
+    if a == b or abs(len(a) - len(b)) > 1 or a[:1] != b[:1]:
         return False
     if len(a) == len(b):
         diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
         return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
                                   and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
     short, long_ = sorted((a, b), key=len)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+    return any(long_[:i] + long_[i + 1:] == short for i in range(1, len(long_)))
 
 
 def _near_miss(cfg, key):

@@ -232,6 +232,7 @@ def test_a_misspelt_cfg_option_is_refused_naming_the_key_the_config_has(tmp_path
 
     from reparam_mm.scope import ConfigError, merge_cfg_options
     cfg = Config(dict(train_cfg=dict(max_iters=2), custom_hooks=[dict(type='FusedEvalHook')],
+                      optim_wrapper=dict(type='AmpOptimWrapper'),
                       model=dict(backbone=dict(arch='tiny', stage_with_dcn=(False,) * 4, dcn=None))))
     for key, has in [('train_cfg.max_iter', 'train_cfg.max_iters'),
                      ('model.backbone.archh', 'model.backbone.arch'),
@@ -240,10 +241,11 @@ def test_a_misspelt_cfg_option_is_refused_naming_the_key_the_config_has(tmp_path
                                               rf'but has {has}; fix the spelling'):
             merge_cfg_options(cfg, {key: 1})
     assert cfg.train_cfg == dict(max_iters=2)  # nothing merged
-    # new keys are merged, as mmengine does, related names included (DO-Conv beside DCN)
+    # new keys are merged, as mmengine does, related names included (DO-Conv beside DCN, dtype
+    # beside type)
     merge_cfg_options(cfg, {'load_from_partial': True, 'model.backbone.init_cfg.type': 'Pretrained',
                             'train_cfg.max_iters': 5, 'model.backbone.stage_with_doconv': (True,) * 4,
-                            'model.backbone.doconv_cfg.type': 'DOConv'})
+                            'model.backbone.doconv_cfg.type': 'DOConv', 'optim_wrapper.dtype': 'bfloat16'})
     assert cfg.load_from_partial and cfg.model.backbone.init_cfg.type == 'Pretrained'
     assert cfg.model.backbone.stage_with_doconv == (True,) * 4
     assert cfg.train_cfg.max_iters == 5
