@@ -298,8 +298,9 @@ def test_config_errors_end_the_tools_with_their_sentence(tmp_path, capsys, case)
         expected = (f'error: --out {tmp_path}/d.json: detection results are dumped to a pickle '
                     'file; give a path ending in .pkl.')
     else:
-        config = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
-        status = run_tool(train_main, [str(config), '--work-dir', str(tmp_path / 'w'),
+        from test_train_tools import DOCONV_REPLKNET_DEMO
+        config = tiny_demo_config(tmp_path, base=DOCONV_REPLKNET_DEMO)  # with its data, as a clone lacks it
+        status = run_tool(train_main, [config, '--work-dir', str(tmp_path / 'w'),
                                        '--cfg-options', 'model.backbone.arch=tinny'])
         expected = "error: RepLKNet arch 'tinny' is unknown; use one of 31B, 31L, XL, tiny"
     assert status == 1
