@@ -150,11 +150,12 @@ def state_dict_of(checkpoint, name='checkpoint'):
 
 def compare_keys(expected, state, allowed_missing=()):
     """``(missing, unexpected, wrong_shapes)`` of ``state`` against ``expected`` (key ->
-    shape, or None where any shape is accepted); ``allowed_missing`` keys may be absent."""
+    shape, or None where any shape is accepted, on either side); ``allowed_missing`` keys may be
+    absent."""
     missing = [k for k in expected if k not in state and k not in allowed_missing]
     unexpected = [k for k in state if k not in expected]
     shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(s)}' for k, s in expected.items()
-              if s is not None and k in state and tuple(state[k].shape) != tuple(s)]
+              if s is not None and state.get(k) is not None and tuple(state[k].shape) != tuple(s)]
     return missing, unexpected, shapes
 
 
@@ -206,28 +207,28 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
 
 
 def loadable_state_keys(model, state_dict):
-    """``(keys, allowed_missing)``: ``state_dict``'s keys as ``model.load_state_dict`` takes
-    them, and the model keys it may leave out.
+    """``(state, allowed_missing)``: ``state_dict`` as ``model.load_state_dict`` takes it (key ->
+    tensor, None for a key a layer fills from another), and the model keys it may leave out.
 
     A DO-Conv layer takes a plain conv's ``weight`` into its W (its D restarts at zero, so the
     layer equals that conv: a plain model's checkpoint starts a DO-Conv model) and drops the
     authors' frozen identity ``d_diag`` / ``D_diag``.
     """
     from .layers.doconv import DOConv2d
-    keys = dict.fromkeys(state_dict)
+    state = dict(state_dict)
     allowed = set()
     for name, module in _target(model).named_modules():
         if not isinstance(module, DOConv2d):
             continue
         p = f'{name}.' if name else ''
         for diag in ('d_diag', 'D_diag'):
-            keys.pop(p + diag, None)
-        if p + 'weight' in keys and p + 'W' not in keys:
-            keys.pop(p + 'weight')
-            keys[p + 'W'] = None
+            state.pop(p + diag, None)
+        if p + 'weight' in state and p + 'W' not in state:
+            state.pop(p + 'weight')
+            state[p + 'W'] = None
             if module.D is not None:
                 allowed.add(p + 'D')
-    return list(keys), allowed
+    return state, allowed
 
 
 def check_training_load(model, checkpoint, filename, resume=False, partial=False):
@@ -241,14 +242,9 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
     ``load_from`` and logs what was left out; a resume is never partial.
     """
     from mmengine.logging import print_log
-    state = state_dict_of(checkpoint, f'checkpoint {filename}')
-    keys, allowed = loadable_state_keys(model, state)
-    target = _target(model).state_dict()
-    expected = {k: v.shape for k, v in target.items()}
-    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k])}' for k in keys
-              if k in expected and k in state and tuple(state[k].shape) != tuple(expected[k])]
-    missing = [k for k in expected if k not in keys and k not in allowed]
-    unexpected = [k for k in keys if k not in expected]
+    loadable, allowed = loadable_state_keys(model, state_dict_of(checkpoint, f'checkpoint {filename}'))
+    expected = {k: v.shape for k, v in _target(model).state_dict().items()}
+    missing, unexpected, shapes = compare_keys(expected, loadable, allowed)
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     what = f"{'--resume' if resume else 'load_from'} {filename}"
     if not resume and partial:

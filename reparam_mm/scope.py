@@ -58,8 +58,9 @@ def _near_miss(cfg, key):
         if part in node:
             node = node[part]
             continue
-        close = sorted(k for k in node.keys()
-                       if isinstance(k, str) and len(part) >= 3 and _one_edit_apart(part, k))
+        if len(part) < 3:  # too short to tell a slip from another name
+            return None
+        close = sorted(k for k in node.keys() if isinstance(k, str) and _one_edit_apart(part, k))
         return ('.'.join(parts[:i + 1]), '.'.join(parts[:i] + close[:1])) if close else None
     return None
 
