@@ -23,6 +23,9 @@ TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 # what mmengine's registry says for a config ``type`` it does not know
 _UNKNOWN_TYPE = re.compile(r'^(\S+) is not in the (\S+) registry')
 _BAD_KEYWORD = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+# what torch's BatchNorm says in training when a batch holds one value per channel
+_ONE_VALUE_PER_CHANNEL = re.compile(r'^Expected more than 1 value per channel when training, '
+                                    r'got input size torch\.Size\((\[[\d, ]*\])\)')
 
 
 def _raised_by_registry_call(error):
@@ -42,7 +45,8 @@ def input_error_message(error):
     """The one sentence to print for ``error``, or None when it is not bad input.
 
     Besides :data:`INPUT_ERRORS`, two errors of mmengine's registry come from the config alone:
-    an unknown ``type``, and a keyword the class it builds does not take (a misspelt key).
+    an unknown ``type``, and a keyword the class it builds does not take (a misspelt key); and
+    one of torch's, from the batch size: BatchNorm training on one value per channel.
     """
     if isinstance(error, INPUT_ERRORS):
         return str(error)
@@ -57,6 +61,13 @@ def input_error_message(error):
         return (f'{keyword.group(1)} does not take {keyword.group(2)!r}, which the config (or '
                 f'--cfg-options) gives it: fix or remove that key ({TRACEBACK_ENV}=1 shows '
                 'where it was built).')
+    one_value = _ONE_VALUE_PER_CHANNEL.match(text)
+    if isinstance(error, ValueError) and one_value:
+        return (f'a BatchNorm layer got one value per channel in training (input size '
+                f'{one_value.group(1)}): one image per process, pooled to 1x1 (as UPerHead / '
+                "PSPHead's pool scale 1), leaves it nothing to normalise over; train with at least "
+                '2 images per process (--cfg-options train_dataloader.batch_size=2), or on several '
+                'GPUs with SyncBN, which normalises over the images of all processes.')
     return None
 
 

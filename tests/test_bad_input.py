@@ -305,3 +305,21 @@ def test_config_errors_end_the_tools_with_their_sentence(tmp_path, capsys, case)
         expected = "error: RepLKNet arch 'tinny' is unknown; use one of 31B, 31L, XL, tiny"
     assert status == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(expected)
+
+
+def test_training_batchnorm_on_one_image_per_process_names_the_batch_size(tmp_path, capsys):
+    """UPerHead's pool scale 1 leaves BatchNorm one value per channel at batch size 1 (torch's
+    ValueError, which mmseg's own tool prints as a traceback after the first forward)."""
+    from reparam_mm.cli import run_tool
+    from reparam_mm.train import main as train_main
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    capsys.readouterr()
+    assert run_tool(train_main, [cfg, '--work-dir', str(tmp_path / 'wd'),
+                                 '--cfg-options', 'train_dataloader.batch_size=1']) == 1
+    # (only the error lines: a logging handler of an earlier test may complain on stderr here)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith('error')] == [
+        'error: a BatchNorm layer got one value per channel in training (input size [1, 128, 1, 1]): '
+        "one image per process, pooled to 1x1 (as UPerHead / PSPHead's pool scale 1), leaves it "
+        'nothing to normalise over; train with at least 2 images per process (--cfg-options '
+        'train_dataloader.batch_size=2), or on several GPUs with SyncBN, which normalises over the '
+        'images of all processes.']
