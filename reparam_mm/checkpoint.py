@@ -247,7 +247,14 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
     missing, unexpected, shapes = compare_keys(expected, loadable, allowed)
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     what = f"{'--resume' if resume else 'load_from'} {filename}"
+    # DO-Conv layers the checkpoint fills from a plain conv: mmengine lists their D as missing
+    from_plain = sorted(k[:-len('.D')] for k in allowed if k not in loadable)
+    said = (f'{what}: {len(from_plain)} DO-Conv layer(s) start from the checkpoint\'s plain conv '
+            f'(W = its weight, D = 0: the same convolution), e.g. {_few(from_plain, 2)}; the '
+            "'missing keys ... .D' mmengine logs for them are expected.") if from_plain else None
     if not resume and partial:
+        if said:
+            print_log(said, logger='current')
         if missing or unexpected or shapes:
             print_log(f'{what}: loading {len(expected) - len(missing) - len(shapes)} of '
                       f'{len(expected)} model tensors (load_from_partial=True); left at their '
@@ -264,6 +271,8 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
                            f'{_mismatch_hint(meta, missing, unexpected, shapes)}; {fix}')
     if error is not None:
         raise error
+    if said:
+        print_log(said, logger='current')
     if resume and not (isinstance(checkpoint, dict) and 'message_hub' in checkpoint
                        and 'iter' in (meta or {})):
         raise CheckpointMismatchError(

@@ -1,5 +1,7 @@
 import atexit
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -40,6 +42,22 @@ def import_ecosystem(module):
         if os.environ.get('REPARAM_MM_ECOSYSTEM') == 'required':
             pytest.fail(f'{why}; REPARAM_MM_ECOSYSTEM=required says it must here.')
         pytest.skip(why)
+
+
+@contextlib.contextmanager
+def mmengine_log():
+    """The records ``print_log(logger='current')`` sends while inside. Tests read them here, not
+    from capsys: mmengine's stream handler may still hold an earlier test's captured stdout.
+    Tests import it as ``from conftest import mmengine_log``."""
+    from mmengine.logging import MMLogger
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def load_tool(name):

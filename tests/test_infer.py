@@ -1,6 +1,5 @@
 """tools/infer.py and reparam_mm.inference: predictions of the fused model on image files, against
 the upstream inferencers running the unfused model (an independent reference)."""
-import contextlib
 import json
 import logging
 
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 import reparam_mm  # noqa: F401
-from conftest import load_tool
+from conftest import load_tool, mmengine_log
 from reparam_mm.checkpoint import CheckpointMismatchError
 from reparam_mm.cli import run_tool
 from reparam_mm.inference import fused_inferencer, image_files
@@ -30,21 +29,6 @@ def _case(tmp_path, cfg_dict, meta):
     return cfg, ckpt
 
 
-@contextlib.contextmanager
-def _mmengine_log():
-    """The messages print_log(logger='current') sends while inside (its stream handler may hold an
-    earlier test's captured stdout, so capsys cannot be relied on)."""
-    from mmengine.logging import MMLogger
-    records, handler = [], logging.Handler()
-    handler.emit = records.append
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-
-
 def _with_visualizer(cfg, kind):
     """The config with a visualizer, which the upstream inferencers need (the test configs have
     none, so tools/infer.py paints with the package's default one)."""
@@ -59,7 +43,7 @@ def test_segmentor_fused_predictions_equal_the_upstream_inferencer_unfused(tmp_p
     images = make_ade(tmp_path / 'ade') / 'images/validation'
     cfg, ckpt = _case(tmp_path, seg_config(tmp_path / 'ade'), SEG_META)
     out = tmp_path / 'out'
-    with _mmengine_log() as records:
+    with mmengine_log() as records:
         result = load_tool('infer').main([cfg, ckpt, str(images), '--out-dir', str(out), '--device', 'cpu'])
     log = capsys.readouterr().out
     assert 'fused 29 module(s) (DOConv2d: 29)' in log and 'fused model predicted 4 image(s)' in log
@@ -118,7 +102,7 @@ def test_the_first_batch_check_catches_a_wrong_fuse(tmp_path):
     inferencer = fused_inferencer(cfg, ckpt, device='cpu')
     with torch.no_grad():  # as a fuse method that got the arithmetic wrong would leave it
         inferencer.model.decode_head.conv_seg.weight.mul_(1.5)
-    with _mmengine_log() as records:
+    with mmengine_log() as records:
         inferencer(image_files([images]))
     assert inferencer.last_check['max_rel'] > 1e-2
     warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
