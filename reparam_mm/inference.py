@@ -21,6 +21,7 @@ import logging
 import os
 import os.path as osp
 
+import torch
 from mmengine.logging import print_log
 from mmengine.model import revert_sync_batchnorm
 
@@ -29,6 +30,7 @@ from .checkpoint import STRICT_FIX, check_checkpoint_file, check_state_dict, sta
 from .fuse import fuse_with_report
 from .outputs import compare_models
 from .scope import ConfigError, init_scope, load_config, merge_cfg_options
+from .train import NotAvailableHereError
 
 __all__ = ['fused_inferencer', 'image_files', 'TOLERANCE']
 
@@ -83,6 +85,28 @@ def _log_check(result, tolerance):
                   'the fused layers (see the fuse report).', logger='current', level=logging.WARNING)
 
 
+def check_device(device):
+    """``device`` (None: the inferencer's choice) if torch can place a model there, else one
+    sentence: a malformed name, CUDA asked of a machine without it, a GPU index it lacks."""
+    if device is None:
+        return None
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device name; use 'cpu', 'cuda' or "
+                          "'cuda:N'.") from None
+    if where.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise NotAvailableHereError(f'--device {device} needs a CUDA GPU and this machine has '
+                                        f'none (torch {torch.__version__}); leave --device out to '
+                                        'predict on the CPU.')
+        if where.index is not None and where.index >= count:
+            raise NotAvailableHereError(f'--device {device} names GPU {where.index}, but this '
+                                        f'machine has {count} (cuda:0 to cuda:{count - 1}).')
+    return device
+
+
 def _inferencer_class(scope):
     if scope == 'mmseg':
         from mmseg.apis import MMSegInferencer as base
@@ -121,7 +145,7 @@ def fused_inferencer(config, checkpoint, device=None, fuse=True, check=True, tol
         raise ConfigError('inference needs the trained weights: pass the checkpoint the config '
                           'was trained to (a config alone predicts from random weights).')
     check_checkpoint_file(checkpoint, fix=STRICT_FIX)
-    return _inferencer_class(scope)(cfg, checkpoint, device=device, fuse=fuse, check=check,
+    return _inferencer_class(scope)(cfg, checkpoint, device=check_device(device), fuse=fuse, check=check,
                                     tolerance=tolerance, scope=scope, **kwargs)
 
 

@@ -132,3 +132,16 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith('error: ') for line in err)
     assert 'nope.pth does not exist' in err[0] and 'missing.jpg does not exist' in err[1]
     assert 'use the deploy config written beside it' in err[2]
+
+
+def test_a_device_this_machine_lacks_is_one_sentence():
+    from reparam_mm.inference import check_device
+    from reparam_mm.train import NotAvailableHereError
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = 'cuda' if count == 0 else f'cuda:{count}'  # no GPU at all, or one index past the last
+    with pytest.raises(NotAvailableHereError, match=rf'^--device {missing} (needs a CUDA GPU and this '
+                                                   rf'machine has none|names GPU {count}, but)'):
+        check_device(missing)
+    with pytest.raises(ConfigError, match=r"^--device 'gpu0' is not a device name; use 'cpu'"):
+        check_device('gpu0')
+    assert check_device('cpu') == 'cpu' and check_device(None) is None
