@@ -2,11 +2,12 @@
 
 * :class:`SavePredictionsHook` (what ``tools/test.py --show-dir D`` adds): paints each
   test image's prediction (beside its ground truth where the pipeline loads it) with the
-  config's mmseg / mmdet visualizer and writes ``D/<image name>.png``, one per image.
-  mmseg 1.2.2's ``SegVisualizationHook`` paints only every ``interval``-th (50th) batch,
-  so a small test set gave no picture at all; mmdet 3.3.0's ``DetVisualizationHook`` joins
-  a relative ``test_out_dir`` under ``work_dir/timestamp`` again on every batch, nesting
-  the pictures one level deeper each time.
+  config's mmseg / mmdet visualizer and writes ``D/<image name>.png``, one per image; a
+  relative ``D`` lies under ``work_dir/<timestamp>/``, where mmseg's and mmdet's
+  ``--show-dir`` put it. mmseg 1.2.2's ``SegVisualizationHook`` paints only every
+  ``interval``-th (50th) batch, so a small test set gave no picture at all; mmdet 3.3.0's
+  ``DetVisualizationHook`` joins a relative ``test_out_dir`` under ``work_dir/timestamp``
+  again on every batch, nesting the pictures one level deeper each time.
 * :func:`segmentation_grid`: rows of input / ground truth / prediction in one small PNG;
   :func:`onnx_segmentation_grid` fills the prediction column from an exported ONNX file.
 """
@@ -16,6 +17,7 @@ import warnings
 
 import numpy as np
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 __all__ = ['SavePredictionsHook', 'segmentation_grid', 'onnx_segmentation_grid', 'colorize']
@@ -35,7 +37,8 @@ class SavePredictionsHook(Hook):
     """Write every test image's painted prediction to ``out_dir`` as ``<image name>.png``.
 
     Args:
-        out_dir (str): folder for the pictures (created; relative to the current directory).
+        out_dir (str): folder for the pictures (created); a relative one is taken under the
+            run's ``work_dir/<timestamp>/``, as mmseg's and mmdet's ``--show-dir``.
         draw_gt (bool): paint the ground truth beside the prediction when the test
             pipeline loads it. Defaults to True.
         score_thr (float): detectors: lowest score of a painted box. Defaults to 0.3
@@ -49,13 +52,20 @@ class SavePredictionsHook(Hook):
         self.score_thr = score_thr
         self.backend_args = backend_args
         self.written = []  # paths written by the latest test
+        self.folder = None  # where the latest test wrote them
         self._names = set()
         self._painter = None
         self._warned = False
 
     def before_test(self, runner) -> None:
-        os.makedirs(self.out_dir, exist_ok=True)
+        # an absolute out_dir is kept as given (os.path.join drops what precedes it)
+        self.folder = osp.join(runner.work_dir, runner.timestamp, self.out_dir)
+        os.makedirs(self.folder, exist_ok=True)
         self.written, self._names, self._painter = [], set(), None
+
+    def after_test(self, runner) -> None:
+        print_log(f'--show-dir: painted {len(self.written)} test image(s) to '
+                  f'{osp.abspath(self.folder)}', logger='current')
 
     def _get_painter(self, runner, sample):
         if self._painter is not None:
@@ -77,7 +87,7 @@ class SavePredictionsHook(Hook):
             n += 1
             name = f'{stem}_{n}'
         self._names.add(name)
-        return osp.join(self.out_dir, f'{name}.png')
+        return osp.join(self.folder, f'{name}.png')
 
     def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         import mmcv

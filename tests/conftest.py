@@ -46,18 +46,24 @@ def import_ecosystem(module):
 
 @contextlib.contextmanager
 def mmengine_log():
-    """The records ``print_log(logger='current')`` sends while inside. Tests read them here, not
-    from capsys: mmengine's stream handler may still hold an earlier test's captured stdout.
-    Tests import it as ``from conftest import mmengine_log``."""
+    """The records every mmengine logger (``print_log``, runners' loggers, including ones created
+    inside) handles while inside. Tests read them here, not from capsys: mmengine's stream
+    handler may still hold an earlier test's captured stdout. Tests import it as
+    ``from conftest import mmengine_log``."""
     from mmengine.logging import MMLogger
-    records, handler = [], logging.Handler()
-    handler.emit = records.append
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
+    records, handle, own = [], MMLogger.handle, 'handle' in vars(MMLogger)
+
+    def recorded(self, record):
+        records.append(record)
+        return handle(self, record)
+    MMLogger.handle = recorded
     try:
         yield records
     finally:
-        logger.removeHandler(handler)
+        if own:
+            MMLogger.handle = handle
+        else:
+            del MMLogger.handle
 
 
 def load_tool(name):

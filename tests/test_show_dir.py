@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import reparam_mm  # noqa: F401
-from conftest import load_tool
+from conftest import load_tool, mmengine_log
 from test_tools_test_fuse import det_config, make_coco, write_case
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +41,17 @@ def test_show_dir_on_the_demo_model_writes_one_picture_per_test_image(tmp_path, 
 
 
 def test_show_dir_for_a_detector_with_a_relative_folder_does_not_nest(tmp_path, monkeypatch):
+    """A relative folder lies under work_dir/<timestamp>/, as mmseg's and mmdet's tools document
+    (mmdet's own hook nested it one level deeper on every batch), and nowhere else."""
     cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco', n=3)))
     monkeypatch.chdir(tmp_path)
-    load_tool('test').main([cfg, ckpt, '--work-dir', 'w', '--show-dir', 'pics'])
+    with mmengine_log() as records:
+        load_tool('test').main([cfg, ckpt, '--work-dir', 'w', '--show-dir', 'pics'])
     pictures = sorted(tmp_path.glob('**/*.png'))
+    timestamps = [p.name for p in (tmp_path / 'w').iterdir() if p.is_dir()]
+    assert len(timestamps) == 1
     assert [p.relative_to(tmp_path).as_posix() for p in pictures] == \
-        ['pics/000000.png', 'pics/000001.png', 'pics/000002.png']
+        [f'w/{timestamps[0]}/pics/{i:06d}.png' for i in range(3)]
     assert all(np.array(Image.open(p)).shape == (64, 128, 3) for p in pictures)
+    said = [r.getMessage() for r in records if r.getMessage().startswith('--show-dir')]
+    assert said == [f'--show-dir: painted 3 test image(s) to {tmp_path}/w/{timestamps[0]}/pics']
