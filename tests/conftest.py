@@ -1,7 +1,6 @@
 import atexit
 import contextlib
 import importlib.util
-import logging
 import os
 import shutil
 import sys
