@@ -62,7 +62,16 @@ def unreadable_reason(filename, error=None, thorough=True):
         cut = isinstance(error, EOFError) or any(
             sign in str(error) for sign in ('truncated', 'unexpected EOF'))
         return f'is truncated ({size:,} bytes; its data ends early)' if cut else None
+    for magic, kind in _OTHER_FILES:
+        if head.startswith(magic):
+            return f'is {kind}, not a PyTorch checkpoint'
     return f'is not a PyTorch checkpoint (it starts with {head!r})'
+
+
+# files that get passed for a checkpoint by mistake (arguments in another order): said by name,
+# without the advice for a damaged download
+_OTHER_FILES = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'), (b'GIF8', 'a GIF image'),
+                (b'%PDF', 'a PDF document'))
 
 
 def load_from_local(filename, map_location=None):
@@ -81,6 +90,10 @@ def load_from_local(filename, map_location=None):
 
 
 def _read_error(filename, reason):
+    if any(reason == f'is {kind}, not a PyTorch checkpoint' for _, kind in _OTHER_FILES):
+        return CheckpointReadError(f'checkpoint {filename} {reason}; pass the .pth file written by '
+                                   'training or tools/fuse.py in its place (the tools take the '
+                                   'config first, then the checkpoint).')
     return CheckpointReadError(
         f'checkpoint {filename} {reason}: it was cut off or damaged while being written, '
         'copied or downloaded, so copy or download it again, or use another checkpoint such '
@@ -180,6 +193,17 @@ def _target(model):
     return model.module if isinstance(model, BaseTTAModel) else model
 
 
+def _task_of(keys):
+    """'segmentor' / 'detector' when ``keys`` hold the heads of one (mmseg's decode_head; mmdet's
+    rpn_head / roi_head / bbox_head), else None."""
+    heads = {k.split('.', 1)[0] for k in keys}
+    if 'decode_head' in heads:
+        return 'segmentor'
+    if heads & {'rpn_head', 'roi_head', 'bbox_head'}:
+        return 'detector'
+    return None
+
+
 def _mismatch_hint(meta, missing, unexpected, shapes):
     """Why a whole-model checkpoint does not match its config, and which config it needs."""
     info = (meta or {}).get('reparam_mm', {})
@@ -189,6 +213,9 @@ def _mismatch_hint(meta, missing, unexpected, shapes):
     elif shapes and not (missing or unexpected):  # fused and unfused forms differ in keys
         hint = ('the same layers with other sizes: it was trained with another variant of this '
                 'config (e.g. another num_classes or width); use the config it was trained with')
+    elif _task_of(missing) and _task_of(unexpected) and _task_of(missing) != _task_of(unexpected):
+        hint = (f'it is a {_task_of(unexpected)} checkpoint and the config builds a '
+                f'{_task_of(missing)}: use the config it was trained with')
     else:
         hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
                 'the deploy config written by tools/fuse.py; a checkpoint of another model needs '

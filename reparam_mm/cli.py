@@ -9,15 +9,18 @@ import re
 import sys
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError
+from .inference import FusedCheckError
 from .scope import ConfigError, ConfigImportError
 from .train import NotAvailableHereError
 
 __all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool']
 
 #: errors that name a file, checkpoint, config setting or flag the user gave (or hardware it
-#: needs), and the fix
+#: needs), and the fix; and a fused model that failed its check (tools/infer.py), which names
+#: the fix too
 INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, CheckpointMismatchError,
-                CheckpointReadError, ConfigError, ConfigImportError, NotAvailableHereError)
+                CheckpointReadError, ConfigError, ConfigImportError, NotAvailableHereError,
+                FusedCheckError)
 TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 
 # what mmengine's registry says for a config ``type`` it does not know

@@ -12,7 +12,7 @@ import reparam_mm  # noqa: F401
 from conftest import load_tool, mmengine_log
 from reparam_mm.checkpoint import CheckpointMismatchError
 from reparam_mm.cli import run_tool
-from reparam_mm.inference import fused_inferencer, image_files
+from reparam_mm.inference import FusedCheckError, fused_inferencer, image_files, predict_images
 from reparam_mm.scope import ConfigError
 from test_tools_test_fuse import det_config, make_ade, make_coco, seg_config, write_case
 
@@ -50,11 +50,14 @@ def test_segmentor_fused_predictions_equal_the_upstream_inferencer_unfused(tmp_p
     checks = [r for r in records if 'fused vs unfused outputs' in r.getMessage()]
     assert len(checks) == 1 and checks[0].levelno == logging.INFO  # first batch only, within tolerance
     files = image_files([images])
-    reference = MMSegInferencer(model=_with_visualizer(cfg, 'SegLocalVisualizer'), weights=ckpt, device='cpu')(files, return_datasamples=True)
+    reference = MMSegInferencer(model=_with_visualizer(cfg, 'SegLocalVisualizer'), weights=ckpt,
+                                device='cpu')(files, return_datasamples=True)
     assert len(result['predictions']) == 4
     for i, (pred, ref) in enumerate(zip(result['predictions'], reference)):
         assert np.array_equal(pred, ref.pred_sem_seg.data[0].numpy())
-        assert np.array_equal(np.array(Image.open(out / 'pred' / f'{i:08d}_pred.png')), pred)
+        # named after the image, where upstream writes 0000000i_pred.png
+        assert np.array_equal(np.array(Image.open(out / 'pred' / f'ADE_val_{i:08d}.png')), pred)
+    assert len(list((out / 'pred').iterdir())) == 4
     painted = sorted(p.name for p in (out / 'vis').iterdir())
     assert painted == [f'ADE_val_{i:08d}.jpg' for i in range(4)]
     assert Image.open(out / 'vis' / painted[0]).size == (64, 64)
@@ -102,17 +105,83 @@ def test_the_first_batch_check_catches_a_wrong_fuse(tmp_path):
     inferencer = fused_inferencer(cfg, ckpt, device='cpu')
     with torch.no_grad():  # as a fuse method that got the arithmetic wrong would leave it
         inferencer.model.decode_head.conv_seg.weight.mul_(1.5)
-    with mmengine_log() as records:
-        inferencer(image_files([images]))
-    assert inferencer.last_check['max_rel'] > 1e-2
+    with mmengine_log() as records, pytest.raises(FusedCheckError, match=r'above the tolerance 1e-04: '
+                                                  r'the predictions written to .* --no-fuse'):
+        predict_images(inferencer, image_files([images]), str(tmp_path / 'out'))
+    assert inferencer.last_check['max_rel'] > 1e-2 and inferencer.check_failed
+    assert (tmp_path / 'out/pred/ADE_val_00000000.png').is_file()  # written, then the error
     warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and 'ABOVE the tolerance 1e-04' in warned[0] and '--no-fuse' in warned[0]
+
+
+def test_class_names_come_from_the_checkpoint_else_the_config_and_paint_the_pictures(tmp_path):
+    """mmseg 1.2.2's inferencer paints with Cityscapes' names and colours whatever the model,
+    and falls back to them (mmdet: to COCO's) for a checkpoint without dataset_meta."""
+    make_ade(tmp_path / 'ade', n=1)
+    cfg, ckpt = _case(tmp_path, seg_config(tmp_path / 'ade'), SEG_META)
+    inferencer = fused_inferencer(cfg, ckpt, device='cpu')
+    assert inferencer.visualizer.dataset_meta['classes'] == list(SEG_META['classes'])
+    assert inferencer.visualizer.dataset_meta['palette'] == SEG_META['palette']
+    bare = tmp_path / 'bare.pth'  # a checkpoint saved by hand: weights only
+    torch.save(dict(state_dict=torch.load(ckpt, weights_only=True)['state_dict']), bare)
+    from mmseg.datasets import ADE20KDataset
+    with mmengine_log() as records:
+        inferencer = fused_inferencer(cfg, str(bare), device='cpu')
+    assert inferencer.model.dataset_meta['classes'] == ADE20KDataset.METAINFO['classes']
+    assert inferencer.visualizer.dataset_meta['classes'] == list(ADE20KDataset.METAINFO['classes'])
+    assert any("using those of the config's test dataset (150 classes)" in r.getMessage() for r in records)
+    (tmp_path / 'det').mkdir()
+    cfg_det, ckpt_det = _case(tmp_path / 'det', det_config(make_coco(tmp_path / 'coco', n=1)), DET_META)
+    torch.save(dict(state_dict=torch.load(ckpt_det, weights_only=True)['state_dict']), bare)
+    detector = fused_inferencer(cfg_det, str(bare), device='cpu', show_progress=False)
+    assert detector.model.dataset_meta['classes'] == ('person', 'car')  # the config's metainfo
+
+
+def test_inputs_are_checked_before_a_model_is_built(tmp_path):
+    make_ade(tmp_path / 'ade', n=2)
+    folder = tmp_path / 'ade/images/validation'
+    (folder / 'notes.txt').write_text('not an image')  # skipped: not an image name
+    assert [p.rsplit('/', 1)[1] for p in image_files([folder])] == ['ADE_val_00000000.jpg',
+                                                                   'ADE_val_00000001.jpg']
+    (folder / 'fake.jpg').write_text('not an image either')
+    with pytest.raises(ConfigError, match=r'fake\.jpg is not an image that can be read '
+                                          r'\(UnidentifiedImageError\)'):
+        image_files([folder])
+    (folder / 'fake.jpg').unlink()
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'ADE_val_00000001.jpg').write_bytes((folder / 'ADE_val_00000000.jpg').read_bytes())
+    with pytest.raises(ConfigError, match=r'share the file name ADE_val_00000001\.jpg, after which '
+                                          r'their predictions are written'):
+        image_files([folder, other])
+    with pytest.raises(ConfigError, match='share the file name'):
+        image_files([folder / 'ADE_val_00000000.jpg', folder / 'ADE_val_00000000.jpg'])
+
+
+def test_segmentation_batches_need_one_image_size_and_give_the_same_predictions(tmp_path):
+    images = make_ade(tmp_path / 'ade', n=3) / 'images/validation'
+    cfg, ckpt = _case(tmp_path, seg_config(tmp_path / 'ade'), SEG_META)
+    files = image_files([images])
+    inferencer = fused_inferencer(cfg, ckpt, device='cpu')
+    one = predict_images(inferencer, files, str(tmp_path / 'one'), paint=False)['predictions']
+    two = predict_images(inferencer, files, str(tmp_path / 'two'), batch_size=2, paint=False)['predictions']
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert not (tmp_path / 'one/vis').exists() and len(list((tmp_path / 'two/pred').iterdir())) == 3
+    Image.open(files[1]).resize((48, 40)).save(files[1])
+    with pytest.raises(ConfigError, match=r'--batch-size 2: a segmentation batch needs images of one '
+                                          r'size, and .*_00000000\.jpg is 64x64 where .*_00000001\.jpg '
+                                          r'is 48x40; use --batch-size 1'):
+        predict_images(inferencer, files, str(tmp_path / 'three'), batch_size=2)
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ConfigError, match=r'--out-dir .*file is a file; name a folder'):
+        predict_images(inferencer, files, str(tmp_path / 'file'))
 
 
 def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys):
     from reparam_mm.apis import export_deploy
     images = make_ade(tmp_path / 'ade', n=1) / 'images/validation'
     cfg, ckpt = _case(tmp_path, seg_config(tmp_path / 'ade'), SEG_META)
+    (tmp_path / 'det').mkdir()
     deploy = export_deploy(cfg, ckpt, str(tmp_path / 'deploy'), shape=(64, 64))
     # a deploy checkpoint under its training config: upstream would load what matches and predict
     with pytest.raises(CheckpointMismatchError, match=r'deploy \(fused\) checkpoint written by '
@@ -132,6 +201,19 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith('error: ') for line in err)
     assert 'nope.pth does not exist' in err[0] and 'missing.jpg does not exist' in err[1]
     assert 'use the deploy config written beside it' in err[2]
+    # a segmentor's checkpoint under a detector's config, and an image for the checkpoint
+    det_cfg, _ = _case(tmp_path / 'det', det_config(make_coco(tmp_path / 'coco', n=1)), DET_META)
+    image = next(images.iterdir())
+    png = tmp_path / 'label.png'
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(png)
+    assert run_tool(infer, [det_cfg, ckpt, str(images)]) == 1
+    assert run_tool(infer, [cfg, str(png), str(image)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error')]
+    assert err[0].endswith('-- it is a segmentor checkpoint and the config builds a detector: use '
+                           'the config it was trained with.')
+    assert err[1] == (f'error: checkpoint {png} is a PNG image, not a PyTorch checkpoint; pass the '
+                      '.pth file written by training or tools/fuse.py in its place (the tools take '
+                      'the config first, then the checkpoint).')
 
 
 def test_a_device_this_machine_lacks_is_one_sentence():
