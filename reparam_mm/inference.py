@@ -35,7 +35,7 @@ from .apis import apply_dispatch_setting
 from .checkpoint import STRICT_FIX, check_checkpoint_file, check_state_dict, state_dict_of
 from .fuse import fuse_with_report
 from .outputs import compare_models
-from .scope import ConfigError, init_scope, load_config, merge_cfg_options
+from .scope import ConfigError, dataset_metainfo, init_scope, load_config, merge_cfg_options
 from .train import NotAvailableHereError
 
 __all__ = ['fused_inferencer', 'predict_images', 'image_files', 'check_device', 'FusedCheckError',
@@ -73,7 +73,7 @@ class _FusedInference:
         check_state_dict(model, state_dict_of(checkpoint, source), source, checkpoint.get('meta'))
         meta = checkpoint.get('meta') or {}
         if not (meta.get('dataset_meta') or meta.get('CLASSES')):
-            from_config = config_dataset_meta(cfg)
+            from_config = dataset_metainfo(cfg)
             if from_config:  # upstream would take Cityscapes' or COCO's classes
                 print_log(f'{source} records no class names (meta.dataset_meta); using those of '
                           f"the config's test dataset ({len(from_config['classes'])} classes).",
@@ -133,25 +133,6 @@ def _palette(meta):
         return [list(c) for c in palette]
     rng = np.random.default_rng(42)
     return rng.integers(0, 255, (len(classes), 3)).tolist()
-
-
-def config_dataset_meta(cfg):
-    """``dict(classes, palette)`` of the config's test dataset (its class's ``METAINFO``, updated
-    by the config's ``metainfo``), or None when the config does not say."""
-    import importlib
-    DATASETS = importlib.import_module(f'{cfg.default_scope}.registry').DATASETS
-    node = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-    while 'type' in node and ('dataset' in node or 'datasets' in node):  # dataset wrappers
-        node = node.get('dataset') or node['datasets'][0]
-    try:
-        cls = DATASETS.get(node['type']) if isinstance(node.get('type'), str) else node.get('type')
-    except Exception:  # noqa: BLE001 - an unregistered type: nothing to read
-        cls = None
-    meta = dict(getattr(cls, 'METAINFO', None) or {})
-    meta.update(node.get('metainfo') or {})
-    if not meta.get('classes'):
-        return None
-    return dict(classes=tuple(meta['classes']), palette=meta.get('palette'))
 
 
 def check_device(device):
@@ -240,7 +221,7 @@ def image_files(inputs):
 
     Each is opened (its header only) so that a file that is not an image fails here, before a
     model is built; a path that does not exist, a folder without images, and two inputs of one
-    file name (their outputs are named after it) are errors naming them.
+    file name, extension aside (their outputs are named after it), are errors naming them.
     """
     files = []
     for path in inputs:
@@ -260,7 +241,7 @@ def image_files(inputs):
     seen = {}
     for path in files:
         _image_size(path)
-        name = osp.basename(path)
+        name = osp.splitext(osp.basename(path))[0]
         if name in seen:
             raise ConfigError(f'{seen[name]} and {path} share the file name {name}, after which '
                               'their predictions are written, so one would overwrite the other; '

@@ -124,3 +124,23 @@ def init_scope(cfg):
                           f"{' and '.join(SCOPES)} configs, so set default_scope to one of them.")
     importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=True)
     return scope
+
+
+def dataset_metainfo(cfg, loader='test_dataloader'):
+    """``dict(classes, palette)`` of the dataset ``cfg[loader]`` reads (its class's ``METAINFO``,
+    updated by the config's ``metainfo``; through dataset wrappers), or None when the config
+    does not say. Needs the config's scope registered (:func:`init_scope`)."""
+    node = (cfg.get(loader) or {}).get('dataset') or {}
+    while 'type' in node and ('dataset' in node or 'datasets' in node):  # dataset wrappers
+        node = node.get('dataset') or node['datasets'][0]
+    kind = node.get('type')
+    try:
+        registry = importlib.import_module(f"{cfg.get('default_scope')}.registry").DATASETS
+        cls = registry.get(kind) if isinstance(kind, str) else kind
+    except Exception:  # noqa: BLE001 - another scope or an unregistered type: nothing to read
+        cls = None
+    meta = dict(getattr(cls, 'METAINFO', None) or {})
+    meta.update(node.get('metainfo') or {})
+    if not meta.get('classes'):
+        return None
+    return dict(classes=tuple(meta['classes']), palette=meta.get('palette'))

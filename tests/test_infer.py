@@ -151,11 +151,15 @@ def test_inputs_are_checked_before_a_model_is_built(tmp_path):
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'ADE_val_00000001.jpg').write_bytes((folder / 'ADE_val_00000000.jpg').read_bytes())
-    with pytest.raises(ConfigError, match=r'share the file name ADE_val_00000001\.jpg, after which '
+    with pytest.raises(ConfigError, match=r'share the file name ADE_val_00000001, after which '
                                           r'their predictions are written'):
         image_files([folder, other])
     with pytest.raises(ConfigError, match='share the file name'):
         image_files([folder / 'ADE_val_00000000.jpg', folder / 'ADE_val_00000000.jpg'])
+    # one stem, two extensions: pred/<stem>.png would be written twice
+    Image.open(folder / 'ADE_val_00000000.jpg').save(other / 'ADE_val_00000000.png')
+    with pytest.raises(ConfigError, match='share the file name ADE_val_00000000, after which'):
+        image_files([folder / 'ADE_val_00000000.jpg', other / 'ADE_val_00000000.png'])
 
 
 def test_segmentation_batches_need_one_image_size_and_give_the_same_predictions(tmp_path):
