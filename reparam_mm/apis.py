@@ -43,7 +43,8 @@ _RUN_IDS = itertools.count()
 
 
 # -- tools/test.py -------------------------------------------------------------------------------
-def _set_fuse_hook(cfg, fuse):
+def set_fuse_hook(cfg, fuse):
+    """``custom_hooks`` with the config's ``FusedEvalHook`` (or a default one), or without any."""
     hooks = [h for h in cfg.get('custom_hooks', []) or [] if h.get('type') != 'FusedEvalHook']
     kept = [h for h in cfg.get('custom_hooks', []) or [] if h.get('type') == 'FusedEvalHook']
     if fuse:
@@ -161,7 +162,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     elif out is not None and not out.endswith(('.pkl', '.pickle')):
         raise ConfigError(f'--out {out}: detection results are dumped to a pickle file; '
                           'give a path ending in .pkl.')
-    _set_fuse_hook(cfg, fuse)
+    set_fuse_hook(cfg, fuse)
     if amp:
         cfg.test_cfg = _amp_test_loop(cfg.get('test_cfg'))
     return cfg

@@ -230,3 +230,9 @@ class TrainingLoadCheckHook(Hook):
         filename = runner._load_from or find_latest_checkpoint(runner.work_dir)
         check_training_load(runner.model, checkpoint, filename, resume=runner._resume,
                             partial=self.partial)
+        done = (checkpoint.get('meta') or {}).get('iter')
+        if runner._resume and done is not None and done >= runner.max_iters:
+            print_log(f'--resume {filename}: the run is at iteration {done}, and train_cfg '
+                      f'stops at {runner.max_iters}, so nothing is left to train; raise '
+                      'train_cfg.max_iters (or max_epochs) to train on.', logger='current',
+                      level=logging.WARNING)

@@ -67,6 +67,9 @@ def build_parser():
         '--cfg-options', nargs='+', action=CfgOptionsAction,
         help='override some settings in the used config, the key-value pair in xxx=yyy format '
         'will be merged into config file, e.g. key="[a,b]" or key=a,b; no white space allowed.')
+    parser.add_argument('--no-fuse', action='store_true',
+                        help='validate the trained (unfused) model; by default validation runs on '
+                        'a fused copy (FusedEvalHook, added where the config has none)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     # torchrun / torch.distributed.launch pass the rank as --local-rank (or LOCAL_RANK).
@@ -103,6 +106,8 @@ def config_from_args(args):
                               'in the config.')
         cfg.auto_scale_lr.enable = True
 
+    set_fused_validation(cfg, fuse=not args.no_fuse)
+
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -113,6 +118,85 @@ def config_from_args(args):
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
+
+
+def set_fused_validation(cfg, fuse=True):
+    """Validate on a fused copy (``FusedEvalHook``, the config's own settings kept), or on the
+    trained model with ``fuse=False``. A config that replaced its base's ``custom_hooks`` (say
+    with ``[dict(type='EMAHook')]``, since mmengine replaces lists) lost the hook: it is added
+    back, and the log says so."""
+    from .apis import set_fuse_hook
+    had = any(h.get('type') == 'FusedEvalHook' for h in cfg.get('custom_hooks') or [])
+    set_fuse_hook(cfg, fuse)
+    if fuse and not had and cfg.get('val_cfg'):
+        print_log("validation runs on a fused copy: FusedEvalHook added, since the config's "
+                  'custom_hooks have none (--no-fuse validates the trained model)', logger='current')
+
+
+def _heads_with_classes(model):
+    """``(config key, num_classes)`` of the heads that classify (mmseg: decode / auxiliary heads;
+    mmdet: box and mask heads), through lists (cascades) and ``WithDOConv`` wrappers."""
+    found = []
+
+    def visit(node, key):
+        if isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                visit(item, f'{key}.{i}')
+        elif hasattr(node, 'get'):
+            if node.get('num_classes') is not None:
+                found.append((key, node['num_classes']))
+            elif node.get('module') is not None:  # WithDOConv(module=...)
+                visit(node['module'], f'{key}.module')
+
+    for name in ('decode_head', 'auxiliary_head', 'bbox_head'):
+        visit(model.get(name), f'model.{name}')
+    roi = model.get('roi_head') or {}
+    for name in ('bbox_head', 'mask_head'):
+        visit(roi.get(name), f'model.roi_head.{name}')
+    return found
+
+
+def check_num_classes(cfg):
+    """The heads' ``num_classes`` against the training dataset's classes: a head with another
+    count trains without a word (mmdet takes label ``num_classes`` for background; mmseg predicts
+    labels the dataset has no name for). mmseg's binary form (``num_classes=1`` with a sigmoid
+    head, for 2 classes) is allowed."""
+    from .scope import dataset_metainfo
+    meta = dataset_metainfo(cfg, 'train_dataloader')
+    if not meta:
+        return
+    n = len(meta['classes'])
+    wrong = [(key, k) for key, k in _heads_with_classes(cfg.get('model') or {})
+             if k != n and not (cfg.get('default_scope') == 'mmseg' and k == 1 and n == 2)]
+    if wrong:
+        names = ', '.join(map(str, meta['classes'][:4])) + (', ...' if n > 4 else '')
+        raise ConfigError(
+            f"{', '.join(f'{key}.num_classes is {k}' for key, k in wrong)}, but the training "
+            f'dataset has {n} classes ({names}); set every head to {n}: --cfg-options '
+            + ' '.join(f'{key}.num_classes={n}' for key, _ in wrong) + '.')
+
+
+def warn_schedules_past_the_end(cfg):
+    """Log each ``param_scheduler`` whose ``end`` lies past the training loop's end (a
+    shortened ``train_cfg.max_iters`` leaves the base's schedule as it was: a poly decay that
+    never reaches its floor, a warm-up that never ends), with the override that fits it."""
+    loop = cfg.get('train_cfg') or {}
+    by_epoch = loop.get('type', '') == 'EpochBasedTrainLoop' or 'max_epochs' in loop
+    stop = loop.get('max_epochs' if by_epoch else 'max_iters')
+    schedulers = cfg.get('param_scheduler') or []
+    schedulers = [schedulers] if hasattr(schedulers, 'get') else list(schedulers)
+    if stop is None:
+        return
+    for i, sched in enumerate(schedulers):
+        end = sched.get('end')
+        if end is None or bool(sched.get('by_epoch', True)) != by_epoch or end <= stop:
+            continue
+        key = f'param_scheduler.{i}.end' if len(schedulers) > 1 else 'param_scheduler.end'
+        unit = 'epoch' if by_epoch else 'iteration'
+        print_log(f"param_scheduler {sched.get('type')} ends at {unit} {end}, past the end of "
+                  f"training ({unit} {stop}, train_cfg.{'max_epochs' if by_epoch else 'max_iters'}):"
+                  f' it will stop part way; --cfg-options {key}={stop} fits it to this run.',
+                  logger='current', level=logging.WARNING)
 
 
 def set_amp_wrapper(cfg):
@@ -324,6 +408,10 @@ def train(cfg, hooks=()):
     ``runner.message_hub`` (``val/mIoU``, ...).
     """
     from .checkpoint import check_checkpoint_file
+    from .scope import init_scope
+    init_scope(cfg)
+    check_num_classes(cfg)
+    warn_schedules_past_the_end(cfg)
     check_amp_device(cfg)
     check_pretrained_files(cfg)
     check_data_roots(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
