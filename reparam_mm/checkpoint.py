@@ -193,6 +193,14 @@ def _target(model):
     return model.module if isinstance(model, BaseTTAModel) else model
 
 
+def _doconv_in_checkpoint_only(missing, unexpected):
+    """The layers whose ``weight`` the model misses while the checkpoint has their DO-Conv
+    ``W`` and ``D`` instead."""
+    extra = set(unexpected)
+    return [k[:-len('.weight')] for k in missing if k.endswith('.weight')
+            and {k[:-len('weight')] + 'W', k[:-len('weight')] + 'D'} <= extra]
+
+
 def _task_of(keys):
     """'segmentor' / 'detector' when ``keys`` hold the heads of one (mmseg's decode_head; mmdet's
     rpn_head / roi_head / bbox_head), else None."""
@@ -213,6 +221,12 @@ def _mismatch_hint(meta, missing, unexpected, shapes):
     elif shapes and not (missing or unexpected):  # fused and unfused forms differ in keys
         hint = ('the same layers with other sizes: it was trained with another variant of this '
                 'config (e.g. another num_classes or width); use the config it was trained with')
+    elif _doconv_in_checkpoint_only(missing, unexpected):
+        hint = ('layers that are DO-Conv in the checkpoint (W, D) are plain convs in the config '
+                f'({_few(_doconv_in_checkpoint_only(missing, unexpected), 2)}): a training '
+                'checkpoint needs its training config, not the deploy config tools/fuse.py wrote; '
+                'to start a plain model from it, switch DO-Conv on for those layers, or start from '
+                'its deploy checkpoint (tools/fuse.py), whose DO-Conv layers are plain convs')
     elif _task_of(missing) and _task_of(unexpected) and _task_of(missing) != _task_of(unexpected):
         hint = (f'it is a {_task_of(unexpected)} checkpoint and the config builds a '
                 f'{_task_of(missing)}: use the config it was trained with')

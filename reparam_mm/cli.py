@@ -26,6 +26,8 @@ TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 # what mmengine's registry says for a config ``type`` it does not know
 _UNKNOWN_TYPE = re.compile(r'^(\S+) is not in the (\S+) registry')
 _BAD_KEYWORD = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+# what mmengine's BaseDataset says when a config's metainfo names classes its dataset type lacks
+_NOT_A_SUBSET = re.compile(r'^new classes (.*) is not a subset of classes (.*) in METAINFO')
 # what torch's BatchNorm says in training when a batch holds one value per channel
 _ONE_VALUE_PER_CHANNEL = re.compile(r'^Expected more than 1 value per channel when training, '
                                     r'got input size torch\.Size\((\[[\d, ]*\])\)')
@@ -42,6 +44,12 @@ def _raised_by_registry_call(error):
     calls = [i for i, code in enumerate(frames) if code.co_filename.replace('\\', '/').endswith(
         'mmengine/registry/build_functions.py')]
     return bool(calls) and all(code.co_name == '__init__' for code in frames[calls[-1] + 1:])
+
+
+def _few_names(text, n=4):
+    """The first ``n`` names of a printed tuple of class names, then '...'."""
+    names = [t.strip(" '\"") for t in text.strip('()[]').split(',') if t.strip()]
+    return '(' + ', '.join(names[:n]) + (', ...' if len(names) > n else '') + ')'
 
 
 def input_error_message(error):
@@ -64,6 +72,13 @@ def input_error_message(error):
         return (f'{keyword.group(1)} does not take {keyword.group(2)!r}, which the config (or '
                 f'--cfg-options) gives it: fix or remove that key ({TRACEBACK_ENV}=1 shows '
                 'where it was built).')
+    subset = _NOT_A_SUBSET.match(text)
+    if isinstance(error, ValueError) and subset:
+        return (f'the config gives a dataset the classes {subset.group(1)}, but its type only takes '
+                f'(a subset of) its own, {_few_names(subset.group(2))}: for a dataset of your own, '
+                "replace the type too, e.g. dataset=dict(_delete_=True, type='BaseSegDataset', "
+                "metainfo=dict(classes=..., palette=...), ...) (mmdet: CocoDataset takes any "
+                'classes).')
     one_value = _ONE_VALUE_PER_CHANNEL.match(text)
     if isinstance(error, ValueError) and one_value:
         return (f'a BatchNorm layer got one value per channel in training (input size '

@@ -323,3 +323,19 @@ def test_training_batchnorm_on_one_image_per_process_names_the_batch_size(tmp_pa
         'nothing to normalise over; train with at least 2 images per process (--cfg-options '
         'train_dataloader.batch_size=2), or on several GPUs with SyncBN, which normalises over the '
         'images of all processes.']
+
+
+def test_own_classes_on_a_dataset_type_with_fixed_classes_name_the_type_to_use():
+    """Keeping a shipped config's dataset type (ADE20K, the demo's) with one's own classes: mmengine's
+    'new classes ... is not a subset' traceback becomes the fix."""
+    from mmseg.datasets import ADE20KDataset
+
+    from reparam_mm.cli import input_error_message
+    with pytest.raises(ValueError) as err:
+        ADE20KDataset(data_root='/nonexistent', data_prefix=dict(img_path='i', seg_map_path='a'),
+                      metainfo=dict(classes=('other', 'road', 'car')), lazy_init=True)
+    assert input_error_message(err.value) == (
+        "the config gives a dataset the classes ('other', 'road', 'car'), but its type only takes (a "
+        'subset of) its own, (wall, building, sky, floor, ...): for a dataset of your own, replace '
+        "the type too, e.g. dataset=dict(_delete_=True, type='BaseSegDataset', metainfo=dict("
+        'classes=..., palette=...), ...) (mmdet: CocoDataset takes any classes).')

@@ -88,8 +88,10 @@ def test_a_plain_checkpoint_starts_a_doconv_model_as_torch_loads_it(plain):
     result = doconv.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
     assert set(result.missing_keys) == allowed and not result.unexpected_keys
     assert set(keys) == set(doconv.state_dict()) - allowed
-    # and a DO-Conv model's checkpoint does not fit the plain model
-    with pytest.raises(CheckpointMismatchError, match='unexpected keys'):
+    # and a DO-Conv model's checkpoint does not fit the plain model, which the hint says
+    with pytest.raises(CheckpointMismatchError, match=r'unexpected keys .* -- layers that are DO-Conv '
+                       r'in the checkpoint \(W, D\) are plain convs in the config \(backbone'
+                       r'\.layer1\.0\.conv1, .*deploy checkpoint \(tools/fuse\.py\)'):
         check_training_load(plain, {'state_dict': doconv.state_dict()}, 'doconv.pth')
 
 
