@@ -46,6 +46,31 @@ def _raised_by_registry_call(error):
     return bool(calls) and all(code.co_name == '__init__' for code in frames[calls[-1] + 1:])
 
 
+def _unknown_type(match):
+    return (f"the config names type={match.group(1)!r}, which is not in the {match.group(2)} "
+            'registry: fix the spelling, or import the module that registers it (custom_imports).')
+
+
+def _not_a_subset(match):
+    return (f'the config gives a dataset the classes {match.group(1)}, but its type only takes '
+            f'(a subset of) its own, {_few_names(match.group(2))}: for a dataset of your own, '
+            "replace the type too, e.g. dataset=dict(_delete_=True, type='BaseSegDataset', "
+            "metainfo=dict(classes=..., palette=...), ...) (mmdet: CocoDataset takes any classes).")
+
+
+def _one_value_per_channel(match):
+    return (f'a BatchNorm layer got one value per channel in training (input size {match.group(1)}): '
+            "one image per process, pooled to 1x1 (as UPerHead / PSPHead's pool scale 1), leaves it "
+            'nothing to normalise over; train with at least 2 images per process (--cfg-options '
+            'train_dataloader.batch_size=2), or on several GPUs with SyncBN, which normalises over '
+            'the images of all processes.')
+
+
+# (error class, pattern its message matches, the sentence to print instead)
+_MESSAGES = ((KeyError, _UNKNOWN_TYPE, _unknown_type), (ValueError, _NOT_A_SUBSET, _not_a_subset),
+             (ValueError, _ONE_VALUE_PER_CHANNEL, _one_value_per_channel))
+
+
 def _few_names(text, n=4):
     """The first ``n`` names of a printed tuple of class names, then '...'."""
     names = [t.strip(" '\"") for t in text.strip('()[]').split(',') if t.strip()]
@@ -62,30 +87,15 @@ def input_error_message(error):
     if isinstance(error, INPUT_ERRORS):
         return str(error)
     text = str(error.args[0]) if error.args else ''
-    unknown = _UNKNOWN_TYPE.match(text)
-    if isinstance(error, KeyError) and unknown:
-        return (f"the config names type={unknown.group(1)!r}, which is not in the "
-                f"{unknown.group(2)} registry: fix the spelling, or import the module that "
-                'registers it (custom_imports).')
+    for kind, pattern, message in _MESSAGES:
+        match = pattern.match(text)
+        if isinstance(error, kind) and match:
+            return message(match)
     keyword = _BAD_KEYWORD.search(text)
     if isinstance(error, TypeError) and keyword and _raised_by_registry_call(error):
         return (f'{keyword.group(1)} does not take {keyword.group(2)!r}, which the config (or '
                 f'--cfg-options) gives it: fix or remove that key ({TRACEBACK_ENV}=1 shows '
                 'where it was built).')
-    subset = _NOT_A_SUBSET.match(text)
-    if isinstance(error, ValueError) and subset:
-        return (f'the config gives a dataset the classes {subset.group(1)}, but its type only takes '
-                f'(a subset of) its own, {_few_names(subset.group(2))}: for a dataset of your own, '
-                "replace the type too, e.g. dataset=dict(_delete_=True, type='BaseSegDataset', "
-                "metainfo=dict(classes=..., palette=...), ...) (mmdet: CocoDataset takes any "
-                'classes).')
-    one_value = _ONE_VALUE_PER_CHANNEL.match(text)
-    if isinstance(error, ValueError) and one_value:
-        return (f'a BatchNorm layer got one value per channel in training (input size '
-                f'{one_value.group(1)}): one image per process, pooled to 1x1 (as UPerHead / '
-                "PSPHead's pool scale 1), leaves it nothing to normalise over; train with at least "
-                '2 images per process (--cfg-options train_dataloader.batch_size=2), or on several '
-                'GPUs with SyncBN, which normalises over the images of all processes.')
     return None
 
 
