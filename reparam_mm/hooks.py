@@ -1,5 +1,6 @@
 """``FusedEvalHook``: validate and test the fused model, never touch the trained one;
-``TrainingLoadCheckHook``: train only from a checkpoint that loads whole.
+``TrainingLoadCheckHook``: train only from a checkpoint that loads whole;
+``DatasetClassesCheckHook``: train only on classes the annotations have.
 
 * Validation (during training or ``runner.val()``): ``before_val_epoch``
   deep-copies the model, fuses the copy and points ``runner.model`` at it;
@@ -35,7 +36,7 @@ from .checkpoint import check_training_load
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, reference_outputs, tensor_outputs
 
-__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook']
+__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook']
 
 
 def _unwrap(model):
@@ -236,3 +237,13 @@ class TrainingLoadCheckHook(Hook):
                       f'stops at {runner.max_iters}, so nothing is left to train; raise '
                       'train_cfg.max_iters (or max_epochs) to train on.', logger='current',
                       level=logging.WARNING)
+
+
+class DatasetClassesCheckHook(Hook):
+    """Before the first iteration: the datasets' classes are all in their annotations
+    (:func:`reparam_mm.train.check_dataset_classes`); registered by ``train()``."""
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        from .train import check_dataset_classes
+        check_dataset_classes(runner)

@@ -176,6 +176,32 @@ def check_num_classes(cfg):
             + ' '.join(f'{key}.num_classes={n}' for key, _ in wrong) + '.')
 
 
+def _innermost(dataset):
+    while hasattr(dataset, 'dataset') or hasattr(dataset, 'datasets'):  # dataset wrappers
+        dataset = getattr(dataset, 'dataset', None) or dataset.datasets[0]
+    return dataset
+
+
+def check_dataset_classes(runner):
+    """Every class a COCO-style dataset's ``metainfo`` names must be a category of its json:
+    mmdet keeps only the names it finds, so a misnamed class ('human' for 'person') trains
+    without a label and the evaluator fails at the first validation."""
+    for loader in ('train_dataloader', 'val_dataloader'):
+        try:  # the loops' dataloaders (a run without validation has none to give)
+            built = getattr(runner, loader)
+        except Exception:  # noqa: BLE001
+            continue
+        dataset = _innermost(getattr(built, 'dataset', None))
+        classes, cat_ids = (dataset.metainfo.get('classes') if dataset is not None else None,
+                            getattr(dataset, 'cat_ids', None))
+        if classes and cat_ids is not None and len(cat_ids) != len(classes):
+            raise ConfigError(
+                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
+                f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
+                f'categories of {getattr(dataset, "ann_file", "its ann_file")}; name the classes '
+                "as the json's categories do (its 'categories' list), e.g. 'person', not 'human'.")
+
+
 def warn_schedules_past_the_end(cfg):
     """Log each ``param_scheduler`` whose ``end`` lies past the training loop's end (a
     shortened ``train_cfg.max_iters`` leaves the base's schedule as it was: a poly decay that
@@ -419,8 +445,9 @@ def train(cfg, hooks=()):
         check_checkpoint_file(cfg.load_from, fix='pass an existing .pth file as --resume PATH '
                               'or load_from')
     runner = build_runner(cfg)
-    from .hooks import TrainingLoadCheckHook
+    from .hooks import DatasetClassesCheckHook, TrainingLoadCheckHook
     runner.register_hook(TrainingLoadCheckHook(partial=bool(cfg.get('load_from_partial', False))))
+    runner.register_hook(DatasetClassesCheckHook())
     for hook in hooks:
         runner.register_hook(hook)
     runner.train()

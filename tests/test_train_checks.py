@@ -76,3 +76,26 @@ def test_a_resume_with_nothing_left_to_train_is_said(tmp_path):
         main([cfg, '--work-dir', str(tmp_path / 'w'), '--resume', '--cfg-options', 'train_cfg.max_iters=1'])
     assert any('the run is at iteration 2, and train_cfg stops at 1, so nothing is left to train'
                in r.getMessage() and r.levelno == logging.WARNING for r in records)
+
+
+def test_a_class_the_coco_json_does_not_name_is_refused_before_the_first_iteration(tmp_path):
+    """mmdet keeps the classes it finds among the json's categories: 'human' for 'person' trained
+    without that label, and the evaluator failed with an IndexError at the first validation."""
+    from test_tools_test_fuse import make_coco
+    root = make_coco(tmp_path / 'coco', n=2)  # categories person, car
+    data = [f'{loader}.dataset.{key}' for loader in ('train_dataloader', 'val_dataloader')
+            for key in (f'data_root={root}', 'ann_file=annotations.json', 'data_prefix.img=val/')]
+    common = [str(COCO_DEMO), '--work-dir', str(tmp_path / 'w'), '--cfg-options', *data,
+              f'val_evaluator.ann_file={root}/annotations.json', 'train_cfg.max_iters=1',
+              'train_cfg.val_interval=1', 'train_dataloader.batch_size=2']
+    common.append('model.roi_head.bbox_head.num_classes=2')
+    with pytest.raises(ConfigError) as err:  # images with cars remain, so mmdet would train on
+        main(common + ["train_dataloader.dataset.metainfo.classes=('human','car')",
+                       "val_dataloader.dataset.metainfo.classes=('human','car')"])
+    assert str(err.value) == (
+        f"train_dataloader: the dataset names 2 classes (human, car), and only 1 of them are "
+        f"categories of {root}/annotations.json; name the classes as the json's categories do (its "
+        "'categories' list), e.g. 'person', not 'human'.")
+    runner = main(common + ["train_dataloader.dataset.metainfo.classes=('person','car')",
+                            "val_dataloader.dataset.metainfo.classes=('person','car')"])
+    assert runner.iter == 1 and runner.message_hub.get_scalar('val/coco/bbox_mAP') is not None
