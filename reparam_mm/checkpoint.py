@@ -293,9 +293,19 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
     said = (f'{what}: {len(from_plain)} DO-Conv layer(s) start from the checkpoint\'s plain conv '
             f'(W = its weight, D = 0: the same convolution), e.g. {_few(from_plain, 2)}; the '
             "'missing keys ... .D' mmengine logs for them are expected.") if from_plain else None
+    if resume or not partial:
+        fix = ('resume needs a checkpoint written by training this config (an iter_*.pth or '
+               'epoch_*.pth in its work_dir)' if resume else
+               'or, to start from the matching tensors only (e.g. fine-tuning with another '
+               'num_classes), add --cfg-options load_from_partial=True')
+        error = mismatch_error(f'{what} does not match the model built from the config', missing,
+                               unexpected, shapes,
+                               f'{_mismatch_hint(meta, missing, unexpected, shapes)}; {fix}')
+        if error is not None:
+            raise error
+    if said:
+        print_log(said, logger='current')
     if not resume and partial:
-        if said:
-            print_log(said, logger='current')
         if missing or unexpected or shapes:
             print_log(f'{what}: loading {len(expected) - len(missing) - len(shapes)} of '
                       f'{len(expected)} model tensors (load_from_partial=True); left at their '
@@ -303,17 +313,6 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
                       + (f'; {len(unexpected)} checkpoint keys unused ({_few(unexpected)})'
                          if unexpected else ''), logger='current', level=logging.WARNING)
         return
-    fix = ('resume needs a checkpoint written by training this config (an iter_*.pth or '
-           'epoch_*.pth in its work_dir)' if resume else
-           'or, to start from the matching tensors only (e.g. fine-tuning with another '
-           'num_classes), add --cfg-options load_from_partial=True')
-    error = mismatch_error(f'{what} does not match the model built from the config', missing,
-                           unexpected, shapes,
-                           f'{_mismatch_hint(meta, missing, unexpected, shapes)}; {fix}')
-    if error is not None:
-        raise error
-    if said:
-        print_log(said, logger='current')
     if resume and not (isinstance(checkpoint, dict) and 'message_hub' in checkpoint
                        and 'iter' in (meta or {})):
         raise CheckpointMismatchError(

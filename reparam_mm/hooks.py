@@ -34,7 +34,7 @@ from mmengine.registry import HOOKS
 
 from .checkpoint import check_training_load
 from .fuse import fuse_with_report
-from .outputs import compare_outputs, reference_outputs, tensor_outputs
+from .outputs import check_summary, compare_outputs, reference_outputs, tensor_outputs, within_tolerance
 
 __all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook']
 
@@ -163,9 +163,8 @@ class FusedEvalHook(Hook):
             return
         result, full, proposals = compared
         self.last_check = result
-        msg = (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
-               f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")
-        if result['same_structure'] and result['max_rel'] <= self.tolerance:
+        msg = check_summary(result)
+        if within_tolerance(result, self.tolerance):
             print_log(f'FusedEvalHook: {msg} (tolerance {self.tolerance:.0e}).', logger='current')
         else:
             print_log('!' * 79 + f'\nFusedEvalHook: FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE: {msg}'

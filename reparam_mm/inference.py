@@ -34,7 +34,7 @@ from mmengine.model import revert_sync_batchnorm
 from .apis import apply_dispatch_setting
 from .checkpoint import STRICT_FIX, check_checkpoint_file, check_state_dict, state_dict_of
 from .fuse import fuse_with_report
-from .outputs import compare_models
+from .outputs import check_summary, compare_models, within_tolerance
 from .scope import ConfigError, dataset_metainfo, init_scope, load_config, merge_cfg_options
 from .train import NotAvailableHereError
 
@@ -54,7 +54,7 @@ class FusedCheckError(RuntimeError):
 class _FusedInference:
     """Mixed in before an upstream inferencer class (see :func:`fused_inferencer`)."""
 
-    paints_cityscapes = False  # MMSegInferencer: its visualizer ignores the model's classes
+    segmentation = False  # an MMSegInferencer (whose visualizer ignores the model's classes)
 
     def __init__(self, model, weights, *, fuse=True, check=True, tolerance=TOLERANCE, **kwargs):
         self.fuse, self.check, self.tolerance = fuse, check, tolerance
@@ -65,7 +65,7 @@ class _FusedInference:
         super().__init__(model, weights, **kwargs)
         given = any(kwargs.get(k) for k in ('classes', 'palette', 'dataset_name'))
         meta = getattr(self.model, 'dataset_meta', None) or {}
-        if self.paints_cityscapes and not given and meta.get('classes'):
+        if self.segmentation and not given and meta.get('classes'):
             self.visualizer.set_dataset_meta(list(meta['classes']), _palette(meta))
 
     def _load_weights_to_model(self, model, checkpoint, cfg):
@@ -106,19 +106,17 @@ class _FusedInference:
 
     @property
     def check_failed(self):
-        result = self.last_check
-        return result is not None and not (result['same_structure']
-                                           and result['max_rel'] <= self.tolerance)
+        return self.last_check is not None and not within_tolerance(self.last_check, self.tolerance)
 
-
-def _check_message(result, tolerance):
-    return (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
-            f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")
+    @property
+    def pred_folder(self):
+        """The folder under ``out_dir`` with the raw predictions (upstream's names)."""
+        return 'pred' if self.segmentation else 'preds'
 
 
 def _log_check(result, tolerance):
-    msg = _check_message(result, tolerance)
-    if result['same_structure'] and result['max_rel'] <= tolerance:
+    msg = check_summary(result)
+    if within_tolerance(result, tolerance):
         print_log(f'{msg} (tolerance {tolerance:.0e}).', logger='current')
     else:
         print_log(f'{msg}: ABOVE the tolerance {tolerance:.0e}. These predictions are not those of '
@@ -166,7 +164,7 @@ def _inferencer_class(scope):
     else:
         from mmdet.apis import DetInferencer as base
     return type(f'Fused{base.__name__}', (_FusedInference, base),
-                dict(paints_cityscapes=scope == 'mmseg'))
+                dict(segmentation=scope == 'mmseg'))
 
 
 def fused_inferencer(config, checkpoint, device=None, fuse=True, check=True, tolerance=TOLERANCE,
@@ -262,7 +260,7 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
     """
     if osp.exists(out_dir) and not osp.isdir(out_dir):
         raise ConfigError(f'--out-dir {out_dir} is a file; name a folder (it is created).')
-    segmentation = inferencer.paints_cityscapes  # an MMSegInferencer
+    segmentation = inferencer.segmentation
     if segmentation and batch_size > 1:
         sizes = {}
         for path in images:
@@ -278,14 +276,15 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
         result = inferencer(images, batch_size=batch_size, out_dir=out_dir, opacity=opacity,
                             with_labels=labels)
         for i, path in enumerate(images):  # upstream names them by a running index
-            indexed = osp.join(out_dir, 'pred', f'{first + i:08d}_pred.png')
-            os.replace(indexed, osp.join(out_dir, 'pred', osp.splitext(osp.basename(path))[0] + '.png'))
+            folder = osp.join(out_dir, inferencer.pred_folder)
+            os.replace(osp.join(folder, f'{first + i:08d}_pred.png'),
+                       osp.join(folder, osp.splitext(osp.basename(path))[0] + '.png'))
     else:
         result = inferencer(images, batch_size=batch_size, out_dir=out_dir, pred_score_thr=score_thr,
                             no_save_pred=False, no_save_vis=not paint)
     if inferencer.check_failed:
         raise FusedCheckError(
-            f'{_check_message(inferencer.last_check, inferencer.tolerance)}, above the tolerance '
+            f'{check_summary(inferencer.last_check)}, above the tolerance '
             f'{inferencer.tolerance:.0e}: the predictions written to {out_dir} are not those of the '
             'trained model; predict with --no-fuse, and check the fuse method of the fused layers.')
     return result

@@ -6,7 +6,7 @@ import torch
 from mmengine.model import is_model_wrapper
 
 __all__ = ['flatten_tensors', 'compare_models', 'compare_outputs', 'reference_outputs', 'rpn_proposals',
-           'tensor_outputs']
+           'tensor_outputs', 'within_tolerance', 'check_summary']
 
 
 def flatten_tensors(obj) -> list:
@@ -121,3 +121,15 @@ def compare_models(reference, other, data_batch) -> dict:
     detector's RoI heads on the reference's proposals)."""
     reference_out, proposals = reference_outputs(reference, data_batch)
     return compare_outputs(reference_out, tensor_outputs(other, data_batch, proposals))
+
+
+def within_tolerance(result, tolerance) -> bool:
+    """Whether a :func:`compare_outputs` result says the two models agree: the same outputs, no
+    relative difference above ``tolerance``."""
+    return result['same_structure'] and result['max_rel'] <= tolerance
+
+
+def check_summary(result) -> str:
+    """The log's words for a fused vs unfused :func:`compare_outputs` result on a first batch."""
+    return (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
+            f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")

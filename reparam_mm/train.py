@@ -21,7 +21,8 @@ import torch
 import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
-from .scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options
+from .apis import set_fuse_hook
+from .scope import CfgOptionsAction, ConfigError, dataset_metainfo, init_scope, load_config, merge_cfg_options
 
 
 class NotAvailableHereError(RuntimeError):
@@ -125,7 +126,6 @@ def set_fused_validation(cfg, fuse=True):
     trained model with ``fuse=False``. A config that replaced its base's ``custom_hooks`` (say
     with ``[dict(type='EMAHook')]``, since mmengine replaces lists) lost the hook: it is added
     back, and the log says so."""
-    from .apis import set_fuse_hook
     had = any(h.get('type') == 'FusedEvalHook' for h in cfg.get('custom_hooks') or [])
     set_fuse_hook(cfg, fuse)
     if fuse and not had and cfg.get('val_cfg'):
@@ -161,7 +161,6 @@ def check_num_classes(cfg):
     count trains without a word (mmdet takes label ``num_classes`` for background; mmseg predicts
     labels the dataset has no name for). mmseg's binary form (``num_classes=1`` with a sigmoid
     head, for 2 classes) is allowed."""
-    from .scope import dataset_metainfo
     meta = dataset_metainfo(cfg, 'train_dataloader')
     if not meta:
         return
@@ -434,7 +433,6 @@ def train(cfg, hooks=()):
     ``runner.message_hub`` (``val/mIoU``, ...).
     """
     from .checkpoint import check_checkpoint_file
-    from .scope import init_scope
     init_scope(cfg)
     check_num_classes(cfg)
     warn_schedules_past_the_end(cfg)

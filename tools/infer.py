@@ -85,8 +85,8 @@ def main(argv=None):
     result = predict_images(inferencer, images, args.out_dir, batch_size=args.batch_size,
                             paint=not args.no_vis, labels=not args.no_labels,
                             score_thr=args.score_thr, opacity=args.opacity)
-    preds = 'pred' if inferencer.paints_cityscapes else 'preds'
-    written = [os.path.join(args.out_dir, d) + '/' for d in ((preds,) if args.no_vis else ('vis', preds))]
+    folders = [inferencer.pred_folder] if args.no_vis else ['vis', inferencer.pred_folder]
+    written = [os.path.join(args.out_dir, d) + '/' for d in folders]
     print(f"{'unfused' if args.no_fuse else 'fused'} model predicted {len(images)} image(s): "
           f"{' and '.join(written)}")
     return result
