@@ -162,6 +162,48 @@ def test_groups1_W_memory_is_the_bmm_layout_and_takes_its_grad_in_place():
     assert DOConv2d(4, 6, 3, groups=2).W.is_contiguous()  # grouped layers keep the plain layout
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('shape', [(1000, 300), (300, 1000), (4608, 64), (64, 4608), (5, 7)])
+def test_every_transpose_copy_equals_the_plain_transpose(shape, dtype, monkeypatch):
+    """Blocks that do not divide the rows (1000 rows by 436, 300 by 64) included."""
+    from reparam_mm.layers import doconv
+    x = torch.randn(shape).to(dtype)
+    expected = x.t().contiguous()
+    for name, copy in doconv.TRANSPOSES.items():
+        assert torch.equal(copy(x), expected), name
+    timed = []
+    monkeypatch.setattr(doconv, '_transpose_choice', {})
+    monkeypatch.setattr(doconv, '_time_transposes',
+                        lambda m: timed.append(m.shape) or 'row_blocks')
+    for _ in range(2):
+        assert torch.equal(doconv.transpose_2d(x), expected)
+    big = x.numel() >= doconv.TIMED_MIN_NUMEL
+    assert timed == ([shape] if big else [])  # timed once per (shape, dtype), small ones never
+    assert doconv._transpose_choice == ({(shape, dtype): 'row_blocks'} if big else {})
+
+
+@pytest.mark.parametrize('choice', ['whole', 'row_blocks'])
+def test_large_layer_composes_through_either_copy_with_the_same_gradients(choice, monkeypatch):
+    """A layer big enough for the timed copy (64 x 9 x 512 values): forced to each copy, the
+    kernel and the gradients of W and D equal the authors' einsum composition's."""
+    from reparam_mm.layers import doconv
+    layer = randomise(DOConv2d(64, 512, 3))
+    assert 64 * 9 * 512 >= doconv.TIMED_MIN_NUMEL
+    monkeypatch.setattr(doconv, '_transpose_choice', {})
+    monkeypatch.setattr(doconv, '_time_transposes', lambda m: choice)
+    kernel = layer.composed_weight()
+    assert list(doconv._transpose_choice.values()) == [choice]
+    grad_out = torch.randn_like(kernel)
+    grads = torch.autograd.grad(kernel, (layer.W, layer.D), grad_out)
+    assert len(doconv._transpose_choice) == 2  # the backward's (512, 576) copy was timed too
+    W, D = (p.detach().clone().requires_grad_() for p in (layer.W, layer.D))
+    ref = authors_kernel(W, D, authors_d_diag(64, 9, 9), 512, 64, 1, (3, 3))
+    ref_grads = torch.autograd.grad(ref, (W, D), grad_out)
+    torch.testing.assert_close(kernel, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('d_mul', [None, 9, 19])
 def test_fresh_layer_is_plain_conv_of_its_W(d_mul):
     layer = DOConv2d(3, 5, 3, padding=1, D_mul=d_mul)

@@ -13,6 +13,7 @@ the plain convolution with kernel ``W @ I^T``; :meth:`DOConv2d.to_fused` fuses t
 into a plain ``nn.Conv2d``.
 """
 import math
+import time
 import warnings
 
 import torch
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
+
+from .large_kernel import _exporting
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 
@@ -64,18 +67,73 @@ class _Transpose(torch.autograd.Function):
     """``x.transpose(-2, -1).contiguous()``, and the same for its gradient.
 
     Autograd would hand ``bmm`` the gradient as a transposed view, a layout for which CPU
-    ``bmm`` falls back to a per-matrix loop many times slower. For a 2-D ``x`` (groups=1)
-    PyTorch copies with its blocked 2-D transpose kernel, ~2x faster on CPU than the generic
-    strided copy that a 3-D permute takes.
+    ``bmm`` falls back to a per-matrix loop many times slower. A 2-D ``x`` (groups=1) goes
+    through :func:`transpose_2d`, which copies it the way found fastest on this machine.
     """
 
     @staticmethod
     def forward(ctx, x):
-        return x.transpose(-2, -1).contiguous()
+        return transpose_2d(x) if x.dim() == 2 else x.transpose(-2, -1).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.transpose(-2, -1).contiguous()
+        return transpose_2d(grad) if grad.dim() == 2 else grad.transpose(-2, -1).contiguous()
+
+
+def _transpose_whole(x):
+    """PyTorch's blocked 2-D transpose copy of the whole matrix in one call."""
+    return x.t().contiguous()
+
+
+# A block of source rows of about this many bytes, and at least this many rows (so that every
+# destination row gets a segment of a few cache lines), stays in a core's L2 while it is copied.
+ROW_BLOCK_BYTES = 512 * 1024
+ROW_BLOCK_MIN_ROWS = 64
+
+
+def _transpose_in_row_blocks(x):
+    """The same copy, one block of source rows at a time (TensorIterator's strided copy)."""
+    rows, cols = x.shape
+    out = x.new_empty(cols, rows)
+    step = max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // max(1, cols * x.element_size()))
+    for start in range(0, rows, step):
+        out[:, start:start + step].copy_(x[start:start + step].t())
+    return out
+
+
+TRANSPOSES = {'whole': _transpose_whole, 'row_blocks': _transpose_in_row_blocks}
+# Matrices smaller than this are copied whole: microseconds either way, below timing noise.
+TIMED_MIN_NUMEL = 1 << 18
+_transpose_choice = {}  # (shape, dtype) -> name in TRANSPOSES, per process
+
+
+def _time_transposes(x, rounds=3):
+    """The name of the faster copy of ``x``: the best of ``rounds`` alternating runs each."""
+    best = dict.fromkeys(TRANSPOSES, math.inf)
+    for _ in range(rounds):
+        for name, fn in TRANSPOSES.items():
+            t0 = time.perf_counter()
+            fn(x)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.get)
+
+
+def transpose_2d(x):
+    """``x.t().contiguous()`` of a contiguous CPU matrix, by the copy fastest on this CPU.
+
+    Which copy wins depends on the CPU: on the Intel Xeon (AMX) VM the one-call copy of
+    DO-Conv's largest composed kernels ran 3-4x slower than copying blocks of rows, on the AMD
+    EPYC VM the one-call copy was fast (docs/benchmarks.md section 3). Both give the same bits,
+    so each (shape, dtype) times both once per process and keeps the faster one.
+    """
+    if (x.device.type != 'cpu' or x.dim() != 2 or not x.is_contiguous()
+            or x.numel() < TIMED_MIN_NUMEL or _exporting()):
+        return _transpose_whole(x)
+    key = (tuple(x.shape), x.dtype)
+    name = _transpose_choice.get(key)
+    if name is None:
+        name = _transpose_choice[key] = _time_transposes(x)
+    return TRANSPOSES[name](x)
 
 
 def _doconv_W(out_channels, cin_g, d_mul, groups, has_D, **factory):
