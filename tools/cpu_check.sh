@@ -160,7 +160,10 @@ report() {
 suite() {
   local dir rc
   dir=$(mktemp -d)
-  git clone -q "$ROOT" "$dir/clone" && cd "$dir/clone" && { time make test; } 2>&1
+  # without this script's variables: make reads PY as its Python, tests read REPARAM_MM_CACHE
+  git clone -q "$ROOT" "$dir/clone" && cd "$dir/clone" &&
+    { time env -u PY -u OUT -u ROOT -u LIMIT -u BENCH -u REPEAT -u TRAIN_REPEAT -u RECORD_DIR \
+      -u REPARAM_MM_CACHE make test; } 2>&1
   rc=$?
   cd "$ROOT" && rm -rf "$dir"
   return $rc
