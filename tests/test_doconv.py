@@ -169,8 +169,8 @@ def test_every_transpose_copy_equals_the_plain_transpose(shape, dtype, monkeypat
     from reparam_mm.layers import doconv
     x = torch.randn(shape).to(dtype)
     expected = x.t().contiguous()
-    for name, copy in doconv.TRANSPOSES.items():
-        assert torch.equal(copy(x), expected), name
+    for name, copy_fn in doconv.TRANSPOSES.items():
+        assert torch.equal(copy_fn(x), expected), name
     timed = []
     monkeypatch.setattr(doconv, '_transpose_choice', {})
     monkeypatch.setattr(doconv, '_time_transposes',
