@@ -162,8 +162,7 @@ suite() {
   dir=$(mktemp -d)
   # without this script's variables: make reads PY as its Python, tests read REPARAM_MM_CACHE
   git clone -q "$ROOT" "$dir/clone" && cd "$dir/clone" &&
-    { time env -u PY -u OUT -u ROOT -u LIMIT -u BENCH -u REPEAT -u TRAIN_REPEAT -u RECORD_DIR \
-      -u REPARAM_MM_CACHE make test; } 2>&1
+    { time env $(printf -- '-u %s ' $STEP_VARS REPARAM_MM_CACHE) make test; } 2>&1
   rc=$?
   cd "$ROOT" && rm -rf "$dir"
   return $rc
@@ -171,8 +170,10 @@ suite() {
 
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
-export PY OUT ROOT LIMIT BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50 \
-  FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS
+STEP_VARS="PY OUT ROOT LIMIT BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
+  FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
+# shellcheck disable=SC2086
+export $STEP_VARS STEP_VARS
 export -f cpu_info stalling_calls timeout_fires replk r50 overhead buckets report suite
 
 step cpu 120 cpu_info

@@ -73,11 +73,15 @@ class _Transpose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return transpose_2d(x) if x.dim() == 2 else x.transpose(-2, -1).contiguous()
+        return _swap_last_two(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return transpose_2d(grad) if grad.dim() == 2 else grad.transpose(-2, -1).contiguous()
+        return _swap_last_two(grad)
+
+
+def _swap_last_two(x):
+    return transpose_2d(x) if x.dim() == 2 else x.transpose(-2, -1).contiguous()
 
 
 def _transpose_whole(x):
