@@ -1,6 +1,7 @@
 """``FusedEvalHook``: validate and test the fused model, never touch the trained one;
 ``TrainingLoadCheckHook``: train only from a checkpoint that loads whole;
-``DatasetClassesCheckHook``: train only on classes the annotations have.
+``DatasetClassesCheckHook``: train only on classes the annotations have;
+``LabelValuesCheckHook``: train only on label maps whose values the segmentor's heads can read.
 
 * Validation (during training or ``runner.val()``): ``before_val_epoch``
   deep-copies the model, fuses the copy and points ``runner.model`` at it;
@@ -36,7 +37,7 @@ from .checkpoint import check_training_load
 from .fuse import fuse_with_report
 from .outputs import check_summary, compare_outputs, reference_outputs, tensor_outputs, within_tolerance
 
-__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook']
+__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook', 'LabelValuesCheckHook']
 
 
 def _unwrap(model):
@@ -246,3 +247,23 @@ class DatasetClassesCheckHook(Hook):
     def before_train(self, runner) -> None:
         from .train import check_dataset_classes
         check_dataset_classes(runner)
+
+
+class LabelValuesCheckHook(Hook):
+    """Before every training iteration of a segmentor: the batch's label maps hold only classes
+    of its heads or their ignore index (:func:`reparam_mm.train.check_label_values`), checked on
+    the CPU tensors before the data preprocessor moves them; registered by ``train()``."""
+    priority = 'VERY_HIGH'
+
+    def __init__(self):
+        self.heads, self.reduce_key = [], None
+
+    def before_train(self, runner) -> None:
+        from .train import reduce_zero_label_key, segmentation_heads
+        self.heads = segmentation_heads(_unwrap(runner.model))
+        self.reduce_key = reduce_zero_label_key(runner.cfg, 'train_dataloader')
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if self.heads and isinstance(data_batch, dict) and data_batch.get('data_samples'):
+            from .train import check_label_values
+            check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key)

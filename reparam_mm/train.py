@@ -201,6 +201,73 @@ def check_dataset_classes(runner):
                 "as the json's categories do (its 'categories' list), e.g. 'person', not 'human'.")
 
 
+def segmentation_heads(model):
+    """``(config key, head)`` of a segmentor's decode and auxiliary heads (through lists:
+    cascades), the heads whose loss reads the label maps; none for a detector."""
+    found = []
+    for name in ('decode_head', 'auxiliary_head'):
+        head = getattr(model, name, None)
+        heads = list(enumerate(head)) if isinstance(head, torch.nn.ModuleList) else [(None, head)]
+        found += [(f'model.{name}' + ('' if i is None else f'.{i}'), h) for i, h in heads
+                  if hasattr(h, 'num_classes') and hasattr(h, 'ignore_index')]
+    return found
+
+
+def _few_values(values, n=4):
+    return ', '.join(map(str, values[:n])) + (f' (and {len(values) - n} more)' if len(values) > n else '')
+
+
+def reduce_zero_label_key(cfg, loader):
+    """The config key of ``reduce_zero_label`` in ``loader``'s dataset, through wrappers."""
+    node, key = (cfg.get(loader) or {}).get('dataset') or {}, f'{loader}.dataset'
+    while isinstance(node, dict) and ('dataset' in node or 'datasets' in node):
+        if 'dataset' in node:
+            node, key = node['dataset'], f'{key}.dataset'
+        else:  # ConcatDataset: whichever of its datasets reads this label map
+            return f'{key}.datasets.N.reduce_zero_label'
+    return f'{key}.reduce_zero_label'
+
+
+def check_label_values(data_samples, heads, loader='train_dataloader', reduce_key=None):
+    """Every value of the label maps of ``data_samples`` (a batch before the data preprocessor)
+    must be a class of each of ``heads`` (:func:`segmentation_heads`: ``0 .. num_classes - 1``,
+    0 and 1 for a head of one output channel, mmseg's binary form) or its ``ignore_index``:
+    torch's loss fails on any other, with "Target N is out of bounds" on CPU and a device-side
+    assert far from the cause on CUDA."""
+    for sample in data_samples:
+        labels = getattr(getattr(sample, 'gt_sem_seg', None), 'data', None)
+        if labels is None:
+            continue
+        for key, head in heads:
+            n = 2 if getattr(head, 'out_channels', None) == 1 else head.num_classes
+            ignore = head.ignore_index
+            bad = (labels < 0) | (labels >= n)
+            if ignore is not None:
+                bad &= labels != ignore
+            if not bad.any():
+                continue
+            values = sorted(labels[bad].unique().tolist())
+            meta = sample.metainfo
+            where = meta.get('seg_map_path') or meta.get('img_path') or 'of a training image'
+            valid = ('binary: labels 0 and 1' if getattr(head, 'out_channels', None) == 1
+                     else f'labels 0..{n - 1}')
+            said = (f'{loader}: the label map {where} holds the value{"s" if len(values) > 1 else ""} '
+                    f'{_few_values(values)}, not a class of {key}, whose num_classes is '
+                    f'{head.num_classes} ({valid}) and ignore_index {ignore}')
+            if values == [n] and not meta.get('reduce_zero_label'):
+                raise ConfigError(
+                    f'{said}; these look like labels 1..{n} with 0 as background, which '
+                    f'reduce_zero_label=True in the dataset reads as 0..{n - 1} with 0 ignored '
+                    f'(--cfg-options {reduce_key or loader + ".dataset.reduce_zero_label"}=True).')
+            heads_n = ' '.join(f'{k}.num_classes=N' for k, _ in heads)
+            raise ConfigError(
+                f'{said}; if your labels count more classes, name them all in the dataset\'s '
+                f'metainfo.classes and set every head to their number N (--cfg-options {heads_n}), '
+                f'else map {"this value" if len(values) == 1 else "these values"} '
+                + (f'to {ignore} in the label maps.' if ignore is not None
+                   else 'out of the label maps.'))
+
+
 def warn_schedules_past_the_end(cfg):
     """Log each ``param_scheduler`` whose ``end`` lies past the training loop's end (a
     shortened ``train_cfg.max_iters`` leaves the base's schedule as it was: a poly decay that
@@ -443,9 +510,11 @@ def train(cfg, hooks=()):
         check_checkpoint_file(cfg.load_from, fix='pass an existing .pth file as --resume PATH '
                               'or load_from')
     runner = build_runner(cfg)
-    from .hooks import DatasetClassesCheckHook, TrainingLoadCheckHook
+    from .hooks import DatasetClassesCheckHook, LabelValuesCheckHook, TrainingLoadCheckHook, _unwrap
     runner.register_hook(TrainingLoadCheckHook(partial=bool(cfg.get('load_from_partial', False))))
     runner.register_hook(DatasetClassesCheckHook())
+    if segmentation_heads(_unwrap(runner.model)):  # a detector's labels come from its categories
+        runner.register_hook(LabelValuesCheckHook())
     for hook in hooks:
         runner.register_hook(hook)
     runner.train()

@@ -1,7 +1,8 @@
 """What tools/train.py checks and says before and around training: validation on the fused model
 whatever the config's custom_hooks, heads' num_classes against the dataset, schedules that end
-past the run, and a resume with nothing left to train."""
+past the run, a resume with nothing left to train, and label values the heads cannot read."""
 import logging
+import re
 
 import pytest
 
@@ -99,3 +100,120 @@ def test_a_class_the_coco_json_does_not_name_is_refused_before_the_first_iterati
     runner = main(common + ["train_dataloader.dataset.metainfo.classes=('person','car')",
                             "val_dataloader.dataset.metainfo.classes=('person','car')"])
     assert runner.iter == 1 and runner.message_hub.get_scalar('val/coco/bbox_mAP') is not None
+
+
+def _paint_train_labels(data_root, value):
+    """Write ``value`` into a 4x4 corner of every training label map of the tiny demo set (raw
+    values: its dataset reads them with reduce_zero_label=True, k -> k - 1, 255 stays 255)."""
+    import numpy as np
+    from PIL import Image
+    files = sorted((data_root / 'annotations/training').glob('*.png'))
+    for path in files:
+        label = np.array(Image.open(path))
+        label[:4, :4] = value
+        Image.fromarray(label).save(path)
+    return files
+
+
+def _error_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith('error')], err
+
+
+def test_a_label_past_num_classes_is_refused_before_the_loss_in_one_line(tmp_path, capsys):
+    """Raw 6 is 5 after reduce_zero_label, one past the demo's 5 classes: torch's loss failed
+    with 'IndexError: Target 5 is out of bounds' (a device-side assert on CUDA)."""
+    from reparam_mm.cli import run_tool
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    files = _paint_train_labels(tmp_path / 'data', 6)
+    capsys.readouterr()
+    assert run_tool(main, [cfg, '--work-dir', str(tmp_path / 'w')]) == 1
+    lines, err = _error_lines(capsys)
+    assert len(lines) == 1 and 'Traceback' not in err and 'out of bounds' not in err, err[-3000:]
+    named = [str(f) for f in files if str(f) in lines[0]]
+    assert len(named) == 1, lines[0]
+    assert lines[0] == (
+        f'error: train_dataloader: the label map {named[0]} holds the value 5, not a class of '
+        'model.decode_head, whose num_classes is 5 (labels 0..4) and ignore_index 255; if your '
+        "labels count more classes, name them all in the dataset's metainfo.classes and set every "
+        'head to their number N (--cfg-options model.decode_head.num_classes=N '
+        'model.auxiliary_head.num_classes=N), else map this value to 255 in the label maps.')
+    assert not (tmp_path / 'w/iter_1.pth').exists()
+
+
+def test_labels_at_the_ignore_index_train(tmp_path):
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    _paint_train_labels(tmp_path / 'data', 255)
+    runner = main([cfg, '--work-dir', str(tmp_path / 'w')])
+    assert runner.iter == 1 and any(type(h).__name__ == 'LabelValuesCheckHook' for h in runner.hooks)
+
+
+def test_labels_1_to_num_classes_without_reduce_zero_label_name_it(tmp_path):
+    """The demo's label maps hold 0 (unlabelled) and 1..5: read without reduce_zero_label, 5 is
+    one past the 5 classes, and the fix is reduce_zero_label, not a sixth class."""
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    with pytest.raises(ConfigError) as err:
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+              'train_dataloader.dataset.reduce_zero_label=False'])
+    assert re.fullmatch(
+        rf'train_dataloader: the label map {re.escape(str(tmp_path))}/data/annotations/training/'
+        r'demo_\d{5}\.png holds the value 5, not a class of model\.decode_head, whose num_classes '
+        r'is 5 \(labels 0\.\.4\) and ignore_index 255; these look like labels 1\.\.5 with 0 as '
+        r'background, which reduce_zero_label=True in the dataset reads as 0\.\.4 with 0 ignored '
+        r'\(--cfg-options train_dataloader\.dataset\.reduce_zero_label=True\)\.', str(err.value))
+
+
+def _samples(*maps, reduce_zero_label=False):
+    import torch
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    samples = []
+    for i, values in enumerate(maps):
+        sample = SegDataSample(metainfo=dict(seg_map_path=f'ann/{i}.png',
+                                             reduce_zero_label=reduce_zero_label))
+        sample.gt_sem_seg = PixelData(data=torch.tensor(values, dtype=torch.int64).view(1, 1, -1))
+        samples.append(sample)
+    return samples
+
+
+def test_the_label_check_of_binary_heads_and_negative_values():
+    """mmseg's binary form (one sigmoid output: num_classes=1, or 2 with out_channels=1) reads
+    labels 0 and 1; a softmax head of num_classes=2 the same; any negative value but the ignore
+    index is refused without the reduce_zero_label advice, as is one past the classes in label maps
+    that reduce_zero_label already read."""
+    import torch
+    from mmseg.models.decode_heads import FCNHead
+
+    from reparam_mm.train import check_label_values, segmentation_heads
+
+    def head(**kw):
+        return FCNHead(in_channels=4, channels=4, num_convs=1, **kw)
+
+    sigmoid = dict(loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True))
+    segmentor = torch.nn.Module()
+    segmentor.decode_head = head(num_classes=1, **sigmoid)
+    segmentor.auxiliary_head = torch.nn.ModuleList([head(num_classes=2, out_channels=1, **sigmoid),
+                                                    head(num_classes=2)])
+    heads = segmentation_heads(segmentor)
+    assert [key for key, _ in heads] == ['model.decode_head', 'model.auxiliary_head.0',
+                                         'model.auxiliary_head.1']
+    assert segmentation_heads(torch.nn.Module()) == []  # a detector has no decode_head
+    check_label_values(_samples([0, 1, 1, 255], [0, 0]), heads)
+    with pytest.raises(ConfigError, match=r'^train_dataloader: the label map ann/1\.png holds the '
+                                          r'value 2, not a class of model\.decode_head, whose '
+                                          r'num_classes is 1 \(binary: labels 0 and 1\) and '
+                                          r'ignore_index 255; these look like labels 1\.\.2'):
+        check_label_values(_samples([0, 1], [0, 2, 2]), heads)
+    with pytest.raises(ConfigError) as err:
+        check_label_values(_samples([-1, 9, 0, -3, 7, 8, 6, 255]),
+                           [('model.decode_head', head(num_classes=4))])
+    assert str(err.value) == (
+        'train_dataloader: the label map ann/0.png holds the values -3, -1, 6, 7 (and 2 more), not a '
+        'class of model.decode_head, whose num_classes is 4 (labels 0..3) and ignore_index 255; if '
+        "your labels count more classes, name them all in the dataset's metainfo.classes and set "
+        'every head to their number N (--cfg-options model.decode_head.num_classes=N), else map these '
+        'values to 255 in the label maps.')
+    with pytest.raises(ConfigError, match=r'holds the value 4, .*; if your labels count more classes'):
+        # read with reduce_zero_label already: raw 5 on 4 classes is no 1..4 with a background
+        check_label_values(_samples([0, 4], reduce_zero_label=True),
+                           [('model.decode_head', head(num_classes=4))])
