@@ -214,7 +214,9 @@ class FusedEvalHook(Hook):
 class TrainingLoadCheckHook(Hook):
     """Refuse a ``load_from`` / ``--resume`` checkpoint that would load only in part
     (:func:`reparam_mm.checkpoint.check_training_load`). mmengine's runner hands every checkpoint
-    it loads to ``after_load_checkpoint`` before loading it into the model, non-strictly.
+    it loads to ``after_load_checkpoint`` before loading it into the model, non-strictly. A
+    ``--resume`` that found no checkpoint in the work_dir (mmengine trains from scratch after an
+    info line) is a warning at the start of training.
 
     Args:
         partial (bool): accept a ``load_from`` that fills only part of the model, logging what
@@ -225,6 +227,13 @@ class TrainingLoadCheckHook(Hook):
 
     def __init__(self, partial=False):
         self.partial = partial
+
+    def before_train(self, runner) -> None:
+        if runner._resume and not runner._has_loaded:  # mmengine found nothing and starts over
+            print_log(f'--resume found no checkpoint in {runner.work_dir} (no last_checkpoint file '
+                      'there), so training starts from iteration 0; to go on with a run, pass its '
+                      'folder as --work-dir, or its checkpoint as --resume PATH.', logger='current',
+                      level=logging.WARNING)
 
     def after_load_checkpoint(self, runner, checkpoint):
         from mmengine.runner import find_latest_checkpoint

@@ -1,6 +1,7 @@
 """What tools/train.py checks and says before and around training: validation on the fused model
 whatever the config's custom_hooks, heads' num_classes against the dataset, schedules that end
-past the run, a resume with nothing left to train, and label values the heads cannot read."""
+past the run, a resume with nothing left to train or nothing to resume from, and label values the
+heads cannot read."""
 import logging
 import re
 
@@ -77,6 +78,21 @@ def test_a_resume_with_nothing_left_to_train_is_said(tmp_path):
         main([cfg, '--work-dir', str(tmp_path / 'w'), '--resume', '--cfg-options', 'train_cfg.max_iters=1'])
     assert any('the run is at iteration 2, and train_cfg stops at 1, so nothing is left to train'
                in r.getMessage() and r.levelno == logging.WARNING for r in records)
+
+
+def test_a_resume_that_finds_no_checkpoint_is_said(tmp_path):
+    """mmengine logs 'Auto resumed from the latest checkpoint None.' and trains from scratch."""
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    work_dir = tmp_path / 'w'
+    said = f'--resume found no checkpoint in {work_dir} (no last_checkpoint file there), so training starts'
+    with mmengine_log() as records:
+        runner = main([cfg, '--work-dir', str(work_dir), '--resume'])
+    assert runner.iter == 1
+    assert [r.levelno for r in records if r.getMessage().startswith(said)] == [logging.WARNING]
+    with mmengine_log() as records:  # the checkpoint of that run is found: nothing to say
+        runner = main([cfg, '--work-dir', str(work_dir), '--resume',
+                       '--cfg-options', 'train_cfg.max_iters=2'])
+    assert runner.iter == 2 and not any(r.getMessage().startswith(said) for r in records)
 
 
 def test_a_class_the_coco_json_does_not_name_is_refused_before_the_first_iteration(tmp_path):
