@@ -201,6 +201,42 @@ def check_dataset_classes(runner):
                 "as the json's categories do (its 'categories' list), e.g. 'person', not 'human'.")
 
 
+def _json_categories(path):
+    """The category names of the COCO json at ``path``, or None if it cannot be read."""
+    import json
+    try:
+        with open(path) as f:
+            return [c.get('name') for c in json.load(f).get('categories') or []]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_coco_categories(cfg, loaders=('train_dataloader', 'val_dataloader')):
+    """At least one class of each COCO-style dataset (a local json ``ann_file``) must be a category
+    of its json: with none, mmdet keeps no image and stops building the dataset with numpy's
+    'need at least one array to concatenate'. Reads the jsons: :func:`train` calls it only
+    when the build failed so (COCO's own jsons take seconds to read)."""
+    for loader in loaders:
+        for _, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+            ann_file, root = ds.get('ann_file'), ds.get('data_root') or ''
+            if ds.get('dataset') or ds.get('datasets') or not isinstance(ann_file, str) \
+                    or not ann_file.endswith('.json') or '://' in ann_file + str(root):
+                continue
+            path = osp.join(root, ann_file) if isinstance(root, str) else ann_file
+            meta = dataset_metainfo({'default_scope': cfg.get('default_scope'),
+                                     loader: {'dataset': ds}}, loader)
+            categories = _json_categories(path)
+            if not meta or categories is None or set(meta['classes']) & set(categories):
+                continue
+            classes = meta['classes']
+            raise ConfigError(
+                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
+                f'{", ..." if len(classes) > 6 else ""}), and none of them is a category of {path} '
+                f'({", ".join(map(str, categories[:6]))}{", ..." if len(categories) > 6 else ""}), '
+                "so no image is left to train on; name the classes as the json's categories do (its "
+                "'categories' list), e.g. 'person', not 'human'.")
+
+
 def segmentation_heads(model):
     """``(config key, head)`` of a segmentor's decode and auxiliary heads (through lists:
     cascades), the heads whose loss reads the label maps; none for a detector."""
@@ -517,7 +553,12 @@ def train(cfg, hooks=()):
         runner.register_hook(LabelValuesCheckHook())
     for hook in hooks:
         runner.register_hook(hook)
-    runner.train()
+    try:
+        runner.train()
+    except ValueError as error:  # numpy's, when a dataset kept no image: say why, if it is that
+        if str(error) == 'need at least one array to concatenate':
+            check_coco_categories(cfg)
+        raise
     return runner
 
 

@@ -95,26 +95,35 @@ def test_a_resume_that_finds_no_checkpoint_is_said(tmp_path):
     assert runner.iter == 2 and not any(r.getMessage().startswith(said) for r in records)
 
 
+def _coco_run(tmp_path):
+    """A tiny COCO json (categories person, car) and the demo detector's tools/train.py
+    arguments for one iteration on it, both loaders on the json; the classes are to add."""
+    from test_tools_test_fuse import make_coco
+    root = make_coco(tmp_path / 'coco', n=2)
+    data = [f'{loader}.dataset.{key}' for loader in ('train_dataloader', 'val_dataloader')
+            for key in (f'data_root={root}', 'ann_file=annotations.json', 'data_prefix.img=val/')]
+    return root, [str(COCO_DEMO), '--work-dir', str(tmp_path / 'w'), '--cfg-options', *data,
+                  f'val_evaluator.ann_file={root}/annotations.json', 'train_cfg.max_iters=1',
+                  'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
+                  'model.roi_head.bbox_head.num_classes=2']
+
+
+def _classes(*names):
+    value = '(' + ','.join(repr(n) for n in names) + ')'
+    return [f'{loader}.dataset.metainfo.classes={value}' for loader in ('train_dataloader', 'val_dataloader')]
+
+
 def test_a_class_the_coco_json_does_not_name_is_refused_before_the_first_iteration(tmp_path):
     """mmdet keeps the classes it finds among the json's categories: 'human' for 'person' trained
     without that label, and the evaluator failed with an IndexError at the first validation."""
-    from test_tools_test_fuse import make_coco
-    root = make_coco(tmp_path / 'coco', n=2)  # categories person, car
-    data = [f'{loader}.dataset.{key}' for loader in ('train_dataloader', 'val_dataloader')
-            for key in (f'data_root={root}', 'ann_file=annotations.json', 'data_prefix.img=val/')]
-    common = [str(COCO_DEMO), '--work-dir', str(tmp_path / 'w'), '--cfg-options', *data,
-              f'val_evaluator.ann_file={root}/annotations.json', 'train_cfg.max_iters=1',
-              'train_cfg.val_interval=1', 'train_dataloader.batch_size=2']
-    common.append('model.roi_head.bbox_head.num_classes=2')
+    root, common = _coco_run(tmp_path)
     with pytest.raises(ConfigError) as err:  # images with cars remain, so mmdet would train on
-        main(common + ["train_dataloader.dataset.metainfo.classes=('human','car')",
-                       "val_dataloader.dataset.metainfo.classes=('human','car')"])
+        main(common + _classes('human', 'car'))
     assert str(err.value) == (
         f"train_dataloader: the dataset names 2 classes (human, car), and only 1 of them are "
         f"categories of {root}/annotations.json; name the classes as the json's categories do (its "
         "'categories' list), e.g. 'person', not 'human'.")
-    runner = main(common + ["train_dataloader.dataset.metainfo.classes=('person','car')",
-                            "val_dataloader.dataset.metainfo.classes=('person','car')"])
+    runner = main(common + _classes('person', 'car'))
     assert runner.iter == 1 and runner.message_hub.get_scalar('val/coco/bbox_mAP') is not None
 
 
@@ -233,3 +242,19 @@ def test_the_label_check_of_binary_heads_and_negative_values():
         # read with reduce_zero_label already: raw 5 on 4 classes is no 1..4 with a background
         check_label_values(_samples([0, 4], reduce_zero_label=True),
                            [('model.decode_head', head(num_classes=4))])
+
+
+def test_coco_classes_none_of_which_the_json_names_are_one_sentence(tmp_path):
+    """With no class among the json's categories mmdet keeps no image and stops building the
+    dataset with numpy's 'need at least one array to concatenate'."""
+    from reparam_mm.train import check_coco_categories, config_from_args, parse_args
+    root, common = _coco_run(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('human', 'truck'))
+    assert str(err.value) == (
+        f'train_dataloader: the dataset names 2 classes (human, truck), and none of them is a category '
+        f'of {root}/annotations.json (person, car), so no image is left to train on; name the classes '
+        "as the json's categories do (its 'categories' list), e.g. 'person', not 'human'.")
+    cfg = config_from_args(parse_args(common + _classes('person', 'truck')))
+    init_scope(cfg)
+    check_coco_categories(cfg)  # one class found: nothing to say (DatasetClassesCheckHook says it)
