@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,26 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     assert abs(sum(float(p.double().sum()) for p in params) - ranks[0]['checksum']) < 1e-6
     # the final validation (fused copy on each rank, results gathered over gloo) ran
     assert 'mIoU' in proc.stdout + proc.stderr
+
+
+def test_a_bad_label_on_one_rank_ends_both_with_one_line(tmp_path):
+    """One training label map holds a value past the classes: the rank that reads it stops with
+    the label check's one line, and torchrun ends the other, which would otherwise wait in the
+    gradient all-reduce (up to the process group's 30-minute timeout on a real cluster)."""
+    from PIL import Image
+    cfg = tiny_demo_config(tmp_path, max_iters=3, extra="""
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+""")
+    bad = sorted((tmp_path / 'data/annotations/training').glob('*.png'))[-1]
+    label = np.array(Image.open(bad))
+    label[:4, :4] = 9  # reduce_zero_label reads it as 8, past the demo's 5 classes
+    Image.fromarray(label).save(bad)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir',
+                           str(tmp_path / 'wd')],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith('error: ')]
+    assert errors and all(f'the label map {bad} holds the value 8' in e for e in errors), out[-3000:]
+    assert 'out of bounds' not in out and not list((tmp_path / 'wd').glob('*.pth'))
