@@ -186,6 +186,9 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
     load_checkpoint_strict(runner.model, checkpoint, checkpoint=ckpt)
+    if cfg.default_scope == 'mmseg':  # label maps the IoUMetric cannot score: said after the test
+        from .hooks import LabelValuesCheckHook
+        runner.register_hook(LabelValuesCheckHook())
     runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
                        f"{'fused' if fuse else 'unfused'} model")
     return runner

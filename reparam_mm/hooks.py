@@ -261,11 +261,14 @@ class DatasetClassesCheckHook(Hook):
 class LabelValuesCheckHook(Hook):
     """Before every training iteration of a segmentor: the batch's label maps hold only classes
     of its heads or their ignore index (:func:`reparam_mm.train.check_label_values`), checked on
-    the CPU tensors before the data preprocessor moves them; registered by ``train()``."""
+    the CPU tensors before the data preprocessor moves them. In validation and test, label maps
+    the ``IoUMetric`` cannot score are counted and said after the loop
+    (:class:`reparam_mm.train.EvalLabelValues`): a warning, not an error, so a long run is not
+    stopped at its first validation. Registered by ``train()`` and ``tools/test.py``'s runner."""
     priority = 'VERY_HIGH'
 
     def __init__(self):
-        self.heads, self.reduce_key = [], None
+        self.heads, self.reduce_key, self.eval_counter = [], None, None
 
     def before_train(self, runner) -> None:
         from .train import reduce_zero_label_key, segmentation_heads
@@ -276,3 +279,35 @@ class LabelValuesCheckHook(Hook):
         if self.heads and isinstance(data_batch, dict) and data_batch.get('data_samples'):
             from .train import check_label_values
             check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key)
+
+    def _start_eval(self, runner, evaluator, loader):
+        from .train import EvalLabelValues
+        self.eval_counter = EvalLabelValues.of(evaluator, loader, runner.cfg)
+
+    def _count(self, data_batch):
+        if self.eval_counter is not None and isinstance(data_batch, dict):
+            self.eval_counter.count(data_batch.get('data_samples') or [])
+
+    def _end_eval(self):
+        said = self.eval_counter.warning() if self.eval_counter is not None else None
+        if said:
+            print_log(said, logger='current', level=logging.WARNING)
+        self.eval_counter = None
+
+    def before_val_epoch(self, runner) -> None:
+        self._start_eval(runner, runner.val_evaluator, 'val_dataloader')
+
+    def before_test_epoch(self, runner) -> None:
+        self._start_eval(runner, runner.test_evaluator, 'test_dataloader')
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._count(data_batch)
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._count(data_batch)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._end_eval()
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._end_eval()

@@ -253,6 +253,15 @@ def _few_values(values, n=4):
     return ', '.join(map(str, values[:n])) + (f' (and {len(values) - n} more)' if len(values) > n else '')
 
 
+def label_values_outside(labels, num_classes, ignore_index):
+    """The sorted values of ``labels`` that are neither ``0 .. num_classes - 1`` nor
+    ``ignore_index`` (empty when all are)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    return sorted(labels[bad].unique().tolist()) if bad.any() else []
+
+
 def reduce_zero_label_key(cfg, loader):
     """The config key of ``reduce_zero_label`` in ``loader``'s dataset, through wrappers."""
     node, key = (cfg.get(loader) or {}).get('dataset') or {}, f'{loader}.dataset'
@@ -277,12 +286,9 @@ def check_label_values(data_samples, heads, loader='train_dataloader', reduce_ke
         for key, head in heads:
             n = 2 if getattr(head, 'out_channels', None) == 1 else head.num_classes
             ignore = head.ignore_index
-            bad = (labels < 0) | (labels >= n)
-            if ignore is not None:
-                bad &= labels != ignore
-            if not bad.any():
+            values = label_values_outside(labels, n, ignore)
+            if not values:
                 continue
-            values = sorted(labels[bad].unique().tolist())
             meta = sample.metainfo
             where = meta.get('seg_map_path') or meta.get('img_path') or 'of a training image'
             valid = ('binary: labels 0 and 1' if getattr(head, 'out_channels', None) == 1
@@ -302,6 +308,62 @@ def check_label_values(data_samples, heads, loader='train_dataloader', reduce_ke
                 f'else map {"this value" if len(values) == 1 else "these values"} '
                 + (f'to {ignore} in the label maps.' if ignore is not None
                    else 'out of the label maps.'))
+
+
+class EvalLabelValues:
+    """Counts the label maps of a validation or test loop that hold values mmseg's
+    ``IoUMetric`` cannot score (:func:`label_values_outside` its dataset's classes and its
+    ``ignore_index``). The metric drops those pixels' labels but counts the predictions there,
+    so the mIoU reads low without a word; :meth:`warning` says how many maps and why."""
+
+    def __init__(self, loader, num_classes, ignore_index, reduce_key):
+        self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
+        self.reduce_key, self.seen, self.bad, self.first = reduce_key, 0, 0, None
+
+    @classmethod
+    def of(cls, evaluator, loader, cfg):
+        """The counter for ``evaluator``'s first ``IoUMetric``, or None (no such metric)."""
+        from mmseg.evaluation import IoUMetric
+        for metric in getattr(evaluator, 'metrics', []):
+            classes = (getattr(metric, 'dataset_meta', None) or {}).get('classes')
+            if isinstance(metric, IoUMetric) and classes:
+                return cls(loader, len(classes), metric.ignore_index,
+                           reduce_zero_label_key(cfg, loader))
+        return None
+
+    def count(self, data_samples):
+        if data_samples and isinstance(data_samples[0], (list, tuple)):
+            data_samples = data_samples[0]  # test-time augmentation: one tuple per view
+        for sample in data_samples:
+            labels = getattr(getattr(sample, 'gt_sem_seg', None), 'data', None)
+            if labels is None:
+                continue
+            self.seen += 1
+            values = label_values_outside(labels, self.num_classes, self.ignore_index)
+            if values:
+                self.bad += 1
+                if self.first is None:
+                    meta = sample.metainfo
+                    self.first = (meta.get('seg_map_path') or meta.get('img_path') or 'a label map',
+                                  values, bool(meta.get('reduce_zero_label')))
+
+    def warning(self):
+        """The sentence to log after the loop, or None when every map could be scored."""
+        if not self.bad:
+            return None
+        where, values, reduced = self.first
+        n, ignore = self.num_classes, self.ignore_index
+        if values == [n] and not reduced:
+            fix = (f'these look like labels 1..{n} with 0 as background: set reduce_zero_label=True '
+                   f'in the dataset (--cfg-options {self.reduce_key}=True)')
+        else:
+            fix = (f'name every class in the dataset\'s metainfo.classes, or map '
+                   f'{"this value" if len(values) == 1 else "these values"} to {ignore} '
+                   'in the label maps')
+        return (f'{self.loader}: {self.bad} of the {self.seen} label maps read hold values that are '
+                f'neither one of the {n} classes (0..{n - 1}) nor the ignore index {ignore} '
+                f'(first: {where}: {_few_values(values)}); IoUMetric counts the predictions at '
+                f'those pixels but not their labels, so its mIoU reads low; {fix}.')
 
 
 def warn_schedules_past_the_end(cfg):

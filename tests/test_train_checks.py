@@ -258,3 +258,59 @@ def test_coco_classes_none_of_which_the_json_names_are_one_sentence(tmp_path):
     cfg = config_from_args(parse_args(common + _classes('person', 'truck')))
     init_scope(cfg)
     check_coco_categories(cfg)  # one class found: nothing to say (DatasetClassesCheckHook says it)
+
+
+def _label_warnings(records):
+    return [r.getMessage() for r in records
+            if r.levelno == logging.WARNING and 'label maps read hold values' in r.getMessage()]
+
+
+def test_evaluation_label_maps_the_metric_cannot_score_are_said(tmp_path):
+    """Validation label maps read without reduce_zero_label hold 5 on 5 classes: IoUMetric
+    would score them low in silence. Validation goes on and says so after the loop, as does
+    tools/test.py's runner; a right dataset says nothing."""
+    from reparam_mm.apis import run_test
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    wd = tmp_path / 'w'
+    with mmengine_log() as records:
+        runner = main([cfg, '--work-dir', str(wd), '--cfg-options',
+                       'val_dataloader.dataset.reduce_zero_label=False'])
+    assert runner.iter == 1
+    said = _label_warnings(records)
+    assert len(said) == 1 and re.fullmatch(
+        rf'val_dataloader: 2 of the 2 label maps read hold values that are neither one of the 5 '
+        rf'classes \(0\.\.4\) nor the ignore index 255 \(first: {re.escape(str(tmp_path))}/data/'
+        r'annotations/validation/demo_\d{5}\.png: 5\); IoUMetric counts the predictions at those '
+        r'pixels but not their labels, so its mIoU reads low; these look like labels 1\.\.5 with 0 '
+        r'as background: set reduce_zero_label=True in the dataset \(--cfg-options '
+        r'val_dataloader\.dataset\.reduce_zero_label=True\)\.', said[0]), said
+
+    with mmengine_log() as records:
+        run_test(cfg, str(wd / 'iter_1.pth'), work_dir=str(tmp_path / 't1'),
+                 cfg_options={'test_dataloader.dataset.reduce_zero_label': False})
+    said = _label_warnings(records)
+    assert len(said) == 1 and said[0].startswith('test_dataloader: 2 of the 2 label maps') \
+        and 'test_dataloader.dataset.reduce_zero_label=True' in said[0], said
+
+    with mmengine_log() as records:
+        run_test(cfg, str(wd / 'iter_1.pth'), work_dir=str(tmp_path / 't2'))
+    assert _label_warnings(records) == []
+
+
+def test_the_evaluation_label_count_reads_tta_batches_and_other_values():
+    """The counter of label maps in evaluation: test-time augmentation batches (one tuple per
+    view) count each image once; values other than num_classes get the classes-or-ignore advice."""
+    from reparam_mm.train import EvalLabelValues
+    counter = EvalLabelValues('test_dataloader', 3, 255, 'test_dataloader.dataset.reduce_zero_label')
+    a, b = _samples([0, 1, 2, 255], [0, 7, 9, 255])
+    counter.count([(a, b), (a, b)])  # two views of two images
+    said = counter.warning()
+    assert (counter.seen, counter.bad) == (2, 1)
+    assert said == ('test_dataloader: 1 of the 2 label maps read hold values that are neither one '
+                    'of the 3 classes (0..2) nor the ignore index 255 (first: ann/1.png: 7, 9); '
+                    'IoUMetric counts the predictions at those pixels but not their labels, so its '
+                    "mIoU reads low; name every class in the dataset's metainfo.classes, or map "
+                    'these values to 255 in the label maps.')
+    clean = EvalLabelValues('val_dataloader', 3, 255, 'k')
+    clean.count(_samples([0, 1, 2, 255]))
+    assert clean.warning() is None and clean.seen == 1
