@@ -289,6 +289,8 @@ class LabelValuesCheckHook(Hook):
             self.eval_counter.count(data_batch.get('data_samples') or [])
 
     def _end_eval(self):
+        if self.eval_counter is not None:
+            self.eval_counter.gather()  # every rank takes part, or the others would wait
         said = self.eval_counter.warning() if self.eval_counter is not None else None
         if said:
             print_log(said, logger='current', level=logging.WARNING)

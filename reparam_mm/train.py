@@ -347,6 +347,16 @@ class EvalLabelValues:
                     self.first = (meta.get('seg_map_path') or meta.get('img_path') or 'a label map',
                                   values, bool(meta.get('reduce_zero_label')))
 
+    def gather(self):
+        """Sum the counts of every process (each reads its own shard of the dataset), keeping the
+        first example of the lowest rank that has one; a no-op in one process."""
+        from mmengine.dist import all_gather_object, is_distributed
+        if not is_distributed():
+            return
+        parts = all_gather_object((self.seen, self.bad, self.first))
+        self.seen, self.bad = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        self.first = next((p[2] for p in parts if p[2] is not None), None)
+
     def warning(self):
         """The sentence to log after the loop, or None when every map could be scored."""
         if not self.bad:

@@ -120,3 +120,20 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     errors = [line for line in out.splitlines() if line.startswith('error: ')]
     assert errors and all(f'the label map {bad} holds the value 8' in e for e in errors), out[-3000:]
     assert 'out of bounds' not in out and not list((tmp_path / 'wd').glob('*.pth'))
+
+
+def test_evaluation_label_counts_are_summed_over_ranks(tmp_path):
+    """Validation label maps the IoUMetric cannot score (read without reduce_zero_label): each of
+    the two ranks reads one of the 2 validation images, and the warning counts both."""
+    cfg = tiny_demo_config(tmp_path, max_iters=1, extra="""
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir',
+                           str(tmp_path / 'wd'), '--cfg-options',
+                           'val_dataloader.dataset.reduce_zero_label=False'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    said = [line for line in out.splitlines() if 'label maps read hold values' in line]
+    assert len(said) == 1 and 'val_dataloader: 2 of the 2 label maps read' in said[0], out[-3000:]
