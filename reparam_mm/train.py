@@ -13,6 +13,7 @@ on CPU processes; the code path on GPUs is mmengine's, unchanged.
 """
 import argparse
 import datetime
+import inspect
 import logging
 import os
 import os.path as osp
@@ -545,6 +546,75 @@ def _missing_data_paths(cfg, loader):
                     '(docs/datasets.md), or data_root points at the wrong folder.')
 
 
+def _seg_dataset_class(cfg, ds):
+    """The mmseg ``BaseSegDataset`` class a dataset config builds, or None (another scope, type
+    or a type that is not registered)."""
+    if cfg.get('default_scope') != 'mmseg':
+        return None
+    from mmseg.datasets import BaseSegDataset
+    from mmseg.registry import DATASETS
+    kind = ds.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    return cls if isinstance(cls, type) and issubclass(cls, BaseSegDataset) else None
+
+
+def _first_file(folder, suffix=''):
+    """The path, relative to ``folder``, of a file under it (recursively, as mmseg lists
+    images) whose name ends with ``suffix``; None if there is none."""
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(suffix):
+                return osp.relpath(osp.join(top, name), folder)
+    return None
+
+
+def _seg_pairing_problems(cfg, loader):
+    """``(config key, sentence)`` for a segmentation dataset that would list no image (no file
+    under its image folder ends with ``img_suffix``: mmengine then stops with numpy's 'need at
+    least one array to concatenate') or whose first image's label map, named by swapping
+    ``img_suffix`` for ``seg_map_suffix``, does not exist (a FileNotFoundError naming neither
+    key at the first iteration). Folders listed by an ``ann_file`` are not checked."""
+    for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+        cls = _seg_dataset_class(cfg, ds)
+        root, prefix = ds.get('data_root') or '', ds.get('data_prefix') or {}
+        if cls is None or not isinstance(root, str) or ds.get('ann_file') \
+                or not isinstance(prefix.get('img_path'), str):
+            continue
+        defaults = inspect.signature(cls.__init__).parameters
+        img_suffix = ds.get('img_suffix', defaults['img_suffix'].default)
+        seg_suffix = ds.get('seg_map_suffix', defaults['seg_map_suffix'].default)
+        img_dir = osp.join(root, prefix['img_path'])
+        if not osp.isdir(img_dir):
+            continue  # _missing_data_paths says so
+        image = _first_file(img_dir, img_suffix)
+        if image is None:
+            other = _first_file(img_dir)
+            yield f'{key}.img_suffix', (
+                f'no file under {img_dir!r} ends with img_suffix {img_suffix!r} ({key}.img_suffix), '
+                f'so the dataset would list no image; ' + (
+                    f'it holds e.g. {other!r}: pass --cfg-options {key}.img_suffix='
+                    f'{osp.splitext(other)[1] or "SUFFIX"} (the end of the image names that the '
+                    "label maps' names do not share)." if other else
+                    'the folder is empty: prepare the dataset there (docs/datasets.md).'))
+            continue
+        ann_dir = prefix.get('seg_map_path')
+        if not isinstance(ann_dir, str):
+            continue
+        label = osp.join(root, ann_dir, image[:-len(img_suffix)] + seg_suffix)
+        if osp.isfile(label):
+            continue
+        stem, folder = osp.basename(image[:-len(img_suffix)]), osp.dirname(label)
+        near = sorted(n for n in os.listdir(folder) if n.startswith(stem)) if osp.isdir(folder) else []
+        yield f'{key}.seg_map_suffix', (
+            f'the label map of {osp.join(img_dir, image)!r} would be {label!r} (its name with '
+            f'img_suffix {img_suffix!r} replaced by seg_map_suffix {seg_suffix!r}), which does not '
+            'exist; ' + (f'{folder!r} holds {near[0]!r}: pass --cfg-options '
+                         f'{key}.seg_map_suffix={near[0][len(stem):]}.' if near else
+                         f'no file in {folder!r} starts with {stem!r}: check {key}.seg_map_suffix '
+                         f'and {key}.data_prefix.seg_map_path.'))
+
+
 def _missing_evaluator_files(cfg, evaluator):
     """``(config key, sentence)`` for each local ``ann_file`` of ``evaluator``'s metrics (COCO's
     ground truth) that does not exist."""
@@ -562,7 +632,9 @@ def _missing_evaluator_files(cfg, evaluator):
 def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
     """Fail before building anything when a dataset's ``data_root``, or an annotation file or
     image / label folder under it, or the annotation file a loader's evaluator reads, does not
-    exist; the error names the first and the config keys of the others.
+    exist, or a segmentation dataset's images and label maps do not pair up through
+    ``img_suffix`` / ``seg_map_suffix`` (:func:`_seg_pairing_problems`); the error names the
+    first and the config keys of the others.
 
     mmseg / mmdet would stop later, in the middle of building the runner or the first
     epoch (the evaluator's file at the first validation), with a FileNotFoundError traceback
@@ -572,6 +644,9 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
     for loader in loaders:
         problems += _missing_data_paths(cfg, loader)
         problems += _missing_evaluator_files(cfg, loader.replace('_dataloader', '_evaluator'))
+    if not problems:  # the folders exist: do the images and their label maps pair up?
+        for loader in loaders:
+            problems += _seg_pairing_problems(cfg, loader)
     if problems:
         others = [key for key, _ in problems[1:]]
         raise FileNotFoundError(problems[0][1] + (

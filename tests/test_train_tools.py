@@ -291,3 +291,55 @@ def test_a_launcher_without_its_processes_is_one_sentence(tmp_path, monkeypatch)
     check_launcher_env(_cfg([_simple_cfg(tmp_path)]))  # one process: nothing to check
     monkeypatch.setenv('RANK', '0')
     check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'pytorch']))
+
+
+def test_images_and_label_maps_that_do_not_pair_up_are_one_sentence(tmp_path):
+    """A wrong img_suffix lists no image (mmengine: numpy's 'need at least one array to
+    concatenate'), a wrong seg_map_suffix a label map that is not there (a FileNotFoundError at
+    the first iteration): both are refused before the runner is built, with the suffix found on
+    disk. Cityscapes' nested city folders and long suffixes pair up."""
+    from mmengine.config import Config
+
+    from reparam_mm.train import check_data_roots
+    cfg = tiny_demo_config(tmp_path)
+    for option, said in [
+            ('train_dataloader.dataset.img_suffix=.jpeg',
+             rf"no file under '{tmp_path}/data/images/training' ends with img_suffix '\.jpeg' "
+             r'\(train_dataloader\.dataset\.img_suffix\), so the dataset would list no image; it '
+             r"holds e\.g\. 'demo_00000\.jpg': pass --cfg-options "
+             r"train_dataloader\.dataset\.img_suffix=\.jpg \(the end of the image names that the "
+             r"label maps' names do not share\)\."),
+            ('val_dataloader.dataset.seg_map_suffix=_labelTrainIds.png',
+             rf"the label map of '{tmp_path}/data/images/validation/demo_00000\.jpg' would be "
+             rf"'{tmp_path}/data/annotations/validation/demo_00000_labelTrainIds\.png' \(its name "
+             r"with img_suffix '\.jpg' replaced by seg_map_suffix '_labelTrainIds\.png'\), which "
+             rf"does not exist; '{tmp_path}/data/annotations/validation' holds 'demo_00000\.png': "
+             r'pass --cfg-options val_dataloader\.dataset\.seg_map_suffix=\.png\.')]:
+        with pytest.raises(FileNotFoundError) as err:
+            main([cfg, '--work-dir', str(tmp_path / 'wd'), '--cfg-options', option])
+        assert re.fullmatch(said, str(err.value)), str(err.value)
+    assert not (tmp_path / 'wd').exists()  # stopped before the runner made anything
+
+    root = tmp_path / 'cityscapes'
+    for city in ('aachen', 'bremen'):
+        (root / 'leftImg8bit/train' / city).mkdir(parents=True)
+        (root / 'gtFine/train' / city).mkdir(parents=True)
+        (root / 'leftImg8bit/train' / city / f'{city}_000000_000019_leftImg8bit.png').touch()
+        (root / 'gtFine/train' / city / f'{city}_000000_000019_gtFine_labelTrainIds.png').touch()
+
+    def loader(**ds):
+        return Config(dict(default_scope='mmseg', train_dataloader=dict(dataset=dict(
+            type='CityscapesDataset', data_root=str(root),
+            data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'), **ds))))
+
+    check_data_roots(loader(), ['train_dataloader'])
+    with pytest.raises(FileNotFoundError, match=r"gtFine/train/aachen' holds "
+                       r"'aachen_000000_000019_gtFine_labelTrainIds\.png': pass --cfg-options "
+                       r'train_dataloader\.dataset\.seg_map_suffix=_gtFine_labelTrainIds\.png\.$'):
+        check_data_roots(loader(seg_map_suffix='_labelTrainIds.png'), ['train_dataloader'])
+    for city in ('aachen', 'bremen'):
+        for f in (root / 'leftImg8bit/train' / city).iterdir():
+            f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"ends with img_suffix '_leftImg8bit\.png' .* the "
+                                                r'folder is empty: prepare the dataset there'):
+        check_data_roots(loader(), ['train_dataloader'])
