@@ -34,7 +34,7 @@ from .checkpoint import (
 )
 from .fuse import fuse_with_report
 from .outputs import compare_outputs, reference_outputs, tensor_outputs
-from .scope import ConfigError, init_scope, load_config, merge_cfg_options
+from .scope import ConfigError, fit_persistent_workers, init_scope, load_config, merge_cfg_options
 
 __all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
            'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
@@ -142,6 +142,7 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     cfg = copy.deepcopy(cfg)
     cfg.launcher = launcher
     merge_cfg_options(cfg, cfg_options)
+    fit_persistent_workers(cfg)
     scope = init_scope(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
     if work_dir is not None:

@@ -81,6 +81,21 @@ def merge_cfg_options(cfg, options):
     return cfg
 
 
+def fit_persistent_workers(cfg):
+    """A loader given ``num_workers=0`` (say, ``--cfg-options train_dataloader.num_workers=0`` to
+    debug in one process) keeps the shipped ``persistent_workers=True``, which PyTorch's
+    DataLoader refuses with a ValueError while the runner builds its loop: it is switched off
+    for that loader, and a line says so."""
+    from mmengine.logging import print_log
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        spec = cfg.get(loader)
+        if hasattr(spec, 'get') and spec.get('persistent_workers') and not spec.get('num_workers'):
+            spec['persistent_workers'] = False
+            print_log(f'{loader}: num_workers=0, so persistent_workers=False (PyTorch keeps '
+                      'workers alive only when there are some).', logger='current')
+    return cfg
+
+
 #: packages a config may import that need more than ``pip install`` beside the CPU torch
 _IMPORT_HINTS = {
     'mmpretrain': ('mmpretrain imports torchvision, which must match the installed torch: install '

@@ -23,7 +23,8 @@ import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
 from .apis import set_fuse_hook
-from .scope import CfgOptionsAction, ConfigError, dataset_metainfo, init_scope, load_config, merge_cfg_options
+from .scope import (CfgOptionsAction, ConfigError, dataset_metainfo, fit_persistent_workers, init_scope,
+                    load_config, merge_cfg_options)
 
 
 class NotAvailableHereError(RuntimeError):
@@ -91,6 +92,7 @@ def config_from_args(args):
     cfg = load_config(args.config)
     cfg.launcher = args.launcher
     merge_cfg_options(cfg, args.cfg_options)
+    fit_persistent_workers(cfg)
 
     # work_dir priority: CLI > config > config file name
     if args.work_dir is not None:
@@ -310,9 +312,11 @@ def check_label_values(data_samples, heads, loader='train_dataloader', reduce_ke
                     f'{head.num_classes} ({valid}) and ignore_index {ignore}')
             if values == [n] and not meta.get('reduce_zero_label'):
                 raise ConfigError(
-                    f'{said}; these look like labels 1..{n} with 0 as background, which '
-                    f'reduce_zero_label=True in the dataset reads as 0..{n - 1} with 0 ignored '
-                    f'(--cfg-options {reduce_key or loader + ".dataset.reduce_zero_label"}=True).')
+                    f'{said}; if the maps hold labels 1..{n} with 0 as unlabelled (ADE20K\'s '
+                    f'way), reduce_zero_label=True in the dataset reads them as 0..{n - 1} with 0 '
+                    f'ignored (--cfg-options {reduce_key or loader + ".dataset.reduce_zero_label"}'
+                    f'=True); if 0 is a class, {n} is one class more than the heads have: count '
+                    f'it (metainfo.classes and every head\'s num_classes) or map it to {ignore}.')
             heads_n = ' '.join(f'{k}.num_classes=N' for k, _ in heads)
             raise ConfigError(
                 f'{said}; if your labels count more classes, name them all in the dataset\'s '
@@ -376,8 +380,9 @@ class EvalLabelValues:
         where, values, reduced = self.first
         n, ignore = self.num_classes, self.ignore_index
         if values == [n] and not reduced:
-            fix = (f'these look like labels 1..{n} with 0 as background: set reduce_zero_label=True '
-                   f'in the dataset (--cfg-options {self.reduce_key}=True)')
+            fix = (f'if the maps hold labels 1..{n} with 0 as unlabelled, set reduce_zero_label=True '
+                   f'in the dataset (--cfg-options {self.reduce_key}=True); if 0 is a class, count '
+                   f'{n} as one more class or map it to {ignore} in the label maps')
         else:
             fix = (f'name every class in the dataset\'s metainfo.classes, or map '
                    f'{"this value" if len(values) == 1 else "these values"} to {ignore} '
@@ -570,12 +575,13 @@ def _seg_dataset_class(cfg, ds):
 
 
 def _first_file(folder, suffix=''):
-    """The path, relative to ``folder``, of a file under it (recursively, as mmseg lists
-    images) whose name ends with ``suffix``; None if there is none."""
-    for top, dirs, files in os.walk(folder):
+    """The path, relative to ``folder``, of a file under it whose name ends with ``suffix``;
+    None if there is none. Listed as mmengine lists a dataset's images: recursively, through
+    symlinked folders, leaving out names that start with '.' (macOS's ``._*`` files)."""
+    for top, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
         for name in sorted(files):
-            if name.endswith(suffix):
+            if name.endswith(suffix) and not name.startswith('.'):
                 return osp.relpath(osp.join(top, name), folder)
     return None
 

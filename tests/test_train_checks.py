@@ -183,9 +183,11 @@ def test_labels_1_to_num_classes_without_reduce_zero_label_name_it(tmp_path):
     assert re.fullmatch(
         rf'train_dataloader: the label map {re.escape(str(tmp_path))}/data/annotations/training/'
         r'demo_\d{5}\.png holds the value 5, not a class of model\.decode_head, whose num_classes '
-        r'is 5 \(labels 0\.\.4\) and ignore_index 255; these look like labels 1\.\.5 with 0 as '
-        r'background, which reduce_zero_label=True in the dataset reads as 0\.\.4 with 0 ignored '
-        r'\(--cfg-options train_dataloader\.dataset\.reduce_zero_label=True\)\.', str(err.value))
+        r"is 5 \(labels 0\.\.4\) and ignore_index 255; if the maps hold labels 1\.\.5 with 0 as "
+        r"unlabelled \(ADE20K's way\), reduce_zero_label=True in the dataset reads them as 0\.\.4 "
+        r'with 0 ignored \(--cfg-options train_dataloader\.dataset\.reduce_zero_label=True\); if 0 '
+        r"is a class, 5 is one class more than the heads have: count it \(metainfo\.classes and "
+        r"every head's num_classes\) or map it to 255\.", str(err.value))
 
 
 def _samples(*maps, reduce_zero_label=False):
@@ -227,7 +229,7 @@ def test_the_label_check_of_binary_heads_and_negative_values():
     with pytest.raises(ConfigError, match=r'^train_dataloader: the label map ann/1\.png holds the '
                                           r'value 2, not a class of model\.decode_head, whose '
                                           r'num_classes is 1 \(binary: labels 0 and 1\) and '
-                                          r'ignore_index 255; these look like labels 1\.\.2'):
+                                          r'ignore_index 255; if the maps hold labels 1\.\.2'):
         check_label_values(_samples([0, 1], [0, 2, 2]), heads)
     with pytest.raises(ConfigError) as err:
         check_label_values(_samples([-1, 9, 0, -3, 7, 8, 6, 255]),
@@ -281,9 +283,10 @@ def test_evaluation_label_maps_the_metric_cannot_score_are_said(tmp_path):
         rf'val_dataloader: 2 of the 2 label maps read hold values that are neither one of the 5 '
         rf'classes \(0\.\.4\) nor the ignore index 255 \(first: {re.escape(str(tmp_path))}/data/'
         r'annotations/validation/demo_\d{5}\.png: 5\); IoUMetric counts the predictions at those '
-        r'pixels but not their labels, so its mIoU reads low; these look like labels 1\.\.5 with 0 '
-        r'as background: set reduce_zero_label=True in the dataset \(--cfg-options '
-        r'val_dataloader\.dataset\.reduce_zero_label=True\)\.', said[0]), said
+        r'pixels but not their labels, so its mIoU reads low; if the maps hold labels 1\.\.5 with 0 '
+        r'as unlabelled, set reduce_zero_label=True in the dataset \(--cfg-options '
+        r'val_dataloader\.dataset\.reduce_zero_label=True\); if 0 is a class, count 5 as one '
+        r'more class or map it to 255 in the label maps\.', said[0]), said
 
     with mmengine_log() as records:
         run_test(cfg, str(wd / 'iter_1.pth'), work_dir=str(tmp_path / 't1'),

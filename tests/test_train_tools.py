@@ -333,13 +333,42 @@ def test_images_and_label_maps_that_do_not_pair_up_are_one_sentence(tmp_path):
             data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'), **ds))))
 
     check_data_roots(loader(), ['train_dataloader'])
+    # as mmengine lists images: macOS's '._' files left out, symlinked city folders followed
+    (root / 'leftImg8bit/train/aachen/._aachen_000000_000000_leftImg8bit.png').touch()
+    elsewhere = tmp_path / 'elsewhere'
+    (root / 'leftImg8bit/train/aachen').rename(elsewhere)
+    (root / 'leftImg8bit/train/aachen').symlink_to(elsewhere)
+    check_data_roots(loader(), ['train_dataloader'])
     with pytest.raises(FileNotFoundError, match=r"gtFine/train/aachen' holds "
                        r"'aachen_000000_000019_gtFine_labelTrainIds\.png': pass --cfg-options "
                        r'train_dataloader\.dataset\.seg_map_suffix=_gtFine_labelTrainIds\.png\.$'):
         check_data_roots(loader(seg_map_suffix='_labelTrainIds.png'), ['train_dataloader'])
     for city in ('aachen', 'bremen'):
         for f in (root / 'leftImg8bit/train' / city).iterdir():
-            f.unlink()
+            if not f.name.startswith('.'):
+                f.unlink()
     with pytest.raises(FileNotFoundError, match=r"ends with img_suffix '_leftImg8bit\.png' .* the "
                                                 r'folder is empty: prepare the dataset there'):
         check_data_roots(loader(), ['train_dataloader'])
+
+
+def test_no_workers_switch_persistent_workers_off(tmp_path):
+    """``num_workers=0`` under a config's ``persistent_workers=True`` (mmseg's and mmdet's dataset
+    bases) made PyTorch's DataLoader raise a ValueError while the runner built its loop; the
+    training and test configs now switch persistent workers off for that loader and say so."""
+    from conftest import mmengine_log
+
+    from reparam_mm.apis import build_test_cfg
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    with mmengine_log() as records:
+        runner = main([cfg, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                       'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=True'])
+    assert runner.iter == 1
+    assert 'train_dataloader: num_workers=0, so persistent_workers=False (PyTorch keeps workers ' \
+           'alive only when there are some).' in [r.getMessage() for r in records]
+    test_cfg = build_test_cfg(cfg, cfg_options={'test_dataloader.num_workers': 0,
+                                                'test_dataloader.persistent_workers': True})
+    assert test_cfg.test_dataloader.persistent_workers is False
+    kept = build_test_cfg(cfg, cfg_options={'test_dataloader.num_workers': 2,
+                                            'test_dataloader.persistent_workers': True})
+    assert kept.test_dataloader.persistent_workers is True
