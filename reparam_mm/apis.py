@@ -15,6 +15,7 @@ import copy
 import importlib
 import inspect
 import itertools
+import logging
 import os
 import os.path as osp
 from collections import OrderedDict
@@ -208,9 +209,38 @@ def _check_keys_on_meta(cfg, ckpt, filename):
                      ckpt.get('meta'))
 
 
+def score_threshold_key(model_cfg):
+    """The config key of a detector's test score threshold (two-stage and cascade detectors'
+    ``rcnn.score_thr``, one-stage ``score_thr``), or None."""
+    test_cfg = (model_cfg or {}).get('test_cfg') or {}
+    if isinstance(test_cfg.get('rcnn'), dict) and 'score_thr' in test_cfg['rcnn']:
+        return 'model.test_cfg.rcnn.score_thr', test_cfg['rcnn']['score_thr']
+    if 'score_thr' in test_cfg:
+        return 'model.test_cfg.score_thr', test_cfg['score_thr']
+    return None
+
+
+def warn_empty_detection_metrics(runner, metrics):
+    """A detector that kept no box on any test image gets no metric at all from mmdet's
+    ``CocoMetric`` (after an ERROR line), and the test ends as if it had passed: say why and how
+    to score what the model predicts, as a model trained for a few iterations does this."""
+    if metrics or runner.cfg.get('default_scope') != 'mmdet':
+        return
+    from mmengine.logging import print_log
+    found = score_threshold_key(runner.cfg.get('model'))
+    fix = (f'; to score what it predicts, lower {found[0]} (now {found[1]}): --cfg-options '
+           f'{found[0]}=0.0' if found else '')
+    print_log(f'test: no metric was computed: the detector kept no box above its score threshold '
+              f'on any test image, and mmdet\'s CocoMetric then returns nothing (a model trained '
+              f'for only a few iterations does this){fix}.', logger='current', level=logging.WARNING)
+
+
 def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
-    return build_test_runner(config, checkpoint, out=out, fuse=fuse, **kwargs).test()
+    runner = build_test_runner(config, checkpoint, out=out, fuse=fuse, **kwargs)
+    metrics = runner.test()
+    warn_empty_detection_metrics(runner, metrics)
+    return metrics
 
 
 def image_size(text):

@@ -229,6 +229,28 @@ def test_tools_test_detector_fused_equals_unfused(tmp_path, capsys):
         assert torch.allclose(a['scores'], b['scores'], atol=1e-5)
 
 
+def test_a_detector_that_keeps_no_box_is_said_to(tmp_path):
+    """No box above the score threshold on any image: mmdet's CocoMetric returns no metric and
+    the test ended as if it had passed; a warning names the threshold and the override."""
+    import logging
+
+    from conftest import mmengine_log
+    cfg, ckpt = write_case(tmp_path, det_config(make_coco(tmp_path / 'coco', n=1)))
+    with mmengine_log() as records:
+        metrics = load_tool('test').main([cfg, ckpt, '--work-dir', str(tmp_path / 'w'),
+                                          '--cfg-options', 'model.test_cfg.rcnn.score_thr=1.01'])
+    said = [r.getMessage() for r in records if r.levelno == logging.WARNING
+            and r.getMessage().startswith('test: no metric')]
+    assert metrics == {} and said == [
+        "test: no metric was computed: the detector kept no box above its score threshold on any "
+        "test image, and mmdet's CocoMetric then returns nothing (a model trained for only a few "
+        'iterations does this); to score what it predicts, lower model.test_cfg.rcnn.score_thr '
+        '(now 1.01): --cfg-options model.test_cfg.rcnn.score_thr=0.0.']
+    with mmengine_log() as records:
+        assert load_tool('test').main([cfg, ckpt, '--work-dir', str(tmp_path / 'w2')])
+    assert not [r for r in records if r.getMessage().startswith('test: no metric')]
+
+
 @pytest.mark.parametrize('kind', ['seg-replknet', 'det-doconv'])
 def test_fuse_tool_deploy_round_trip(tmp_path, kind):
     from mmengine.config import Config
