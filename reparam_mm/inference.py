@@ -158,13 +158,31 @@ def check_device(device):
     return device
 
 
+class _NamedDetections:
+    """``preds/<image stem>.json`` (and the returned predictions) also name each box's class
+    (``label_names``, from the model's ``dataset_meta``): upstream writes class indices only,
+    which mean nothing without the config that trained the model."""
+
+    def pred2dict(self, data_sample, pred_out_dir=''):
+        result = super().pred2dict(data_sample, pred_out_dir)
+        classes = (getattr(self.model, 'dataset_meta', None) or {}).get('classes')
+        if 'labels' in result and classes:
+            result['label_names'] = [classes[i] for i in result['labels']]
+            if pred_out_dir and 'img_path' in data_sample:  # the file upstream just wrote
+                import mmengine
+                stem = osp.splitext(osp.basename(data_sample.img_path))[0]
+                mmengine.dump(result, osp.join(pred_out_dir, 'preds', stem + '.json'))
+        return result
+
+
 def _inferencer_class(scope):
     if scope == 'mmseg':
         from mmseg.apis import MMSegInferencer as base
+        mixins = (_FusedInference, base)
     else:
         from mmdet.apis import DetInferencer as base
-    return type(f'Fused{base.__name__}', (_FusedInference, base),
-                dict(segmentation=scope == 'mmseg'))
+        mixins = (_FusedInference, _NamedDetections, base)
+    return type(f'Fused{base.__name__}', mixins, dict(segmentation=scope == 'mmseg'))
 
 
 def fused_inferencer(config, checkpoint, device=None, fuse=True, check=True, tolerance=TOLERANCE,

@@ -78,6 +78,7 @@ def test_detector_fused_predictions_equal_the_upstream_inferencer_unfused(tmp_pa
         saved = json.loads((out / 'preds' / name.rsplit('/', 1)[1].replace('.jpg', '.json')).read_text())
         ref = ref.pred_instances
         assert saved['labels'] == ref.labels.tolist()
+        assert saved['label_names'] == [DET_META['classes'][i] for i in saved['labels']]
         assert np.allclose(saved['scores'], ref.scores.numpy(), atol=1e-5)
         assert np.allclose(saved['bboxes'], ref.bboxes.numpy(), atol=1e-3)
         boxes += len(saved['labels'])
