@@ -178,3 +178,21 @@ def test_an_unknown_argument_is_one_sentence_and_sets_nothing_up(setup_env, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("[setup] ERROR: unknown argument '--venv'") and err.count('\n') == 0
     assert 'environment variables' in err and '--help' in err
+
+
+def test_the_torch_pin_is_the_installed_distributions_version(setup_env, monkeypatch, tmp_path):
+    """A fresh install pins what pip compares: the distribution's version (PyPI's CUDA torch
+    2.11.0 has no local label there, while torch.__version__ says 2.11.0+cu130); the pin of the
+    latter made every later install that needs torch a ResolutionImpossible."""
+    installed = []
+    answers = {'from importlib.metadata import version; print(version("torch"))':
+               lambda: '2.11.0' if installed else None,
+               'import torch; print(torch.__version__)': lambda: '2.11.0+cu130'}
+    monkeypatch.setattr(setup_env, 'venv_python', lambda code: answers[code]())
+    monkeypatch.setattr(setup_env, 'pip', lambda *args, **kwargs: installed.append(args))
+    monkeypatch.setattr(setup_env, 'CONSTRAINTS', tmp_path / 'constraints.txt')
+    monkeypatch.setattr(setup_env, 'log', lambda *args: None)
+    monkeypatch.setenv('TORCH_SPEC', 'torch==2.11.0')
+    assert setup_env.ensure_torch() == '2.11.0'
+    assert installed == [('torch==2.11.0',)]
+    assert (tmp_path / 'constraints.txt').read_text().splitlines()[0] == 'torch==2.11.0'

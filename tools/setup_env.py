@@ -117,9 +117,12 @@ def ensure_torch():
         log(f'installing {spec}')
         extra = ['--index-url', os.environ['TORCH_INDEX_URL']] if os.environ.get('TORCH_INDEX_URL') else []
         pip(spec, *extra, constrained=False)
-        version = venv_python('import torch; print(torch.__version__)')  # must really import
-        if version is None:
+        if venv_python('import torch; print(torch.__version__)') is None:  # must really import
             raise SetupError(f'torch was installed ({spec}) but does not import in {VENV}.')
+        # The pin is the distribution's version, which pip compares: PyPI's CUDA torch says
+        # 2.11.0 there and 2.11.0+cu130 in torch.__version__, and a pin of the latter matched
+        # nothing, so every later install needing torch failed as a conflict.
+        version = installed_torch_version()
     else:
         log(f'keeping the installed torch {version}')
     CONSTRAINTS.write_text(f'torch=={version}\n{SETUPTOOLS_RANGE}\n')
