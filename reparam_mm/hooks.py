@@ -289,12 +289,13 @@ class LabelValuesCheckHook(Hook):
             self.eval_counter.count(data_batch.get('data_samples') or [])
 
     def _end_eval(self):
-        if self.eval_counter is not None:
-            self.eval_counter.gather()  # every rank takes part, or the others would wait
-        said = self.eval_counter.warning() if self.eval_counter is not None else None
+        counter, self.eval_counter = self.eval_counter, None
+        if counter is None:
+            return
+        counter.gather()  # every rank takes part, or the others would wait
+        said = counter.warning()
         if said:
             print_log(said, logger='current', level=logging.WARNING)
-        self.eval_counter = None
 
     def before_val_epoch(self, runner) -> None:
         self._start_eval(runner, runner.val_evaluator, 'val_dataloader')
