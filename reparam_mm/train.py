@@ -586,16 +586,69 @@ def _first_file(folder, suffix=''):
     return None
 
 
+def _suffix_hint(folder, stem, key, which):
+    """The fix for a file ``stem + suffix`` missing from ``folder``: the suffix of a file there
+    whose name starts with ``stem``, as a --cfg-options override of ``key``'s ``which``."""
+    near = sorted(n for n in os.listdir(folder) if n.startswith(stem)) if osp.isdir(folder) else []
+    if near:
+        return (f'{folder!r} holds {near[0]!r}: pass --cfg-options '
+                f'{key}.{which}={near[0][len(stem):]}.')
+    return None
+
+
+def _split_file_problems(key, ann_file, img_dir, ann_dir, img_suffix, seg_suffix):
+    """``(config key, sentence)`` when a segmentation split file (VOC's ``ImageSets/Segmentation/
+    train.txt``: one image name per line, without its suffix) names images or label maps that do
+    not exist. mmseg reads the list as it is and stops at the first such file, in a data loader
+    worker, with a FileNotFoundError naming no config key. Every line is checked (a stat each),
+    so a partly extracted dataset is counted, not just met."""
+    with open(ann_file) as f:
+        names = [line.strip() for line in f]
+    if not any(names):
+        yield f'{key}.ann_file', (
+            f'the split file {ann_file!r} ({key}.ann_file) lists no image: put one image name '
+            'per line there (without its suffix), or leave ann_file out to list the image folder.')
+        return
+    missing_images = [(n, i) for i, n in enumerate(names, 1)
+                      if not osp.isfile(osp.join(img_dir, n + img_suffix))]
+    no_image = {i for _, i in missing_images}
+    missing_labels = [] if ann_dir is None else [
+        (n, i) for i, n in enumerate(names, 1)
+        if i not in no_image and not osp.isfile(osp.join(ann_dir, n + seg_suffix))]
+    for missing, folder, suffix, which in ((missing_images, img_dir, img_suffix, 'img_suffix'),
+                                           (missing_labels, ann_dir, seg_suffix, 'seg_map_suffix')):
+        if not missing:
+            continue
+        name, line = missing[0]
+        path = osp.join(folder, name + suffix)
+        what = 'image' if which == 'img_suffix' else 'label map'
+        if not name:
+            fix = f'delete the blank line from {ann_file!r}.'
+        elif osp.isfile(osp.join(folder, name)):
+            fix = (f'{name!r} is there: the lines must name images without their suffix; strip '
+                   f'it in {ann_file!r}.')
+        else:
+            fix = (_suffix_hint(osp.dirname(path), osp.basename(name), key, which)
+                   or f'check {key}.{which}, {key}.data_prefix and whether the dataset is fully '
+                      'extracted there (docs/datasets.md).')
+        yield f'{key}.{which}', (
+            f'{len(missing)} of the {len(names)} names in the split file {ann_file!r} '
+            f'({key}.ann_file) have no {what}: line {line}, {name!r}, would be {path!r} '
+            f'({which} {suffix!r}), which does not exist; {fix}')
+        return
+
+
 def _seg_pairing_problems(cfg, loader):
     """``(config key, sentence)`` for a segmentation dataset that would list no image (no file
     under its image folder ends with ``img_suffix``: mmengine then stops with numpy's 'need at
     least one array to concatenate') or whose first image's label map, named by swapping
     ``img_suffix`` for ``seg_map_suffix``, does not exist (a FileNotFoundError naming neither
-    key at the first iteration). Folders listed by an ``ann_file`` are not checked."""
+    key at the first iteration). A dataset listed by a split file (``ann_file``) has every
+    listed name checked (:func:`_split_file_problems`)."""
     for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
         cls = _seg_dataset_class(cfg, ds)
         root, prefix = ds.get('data_root') or '', ds.get('data_prefix') or {}
-        if cls is None or not isinstance(root, str) or ds.get('ann_file') \
+        if cls is None or not isinstance(root, str) \
                 or not isinstance(prefix.get('img_path'), str):
             continue
         defaults = inspect.signature(cls.__init__).parameters
@@ -604,6 +657,18 @@ def _seg_pairing_problems(cfg, loader):
         img_dir = osp.join(root, prefix['img_path'])
         if not osp.isdir(img_dir):
             continue  # _missing_data_paths says so
+        ann_file = ds.get('ann_file')
+        if isinstance(ann_file, str) and ann_file:
+            ann_file = osp.join(root, ann_file)
+            if osp.isfile(ann_file):  # a folder given as ann_file is listed, as by mmseg
+                ann_dir = prefix.get('seg_map_path')
+                yield from _split_file_problems(
+                    key, ann_file, img_dir,
+                    osp.join(root, ann_dir) if isinstance(ann_dir, str) else None,
+                    img_suffix, seg_suffix)
+                continue
+        elif ann_file:
+            continue  # not a local path we can read
         image = _first_file(img_dir, img_suffix)
         if image is None:
             other = _first_file(img_dir)
@@ -622,12 +687,10 @@ def _seg_pairing_problems(cfg, loader):
         if osp.isfile(label):
             continue
         stem, folder = osp.basename(image[:-len(img_suffix)]), osp.dirname(label)
-        near = sorted(n for n in os.listdir(folder) if n.startswith(stem)) if osp.isdir(folder) else []
         yield f'{key}.seg_map_suffix', (
             f'the label map of {osp.join(img_dir, image)!r} would be {label!r} (its name with '
             f'img_suffix {img_suffix!r} replaced by seg_map_suffix {seg_suffix!r}), which does not '
-            'exist; ' + (f'{folder!r} holds {near[0]!r}: pass --cfg-options '
-                         f'{key}.seg_map_suffix={near[0][len(stem):]}.' if near else
+            'exist; ' + (_suffix_hint(folder, stem, key, 'seg_map_suffix') or
                          f'no file in {folder!r} starts with {stem!r}: check {key}.seg_map_suffix '
                          f'and {key}.data_prefix.seg_map_path.'))
 

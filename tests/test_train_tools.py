@@ -352,6 +352,59 @@ def test_images_and_label_maps_that_do_not_pair_up_are_one_sentence(tmp_path):
         check_data_roots(loader(), ['train_dataloader'])
 
 
+def test_a_split_file_naming_files_that_are_not_there_is_one_sentence(tmp_path):
+    """A dataset listed by a split file (VOC's ImageSets/Segmentation/*.txt) stopped in a data
+    loader worker at the first name whose image or label map is not there, with a
+    FileNotFoundError naming no config key; every listed name is now checked before the runner
+    is built, and the sentence says how many are missing and the fix."""
+    from mmengine.config import Config
+
+    from reparam_mm.train import check_data_roots
+    root = tmp_path / 'VOC2012'
+    for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+        (root / folder).mkdir(parents=True)
+    for stem in ('2007_000032', '2007_000039', '2007_000063'):
+        (root / 'JPEGImages' / f'{stem}.jpg').touch()
+        (root / 'SegmentationClass' / f'{stem}.png').touch()
+    split = root / 'ImageSets/Segmentation/train.txt'
+
+    def check(lines, **ds):
+        split.write_text(''.join(f'{line}\n' for line in lines))
+        check_data_roots(Config(dict(default_scope='mmseg', train_dataloader=dict(dataset=dict(
+            type='PascalVOCDataset', data_root=str(root), ann_file='ImageSets/Segmentation/train.txt',
+            data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'), **ds)))),
+            ['train_dataloader'])
+
+    names = ['2007_000032', '2007_000039', '2007_000063']
+    check(names)
+    key = r'train_dataloader\.dataset'
+    for lines, ds, said in [
+            (names + ['2008_000001', '2008_000002'], {},
+             rf"2 of the 5 names in the split file '{split}' \({key}\.ann_file\) have no image: "
+             rf"line 4, '2008_000001', would be '{root}/JPEGImages/2008_000001\.jpg' \(img_suffix "
+             r"'\.jpg'\), which does not exist; check train_dataloader\.dataset\.img_suffix, "
+             r'train_dataloader\.dataset\.data_prefix and whether the dataset is fully extracted '
+             r'there \(docs/datasets\.md\)\.'),
+            (names, dict(seg_map_suffix='_labelTrainIds.png'),
+             rf"3 of the 3 names .* have no label map: line 1, '2007_000032', would be "
+             rf"'{root}/SegmentationClass/2007_000032_labelTrainIds\.png' \(seg_map_suffix "
+             rf"'_labelTrainIds\.png'\), which does not exist; '{root}/SegmentationClass' holds "
+             rf"'2007_000032\.png': pass --cfg-options {key}\.seg_map_suffix=\.png\."),
+            ([n + '.jpg' for n in names], {},
+             r"3 of the 3 names .* line 1, '2007_000032\.jpg', would be .*2007_000032\.jpg\.jpg' "
+             r"\(img_suffix '\.jpg'\), which does not exist; '2007_000032\.jpg' is there: the "
+             r'lines must name images without their suffix; strip it in .*train\.txt\'\.'),
+            (names[:1] + [''] + names[1:], {},
+             r"1 of the 4 names .* line 2, '', would be .*JPEGImages/\.jpg' .* delete the blank "
+             r'line from .*train\.txt\'\.'),
+            ([], {}, rf"the split file '{split}' \({key}\.ann_file\) lists no image: put one image "
+                     r'name per line there \(without its suffix\), or leave ann_file out to list '
+                     r'the image folder\.')]:
+        with pytest.raises(FileNotFoundError) as err:
+            check(lines, **ds)
+        assert re.fullmatch(said, str(err.value)), str(err.value)
+
+
 def test_no_workers_switch_persistent_workers_off(tmp_path):
     """``num_workers=0`` under a config's ``persistent_workers=True`` (mmseg's and mmdet's dataset
     bases) made PyTorch's DataLoader raise a ValueError while the runner built its loop; the
