@@ -130,17 +130,98 @@ def test_a_converted_conv_keeps_requires_grad_mode_dtype_and_padding_mode():
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(include=['layer9']), r"include pattern\(s\) \['layer9'\] match no k>1 conv of "
-                               r"MobileNetV2; its k>1 convs are named like \['conv1.conv'"),
+                               r"MobileNetV2; its k>1 convs are named like \['conv1.conv', "
+                               r"'layer1\.0\.conv\.0\.conv', 'layer2\.0\.conv\.1\.conv'\] and 15 more\.$"),
     (dict(exclude=['stem']), r"exclude pattern\(s\) \['stem'\] match no k>1 conv"),
     (dict(include=['layer1', 7]), r"include=\['layer1', 7\] must be a list of module-name patterns"),
     (dict(exclude=['']), r"exclude=\[''\] must be a list of module-name patterns"),
     (dict(include='layer1', doconv_cfg='DOConv'),
      "doconv_cfg='DOConv' must be a dict with a 'type'"),
-    (dict(doconv_cfg=dict(type='DOConv', D_mul=4)), r'D_mul=4 is invalid for a 3x3 kernel'),
+    (dict(doconv_cfg=dict(type='DOConv', D_mul=4)),
+     r"^WithDOConv on MobileNetV2: 'conv1\.conv' \(3x3 conv\): DOConv2d: D_mul=4 is invalid for "
+     r'a 3x3 kernel'),
+    (dict(doconv_cfg=dict(type='DOConvv')),
+     r"doconv_cfg type 'DOConvv' is not a registered conv layer: use type='DOConv' \(optionally "
+     r'with D_mul\)\.$'),
+    (dict(include=['layer2'], exclude=['layer2']),
+     r"include=\['layer2'\] and exclude=\['layer2'\] together select none of the 18 k>1 convs of "
+     r'MobileNetV2: every conv include selects, exclude keeps plain; narrow exclude\.$'),
+    (dict(include=['layer2.0.conv.2']),  # its 1x1 projection
+     r"include pattern\(s\) \['layer2\.0\.conv\.2'\] match no k>1 conv of MobileNetV2 \(only "
+     r"1x1 convs such as 'layer2\.0\.conv\.2\.conv', which DO-Conv leaves plain: a 1x1 kernel has "
+     r'nothing to over-parameterise\)'),
 ])
 def test_bad_arguments_name_the_problem(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    from reparam_mm.cli import input_error_message
+    from reparam_mm.scope import ConfigError
+    with pytest.raises(ConfigError, match=match) as err:  # a ValueError, printed as one line
         build('mmseg', dict(type='WithDOConv', module=MOBILENET, **kwargs))
+    assert input_error_message(err.value) == str(err.value)
+
+
+def test_wrapped_head_starts_as_the_plain_head_with_its_own_init():
+    """RetinaHead initialises its convs with std 0.01 and its classifier's bias at the focal-loss
+    prior (-4.6) through init_cfg keyed on layer='Conv2d', which DO layers do not match, and
+    mmengine then re-ran their own Kaiming init: RetinaNet started with 70x its plain loss. The
+    wrapped head is initialised as the plain module before its convs are converted, so it starts
+    as the plain head does with the same seed, and the model's init_weights leaves it there."""
+    head = dict(type='RetinaHead', num_classes=3, in_channels=8, stacked_convs=2, feat_channels=8,
+                anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4,
+                                      scales_per_octave=3, ratios=[0.5, 1.0, 2.0],
+                                      strides=[8, 16]),
+                bbox_coder=dict(type='DeltaXYWHBBoxCoder'))
+    plain = build('mmdet', head, seed=3)
+    plain.init_weights()
+    wrapped = build('mmdet', dict(type='WithDOConv', module=head), seed=3)
+    assert doconv_kinds(wrapped) == {'DO-Conv': 6}
+    wrapped.init_weights()  # as the runner does: nothing left to do
+    assert wrapped.retina_cls.bias.detach().eq(plain.retina_cls.bias.detach()).all()
+    assert wrapped.retina_cls.bias[0].item() == pytest.approx(-4.59512, abs=1e-4)
+    assert wrapped.retina_cls.composed_weight().std().item() == pytest.approx(0.01, rel=0.2)
+    feats = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
+    for got, want in zip(*(sum(m(feats), []) for m in (wrapped, plain))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_pretrained_entry_still_loads_when_the_model_is_initialised(tmp_path):
+    """The wrapped module's own initialisation runs at build time without its Pretrained
+    entry (a test run never reads that file), which loads when the model initialises."""
+    plain = build('mmseg', MOBILENET, seed=5)
+    plain.eval()  # MobileNetV2's train() returns None
+    random_bn(plain)
+    ckpt = tmp_path / 'plain.pth'
+    torch.save({'state_dict': plain.state_dict()}, ckpt)
+    cfg = dict(MOBILENET, init_cfg=[dict(type='Kaiming', layer='Conv2d'),
+                                    dict(type='Pretrained', checkpoint=str(ckpt))])
+    wrapped = build('mmseg', dict(type='WithDOConv', module=cfg), seed=6)
+    assert wrapped.init_cfg == dict(type='Pretrained', checkpoint=str(ckpt))  # what is left
+    wrapped.init_weights()
+    wrapped.eval()
+    x = torch.randn(1, 3, 32, 32)
+    for got, want in zip(wrapped(x), plain(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_converting_a_built_module_keeps_what_it_computes_and_aliases():
+    """convert_to_doconv starts each DO layer as the conv it replaces (a trained module keeps its
+    function); a conv registered under two names is replaced under both, by one layer."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, dilation=1)
+            self.body = nn.Sequential(self.conv, nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 2, 2, 2))
+
+        def forward(self, x):
+            return self.body(x) + self.conv(x)[..., ::2, ::2][..., :self.body(x).shape[-1]]
+
+    model = Aliased().double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    ref = model(x)
+    assert convert_to_doconv(model, doconv_cfg=dict(type='DOConv', D_mul=12)) == ['conv', 'body.2']
+    assert model.conv is model.body[0] and isinstance(model.conv, DOConv2d)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-12)
+    model(x).sum().backward()
+    assert model.conv.D.grad is not None and model.conv.D.grad.abs().sum() > 0
 
 
 def test_conv_subclasses_are_refused_before_anything_changes():

@@ -219,9 +219,11 @@ def test_tools_test_detector_fused_equals_unfused(tmp_path, capsys):
     assert 'fused 27 module(s) (DOConv2d: 27)' in capsys.readouterr().out
     unfused = test.main([cfg, ckpt, '--no-fuse', '--work-dir', str(tmp_path / 'wu'),
                          '--out', str(tmp_path / 'u.pkl')])
-    assert fused == unfused and fused['coco/bbox_mAP'] > 0
+    assert fused == unfused and 'coco/bbox_mAP' in fused
     with open(tmp_path / 'f.pkl', 'rb') as f, open(tmp_path / 'u.pkl', 'rb') as u:
         pf, pu = pickle.load(f), pickle.load(u)
+    # an untrained model's mAP is luck; its boxes are what both must share
+    assert sum(len(p['pred_instances']['labels']) for p in pf) >= 10
     for a, b in zip(pf, pu):
         a, b = a['pred_instances'], b['pred_instances']
         assert torch.equal(a['labels'], b['labels'])

@@ -5,8 +5,9 @@ Every k>1 ``nn.Conv2d`` (mmcv's ``Conv2d`` wrapper included) whose name is selec
 groups=1 gives DO-Conv, depthwise DO-DConv, anything between DO-GConv. It replaces the conv
 in its parent module under the same name, so the state-dict keys stay those of the plain
 module except ``weight`` -> ``W`` plus ``D``, and a DOConv2d loads a plain ``weight`` itself:
-a plain checkpoint loads with only the ``D`` keys missing. D starts at zero, so once the plain
-weights are loaded the converted module computes exactly what the plain one does.
+a plain checkpoint loads with only the ``D`` keys missing. Each new layer starts with the
+values of the conv it replaces and D = 0, so the converted module computes exactly what the
+plain one did, and, once plain weights are loaded, what the plain one does.
 """
 import math
 from collections import Counter
@@ -77,7 +78,25 @@ def convertible_convs(module: nn.Module, include: Optional[Sequence[str]] = None
     return names
 
 
+def _check_doconv_cfg(doconv_cfg):
+    """``doconv_cfg`` as mmcv's ``build_conv_layer`` will read it, or a ValueError naming the
+    fix (mmcv's own error for an unknown type reads 'Cannot find None in registry')."""
+    if not isinstance(doconv_cfg, dict) or 'type' not in doconv_cfg:
+        raise ValueError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
+                         "dict(type='DOConv', D_mul=None).")
+    kind = doconv_cfg['type']
+    if isinstance(kind, str):
+        from mmengine.registry import MODELS
+        with MODELS.switch_scope_and_registry(None) as registry:  # where mmcv looks
+            if registry.get(kind) is None:
+                raise ValueError(f"doconv_cfg type {kind!r} is not a registered conv layer: "
+                                 "use type='DOConv' (optionally with D_mul).")
+    return doconv_cfg
+
+
 def _build_like(conv: nn.Conv2d, doconv_cfg: dict, name: str) -> nn.Module:
+    """A layer from ``doconv_cfg`` with ``conv``'s geometry, device, dtype, mode, requires_grad
+    and values (a plain kernel loads as W with D = 0: :meth:`DOConv2d._load_from_state_dict`)."""
     from mmcv.cnn import build_conv_layer
     if type(conv) not in _plain_conv_types():
         raise ValueError(
@@ -86,10 +105,15 @@ def _build_like(conv: nn.Conv2d, doconv_cfg: dict, name: str) -> nn.Module:
             'weight; exclude it, or build it as a plain conv (conv_cfg=None).')
     w = conv.weight
     extra = {} if conv.padding_mode == 'zeros' else dict(padding_mode=conv.padding_mode)
-    layer = build_conv_layer(doconv_cfg, conv.in_channels, conv.out_channels, conv.kernel_size,
-                             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                             groups=conv.groups, bias=conv.bias is not None, **extra)
+    try:
+        layer = build_conv_layer(doconv_cfg, conv.in_channels, conv.out_channels,
+                                 conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                                 dilation=conv.dilation, groups=conv.groups,
+                                 bias=conv.bias is not None, **extra)
+    except ValueError as e:  # e.g. a D_mul below this layer's kernel size
+        raise ValueError(f"'{name}' ({'x'.join(map(str, conv.kernel_size))} conv): {e}") from e
     layer.to(device=w.device, dtype=w.dtype).train(conv.training)
+    layer.load_state_dict(conv.state_dict(), strict=False)  # its values; D stays 0
     # keep what the module did to the conv before (frozen stages: requires_grad=False)
     for p in layer.parameters():
         p.requires_grad_(w.requires_grad)
@@ -112,31 +136,48 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
         prefix (str): ``module``'s name in its model (e.g. ``'layer2.'``), put before the
             names in error messages and in the returned list; patterns match without it.
 
-    Each new layer starts as DO-Conv's own init (Kaiming normal over the composed kernel,
-    D = 0; the OpenMMLab default conv init the plain layer would get), keeps the plain
-    conv's requires_grad and train/eval mode, and loads the plain conv's ``weight``.
+    Each new layer starts with the values of the conv it replaces (its kernel as W, D = 0,
+    its bias), so the converted module computes what it did before; it keeps the plain conv's
+    requires_grad and train/eval mode. A conv registered under several names (``self.conv``
+    also placed in ``self.body``) is replaced under all of them by one layer; the returned
+    list names it once. Initialisation that runs later does not reach the new layers as it
+    reached the plain convs (initialisers keyed on ``layer='Conv2d'`` or ``isinstance(m,
+    nn.Conv2d)`` do not match them, and mmengine re-runs their own ``init_weights``):
+    ``WithDOConv`` therefore runs the module's own initialisation before converting.
 
-    Raises ValueError, before anything is replaced, if a pattern selects no k>1 conv (a
-    typo would otherwise convert nothing silently) or a selected conv is an ``nn.Conv2d``
-    subclass with its own arithmetic (weight standardisation, adaptive padding, ...).
+    Raises ValueError, before anything is replaced, if a pattern selects no k>1 conv or
+    include and exclude together select none (a typo would otherwise convert nothing
+    silently), a selected conv is an ``nn.Conv2d`` subclass with its own arithmetic (weight
+    standardisation, adaptive padding, ...), ``doconv_cfg`` names no registered conv type, or
+    its ``D_mul`` does not fit a selected conv's kernel (the error names the conv).
     """
-    doconv_cfg = dict(type='DOConv') if doconv_cfg is None else doconv_cfg
-    if not isinstance(doconv_cfg, dict) or 'type' not in doconv_cfg:
-        raise ValueError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
-                         "dict(type='DOConv', D_mul=None).")
+    doconv_cfg = _check_doconv_cfg(dict(type='DOConv') if doconv_cfg is None else doconv_cfg)
     include = _check_patterns(include, 'include')
     exclude = _check_patterns(exclude, 'exclude') or []
     every = convertible_convs(module)
     for what, patterns in (('include', include or []), ('exclude', exclude)):
         unused = [p for p in patterns if not any(_selected(n, [p]) for n in every)]
         if unused:
+            ones = [n for n, m in module.named_modules() if n and isinstance(m, nn.Conv2d)
+                    and math.prod(m.kernel_size) == 1 and any(_selected(n, [p]) for p in unused)]
             raise ValueError(
-                f'{what} pattern(s) {unused} match no k>1 conv of {type(module).__name__}; its '
-                f"k>1 convs are named like {every[:3]}{' ...' if len(every) > 3 else ''}.")
+                f'{what} pattern(s) {unused} match no k>1 conv of {type(module).__name__}'
+                + (f' (only 1x1 convs such as {ones[0]!r}, which DO-Conv leaves plain: a 1x1 '
+                   'kernel has nothing to over-parameterise)' if ones else '')
+                + f'; its k>1 convs are named like {every[:3]}'
+                + (f' and {len(every) - 3} more.' if len(every) > 3 else '.'))
     names = convertible_convs(module, include, exclude)
+    if (include or exclude) and every and not names:
+        raise ValueError(f'include={include} and exclude={exclude} together select none of the '
+                         f'{len(every)} k>1 convs of {type(module).__name__}: every conv include '
+                         'selects, exclude keeps plain; narrow exclude.')
     modules = dict(module.named_modules())
     new = {name: _build_like(modules[name], doconv_cfg, prefix + name) for name in names}
-    for name, layer in new.items():  # only once every layer was built: nothing half-converted
-        parent, _, child = name.rpartition('.')
-        setattr(modules[parent] if parent else module, child, layer)
+    replaced = {id(modules[name]): layer for name, layer in new.items()}
+    # only once every layer was built: nothing half-converted; every name a conv is
+    # registered under (a module may hold one conv twice) gets the same new layer
+    for parent_name, parent in list(module.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in replaced:
+                setattr(parent, child_name, replaced[id(child)])
     return [prefix + name for name in names]
