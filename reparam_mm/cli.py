@@ -31,6 +31,10 @@ _NOT_A_SUBSET = re.compile(r'^new classes (.*) is not a subset of classes (.*) i
 # what torch's BatchNorm says in training when a batch holds one value per channel
 _ONE_VALUE_PER_CHANNEL = re.compile(r'^Expected more than 1 value per channel when training, '
                                     r'got input size torch\.Size\((\[[\d, ]*\])\)')
+# what torch's GroupNorm says, in training and in eval, for one value per group (the size it
+# prints is a list: images x channels per group, groups, spatial)
+_ONE_VALUE_PER_GROUP = re.compile(r'^Expected more than 1 value per channel when training, '
+                                  r'got input size (\[[\d, ]*\])$')
 
 
 def _raised_by_registry_call(error):
@@ -66,9 +70,18 @@ def _one_value_per_channel(match):
             'the images of all processes.')
 
 
+def _one_value_per_group(match):
+    return (f'a GroupNorm layer got one value per group (its input, as images x channels per '
+            f'group, groups, height, width: {match.group(1)}): a 1x1 feature map of one image '
+            'with one channel per group leaves it nothing to normalise over, in eval mode too; '
+            'use a larger input (tools/export_onnx.py --shape, tools/benchmark.py --shape, or a '
+            'larger crop) or more images per batch.')
+
+
 # (error class, pattern its message matches, the sentence to print instead)
 _MESSAGES = ((KeyError, _UNKNOWN_TYPE, _unknown_type), (ValueError, _NOT_A_SUBSET, _not_a_subset),
-             (ValueError, _ONE_VALUE_PER_CHANNEL, _one_value_per_channel))
+             (ValueError, _ONE_VALUE_PER_CHANNEL, _one_value_per_channel),
+             (ValueError, _ONE_VALUE_PER_GROUP, _one_value_per_group))
 
 
 def _few_names(text, n=4):
@@ -82,7 +95,8 @@ def input_error_message(error):
 
     Besides :data:`INPUT_ERRORS`, two errors of mmengine's registry come from the config alone:
     an unknown ``type``, and a keyword the class it builds does not take (a misspelt key); and
-    one of torch's, from the batch size: BatchNorm training on one value per channel.
+    two of torch's, from the batch or input size: BatchNorm training on one value per channel,
+    GroupNorm on one value per group.
     """
     if isinstance(error, INPUT_ERRORS):
         return str(error)

@@ -325,6 +325,26 @@ def test_training_batchnorm_on_one_image_per_process_names_the_batch_size(tmp_pa
         'images of all processes.']
 
 
+def test_groupnorm_on_one_value_per_group_names_the_input_size():
+    """GroupNorm with one channel per group on one image's 1x1 map (FCOS's head at a small
+    export shape) raises torch's ValueError in eval mode too, with the size as a list: the
+    tools print what to change instead of a traceback."""
+    import torch.nn.functional as F
+
+    from reparam_mm.cli import input_error_message
+    with pytest.raises(ValueError) as err:
+        F.group_norm(torch.randn(1, 32, 1, 1), 32)
+    assert input_error_message(err.value) == (
+        'a GroupNorm layer got one value per group (its input, as images x channels per group, '
+        'groups, height, width: [1, 32, 1, 1]): a 1x1 feature map of one image with one channel '
+        'per group leaves it nothing to normalise over, in eval mode too; use a larger input '
+        '(tools/export_onnx.py --shape, tools/benchmark.py --shape, or a larger crop) or more '
+        'images per batch.')
+    with pytest.raises(ValueError) as err:  # BatchNorm's form keeps its own sentence
+        torch.nn.BatchNorm2d(4).train()(torch.randn(1, 4, 1, 1))
+    assert input_error_message(err.value).startswith('a BatchNorm layer got one value per channel')
+
+
 def test_own_classes_on_a_dataset_type_with_fixed_classes_name_the_type_to_use():
     """Keeping a shipped config's dataset type (ADE20K, the demo's) with one's own classes: mmengine's
     'new classes ... is not a subset' traceback becomes the fix."""
