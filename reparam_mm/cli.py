@@ -9,6 +9,7 @@ import re
 import sys
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError
+from .export import NotExportableError
 from .inference import FusedCheckError
 from .scope import ConfigError, ConfigImportError
 from .train import NotAvailableHereError
@@ -20,7 +21,7 @@ __all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool']
 #: the fix too
 INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, CheckpointMismatchError,
                 CheckpointReadError, ConfigError, ConfigImportError, NotAvailableHereError,
-                FusedCheckError)
+                FusedCheckError, NotExportableError)
 TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 
 # what mmengine's registry says for a config ``type`` it does not know

@@ -45,7 +45,7 @@ from .fuse import fuse_with_report
 from .outputs import compare_outputs
 from .scope import ConfigError, load_config, merge_cfg_options
 
-__all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
+__all__ = ['OPSET', 'TOLERANCE', 'NotExportableError', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
            'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
            'onnx_graph_summary', 'ort_session', 'run_ort']
 
@@ -53,6 +53,11 @@ __all__ = ['OPSET', 'TOLERANCE', 'OnnxCheckError', 'load_fused', 'SegmentorGraph
 OPSET = 17
 #: relative difference (per output, to its largest magnitude) accepted between ORT and PyTorch
 TOLERANCE = 1e-4
+
+
+class NotExportableError(NotImplementedError):
+    """A model this exporter cannot write as a graph that computes what it computes; the
+    message names the part and what can be exported (the tools print it as one line)."""
 
 
 class OnnxCheckError(RuntimeError):
@@ -142,10 +147,10 @@ class DetectorGraph(nn.Module):
             getattr(detector, 'roi_head', None) is not None
         head = detector.rpn_head if self.two_stage else getattr(detector, 'bbox_head', None)
         if head is None:
-            raise TypeError(f'{type(detector).__name__} has neither an RPN + RoI head nor a '
+            raise NotExportableError(f'{type(detector).__name__} has neither an RPN + RoI head nor a '
                             'dense bbox_head; only those detectors can be exported.')
         if self.two_stage and getattr(detector.roi_head, 'num_stages', 1) > 1:
-            raise NotImplementedError(
+            raise NotExportableError(
                 f'{type(detector.roi_head).__name__} has {detector.roi_head.num_stages} stages; '
                 'its box refinement between stages does not export correctly yet (onnxruntime '
                 'disagreed with PyTorch in our check), so only single-stage RoI heads '

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
-from .apis import set_fuse_hook
+from .apis import apply_dispatch_setting, set_fuse_hook
 from .scope import (CfgOptionsAction, ConfigError, dataset_metainfo, fit_persistent_workers, init_scope,
                     load_config, merge_cfg_options)
 
@@ -401,14 +401,15 @@ def warn_schedules_past_the_end(cfg):
     by_epoch = loop.get('type', '') == 'EpochBasedTrainLoop' or 'max_epochs' in loop
     stop = loop.get('max_epochs' if by_epoch else 'max_iters')
     schedulers = cfg.get('param_scheduler') or []
-    schedulers = [schedulers] if hasattr(schedulers, 'get') else list(schedulers)
+    one = hasattr(schedulers, 'get')  # a dict, not a list of them: its key has no index
+    schedulers = [schedulers] if one else list(schedulers)
     if stop is None:
         return
     for i, sched in enumerate(schedulers):
         end = sched.get('end')
         if end is None or bool(sched.get('by_epoch', True)) != by_epoch or end <= stop:
             continue
-        key = f'param_scheduler.{i}.end' if len(schedulers) > 1 else 'param_scheduler.end'
+        key = 'param_scheduler.end' if one else f'param_scheduler.{i}.end'
         unit = 'epoch' if by_epoch else 'iteration'
         print_log(f"param_scheduler {sched.get('type')} ends at {unit} {end}, past the end of "
                   f"training ({unit} {stop}, train_cfg.{'max_epochs' if by_epoch else 'max_iters'}):"
@@ -737,10 +738,9 @@ def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from .layers.large_kernel import set_dispatch_mode
     # `large_dw_dispatch = 'fixed'` (or --cfg-options large_dw_dispatch=fixed) turns the
     # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
-    set_dispatch_mode(cfg.get('large_dw_dispatch', None))
+    apply_dispatch_setting(cfg, reset=True)
     check_launcher_env(cfg)
     prepare_cpu_distributed(cfg)
     if not torch.cuda.is_available():  # a CPU run: reuse freed blocks instead of page-faulting

@@ -111,7 +111,7 @@ def test_detector_export_dense_and_roi_outputs(tmp_path, capsys):
 
 
 def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path):
-    from reparam_mm.export import OnnxCheckError
+    from reparam_mm.export import NotExportableError, OnnxCheckError
     tool = load_tool('export_onnx')
     coco = make_coco(tmp_path / 'coco', n=1)
     cfg, ckpt = write_case(tmp_path, det_config(coco))
@@ -125,8 +125,10 @@ def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path)
     assert not out.exists()  # nothing left to deploy by mistake
     (tmp_path / 'cascade').mkdir()
     cfg, ckpt = write_case(tmp_path / 'cascade', det_config(coco, detector='cascade'))
-    with pytest.raises(NotImplementedError, match='CascadeRoIHead has 3 stages.*single-stage RoI'):
+    with pytest.raises(NotExportableError, match='CascadeRoIHead has 3 stages.*single-stage RoI') as err:
         tool.main([cfg, ckpt, str(out), '--shape', '64', '64'])
+    from reparam_mm.cli import input_error_message  # the tools print it as one line
+    assert input_error_message(err.value) == str(err.value)
 
 
 def test_adaptive_pool_rewrite_matches_pytorch_on_uneven_sizes():
