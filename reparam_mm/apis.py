@@ -104,10 +104,31 @@ def flip_tta_pipeline(test_pipeline):
     return steps + [dict(type='TestTimeAug', transforms=transforms)]
 
 
+def _mask_head_key(node, key='model'):
+    """The config key of the first ``mask_head`` under a model config, or None."""
+    if not isinstance(node, dict):
+        return None
+    for name, value in node.items():
+        if name == 'mask_head' and value:
+            return f'{key}.{name}'
+        found = _mask_head_key(value, f'{key}.{name}')
+        if found:
+            return found
+    return None
+
+
 def _tta(cfg, scope):
     """``--tta``: the config's ``tta_model`` and ``tta_pipeline``, or, where it has none, the
     defaults (a horizontal flip merged by :data:`DEFAULT_TTA_MODELS`), as mmdet's tools/test.py
     does; mmseg's asks for both, and this project's demo and detection configs have none."""
+    tta_type = (cfg.get('tta_model') or DEFAULT_TTA_MODELS.get(scope) or {}).get('type')
+    masks = _mask_head_key(cfg.model)
+    if masks and tta_type in ('DetTTAModel', 'mmdet.DetTTAModel'):
+        raise ConfigError(
+            f"--tta: this detector predicts masks ({masks}), and mmdet 3.3.0's DetTTAModel merges "
+            "boxes only (it stops with 'TTA of instance segmentation does not support now'; a "
+            "cascade's mask head fails before that, flipping its stages' masks as if they were "
+            'augmented views): test it without --tta.')
     dataset = _innermost_dataset(cfg.test_dataloader.dataset)
     defaults = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if 'tta_model' not in cfg:
@@ -329,12 +350,29 @@ def deploy_config(cfg):
     return cfg, changes
 
 
-def apply_dispatch_setting(cfg):
-    """A config's ``large_dw_dispatch`` ('tuned' / 'fixed'), where it sets one, for this process:
-    the tools that build a model without a runner honour it as training and testing do."""
-    if cfg.get('large_dw_dispatch') is not None:
-        from .layers.large_kernel import set_dispatch_mode
-        set_dispatch_mode(cfg.large_dw_dispatch)
+def apply_dispatch_setting(cfg, reset=False):
+    """A config's ``large_dw_dispatch`` ('tuned' / 'fixed', any case), where it sets one, for
+    this process (``reset``: where it sets none, ``REPARAM_MM_LARGE_DW`` decides again): the
+    tools that build a model without a runner honour it as training and testing do. A value
+    that is no mode, in the config or the environment, is a ConfigError now, before the data
+    and the model are loaded; it used to surface at the first forward."""
+    from .layers.large_kernel import _ENV_MODE, _MODES, active_dispatch_mode, set_dispatch_mode
+    mode = cfg.get('large_dw_dispatch')
+    if mode is None:
+        if reset:
+            set_dispatch_mode(None)
+        try:
+            active_dispatch_mode()
+        except ValueError:
+            raise ConfigError(f'{_ENV_MODE}={os.environ.get(_ENV_MODE)!r} is not a large-kernel '
+                              f"dispatch mode: set it to one of {', '.join(_MODES)}, or unset it "
+                              '(tuned).') from None
+        return
+    if not isinstance(mode, str) or mode.strip().lower() not in _MODES:
+        raise ConfigError(f"large_dw_dispatch={mode!r} is not a large-kernel dispatch mode: use "
+                          f"one of {', '.join(_MODES)} (e.g. --cfg-options large_dw_dispatch=fixed), "
+                          'or leave it out (tuned).')
+    set_dispatch_mode(mode.strip().lower())
 
 
 def build_model(cfg):

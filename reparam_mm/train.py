@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import os.path as osp
+import re
 
 import torch
 import torch.distributed as torch_dist
@@ -176,6 +177,89 @@ def check_num_classes(cfg):
             f"{', '.join(f'{key}.num_classes is {k}' for key, k in wrong)}, but the training "
             f'dataset has {n} classes ({names}); set every head to {n}: --cfg-options '
             + ' '.join(f'{key}.num_classes={n}' for key, _ in wrong) + '.')
+
+
+# torch's conv on a channel count it does not take: on real tensors, and on the meta device
+_CHANNELS = re.compile(r'expected input\[[\d, ]*\] to have \d+ channels, but got \d+ channels|'
+                       r'^Invalid channel dimensions')
+
+
+def _taken_channels(node, channels):
+    """What a neck's or head's ``in_channels`` must be for backbone outputs of ``channels``:
+    all of them (a neck), or those its ``in_index`` picks (mmseg's heads); None if unknown."""
+    if not isinstance(node, dict):
+        return None
+    index = node.get('in_index')
+    if index is None:
+        return list(channels) if isinstance(node.get('in_channels'), (list, tuple)) else None
+    try:
+        return [channels[i] for i in index] if isinstance(index, (list, tuple)) else channels[index]
+    except (IndexError, TypeError):
+        return None
+
+
+def check_model_fits(cfg):
+    """The backbone's outputs against what the neck and the heads take, on the meta device
+    (shapes only: no memory, no init, a second or two for the full-size configs). A backbone
+    changed alone (``model.backbone.arch=tiny`` on a config made for 31B) built, loaded the
+    data and stopped at the first forward with torch's 'expected input[2, 16, 128, 128] to have
+    128 channels, but got 16 channels instead', naming no config key. Models that do not build
+    or run on the meta device (mmcv ops) are left to the run, as are RoI heads."""
+    from .apis import build_model
+    try:
+        with torch.device('meta'):
+            model = build_model(cfg)
+        model.eval()
+        size = (cfg.model.get('data_preprocessor') or {}).get('size') or (512, 512)
+        with torch.no_grad():
+            feats = model.backbone(torch.empty(1, 3, *size, device='meta'))
+    except Exception:  # noqa: BLE001 - an early check only; the run checks again
+        return
+    feats = tuple(feats) if isinstance(feats, (list, tuple)) else (feats, )
+    channels = [f.shape[1] for f in feats]
+    wrong, necked = [], feats  # (key, configured in_channels, what they must be)
+    for key, module, node in _necks_and_heads(model, cfg.model):
+        try:
+            with torch.no_grad():
+                out = module(feats if key == 'model.neck' else necked)
+        except RuntimeError as e:
+            if not _CHANNELS.search(str(e)):
+                return  # something else: the run will say
+            given = node.get('in_channels') if isinstance(node, dict) else None
+            fits = key.split('.')[1] in ('neck', 'decode_head', 'auxiliary_head')
+            wrong.append((key, given, _taken_channels(node, channels) if fits else None))
+            if key == 'model.neck':
+                break  # the heads take the neck's outputs, unknown now
+            continue
+        except Exception:  # noqa: BLE001
+            return
+        if key == 'model.neck':
+            necked = tuple(out) if isinstance(out, (list, tuple)) else (out, )
+    if wrong:
+        raise ConfigError(
+            ' and '.join(f'{key}.in_channels is {given}' for key, given, _ in wrong)
+            + f', but model.backbone gives {channels} channels'
+            + (f' and the neck {[f.shape[1] for f in necked]}' if necked is not feats else '')
+            + '; set ' + ' '.join(f"{key}.in_channels={str(want).replace(' ', '')}"
+                                  if want is not None else f'{key}.in_channels to match'
+                                  for key, _, want in wrong)
+            + ' (a backbone changed alone, e.g. its arch, keeps the neck and heads of the one '
+            'the config was made for), or use a config made for this backbone.')
+
+
+def _necks_and_heads(model, model_cfg):
+    """``(config key, module, its config)`` of the neck and of the heads that take feature
+    maps (mmseg's decode / auxiliary heads, mmdet's RPN and dense heads), in forward order."""
+    import torch.nn as nn
+    for name in ('neck', 'decode_head', 'rpn_head', 'bbox_head', 'auxiliary_head'):
+        module, node = getattr(model, name, None), model_cfg.get(name)
+        if module is None:
+            continue
+        if isinstance(module, nn.ModuleList):
+            if name == 'auxiliary_head' and isinstance(node, (list, tuple)):
+                yield from ((f'model.{name}.{i}', m, n) for i, (m, n) in enumerate(zip(module, node)))
+            continue
+        yield f'model.{name}', module, node
 
 
 def _innermost(dataset):
@@ -765,6 +849,7 @@ def train(cfg, hooks=()):
     from .checkpoint import check_checkpoint_file
     init_scope(cfg)
     check_num_classes(cfg)
+    check_model_fits(cfg)
     warn_schedules_past_the_end(cfg)
     check_amp_device(cfg)
     check_pretrained_files(cfg)

@@ -191,15 +191,28 @@ def test_export_honours_and_checks_the_configs_dispatch_setting():
     from mmengine.config import Config
 
     from reparam_mm.apis import apply_dispatch_setting
+    from reparam_mm.cli import input_error_message
     from reparam_mm.layers.large_kernel import active_dispatch_mode, dispatch_mode
+    from reparam_mm.scope import ConfigError
     with dispatch_mode('tuned'):
         apply_dispatch_setting(Config(dict(large_dw_dispatch='fixed')))
         assert active_dispatch_mode() == 'fixed'
         apply_dispatch_setting(Config(dict()))  # no setting: the mode stays
         assert active_dispatch_mode() == 'fixed'
-        with pytest.raises(ValueError, match=r"large_dw_dispatch='fxed' is not a large-kernel "
-                                             r"dispatch mode; use one of \('tuned', 'fixed'\)"):
+        with pytest.raises(ConfigError) as err:
             apply_dispatch_setting(Config(dict(large_dw_dispatch='fxed')))
+        assert input_error_message(err.value) == (
+            "large_dw_dispatch='fxed' is not a large-kernel dispatch mode: use one of tuned, fixed "
+            '(e.g. --cfg-options large_dw_dispatch=fixed), or leave it out (tuned).')
+        apply_dispatch_setting(Config(dict(large_dw_dispatch='Tuned')))  # any case, as the env's
+        assert active_dispatch_mode() == 'tuned'
+    # the environment's value is checked when the tools start, not at the first forward
+    with dispatch_mode(None), pytest.MonkeyPatch.context() as env:
+        env.setenv('REPARAM_MM_LARGE_DW', 'fast')
+        with pytest.raises(ConfigError, match=r"^REPARAM_MM_LARGE_DW='fast' is not a large-kernel "
+                                              r'dispatch mode: set it to one of tuned, fixed, or '
+                                              r'unset it \(tuned\)\.$'):
+            apply_dispatch_setting(Config(dict()), reset=True)
 
 
 def test_tools_print_an_input_errors_sentence_alone(tmp_path):

@@ -851,6 +851,7 @@ def test_config_key_sets_the_mode_for_a_run(monkeypatch):
     from mmengine.config import Config
     from mmengine.runner import Runner
 
+    from reparam_mm.scope import ConfigError
     from reparam_mm.train import build_runner
     monkeypatch.setattr(Runner, 'from_cfg', classmethod(lambda cls, cfg: 'runner'))
     monkeypatch.setitem(large_kernel._state, 'mode', None)
@@ -859,7 +860,7 @@ def test_config_key_sets_the_mode_for_a_run(monkeypatch):
     assert large_kernel._mode() == 'fixed'
     build_runner(Config(dict()))  # absent: back to the environment's mode (tuned by default)
     assert large_kernel._mode() == 'tuned'
-    with pytest.raises(ValueError, match="large_dw_dispatch='fast' is not a large-kernel"):
+    with pytest.raises(ConfigError, match="large_dw_dispatch='fast' is not a large-kernel"):
         build_runner(Config(dict(large_dw_dispatch='fast')))
 
 

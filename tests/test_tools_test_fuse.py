@@ -63,7 +63,7 @@ import re  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import load_tool  # noqa: E402
+from conftest import ROOT, load_tool  # noqa: E402
 from test_fuse import build, det_model_cfg, perturb, seg_model_cfg  # noqa: E402
 
 
@@ -391,6 +391,22 @@ def test_tta_pipeline_derived_from_the_test_pipeline_flips_images_not_labels(tmp
     assert det[-1]['transforms'][-1][0]['meta_keys'][-2:] == ('flip', 'flip_direction')
     with pytest.raises(ValueError, match='must end in its Pack'):
         flip_tta_pipeline([dict(type='LoadImageFromFile')])
+
+
+def test_tta_on_a_detector_that_predicts_masks_is_refused_before_the_run(tmp_path):
+    """mmdet 3.3.0's DetTTAModel merges boxes only and asserts so; Cascade Mask R-CNN's mask head
+    fails first, in merge_aug_masks on the flipped view (a user audit hit it on the shipped
+    RepLKNet and UniRepLKNet configs): refused in one sentence before anything is loaded."""
+    from reparam_mm.apis import build_test_cfg
+    from reparam_mm.scope import ConfigError
+    config = ROOT / ('configs/replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_'
+                     '16xb1-ms-crop-3x_coco.py')
+    with pytest.raises(ConfigError, match=r"^--tta: this detector predicts masks \(model\.roi_head\.mask_head\), "
+                                          r"and mmdet 3\.3\.0's DetTTAModel merges boxes only .*: test it "
+                                          r'without --tta\.$'):
+        build_test_cfg(str(config), work_dir=str(tmp_path), tta=True)
+    cfg = build_test_cfg(str(config), work_dir=str(tmp_path))  # without --tta it builds
+    assert cfg.model.type == 'CascadeRCNN'
 
 
 @pytest.mark.parametrize('kind', ['seg', 'det'])

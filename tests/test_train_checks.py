@@ -57,6 +57,44 @@ def test_heads_with_another_number_of_classes_than_the_dataset_are_refused(tmp_p
     check_num_classes(seg)
 
 
+def test_heads_that_do_not_take_the_backbones_channels_are_refused(tmp_path, monkeypatch):
+    """A backbone changed alone (model.backbone.arch=tiny on a config made for 31B) built, loaded
+    the data and stopped at the first forward with torch's channel error, naming no key; the
+    model now runs on the meta device before anything is built, and every head to change is
+    named with the value that fits."""
+    import reparam_mm.train
+    from reparam_mm.train import check_model_fits
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built before the channels were checked'))
+    config = ROOT / 'configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py'
+    seg = load_config(str(config))
+    init_scope(seg)
+    check_model_fits(seg)  # as shipped
+    seg.model.backbone.arch = 'tiny'
+    with pytest.raises(ConfigError) as err:
+        check_model_fits(seg)
+    assert str(err.value) == (
+        'model.decode_head.in_channels is [128, 256, 512, 1024] and model.auxiliary_head.in_channels '
+        'is 512, but model.backbone gives [16, 32, 64, 128] channels; set '
+        'model.decode_head.in_channels=[16,32,64,128] model.auxiliary_head.in_channels=64 (a '
+        'backbone changed alone, e.g. its arch, keeps the neck and heads of the one the config was '
+        'made for), or use a config made for this backbone.')
+    seg.merge_from_dict({'model.decode_head.in_channels': [16, 32, 64, 128],
+                         'model.auxiliary_head.in_channels': 64})
+    check_model_fits(seg)  # the advice fits
+    det = load_config(str(COCO_DEMO))
+    init_scope(det)
+    det.model.neck.in_channels = [64, 128, 256, 512]
+    with pytest.raises(ConfigError, match=r'^model\.neck\.in_channels is \[64, 128, 256, 512\], but '
+                                          r'model\.backbone gives \[(\d+, ){3}\d+\] channels; set '
+                                          r'model\.neck\.in_channels=\[(\d+,){3}\d+\] \('):
+        check_model_fits(det)
+    cfg = tiny_demo_config(tmp_path, max_iters=1)  # and train() checks it first
+    with pytest.raises(ConfigError, match=r'^model\.decode_head\.in_channels is \[8, 16, 32, 64\], '):
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+              'model.decode_head.in_channels=[8,16,32,64]'])
+
+
 def test_a_schedule_ending_past_a_shortened_run_is_said():
     cfg = load_config(str(PLAIN_DEMO))
     with mmengine_log() as records:
@@ -69,6 +107,18 @@ def test_a_schedule_ending_past_a_shortened_run_is_said():
     assert said[-1][1].endswith(f'past the end of training (iteration 60, train_cfg.max_iters): it will '
                                 f'stop part way; --cfg-options param_scheduler.{len(cfg.param_scheduler) - 1}'
                                 '.end=60 fits it to this run.')
+    # the override it names works: a list of one schedule is indexed (param_scheduler.end on a
+    # list raised a TypeError), a single dict is not
+    from reparam_mm.scope import merge_cfg_options
+    for schedules, key in (([dict(cfg.param_scheduler[-1])], 'param_scheduler.0.end'),
+                           (dict(cfg.param_scheduler[-1]), 'param_scheduler.end')):
+        cfg.param_scheduler = schedules
+        with mmengine_log() as records:
+            warn_schedules_past_the_end(cfg)
+            merge_cfg_options(cfg, {key: 60})
+            warn_schedules_past_the_end(cfg)
+        assert [r.getMessage().rsplit('--cfg-options ', 1)[1] for r in records] == [
+            f'{key}=60 fits it to this run.']
 
 
 def test_a_resume_with_nothing_left_to_train_is_said(tmp_path):
