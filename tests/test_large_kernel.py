@@ -666,12 +666,22 @@ def test_a_backbone_layout_timing_logs_one_line_saying_why_the_forward_was_slow(
     with torch.no_grad():
         toy(torch.randn(1, 4, 48, 48))
     assert len(lines) == 2 and 'bucket 1x4x46-53x46-53' in lines[1]
+
+    class Unfused(WithLargeKernel):  # another model (here: one parameter more), the same convs
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Parameter(torch.zeros(1))
+
+    with torch.no_grad():
+        Unfused().eval()(torch.randn(1, 4, 48, 48))
+    assert len(lines) == 3 and 'dispatch of Unfused (eval, fwd)' in lines[2]
+    assert ', its convs timed already (by another copy of the model, e.g. the fused one); ' in lines[2]
     # timed while other processes used the CPUs: the line says what its warning says
     monkeypatch.setattr(tuner, 'contended', lambda *a: True)
     with torch.no_grad(), pytest.warns(UserWarning, match='kept for this process only'):
         toy(torch.randn(1, 4, 64, 64))
-    assert len(lines) == 3 and 'kept for this process only, since other processes used' in lines[2]
-    assert str(tuner.cache_path) not in lines[2]
+    assert len(lines) == 4 and 'kept for this process only, since other processes used' in lines[3]
+    assert str(tuner.cache_path) not in lines[3]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (the GPU check)')

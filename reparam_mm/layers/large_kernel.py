@@ -702,8 +702,10 @@ def _report_timing(module, x, grad, choice, convs, seconds, path):
             'kept for this process only, since other processes used the CPUs meanwhile')
     print_log(f'reparam_mm: {seconds:.1f} s timing the large-kernel dispatch of '
               f'{type(module).__name__} ({mode}, {"fwd+bwd" if grad else "fwd"}) for the new '
-              f'input size bucket {shape_label(x.shape)}: {choice}, {convs} conv signature(s); '
-              f'{kept} (REPARAM_MM_LARGE_DW=fixed times nothing).',
+              f'input size bucket {shape_label(x.shape)}: {choice}, '
+              + (f'{convs} conv signature(s); ' if convs else
+                 'its convs timed already (by another copy of the model, e.g. the fused one); ')
+              + f'{kept} (REPARAM_MM_LARGE_DW=fixed times nothing).',
               logger='current')
 
 
