@@ -537,6 +537,22 @@ def check_launcher_env(cfg):
                           '--launcher for one process.')
 
 
+def _sync_bn_to_bn(node, key):
+    """Set every SyncBN layer type under ``node`` to BN; return their config keys
+    (``model.backbone.norm_cfg.type``, ...)."""
+    found = []
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            found.append(f'{key}.type')
+        for name, value in node.items():
+            found += _sync_bn_to_bn(value, f'{key}.{name}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found += _sync_bn_to_bn(value, f'{key}.{i}')
+    return found
+
+
 def prepare_cpu_distributed(cfg):
     """Open a gloo process group and a CPU DDP wrapper when launched without CUDA.
 
@@ -554,6 +570,12 @@ def prepare_cpu_distributed(cfg):
         raise NotAvailableHereError(f'dist backend {backend!r} needs GPUs; on CPU set '
                                     "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
                                     'env_cfg.dist_cfg.backend=gloo).')
+    sync_bn = _sync_bn_to_bn(cfg.model, 'model')
+    if sync_bn:  # PyTorch: 'SyncBatchNorm layers only work with GPU modules'
+        print_log(f"CPU distributed run: SyncBN runs on GPUs only, so {', '.join(sync_bn)} run as BN "
+                  'here: each process normalises over its own images (as mmengine does in one '
+                  'process); validation uses rank 0\'s statistics, which its checkpoints hold.',
+                  logger='current', level=logging.WARNING)
     if not torch_dist.is_initialized():
         if 'timeout' in dist_cfg:
             dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])

@@ -11,6 +11,7 @@
 * :func:`segmentation_grid`: rows of input / ground truth / prediction in one small PNG;
   :func:`onnx_segmentation_grid` fills the prediction column from an exported ONNX file.
 """
+import contextlib
 import os
 import os.path as osp
 import warnings
@@ -30,6 +31,20 @@ def _visualizer_for(sample):
         return SegLocalVisualizer
     from mmdet.visualization import DetLocalVisualizer
     return DetLocalVisualizer
+
+
+@contextlib.contextmanager
+def _as_main_process():
+    """Within the block, mmengine's ``master_only`` methods run in this process too. The
+    visualizers' ``add_datasample`` and ``dataset_meta`` are master_only, so in a 2-process
+    test rank 0 painted its half of the images and rank 1 none, and the count said all."""
+    import mmengine.dist.utils as dist_utils
+    saved = dist_utils.is_main_process
+    dist_utils.is_main_process = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        dist_utils.is_main_process = saved
 
 
 @HOOKS.register_module()
@@ -64,7 +79,10 @@ class SavePredictionsHook(Hook):
         self.written, self._names, self._painter = [], set(), None
 
     def after_test(self, runner) -> None:
-        print_log(f'--show-dir: painted {len(self.written)} test image(s) to '
+        from mmengine.dist import all_gather_object, is_distributed
+        # each process paints the images of its own shard: the count is of all of them
+        painted = sum(all_gather_object(len(self.written))) if is_distributed() else len(self.written)
+        print_log(f'--show-dir: painted {painted} test image(s) to '
                   f'{osp.abspath(self.folder)}', logger='current')
 
     def _get_painter(self, runner, sample):
@@ -76,7 +94,8 @@ class SavePredictionsHook(Hook):
             painter = cls.get_instance(f'reparam_mm_show_dir_{id(self)}')
         dataset = getattr(runner.test_loop.dataloader, 'dataset', None)
         if getattr(dataset, 'metainfo', None):
-            painter.dataset_meta = dataset.metainfo
+            with _as_main_process():
+                painter.dataset_meta = dataset.metainfo
         self._painter = painter
         return painter
 
@@ -106,8 +125,9 @@ class SavePredictionsHook(Hook):
             is_seg = type(sample).__name__ == 'SegDataSample'
             extra = {} if is_seg else dict(pred_score_thr=self.score_thr)
             out_file = self._out_file(img_path)
-            painter.add_datasample(osp.basename(img_path), img, data_sample=sample,
-                                   draw_gt=self.draw_gt, show=False, out_file=out_file, **extra)
+            with _as_main_process():  # every process paints the images of its own shard
+                painter.add_datasample(osp.basename(img_path), img, data_sample=sample,
+                                       draw_gt=self.draw_gt, show=False, out_file=out_file, **extra)
             self.written.append(out_file)
 
 

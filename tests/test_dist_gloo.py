@@ -46,6 +46,9 @@ class RankProbeHook(Hook):
     def after_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         self.record['checksum'] = sum(float(p.double().sum()) for p in model.parameters())
+        self.record['buffers'] = sum(float(b.double().sum()) for b in model.buffers())
+        self.record['norms'] = sorted({type(m).__name__ for m in model.modules()
+                                       if 'Norm' in type(m).__name__})
         self.record['world_size'] = runner.world_size
         self.record['wrapper'] = type(runner.model).__name__
         self.record['optim_wrapper'] = type(runner.optim_wrapper).__name__
@@ -64,11 +67,17 @@ def _free_port():
     torch.cuda.is_available(), reason='--amp picks the GPU wrapper there'))], ids=['fp32', 'bf16-amp'])
 def test_two_process_gloo_training(tmp_path, amp):
     (tmp_path / 'rank_probe.py').write_text(PROBE)
+    # the shipped full-size configs' SyncBN (GPUs only in PyTorch) runs as BN on CPU, said once
+    sync_bn = '' if amp else """
+sync = dict(type='SyncBN', requires_grad=True)
+model = dict(backbone=dict(norm_cfg=sync), decode_head=dict(norm_cfg=sync),
+             auxiliary_head=dict(norm_cfg=sync))
+"""
     cfg = tiny_demo_config(tmp_path, max_iters=3, extra=f"""
 custom_imports = dict(imports=['reparam_mm', 'rank_probe'], allow_failed_imports=False)
 custom_hooks = [dict(type='FusedEvalHook'), dict(type='RankProbeHook', out_dir={str(tmp_path)!r})]
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
-""")
+""" + sync_bn)
     wd = tmp_path / 'wd'
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
@@ -87,6 +96,16 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
         assert len(a) == 2 and not set(a) & set(b)
     # gradients were all-reduced: the ranks end with the same weights
     assert ranks[0]['checksum'] == ranks[1]['checksum']
+    # and the last validation gave every rank rank 0's BN statistics (each kept its own before):
+    # all validate the model the checkpoint holds
+    assert ranks[0]['buffers'] == ranks[1]['buffers']
+    assert 'SyncBatchNorm' not in ranks[0]['norms'] and 'BatchNorm2d' in ranks[0]['norms']
+    said = [line for line in (proc.stdout + proc.stderr).splitlines()
+            if 'CPU distributed run: SyncBN runs on GPUs only' in line]
+    assert len(said) == (0 if amp else 2), said  # once per process
+    if not amp:
+        assert 'model.backbone.norm_cfg.type, model.decode_head.norm_cfg.type, ' \
+            'model.auxiliary_head.norm_cfg.type run as BN here' in said[0]
     # the checkpoint was written once, by rank 0, and holds those weights
     assert (ranks[0]['saves'], ranks[1]['saves']) == (1, 0)
     assert sorted(p.name for p in wd.glob('*.pth')) == ['iter_3.pth']
@@ -137,3 +156,13 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     assert proc.returncode == 0, out[-3000:]
     said = [line for line in out.splitlines() if 'label maps read hold values' in line]
     assert len(said) == 1 and 'val_dataloader: 2 of the 2 label maps read' in said[0], out[-3000:]
+    # --show-dir under 2 processes paints every test image, each rank its own (the visualizers'
+    # add_datasample is master_only: rank 1's half was counted but never written)
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_test.sh'), cfg, str(tmp_path / 'wd/iter_1.pth'),
+                           '2', '--work-dir', str(tmp_path / 'wt'), '--show-dir', 'shows'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    pictures = sorted(p.name for p in (tmp_path / 'wt').glob('*/shows/*.png'))
+    assert pictures == ['demo_00000.png', 'demo_00001.png'], out[-3000:]
+    assert '--show-dir: painted 2 test image(s) to ' in out
