@@ -1,4 +1,4 @@
-"""tools/{dist,slurm}_{train,test}.sh pick the interpreter a user of this checkout expects.
+"""tools/{dist,slurm}_{train,test}.sh: the interpreter a user of this checkout expects, and bad arguments.
 
 README's commands run `.venv/bin/python`; the launch scripts are called with `bash`, where no venv
 is active, so unset ``PYTHON`` must mean the checkout's `.venv` (made by `make setup`), falling
@@ -81,3 +81,55 @@ def test_without_a_venv_python_comes_from_path(tmp_path, script):
 def test_python_set_by_the_user_wins(tmp_path, script):
     _, interpreter, _, _ = _run(tmp_path, script, with_venv=True, python=str(tmp_path / 'bin/python'))
     assert interpreter == tmp_path / 'bin/python'
+
+
+@pytest.mark.parametrize('script,argv', [
+    ('dist_train.sh', ['configs/x.py']), ('dist_train.sh', ['configs/x.py', 'two']),
+    ('dist_test.sh', ['configs/x.py', '2']), ('slurm_train.sh', ['PART', 'job']),
+    ('slurm_test.sh', ['PART', 'job', 'configs/x.py'])])
+def test_missing_arguments_print_the_usage_and_launch_nothing(tmp_path, script, argv):
+    """torchrun's 'Unsupported nproc_per_node value' traceback, or an srun with empty values
+    (slurm_test.sh without a checkpoint launched test.py anyway)."""
+    _stub(tmp_path / 'bin/srun', SRUN)
+    _stub(tmp_path / 'bin/python', RECORDER)
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
+               RECORD=str(tmp_path / 'record.txt'), PYTHON=str(tmp_path / 'bin/python'))
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / script), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith('error: usage: '), proc.stderr
+    assert f'tools/{script} ' in proc.stderr.splitlines()[0]
+    assert not (tmp_path / 'record.txt').exists()  # nothing ran
+
+
+def test_a_busy_port_and_a_missing_srun_are_one_line(tmp_path):
+    import socket
+    with socket.socket() as listener:
+        listener.bind(('127.0.0.1', 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        env = dict(os.environ, PORT=str(port))
+        proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), 'configs/x.py', '2'],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f'error: PORT {port} is in use (another run on this machine?): set another, e.g. '
+        f'PORT={port + 1} {ROOT}/tools/dist_train.sh ...')
+    env = dict(os.environ, PATH=f'/usr/bin{os.pathsep}/bin')  # no srun there
+    proc = subprocess.run(['bash', str(ROOT / 'tools/slurm_test.sh'), 'P', 'j', 'c.py', 'k.pth'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f'error: srun not found: {ROOT}/tools/slurm_test.sh submits through slurm; without slurm, '
+        'launch with tools/dist_test.sh')
+
+
+def test_slurm_scripts_keep_an_argument_with_spaces_whole(tmp_path):
+    args_stub = '#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$RECORD"\n'
+    _stub(tmp_path / 'bin/srun', SRUN)
+    _stub(tmp_path / 'bin/python', args_stub)
+    record = tmp_path / 'args.txt'
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
+               RECORD=str(record), PYTHON=str(tmp_path / 'bin/python'))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/slurm_train.sh'), 'P', 'j', 'c.py', '--work-dir',
+                           'work_dirs/run 2'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines()[-2:] == ['--work-dir', 'work_dirs/run 2']

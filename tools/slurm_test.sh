@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # Usage: [GPUS=8] tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [test.py args...]
 
+if [ $# -lt 4 ]; then
+    echo "error: usage: [GPUS=8] tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [test.py args...]" >&2
+    exit 2
+fi
+if ! command -v srun > /dev/null; then
+    echo "error: srun not found: $0 submits through slurm; without slurm, launch with tools/dist_test.sh" >&2
+    exit 1
+fi
+
 set -x
 
 PARTITION=$1
@@ -10,7 +19,7 @@ CHECKPOINT=$4
 GPUS=${GPUS:-4}
 GPUS_PER_NODE=${GPUS_PER_NODE:-4}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
-PY_ARGS=${@:5}
+PY_ARGS=("${@:5}")  # an array: arguments with spaces stay whole
 SRUN_ARGS=${SRUN_ARGS:-""}
 # PYTHON picks the interpreter; unset, the checkout's .venv (made by `make setup`) where it
 # exists, else `python` from PATH.
@@ -28,4 +37,4 @@ srun -p ${PARTITION} \
     --cpus-per-task=${CPUS_PER_TASK} \
     --kill-on-bad-exit=1 \
     ${SRUN_ARGS} \
-    $PYTHON -u $(dirname "$0")/test.py ${CONFIG} ${CHECKPOINT} --launcher="slurm" ${PY_ARGS}
+    $PYTHON -u $(dirname "$0")/test.py ${CONFIG} ${CHECKPOINT} --launcher="slurm" "${PY_ARGS[@]}"
