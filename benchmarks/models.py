@@ -22,6 +22,7 @@ from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.layers.large_kernel import fft_min_kernel
 from reparam_mm.outputs import compare_models
 from reparam_mm.scope import init_scope
+from reparam_mm.train import sync_bn_as_bn
 
 from .doconv_profile import breakdown
 from .measure import (KernelTime, PeakMemory, new_result, ratio_stats, summarize, synchronize,
@@ -56,10 +57,9 @@ def bench_config(config, shape, cfg_options=None):
             d['init_cfg'] = None
         elif isinstance(init, (list, tuple)):
             d['init_cfg'] = [c for c in init if c.get('type') != 'Pretrained'] or None
-        if d.get('type') in ('SyncBN', 'MMSyncBN'):  # one process, no process group
-            d['type'] = 'BN'
 
     _walk(cfg.model, strip)
+    sync_bn_as_bn(cfg.model)  # one process, no process group
     pre = cfg.model.get('data_preprocessor')
     if pre is not None and pre.get('size') is not None:
         pre['size'] = tuple(shape)

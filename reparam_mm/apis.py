@@ -368,11 +368,12 @@ def apply_dispatch_setting(cfg, reset=False):
                               f"dispatch mode: set it to one of {', '.join(_MODES)}, or unset it "
                               '(tuned).') from None
         return
-    if not isinstance(mode, str) or mode.strip().lower() not in _MODES:
+    try:
+        set_dispatch_mode(mode)
+    except ValueError:
         raise ConfigError(f"large_dw_dispatch={mode!r} is not a large-kernel dispatch mode: use "
                           f"one of {', '.join(_MODES)} (e.g. --cfg-options large_dw_dispatch=fixed), "
-                          'or leave it out (tuned).')
-    set_dispatch_mode(mode.strip().lower())
+                          'or leave it out (tuned).') from None
 
 
 def build_model(cfg):

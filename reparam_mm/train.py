@@ -250,12 +250,11 @@ def check_model_fits(cfg):
 def _necks_and_heads(model, model_cfg):
     """``(config key, module, its config)`` of the neck and of the heads that take feature
     maps (mmseg's decode / auxiliary heads, mmdet's RPN and dense heads), in forward order."""
-    import torch.nn as nn
     for name in ('neck', 'decode_head', 'rpn_head', 'bbox_head', 'auxiliary_head'):
         module, node = getattr(model, name, None), model_cfg.get(name)
         if module is None:
             continue
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, torch.nn.ModuleList):
             if name == 'auxiliary_head' and isinstance(node, (list, tuple)):
                 yield from ((f'model.{name}.{i}', m, n) for i, (m, n) in enumerate(zip(module, node)))
             continue
@@ -537,19 +536,19 @@ def check_launcher_env(cfg):
                           '--launcher for one process.')
 
 
-def _sync_bn_to_bn(node, key):
-    """Set every SyncBN layer type under ``node`` to BN; return their config keys
-    (``model.backbone.norm_cfg.type``, ...)."""
+def sync_bn_as_bn(node, key='model'):
+    """Set every SyncBN layer type under ``node`` (a model config) to BN, for a process group
+    without GPUs or none at all; return their config keys (``model.backbone.norm_cfg.type``, ...)."""
     found = []
     if isinstance(node, dict):
         if node.get('type') in ('SyncBN', 'MMSyncBN'):
             node['type'] = 'BN'
             found.append(f'{key}.type')
         for name, value in node.items():
-            found += _sync_bn_to_bn(value, f'{key}.{name}')
+            found += sync_bn_as_bn(value, f'{key}.{name}')
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            found += _sync_bn_to_bn(value, f'{key}.{i}')
+            found += sync_bn_as_bn(value, f'{key}.{i}')
     return found
 
 
@@ -570,7 +569,7 @@ def prepare_cpu_distributed(cfg):
         raise NotAvailableHereError(f'dist backend {backend!r} needs GPUs; on CPU set '
                                     "env_cfg.dist_cfg.backend='gloo' (e.g. --cfg-options "
                                     'env_cfg.dist_cfg.backend=gloo).')
-    sync_bn = _sync_bn_to_bn(cfg.model, 'model')
+    sync_bn = sync_bn_as_bn(cfg.model)
     if sync_bn:  # PyTorch: 'SyncBatchNorm layers only work with GPU modules'
         print_log(f"CPU distributed run: SyncBN runs on GPUs only, so {', '.join(sync_bn)} run as BN "
                   'here: each process normalises over its own images (as mmengine does in one '

@@ -767,7 +767,10 @@ def active_dispatch_mode():
 
 
 def set_dispatch_mode(mode):
-    """Set the dispatch mode for the process: 'tuned', 'fixed', or None (the environment's)."""
+    """Set the dispatch mode for the process: 'tuned', 'fixed' (any case, as the environment
+    variable), or None (the environment's)."""
+    if isinstance(mode, str):
+        mode = mode.strip().lower()
     if mode is not None and mode not in _MODES:
         raise ValueError(f'large_dw_dispatch={mode!r} is not a large-kernel dispatch mode; '
                          f'use one of {_MODES}.')
