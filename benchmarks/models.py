@@ -19,6 +19,7 @@ from reparam_mm.batches import synthetic_batch
 from reparam_mm.checkpoint import load_checkpoint_strict
 from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
+from reparam_mm.head_layout import tune_head_layouts
 from reparam_mm.layers.large_kernel import fft_min_kernel
 from reparam_mm.outputs import compare_models
 from reparam_mm.scope import init_scope
@@ -75,6 +76,17 @@ def build_bench_model(cfg, device='cpu', checkpoint=None, seed=0):
     return model.to(device)
 
 
+#: a variant tag: the neck and heads keep NCHW weights instead of their tuned layout
+NCHW_HEADS = ':nchw-heads'
+
+
+def split_head_tag(spec):
+    """``SPEC`` or ``SPEC:nchw-heads`` -> (SPEC, whether the neck and heads are layout-tuned)."""
+    if spec.endswith(NCHW_HEADS):
+        return spec[:-len(NCHW_HEADS)], False
+    return spec, True
+
+
 def parse_variant(spec, default_fuse):
     """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag)."""
     path, sep, tag = spec.rpartition(':')
@@ -87,7 +99,7 @@ class Variant:
     """One model to time: built, moved, fused (inference) or given an optimizer (training)."""
 
     def __init__(self, config, fuse, mode, shape, batch, device='cpu', checkpoint=None,
-                 amp=False, channels_last=False, cfg_options=None, model=None):
+                 amp=False, channels_last=False, cfg_options=None, model=None, tune_heads=True):
         if mode not in ('infer', 'train'):
             raise ValueError(f"mode={mode!r} must be 'infer' or 'train'.")
         if mode == 'train' and fuse:
@@ -111,9 +123,12 @@ class Variant:
             self.optim_wrapper = self._optim_wrapper()
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        elif mode == 'infer' and tune_heads:  # as tools/test.py and tools/infer.py run it
+            tune_head_layouts(self.model)
         self.data = synthetic_batch(self.cfg, *shape, batch=batch, train=mode == 'train')
         self.name = f"{os.path.splitext(os.path.basename(config))[0]}" + (
-            f" ({'fused' if fuse else 'unfused'})" if mode == 'infer' else '')
+            f" ({'fused' if fuse else 'unfused'}{'' if tune_heads else ', NCHW heads'})"
+            if mode == 'infer' else '')
 
     def _optim_wrapper(self):
         from mmengine.optim import build_optim_wrapper
@@ -278,15 +293,15 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
     if len(specs) not in (1, 2):
         raise ValueError(f'benchmark one config or compare two, got {len(specs)}.')
     default_fuse = (mode == 'infer') if fuse is None else fuse
-    parsed = [parse_variant(s, default_fuse) for s in specs]
+    parsed = [(*parse_variant(spec, default_fuse), tune) for spec, tune in map(split_head_tag, specs)]
     variants, built = [], {}
-    for config, fused in parsed:
+    for config, fused, tune_heads in parsed:
         # fused vs unfused of one config: the same weights, fused on a copy
         base = built.get(config)
         model = copy.deepcopy(base.model) if base is not None and not base.fuse else None
         v = Variant(config, fuse=fused, mode=mode, shape=shape, batch=batch, device=device,
                     checkpoint=checkpoint, amp=amp, channels_last=channels_last,
-                    cfg_options=cfg_options, model=model)
+                    cfg_options=cfg_options, model=model, tune_heads=tune_heads)
         built.setdefault(config, v)
         variants.append(v)
     settings = dict(mode=mode, shape=list(shape), batch=batch, device=str(device), amp=amp,

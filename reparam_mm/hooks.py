@@ -13,6 +13,8 @@
   with ``strict=False``; fusing before loading would silently ignore weights).
   With an ``EMAHook`` registered the copy scheme is used for tests too, since
   EMA swaps parameters back after the test.
+* The fused model's neck and heads run in the memory layout timed fastest on this machine
+  (``head_layout.tune_head_layouts``), as a RepLKNet backbone does.
 * On the first batch the fused outputs are compared with the unfused ones
   (``mode='tensor'``: segmentation logits, raw detection head outputs); the
   max abs / relative difference is logged, above ``tolerance`` loudly (under
@@ -35,6 +37,7 @@ from mmengine.registry import HOOKS
 
 from .checkpoint import check_training_load
 from .fuse import fuse_with_report
+from .head_layout import tune_head_layouts
 from .outputs import check_summary, compare_outputs, reference_outputs, tensor_outputs, within_tolerance
 
 __all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook', 'LabelValuesCheckHook']
@@ -110,6 +113,7 @@ class FusedEvalHook(Hook):
         for p in fused.parameters():
             p.grad = None
         fused, self.last_report = fuse_with_report(fused.eval(), fuse_bn=self.fuse_bn)
+        tune_head_layouts(fused)
         self._saved_model, self._reference = runner.model, src
         runner.model = fused
 
@@ -117,6 +121,7 @@ class FusedEvalHook(Hook):
         model = _unwrap(runner.model)
         self._reference = copy.deepcopy(model).eval() if self.check else None
         fused, self.last_report = fuse_with_report(model.eval(), fuse_bn=self.fuse_bn)
+        tune_head_layouts(fused)
         if fused is not model:  # only when the root itself was replaced
             if is_model_wrapper(runner.model):
                 runner.model.module = fused

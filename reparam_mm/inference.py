@@ -34,6 +34,7 @@ from mmengine.model import revert_sync_batchnorm
 from .apis import apply_dispatch_setting
 from .checkpoint import STRICT_FIX, check_checkpoint_file, check_state_dict, state_dict_of
 from .fuse import fuse_with_report
+from .head_layout import tune_head_layouts
 from .outputs import check_summary, compare_models, within_tolerance
 from .scope import ConfigError, dataset_metainfo, init_scope, load_config, merge_cfg_options
 from .train import NotAvailableHereError
@@ -83,12 +84,12 @@ class _FusedInference:
 
     def _init_model(self, cfg, weights, device='cpu'):
         model = revert_sync_batchnorm(super()._init_model(cfg, weights, device)).eval()
-        if not self.fuse:
-            return model
-        unfused = copy.deepcopy(model) if self.check else None
-        model, self.fuse_report = fuse_with_report(model)
-        if self.fuse_report.total:  # a deploy pair has nothing left to fuse, nor to compare
-            self._unfused = unfused
+        if self.fuse:
+            unfused = copy.deepcopy(model) if self.check else None
+            model, self.fuse_report = fuse_with_report(model)
+            if self.fuse_report.total:  # a deploy pair has nothing left to fuse, nor to compare
+                self._unfused = unfused
+        tune_head_layouts(model)  # neck and heads in the layout timed fastest here
         return model
 
     def forward(self, inputs, **kwargs):

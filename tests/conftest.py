@@ -88,3 +88,31 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f'real data folder {SHARED_DATA} not found (expected beside the project root)')
     return SHARED_DATA
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """A fresh large-kernel tuner with its own cache file and injected timings
+    (``tuner.times[name]``: seconds per candidate or layout, 1.0 where not given); every
+    candidate still runs once on the call's shapes, and ``tuner.measured`` lists them."""
+    from reparam_mm.layers import large_kernel
+    monkeypatch.setenv('REPARAM_MM_CACHE', str(tmp_path))
+    fresh = large_kernel.LargeDWTuner()
+    fresh.times, fresh.measured = {}, []
+
+    def time_candidates(runs, **options):
+        times, errors = {}, {}
+        for name, run in runs.items():
+            try:
+                run()  # the candidate really runs on the call's shapes
+            except RuntimeError as e:
+                errors[name] = str(e)
+                continue
+            fresh.measured.append(name)
+            times[name] = fresh.times.get(name, 1.0)
+        return times, errors
+
+    fresh.time_candidates = time_candidates
+    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: None)  # a quiet machine
+    monkeypatch.setattr(large_kernel, 'TUNER', fresh)
+    return fresh

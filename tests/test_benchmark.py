@@ -129,6 +129,8 @@ def test_parse_variant():
     assert BM.parse_variant('a/b.py:fused', False) == ('a/b.py', True)
     assert BM.parse_variant('a/b.py:unfused', True) == ('a/b.py', False)
     assert BM.parse_variant('a/b.py', True) == ('a/b.py', True)
+    assert BM.split_head_tag('a/b.py:fused:nchw-heads') == ('a/b.py:fused', False)
+    assert BM.split_head_tag('a/b.py:unfused') == ('a/b.py:unfused', True)
 
 
 def test_peak_memory_reports_cpu_peak():
@@ -245,6 +247,10 @@ def test_compare_unfused_vs_fused_tiny_replknet(tmp_path):
     # the 31/29/27 kernels run through FFTs, yet count as the direct convolutions they compute
     from reparam_mm.layers import large_kernel
     v = BM.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1)
+    from reparam_mm.head_layout import tune_head_layouts
+    assert tune_head_layouts(v.model) == []  # the neck and heads run tuned, as in tools/test.py
+    nchw = BM.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1, tune_heads=False)
+    assert nchw.name.endswith('(unfused, NCHW heads)') and tune_head_layouts(nchw.model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(large_kernel, 'use_fft', lambda *a, **k: False)
         assert BM.fused_flops(v.model, v.data)[0] == fus['flops']

@@ -277,6 +277,8 @@ def test_segmentor_training_validates_fused_and_resumes_unfused(tmp_path):
     runner.train()
     assert spy.identical == [True, True] and spy.same_objects == [True, True]
     assert all(not any(isinstance(m, DOConv2d) for m in v.modules()) for v in spy.val_models)
+    from reparam_mm.head_layout import tune_head_layouts
+    assert all(tune_head_layouts(v) == [] for v in spy.val_models)  # the head's layout is timed
     assert hook.last_report.fused == {'DOConv2d': 29}
     assert hook.last_check['same_structure'] and hook.last_check['max_rel'] < 1e-5
     # iter_3.pth was written after the validation at iter 2: unfused, DO-Conv keys and all

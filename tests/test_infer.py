@@ -95,6 +95,8 @@ def test_deploy_pair_predicts_the_same_and_is_not_fused_again(tmp_path):
     trained = fused_inferencer(cfg, ckpt, device='cpu')(files)['predictions']
     inferencer = fused_inferencer(deploy['config'], deploy['checkpoint'], device='cpu')
     assert inferencer.fuse_report.total == 0
+    from reparam_mm.head_layout import tune_head_layouts
+    assert tune_head_layouts(inferencer.model) == []  # its head's layout is timed already
     predictions = inferencer(files)['predictions']
     assert inferencer.last_check is None  # nothing was fused, so nothing to compare
     assert all(np.array_equal(a, b) for a, b in zip(trained, predictions))

@@ -254,31 +254,6 @@ def test_only_stalling_half_precision_calls_lose_channels_last():
 
 
 # -- the tuner -------------------------------------------------------------------------------------
-@pytest.fixture
-def tuner(monkeypatch, tmp_path):
-    """A fresh tuner with its own cache file and injected timings (``tuner.times[name]``)."""
-    monkeypatch.setenv('REPARAM_MM_CACHE', str(tmp_path))
-    fresh = large_kernel.LargeDWTuner()
-    fresh.times, fresh.measured = {}, []
-
-    def time_candidates(runs, **options):
-        times, errors = {}, {}
-        for name, run in runs.items():
-            try:
-                run()  # the candidate really runs on the call's shapes
-            except RuntimeError as e:
-                errors[name] = str(e)
-                continue
-            fresh.measured.append(name)
-            times[name] = fresh.times.get(name, 1.0)
-        return times, errors
-
-    fresh.time_candidates = time_candidates
-    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: None)  # a quiet machine
-    monkeypatch.setattr(large_kernel, 'TUNER', fresh)
-    return fresh
-
-
 def _call(requires_grad=False, dtype=torch.float32, k=31, padding=15, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 20, 18, generator=g, dtype=dtype, requires_grad=requires_grad)

@@ -6,7 +6,8 @@
         [--large-dw-dispatch tuned|fixed]
         [--repeat R] [--warmup W] [--no-flops] [--dw-fft-min-kernel K] [--out FILE.json]
     # two variants timed alternately in one process (ratios B / A); a variant is CONFIG,
-    # CONFIG:fused or CONFIG:unfused
+    # CONFIG:fused or CONFIG:unfused, each with :nchw-heads appended for a neck and heads kept
+    # NCHW instead of the layout timed fastest (reparam_mm.head_layout)
     python tools/benchmark.py --compare A B [same options]
     # layer tables
     python tools/benchmark.py --doconv-layers [--shape H W] [--batch N] [--device D] [--repeat R]
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument('config', nargs='?', help='config to benchmark')
     what.add_argument('--compare', nargs=2, metavar=('A', 'B'),
-                      help='two variants (CONFIG[:fused|:unfused]) timed alternately')
+                      help='two variants (CONFIG[:fused|:unfused][:nchw-heads]) timed alternately')
     what.add_argument('--doconv-layers', action='store_true',
                       help="ResNet-50 3x3 convs: plain vs DOConv2d vs the authors' formulation")
     what.add_argument('--large-dw', action='store_true',

@@ -600,9 +600,11 @@ class LargeDWTuner:
                                                 grad),
                                    x.shape, skipped=skipped)
 
-    def choose_layout(self, module, x, forward):
+    def choose_layout(self, module, x, forward, subject='large-kernel dispatch', fixed=None):
         """'channels_last' or 'nchw': the faster layout for a whole backbone ``forward(x,
-        channels_last)`` on this input, timed once per signature like the convs.
+        channels_last)`` on this input, timed once per signature like the convs (``subject``
+        names what is timed in the log line, ``fixed`` the fixed rule's choice recorded beside
+        the times: :func:`fixed_layout` by default; ``head_layout`` times necks and heads so).
 
         The timing runs leave no trace: buffers (BN statistics) are restored, the RNG stream is
         forked, and with gradients the backward goes through ``torch.autograd.grad``, so no
@@ -637,15 +639,15 @@ class LargeDWTuner:
             with torch.random.fork_rng(devices=[]):
                 choice = self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
                                                         for name in LAYOUTS},
-                                             x.device.type == 'cpu', fixed_layout(x), x.shape,
-                                             warm_up=False)
+                                             x.device.type == 'cpu', fixed or fixed_layout(x),
+                                             x.shape, warm_up=False)
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(saved[name])
         _report_timing(module, x, grad, choice, len(self.choices) - known - 1,
                        time.perf_counter() - start,
-                       None if self.contended_timings > contended else self.cache_path)
+                       None if self.contended_timings > contended else self.cache_path, subject)
         cl = choice == 'channels_last'
         self._kept = (module, x, cl, outputs[cl]) if outputs and cl in outputs else None
         return choice
@@ -692,20 +694,26 @@ class LargeDWTuner:
         return choice
 
 
-def _report_timing(module, x, grad, choice, convs, seconds, path):
-    """One log line per timed backbone layout signature, so that a slow first forward at a new
-    input size says why, and that it is paid once per size bucket (``path`` None: some of the
-    timings were contended, so they serve this process only)."""
+def _report_timing(module, x, grad, choice, convs, seconds, path,
+                   subject='large-kernel dispatch'):
+    """One log line per timed layout signature, so that a slow first forward at a new input
+    size says why, and that it is paid once per size bucket (``path`` None: some of the
+    timings were contended, so they serve this process only). A backbone's line counts the
+    conv signatures its runs timed; a neck's or head's (``subject`` 'memory layout') has none."""
     from mmengine.logging import print_log
     mode = 'train' if module.training else 'eval'
     kept = (f'kept in {path} for every size in the bucket' if path is not None else
             'kept for this process only, since other processes used the CPUs meanwhile')
-    print_log(f'reparam_mm: {seconds:.1f} s timing the large-kernel dispatch of '
+    if subject != 'large-kernel dispatch':
+        convs_said = ''
+    elif convs:
+        convs_said = f', {convs} conv signature(s)'
+    else:
+        convs_said = ', its convs timed already (by another copy of the model, e.g. the fused one)'
+    print_log(f'reparam_mm: {seconds:.1f} s timing the {subject} of '
               f'{type(module).__name__} ({mode}, {"fwd+bwd" if grad else "fwd"}) for the new '
-              f'input size bucket {shape_label(x.shape)}: {choice}, '
-              + (f'{convs} conv signature(s); ' if convs else
-                 'its convs timed already (by another copy of the model, e.g. the fused one); ')
-              + f'{kept} (REPARAM_MM_LARGE_DW=fixed times nothing).',
+              f'input size bucket {shape_label(x.shape)}: {choice}{convs_said}; '
+              f'{kept} (REPARAM_MM_LARGE_DW=fixed times nothing).',
               logger='current')
 
 

@@ -1,0 +1,192 @@
+"""The memory layout of the modules that read the backbone's features, timed per machine.
+
+A RepLKNet backbone times NCHW against channels_last for itself (``layers/large_kernel.py``);
+the neck and heads after it (mmseg's decode head, mmdet's FPN, RPN and RoI heads) are upstream
+modules that run in whatever layout their weights and inputs have. Which layout is faster
+depends on the machine and the precision: under bf16 on an AMX Xeon, oneDNN's NCHW convs are
+slow and channels_last ones fast (docs/benchmarks.md), elsewhere the two are close.
+
+:func:`tune_head_layouts` gives each such module a small hook that, at the module's first call
+of each :func:`~reparam_mm.layers.large_kernel.layout_signature` (module, precision, size
+bucket, eval / train), times both layouts with the large-kernel tuner (same cache, same
+contention rule) and converts the module's 4-D weights to the faster one. A module that runs
+channels_last hands its outputs back in its input's layout (mmcv's RoIAlign reads NCHW), except
+mmseg's decode head, whose ``forward`` is called directly and whose logits may come back
+channels_last (same values). Nothing is timed in fixed mode (``REPARAM_MM_LARGE_DW=fixed``),
+while exporting or compiling, in distributed runs (every rank must run the same forwards), on
+devices other than CPU and CUDA, or under gradients (evaluation only): there the weights keep
+the layout they have.
+"""
+import torch
+from torch import nn
+
+from .layers import large_kernel
+
+__all__ = ['tune_head_layouts', 'head_modules', 'module_layout', 'set_module_layout']
+
+_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+def module_layout(module) -> str:
+    """'channels_last' if the first 4-D parameter of ``module`` whose layouts differ (more than
+    one input channel and one kernel element; a 1x1 or depthwise kernel is both) is
+    channels_last, else 'nchw'."""
+    for p in module.parameters():
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+            return 'channels_last' if _is_channels_last(p) else 'nchw'
+    return 'nchw'
+
+
+def set_module_layout(module, layout):
+    """Convert the 4-D parameters and buffers of ``module`` to ``layout`` in place (the same
+    ``Parameter`` objects, so an optimizer's references stay valid)."""
+    module.to(memory_format=_FORMATS[layout])
+
+
+def _tensors(out):
+    """The tensors in a (nested) tuple / list / dict output, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _in_layout(out, channels_last):
+    """``out`` with its 4-D tensors in the layout given (same nesting)."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() != 4:
+            return out
+        return out.contiguous(memory_format=torch.channels_last if channels_last
+                              else torch.contiguous_format)
+    if isinstance(out, tuple) and hasattr(out, '_fields'):  # a namedtuple
+        return type(out)(*(_in_layout(o, channels_last) for o in out))
+    if isinstance(out, (list, tuple)):
+        return type(out)(_in_layout(o, channels_last) for o in out)
+    return out
+
+
+def _is_channels_last(t):
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _LayoutChoice:
+    """Times and sets the layout of one module (a hook's callable; a deep copy of the model
+    copies it with the model, pointing at the copy's module)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.busy = False  # within the timing runs, which call the module themselves
+
+    def applies(self, x):
+        module = self.module
+        return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type in ('cpu', 'cuda')
+                and not self.busy and not module.training and not torch.is_grad_enabled()
+                and large_kernel.active_dispatch_mode() == 'tuned'
+                and not large_kernel._exporting() and not large_kernel._distributed())
+
+    def choose(self, x, run):
+        """Time ``run()`` (the module on its real inputs) in both layouts for ``x``'s signature
+        and leave the module in the faster one."""
+        module = self.module
+
+        def forward(_, channels_last):
+            set_module_layout(module, 'channels_last' if channels_last else 'nchw')
+            return tuple(_tensors(run()))
+
+        self.busy = True
+        try:
+            choice = large_kernel.TUNER.choose_layout(module, x, forward, subject='memory layout',
+                                                      fixed=module_layout(module))
+            large_kernel.TUNER.take_output(module, x, choice == 'channels_last')  # not reused
+        finally:
+            self.busy = False
+        if module_layout(module) != choice:
+            set_module_layout(module, choice)
+
+
+class _ChooseBeforeCall(_LayoutChoice):
+    """Forward pre-hook of a module called as ``module(*args)``; with :class:`_ReturnInInputLayout`."""
+
+    def __call__(self, module, args):
+        x = next(iter(_tensors(args)), None)
+        if self.applies(x):
+            self.choose(x, lambda: module(*args))
+
+
+class _ReturnInInputLayout:
+    """Forward hook: a module computing channels_last returns its outputs in the input's layout."""
+
+    def __call__(self, module, args, out):
+        x = next(iter(_tensors(args)), None)
+        if x is None or x.dim() != 4 or _is_channels_last(x) or module_layout(module) == 'nchw':
+            return None
+        return _in_layout(out, False)
+
+
+class _ChooseForDecodeHead(_LayoutChoice):
+    """Forward hook of the module feeding an mmseg decode head (its neck, else its backbone):
+    mmseg calls ``decode_head.forward(features)`` directly, so the head's own hooks never run."""
+
+    def __call__(self, producer, args, features):
+        feats = _tensors(features)
+        if feats and self.applies(feats[0]):
+            self.choose(feats[0], lambda: self.module.forward(features))
+
+
+def _has_4d_weights(module):
+    return any(p.dim() == 4 for p in module.parameters())
+
+
+def head_modules(model):
+    """``(name, module, how)`` for each module after the backbone whose layout can be tuned:
+    ``how`` is 'decode_head' (mmseg's, timed on the features handed to it) or 'call' (a neck,
+    a dense head, each of a RoI head's bbox / mask heads). Modules without 4-D weights (the
+    RoI heads' fully connected layers) are left out."""
+    found = []
+
+    def add(name, module, how='call'):
+        if isinstance(module, nn.ModuleList):
+            for i, m in enumerate(module):
+                add(f'{name}.{i}', m, how)
+        elif isinstance(module, nn.Module) and _has_4d_weights(module):
+            found.append((name, module, how))
+
+    decode_head = getattr(model, 'decode_head', None)
+    if isinstance(decode_head, nn.Module) and not isinstance(decode_head, nn.ModuleList) \
+            and getattr(model, 'backbone', None) is not None:
+        add('decode_head', decode_head, 'decode_head')
+    if getattr(model, 'neck', None) is not None:
+        add('neck', model.neck)
+    for name in ('rpn_head', 'bbox_head'):
+        if getattr(model, name, None) is not None:
+            add(name, getattr(model, name))
+    roi_head = getattr(model, 'roi_head', None)
+    if roi_head is not None:
+        for name in ('bbox_head', 'mask_head'):
+            if getattr(roi_head, name, None) is not None:
+                add(f'roi_head.{name}', getattr(roi_head, name))
+    return found
+
+
+def tune_head_layouts(model):
+    """Give each of :func:`head_modules` the hooks that time and set its layout (module
+    docstring); returns the names hooked. Calling it again on the same model adds nothing."""
+    hooked = []
+    # the modules called as module(...) first: their output hooks run before the decode head's
+    for name, module, how in sorted(head_modules(model), key=lambda m: m[2] == 'decode_head'):
+        if how == 'decode_head':
+            producer = model.neck if getattr(model, 'neck', None) is not None else model.backbone
+            if any(isinstance(h, _ChooseForDecodeHead) and h.module is module
+                   for h in producer._forward_hooks.values()):
+                continue
+            producer.register_forward_hook(_ChooseForDecodeHead(module))
+        else:
+            if any(isinstance(h, _ChooseBeforeCall) for h in module._forward_pre_hooks.values()):
+                continue
+            module.register_forward_pre_hook(_ChooseBeforeCall(module))
+            module.register_forward_hook(_ReturnInInputLayout())
+        hooked.append(name)
+    return hooked
