@@ -76,14 +76,17 @@ class _LayoutChoice:
     """Times and sets the layout of one module (a hook's callable; a deep copy of the model
     copies it with the model, pointing at the copy's module)."""
 
+    #: True while any module's layouts are timed: its runs call the module, and through it the
+    #: hooks of the modules it feeds, which must not start timings of their own inside
+    timing = False
+
     def __init__(self, module):
         self.module = module
-        self.busy = False  # within the timing runs, which call the module themselves
 
     def applies(self, x):
         module = self.module
         return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type in ('cpu', 'cuda')
-                and not self.busy and not module.training and not torch.is_grad_enabled()
+                and not _LayoutChoice.timing and not module.training and not torch.is_grad_enabled()
                 and large_kernel.active_dispatch_mode() == 'tuned'
                 and not large_kernel._exporting() and not large_kernel._distributed())
 
@@ -96,13 +99,13 @@ class _LayoutChoice:
             set_module_layout(module, 'channels_last' if channels_last else 'nchw')
             return tuple(_tensors(run()))
 
-        self.busy = True
+        _LayoutChoice.timing = True
         try:
             choice = large_kernel.TUNER.choose_layout(module, x, forward, subject='memory layout',
                                                       fixed=module_layout(module))
             large_kernel.TUNER.take_output(module, x, choice == 'channels_last')  # not reused
         finally:
-            self.busy = False
+            _LayoutChoice.timing = False
         if module_layout(module) != choice:
             set_module_layout(module, choice)
 

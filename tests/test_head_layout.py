@@ -19,8 +19,9 @@ SEG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.
 DET = ROOT / 'configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py'
 
 
-def _fused(config, size, batch=1):
+def _fused(config, size, batch=1, options=None):
     cfg = load_config(str(config))
+    cfg.merge_from_dict(options or {})
     init_scope(cfg)
     torch.manual_seed(0)
     model = fuse(build_model(cfg).eval())
@@ -77,6 +78,20 @@ def test_where_nchw_is_faster_the_weights_stay_nchw(tuner):
     _predict(model, data)
     assert _layouts(model) == {'decode_head': 'nchw'}
     assert list(_head_choices(tuner).values()) == ['nchw']
+
+
+def test_a_segmentor_s_neck_is_timed_before_its_decode_head_not_around_it(tuner):
+    """The decode head's hook sits on the neck; the neck's timing runs must not start the head's."""
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    neck = dict(type='MultiLevelNeck', in_channels=[16, 32, 64, 128], out_channels=32,
+                scales=[1, 1, 1, 1])
+    model, data = _fused(SEG, 64, options={'model.neck': neck,
+                                           'model.decode_head.in_channels': [32] * 4})
+    assert sorted(tune_head_layouts(model)) == ['decode_head', 'neck']
+    _predict(model, data)
+    assert [sig.split(':')[0] for sig in _head_choices(tuner)] == ['layout|MultiLevelNeck',
+                                                                   'layout|UPerHead']
+    assert _layouts(model) == {'decode_head': 'channels_last', 'neck': 'channels_last'}
 
 
 def test_a_copy_of_a_tuned_model_tunes_its_own_head(tuner):
