@@ -84,9 +84,31 @@ def load_from_local(filename, map_location=None):
         return torch.load(filename, map_location=map_location)
     except Exception as error:  # noqa: BLE001 - re-raised unless the file itself is broken
         reason = unreadable_reason(filename, error)
+        if reason is None and _history_buffer_with_methods(filename, error):
+            raise CheckpointReadError(
+                f"checkpoint {filename} holds mmengine's HistoryBuffer pickled with its methods "
+                "(builtins.getattr), as a script saves it that did not import reparam_mm, and "
+                "torch's safe loader refuses that; if you trust the file, re-save it once with "
+                "reparam_mm imported, whose buffers pickle as plain data: python -c \"import "
+                f"reparam_mm, torch; p = '{filename}'; torch.save(torch.load(p, weights_only=False), "
+                "p)\"") from None
         if reason is None:
             raise
     raise _read_error(filename, reason)
+
+
+def _history_buffer_with_methods(filename, error):
+    """Whether the safe loader refused ``filename`` for the ``getattr`` global of an mmengine
+    ``HistoryBuffer`` pickled without reparam_mm's plain-data state (``compat.py``)."""
+    if 'GLOBAL getattr' not in str(error):
+        return False
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            pickled = next((archive.read(n) for n in archive.namelist() if n.endswith('/data.pkl')),
+                           b'')
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return b'HistoryBuffer' in pickled
 
 
 def _read_error(filename, reason):

@@ -111,3 +111,35 @@ def test_history_buffer_roundtrip_keeps_statistics(tmp_path):
     assert loaded['buf'].mean() == pytest.approx(3.0)
     assert loaded['buf'].max() == 6.0 and loaded['buf'].statistics('min') == 1.0
     assert loaded['scalar'] == 3.5 and loaded['arr'].tolist() == [0, 1, 2]
+
+
+def test_a_checkpoint_saved_without_reparam_mm_is_one_sentence_with_the_re_save(tmp_path, monkeypatch):
+    """A script that strips a checkpoint without importing reparam_mm pickles HistoryBuffer with
+    its methods (builtins.getattr), which the safe loader refuses whatever the tool."""
+    import subprocess
+    import sys
+    from mmengine.logging import HistoryBuffer
+    from reparam_mm.checkpoint import CheckpointReadError, load_from_local
+    buf = HistoryBuffer()
+    buf.update(2.0)
+    path = tmp_path / 'stripped.pth'
+    with monkeypatch.context() as m:  # mmengine's own __getstate__, as without `import reparam_mm`
+        m.setattr(HistoryBuffer, '__getstate__',
+                  lambda self: dict(self.__dict__, statistics_methods=self._statistics_methods))
+        torch.save({'state_dict': {'w': torch.ones(2)}, 'message_hub': {'buf': buf}}, path)
+    with pytest.raises(CheckpointReadError) as info:
+        load_from_local(str(path))
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} holds mmengine's HistoryBuffer pickled with its "
+                              'methods (builtins.getattr), as a script saves it that did not import '
+                              'reparam_mm')
+    # the advice, run as written, makes the file load
+    command = message.split('python -c ', 1)[1]
+    assert command[0] == command[-1] == '"'
+    subprocess.run([sys.executable, '-c', command[1:-1]], check=True, timeout=120)
+    assert load_from_local(str(path))['message_hub']['buf'].current() == 2.0
+    # any other refused global stays torch's own error
+    other = tmp_path / 'evil.pth'
+    torch.save({'payload': _Evil()}, other)
+    with pytest.raises(pickle.UnpicklingError):
+        load_from_local(str(other))
