@@ -37,8 +37,8 @@ from .fuse import fuse_with_report
 from .outputs import compare_outputs, reference_outputs, tensor_outputs
 from .scope import ConfigError, fit_persistent_workers, init_scope, load_config, merge_cfg_options
 
-__all__ = ['CheckpointMismatchError', 'load_checkpoint_strict', 'check_state_dict', 'run_test',
-           'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
+__all__ = ['CheckpointMismatchError', 'DeployCheckError', 'load_checkpoint_strict', 'check_state_dict',
+           'run_test', 'build_test_runner', 'build_test_cfg', 'deploy_config', 'export_deploy', 'build_model']
 
 _RUN_IDS = itertools.count()
 
@@ -276,6 +276,34 @@ def image_size(text):
     return value
 
 
+class DeployCheckError(RuntimeError):
+    """The deploy model tools/fuse.py built does not reproduce the unfused one; nothing was
+    written (the message names the fused layers' methods to check)."""
+
+
+def tolerance_value(text):
+    """argparse type of ``--tolerance``: a relative difference, 0 or more (0: exact)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a tolerance; give a relative difference '
+                                         '0 or more, e.g. --tolerance 1e-4')
+    return value
+
+
+def count_value(text):
+    """argparse type of a count such as ``--num-proposals``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a count; give a positive integer')
+    return value
+
+
 # -- tools/fuse.py -------------------------------------------------------------------------------
 def _registered(type_name, scope):
     if not isinstance(type_name, str):
@@ -391,6 +419,9 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4,
     within ``tolerance`` relative difference, or nothing is written.
     ``cfg_options`` (``--cfg-options``) change the config first; the deploy config keeps them.
     """
+    if osp.exists(out_dir) and not osp.isdir(out_dir):
+        raise FileExistsError(f'{out_dir} is a file; give tools/fuse.py a folder to write the '
+                              f'deploy checkpoint and config into (e.g. {out_dir}_deploy/).')
     cfg = merge_cfg_options(copy.deepcopy(load_config(config)), cfg_options)
     apply_dispatch_setting(cfg)
     stem = osp.splitext(osp.basename(cfg.filename or 'config'))[0]
@@ -414,7 +445,7 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4,
     deploy.load_state_dict(state, strict=True)
     check = compare_outputs(reference, tensor_outputs(deploy, batch, proposals))
     if not check['same_structure'] or check['max_rel'] > tolerance:
-        raise RuntimeError(
+        raise DeployCheckError(
             f"the deploy model does not reproduce the unfused one (max abs diff {check['max_abs']:.3e}, "
             f"max rel diff {check['max_rel']:.3e} > {tolerance:.0e}); nothing written -- check the "
             'fuse method (to_fused, switch_to_deploy, reparameterize, fuse) of the fused layers '

@@ -9,7 +9,8 @@ import re
 import sys
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError
-from .export import NotExportableError
+from .apis import DeployCheckError
+from .export import NotExportableError, OnnxCheckError
 from .inference import FusedCheckError
 from .scope import ConfigError, ConfigImportError
 from .train import NotAvailableHereError
@@ -17,11 +18,11 @@ from .train import NotAvailableHereError
 __all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool']
 
 #: errors that name a file, checkpoint, config setting or flag the user gave (or hardware it
-#: needs), and the fix; and a fused model that failed its check (tools/infer.py), which names
-#: the fix too
-INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, CheckpointMismatchError,
+#: needs), and the fix; and a model that failed its check (the fused one in tools/infer.py, the
+#: deploy one in tools/fuse.py, the ONNX file in tools/export_onnx.py), which name the fix too
+INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, FileExistsError, CheckpointMismatchError,
                 CheckpointReadError, ConfigError, ConfigImportError, NotAvailableHereError,
-                FusedCheckError, NotExportableError)
+                FusedCheckError, NotExportableError, DeployCheckError, OnnxCheckError)
 TRACEBACK_ENV = 'REPARAM_MM_TRACEBACK'
 
 # what mmengine's registry says for a config ``type`` it does not know

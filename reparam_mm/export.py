@@ -45,12 +45,25 @@ from .fuse import fuse_with_report
 from .outputs import compare_outputs
 from .scope import ConfigError, load_config, merge_cfg_options
 
-__all__ = ['OPSET', 'TOLERANCE', 'NotExportableError', 'OnnxCheckError', 'load_fused', 'SegmentorGraph', 'DetectorGraph',
-           'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
+__all__ = ['OPSET', 'OPSETS', 'TOLERANCE', 'NotExportableError', 'OnnxCheckError', 'load_fused',
+           'SegmentorGraph', 'DetectorGraph', 'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
            'onnx_graph_summary', 'ort_session', 'run_ort']
 
 #: default ONNX opset: RoiAlign's half_pixel mode needs 16, LayerNorm 17
 OPSET = 17
+
+
+def _torchscript_max_opset():
+    try:
+        from torch.onnx import _constants
+        return int(getattr(_constants, 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', 17))
+    except (ImportError, ValueError, TypeError):  # pragma: no cover - another torch layout
+        return 17
+
+
+#: the opsets the exporter is offered: from 11 (bilinear Resize as the heads use it) to the
+#: TorchScript exporter's newest
+OPSETS = tuple(range(11, _torchscript_max_opset() + 1))
 #: relative difference (per output, to its largest magnitude) accepted between ORT and PyTorch
 TOLERANCE = 1e-4
 
@@ -479,6 +492,17 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
             if graph.two_stage:
                 axes['proposals'] = {0: 'num_proposals'}
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+    try:
+        return _export_and_check(graph, model, inputs, out, opset, names_in, names_out, axes,
+                                 dynamic, divisor, tolerance, seed, log, cfg, report, shape)
+    except BaseException:
+        if osp.exists(out):  # a file that failed its check, or half written: never left to deploy
+            os.remove(out)
+        raise
+
+
+def _export_and_check(graph, model, inputs, out, opset, names_in, names_out, axes, dynamic,
+                      divisor, tolerance, seed, log, cfg, report, shape):
     t0 = time.perf_counter()
     with warnings.catch_warnings(), export_rewrites(model), torch.no_grad():
         warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based ONNX')
@@ -504,8 +528,7 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
     for c in checks:
         log(_check_line(c))
     failed = [c for c in checks if not c['ok']]
-    if failed:
-        os.remove(out)
+    if failed:  # (export_onnx removes the file)
         c = failed[0]
         w = c['worst'] or {}
         raise OnnxCheckError(

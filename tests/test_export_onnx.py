@@ -3,6 +3,8 @@
 Tiny UperNet (RepLKNet-tiny: kernels 31/29/27/13, DO-Conv) and Faster R-CNN (DO-Conv)
 at 64x64; each export takes a few seconds.
 """
+import os.path as osp
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -110,7 +112,7 @@ def test_detector_export_dense_and_roi_outputs(tmp_path, capsys):
         assert r.shape == g.shape and _rel(r, g) < 1e-4
 
 
-def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path):
+def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path, capsys):
     from reparam_mm.export import NotExportableError, OnnxCheckError
     tool = load_tool('export_onnx')
     coco = make_coco(tmp_path / 'coco', n=1)
@@ -120,9 +122,28 @@ def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path)
     with pytest.raises(ValueError, match='needs opset 16'):
         tool.main([cfg, ckpt, str(tmp_path / 'a.onnx'), '--shape', '64', '64', '--opset', '13'])
     out = tmp_path / 'b.onnx'
-    with pytest.raises(OnnxCheckError, match=r"output .* differs from PyTorch's .* > 0e\+00"):
+    with pytest.raises(OnnxCheckError, match=r"output .* differs from PyTorch's .* > 0e\+00") as err:
         tool.main([cfg, ckpt, str(out), '--shape', '64', '64', '--tolerance', '0'])
     assert not out.exists()  # nothing left to deploy by mistake
+    from reparam_mm.cli import input_error_message  # printed as one line, no traceback
+    assert input_error_message(err.value) == str(err.value)
+    # a failure of any kind after the export began leaves no file either (here: onnxruntime)
+    import reparam_mm.export as export
+
+    def no_session(path):
+        assert osp.isfile(path)
+        raise RuntimeError('onnxruntime could not load it')
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match='could not load'):
+        mp.setattr(export, 'ort_session', no_session)
+        tool.main([cfg, ckpt, str(out), '--shape', '64', '64'])
+    assert not out.exists()
+    # arguments no export can use are refused by the parser, before anything is built
+    for flag, value, said in [('--num-proposals', '0', "'0' is not a count"),
+                              ('--tolerance', '-1', "'-1' is not a tolerance"),
+                              ('--opset', '7', 'invalid choice: 7')]:
+        with pytest.raises(SystemExit):
+            tool.parse_args([cfg, ckpt, str(out), flag, value])
+        assert said in capsys.readouterr().err
     (tmp_path / 'cascade').mkdir()
     cfg, ckpt = write_case(tmp_path / 'cascade', det_config(coco, detector='cascade'))
     with pytest.raises(NotExportableError, match='CascadeRoIHead has 3 stages.*single-stage RoI') as err:

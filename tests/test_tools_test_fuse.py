@@ -299,10 +299,18 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
 
 
 def test_fuse_tool_writes_nothing_when_the_deploy_model_differs(tmp_path):
+    from reparam_mm.cli import input_error_message
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
-    with pytest.raises(RuntimeError, match='does not reproduce the unfused one .*nothing written'):
-        load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64', '--tolerance', '0'])
+    with pytest.raises(RuntimeError, match='does not reproduce the unfused one .*nothing written') as err:
+        load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64',
+                                '--tolerance', '0'])
     assert not (tmp_path / 'deploy').exists()
+    assert input_error_message(err.value) == str(err.value)  # printed as one line, no traceback
+    # an OUT_DIR that is a file: said before anything is built
+    (tmp_path / 'afile').write_text('')
+    with pytest.raises(FileExistsError, match=r'afile is a file; give tools/fuse.py a folder') as err:
+        load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'afile')])
+    assert input_error_message(err.value) == str(err.value)
 
 
 def test_deploy_config_rewrites_only_reparameterisable_parts():

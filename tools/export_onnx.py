@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
 from benchmarks.onnx_latency import latency_line, measure_latency  # noqa: E402
-from reparam_mm.apis import image_size  # noqa: E402
+from reparam_mm.apis import count_value, image_size, tolerance_value  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
-from reparam_mm.export import OPSET, TOLERANCE, export_onnx  # noqa: E402
+from reparam_mm.export import OPSET, OPSETS, TOLERANCE, export_onnx  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction  # noqa: E402
 
 
@@ -38,11 +38,12 @@ def parse_args(argv=None):
     parser.add_argument('--dynamic', action='store_true',
                         help='batch (segmentors), height, width and proposal count dynamic; '
                              'checked at a second size too')
-    parser.add_argument('--opset', type=int, default=OPSET, help='ONNX opset version')
+    parser.add_argument('--opset', type=int, default=OPSET, choices=OPSETS, metavar='N',
+                        help=f'ONNX opset version, {OPSETS[0]}-{OPSETS[-1]} (default {OPSET})')
     parser.add_argument('--argmax', action='store_true', help='segmentors: also output the labels')
-    parser.add_argument('--num-proposals', type=int, default=100,
+    parser.add_argument('--num-proposals', type=count_value, default=100,
                         help='two-stage detectors: proposals in the check input')
-    parser.add_argument('--tolerance', type=float, default=TOLERANCE,
+    parser.add_argument('--tolerance', type=tolerance_value, default=TOLERANCE,
                         help='max relative difference onnxruntime vs PyTorch, per output')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override config settings, key=value pairs as in mmengine')

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.apis import export_deploy, image_size  # noqa: E402
+from reparam_mm.apis import export_deploy, image_size, tolerance_value  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction  # noqa: E402
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument('out_dir', help='directory for <config>_deploy.pth and <config>_deploy.py')
     parser.add_argument('--shape', type=image_size, nargs=2, default=[256, 256], metavar=('H', 'W'),
                         help='size of the random input used to verify the deploy model')
-    parser.add_argument('--tolerance', type=float, default=1e-4,
+    parser.add_argument('--tolerance', type=tolerance_value, default=1e-4,
                         help='max relative output difference accepted')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of the config (KEY=VALUE ...), as tools/test.py; '

@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
+from reparam_mm.apis import tolerance_value  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.inference import TOLERANCE, fused_inferencer, image_files, predict_images  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction  # noqa: E402
@@ -28,13 +29,6 @@ def _fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f'{text} is not between 0 and 1')
-    return value
-
-
-def _non_negative(text):
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is negative')
     return value
 
 
@@ -51,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument('--no-check', action='store_true',
                         help='skip the fused vs unfused comparison on the first batch (it holds a '
                         'second copy of the model until then)')
-    parser.add_argument('--tolerance', type=_non_negative, default=TOLERANCE,
+    parser.add_argument('--tolerance', type=tolerance_value, default=TOLERANCE,
                         help='max relative difference of that comparison (default: %(default)s)')
     parser.add_argument('--batch-size', type=int, default=1,
                         help='images per forward; segmentation: all of one size; detection: a '
