@@ -234,10 +234,60 @@ def _task_of(keys):
     return None
 
 
-def _mismatch_hint(meta, missing, unexpected, shapes):
+def _other_part(missing, unexpected):
+    """The top-level part (``backbone``, ``neck``, ...) that is another network in the
+    checkpoint, or None: a key the model misses there (beyond what DO-Conv explains) whose
+    block holds none of the checkpoint's unexpected keys (``backbone.layer1.0`` against
+    ``backbone.stages...``). A fused and an unfused form of one network differ inside the same
+    blocks (``...lk.lkb_reparam`` against ``...lk.lkb_origin``), so they are never one."""
+    doconv = set(_doconv_in_checkpoint_only(missing, unexpected))
+    explained = {f'{layer}.{name}' for layer in doconv for name in ('weight', 'W', 'D')}
+    extra = [k for k in unexpected if k not in explained]
+    for k in missing:
+        fields = k.split('.')
+        if k in explained or len(fields) < 3:
+            continue
+        block = '.'.join(fields[:-2]) + '.'  # the module around the layer holding the key
+        if not any(u.startswith(block) for u in extra) and any(u.startswith(fields[0] + '.')
+                                                                for u in extra):
+            return fields[0]
+    return None
+
+
+def _configured_type(meta, part):
+    """``model.<part>.type`` in the config a training checkpoint records (mmengine keeps its
+    text in ``meta['cfg']``), or None."""
+    text = (meta or {}).get('cfg')
+    if not isinstance(text, str):
+        return None
+    match = re.search(rf'\b{part}=dict\(', text)
+    if match is None:
+        return None
+    depth, start = 1, match.end()
+    for i in range(start, len(text)):  # the dict's own text, without nested dicts
+        depth += {'(': 1, ')': -1}.get(text[i], 0)
+        if depth == 0:
+            own = re.sub(r'dict\([^()]*\)', '', text[start:i])
+            found = re.search(r"\btype\s*=\s*'([\w.:]+)'", own)
+            return found.group(1) if found else None
+    return None
+
+
+def _mismatch_hint(meta, missing, unexpected, shapes, model=None):
     """Why a whole-model checkpoint does not match its config, and which config it needs."""
     info = (meta or {}).get('reparam_mm', {})
-    if info.get('deploy'):
+    tasks = _task_of(missing), _task_of(unexpected)
+    other_task = all(tasks) and tasks[0] != tasks[1]
+    part = None if info.get('deploy') or other_task else _other_part(missing, unexpected)
+    if part is not None:
+        ours = getattr(_target(model), part, None) if model is not None else None
+        theirs = _configured_type(meta, part)
+        names = ', '.join(n for n in (f'{theirs} in the config it records' if theirs else '',
+                                       f'{type(ours).__name__} here' if ours is not None else '')
+                          if n)
+        hint = (f"its {part} is another network than the config's"
+                + (f' ({names})' if names else '') + ': use the config it was trained with')
+    elif info.get('deploy'):
         hint = (f"it is a deploy (fused) checkpoint written by tools/fuse.py: use the deploy config "
                 f"written beside it ({info.get('deploy_config', '*_deploy.py')})")
     elif shapes and not (missing or unexpected):  # fused and unfused forms differ in keys
@@ -249,9 +299,9 @@ def _mismatch_hint(meta, missing, unexpected, shapes):
                 'checkpoint needs its training config, not the deploy config tools/fuse.py wrote; '
                 'to start a plain model from it, switch DO-Conv on for those layers, or start from '
                 'its deploy checkpoint (tools/fuse.py), whose DO-Conv layers are plain convs')
-    elif _task_of(missing) and _task_of(unexpected) and _task_of(missing) != _task_of(unexpected):
-        hint = (f'it is a {_task_of(unexpected)} checkpoint and the config builds a '
-                f'{_task_of(missing)}: use the config it was trained with')
+    elif other_task:
+        hint = (f'it is a {tasks[1]} checkpoint and the config builds a {tasks[0]}: use the config '
+                'it was trained with')
     else:
         hint = ('a training (unfused) checkpoint needs the training config and a deploy checkpoint '
                 'the deploy config written by tools/fuse.py; a checkpoint of another model needs '
@@ -264,7 +314,7 @@ def check_state_dict(model, state_dict, source='checkpoint', meta=None):
     expected = {k: v.shape for k, v in _target(model).state_dict().items()}
     missing, unexpected, shapes = compare_keys(expected, state_dict)
     error = mismatch_error(f'{source} does not match the model built from the config', missing,
-                           unexpected, shapes, _mismatch_hint(meta, missing, unexpected, shapes))
+                           unexpected, shapes, _mismatch_hint(meta, missing, unexpected, shapes, model))
     if error is not None:
         raise error
 
@@ -322,7 +372,7 @@ def check_training_load(model, checkpoint, filename, resume=False, partial=False
                'num_classes), add --cfg-options load_from_partial=True')
         error = mismatch_error(f'{what} does not match the model built from the config', missing,
                                unexpected, shapes,
-                               f'{_mismatch_hint(meta, missing, unexpected, shapes)}; {fix}')
+                               f'{_mismatch_hint(meta, missing, unexpected, shapes, model)}; {fix}')
         if error is not None:
             raise error
     if said:

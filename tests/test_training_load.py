@@ -52,6 +52,25 @@ def test_another_models_checkpoint_is_refused_naming_the_opt_in(plain, replknet)
         check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth')
     # opted in: accepted (what it loads is logged)
     check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth', partial=True)
+    # the hint names the part that is another network, and its class where the checkpoint
+    # records its config (mmengine keeps the text in meta['cfg']; the init_cfg's type is not it)
+    with pytest.raises(CheckpointMismatchError, match=r"-- its backbone is another network than the "
+                       r"config's \(ResNetV1c here\): use the config it was trained with"):
+        check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth')
+    text = ("model = dict(\n    backbone=dict(\n        arch='tiny',\n        init_cfg=dict(\n"
+            "            checkpoint='w.pth', type='Pretrained'),\n        type='RepLKNet'),\n"
+            "    type='EncoderDecoder')\n")
+    with pytest.raises(CheckpointMismatchError, match=r"another network than the config's \(RepLKNet "
+                       r'in the config it records, ResNetV1c here\)'):
+        check_training_load(plain, {'state_dict': replknet.state_dict(), 'meta': {'cfg': text}}, 'x.pth')
+    # the fused form of the same network is not another network: the training/deploy hint stays
+    import copy
+    from reparam_mm.fuse import fuse
+    fused = fuse(copy.deepcopy(replknet).eval())
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_training_load(fused, {'state_dict': replknet.state_dict()}, 'x.pth')
+    assert 'another network' not in str(err.value)
+    assert 'a training checkpoint needs its training config, not the deploy config' in str(err.value)
     # a resume is never partial, and says what it needs
     with pytest.raises(CheckpointMismatchError, match='resume needs a checkpoint written by training'):
         check_training_load(plain, {'state_dict': replknet.state_dict()}, 'x.pth', resume=True,
