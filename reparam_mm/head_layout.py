@@ -39,8 +39,14 @@ def module_layout(module) -> str:
 
 def set_module_layout(module, layout):
     """Convert the 4-D parameters and buffers of ``module`` to ``layout`` in place (the same
-    ``Parameter`` objects, so an optimizer's references stay valid)."""
+    ``Parameter`` objects, so an optimizer's references stay valid).
+
+    Autocast's cache of cast weights is emptied after a change: it is keyed by the parameter,
+    so within the same autocast region it would go on handing out the former layout."""
+    if module_layout(module) == layout:
+        return
     module.to(memory_format=_FORMATS[layout])
+    torch.clear_autocast_cache()
 
 
 def _tensors(out):
@@ -106,8 +112,7 @@ class _LayoutChoice:
             large_kernel.TUNER.take_output(module, x, choice == 'channels_last')  # not reused
         finally:
             _LayoutChoice.timing = False
-        if module_layout(module) != choice:
-            set_module_layout(module, choice)
+        set_module_layout(module, choice)
 
 
 class _ChooseBeforeCall(_LayoutChoice):

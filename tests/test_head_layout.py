@@ -136,3 +136,17 @@ def test_nothing_is_timed_in_training_with_gradients_or_in_fixed_mode(tuner):
         _predict(model, data)
     assert _layouts(model) == {'decode_head': 'nchw'}
     assert not _head_choices(tuner)  # (the backbone's layout was timed in training)
+
+
+def test_a_layout_change_inside_an_autocast_region_is_not_undone_by_its_cache():
+    """Autocast caches a parameter's cast per parameter: within one region a conv would go on
+    computing with the former layout's copy (the tuner times both layouts in one region)."""
+    from reparam_mm.head_layout import set_module_layout
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert conv(x).is_contiguous()  # and its bf16 weight cached
+        set_module_layout(conv, 'channels_last')
+        out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert module_layout(conv) == 'channels_last'
