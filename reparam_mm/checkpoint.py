@@ -13,6 +13,7 @@
   ``--resume``) before mmengine's runner loads it non-strictly; ``load_from_partial = True``
   in the config opts into a partial ``load_from`` (fine-tuning with a new head, say).
 """
+import copy
 import logging
 import os
 import os.path as osp
@@ -150,6 +151,56 @@ def _latest_in(folder):
                        key=lambda p: osp.getmtime(osp.join(folder, p)))
         latest = osp.join(folder, found[-1]) if found else None
     return f', such as the latest, {latest}' if latest else ''
+
+
+def check_not_the_fused_form(module, state_dict):
+    """Raise :class:`CheckpointMismatchError` when ``state_dict`` is exactly the fused (deploy)
+    form of ``module`` while ``module`` was built unfused (from its training config).
+
+    mmengine loads with ``strict=False`` wherever upstream code loads a whole model
+    (``mmseg.apis.init_model``, ``MMSegInferencer``, ``mmdet.apis.init_detector``, ...), and
+    such a load fills the layers both forms share and leaves every re-parameterised branch at
+    its initialisation: a model that predicts, wrongly, with one warning among the logs. Checked
+    only when the keys differ, by fusing a copy of the model (the error path pays for it)."""
+    target = _target(module)
+    keys = set(state_dict)
+    own = set(target.state_dict())
+    if keys == own or not (keys - own):
+        return
+    from .fuse import fuse
+    try:
+        fused = fuse(copy.deepcopy(target).eval())
+    except Exception:  # noqa: BLE001 - a model this walker cannot fuse: mmengine's load decides
+        return
+    if fused is target or set(fused.state_dict()) != keys:
+        return
+    loadable, allowed = loadable_state_keys(target, state_dict)  # DO-Conv takes weight as W
+    stray = sorted(own - set(loadable) - allowed)
+    if not stray:  # every layer starts as the fused one computes (W = weight, D = 0)
+        return
+    raise CheckpointMismatchError(
+        f'the checkpoint is the deploy (fused) form of this model, which was built unfused (from '
+        f'its training config): loading it would leave {len(stray)} tensors of the '
+        f're-parameterised layers at their initialisation ({_few(stray, 2)}); build the model '
+        'from the deploy config tools/fuse.py wrote beside the checkpoint (*_deploy.py), or '
+        'load the training checkpoint it came from.')
+
+
+def patch_mmengine_loads():
+    """Make mmengine's non-strict ``load_state_dict`` (every whole-model load upstream makes)
+    refuse a deploy checkpoint in an unfused model (:func:`check_not_the_fused_form`);
+    idempotent."""
+    import mmengine.runner.checkpoint as mmengine_checkpoint
+    original = mmengine_checkpoint.load_state_dict
+    if getattr(original, '_reparam_mm', False):
+        return
+
+    def load_state_dict(module, state_dict, strict=False, logger=None):
+        check_not_the_fused_form(module, state_dict)
+        return original(module, state_dict, strict, logger)
+    load_state_dict._reparam_mm = True
+    load_state_dict.__doc__ = original.__doc__
+    mmengine_checkpoint.load_state_dict = load_state_dict
 
 
 def register_local_loader():

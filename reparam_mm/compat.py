@@ -59,12 +59,13 @@ def patch_checkpoint_loading():
         return
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    from .checkpoint import register_local_loader
+    from .checkpoint import patch_mmengine_loads, register_local_loader
 
     HistoryBuffer.__getstate__ = _plain_history_buffer_state
     if hasattr(torch.serialization, 'add_safe_globals'):  # torch >= 2.4
         torch.serialization.add_safe_globals([HistoryBuffer, *numpy_safe_globals()])
     register_local_loader()
+    patch_mmengine_loads()
     _PATCHED = True
 
 

@@ -153,3 +153,34 @@ def test_tools_train_ends_with_one_line_and_partial_opt_in_trains(tmp_path, caps
     resumed = main([cfg, '--work-dir', str(wd), '--resume', str(wd / 'iter_1.pth'),
                     '--cfg-options', 'train_cfg.max_iters=2'])
     assert resumed.iter == 2
+
+
+def test_upstream_loads_refuse_a_deploy_checkpoint_in_an_unfused_model(replknet, tmp_path):
+    """mmseg.apis.init_model, the upstream inferencers and mmdet.apis.init_detector load through
+    mmengine's non-strict load_state_dict: a deploy checkpoint in the training config left the
+    large kernels' branches at their initialisation (3,699 of 32,768 demo pixels changed)."""
+    import copy
+    from mmengine.runner.checkpoint import load_checkpoint
+    from reparam_mm.fuse import fuse
+    deploy = tmp_path / 'deploy.pth'
+    torch.save({'state_dict': fuse(copy.deepcopy(replknet).eval()).state_dict(), 'meta': {}}, deploy)
+    model = copy.deepcopy(replknet)
+    with pytest.raises(CheckpointMismatchError, match=r'^the checkpoint is the deploy \(fused\) form of '
+                       r'this model, which was built unfused .* \d+ tensors of the re-parameterised '
+                       r'layers at their initialisation \(backbone\..*lkb_origin.*\*_deploy\.py'):
+        load_checkpoint(model, str(deploy), map_location='cpu')
+    # DO-Conv alone: its fused weight starts W (D = 0), the same convolution, so it loads
+    doconv = _model(PLAIN_DEMO, DOCONV_R18).eval()
+    fused = fuse(copy.deepcopy(doconv))
+    torch.save({'state_dict': fused.state_dict()}, deploy)
+    load_checkpoint(doconv, str(deploy), map_location='cpu')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(doconv.backbone(x)[-1], fused.backbone(x)[-1], rtol=1e-4, atol=1e-5)
+    # a training checkpoint into its own model, and another model's partial load, as before
+    load_checkpoint(copy.deepcopy(replknet), _saved(replknet, tmp_path / 'train.pth'), map_location='cpu')
+
+
+def _saved(model, path):
+    torch.save({'state_dict': model.state_dict()}, path)
+    return str(path)
