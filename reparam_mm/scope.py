@@ -20,13 +20,20 @@ class ConfigError(ValueError):
 
 class CfgOptionsAction(DictAction):
     """mmengine's ``--cfg-options`` parser, with a usage error instead of a traceback for an item
-    that is not ``KEY=VALUE``."""
+    that is not ``KEY=VALUE``, or whose value mmengine's parser cannot read (``dict(...)``, on
+    which it recurses until Python stops it)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         for item in values or ():
             if '=' not in item:
                 parser.error(f"{option_string} takes KEY=VALUE items; {item!r} has no '=' "
                              f'(write {item}=VALUE).')
+            key, value = item.split('=', 1)
+            if 'dict(' in value.replace(' ', ''):
+                parser.error(f'{option_string} {item}: a dict(...) value is not read by '
+                             "mmengine's --cfg-options parser; set its fields one by one, e.g. "
+                             f'{key}.FIELD=VALUE (a list or tuple value is read: '
+                             f'{key}.FIELD=[a,b]).')
         super().__call__(parser, namespace, values, option_string)
 
 

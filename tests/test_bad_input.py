@@ -271,6 +271,14 @@ def test_a_cfg_option_without_a_value_is_argparses_one_line(capsys):
     assert err.value.code == 2
     assert ("error: --cfg-options takes KEY=VALUE items; 'model.backbone.drop_path_rate' has no "
             "'=' (write model.backbone.drop_path_rate=VALUE).") in capsys.readouterr().err
+    # a dict(...) value, on which mmengine's parser recursed until Python stopped it
+    with pytest.raises(SystemExit):
+        parse_args(['c.py', '--cfg-options', "train_dataloader.dataset.metainfo=dict(classes=('a','b'))"])
+    assert ("a dict(...) value is not read by mmengine's --cfg-options parser; set its fields one "
+            'by one, e.g. train_dataloader.dataset.metainfo.FIELD=VALUE') in capsys.readouterr().err
+    # and the form it names is read
+    args = parse_args(['c.py', '--cfg-options', "train_dataloader.dataset.metainfo.classes=[a,b]"])
+    assert args.cfg_options == {'train_dataloader.dataset.metainfo.classes': ['a', 'b']}
 
 
 def test_registry_errors_from_the_config_are_one_sentence_and_code_errors_are_not():

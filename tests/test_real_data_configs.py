@@ -147,8 +147,11 @@ def test_study_trains_a_row_and_reports_it(shared_data, tmp_path, capsys):
     data = tmp_path / 'cv'
     convert_camvid(shared_data / 'camvid', data, limit=4)
     out = tmp_path / 'study'
-    with pytest.raises(ValueError, match='warm up for 20 iterations; train more than that'):
-        study.main(['--iters', '20', '--data-root', str(data), '--out-dir', str(tmp_path)])
+    with pytest.raises(SystemExit):  # said by the parser, before any folder is made
+        study.main(['--iters', '20', '--data-root', str(data), '--out-dir', str(tmp_path / 'early')])
+    assert '--iters 20: the CamVid configs warm up for 20 iterations; train more than that' in \
+        capsys.readouterr().err
+    assert not (tmp_path / 'early').exists()
     args = ['--variants', 'r18-doconv-heads', '--seeds', '5', '--iters', '21',
             '--data-root', str(data), '--out-dir', str(out)]
     assert study.main(args) == 0
@@ -224,6 +227,13 @@ def test_coco128_printed_command_trains_the_same_config():
         det_study.row_options('x', 0, 400)
     with pytest.raises(ValueError, match='warm up for 50 iterations'):
         det_study.row_options('effl0-plain', 0, 50)
+
+
+def test_coco128_study_refuses_a_run_shorter_than_the_warm_up_before_making_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        det_study.main(['--iters', '50', '--out-dir', str(tmp_path / 'study')])
+    assert '--iters 50: the coco128 configs warm up for 50 iterations' in capsys.readouterr().err
+    assert not (tmp_path / 'study').exists()
 
 
 def test_coco128_results_table_and_paired_line():

@@ -277,6 +277,9 @@ def main(argv=None):
     parser.add_argument('--report-only', action='store_true',
                         help='print the table of the results already in --out-dir')
     args = parser.parse_args(argv)
+    if args.iters <= WARMUP_ITERS:  # before any folder is made or data converted
+        parser.error(f'--iters {args.iters}: the CamVid configs warm up for {WARMUP_ITERS} '
+                     'iterations; train more than that (the table uses 500).')
 
     out = Path(args.out_dir)
     if not args.report_only:
