@@ -279,6 +279,15 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
     """
     if osp.exists(out_dir) and not osp.isdir(out_dir):
         raise ConfigError(f'--out-dir {out_dir} is a file; name a folder (it is created).')
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    named = [p for p in images if isinstance(p, (str, os.PathLike))]
+    if len(named) != len(images):  # the outputs are named after the files
+        other = next(p for p in images if not isinstance(p, (str, os.PathLike)))
+        raise TypeError(f'predict_images takes image paths (it names its outputs after them), got a '
+                        f'{type(other).__name__}; save the image first, or call the inferencer '
+                        'itself, inferencer(images), which takes arrays.')
+    images = [os.fspath(p) for p in images]
     segmentation = inferencer.segmentation
     if segmentation and batch_size > 1:
         sizes = {}

@@ -106,6 +106,11 @@ def test_the_first_batch_check_catches_a_wrong_fuse(tmp_path):
     images = make_ade(tmp_path / 'ade', n=1) / 'images/validation'
     cfg, ckpt = _case(tmp_path, seg_config(tmp_path / 'ade'), SEG_META)
     inferencer = fused_inferencer(cfg, ckpt, device='cpu')
+    # arrays are for the inferencer's own call: refused before anything runs
+    with pytest.raises(TypeError, match=r'^predict_images takes image paths .* got a ndarray; .*'
+                       r'inferencer\(images\), which takes arrays\.$'):
+        predict_images(inferencer, [np.zeros((8, 8, 3), np.uint8)], str(tmp_path / 'arrays'))
+    assert not (tmp_path / 'arrays').exists() and inferencer.last_check is None
     with torch.no_grad():  # as a fuse method that got the arithmetic wrong would leave it
         inferencer.model.decode_head.conv_seg.weight.mul_(1.5)
     with mmengine_log() as records, pytest.raises(FusedCheckError, match=r'above the tolerance 1e-04: '
