@@ -93,8 +93,14 @@ def large_dw_rules(result, tuning=None):
     return rows
 
 
+#: the backbones that time their own whole-forward layout (``forward_in_best_layout``); the
+#: tuner's other layout entries are necks and heads
+LAYOUT_BACKBONES = ('RepLKNet',)
+
+
 def layout_choices(tuning):
-    """The whole-backbone layouts the tuner chose (``layout|...`` entries of its cache file)."""
+    """The layouts the tuner chose (``layout|...`` entries of its cache file): whole backbones',
+    and in evaluation the neck's and heads' (``head_layout``)."""
     rows = []
     for entries in (tuning or {}).values():
         for sig, entry in entries.items():
@@ -141,6 +147,11 @@ def summarize(out_dir):
         times = {d: _median(results.get(f'cpu_infer_{model}_{d}')) for d in ('fp32', 'bf16')}
         if any(times.values()):
             summary['infer'][model] = times
+    heads = results.get('cpu_heads_upernet-replknet-31b_bf16')
+    if heads:  # B / A: the neck and heads in their tuned layout against NCHW
+        ratio = heads['ratios']['latency_b_over_a']
+        summary['heads_bf16'] = dict(nchw_ms=_median(heads, 0), tuned_ms=_median(heads, 1),
+                                     paired=ratio.get('paired_median'))
     for mode in ('tuned', 'fixed'):
         ms = _median(results.get(f'cpu_train_upernet-replknet-31b_{mode}'))
         if ms is not None:
@@ -226,11 +237,18 @@ def _figures(s, step_ok):
             out[f'{label} fused inference, fp32 / bf16 autocast'] = (
                 f"{_ms(t.get('fp32'))} / {_ms(t.get('bf16'))}"
                 f"{_speedup(t.get('fp32'), t.get('bf16'))}")
+    heads = s.get('heads_bf16')
+    if heads:
+        out['UperNet-RepLKNet-31B fused inference under bf16 autocast, neck and heads NCHW / in '
+            'their tuned layout'] = (f"{_ms(heads['nchw_ms'])} / {_ms(heads['tuned_ms'])}"
+                                     + (f", paired {heads['paired']:.3f}" if heads.get('paired')
+                                        else ''))
     for row in s.get('layouts', []):
         precision = row['dtype'] if row['autocast'] == 'off' else f"{row['autocast']} autocast"
         times = ' vs '.join(f"{row['ms'][name] / 1e3:.2f} s" for name in ('channels_last', 'nchw')
                             if name in row['ms'])
-        out[f"{row['backbone']} whole-backbone layout, {row['mode']} {row['shape']} {precision} "
+        whole = 'whole-backbone ' if row['backbone'] in LAYOUT_BACKBONES else ''
+        out[f"{row['backbone']} {whole}layout, {row['mode']} {row['shape']} {precision} "
             f"{row['step']} (channels_last vs NCHW)"] = f"{row['choice']}: {times}"
     if s['train_31b']:
         t = s['train_31b']

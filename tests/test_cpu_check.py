@@ -87,6 +87,9 @@ def _check_folder(path, cpu, overhead=True):
         'cpu_infer_upernet-replknet-31b_fp32.json': _result('model', cpu, [_model(1600.)]),
         'cpu_infer_upernet-replknet-31b_bf16.json': _result('model', cpu, [_model(800.)]),
         'cpu_train_upernet-replknet-31b_tuned.json': _result('model', cpu, [_model(15000.)]),
+        'cpu_heads_upernet-replknet-31b_bf16.json': _result(
+            'compare', cpu, [_model(2667.), _model(1767.)],
+            ratios=dict(latency_b_over_a=dict(median_ratio=0.6625, paired_median=0.666))),
         'cpu_large-dw.json': _result('large_dw', cpu, [
             _dw('stage1', 'fp32', 'fft', 10., 30.), _dw('stage1', 'fp32', 'cl_conv2d', 15., 900.),
             _dw('stage1', 'fp32', 'tuned', 10.5, 31.), _dw('stage1', 'fp32', 'fixed', 20., 30.),
@@ -96,9 +99,12 @@ def _check_folder(path, cpu, overhead=True):
     }
     (path / 'cache').mkdir()
     sig = 'layout|RepLKNet:78500224:eval|cpu|float32|autocast off|1x3x512-608x512-608|fwd'
+    head = 'layout|UPerHead:33315990:eval|cpu|bfloat16|autocast bfloat16|1x128x128-152x128-152|fwd'
     (path / 'cache' / 'large_dw_tuning.json').write_text(json.dumps({'AMD EPYC (2 threads)': {
         sig: dict(choice='channels_last', ms={'channels_last': 531.8, 'nchw': 590.2},
                   contended=False, shape='1x3x512x512'),
+        head: dict(choice='channels_last', ms={'channels_last': 981.0, 'nchw': 1302.0},
+                   contended=False, shape='1x128x128x128'),
         'cpu|float32|nchw|1x128x128-152x128-152|k31x31|s1x1|p15x15|d1x1|fwd': dict(choice='fft'),
         # written before size buckets: exact sizes
         'cpu|bfloat16|channels_last|1x128x128x128|k31x31|s1x1|p15x15|d1x1|fwd':
@@ -148,10 +154,12 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
     assert s['buckets'] == {'bf16': dict(sizes=21, scale=[666, 400], signatures=[86, 189],
                                          tuning_s=[48.8, 110.4], price=735.2 / 732.2,
                                          other_choice=7, convs=163)}
-    layout, = s['layouts']
+    layout, head = s['layouts']
     assert layout == dict(backbone='RepLKNet', mode='eval', dtype='float32', autocast='off',
                           shape='1x3x512x512', step='fwd', choice='channels_last',
                           ms={'channels_last': 531.8, 'nchw': 590.2}, contended=False)
+    assert head['backbone'] == 'UPerHead' and head['choice'] == 'channels_last'
+    assert s['heads_bf16'] == dict(nchw_ms=2667., tuned_ms=1767., paired=0.666)
 
 
 def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
@@ -183,6 +191,11 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     row = next(line for line in lines if 'whole-backbone layout' in line)
     assert row.startswith('| RepLKNet whole-backbone layout, eval 1x3x512x512 float32 fwd '
                           '(channels_last vs NCHW) | channels_last: 0.53 s vs 0.59 s |')
+    row = next(line for line in lines if line.startswith('| UPerHead '))
+    assert row.startswith('| UPerHead layout, eval 1x128x128x128 bfloat16 autocast fwd '
+                          '(channels_last vs NCHW) | channels_last: 0.98 s vs 1.30 s |')
+    row = next(line for line in lines if 'neck and heads NCHW' in line)
+    assert row.count('| 2667 ms / 1767 ms, paired 0.666 ') == 2
     assert lines[-1] == ('*AMD EPYC: commits abc1234, def5678; Intel Xeon: commit abc1234; '
                          'torch 2.13.0+cpu*')
     # tools/bench_report.py fills the doc's side-by-side block from the kept summaries
