@@ -264,16 +264,26 @@ def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     return metrics
 
 
-def image_size(text):
-    """argparse type of ``--shape H W``: a positive number of pixels."""
+def _positive_int(text, refusal):
+    """``text`` as a positive integer, else argparse's error: ``'<text>' <refusal>``."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an image size; give two positive '
-                                         'integers, H and W, e.g. --shape 512 512')
+        raise argparse.ArgumentTypeError(f'{text!r} {refusal}')
     return value
+
+
+def image_size(text):
+    """argparse type of ``--shape H W``: a positive number of pixels."""
+    return _positive_int(text, 'is not an image size; give two positive integers, H and W, '
+                               'e.g. --shape 512 512')
+
+
+def count_value(text):
+    """argparse type of a count such as ``--num-proposals``: a positive integer."""
+    return _positive_int(text, 'is not a count; give a positive integer')
 
 
 class DeployCheckError(RuntimeError):
@@ -290,17 +300,6 @@ def tolerance_value(text):
     if not value >= 0:
         raise argparse.ArgumentTypeError(f'{text!r} is not a tolerance; give a relative difference '
                                          '0 or more, e.g. --tolerance 1e-4')
-    return value
-
-
-def count_value(text):
-    """argparse type of a count such as ``--num-proposals``: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a count; give a positive integer')
     return value
 
 
