@@ -437,6 +437,11 @@ def export_deploy(config, checkpoint, out_dir, shape=(256, 256), tolerance=1e-4,
     reference, proposals = reference_outputs(model, batch)  # a detector: both RoI heads on these
 
     fused, report = fuse_with_report(model)
+    if not report.total:
+        raise ConfigError(f'nothing to fuse: {config} builds no re-parameterisable layer (a '
+                          'deploy config, or a model without DO-Conv and RepLKNet-style blocks), '
+                          f'so {checkpoint} already is what tools/fuse.py would write; test, '
+                          'export or deploy that pair as it is.')
     state = fused.state_dict()
     dcfg, changes = deploy_config(cfg)
     deploy = build_model(dcfg)

@@ -300,12 +300,22 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
 
 def test_fuse_tool_writes_nothing_when_the_deploy_model_differs(tmp_path):
     from reparam_mm.cli import input_error_message
+    from reparam_mm.scope import ConfigError
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'data'), backbone='replknet'))
     with pytest.raises(RuntimeError, match='does not reproduce the unfused one .*nothing written') as err:
         load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64',
                                 '--tolerance', '0'])
     assert not (tmp_path / 'deploy').exists()
     assert input_error_message(err.value) == str(err.value)  # printed as one line, no traceback
+    # a deploy pair without the meta that names it (a state dict saved by hand): nothing to fuse
+    deploy = load_tool('fuse').main([cfg, ckpt, str(tmp_path / 'deploy'), '--shape', '64', '64'])
+    bare = tmp_path / 'bare.pth'
+    torch.save({'state_dict': torch.load(deploy['checkpoint'], weights_only=True)['state_dict']}, bare)
+    with pytest.raises(ConfigError, match=r'^nothing to fuse: .*_deploy\.py builds no '
+                       r're-parameterisable layer .*bare\.pth already is what tools/fuse\.py would '
+                       r'write; test, export or deploy that pair as it is\.$'):
+        load_tool('fuse').main([deploy['config'], str(bare), str(tmp_path / 'again')])
+    assert not (tmp_path / 'again').exists()
     # an OUT_DIR that is a file: said before anything is built
     (tmp_path / 'afile').write_text('')
     with pytest.raises(FileExistsError, match=r'afile is a file; give tools/fuse.py a folder') as err:
