@@ -46,8 +46,8 @@ from .outputs import compare_outputs
 from .scope import ConfigError, load_config, merge_cfg_options
 
 __all__ = ['OPSET', 'OPSETS', 'TOLERANCE', 'NotExportableError', 'OnnxCheckError', 'load_fused',
-           'SegmentorGraph', 'DetectorGraph', 'build_graph', 'default_shape', 'example_inputs', 'normalise_image', 'export_onnx',
-           'onnx_graph_summary', 'ort_session', 'run_ort']
+           'SegmentorGraph', 'DetectorGraph', 'build_graph', 'default_shape', 'example_inputs',
+           'normalise_image', 'export_onnx', 'onnx_graph_summary', 'ort_session', 'run_ort']
 
 #: default ONNX opset: RoiAlign's half_pixel mode needs 16, LayerNorm 17
 OPSET = 17
@@ -492,54 +492,48 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
             if graph.two_stage:
                 axes['proposals'] = {0: 'num_proposals'}
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    try:
-        return _export_and_check(graph, model, inputs, out, opset, names_in, names_out, axes,
-                                 dynamic, divisor, tolerance, seed, log, cfg, report, shape)
+    try:  # a file that fails its check, or is half written, is never left to deploy
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(), export_rewrites(model), torch.no_grad():
+            warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based ONNX')
+            # shape-dependent Python values traced as constants: the --dynamic check below catches any
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            torch.onnx.export(graph, inputs, out, dynamo=False, opset_version=opset,
+                              input_names=names_in, output_names=names_out, dynamic_axes=axes,
+                              do_constant_folding=True)
+        export_s = time.perf_counter() - t0
+        summary = onnx_graph_summary(out)
+        size_mb = osp.getsize(out) / 2**20
+        custom = summary['custom_domains']
+        log(f'exported {out} ({size_mb:.1f} MB, opset {opset}, TorchScript exporter, '
+            f"{export_s:.1f} s): {sum(summary['ops'].values())} nodes, {summary['ops'].get('Conv', 0)} "
+            f"Conv (largest kernel {summary['largest_kernel']}), DFT nodes: "
+            f"{summary['ops'].get('DFT', 0)}" + (f', custom op domains: {custom}' if custom else ''))
+
+        session = ort_session(out)
+        checks = [_check(graph, session, inputs, names_out, tolerance)]
+        if dynamic:
+            other = _second_inputs(graph, inputs, divisor, seed)
+            checks.append(_check(graph, session, other, names_out, tolerance))
+        for c in checks:
+            log(_check_line(c))
+        failed = [c for c in checks if not c['ok']]
+        if failed:  # (removed below)
+            c = failed[0]
+            w = c['worst'] or {}
+            raise OnnxCheckError(
+                f"onnxruntime's output {w.get('name', '?')} differs from PyTorch's on input "
+                f"{_shapes(c['input_shapes'])} (max abs diff {w.get('max_abs', float('nan')):.3e}, "
+                f"max rel diff {w.get('max_rel', float('nan')):.3e} > {tolerance:.0e}); {out} was "
+                'removed -- look for an op the exporter translated differently (a --dynamic export '
+                'may have traced a size as a constant; try without --dynamic).')
+        return dict(out=out, shape=shape, opset=opset, dynamic=dynamic, report=report, graph=summary,
+                    size_mb=size_mb, export_s=export_s, checks=checks, input_names=names_in,
+                    output_names=names_out, config=cfg, model=graph, inputs=inputs)
     except BaseException:
-        if osp.exists(out):  # a file that failed its check, or half written: never left to deploy
+        if osp.exists(out):
             os.remove(out)
         raise
-
-
-def _export_and_check(graph, model, inputs, out, opset, names_in, names_out, axes, dynamic,
-                      divisor, tolerance, seed, log, cfg, report, shape):
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), export_rewrites(model), torch.no_grad():
-        warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based ONNX')
-        # shape-dependent Python values traced as constants: the --dynamic check below catches any
-        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        torch.onnx.export(graph, inputs, out, dynamo=False, opset_version=opset,
-                          input_names=names_in, output_names=names_out, dynamic_axes=axes,
-                          do_constant_folding=True)
-    export_s = time.perf_counter() - t0
-    summary = onnx_graph_summary(out)
-    size_mb = osp.getsize(out) / 2**20
-    custom = summary['custom_domains']
-    log(f'exported {out} ({size_mb:.1f} MB, opset {opset}, TorchScript exporter, '
-        f"{export_s:.1f} s): {sum(summary['ops'].values())} nodes, {summary['ops'].get('Conv', 0)} "
-        f"Conv (largest kernel {summary['largest_kernel']}), DFT nodes: "
-        f"{summary['ops'].get('DFT', 0)}" + (f', custom op domains: {custom}' if custom else ''))
-
-    session = ort_session(out)
-    checks = [_check(graph, session, inputs, names_out, tolerance)]
-    if dynamic:
-        other = _second_inputs(graph, inputs, divisor, seed)
-        checks.append(_check(graph, session, other, names_out, tolerance))
-    for c in checks:
-        log(_check_line(c))
-    failed = [c for c in checks if not c['ok']]
-    if failed:  # (export_onnx removes the file)
-        c = failed[0]
-        w = c['worst'] or {}
-        raise OnnxCheckError(
-            f"onnxruntime's output {w.get('name', '?')} differs from PyTorch's on input "
-            f"{_shapes(c['input_shapes'])} (max abs diff {w.get('max_abs', float('nan')):.3e}, "
-            f"max rel diff {w.get('max_rel', float('nan')):.3e} > {tolerance:.0e}); {out} was "
-            'removed -- look for an op the exporter translated differently (a --dynamic export '
-            'may have traced a size as a constant; try without --dynamic).')
-    return dict(out=out, shape=shape, opset=opset, dynamic=dynamic, report=report, graph=summary,
-                size_mb=size_mb, export_s=export_s, checks=checks, input_names=names_in,
-                output_names=names_out, config=cfg, model=graph, inputs=inputs)
 
 
 def _shapes(shapes):

@@ -60,17 +60,14 @@ def _tensors(out):
     return []
 
 
-def _in_layout(out, channels_last):
-    """``out`` with its 4-D tensors in the layout given (same nesting)."""
+def _as_nchw(out):
+    """``out`` with its 4-D tensors NCHW-contiguous (same nesting)."""
     if isinstance(out, torch.Tensor):
-        if out.dim() != 4:
-            return out
-        return out.contiguous(memory_format=torch.channels_last if channels_last
-                              else torch.contiguous_format)
+        return out.contiguous() if out.dim() == 4 else out
     if isinstance(out, tuple) and hasattr(out, '_fields'):  # a namedtuple
-        return type(out)(*(_in_layout(o, channels_last) for o in out))
+        return type(out)(*(_as_nchw(o) for o in out))
     if isinstance(out, (list, tuple)):
-        return type(out)(_in_layout(o, channels_last) for o in out)
+        return type(out)(_as_nchw(o) for o in out)
     return out
 
 
@@ -131,7 +128,7 @@ class _ReturnInInputLayout:
         x = next(iter(_tensors(args)), None)
         if x is None or x.dim() != 4 or _is_channels_last(x) or module_layout(module) == 'nchw':
             return None
-        return _in_layout(out, False)
+        return _as_nchw(out)
 
 
 class _ChooseForDecodeHead(_LayoutChoice):

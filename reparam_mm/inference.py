@@ -281,9 +281,8 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
         raise ConfigError(f'--out-dir {out_dir} is a file; name a folder (it is created).')
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    named = [p for p in images if isinstance(p, (str, os.PathLike))]
-    if len(named) != len(images):  # the outputs are named after the files
-        other = next(p for p in images if not isinstance(p, (str, os.PathLike)))
+    other = next((p for p in images if not isinstance(p, (str, os.PathLike))), None)
+    if other is not None:  # the outputs are named after the files
         raise TypeError(f'predict_images takes image paths (it names its outputs after them), got a '
                         f'{type(other).__name__}; save the image first, or call the inferencer '
                         'itself, inferencer(images), which takes arrays.')
