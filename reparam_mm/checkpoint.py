@@ -153,14 +153,15 @@ def _latest_in(folder):
     return f', such as the latest, {latest}' if latest else ''
 
 
-def check_not_the_fused_form(module, state_dict):
-    """Raise :class:`CheckpointMismatchError` when ``state_dict`` is exactly the fused (deploy)
-    form of ``module`` while ``module`` was built unfused (from its training config).
+def check_checkpoint_form(module, state_dict):
+    """Raise :class:`CheckpointMismatchError` when ``state_dict`` is the other form of
+    ``module``: the fused (deploy) form of a model built unfused (from its training config), or
+    the training (unfused) form of a model built fused (from the deploy config).
 
     mmengine loads with ``strict=False`` wherever upstream code loads a whole model
     (``mmseg.apis.init_model``, ``MMSegInferencer``, ``mmdet.apis.init_detector``, ...), and
-    such a load fills the layers both forms share and leaves every re-parameterised branch at
-    its initialisation: a model that predicts, wrongly, with one warning among the logs. Checked
+    such a load fills the layers both forms share and leaves the others at their
+    initialisation: a model that predicts, wrongly, with one warning among the logs. Checked
     by fusing a copy of the model, only when the model misses keys and the checkpoint has others
     (a pretrained classifier's extra head keys, which leave nothing out, cost nothing)."""
     target = _target(module)
@@ -170,11 +171,22 @@ def check_not_the_fused_form(module, state_dict):
         return
     from .fuse import fuse
     try:
-        fused = fuse(copy.deepcopy(target).eval())
+        fused_keys = set(fuse(copy.deepcopy(target).eval()).state_dict())
     except Exception:  # noqa: BLE001 - a model this walker cannot fuse: mmengine's load decides
         return
-    if set(fused.state_dict()) != keys:
-        return
+    if fused_keys == keys:
+        _refuse_the_fused_form(target, state_dict, own)
+    elif fused_keys == own and _is_the_training_form(target, keys, own):
+        missing = sorted(own - keys)
+        raise CheckpointMismatchError(
+            f'the checkpoint is the training (unfused) form of this model, which was built fused '
+            f'(from a deploy config): loading it would leave {len(missing)} tensors of the '
+            f're-parameterised layers at their initialisation ({_few(missing, 2)}); build the '
+            'model from the training config, or fuse the checkpoint first (tools/fuse.py '
+            'TRAINING_CONFIG CHECKPOINT OUT_DIR) and load the *_deploy.pth it writes.')
+
+
+def _refuse_the_fused_form(target, state_dict, own):
     loadable, allowed = loadable_state_keys(target, state_dict)  # DO-Conv takes weight as W
     stray = sorted(own - set(loadable) - allowed)
     if not stray:  # every layer starts as the fused one computes (W = weight, D = 0)
@@ -187,17 +199,37 @@ def check_not_the_fused_form(module, state_dict):
         'load the training checkpoint it came from.')
 
 
+def _is_the_training_form(target, keys, own):
+    """Whether the keys a fused model (one a fuse pass leaves as it is) and a checkpoint do not
+    share are the two forms of the same layers: DO-Conv's W / D where the model has a plain
+    conv's weight, and other branches inside a re-parameterisable module (a module with a fuse
+    method, in its deploy form here) for each such module's fused kernel."""
+    from .fuse import CONVENTIONS, _no_arg_method
+    missing, unexpected = own - keys, keys - own
+    doconv = {k[:-len('weight')] for k in missing if k.endswith('.weight')
+              and k[:-len('weight')] + 'W' in keys}
+    missing -= {p + 'weight' for p in doconv}
+    unexpected -= {p + n for p in doconv for n in ('W', 'D', 'd_diag', 'D_diag')}
+    owners = sorted((f'{n}.' for n, m in target.named_modules()
+                     if n and any(_no_arg_method(m, c) for c in CONVENTIONS)), key=len, reverse=True)
+
+    def owner(key):
+        return next((o for o in owners if key.startswith(o)), None)
+    in_missing, in_unexpected = {owner(k) for k in missing}, {owner(k) for k in unexpected}
+    return None not in in_missing and in_missing == in_unexpected and bool(doconv or missing)
+
+
 def patch_mmengine_loads():
     """Make mmengine's non-strict ``load_state_dict`` (every whole-model load upstream makes)
-    refuse a deploy checkpoint in an unfused model (:func:`check_not_the_fused_form`);
-    idempotent."""
+    refuse a checkpoint of the other form than the model's, fused or unfused
+    (:func:`check_checkpoint_form`); idempotent."""
     import mmengine.runner.checkpoint as mmengine_checkpoint
     original = mmengine_checkpoint.load_state_dict
     if getattr(original, '_reparam_mm', False):
         return
 
     def load_state_dict(module, state_dict, strict=False, logger=None):
-        check_not_the_fused_form(module, state_dict)
+        check_checkpoint_form(module, state_dict)
         return original(module, state_dict, strict, logger)
     load_state_dict._reparam_mm = True
     load_state_dict.__doc__ = original.__doc__

@@ -181,6 +181,34 @@ def test_upstream_loads_refuse_a_deploy_checkpoint_in_an_unfused_model(replknet,
     load_checkpoint(copy.deepcopy(replknet), _saved(replknet, tmp_path / 'train.pth'), map_location='cpu')
 
 
+def test_upstream_loads_refuse_a_training_checkpoint_in_a_fused_model(replknet, tmp_path):
+    """The reverse: a model built from the deploy config (as tools/test.py --deploy-config or
+    init_model with the *_deploy.py do) given the training checkpoint left its merged large
+    kernels, and DO-Conv's folded weights, at their initialisation, with one warning."""
+    import copy
+    from mmengine.runner.checkpoint import load_checkpoint
+    from reparam_mm.apis import deploy_config
+    from reparam_mm.fuse import fuse
+    for config, options, trained in ((DOCONV_REPLKNET_DEMO, None, replknet),
+                                     (PLAIN_DEMO, DOCONV_R18, _model(PLAIN_DEMO, DOCONV_R18))):
+        cfg = load_config(str(config))
+        if options:
+            cfg.merge_from_dict(options)
+        deployed = build_model(deploy_config(cfg)[0]).eval()
+        training = _saved(trained, tmp_path / 'train.pth')
+        with pytest.raises(CheckpointMismatchError, match=r'^the checkpoint is the training \(unfused\) form '
+                           r'of this model, which was built fused .* \d+ tensors of the re-parameterised '
+                           r'layers at their initialisation \(.*tools/fuse\.py TRAINING_CONFIG'):
+            load_checkpoint(deployed, training, map_location='cpu')
+        # its fused checkpoint loads, and computes what the fused trained model does
+        fused = fuse(copy.deepcopy(trained).eval())
+        load_checkpoint(deployed, _saved(fused, tmp_path / 'deploy.pth'), map_location='cpu')
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(deployed.backbone(x)[-1], fused.backbone(x)[-1],
+                                       rtol=1e-3, atol=1e-4)
+
+
 def _saved(model, path):
     torch.save({'state_dict': model.state_dict()}, path)
     return str(path)
