@@ -123,12 +123,12 @@ class Variant:
             self.optim_wrapper = self._optim_wrapper()
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        elif mode == 'infer' and tune_heads:  # as tools/test.py and tools/infer.py run it
+        elif tune_heads:  # as tools/train.py, tools/test.py and tools/infer.py run it
             tune_head_layouts(self.model)
         self.data = synthetic_batch(self.cfg, *shape, batch=batch, train=mode == 'train')
         self.name = f"{os.path.splitext(os.path.basename(config))[0]}" + (
             f" ({'fused' if fuse else 'unfused'}{'' if tune_heads else ', NCHW heads'})"
-            if mode == 'infer' else '')
+            if mode == 'infer' else '' if tune_heads else ' (NCHW heads)')
 
     def _optim_wrapper(self):
         from mmengine.optim import build_optim_wrapper

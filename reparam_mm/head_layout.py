@@ -1,7 +1,7 @@
 """The memory layout of the modules that read the backbone's features, timed per machine.
 
 A RepLKNet backbone times NCHW against channels_last for itself (``layers/large_kernel.py``);
-the neck and heads after it (mmseg's decode head, mmdet's FPN, RPN and RoI heads) are upstream
+the neck and heads after it (mmseg's decode and auxiliary heads, mmdet's FPN, RPN and RoI heads) are upstream
 modules that run in whatever layout their weights and inputs have. Which layout is faster
 depends on the machine and the precision: under bf16 on an AMX Xeon, oneDNN's NCHW convs are
 slow and channels_last ones fast (docs/benchmarks.md), elsewhere the two are close.
@@ -9,43 +9,61 @@ slow and channels_last ones fast (docs/benchmarks.md), elsewhere the two are clo
 :func:`tune_head_layouts` gives each such module a small hook that, at the module's first call
 of each :func:`~reparam_mm.layers.large_kernel.layout_signature` (module, precision, size
 bucket, eval / train), times both layouts with the large-kernel tuner (same cache, same
-contention rule) and converts the module's 4-D weights to the faster one. A module that runs
+contention rule) and converts the module's 4-D weights to the faster one: in evaluation
+(forward, no gradients) and in training (forward and backward, as the step runs them), each
+timed and kept apart. A module that runs
 channels_last hands its outputs back in its input's layout (mmcv's RoIAlign reads NCHW), except
 mmseg's decode head, whose ``forward`` is called directly and whose logits may come back
 channels_last (same values). Nothing is timed in fixed mode (``REPARAM_MM_LARGE_DW=fixed``),
-while exporting or compiling, in distributed runs (every rank must run the same forwards), on
-devices other than CPU and CUDA, or under gradients (evaluation only): there the weights keep
-the layout they have.
+while exporting or compiling, in distributed runs (every rank must run the same forwards, and
+DDP's gradient buckets keep the layout the weights had when it was built), on devices other
+than CPU and CUDA, or in a mixed state (an eval-mode module under gradients, a training-mode one
+without): there the weights keep the layout they have.
 """
 import torch
 from torch import nn
 
 from .layers import large_kernel
+from .layers.doconv import DOConv2d
 
 __all__ = ['tune_head_layouts', 'head_modules', 'module_layout', 'set_module_layout']
 
 _FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
+def _is_doconv(module):
+    """A DO-Conv layer (unfused: training), whose kernel is composed at every call."""
+    return isinstance(module, DOConv2d)
+
+
 def module_layout(module) -> str:
-    """'channels_last' if the first 4-D parameter of ``module`` whose layouts differ (more than
-    one input channel and one kernel element; a 1x1 or depthwise kernel is both) is
-    channels_last, else 'nchw'."""
-    for p in module.parameters():
-        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
-            return 'channels_last' if _is_channels_last(p) else 'nchw'
+    """The layout of the first kernel in ``module`` whose layouts differ (more than one input
+    channel and one kernel element; a 1x1 or depthwise kernel is both): a 4-D parameter's, or
+    a DO-Conv layer's ``kernel_layout``; 'nchw' if there is none."""
+    for m in module.modules():
+        if _is_doconv(m):
+            if m.in_channels // m.groups > 1 and m.kernel_size[0] * m.kernel_size[1] > 1:
+                return m.kernel_layout
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+                return 'channels_last' if _is_channels_last(p) else 'nchw'
     return 'nchw'
 
 
 def set_module_layout(module, layout):
     """Convert the 4-D parameters and buffers of ``module`` to ``layout`` in place (the same
-    ``Parameter`` objects, so an optimizer's references stay valid).
+    ``Parameter`` objects, so an optimizer's references stay valid), and have its DO-Conv
+    layers compose their kernels in it.
 
     Autocast's cache of cast weights is emptied after a change: it is keyed by the parameter,
     so within the same autocast region it would go on handing out the former layout."""
     if module_layout(module) == layout:
         return
     module.to(memory_format=_FORMATS[layout])
+    for m in module.modules():
+        if _is_doconv(m):
+            m.kernel_layout = layout
     torch.clear_autocast_cache()
 
 
@@ -83,13 +101,15 @@ class _LayoutChoice:
     #: hooks of the modules it feeds, which must not start timings of their own inside
     timing = False
 
-    def __init__(self, module):
+    def __init__(self, module, train_only=False):
         self.module = module
+        self.train_only = train_only  # mmseg's auxiliary head: evaluation never calls it
 
     def applies(self, x):
         module = self.module
         return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type in ('cpu', 'cuda')
-                and not _LayoutChoice.timing and not module.training and not torch.is_grad_enabled()
+                and not _LayoutChoice.timing and module.training == torch.is_grad_enabled()
+                and (module.training or not self.train_only)
                 and large_kernel.active_dispatch_mode() == 'tuned'
                 and not large_kernel._exporting() and not large_kernel._distributed())
 
@@ -132,8 +152,9 @@ class _ReturnInInputLayout:
 
 
 class _ChooseForDecodeHead(_LayoutChoice):
-    """Forward hook of the module feeding an mmseg decode head (its neck, else its backbone):
-    mmseg calls ``decode_head.forward(features)`` directly, so the head's own hooks never run."""
+    """Forward hook of the module feeding an mmseg decode or auxiliary head (its neck, else its
+    backbone): mmseg calls ``head.forward(features)`` directly, so the head's own hooks never
+    run."""
 
     def __call__(self, producer, args, features):
         feats = _tensors(features)
@@ -142,14 +163,15 @@ class _ChooseForDecodeHead(_LayoutChoice):
 
 
 def _has_4d_weights(module):
-    return any(p.dim() == 4 for p in module.parameters())
+    return any(p.dim() == 4 for p in module.parameters()) or any(map(_is_doconv, module.modules()))
 
 
 def head_modules(model):
     """``(name, module, how)`` for each module after the backbone whose layout can be tuned:
-    ``how`` is 'decode_head' (mmseg's, timed on the features handed to it) or 'call' (a neck,
-    a dense head, each of a RoI head's bbox / mask heads). Modules without 4-D weights (the
-    RoI heads' fully connected layers) are left out."""
+    ``how`` is 'decode_head' (mmseg's decode head, timed on the features handed to it),
+    'auxiliary_head' (the same, each of mmseg's auxiliary heads, in training only) or 'call' (a
+    neck, a dense head, each of a RoI head's bbox / mask heads). Modules without 4-D weights
+    (the RoI heads' fully connected layers) are left out."""
     found = []
 
     def add(name, module, how='call'):
@@ -163,6 +185,8 @@ def head_modules(model):
     if isinstance(decode_head, nn.Module) and not isinstance(decode_head, nn.ModuleList) \
             and getattr(model, 'backbone', None) is not None:
         add('decode_head', decode_head, 'decode_head')
+        if isinstance(getattr(model, 'auxiliary_head', None), nn.Module):
+            add('auxiliary_head', model.auxiliary_head, 'auxiliary_head')
     if getattr(model, 'neck', None) is not None:
         add('neck', model.neck)
     for name in ('rpn_head', 'bbox_head'):
@@ -178,16 +202,17 @@ def head_modules(model):
 
 def tune_head_layouts(model):
     """Give each of :func:`head_modules` the hooks that time and set its layout (module
-    docstring); returns the names hooked. Calling it again on the same model adds nothing."""
+    docstring); returns the names hooked. Calling it again on the same model adds nothing.
+    tools/train.py, tools/test.py, tools/infer.py and ``FusedEvalHook`` apply it."""
     hooked = []
     # the modules called as module(...) first: their output hooks run before the decode head's
-    for name, module, how in sorted(head_modules(model), key=lambda m: m[2] == 'decode_head'):
-        if how == 'decode_head':
+    for name, module, how in sorted(head_modules(model), key=lambda m: m[2] != 'call'):
+        if how != 'call':
             producer = model.neck if getattr(model, 'neck', None) is not None else model.backbone
             if any(isinstance(h, _ChooseForDecodeHead) and h.module is module
                    for h in producer._forward_hooks.values()):
                 continue
-            producer.register_forward_hook(_ChooseForDecodeHead(module))
+            producer.register_forward_hook(_ChooseForDecodeHead(module, how == 'auxiliary_head'))
         else:
             if any(isinstance(h, _ChooseBeforeCall) for h in module._forward_pre_hooks.values()):
                 continue

@@ -49,12 +49,13 @@ def test_the_segmentor_s_decode_head_runs_in_the_faster_layout_with_the_same_pre
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
     model, data = _fused(SEG, 64)
     plain = copy.deepcopy(model)
-    assert tune_head_layouts(model) == ['decode_head']
+    assert tune_head_layouts(model) == ['decode_head', 'auxiliary_head']
     assert tune_head_layouts(model) == []  # hooked once
     with mmengine_log() as records:
         out = _predict(model, data)
-    assert _layouts(model) == {'decode_head': 'channels_last'}
-    assert _layouts(plain) == {'decode_head': 'nchw'}
+    # the auxiliary head, which evaluation never calls, is not timed there
+    assert _layouts(model) == {'decode_head': 'channels_last', 'auxiliary_head': 'nchw'}
+    assert _layouts(plain) == {'decode_head': 'nchw', 'auxiliary_head': 'nchw'}
     want = _predict(plain, data)
     torch.testing.assert_close(out[0].seg_logits.data, want[0].seg_logits.data, rtol=1e-4, atol=1e-5)
     assert torch.equal(out[0].pred_sem_seg.data, want[0].pred_sem_seg.data)
@@ -76,7 +77,7 @@ def test_where_nchw_is_faster_the_weights_stay_nchw(tuner):
     model, data = _fused(SEG, 64)
     tune_head_layouts(model)
     _predict(model, data)
-    assert _layouts(model) == {'decode_head': 'nchw'}
+    assert _layouts(model)['decode_head'] == 'nchw'
     assert list(_head_choices(tuner).values()) == ['nchw']
 
 
@@ -87,11 +88,12 @@ def test_a_segmentor_s_neck_is_timed_before_its_decode_head_not_around_it(tuner)
                 scales=[1, 1, 1, 1])
     model, data = _fused(SEG, 64, options={'model.neck': neck,
                                            'model.decode_head.in_channels': [32] * 4})
-    assert sorted(tune_head_layouts(model)) == ['decode_head', 'neck']
+    assert sorted(tune_head_layouts(model)) == ['auxiliary_head', 'decode_head', 'neck']
     _predict(model, data)
     assert [sig.split(':')[0] for sig in _head_choices(tuner)] == ['layout|MultiLevelNeck',
                                                                    'layout|UPerHead']
-    assert _layouts(model) == {'decode_head': 'channels_last', 'neck': 'channels_last'}
+    assert _layouts(model) == {'decode_head': 'channels_last', 'neck': 'channels_last',
+                               'auxiliary_head': 'nchw'}
 
 
 def test_a_copy_of_a_tuned_model_tunes_its_own_head(tuner):
@@ -100,8 +102,8 @@ def test_a_copy_of_a_tuned_model_tunes_its_own_head(tuner):
     tune_head_layouts(model)
     twin = copy.deepcopy(model)  # FusedEvalHook's fused copy, EMA models
     _predict(twin, data)
-    assert _layouts(twin) == {'decode_head': 'channels_last'}
-    assert _layouts(model) == {'decode_head': 'nchw'}  # the original was not touched
+    assert _layouts(twin)['decode_head'] == 'channels_last'
+    assert _layouts(model)['decode_head'] == 'nchw'  # the original was not touched
 
 
 def test_the_detector_s_neck_and_heads_hand_back_nchw_for_mmcv_s_ops(tuner):
@@ -123,19 +125,74 @@ def test_the_detector_s_neck_and_heads_hand_back_nchw_for_mmcv_s_ops(tuner):
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_nothing_is_timed_in_training_with_gradients_or_in_fixed_mode(tuner):
+def _training(config, size, batch=2):
+    cfg = load_config(str(config))
+    init_scope(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    data = model.data_preprocessor(synthetic_batch(cfg, size, size, batch=batch, train=True), True)
+    return model, data
+
+
+def _loss_and_grads(model, data):
+    """One training forward and backward from a fixed RNG state: the losses and the gradients."""
+    torch.manual_seed(1)  # the heads' dropout
+    for p in model.parameters():
+        p.grad = None
+    loss, values = model.parse_losses(model(data['inputs'], copy.deepcopy(data['data_samples']),
+                                            mode='loss'))
+    loss.backward()
+    return ({k: torch.as_tensor(v) for k, v in values.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize('config, size, heads', [
+    (SEG, 64, ['auxiliary_head', 'decode_head']),
+    (DET, 128, ['neck', 'roi_head.bbox_head', 'rpn_head'])])
+def test_training_times_forward_and_backward_and_leaves_the_step_as_it_was(tuner, config, size, heads):
+    """tools/train.py hooks the training model: at the first step each head is timed with its
+    backward, under the training signature, and the step computes what the untuned model does:
+    the same losses, gradients and BN statistics (the timing runs restore buffers and fork the
+    RNG the heads' dropout draws from)."""
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    model, data = _training(config, size)
+    plain = copy.deepcopy(model)
+    assert sorted(tune_head_layouts(model)) == heads
+    with mmengine_log() as records:
+        losses, grads = _loss_and_grads(model, data)
+    assert _layouts(model) == dict.fromkeys(heads, 'channels_last')
+    want_losses, want_grads = _loss_and_grads(plain, data)
+    assert losses.keys() == want_losses.keys() and grads.keys() == want_grads.keys()
+    for k in want_losses:
+        torch.testing.assert_close(losses[k], want_losses[k], rtol=1e-4, atol=1e-5)
+    # the two layouts' convs round differently, and backpropagation spreads it: compare the
+    # gradients as one vector (a wrong dropout mask or BN statistic moves them by percents)
+    got, want = (torch.cat([g[n].flatten() for n in sorted(want_grads)]) for g in (grads, want_grads))
+    assert float((got - want).norm()) < 1e-3 * float(want.norm())
+    for (n, b), (_, want) in zip(model.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b, want, rtol=1e-4, atol=1e-5, msg=n)
+    sigs = _head_choices(tuner)
+    assert len(sigs) == len(heads) and all(':train|' in s and s.endswith('|fwd+bwd') for s in sigs)
+    lines = [r.getMessage() for r in records if 'timing the memory layout' in r.getMessage()]
+    assert len(lines) == len(heads) and all('(train, fwd+bwd)' in line for line in lines)
+    measured = list(tuner.measured)
+    _loss_and_grads(model, data)  # chosen already: not timed again
+    assert tuner.measured == measured
+
+
+def test_nothing_is_timed_in_a_mixed_state_or_in_fixed_mode(tuner):
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
     model, data = _fused(SEG, 64, batch=2)  # 2: training-mode BN after the 1x1 pooling
     tune_head_layouts(model)
-    model(data['inputs'], copy.deepcopy(data['data_samples']), mode='tensor')  # gradients on
+    model(data['inputs'], copy.deepcopy(data['data_samples']), mode='tensor')  # eval, gradients on
     model.train()
     with torch.no_grad():
         model(data['inputs'], copy.deepcopy(data['data_samples']), mode='tensor')
     model.eval()
     with large_kernel.dispatch_mode('fixed'):
         _predict(model, data)
-    assert _layouts(model) == {'decode_head': 'nchw'}
-    assert not _head_choices(tuner)  # (the backbone's layout was timed in training)
+    assert _layouts(model) == {'decode_head': 'nchw', 'auxiliary_head': 'nchw'}
+    assert not _head_choices(tuner)
 
 
 def test_a_layout_change_inside_an_autocast_region_is_not_undone_by_its_cache():
@@ -150,3 +207,27 @@ def test_a_layout_change_inside_an_autocast_region_is_not_undone_by_its_cache():
         out = conv(x)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert module_layout(conv) == 'channels_last'
+
+
+def test_a_doconv_layer_composes_its_kernel_in_the_layout_set_with_the_same_values():
+    """DO-Conv composes its kernel at every training step, so its layout is a setting, not its
+    weights': set to channels_last, it convolves (forward and backward) in it."""
+    from reparam_mm.head_layout import set_module_layout
+    from reparam_mm.layers import DOConv2d
+    torch.manual_seed(0)
+    conv = DOConv2d(8, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.D.normal_(std=0.1)
+    x = torch.randn(2, 8, 12, 12)
+    want = conv(x)
+    want_grads = torch.autograd.grad(want.square().sum(), (conv.W, conv.D))
+    assert want.is_contiguous() and module_layout(conv) == 'nchw'
+    set_module_layout(conv, 'channels_last')
+    assert module_layout(conv) == 'channels_last'
+    out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(torch.autograd.grad(out.square().sum(), (conv.W, conv.D)), want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    set_module_layout(conv, 'nchw')
+    assert conv(x).is_contiguous()

@@ -157,6 +157,12 @@ def test_train_then_resume(tmp_path):
     assert 0.0 <= miou <= 100.0
     hook = next(h for h in runner.hooks if type(h).__name__ == 'FusedEvalHook')
     assert hook.last_check is not None and hook.last_check['same_structure']
+    # the heads trained in the layout timed for training (head_layout), apart from evaluation's
+    from reparam_mm.head_layout import tune_head_layouts
+    from reparam_mm.layers import large_kernel
+    assert tune_head_layouts(runner.model) == []  # hooked by tools/train.py
+    trained = [sig for (_, sig) in large_kernel.TUNER.choices if sig.startswith('layout|UPerHead:')]
+    assert any(':train|' in sig and sig.endswith('|fwd+bwd') for sig in trained), trained
     saved = torch.load(wd / 'iter_2.pth', map_location='cpu', weights_only=True)
 
     resumed = main([cfg, '--work-dir', str(wd), '--resume',

@@ -456,6 +456,7 @@ doconv-layers       -         45 20 bench --doconv-layers --shape 512 512 --batc
 doconv-seg-fused    -         50 25 bench --compare $UPER_R50_DO:unfused $UPER_R50_DO:fused --shape 512 512 $FUSED --out @/cuda_unfused-vs-fused_upernet-r50-doconv.json
 doconv-seg-vs-plain -         50 25 bench --compare $UPER_R50:fused $UPER_R50_DO:fused --shape 512 512 $FUSED --out @/cuda_fused-doconv-vs-plain_upernet-r50.json
 seg-31b-heads       -         50 25 bench --compare $UPER_31B:fused:nchw-heads $UPER_31B:fused --shape 512 512 $FUSED --out @/cuda_heads_upernet-replknet-31b.json
+seg-31b-heads-train -         90 40 bench --compare $UPER_31B:nchw-heads $UPER_31B --shape 512 512 --batch 2 $TRAIN --out @/cuda_heads-train_upernet-replknet-31b.json
 doconv-det-fused    cuda-ops  60 30 bench --compare $FRCNN_R50_DO:unfused $FRCNN_R50_DO:fused --shape 800 1333 $FUSED --out @/cuda_unfused-vs-fused_faster-rcnn-r50-doconv.json
 ecosystem-tests     -         90 40 ecosystem -m ecosystem tests/test_fuse_real_libraries.py tests/test_configs.py
 seg-31l-fused       -         60 30 bench --compare $UPER_31L:unfused $UPER_31L:fused --shape 640 640 $FUSED --out @/cuda_unfused-vs-fused_upernet-replknet-31l.json

@@ -180,6 +180,10 @@ class DOConv2d(nn.Module):
 
     transposed = False  # read by mmcv's ConvModule
     output_padding = (0, 0)
+    #: the memory layout the composed kernel is convolved in ('nchw' or 'channels_last'): a
+    #: plain conv's is its weight's, this layer composes its kernel at every call
+    #: (``head_layout.set_module_layout`` sets it where channels_last was timed faster)
+    kernel_layout = 'nchw'
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode='zeros', D_mul=None, device=None, dtype=None):
@@ -264,6 +268,8 @@ class DOConv2d(nn.Module):
 
     def forward(self, x):
         weight = self.composed_weight()
+        if self.kernel_layout == 'channels_last':
+            weight = weight.contiguous(memory_format=torch.channels_last)
         if self.padding_mode != 'zeros':
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
