@@ -20,6 +20,8 @@ DDP's gradient buckets keep the layout the weights had when it was built), on de
 than CPU and CUDA, or in a mixed state (an eval-mode module under gradients, a training-mode one
 without): there the weights keep the layout they have.
 """
+import itertools
+
 import torch
 from torch import nn
 
@@ -57,13 +59,18 @@ def set_module_layout(module, layout):
     layers compose their kernels in it.
 
     Autocast's cache of cast weights is emptied after a change: it is keyed by the parameter,
-    so within the same autocast region it would go on handing out the former layout."""
-    if module_layout(module) == layout:
+    so within the same autocast region it would go on handing out the former layout.
+    Every kernel is checked, not only the first: a fused copy of a head trained channels_last
+    holds both (its DO-Conv layers' fused kernels come out NCHW)."""
+    fmt = _FORMATS[layout]
+    stale = any(t.dim() == 4 and not t.is_contiguous(memory_format=fmt)
+                for t in itertools.chain(module.parameters(), module.buffers()))
+    doconvs = [m for m in module.modules() if _is_doconv(m) and m.kernel_layout != layout]
+    if not stale and not doconvs:
         return
-    module.to(memory_format=_FORMATS[layout])
-    for m in module.modules():
-        if _is_doconv(m):
-            m.kernel_layout = layout
+    module.to(memory_format=fmt)
+    for m in doconvs:
+        m.kernel_layout = layout
     torch.clear_autocast_cache()
 
 

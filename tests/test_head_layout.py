@@ -231,3 +231,17 @@ def test_a_doconv_layer_composes_its_kernel_in_the_layout_set_with_the_same_valu
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     set_module_layout(conv, 'nchw')
     assert conv(x).is_contiguous()
+
+
+def test_a_module_holding_both_layouts_is_converted_whole():
+    """A fused copy of a head trained channels_last holds both layouts (its DO-Conv layers'
+    fused kernels come out NCHW): setting the layout converts every kernel, not the first."""
+    from reparam_mm.head_layout import set_module_layout
+    head = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    head[0].to(memory_format=torch.channels_last)
+    assert module_layout(head) == 'channels_last' and head[1].weight.is_contiguous()
+    set_module_layout(head, 'channels_last')
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+               for c in head)
+    set_module_layout(head, 'nchw')
+    assert all(c.weight.is_contiguous() for c in head)
