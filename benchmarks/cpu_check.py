@@ -32,6 +32,9 @@ INFER = {'upernet-replknet-31b': 'UperNet-RepLKNet-31B',
 OVERHEAD = {'upernet-r50': 'UperNet-R50', 'faster-rcnn-r50': 'Faster R-CNN R50 4conv1fc'}
 #: summary key -> file stem of the overhead step's compares: fp32, and bf16 autocast (--amp)
 OVERHEAD_RUNS = {'overhead': 'cpu_train-overhead', 'overhead_bf16': 'cpu_train-amp-overhead'}
+#: summary key -> the compare of the neck and heads NCHW (A) against their tuned layout (B)
+HEADS_RUNS = {'heads_bf16': 'cpu_heads_upernet-replknet-31b_bf16',
+              'heads_train_bf16': 'cpu_heads-train_upernet-replknet-31b_bf16'}
 
 
 def _read(path):
@@ -147,11 +150,12 @@ def summarize(out_dir):
         times = {d: _median(results.get(f'cpu_infer_{model}_{d}')) for d in ('fp32', 'bf16')}
         if any(times.values()):
             summary['infer'][model] = times
-    heads = results.get('cpu_heads_upernet-replknet-31b_bf16')
-    if heads:  # B / A: the neck and heads in their tuned layout against NCHW
-        ratio = heads['ratios']['latency_b_over_a']
-        summary['heads_bf16'] = dict(nchw_ms=_median(heads, 0), tuned_ms=_median(heads, 1),
-                                     paired=ratio.get('paired_median'))
+    for key, stem in HEADS_RUNS.items():
+        heads = results.get(stem)
+        if heads:  # B / A: the neck and heads in their tuned layout against NCHW
+            ratio = heads['ratios']['latency_b_over_a']
+            summary[key] = dict(nchw_ms=_median(heads, 0), tuned_ms=_median(heads, 1),
+                                paired=ratio.get('paired_median'))
     for mode in ('tuned', 'fixed'):
         ms = _median(results.get(f'cpu_train_upernet-replknet-31b_{mode}'))
         if ms is not None:
@@ -237,12 +241,13 @@ def _figures(s, step_ok):
             out[f'{label} fused inference, fp32 / bf16 autocast'] = (
                 f"{_ms(t.get('fp32'))} / {_ms(t.get('bf16'))}"
                 f"{_speedup(t.get('fp32'), t.get('bf16'))}")
-    heads = s.get('heads_bf16')
-    if heads:
-        out['UperNet-RepLKNet-31B fused inference under bf16 autocast, neck and heads NCHW / in '
-            'their tuned layout'] = (f"{_ms(heads['nchw_ms'])} / {_ms(heads['tuned_ms'])}"
-                                     + (f", paired {heads['paired']:.3f}" if heads.get('paired')
-                                        else ''))
+    for key, what in (('heads_bf16', 'fused inference'), ('heads_train_bf16', 'training step')):
+        heads = s.get(key)
+        if heads:
+            out[f'UperNet-RepLKNet-31B {what} under bf16 autocast, neck and heads NCHW / in their '
+                'tuned layout'] = (f"{_ms(heads['nchw_ms'])} / {_ms(heads['tuned_ms'])}"
+                                   + (f", paired {heads['paired']:.3f}" if heads.get('paired')
+                                      else ''))
     for row in s.get('layouts', []):
         precision = row['dtype'] if row['autocast'] == 'off' else f"{row['autocast']} autocast"
         times = ' vs '.join(f"{row['ms'][name] / 1e3:.2f} s" for name in ('channels_last', 'nchw')

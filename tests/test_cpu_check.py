@@ -90,6 +90,9 @@ def _check_folder(path, cpu, overhead=True):
         'cpu_heads_upernet-replknet-31b_bf16.json': _result(
             'compare', cpu, [_model(2667.), _model(1767.)],
             ratios=dict(latency_b_over_a=dict(median_ratio=0.6625, paired_median=0.666))),
+        'cpu_heads-train_upernet-replknet-31b_bf16.json': _result(
+            'compare', cpu, [_model(11759.), _model(10541.)],
+            ratios=dict(latency_b_over_a=dict(median_ratio=0.8964, paired_median=0.896))),
         'cpu_large-dw.json': _result('large_dw', cpu, [
             _dw('stage1', 'fp32', 'fft', 10., 30.), _dw('stage1', 'fp32', 'cl_conv2d', 15., 900.),
             _dw('stage1', 'fp32', 'tuned', 10.5, 31.), _dw('stage1', 'fp32', 'fixed', 20., 30.),
@@ -160,6 +163,7 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
                           ms={'channels_last': 531.8, 'nchw': 590.2}, contended=False)
     assert head['backbone'] == 'UPerHead' and head['choice'] == 'channels_last'
     assert s['heads_bf16'] == dict(nchw_ms=2667., tuned_ms=1767., paired=0.666)
+    assert s['heads_train_bf16'] == dict(nchw_ms=11759., tuned_ms=10541., paired=0.896)
 
 
 def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
@@ -194,8 +198,10 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     row = next(line for line in lines if line.startswith('| UPerHead '))
     assert row.startswith('| UPerHead layout, eval 1x128x128x128 bfloat16 autocast fwd '
                           '(channels_last vs NCHW) | channels_last: 0.98 s vs 1.30 s |')
-    row = next(line for line in lines if 'neck and heads NCHW' in line)
+    row = next(line for line in lines if 'inference under bf16 autocast, neck and heads NCHW' in line)
     assert row.count('| 2667 ms / 1767 ms, paired 0.666 ') == 2
+    row = next(line for line in lines if 'training step under bf16 autocast, neck and heads' in line)
+    assert row.count('| 11759 ms / 10541 ms, paired 0.896 ') == 2
     assert lines[-1] == ('*AMD EPYC: commits abc1234, def5678; Intel Xeon: commit abc1234; '
                          'torch 2.13.0+cpu*')
     # tools/bench_report.py fills the doc's side-by-side block from the kept summaries

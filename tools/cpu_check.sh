@@ -14,9 +14,9 @@
 #   timeout   a throwaway test that sleeps past the suite's per-test limit must fail by name
 #             (full: the configured 300 s limit; --quick: the same mechanism with a 5 s limit)
 #   large_dw  RepLKNet-31B's large depthwise convs, fp32 and bf16: every candidate, tuned vs fixed
-#   replk     UperNet-RepLKNet-31B fused inference fp32 vs bf16 autocast, bf16 with the neck and
-#             heads NCHW vs in their tuned layout, and one training step with the tuned and the
-#             fixed large-kernel dispatch
+#   replk     UperNet-RepLKNet-31B fused inference fp32 vs bf16 autocast, bf16 inference and a bf16
+#             training step with the neck and heads NCHW vs in their tuned layout, and one
+#             training step with the tuned and the fixed large-kernel dispatch
 #   r50       DO-Conv UperNet-R50 fused inference fp32 vs bf16 autocast
 #   overhead  DO-Conv training overhead, UperNet-R50 and Faster R-CNN R50 (docs/benchmarks.md 3),
 #             in fp32 and under bf16 autocast (tools/train.py --amp on a CPU)
@@ -122,6 +122,8 @@ replk() {
   $BENCH $UPER_REPLK --repeat $REPEAT --warmup 1 --amp --out "$OUT/cpu_infer_upernet-replknet-31b_bf16.json" &&
   $BENCH --compare $UPER_REPLK:fused:nchw-heads $UPER_REPLK:fused --repeat $REPEAT --warmup 1 --amp \
     --no-flops --out "$OUT/cpu_heads_upernet-replknet-31b_bf16.json" &&
+  $BENCH --compare $UPER_REPLK:nchw-heads $UPER_REPLK --mode train --batch 2 --repeat 3 --warmup 1 \
+    --amp --no-flops --out "$OUT/cpu_heads-train_upernet-replknet-31b_bf16.json" &&
   $BENCH $UPER_REPLK --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --large-dw-dispatch tuned \
     --out "$OUT/cpu_train_upernet-replknet-31b_tuned.json" &&
   $BENCH $UPER_REPLK --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --large-dw-dispatch fixed \
