@@ -1,24 +1,25 @@
 """The memory layout of the modules that read the backbone's features, timed per machine.
 
 A RepLKNet backbone times NCHW against channels_last for itself (``layers/large_kernel.py``);
-the neck and heads after it (mmseg's decode and auxiliary heads, mmdet's FPN, RPN and RoI heads) are upstream
-modules that run in whatever layout their weights and inputs have. Which layout is faster
-depends on the machine and the precision: under bf16 on an AMX Xeon, oneDNN's NCHW convs are
-slow and channels_last ones fast (docs/benchmarks.md), elsewhere the two are close.
+the neck and heads after it (mmseg's decode and auxiliary heads, mmdet's FPN, RPN and RoI
+heads) are upstream modules that run in whatever layout their weights and inputs have. Which
+layout is faster depends on the machine and the precision: under bf16 on an AMX Xeon, oneDNN's
+NCHW convs are slow and channels_last ones fast (docs/benchmarks.md), elsewhere the two are
+close.
 
 :func:`tune_head_layouts` gives each such module a small hook that, at the module's first call
 of each :func:`~reparam_mm.layers.large_kernel.layout_signature` (module, precision, size
 bucket, eval / train), times both layouts with the large-kernel tuner (same cache, same
 contention rule) and converts the module's 4-D weights to the faster one: in evaluation
 (forward, no gradients) and in training (forward and backward, as the step runs them), each
-timed and kept apart. A module that runs
-channels_last hands its outputs back in its input's layout (mmcv's RoIAlign reads NCHW), except
-mmseg's decode head, whose ``forward`` is called directly and whose logits may come back
-channels_last (same values). Nothing is timed in fixed mode (``REPARAM_MM_LARGE_DW=fixed``),
-while exporting or compiling, in distributed runs (every rank must run the same forwards, and
-DDP's gradient buckets keep the layout the weights had when it was built), on devices other
-than CPU and CUDA, or in a mixed state (an eval-mode module under gradients, a training-mode one
-without): there the weights keep the layout they have.
+timed and kept apart. A module that runs channels_last hands its outputs back in its input's
+layout (mmcv's RoIAlign reads NCHW), except mmseg's decode head, whose ``forward`` is called
+directly and whose logits may come back channels_last (same values). Nothing is timed in fixed
+mode (``REPARAM_MM_LARGE_DW=fixed``), while exporting or compiling, in distributed runs (every
+rank must run the same forwards, and DDP's gradient buckets keep the layout the weights had
+when it was built), on devices other than CPU and CUDA, or in a mixed state (an eval-mode
+module under gradients, a training-mode one without): there the weights keep the layout they
+have.
 """
 import itertools
 
