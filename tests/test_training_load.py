@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mmengine_log
+from conftest import ROOT, mmengine_log
 from test_train_tools import DOCONV_REPLKNET_DEMO, PLAIN_DEMO, tiny_demo_config
 
 import reparam_mm  # noqa: F401
@@ -189,8 +189,11 @@ def test_upstream_loads_refuse_a_training_checkpoint_in_a_fused_model(replknet, 
     from mmengine.runner.checkpoint import load_checkpoint
     from reparam_mm.apis import deploy_config
     from reparam_mm.fuse import fuse
+    detector = ROOT / ('configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_'
+                       '1xb4-400i_coco128-person-320.py')  # DO-Conv in the neck and heads too
     for config, options, trained in ((DOCONV_REPLKNET_DEMO, None, replknet),
-                                     (PLAIN_DEMO, DOCONV_R18, _model(PLAIN_DEMO, DOCONV_R18))):
+                                     (PLAIN_DEMO, DOCONV_R18, _model(PLAIN_DEMO, DOCONV_R18)),
+                                     (detector, None, _model(detector))):
         cfg = load_config(str(config))
         if options:
             cfg.merge_from_dict(options)
