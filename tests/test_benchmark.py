@@ -251,6 +251,10 @@ def test_compare_unfused_vs_fused_tiny_replknet(tmp_path):
     assert tune_head_layouts(v.model) == []  # the neck and heads run tuned, as in tools/test.py
     nchw = BM.Variant(str(DEMO_DO), False, 'infer', (64, 64), 1, tune_heads=False)
     assert nchw.name.endswith('(unfused, NCHW heads)') and tune_head_layouts(nchw.model)
+    # training variants too, as tools/train.py trains (:nchw-heads keeps them NCHW)
+    assert tune_head_layouts(BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 2).model) == []
+    nchw = BM.Variant(str(DEMO_DO), False, 'train', (64, 64), 2, tune_heads=False)
+    assert nchw.name.endswith(' (NCHW heads)') and tune_head_layouts(nchw.model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(large_kernel, 'use_fft', lambda *a, **k: False)
         assert BM.fused_flops(v.model, v.data)[0] == fus['flops']
