@@ -170,7 +170,8 @@ class _ChooseForDecodeHead(_LayoutChoice):
             self.choose(feats[0], lambda: self.module.forward(features))
 
 
-def _has_4d_weights(module):
+def _has_kernels(module):
+    """Whether ``module`` holds a conv kernel: a 4-D weight, or a DO-Conv layer composing one."""
     return any(p.dim() == 4 for p in module.parameters()) or any(map(_is_doconv, module.modules()))
 
 
@@ -186,7 +187,7 @@ def head_modules(model):
         if isinstance(module, nn.ModuleList):
             for i, m in enumerate(module):
                 add(f'{name}.{i}', m, how)
-        elif isinstance(module, nn.Module) and _has_4d_weights(module):
+        elif isinstance(module, nn.Module) and _has_kernels(module):
             found.append((name, module, how))
 
     decode_head = getattr(model, 'decode_head', None)

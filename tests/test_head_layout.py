@@ -19,12 +19,17 @@ SEG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.
 DET = ROOT / 'configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py'
 
 
-def _fused(config, size, batch=1, options=None):
+def _built(config, options=None):
     cfg = load_config(str(config))
     cfg.merge_from_dict(options or {})
     init_scope(cfg)
     torch.manual_seed(0)
-    model = fuse(build_model(cfg).eval())
+    return cfg, build_model(cfg)
+
+
+def _fused(config, size, batch=1, options=None):
+    cfg, model = _built(config, options)
+    model = fuse(model.eval())
     with torch.no_grad():
         data = model.data_preprocessor(synthetic_batch(cfg, size, size, batch=batch), False)
     return model, data
@@ -126,10 +131,8 @@ def test_the_detector_s_neck_and_heads_hand_back_nchw_for_mmcv_s_ops(tuner):
 
 
 def _training(config, size, batch=2):
-    cfg = load_config(str(config))
-    init_scope(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
+    cfg, model = _built(config)
+    model.train()
     data = model.data_preprocessor(synthetic_batch(cfg, size, size, batch=batch, train=True), True)
     return model, data
 
