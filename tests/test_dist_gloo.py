@@ -166,3 +166,27 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     pictures = sorted(p.name for p in (tmp_path / 'wt').glob('*/shows/*.png'))
     assert pictures == ['demo_00000.png', 'demo_00001.png'], out[-3000:]
     assert '--show-dir: painted 2 test image(s) to ' in out
+
+
+@pytest.mark.timeout(60)
+def test_a_tool_ends_the_process_group_it_ran_in(tmp_path):
+    """A gloo group left to interpreter teardown can abort a run that succeeded (SIGABRT,
+    'terminate called without an active exception'), so run_tool destroys it after main, and
+    after an input error too."""
+    import torch.distributed as dist
+
+    from reparam_mm.cli import run_tool
+
+    def launched(error=None):
+        def main(argv):
+            dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store_{argv[0]}',
+                                    rank=0, world_size=1)
+            assert dist.is_initialized()
+            if error is not None:
+                raise error
+        return main
+
+    assert run_tool(launched(), ['ok']) == 0
+    assert not dist.is_initialized()
+    assert run_tool(launched(FileNotFoundError('x.pth does not exist; pass a file.')), ['bad']) == 1
+    assert not dist.is_initialized()
