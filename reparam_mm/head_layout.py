@@ -15,9 +15,10 @@ contention rule) and converts the module's 4-D weights to the faster one: in eva
 timed and kept apart. A module that runs channels_last hands its outputs back in its input's
 layout (mmcv's RoIAlign reads NCHW), except mmseg's decode head, whose ``forward`` is called
 directly and whose logits may come back channels_last (same values). Nothing is timed in fixed
-mode (``REPARAM_MM_LARGE_DW=fixed``), while exporting or compiling, in distributed runs (every
-rank must run the same forwards, and DDP's gradient buckets keep the layout the weights had
-when it was built), on devices other than CPU and CUDA, or in a mixed state (an eval-mode
+mode (``REPARAM_MM_LARGE_DW=fixed``), while exporting or compiling, in distributed runs (the
+weights are DDP's: when it rebuilds its gradient buckets after the first step, each rank lays
+its bucket views out in the strides its weights have then, so ranks whose layouts differed
+would all-reduce different elements into each other), on devices other than CPU and CUDA, or in a mixed state (an eval-mode
 module under gradients, a training-mode one without): there the weights keep the layout they
 have.
 """

@@ -52,6 +52,10 @@ class RankProbeHook(Hook):
         self.record['world_size'] = runner.world_size
         self.record['wrapper'] = type(runner.model).__name__
         self.record['optim_wrapper'] = type(runner.optim_wrapper).__name__
+        from reparam_mm.layers import large_kernel
+        self.record['trained_layouts'] = sorted({sig.split('|')[1].split(':')[0]
+                                                 for _, sig in large_kernel.TUNER.choices
+                                                 if sig.startswith('layout|') and ':train|' in sig})
         with open(f'{self.out_dir}/rank{get_rank()}.json', 'w') as f:
             json.dump(self.record, f)
 '''
@@ -116,6 +120,30 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     assert abs(sum(float(p.double().sum()) for p in params) - ranks[0]['checksum']) < 1e-6
     # the final validation (fused copy on each rank, results gathered over gloo) ran
     assert 'mIoU' in proc.stdout + proc.stderr
+
+
+def test_a_replknet_backbone_times_its_layout_on_a_copy_in_distributed_training(tmp_path):
+    """Each rank times the RepLKNet backbone's training layout on a copy (with BN for SyncBN),
+    so its SyncBN layers run the step's forward only; the ranks may choose differently, which
+    changes how activations are stored, not the weights DDP keeps equal. Heads are not timed in
+    distributed runs (their weights' layout sets DDP's gradient buckets)."""
+    from test_train_tools import DOCONV_REPLKNET_DEMO
+    (tmp_path / 'rank_probe.py').write_text(PROBE)
+    cfg = tiny_demo_config(tmp_path, max_iters=2, base=DOCONV_REPLKNET_DEMO, extra=f"""
+custom_imports = dict(imports=['reparam_mm', 'rank_probe'], allow_failed_imports=False)
+custom_hooks = [dict(type='FusedEvalHook'), dict(type='RankProbeHook', out_dir={str(tmp_path)!r})]
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir',
+                           str(tmp_path / 'wd')],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r['iters'] == [1, 2] and r['trained_layouts'] == ['RepLKNet'], r
+    assert ranks[0]['checksum'] == ranks[1]['checksum']
 
 
 def test_a_bad_label_on_one_rank_ends_both_with_one_line(tmp_path):

@@ -677,14 +677,67 @@ def test_backbone_layout_follows_the_rule_where_it_is_not_timed(tuner, monkeypat
         with torch.autocast('cpu', dtype=torch.bfloat16):  # half precision under autocast too
             toy(x)
     assert toy.layouts == [False, True]
-    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)  # ranks must run alike
-    toy(x)
-    monkeypatch.undo()
     toy(x.contiguous(memory_format=torch.channels_last))  # not ours to change
-    assert toy.layouts[2:] == [False, False] and tuner.measured == []
+    assert toy.layouts[2:] == [False] and tuner.measured == []
     meta = torch.randn(1, 4, 8, 8, device='meta').bfloat16()
     assert large_kernel.backbone_layout(toy, meta, toy.in_layout) is False
     assert backbone_channels_last(x.bfloat16()) and not backbone_channels_last(x)
+
+
+class _SyncToy(_ToyBackbone):
+    """The toy with SyncBN, as the shipped configs' backbones have, and a forward hook that
+    reaches a module outside it (as head_layout's decode-head hook on a backbone does)."""
+
+    def __init__(self, elsewhere=None):
+        super().__init__()
+        self.bn = torch.nn.SyncBatchNorm(4)
+        self.calls = 0
+        self.bn.register_forward_hook(self.count)
+        if elsewhere is not None:
+            self.register_forward_hook(lambda m, a, out, other=elsewhere: None)
+
+    def count(self, module, args, out):
+        self.calls += 1
+
+
+def test_a_collective_free_copy_has_bn_for_syncbn_and_shares_the_hooks():
+    elsewhere = torch.nn.Linear(1000, 1000)  # referenced by a hook only: not copied
+    toy = _SyncToy(elsewhere).train()
+    torch.nn.init.normal_(toy.bn.weight)
+    twin = large_kernel.collective_free_copy(toy)
+    assert isinstance(twin.bn, torch.nn.modules.batchnorm._BatchNorm)
+    assert not isinstance(twin.bn, torch.nn.SyncBatchNorm)
+    assert type(toy.bn) is torch.nn.SyncBatchNorm and twin.training
+    assert twin.bn.weight is not toy.bn.weight and torch.equal(twin.bn.weight, toy.bn.weight)
+    assert list(twin._forward_hooks.values()) == list(toy._forward_hooks.values())
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(twin.in_layout(x, False)[0], toy.in_layout(x, False)[0])
+
+
+def test_a_distributed_training_step_times_the_backbone_layout_on_a_copy(tuner, monkeypatch):
+    """Every rank's step must run its one forward through the SyncBN layers (their collectives
+    pair up across ranks) and nothing more: the timing runs go to a copy with BN; the step runs
+    in the chosen layout; later steps of the signature neither time nor copy."""
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    toy, x = _SyncToy().train(), torch.randn(2, 4, 8, 8)
+    toy(x)
+    assert toy.layouts == [True] and toy.calls == 1  # the step's forward only, channels_last
+    assert tuner.measured == ['nchw', 'channels_last']
+    monkeypatch.setattr(large_kernel, 'collective_free_copy', None)  # a call would fail
+    toy(x)
+    assert toy.layouts == [True, True] and toy.calls == 2 and len(tuner.measured) == 2
+    # evaluation without gradients issues no collective: timed in place
+    tuner.times = {'channels_last': 1.0, 'nchw': 0.1}
+    with torch.no_grad():
+        toy.eval()(x)
+    assert toy.calls == 4 and len(tuner.measured) == 4  # one run of each layout, on toy itself
+    with torch.no_grad():
+        assert tuner.known_layout(toy, x) == 'nchw'
+    # a forward that is not a method of the backbone cannot be rebound to a copy: the fixed rule
+    other = _SyncToy().train()
+    assert large_kernel.backbone_layout(other, x.bfloat16(), lambda *a: toy.in_layout(*a)) is True
+    assert other.calls == 0 and len(tuner.measured) == 4
 
 
 @pytest.mark.parametrize('with_cp', [False, True])

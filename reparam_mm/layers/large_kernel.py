@@ -36,6 +36,7 @@ plain ``F.conv2d`` so graphs hold a standard Conv. Measurements behind the rules
 docs/large_kernel.md.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -55,7 +56,7 @@ __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CAN
            'candidates',
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
-           'forward_in_best_layout',
+           'forward_in_best_layout', 'times_on_a_copy', 'collective_free_copy',
            'layout_signature', 'fft_min_kernel',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
            'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature', 'size_bucket',
@@ -610,11 +611,10 @@ class LargeDWTuner:
         forked, and with gradients the backward goes through ``torch.autograd.grad``, so no
         ``.grad`` is written.
         """
-        key = self.device_key(x.device)
-        sig = layout_signature(module, x)
-        self._load(key)
-        if (key, sig) in self.choices:
-            return self.choices[(key, sig)]
+        known = self.known_layout(module, x)
+        if known is not None:
+            return known
+        key, sig = self.device_key(x.device), layout_signature(module, x)
         params = [p for p in module.parameters() if p.requires_grad]
         grad = sig.endswith('fwd+bwd')
         # an eval forward without gradients draws no random numbers and updates no buffers, so
@@ -636,7 +636,8 @@ class LargeDWTuner:
         saved = {name: b.detach().clone() for name, b in module.named_buffers()}
         known, start, contended = len(self.choices), time.perf_counter(), self.contended_timings
         try:
-            with torch.random.fork_rng(devices=[]):
+            # the device's generator too: dropout and drop-path on CUDA draw from it
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == 'cuda' else []):
                 choice = self._time_and_keep(key, sig, {name: timed(name == 'channels_last')
                                                         for name in LAYOUTS},
                                              x.device.type == 'cpu', fixed or fixed_layout(x),
@@ -651,6 +652,13 @@ class LargeDWTuner:
         cl = choice == 'channels_last'
         self._kept = (module, x, cl, outputs[cl]) if outputs and cl in outputs else None
         return choice
+
+    def known_layout(self, module, x):
+        """The layout chosen already (in this process, or read from the cache) for ``module`` on
+        ``x``'s :func:`layout_signature`, else None."""
+        key = self.device_key(x.device)
+        self._load(key)
+        return self.choices.get((key, layout_signature(module, x)))
 
     def take_output(self, module, x, channels_last):
         """The output of the layout timing just run for ``module`` on ``x`` in that layout, if
@@ -867,20 +875,49 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def times_on_a_copy(module):
+    """Whether a layout timing of ``module`` must run on :func:`collective_free_copy`: in a
+    distributed run's training forward (training mode or gradients on). There the timing runs
+    would call SyncBN's collectives a number of times the other ranks do not match, and run
+    backward through parameters DDP reduces. An evaluation forward without gradients issues no
+    collective (SyncBN normalises with its running statistics) and is timed in place."""
+    return _distributed() and (module.training or torch.is_grad_enabled())
+
+
+def collective_free_copy(module):
+    """A deep copy of ``module`` whose SyncBN layers (torch's, mmcv's) are BN, for timing runs no
+    other rank takes part in. Its forward hooks are the original's own objects, not copies (a
+    hook may reference modules outside ``module``, which would be copied with it)."""
+    from mmengine.model import revert_sync_batchnorm
+    hooks = {id(h): h for m in module.modules()
+             for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())}
+    return revert_sync_batchnorm(copy.deepcopy(module, hooks))
+
+
 def backbone_layout(module, x, forward) -> bool:
     """Whether backbone ``module`` runs ``forward(x, channels_last)`` channels_last for ``x``.
 
     On CPU and CUDA in tuned mode both layouts are timed once per :func:`layout_signature`, as
     the convs are, since which is faster depends on the device and on the convs' choices (NHWC
-    suits oneDNN's 1x1 convs and cuDNN's tensor cores under AMP, the FFT wants NCHW). The fixed
-    rule (:func:`backbone_channels_last`) decides in fixed mode, while exporting or compiling,
-    and in distributed runs, whose ranks must run the same number of forwards (SyncBN). Other
-    devices keep the input's layout.
+    suits oneDNN's 1x1 convs and cuDNN's tensor cores under AMP, the FFT wants NCHW). In a
+    distributed training step the timing runs on a copy of the backbone
+    (:func:`times_on_a_copy`; ``forward`` must then be a method of ``module``), so every rank
+    still runs the step's one forward; each rank chooses for itself, which changes no
+    collective and no weight (the layout is the activations'). The fixed rule (:func:`backbone_channels_last`) decides in fixed mode and while
+    exporting or compiling. Other devices keep the input's layout.
     """
     if x.device.type not in ('cpu', 'cuda') or x.dim() != 4 or not x.is_contiguous():
         return False
-    if _mode() == 'fixed' or _exporting() or _distributed():
+    if _mode() == 'fixed' or _exporting():
         return backbone_channels_last(x)
+    if times_on_a_copy(module):
+        known = TUNER.known_layout(module, x)
+        if known is not None:
+            return known == 'channels_last'
+        if getattr(forward, '__self__', None) is not module:
+            return backbone_channels_last(x)
+        twin = collective_free_copy(module)
+        return TUNER.choose_layout(twin, x, getattr(twin, forward.__name__)) == 'channels_last'
     return TUNER.choose_layout(module, x, forward) == 'channels_last'
 
 
