@@ -126,16 +126,34 @@ def run_tool(main, argv=None):
         print(f'error: {message}', file=sys.stderr)
         end_process_group()
         return 1
-    end_process_group()
+    end_process_group(wait_for_ranks=True)
     return 0
 
 
-def end_process_group():
+#: how long a rank that ended normally waits for the others at the gloo barrier before it
+#: ends its process group anyway (rank 0 may still be writing results, pictures or checkpoints)
+END_BARRIER_S = 300
+
+
+def end_process_group(wait_for_ranks=False):
     """Destroy the process group a launched run set up, which mmengine leaves to the interpreter's
     teardown: there gloo's worker threads can abort the process ("terminate called without an
-    active exception", SIGABRT) after a run that succeeded, and torchrun then fails the launch
-    (once in five suite runs of tests/test_dist_gloo.py). Not after an unexpected error, where
-    other ranks may still wait in a collective."""
+    active exception", SIGABRT) after a run that succeeded, and torchrun then fails the launch.
+
+    ``wait_for_ranks`` (after a normal end): under gloo, first meet the other ranks at a barrier
+    of at most :data:`END_BARRIER_S`, so that no rank closes its connections while another is
+    still working; a rank that does not come in time is named in a warning and the group ends
+    anyway. Not after an error, where other ranks may wait in a collective that never comes.
+    """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_ranks and dist.get_world_size() > 1 and dist.get_backend() == 'gloo':
+        from datetime import timedelta
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=END_BARRIER_S))
+        except RuntimeError as error:
+            print(f'warning: rank {dist.get_rank()} ended its process group without meeting the '
+                  f'other ranks at the end (waited at most {END_BARRIER_S} s): '
+                  f'{str(error).splitlines()[0]}', file=sys.stderr)
+    dist.destroy_process_group()

@@ -218,3 +218,62 @@ def test_a_tool_ends_the_process_group_it_ran_in(tmp_path):
     assert not dist.is_initialized()
     assert run_tool(launched(FileNotFoundError('x.pth does not exist; pass a file.')), ['bad']) == 1
     assert not dist.is_initialized()
+
+
+END_SCRIPT = '''
+import json, sys, time
+import torch.distributed as dist
+from reparam_mm import cli
+
+store, rank, rank1_works_s, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+cli.END_BARRIER_S = float(sys.argv[5])
+
+
+def main(argv):
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    if rank == 1:  # the rank still writing its results when rank 0 is done
+        time.sleep(rank1_works_s)
+        open(out + '.rank1_done', 'w').close()
+
+
+status = cli.run_tool(main)
+with open(f'{out}.rank{rank}.json', 'w') as f:
+    json.dump(dict(status=status, rank1_was_done=__import__('os').path.exists(out + '.rank1_done'),
+                   initialized=dist.is_initialized()), f)
+'''
+
+
+def _end_two_ranks(tmp_path, rank1_works_s, barrier_s):
+    script = tmp_path / 'end.py'
+    script.write_text(END_SCRIPT)
+    out = str(tmp_path / 'run')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / 'store'), str(rank),
+                               str(rank1_works_s), out, str(barrier_s)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    said = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], said
+    return [json.loads((tmp_path / f'run.rank{rank}.json').read_text()) for rank in (0, 1)], said
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_ended_normally_meet_before_they_end_the_process_group(tmp_path):
+    """Rank 0 is done at once, rank 1 works 3 s more: rank 0 ends its gloo group only after rank 1
+    is done too, so no rank closes its connections under another's feet."""
+    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=3, barrier_s=60)
+    assert rank0 == dict(status=0, rank1_was_done=True, initialized=False), said
+    assert rank1 == dict(status=0, rank1_was_done=True, initialized=False), said
+    assert 'warning' not in ''.join(said)
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_does_not_come_to_the_end_is_named_and_the_group_ends(tmp_path):
+    """The wait at the end is bounded: past it, rank 0 names the missing rank in one warning and
+    ends its group anyway, with the run's own status."""
+    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=8, barrier_s=2)
+    assert rank0 == dict(status=0, rank1_was_done=False, initialized=False), said
+    assert rank1['status'] == 0 and not rank1['initialized'], said
+    warning = [line for line in said[0].splitlines() if line.startswith('warning: rank 0 ')]
+    assert len(warning) == 1 and 'without meeting the other ranks at the end' in warning[0], said
+    assert 'Rank 1 failed to pass monitoredBarrier' in warning[0], said
