@@ -15,12 +15,19 @@ contention rule) and converts the module's 4-D weights to the faster one: in eva
 timed and kept apart. A module that runs channels_last hands its outputs back in its input's
 layout (mmcv's RoIAlign reads NCHW), except mmseg's decode head, whose ``forward`` is called
 directly and whose logits may come back channels_last (same values). Nothing is timed in fixed
-mode (``REPARAM_MM_LARGE_DW=fixed``), while exporting or compiling, in distributed runs (the
-weights are DDP's: when it rebuilds its gradient buckets after the first step, each rank lays
-its bucket views out in the strides its weights have then, so ranks whose layouts differed
-would all-reduce different elements into each other), on devices other than CPU and CUDA, or in a mixed state (an eval-mode
-module under gradients, a training-mode one without): there the weights keep the layout they
-have.
+mode (``REPARAM_MM_LARGE_DW=fixed``), while exporting or compiling, on devices other than CPU
+and CUDA, or in a mixed state (an eval-mode module under gradients, a training-mode one
+without): there the weights keep the layout they have.
+
+Distributed runs are different: the weights are DDP's, and when it rebuilds its gradient
+buckets after the first step, each rank lays its bucket views out in the strides its weights
+have then, so ranks whose layouts differed would all-reduce different elements into each other.
+There evaluation times nothing, and training does only after :func:`allow_agreed_layouts`
+(tools/train.py, under DDP): during the first step each rank times its modules on collective-free
+copies (SyncBN would meet the other ranks' collectives) and keeps the result as a proposal,
+the step itself running in the layout the weights have; :func:`agree_head_layouts` after that
+step gives every rank rank 0's proposals, before DDP rebuilds its buckets, and the layouts stay
+so for the run.
 """
 import itertools
 
@@ -30,7 +37,8 @@ from torch import nn
 from .layers import large_kernel
 from .layers.doconv import DOConv2d
 
-__all__ = ['tune_head_layouts', 'head_modules', 'module_layout', 'set_module_layout']
+__all__ = ['tune_head_layouts', 'head_modules', 'module_layout', 'set_module_layout',
+           'allow_agreed_layouts', 'agree_head_layouts']
 
 _FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
@@ -113,32 +121,51 @@ class _LayoutChoice:
     def __init__(self, module, train_only=False):
         self.module = module
         self.train_only = train_only  # mmseg's auxiliary head: evaluation never calls it
+        # distributed training (module docstring): 'proposing' after allow_agreed_layouts,
+        # 'agreed' after agree_head_layouts; None: nothing is timed there
+        self.agreement = None
+        self.proposal = None
 
     def applies(self, x):
         module = self.module
-        return (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type in ('cpu', 'cuda')
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type in ('cpu', 'cuda')
                 and not _LayoutChoice.timing and module.training == torch.is_grad_enabled()
                 and (module.training or not self.train_only)
                 and large_kernel.active_dispatch_mode() == 'tuned'
-                and not large_kernel._exporting() and not large_kernel._distributed())
+                and not large_kernel._exporting()):
+            return False
+        if not large_kernel._distributed():
+            return True
+        return module.training and self.agreement == 'proposing'
 
     def choose(self, x, run):
-        """Time ``run()`` (the module on its real inputs) in both layouts for ``x``'s signature
-        and leave the module in the faster one."""
+        """Time ``run(m)`` (module ``m`` on the call's real inputs) in both layouts for ``x``'s
+        signature and leave the module in the faster one; in distributed training, time a
+        collective-free copy and keep the faster layout as this rank's proposal instead."""
         module = self.module
+        proposing = large_kernel._distributed()
+        if proposing:
+            known = large_kernel.TUNER.known_layout(module, x)
+            if known is not None:
+                self.proposal = known
+                return
+            module = large_kernel.collective_free_copy(module)
 
         def forward(_, channels_last):
             set_module_layout(module, 'channels_last' if channels_last else 'nchw')
-            return tuple(_tensors(run()))
+            return tuple(_tensors(run(module)))
 
         _LayoutChoice.timing = True
         try:
             choice = large_kernel.TUNER.choose_layout(module, x, forward, subject='memory layout',
-                                                      fixed=module_layout(module))
+                                                      fixed=module_layout(self.module))
             large_kernel.TUNER.take_output(module, x, choice == 'channels_last')  # not reused
         finally:
             _LayoutChoice.timing = False
-        set_module_layout(module, choice)
+        if proposing:
+            self.proposal = choice
+        else:
+            set_module_layout(module, choice)
 
 
 class _ChooseBeforeCall(_LayoutChoice):
@@ -147,7 +174,7 @@ class _ChooseBeforeCall(_LayoutChoice):
     def __call__(self, module, args):
         x = next(iter(_tensors(args)), None)
         if self.applies(x):
-            self.choose(x, lambda: module(*args))
+            self.choose(x, lambda m: m(*args))
 
 
 class _ReturnInInputLayout:
@@ -168,7 +195,7 @@ class _ChooseForDecodeHead(_LayoutChoice):
     def __call__(self, producer, args, features):
         feats = _tensors(features)
         if feats and self.applies(feats[0]):
-            self.choose(feats[0], lambda: self.module.forward(features))
+            self.choose(feats[0], lambda m: m.forward(features))
 
 
 def _has_kernels(module):
@@ -230,3 +257,45 @@ def tune_head_layouts(model):
             module.register_forward_hook(_ReturnInInputLayout())
         hooked.append(name)
     return hooked
+
+
+def _layout_choices(model):
+    """``(name, choice)`` for each layout hook on ``model``, in module order (the same on every
+    rank)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [(names.get(id(hook.module), type(hook.module).__name__), hook)
+            for m in model.modules()
+            for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+            if isinstance(hook, _LayoutChoice)]
+
+
+def allow_agreed_layouts(model):
+    """Let the hooked modules of a distributed training ``model`` propose their layouts during
+    the next training step, to be agreed on by :func:`agree_head_layouts` after it (module
+    docstring). Only for a model whose every rank runs the same steps and calls
+    :func:`agree_head_layouts` at the same point (tools/train.py under DDP). Returns the number
+    of modules."""
+    choices = _layout_choices(model)
+    for _, choice in choices:
+        choice.agreement, choice.proposal = 'proposing', None
+    return len(choices)
+
+
+def agree_head_layouts(model):
+    """Give every hooked module of ``model`` rank 0's proposed layout (a collective: every rank
+    calls it at the same point, after the first training step and before the second, which is
+    when DDP rebuilds its gradient buckets in the weights' strides); a module rank 0 proposed
+    nothing for keeps its layout. Nothing is timed for them in training afterwards. Returns
+    ``{name: layout}`` of the modules set."""
+    from mmengine.dist import broadcast_object_list
+    choices = [(name, c) for name, c in _layout_choices(model) if c.agreement == 'proposing']
+    proposals = [c.proposal for _, c in choices]
+    if large_kernel._distributed():
+        broadcast_object_list(proposals, src=0)
+    agreed = {}
+    for (name, choice), layout in zip(choices, proposals):
+        choice.agreement, choice.proposal = 'agreed', None
+        if layout is not None:
+            set_module_layout(choice.module, layout)
+            agreed[name] = layout
+    return agreed

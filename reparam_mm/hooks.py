@@ -1,7 +1,8 @@
 """``FusedEvalHook``: validate and test the fused model, never touch the trained one;
 ``TrainingLoadCheckHook``: train only from a checkpoint that loads whole;
 ``DatasetClassesCheckHook``: train only on classes the annotations have;
-``LabelValuesCheckHook``: train only on label maps whose values the segmentor's heads can read.
+``LabelValuesCheckHook``: train only on label maps whose values the segmentor's heads can read;
+``HeadLayoutAgreementHook``: under DDP, the ranks train their neck and heads in one agreed layout.
 
 * Validation (during training or ``runner.val()``): ``before_val_epoch``
   deep-copies the model, fuses the copy and points ``runner.model`` at it;
@@ -37,10 +38,11 @@ from mmengine.registry import HOOKS
 
 from .checkpoint import check_training_load
 from .fuse import fuse_with_report
-from .head_layout import tune_head_layouts
+from .head_layout import agree_head_layouts, allow_agreed_layouts, tune_head_layouts
 from .outputs import check_summary, compare_outputs, reference_outputs, tensor_outputs, within_tolerance
 
-__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook', 'LabelValuesCheckHook']
+__all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook', 'LabelValuesCheckHook',
+           'HeadLayoutAgreementHook']
 
 
 def _unwrap(model):
@@ -278,6 +280,33 @@ class DatasetClassesCheckHook(Hook):
     def before_train(self, runner) -> None:
         from .train import check_dataset_classes
         check_dataset_classes(runner)
+
+
+class HeadLayoutAgreementHook(Hook):
+    """Distributed training under DDP: the neck and heads (hooked by
+    ``head_layout.tune_head_layouts``) propose their layouts during the first step, each rank
+    timing copies, and after it every rank takes rank 0's (``head_layout.agree_head_layouts``),
+    before DDP lays out its gradient buckets in the weights' strides at the second step.
+    Registered by ``train()``; does nothing in a run that is not distributed under DDP."""
+
+    def __init__(self):
+        self.pending = False
+
+    def before_train(self, runner) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        from .layers.large_kernel import _distributed
+        self.pending = (_distributed() and isinstance(runner.model, DistributedDataParallel)
+                        and allow_agreed_layouts(_unwrap(runner.model)) > 0)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        agreed = agree_head_layouts(_unwrap(runner.model))
+        if agreed:
+            print_log('the neck and heads train in rank 0\'s timed layouts on every rank: '
+                      + ', '.join(f'{name} {layout}' for name, layout in agreed.items()),
+                      logger='current')
 
 
 class LabelValuesCheckHook(Hook):

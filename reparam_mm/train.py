@@ -880,10 +880,13 @@ def train(cfg, hooks=()):
                               'or load_from')
     runner = build_runner(cfg)
     from .head_layout import tune_head_layouts
-    from .hooks import DatasetClassesCheckHook, LabelValuesCheckHook, TrainingLoadCheckHook, _unwrap
+    from .hooks import (DatasetClassesCheckHook, HeadLayoutAgreementHook, LabelValuesCheckHook,
+                        TrainingLoadCheckHook, _unwrap)
     # the neck and heads train in the memory layout timed fastest on this machine, as the
-    # backbone does (one timing per input size bucket, at its first step; none when distributed)
+    # backbone does (one timing per input size bucket, at its first step; under DDP, rank 0's
+    # timing at the first step, agreed on by every rank after it)
     tune_head_layouts(_unwrap(runner.model))
+    runner.register_hook(HeadLayoutAgreementHook())
     runner.register_hook(TrainingLoadCheckHook(partial=bool(cfg.get('load_from_partial', False))))
     runner.register_hook(DatasetClassesCheckHook())
     if segmentation_heads(_unwrap(runner.model)):  # a detector's labels come from its categories

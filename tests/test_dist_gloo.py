@@ -25,10 +25,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = '''
 import json
+import os
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+
+if os.environ.get('RANK_PREFERS'):
+    # each rank's timings of a layout pair say its own layout is faster (RANK_PREFERS: rank 0's,
+    # rank 1's), from a tuning cache of its own, so the ranks' proposals differ
+    from reparam_mm.layers import large_kernel
+    _rank = os.environ['RANK']
+    _prefers = os.environ['RANK_PREFERS'].split(',')[int(_rank)]
+    os.environ['REPARAM_MM_CACHE'] = os.path.join(os.environ['REPARAM_MM_CACHE'], 'rank' + _rank)
+    _time_candidates = large_kernel.TUNER.time_candidates
+
+    def _prefer(runs, **kwargs):
+        if set(runs) != {'nchw', 'channels_last'}:
+            return _time_candidates(runs, **kwargs)
+        for run in runs.values():
+            run()
+        return {name: 1.0 if name == _prefers else 2.0 for name in runs}, {}
+    large_kernel.TUNER.time_candidates = _prefer
 
 
 @HOOKS.register_module()
@@ -56,6 +74,8 @@ class RankProbeHook(Hook):
         self.record['trained_layouts'] = sorted({sig.split('|')[1].split(':')[0]
                                                  for _, sig in large_kernel.TUNER.choices
                                                  if sig.startswith('layout|') and ':train|' in sig})
+        from reparam_mm.head_layout import head_modules, module_layout
+        self.record['head_layouts'] = {name: module_layout(m) for name, m, _ in head_modules(model)}
         with open(f'{self.out_dir}/rank{get_rank()}.json', 'w') as f:
             json.dump(self.record, f)
 '''
@@ -122,28 +142,38 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     assert 'mIoU' in proc.stdout + proc.stderr
 
 
-def test_a_replknet_backbone_times_its_layout_on_a_copy_in_distributed_training(tmp_path):
-    """Each rank times the RepLKNet backbone's training layout on a copy (with BN for SyncBN),
-    so its SyncBN layers run the step's forward only; the ranks may choose differently, which
-    changes how activations are stored, not the weights DDP keeps equal. Heads are not timed in
-    distributed runs (their weights' layout sets DDP's gradient buckets)."""
+def test_distributed_training_times_layouts_on_copies_and_trains_heads_in_rank_0s(tmp_path):
+    """Each rank times the RepLKNet backbone's and the heads' training layouts on copies (with
+    BN for SyncBN), so its SyncBN layers run the step's forward only. The backbone's layout is
+    the activations', so each rank keeps its own; the heads' weights are DDP's, so after the
+    first step every rank takes rank 0's proposals, here channels_last where rank 1 timed NCHW
+    faster: both train the DO-Conv heads channels_last and end with the same weights."""
     from test_train_tools import DOCONV_REPLKNET_DEMO
     (tmp_path / 'rank_probe.py').write_text(PROBE)
     cfg = tiny_demo_config(tmp_path, max_iters=2, base=DOCONV_REPLKNET_DEMO, extra=f"""
 custom_imports = dict(imports=['reparam_mm', 'rank_probe'], allow_failed_imports=False)
 custom_hooks = [dict(type='FusedEvalHook'), dict(type='RankProbeHook', out_dir={str(tmp_path)!r})]
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+sync = dict(type='SyncBN', requires_grad=True)
+model = dict(decode_head=dict(norm_cfg=sync), auxiliary_head=dict(norm_cfg=sync))
 """)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]),
+               RANK_PREFERS='channels_last,nchw')
     proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir',
                            str(tmp_path / 'wd')],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
     for r in ranks:
-        assert r['iters'] == [1, 2] and r['trained_layouts'] == ['RepLKNet'], r
+        assert r['iters'] == [1, 2] and r['trained_layouts'] == ['FCNHead', 'RepLKNet', 'UPerHead'], r
+        assert r['head_layouts'] == {'decode_head': 'channels_last',
+                                     'auxiliary_head': 'channels_last'}, r
     assert ranks[0]['checksum'] == ranks[1]['checksum']
+    said = [line for line in out.splitlines() if "train in rank 0's timed layouts" in line]
+    assert len(said) == 1, out[-3000:]
+    assert said[0].endswith('decode_head channels_last, auxiliary_head channels_last'), said
 
 
 def test_a_bad_label_on_one_rank_ends_both_with_one_line(tmp_path):

@@ -183,6 +183,42 @@ def test_training_times_forward_and_backward_and_leaves_the_step_as_it_was(tuner
     assert tuner.measured == measured
 
 
+def test_distributed_training_proposes_on_copies_and_trains_in_the_agreed_layout(tuner, monkeypatch):
+    """Under DDP (here: one process that counts as distributed) the heads are timed only after
+    allow_agreed_layouts: the first step times copies and runs in the weights' layout, with the
+    untuned model's losses and gradients; agree_head_layouts then sets the proposals (rank 0's,
+    this process's here), and later training steps time nothing, not even a new size."""
+    from reparam_mm.head_layout import agree_head_layouts, allow_agreed_layouts
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)
+    model, data = _training(SEG, 64)
+    plain = copy.deepcopy(model)
+    tune_head_layouts(model)
+    _loss_and_grads(copy.deepcopy(model), data)
+    assert not _head_choices(tuner)  # distributed, not allowed: nothing timed
+    assert allow_agreed_layouts(model) == 2
+    losses, grads = _loss_and_grads(model, data)
+    nchw = {'decode_head': 'nchw', 'auxiliary_head': 'nchw'}
+    assert _layouts(model) == nchw  # the step ran in the weights' layout
+    assert len(_head_choices(tuner)) == 2
+    want_losses, want_grads = _loss_and_grads(plain, data)
+    for k in want_losses:
+        torch.testing.assert_close(losses[k], want_losses[k], rtol=0, atol=0)
+    for n in want_grads:
+        torch.testing.assert_close(grads[n], want_grads[n], rtol=0, atol=0, msg=n)
+    for (n, b), (_, want) in zip(model.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b, want, rtol=0, atol=0, msg=n)
+    assert agree_head_layouts(model) == {'decode_head': 'channels_last',
+                                         'auxiliary_head': 'channels_last'}
+    assert _layouts(model) == {'decode_head': 'channels_last', 'auxiliary_head': 'channels_last'}
+    tuner.times = {'channels_last': 1.0, 'nchw': 0.1}  # a new timing would choose NCHW
+    bigger = model.data_preprocessor(synthetic_batch(load_config(str(SEG)), 128, 128, batch=2,
+                                                     train=True), True)
+    _loss_and_grads(model, bigger)
+    assert len(_head_choices(tuner)) == 2
+    assert _layouts(model) == {'decode_head': 'channels_last', 'auxiliary_head': 'channels_last'}
+
+
 def test_nothing_is_timed_in_a_mixed_state_or_in_fixed_mode(tuner):
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
     model, data = _fused(SEG, 64, batch=2)  # 2: training-mode BN after the 1x1 pooling
