@@ -90,6 +90,15 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def native_half_precision(monkeypatch):
+    """The large-kernel fixed rules as on a CPU with native bf16 / fp16 (AVX512-BF16, AMX), so
+    that tests of those rules pass on an AVX2-only CPU too, where half precision takes the FFT
+    (test_large_kernel.py tests that branch by setting it False)."""
+    from reparam_mm.layers import large_kernel
+    monkeypatch.setattr(large_kernel, 'cpu_native_half', lambda dtype: True)
+
+
 @pytest.fixture
 def tuner(monkeypatch, tmp_path):
     """A fresh large-kernel tuner with its own cache file and injected timings

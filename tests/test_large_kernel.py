@@ -164,6 +164,27 @@ def test_fixed_rules_train_half_precision_through_the_fft_and_infer_direct():
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
 
 
+@dispatch_mode('fixed')
+def test_without_native_half_precision_the_fixed_rules_infer_through_the_fft_too(monkeypatch):
+    """An AVX2-only CPU computes bf16 convs in software (RepLKNet-31B's stage-1 31x31 conv:
+    9 s direct, 52 ms through FFTs): there inference takes the FFT from 13 on, as training
+    does; fp32 and smaller kernels keep their rules."""
+    monkeypatch.setattr(large_kernel, 'cpu_native_half', lambda dtype: False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 40, 36, generator=g).bfloat16()
+    for k, want in ((31, 'fft'), (13, 'fft'), (11, 'direct_channels_last')):
+        w = (torch.randn(8, 1, k, k, generator=g) * 0.05).bfloat16()
+        with torch.no_grad():
+            assert large_kernel.choose(x, w, None, 1, k // 2) == want, k
+    w = torch.randn(8, 1, 13, 13, generator=g)
+    with torch.no_grad():
+        assert large_kernel.choose(x.float(), w, None, 1, 6) != 'fft'  # fp32: from 27 on
+        out = large_depthwise_conv2d(x, w.bfloat16(), None, 1, 6)
+    ref = F.conv2d(x.float(), w.bfloat16().float(), None, 1, 6, 1, 8)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize('channels_last_input', [False, True])
 @dispatch_mode('fixed')
 def test_dispatch_takes_fft_for_large_stride_1_kernels_and_matches(monkeypatch, channels_last_input):

@@ -57,7 +57,7 @@ __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CAN
            'fixed_choice', 'choose', 'dispatch_mode', 'set_dispatch_mode', 'active_dispatch_mode', 'forced_candidate',
            'use_channels_last', 'use_fft', 'backbone_channels_last', 'backbone_layout',
            'forward_in_best_layout', 'times_on_a_copy', 'collective_free_copy',
-           'layout_signature', 'fft_min_kernel',
+           'layout_signature', 'fft_min_kernel', 'cpu_native_half', 'SOFT_HALF_FFT_MIN_KERNEL',
            'fft_depthwise_conv2d', 'triton_depthwise_conv2d', 'large_depthwise_conv2d',
            'LargeKernelDWConv2d', 'LargeDWTuner', 'TUNER', 'signature', 'size_bucket',
            'shape_label']
@@ -82,6 +82,10 @@ _CL_HALF_FEW_CHANNELS_MAX_KERNEL = 13
 SIZE_BUCKET_MIN = 16
 #: size buckets per doubling of the size (neighbours within 2 ** (1/4) = 1.19x share one)
 SIZE_BUCKETS_PER_OCTAVE = 4
+#: fixed rule: on a CPU without native half precision (AVX2 only: no AVX512-BF16, AMX or
+#: AVX512-FP16), the smallest kernel side for which half-precision calls run through FFTs in
+#: inference too, since oneDNN computes them in software there (docs/benchmarks.md)
+SOFT_HALF_FFT_MIN_KERNEL = 13
 _FFT_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MODES = ('tuned', 'fixed')
@@ -216,14 +220,36 @@ def candidates(x, kernel_size, stride=1, padding=0, dilation=1):
     return names
 
 
+def cpu_native_half(dtype) -> bool:
+    """Whether oneDNN runs ``dtype`` (bf16 / fp16) convs natively on this CPU rather than in
+    software (an AVX2-only CPU); read once from torch."""
+    if dtype not in _NATIVE_HALF:
+        mkldnn = torch.backends.mkldnn.is_available()
+        check = {torch.bfloat16: '_is_mkldnn_bf16_supported',
+                 torch.float16: '_is_mkldnn_fp16_supported'}.get(dtype)
+        try:
+            _NATIVE_HALF[dtype] = bool(mkldnn and check and getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):  # a torch without the query: assume native
+            _NATIVE_HALF[dtype] = True
+    return _NATIVE_HALF[dtype]
+
+
+_NATIVE_HALF = {}
+
+
 def use_fft(x, kernel_size, stride=1, padding=0, dilation=1, grad=False) -> bool:
     """Fixed rule: CPU stride-1 calls with both kernel sides >= ``FFT_MIN_KERNEL``, in fp32 /
     fp64, and in half precision when the call is differentiated (``grad``: bf16 training, where
-    oneDNN's direct backward at 27-31 costs 7-26x the FFT; its forward alone is faster)."""
+    oneDNN's direct backward at 27-31 costs 7-26x the FFT; its forward alone is faster); on a
+    CPU computing half precision in software, half-precision calls from
+    ``SOFT_HALF_FFT_MIN_KERNEL`` on, differentiated or not."""
+    if x.device.type != 'cpu' or x.dim() != 4 or not _fft_fits(x, kernel_size, stride, padding,
+                                                               dilation):
+        return False
+    if x.dtype in _HALF_DTYPES and not cpu_native_half(x.dtype):
+        return min(kernel_size) >= SOFT_HALF_FFT_MIN_KERNEL
     dtypes = _FFT_DTYPES + (_HALF_DTYPES if grad else ())
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in dtypes
-            and min(kernel_size) >= FFT_MIN_KERNEL
-            and _fft_fits(x, kernel_size, stride, padding, dilation))
+    return x.dtype in dtypes and min(kernel_size) >= FFT_MIN_KERNEL
 
 
 def use_channels_last(x, kernel_size, padding=0) -> bool:
@@ -237,7 +263,8 @@ def fixed_choice(x, kernel_size, stride=1, padding=0, dilation=1, grad=False):
     """The candidate the fixed rules (measured on an AMD EPYC CPU) give this call.
 
     CPU: FFT for stride-1 kernels >= 27 in fp32/fp64 (in half precision too when ``grad``: the
-    call is differentiated), channels_last direct from 11 on, else direct in the input's layout;
+    call is differentiated; from 13 on, differentiated or not, where the CPU has no native half
+    precision), channels_last direct from 11 on, else direct in the input's layout;
     any call that would stall oneDNN runs NCHW. Other devices: direct in the input's layout
     (cuDNN), until GPU measurements say otherwise.
     """
