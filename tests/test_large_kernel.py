@@ -164,6 +164,24 @@ def test_fixed_rules_train_half_precision_through_the_fft_and_infer_direct():
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
 
 
+def test_a_call_that_fails_in_every_layout_raises_its_own_error(monkeypatch, tmp_path):
+    """A training batch of one image through a pooled BN (mmseg's PPM) fails in either layout:
+    the layout timing raises that error, which tools name as bad input, not 'no candidate
+    ran'."""
+    from reparam_mm.cli import input_error_message
+    monkeypatch.setenv('REPARAM_MM_CACHE', str(tmp_path))
+    monkeypatch.setattr(large_kernel, '_cpu_seconds', lambda: None)
+    nn = torch.nn
+    pooled = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    x = torch.randn(1, 4, 8, 8)
+
+    def forward(x, channels_last):
+        return (pooled(x.contiguous(memory_format=torch.channels_last) if channels_last else x),)
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel') as raised:
+        large_kernel.LargeDWTuner().choose_layout(pooled, x, forward)
+    assert input_error_message(raised.value) is not None
+
+
 @dispatch_mode('fixed')
 def test_without_native_half_precision_the_fixed_rules_infer_through_the_fft_too(monkeypatch):
     """An AVX2-only CPU computes bf16 convs in software (RepLKNet-31B's stage-1 31x31 conv:

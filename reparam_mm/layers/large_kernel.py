@@ -501,6 +501,7 @@ class LargeDWTuner:
         sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
             else None
         times, errors, spent, calls = {}, {}, {}, {}
+        self.raised = {}
 
         def once(name):
             """One timed run of ``name``; a candidate that raises is dropped with its error."""
@@ -514,6 +515,7 @@ class LargeDWTuner:
                 return self.clock() - t
             except Exception as e:  # a candidate that cannot run this call is left out
                 errors[name] = f'{type(e).__name__}: {e}'[:200]
+                self.raised[name] = e
                 spent.pop(name, None)
                 times.pop(name, None)
                 return None
@@ -707,6 +709,9 @@ class LargeDWTuner:
         seconds = self.clock() - start
         others = self.other_cores(before, _cpu_seconds() if on_cpu else None, seconds)
         if not times:
+            raised = list(getattr(self, 'raised', {}).values())
+            if len(raised) == len(runs) and len({(type(e), str(e)) for e in raised}) == 1:
+                raise raised[0]  # the call itself fails (bad input: its own error says why)
             raise RuntimeError(f'no candidate ran {sig}: {errors}')
         choice = min(times, key=times.get)
         self.choices[(key, sig)] = choice
