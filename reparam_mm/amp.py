@@ -23,7 +23,7 @@ from mmengine.runner import TestLoop
 from mmengine.structures import BaseDataElement
 
 __all__ = ['AmpTestLoop', 'CPUAmpOptimWrapper', 'cast_mmcv_ops_to_fp32', 'cpu_has_native_bf16',
-           'predictions_to_fp32']
+           'predictions_to_fp32', 'warn_if_bf16_is_emulated']
 
 _CAST_MARK = '_reparam_mm_fp32_under_cpu_autocast'
 _HALF = (torch.bfloat16, torch.float16)
@@ -32,6 +32,16 @@ _HALF = (torch.bfloat16, torch.float16)
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not emulated."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def warn_if_bf16_is_emulated(what):
+    """One warning that ``what`` (bf16 autocast on this CPU) will run slower than fp32 here."""
+    if not cpu_has_native_bf16():
+        print_log(f'{what}: this CPU has no native bf16 (no AVX512-BF16 or AMX), so oneDNN '
+                  'computes bf16 in software, far slower than fp32 (on an AVX2 AMD EPYC a '
+                  "31x31 depthwise conv took 9 s in bf16 and 39 ms in fp32: docs/benchmarks.md "
+                  'section 6); drop --amp on this machine.', logger='current',
+                  level=logging.WARNING)
 
 
 def _mmcv_op_functions():
@@ -149,10 +159,7 @@ class CPUAmpOptimWrapper(OptimWrapper):
         self.cast_dtype = dtype
         self._device_checked = False
         cast_mmcv_ops_to_fp32()
-        if not cpu_has_native_bf16():
-            print_log('CPUAmpOptimWrapper: this CPU has no native bf16 (AVX512-BF16 or AMX), so '
-                      'bf16 autocast is emulated and likely slower than fp32 training.',
-                      logger='current', level=logging.WARNING)
+        warn_if_bf16_is_emulated('CPUAmpOptimWrapper (bf16 autocast training)')
 
     def _check_device(self, model):
         if self._device_checked:
@@ -207,6 +214,8 @@ class AmpTestLoop(TestLoop):
     def __init__(self, runner, dataloader, evaluator, fp16=True):
         super().__init__(runner, dataloader, evaluator, fp16=fp16)
         cast_mmcv_ops_to_fp32()
+        if not torch.cuda.is_available():
+            warn_if_bf16_is_emulated('AmpTestLoop (bf16 autocast test)')
         process = self.evaluator.process
 
         def process_in_fp32(data_samples, data_batch=None):

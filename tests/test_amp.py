@@ -66,6 +66,21 @@ def test_wrapper_refuses_fp16_and_a_model_off_the_cpu():
             pass
 
 
+@pytest.mark.parametrize('native', [True, False])
+def test_bf16_autocast_on_a_cpu_without_native_bf16_is_warned_once(monkeypatch, native):
+    """An AVX2-only CPU computes bf16 in software: --amp there gets one warning saying to drop it."""
+    import reparam_mm.amp as amp
+    from conftest import mmengine_log
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: native)
+    with mmengine_log() as records:
+        CPUAmpOptimWrapper(optimizer=_sgd(TinyNet()))
+    said = [r.getMessage() for r in records if 'no native bf16' in r.getMessage()]
+    assert said == ([] if native else [said[0]])
+    if not native:
+        assert said[0].startswith('CPUAmpOptimWrapper (bf16 autocast training): this CPU has no '
+                                  'native bf16') and said[0].endswith('drop --amp on this machine.')
+
+
 def test_a_loss_scalers_checkpoint_resumes_and_its_optimizer_state_is_loaded():
     torch.manual_seed(0)
     model, x = TinyNet(), torch.randn(2, 3, 8, 8)
