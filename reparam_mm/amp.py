@@ -22,6 +22,8 @@ from mmengine.registry import LOOPS, OPTIM_WRAPPERS
 from mmengine.runner import TestLoop
 from mmengine.structures import BaseDataElement
 
+from .layers.large_kernel import cpu_native_half
+
 __all__ = ['AmpTestLoop', 'CPUAmpOptimWrapper', 'cast_mmcv_ops_to_fp32', 'cpu_has_native_bf16',
            'predictions_to_fp32', 'warn_if_bf16_is_emulated']
 
@@ -31,7 +33,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not emulated."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cpu_native_half(torch.bfloat16)
 
 
 def warn_if_bf16_is_emulated(what):

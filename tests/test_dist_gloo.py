@@ -251,7 +251,7 @@ def test_a_tool_ends_the_process_group_it_ran_in(tmp_path):
 
 
 END_SCRIPT = '''
-import json, sys, time
+import json, os, sys, time
 import torch.distributed as dist
 from reparam_mm import cli
 
@@ -268,7 +268,7 @@ def main(argv):
 
 status = cli.run_tool(main)
 with open(f'{out}.rank{rank}.json', 'w') as f:
-    json.dump(dict(status=status, rank1_was_done=__import__('os').path.exists(out + '.rank1_done'),
+    json.dump(dict(status=status, rank1_was_done=os.path.exists(out + '.rank1_done'),
                    initialized=dist.is_initialized()), f)
 '''
 

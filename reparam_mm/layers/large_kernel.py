@@ -37,6 +37,7 @@ docs/large_kernel.md.
 """
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -220,21 +221,17 @@ def candidates(x, kernel_size, stride=1, padding=0, dilation=1):
     return names
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_native_half(dtype) -> bool:
     """Whether oneDNN runs ``dtype`` (bf16 / fp16) convs natively on this CPU rather than in
     software (an AVX2-only CPU); read once from torch."""
-    if dtype not in _NATIVE_HALF:
-        mkldnn = torch.backends.mkldnn.is_available()
-        check = {torch.bfloat16: '_is_mkldnn_bf16_supported',
-                 torch.float16: '_is_mkldnn_fp16_supported'}.get(dtype)
-        try:
-            _NATIVE_HALF[dtype] = bool(mkldnn and check and getattr(torch.ops.mkldnn, check)())
-        except (AttributeError, RuntimeError):  # a torch without the query: assume native
-            _NATIVE_HALF[dtype] = True
-    return _NATIVE_HALF[dtype]
-
-
-_NATIVE_HALF = {}
+    check = {torch.bfloat16: '_is_mkldnn_bf16_supported',
+             torch.float16: '_is_mkldnn_fp16_supported'}.get(dtype)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and check
+                    and getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume native
+        return True
 
 
 def use_fft(x, kernel_size, stride=1, padding=0, dilation=1, grad=False) -> bool:
