@@ -4,8 +4,8 @@ the summaries of several CPUs side by side (docs/benchmarks.md, "The same figure
     python -m benchmarks.cpu_check OUT_DIR [--record docs/benchmarks]
 
 writes ``OUT_DIR/cpu_check_summary.json``; ``--record DIR`` also keeps it as
-``DIR/cpu_check_<cpu>.json``, the committed record the side-by-side table is rendered from
-(``tools/bench_report.py docs/benchmarks/cpu_check_*.json --doc docs/benchmarks.md``).
+``DIR/cpu_check_<cpu>_<isa>.json`` (:func:`record_name`), the committed record the side-by-side
+table is rendered from (``tools/bench_report.py docs/benchmarks/cpu_check_*.json --doc docs/benchmarks.md``).
 """
 import argparse
 import glob
@@ -33,6 +33,9 @@ OVERHEAD = {'upernet-r50': 'UperNet-R50', 'faster-rcnn-r50': 'Faster R-CNN R50 4
 #: summary key -> file stem of the overhead step's compares: fp32, and bf16 autocast (--amp)
 OVERHEAD_RUNS = {'overhead': 'cpu_train-overhead', 'overhead_bf16': 'cpu_train-amp-overhead'}
 #: summary key -> the compare of the neck and heads NCHW (A) against their tuned layout (B)
+#: the widest bf16-capable ISA a CPU flag names -> its name in a record's file name and column
+ISA_CLASSES = (('amx_bf16', 'amx', 'AMX'), ('avx512_bf16', 'avx512-bf16', 'AVX512-BF16'),
+               ('avx512f', 'avx512', 'AVX-512'), ('avx2', 'avx2', 'AVX2 only'))
 HEADS_RUNS = {'heads_bf16': 'cpu_heads_upernet-replknet-31b_bf16',
               'heads_train_bf16': 'cpu_heads-train_upernet-replknet-31b_bf16'}
 
@@ -139,7 +142,10 @@ def summarize(out_dir):
                    infer={}, train_31b={},
                    overhead={}, overhead_bf16={}, large_dw=large_dw_rules(large_dw, tuning) if large_dw else [],
                    layouts=layout_choices(tuning), shape=first['settings'].get('shape'))
-    summary['flags'] = re.findall(r'^cpu flag: (\S+)', _read(path('cpu.log')) or '', re.M)
+    cpu_log = _read(path('cpu.log')) or ''
+    summary['flags'] = re.findall(r'^cpu flag: (\S+)', cpu_log, re.M)
+    bf16 = re.search(r'^cpu bf16: (native|software)$', cpu_log, re.M)
+    summary['bf16'] = bf16.group(1) if bf16 else None  # None: a record made before the line
     for name, rc, seconds in STEP_LINE.findall(_read(path('cpu_check.log')) or ''):
         summary['steps'][name] = dict(rc=int(rc), seconds=int(seconds))
     for kh, kw, ph, pw, cl, mode, seconds in STALL_LINE.findall(_read(path('stalls.log')) or ''):
@@ -203,6 +209,18 @@ def slug(cpu):
     return re.sub(r'[^a-z0-9]+', '-', (cpu or 'unknown-cpu').lower()).strip('-')
 
 
+def isa_class(flags):
+    """(file-name part, label) of the widest ISA in a summary's CPU flags: one model name covers
+    CPUs with and without AVX-512 (an AMD EPYC: Zen 3 or Zen 4), whose figures differ 2-200x."""
+    return next(((part, label) for flag, part, label in ISA_CLASSES if flag in flags),
+                ('unknown-isa', 'ISA unknown'))
+
+
+def record_name(summary):
+    """'cpu_check_amd-epyc_avx512-bf16.json': the CPU model and its ISA class."""
+    return f"cpu_check_{slug(summary['cpu'])}_{isa_class(summary['flags'])[0]}.json"
+
+
 # -- rendering ------------------------------------------------------------------------------------
 def _ms(x, unit='ms'):
     if x is None:
@@ -217,8 +235,11 @@ def _speedup(a, b):
 def _figures(s, step_ok):
     """figure label -> text, for one CPU's summary."""
     out = {}
-    flags = [f for f in ('amx_bf16', 'avx512_bf16', 'avx512f') if f in s['flags']]
-    out['CPU flags (AMX / bf16)'] = ', '.join(flags) or 'none of amx_bf16, avx512_bf16, avx512f'
+    flags = [f for f in ('amx_bf16', 'avx512_bf16', 'avx512f', 'avx2') if f in s['flags']]
+    out['CPU flags (AMX / bf16)'] = ', '.join(flags) or 'none of amx_bf16, avx512_bf16, avx512f, avx2'
+    if s.get('bf16'):
+        out['bf16 convs in oneDNN'] = ('native' if s['bf16'] == 'native' else
+                                       'in software: the bf16 figures are left out')
     if s.get('suite'):
         out['`make test` from a clean clone'] = s['suite']
     if s['stalls'] or 'stalls' in s['steps']:
@@ -292,18 +313,21 @@ def _commits(result):
     """'CPU: commit(s) ...': every commit a CPU's figures were measured at."""
     s = result['results'][0]
     commits = s.get('commits') or [str(result['env'].get('git'))]
-    return f"{s['cpu']}: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+    return (f"{s['cpu']} ({isa_class(s['flags'])[1]}): commit{'s' if len(commits) > 1 else ''} "
+            f"{', '.join(commits)}")
 
 
 def render_vendors(results):
     """Markdown: the CPUs' figures side by side, then the large-DW rule table per CPU."""
-    results = sorted(results, key=lambda r: r['results'][0]['cpu'] or '')
+    order = [part for _, part, _ in ISA_CLASSES]  # a model's widest ISA first
+    results = sorted(results, key=lambda r: (r['results'][0]['cpu'] or '', order.index(
+        isa_class(r['results'][0]['flags'])[0]) if r['results'][0]['flags'] else len(order)))
     heads, columns = [], []
     for r in results:
         s = r['results'][0]
         shape = 'x'.join(map(str, s.get('shape') or [])) or '?'
-        heads.append(f"{s['cpu']} ({r['env'].get('torch_threads')} threads, {shape}, "
-                     f"{r['env']['date'][:10]})")
+        heads.append(f"{s['cpu']} ({isa_class(s['flags'])[1]}; {r['env'].get('torch_threads')} "
+                     f"threads, {shape}, {r['env']['date'][:10]})")
         columns.append(_figures(s, lambda name, s=s: s['steps'].get(name, {}).get('rc') == 0))
     labels = list(dict.fromkeys(label for col in columns for label in col))
     lines = ['| figure | ' + ' | '.join(heads) + ' |', '|---|' + '---|' * len(heads)]
@@ -344,7 +368,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='Summarise a tools/cpu_check.sh folder.')
     p.add_argument('out_dir', help='the folder tools/cpu_check.sh wrote')
     p.add_argument('--record', metavar='DIR',
-                   help='also keep the summary as DIR/cpu_check_<cpu>.json (docs/benchmarks)')
+                   help='also keep the summary as DIR/cpu_check_<cpu>_<isa>.json (docs/benchmarks)')
     args = p.parse_args(argv)
     result = summarize(args.out_dir)
     target = os.path.join(args.out_dir, 'cpu_check_summary.json')
@@ -353,7 +377,7 @@ def main(argv=None):
     print(f'wrote {target}')
     if args.record:
         os.makedirs(args.record, exist_ok=True)
-        kept = os.path.join(args.record, f"cpu_check_{slug(result['results'][0]['cpu'])}.json")
+        kept = os.path.join(args.record, record_name(result['results'][0]))
         shutil.copyfile(target, kept)
         print(f'wrote {kept}')
     print('\n'.join(render_vendors([result])))

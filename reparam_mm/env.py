@@ -20,6 +20,22 @@ def cpu_model():
     return platform.processor() or None
 
 
+#: environment variables that cap the instruction sets torch's CPU kernels use
+ISA_CAPS = ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS')
+
+
+def cpu_isa():
+    """Whether oneDNN computes bf16 natively, and any cap on the ISA set in the environment: a
+    CPU figure measured with bf16 in software, or under a cap, is not the CPU's own."""
+    import torch
+    from reparam_mm.layers.large_kernel import cpu_native_half
+    info = dict(onednn_bf16='native' if cpu_native_half(torch.bfloat16) else 'software')
+    caps = {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+    if caps:
+        info['isa_caps'] = ', '.join(f'{k}={v}' for k, v in caps.items())
+    return info
+
+
 def collect_env(device=None):
     """Platform, CPU and package versions as a dict; with a CUDA ``device`` also its
     CUDA / cuDNN versions and GPU name (``cuda``, ``cudnn``, ``gpu``)."""
@@ -29,6 +45,7 @@ def collect_env(device=None):
                 cpu_count=os.cpu_count(), cpu=cpu_model(),
                 cuda_available=torch.cuda.is_available(),
                 torch_cuda=torch.version.cuda or 'none (CPU build)')
+    info.update(cpu_isa(), cpu_capability=torch.backends.cpu.get_cpu_capability())
     if torch.cuda.is_available():
         info['gpus'] = ', '.join(torch.cuda.get_device_name(i)
                                  for i in range(torch.cuda.device_count()))

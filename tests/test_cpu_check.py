@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-from benchmarks.cpu_check import render_vendors, summarize
+from benchmarks.cpu_check import record_name, render_vendors, summarize
 from benchmarks.measure import SCHEMA
 
 SCRIPT = ROOT / 'tools' / 'cpu_check.sh'
@@ -74,9 +74,10 @@ def _dw(stage, dtype, cand, fwd, fwd_bwd):
                 forward=dict(median_ms=fwd), forward_backward=dict(median_ms=fwd_bwd))
 
 
-def _check_folder(path, cpu, overhead=True):
+def _check_folder(path, cpu, overhead=True, flags=('avx512f', 'amx_bf16'), bf16='native'):
     path.mkdir()
-    (path / 'cpu.log').write_text(f'cpu: {cpu}\ncpu flag: avx512f\ncpu flag: amx_bf16\n')
+    (path / 'cpu.log').write_text(f'cpu: {cpu}\n' + ''.join(f'cpu flag: {f}\n' for f in flags)
+                                  + (f'cpu bf16: {bf16}\n' if bf16 else ''))
     (path / 'cpu_check.log').write_text('== cpu: rc=0 in 4 s\n== timeout: rc=0 in 300 s\n')
     (path / 'stalls.log').write_text(
         '(31, 29) pad (15, 15) channels_last=True fixed: 0.012 s\n'
@@ -133,7 +134,7 @@ def _check_folder(path, cpu, overhead=True):
 
 def test_summary_gathers_every_step_of_a_folder(tmp_path):
     s, = summarize(str(_check_folder(tmp_path / 'amd', 'AMD EPYC')))['results']
-    assert s['cpu'] == 'AMD EPYC' and s['flags'] == ['avx512f', 'amx_bf16']
+    assert s['cpu'] == 'AMD EPYC' and s['flags'] == ['avx512f', 'amx_bf16'] and s['bf16'] == 'native'
     assert s['steps'] == {'cpu': dict(rc=0, seconds=4), 'timeout': dict(rc=0, seconds=300)}
     assert [(r['kernel'], r['channels_last'], r['mode'], r['seconds']) for r in s['stalls']] == [
         ([31, 29], True, 'fixed', 0.012), ([31, 31], False, 'tuned', 0.281)]
@@ -167,10 +168,14 @@ def test_summary_gathers_every_step_of_a_folder(tmp_path):
 
 
 def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
-    amd = summarize(str(_check_folder(tmp_path / 'amd', 'AMD EPYC')))
+    amd = summarize(str(_check_folder(tmp_path / 'amd', 'AMD EPYC', flags=('avx512f', 'avx512_bf16'),
+                                      bf16=None)))  # a record made before the bf16 line
     intel = summarize(str(_check_folder(tmp_path / 'intel', 'Intel Xeon', overhead=False)))
     lines = render_vendors([intel, amd])
-    assert lines[0].startswith('| figure | AMD EPYC (2 threads, 512x512, 2026-11-30) | Intel Xeon')
+    assert lines[0].startswith('| figure | AMD EPYC (AVX512-BF16; 2 threads, 512x512, 2026-11-30) | '
+                               'Intel Xeon (AMX; 2 threads')
+    row = next(line for line in lines if line.startswith('| bf16 convs in oneDNN'))
+    assert row == '| bf16 convs in oneDNN | not measured | native |'
     row = next(line for line in lines if 'UperNet-RepLKNet-31B fused inference' in line)
     assert row.count('1600 ms / 800 ms (2.00x)') == 2
     row = next(line for line in lines if 'stalled oneDNN' in line)
@@ -202,8 +207,8 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     assert row.count('| 2667 ms / 1767 ms, paired 0.666 ') == 2
     row = next(line for line in lines if 'training step under bf16 autocast, neck and heads' in line)
     assert row.count('| 11759 ms / 10541 ms, paired 0.896 ') == 2
-    assert lines[-1] == ('*AMD EPYC: commits abc1234, def5678; Intel Xeon: commit abc1234; '
-                         'torch 2.13.0+cpu*')
+    assert lines[-1] == ('*AMD EPYC (AVX512-BF16): commits abc1234, def5678; Intel Xeon (AMX): '
+                         'commit abc1234; torch 2.13.0+cpu*')
     # tools/bench_report.py fills the doc's side-by-side block from the kept summaries
     for name, result in (('cpu_check_amd-epyc.json', amd), ('cpu_check_intel-xeon.json', intel)):
         (tmp_path / name).write_text(json.dumps(result))
@@ -217,3 +222,53 @@ def test_two_cpus_side_by_side_and_in_the_doc(tmp_path):
     text = doc.read_text()
     assert 'not yet measured' not in text and '| figure | AMD EPYC' in text and 'Intel Xeon' in text
     assert 'no <!-- bench:' not in r.stdout  # the summaries have no blocks of their own
+
+
+def test_one_cpu_model_with_and_without_avx512_keeps_two_records(tmp_path):
+    """An AMD EPYC is Zen 4 (AVX512-BF16) on one VM and Zen 3 (AVX2 only) on another: two records,
+    two columns, and the software-bf16 one says why its bf16 figures are missing."""
+    zen4 = summarize(str(_check_folder(tmp_path / 'zen4', 'AMD EPYC',
+                                       flags=('avx512f', 'avx512_bf16', 'avx2'))))
+    zen3 = summarize(str(_check_folder(tmp_path / 'zen3', 'AMD EPYC', flags=('avx2',),
+                                       bf16='software')))
+    assert record_name(zen4['results'][0]) == 'cpu_check_amd-epyc_avx512-bf16.json'
+    assert record_name(zen3['results'][0]) == 'cpu_check_amd-epyc_avx2.json'
+    lines = render_vendors([zen3, zen4])  # a model's widest ISA first
+    assert lines[0].startswith('| figure | AMD EPYC (AVX512-BF16; 2 threads, 512x512, 2026-11-30) | '
+                               'AMD EPYC (AVX2 only; 2 threads')
+    row = next(line for line in lines if line.startswith('| bf16 convs in oneDNN'))
+    assert row == '| bf16 convs in oneDNN | native | in software: the bf16 figures are left out |'
+    row = next(line for line in lines if line.startswith('| CPU flags'))
+    assert row == '| CPU flags (AMX / bf16) | avx512_bf16, avx512f, avx2 | avx2 |'
+    # --record keeps each under its own name
+    folder = _check_folder(tmp_path / 'zen3-run', 'AMD EPYC', flags=('avx2',), bf16='software')
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.cpu_check', str(folder),
+                        '--record', str(tmp_path / 'kept')], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path / 'kept') == ['cpu_check_amd-epyc_avx2.json']
+
+
+def test_bf16_computed_in_software_leaves_the_bf16_figures_out(tmp_path):
+    # oneDNN capped below AVX-512 computes bf16 in software, as an AVX2-only CPU does
+    r = run(str(tmp_path / 'capped'), '--quick', CPU_CHECK_STEPS='cpu', ONEDNN_MAX_CPU_ISA='AVX2')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'cpu bf16: software' in (tmp_path / 'capped' / 'cpu.log').read_text()
+    assert '== bf16: left out: oneDNN computes bf16 in software' in r.stdout
+    # the bf16 steps are not started (each step stops at once: its command line is what counts)
+    steps = dict(CPU_CHECK_STEPS='stalls,large_dw', CPU_CHECK_LIMIT_S='1')
+    run(str(tmp_path / 'fp32'), '--quick', CPU_CHECK_BF16='0', **steps)
+    log = (tmp_path / 'fp32' / 'cpu_check.log').read_text()
+    assert '--dtypes fp32 --repeat 3' in log and '== stalls' not in log
+    run(str(tmp_path / 'both'), '--quick', CPU_CHECK_BF16='1', **steps)
+    log = (tmp_path / 'both' / 'cpu_check.log').read_text()
+    assert '--dtypes fp32 bf16 --repeat 3' in log and '== stalls: ' in log
+    assert 'left out' not in log
+
+
+def test_environment_report_says_bf16_is_in_software_under_an_isa_cap():
+    r = subprocess.run([sys.executable, '-m', 'reparam_mm.env'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2'})
+    assert r.returncode == 0, r.stderr
+    assert 'onednn_bf16: software' in r.stdout.splitlines()
+    assert 'isa_caps: ONEDNN_MAX_CPU_ISA=AVX2' in r.stdout.splitlines()

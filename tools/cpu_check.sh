@@ -9,7 +9,10 @@
 # Run it on a quiet machine after `make setup`, from any folder. Steps, each logged with its time
 # in OUT_DIR/cpu_check.log (its full output in OUT_DIR/<step>.log) and stopped when it runs past
 # its time limit (a stall then costs minutes, not the session):
-#   cpu       the CPU model and whether it has AMX-BF16 / AVX512-BF16
+#   cpu       the CPU model, whether it has AMX-BF16 / AVX512-BF16 / AVX-512 / AVX2, and whether
+#             oneDNN computes bf16 natively; where it does so in software (an AVX2-only CPU, or
+#             ONEDNN_MAX_CPU_ISA capped below AVX-512) the bf16 figures below are left out: they
+#             would take hours (CPU_CHECK_BF16=1 measures them anyway, CPU_CHECK_BF16=0 never)
 #   stalls    the bf16 calls that stalled oneDNN on AMX or AMD (tests/test_large_kernel.py), their times
 #   timeout   a throwaway test that sleeps past the suite's per-test limit must fail by name
 #             (full: the configured 300 s limit; --quick: the same mechanism with a 5 s limit)
@@ -55,6 +58,12 @@ if ! "$PY" -c 'import reparam_mm, mmcv' 2>/dev/null; then
   echo "cpu_check: $PY cannot import reparam_mm and mmcv; run \`make setup\` first." >&2; exit 2
 fi
 STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,buckets,report}
+BF16=${CPU_CHECK_BF16:-}
+if [ -z "$BF16" ]; then
+  if "$PY" -c 'import sys, torch
+from reparam_mm.layers.large_kernel import cpu_native_half
+sys.exit(0 if cpu_native_half(torch.bfloat16) else 1)'; then BF16=1; else BF16=0; fi
+fi
 # the large-kernel dispatch times its candidates afresh on this machine; its choices come back in
 # OUT_DIR/cache/large_dw_tuning.json
 export REPARAM_MM_CACHE=$OUT/cache
@@ -63,6 +72,10 @@ LOG=$OUT/cpu_check.log
 # each step's last line)
 echo "== run $(date -u +%FT%TZ): steps $STEPS" >> "$LOG"
 RUN_START=$(wc -l < "$LOG")
+if [ "$BF16" != 1 ]; then
+  echo "== bf16: left out: oneDNN computes bf16 in software on this CPU" \
+    "(CPU_CHECK_BF16=1 measures it anyway, for hours)" | tee -a "$LOG"
+fi
 
 if [ "$QUICK" = 1 ]; then
   SHAPE="128 128" REPEAT=2 TRAIN_REPEAT=2 LIMIT=5 BUCKETS_ARGS="--sizes 4 --scale 333 200"
@@ -92,8 +105,11 @@ step() {
 
 cpu_info() {
   "$PY" -m reparam_mm.env
-  grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(amx_bf16|amx_tile|avx512_bf16|avx512f)$' \
-    | sed 's/^/cpu flag: /'
+  grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
+    | grep -E '^(amx_bf16|amx_tile|avx512_bf16|avx512f|avx2)$' | sed 's/^/cpu flag: /'
+  "$PY" -c 'import torch
+from reparam_mm.layers.large_kernel import cpu_native_half
+print("cpu bf16:", "native" if cpu_native_half(torch.bfloat16) else "software")'
 }
 
 stalling_calls() {  # a stall fails its test after 60 s, named
@@ -117,13 +133,16 @@ timeout_fires() {
     && echo "$out" | grep -q 'in test_sleeps_past_the_limit'
 }
 
+# the bf16 half of a step runs where oneDNN computes bf16 natively (BF16=1)
 replk() {
   $BENCH $UPER_REPLK --repeat $REPEAT --warmup 1 --out "$OUT/cpu_infer_upernet-replknet-31b_fp32.json" &&
-  $BENCH $UPER_REPLK --repeat $REPEAT --warmup 1 --amp --out "$OUT/cpu_infer_upernet-replknet-31b_bf16.json" &&
-  $BENCH --compare $UPER_REPLK:fused:nchw-heads $UPER_REPLK:fused --repeat $REPEAT --warmup 1 --amp \
-    --no-flops --out "$OUT/cpu_heads_upernet-replknet-31b_bf16.json" &&
-  $BENCH --compare $UPER_REPLK:nchw-heads $UPER_REPLK --mode train --batch 2 --repeat 3 --warmup 1 \
-    --amp --no-flops --out "$OUT/cpu_heads-train_upernet-replknet-31b_bf16.json" &&
+  { [ "$BF16" != 1 ] || {
+    $BENCH $UPER_REPLK --repeat $REPEAT --warmup 1 --amp \
+      --out "$OUT/cpu_infer_upernet-replknet-31b_bf16.json" &&
+    $BENCH --compare $UPER_REPLK:fused:nchw-heads $UPER_REPLK:fused --repeat $REPEAT --warmup 1 --amp \
+      --no-flops --out "$OUT/cpu_heads_upernet-replknet-31b_bf16.json" &&
+    $BENCH --compare $UPER_REPLK:nchw-heads $UPER_REPLK --mode train --batch 2 --repeat 3 --warmup 1 \
+      --amp --no-flops --out "$OUT/cpu_heads-train_upernet-replknet-31b_bf16.json"; }; } &&
   $BENCH $UPER_REPLK --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --large-dw-dispatch tuned \
     --out "$OUT/cpu_train_upernet-replknet-31b_tuned.json" &&
   $BENCH $UPER_REPLK --mode train --batch 2 --repeat 2 --warmup 1 --no-flops --large-dw-dispatch fixed \
@@ -132,7 +151,9 @@ replk() {
 
 r50() {
   $BENCH $UPER_R50_DO --repeat $REPEAT --warmup 1 --out "$OUT/cpu_infer_upernet-r50-doconv_fp32.json" &&
-  $BENCH $UPER_R50_DO --repeat $REPEAT --warmup 1 --amp --out "$OUT/cpu_infer_upernet-r50-doconv_bf16.json"
+  { [ "$BF16" != 1 ] ||
+    $BENCH $UPER_R50_DO --repeat $REPEAT --warmup 1 --amp \
+      --out "$OUT/cpu_infer_upernet-r50-doconv_bf16.json"; }
 }
 
 overhead() {
@@ -140,17 +161,18 @@ overhead() {
     --no-flops --out "$OUT/cpu_train-overhead_upernet-r50.json" &&
   $BENCH --compare $FRCNN_R50 $FRCNN_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
     --no-flops --out "$OUT/cpu_train-overhead_faster-rcnn-r50.json" &&
-  $BENCH --compare $UPER_R50 $UPER_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
-    --no-flops --amp --out "$OUT/cpu_train-amp-overhead_upernet-r50.json" &&
-  $BENCH --compare $FRCNN_R50 $FRCNN_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
-    --no-flops --amp --out "$OUT/cpu_train-amp-overhead_faster-rcnn-r50.json"
+  { [ "$BF16" != 1 ] || {
+    $BENCH --compare $UPER_R50 $UPER_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
+      --no-flops --amp --out "$OUT/cpu_train-amp-overhead_upernet-r50.json" &&
+    $BENCH --compare $FRCNN_R50 $FRCNN_R50_DO --mode train --batch 2 --repeat $TRAIN_REPEAT --warmup 2 \
+      --no-flops --amp --out "$OUT/cpu_train-amp-overhead_faster-rcnn-r50.json"; }; }
 }
 
 buckets() {  # each run tunes from its own empty caches; --quick: 4 sizes at a quarter scale
   mkdir -p "$OUT/size_buckets" &&
   "$PY" -m benchmarks.size_buckets $BUCKETS_ARGS --out "$OUT/size_buckets/size_buckets_fp32.json" &&
-  "$PY" -m benchmarks.size_buckets $BUCKETS_ARGS --amp \
-    --out "$OUT/size_buckets/size_buckets_bf16.json"
+  { [ "$BF16" != 1 ] || "$PY" -m benchmarks.size_buckets $BUCKETS_ARGS --amp \
+    --out "$OUT/size_buckets/size_buckets_bf16.json"; }
 }
 
 report() {
@@ -175,16 +197,16 @@ suite() {
 
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
-STEP_VARS="PY OUT ROOT LIMIT BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
+STEP_VARS="PY OUT ROOT LIMIT BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
   FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
 # shellcheck disable=SC2086
 export $STEP_VARS STEP_VARS
 export -f cpu_info stalling_calls timeout_fires replk r50 overhead buckets report suite
 
 step cpu 120 cpu_info
-step stalls 900 stalling_calls
+[ "$BF16" = 1 ] && step stalls 900 stalling_calls  # oneDNN's native bf16 kernels stalled
 step timeout $(( ${LIMIT:-300} + 120 )) timeout_fires
-step large_dw 1500 $BENCH --large-dw --batch 1 --dtypes fp32 bf16 --repeat 3 \
+step large_dw 1500 $BENCH --large-dw --batch 1 --dtypes fp32 $([ "$BF16" = 1 ] && echo bf16) --repeat 3 \
   --out "$OUT/cpu_large-dw.json"
 step replk 1800 replk
 step r50 900 r50
@@ -192,6 +214,6 @@ step overhead 1800 overhead
 step buckets 1200 buckets
 step suite 3600 suite
 step report 300 report
-grep -h -E '^cpu: |^cpu flag|pad \(' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | tee -a "$LOG"
+grep -h -E '^cpu: |^cpu flag|^cpu bf16|pad \(' "$OUT/cpu.log" "$OUT/stalls.log" 2>/dev/null | tee -a "$LOG"
 echo "cpu_check: done in $SECONDS s; tables in $OUT/report.md" | tee -a "$LOG"
 ! tail -n +"$RUN_START" "$LOG" | grep -q 'rc=[1-9]'
