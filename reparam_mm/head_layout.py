@@ -22,12 +22,16 @@ without): there the weights keep the layout they have.
 Distributed runs are different: the weights are DDP's, and when it rebuilds its gradient
 buckets after the first step, each rank lays its bucket views out in the strides its weights
 have then, so ranks whose layouts differed would all-reduce different elements into each other.
-There evaluation times nothing, and training does only after :func:`allow_agreed_layouts`
+There evaluation of the trained weights times nothing, and training does only after
+:func:`allow_agreed_layouts`
 (tools/train.py, under DDP): during the first step each rank times its modules on collective-free
 copies (SyncBN would meet the other ranks' collectives) and keeps the result as a proposal,
 the step itself running in the layout the weights have; :func:`agree_head_layouts` after that
 step gives every rank rank 0's proposals, before DDP rebuilds its buckets, and the layouts stay
-so for the run.
+so for the run. A model no DDP trains (``FusedEvalHook``'s fused copy, a model under test) is
+evaluated as in one process after :func:`allow_per_rank_layouts`: each rank times and sets its
+own layouts, which changes no collective (an evaluation forward issues none) and no rank's
+results beyond rounding.
 """
 import itertools
 
@@ -38,7 +42,7 @@ from .layers import large_kernel
 from .layers.doconv import DOConv2d
 
 __all__ = ['tune_head_layouts', 'head_modules', 'module_layout', 'set_module_layout',
-           'allow_agreed_layouts', 'agree_head_layouts']
+           'allow_agreed_layouts', 'agree_head_layouts', 'allow_per_rank_layouts']
 
 _FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
@@ -121,8 +125,9 @@ class _LayoutChoice:
     def __init__(self, module, train_only=False):
         self.module = module
         self.train_only = train_only  # mmseg's auxiliary head: evaluation never calls it
-        # distributed training (module docstring): 'proposing' after allow_agreed_layouts,
-        # 'agreed' after agree_head_layouts; None: nothing is timed there
+        # distributed runs (module docstring): 'proposing' after allow_agreed_layouts, 'agreed'
+        # after agree_head_layouts, 'per-rank' after allow_per_rank_layouts; None: nothing is
+        # timed there
         self.agreement = None
         self.proposal = None
 
@@ -134,7 +139,7 @@ class _LayoutChoice:
                 and large_kernel.active_dispatch_mode() == 'tuned'
                 and not large_kernel._exporting()):
             return False
-        if not large_kernel._distributed():
+        if not large_kernel._distributed() or self.agreement == 'per-rank':
             return True
         return module.training and self.agreement == 'proposing'
 
@@ -143,7 +148,7 @@ class _LayoutChoice:
         signature and leave the module in the faster one; in distributed training, time a
         collective-free copy and keep the faster layout as this rank's proposal instead."""
         module = self.module
-        proposing = large_kernel._distributed()
+        proposing = large_kernel._distributed() and self.agreement != 'per-rank'
         if proposing:
             known = large_kernel.TUNER.known_layout(module, x)
             if known is not None:
@@ -278,6 +283,17 @@ def allow_agreed_layouts(model):
     choices = _layout_choices(model)
     for _, choice in choices:
         choice.agreement, choice.proposal = 'proposing', None
+    return len(choices)
+
+
+def allow_per_rank_layouts(model):
+    """Let each rank of a distributed run time and set the layouts of ``model``'s hooked modules
+    for itself, as one process does: only for a model no DDP trains (a fused copy evaluated,
+    a model under test), whose weights' strides no gradient bucket follows. Returns the number
+    of modules."""
+    choices = _layout_choices(model)
+    for _, choice in choices:
+        choice.agreement, choice.proposal = 'per-rank', None
     return len(choices)
 
 

@@ -38,7 +38,8 @@ from mmengine.registry import HOOKS
 
 from .checkpoint import check_training_load
 from .fuse import fuse_with_report
-from .head_layout import agree_head_layouts, allow_agreed_layouts, tune_head_layouts
+from .head_layout import (agree_head_layouts, allow_agreed_layouts, allow_per_rank_layouts,
+                          tune_head_layouts)
 from .outputs import check_summary, compare_outputs, reference_outputs, tensor_outputs, within_tolerance
 
 __all__ = ['FusedEvalHook', 'TrainingLoadCheckHook', 'DatasetClassesCheckHook', 'LabelValuesCheckHook',
@@ -116,6 +117,7 @@ class FusedEvalHook(Hook):
             p.grad = None
         fused, self.last_report = fuse_with_report(fused.eval(), fuse_bn=self.fuse_bn)
         tune_head_layouts(fused)
+        allow_per_rank_layouts(fused)  # a copy only evaluated: each rank times its own
         self._saved_model, self._reference = runner.model, src
         runner.model = fused
 
@@ -124,6 +126,7 @@ class FusedEvalHook(Hook):
         self._reference = copy.deepcopy(model).eval() if self.check else None
         fused, self.last_report = fuse_with_report(model.eval(), fuse_bn=self.fuse_bn)
         tune_head_layouts(fused)
+        allow_per_rank_layouts(fused)  # tested, never trained again: each rank times its own
         if fused is not model:  # only when the root itself was replaced
             if is_model_wrapper(runner.model):
                 runner.model.module = fused

@@ -74,6 +74,9 @@ class RankProbeHook(Hook):
         self.record['trained_layouts'] = sorted({sig.split('|')[1].split(':')[0]
                                                  for _, sig in large_kernel.TUNER.choices
                                                  if sig.startswith('layout|') and ':train|' in sig})
+        self.record['evaluated_layouts'] = {sig.split('|')[1].split(':')[0]: choice
+                                            for (_, sig), choice in large_kernel.TUNER.choices.items()
+                                            if sig.startswith('layout|') and ':eval|' in sig}
         from reparam_mm.head_layout import head_modules, module_layout
         self.record['head_layouts'] = {name: module_layout(m) for name, m, _ in head_modules(model)}
         with open(f'{self.out_dir}/rank{get_rank()}.json', 'w') as f:
@@ -147,7 +150,8 @@ def test_distributed_training_times_layouts_on_copies_and_trains_heads_in_rank_0
     BN for SyncBN), so its SyncBN layers run the step's forward only. The backbone's layout is
     the activations', so each rank keeps its own; the heads' weights are DDP's, so after the
     first step every rank takes rank 0's proposals, here channels_last where rank 1 timed NCHW
-    faster: both train the DO-Conv heads channels_last and end with the same weights."""
+    faster: both train the DO-Conv heads channels_last and end with the same weights. The fused
+    copy validated at the end is DDP's no longer: each rank evaluates it in its own timed layouts."""
     from test_train_tools import DOCONV_REPLKNET_DEMO
     (tmp_path / 'rank_probe.py').write_text(PROBE)
     cfg = tiny_demo_config(tmp_path, max_iters=2, base=DOCONV_REPLKNET_DEMO, extra=f"""
@@ -171,6 +175,8 @@ model = dict(decode_head=dict(norm_cfg=sync), auxiliary_head=dict(norm_cfg=sync)
         assert r['head_layouts'] == {'decode_head': 'channels_last',
                                      'auxiliary_head': 'channels_last'}, r
     assert ranks[0]['checksum'] == ranks[1]['checksum']
+    assert ranks[0]['evaluated_layouts'] == {'RepLKNet': 'channels_last', 'UPerHead': 'channels_last'}
+    assert ranks[1]['evaluated_layouts'] == {'RepLKNet': 'nchw', 'UPerHead': 'nchw'}
     said = [line for line in out.splitlines() if "train in rank 0's timed layouts" in line]
     assert len(said) == 1, out[-3000:]
     assert said[0].endswith('decode_head channels_last, auxiliary_head channels_last'), said

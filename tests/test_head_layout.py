@@ -219,6 +219,25 @@ def test_distributed_training_proposes_on_copies_and_trains_in_the_agreed_layout
     assert _layouts(model) == {'decode_head': 'channels_last', 'auxiliary_head': 'channels_last'}
 
 
+def test_a_distributed_runs_evaluated_copy_times_its_own_layouts(tuner, monkeypatch):
+    """Under DDP the trained weights are evaluated as they are; a model no DDP trains (the fused
+    copy FusedEvalHook validates, a model under test) times and sets its layouts on each rank."""
+    from reparam_mm.head_layout import allow_per_rank_layouts
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)
+    model, data = _fused(SEG, 64)
+    plain = copy.deepcopy(model)
+    tune_head_layouts(model)
+    _predict(model, data)
+    assert not _head_choices(tuner) and _layouts(model)['decode_head'] == 'nchw'
+    assert allow_per_rank_layouts(model) == 2
+    out = _predict(model, data)
+    assert _layouts(model) == {'decode_head': 'channels_last', 'auxiliary_head': 'nchw'}
+    sig, = _head_choices(tuner)
+    assert ':eval|' in sig
+    assert torch.equal(out[0].pred_sem_seg.data, _predict(plain, data)[0].pred_sem_seg.data)
+
+
 def test_nothing_is_timed_in_a_mixed_state_or_in_fixed_mode(tuner):
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
     model, data = _fused(SEG, 64, batch=2)  # 2: training-mode BN after the 1x1 pooling
