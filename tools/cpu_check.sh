@@ -54,16 +54,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 cd "$ROOT" || exit 1
 PY=${CPU_CHECK_PYTHON:-.venv/bin/python}
-if ! "$PY" -c 'import reparam_mm, mmcv' 2>/dev/null; then
+# one Python start (4 s): the stack imports, and whether oneDNN computes bf16 natively here
+if ! NATIVE_BF16=$("$PY" -c 'import mmcv, torch
+from reparam_mm.layers.large_kernel import cpu_native_half
+print(int(cpu_native_half(torch.bfloat16)))' 2>/dev/null); then
   echo "cpu_check: $PY cannot import reparam_mm and mmcv; run \`make setup\` first." >&2; exit 2
 fi
 STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,buckets,report}
-BF16=${CPU_CHECK_BF16:-}
-if [ -z "$BF16" ]; then
-  if "$PY" -c 'import sys, torch
-from reparam_mm.layers.large_kernel import cpu_native_half
-sys.exit(0 if cpu_native_half(torch.bfloat16) else 1)'; then BF16=1; else BF16=0; fi
-fi
+BF16=${CPU_CHECK_BF16:-$NATIVE_BF16}
 # the large-kernel dispatch times its candidates afresh on this machine; its choices come back in
 # OUT_DIR/cache/large_dw_tuning.json
 export REPARAM_MM_CACHE=$OUT/cache
@@ -107,9 +105,7 @@ cpu_info() {
   "$PY" -m reparam_mm.env
   grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
     | grep -E '^(amx_bf16|amx_tile|avx512_bf16|avx512f|avx2)$' | sed 's/^/cpu flag: /'
-  "$PY" -c 'import torch
-from reparam_mm.layers.large_kernel import cpu_native_half
-print("cpu bf16:", "native" if cpu_native_half(torch.bfloat16) else "software")'
+  echo "cpu bf16: $([ "$NATIVE_BF16" = 1 ] && echo native || echo software)"
 }
 
 stalling_calls() {  # a stall fails its test after 60 s, named
@@ -197,7 +193,7 @@ suite() {
 
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
-STEP_VARS="PY OUT ROOT LIMIT BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
+STEP_VARS="PY OUT ROOT LIMIT BF16 NATIVE_BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
   FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
 # shellcheck disable=SC2086
 export $STEP_VARS STEP_VARS
