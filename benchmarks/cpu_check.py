@@ -326,8 +326,9 @@ def render_vendors(results):
     for r in results:
         s = r['results'][0]
         shape = 'x'.join(map(str, s.get('shape') or [])) or '?'
-        heads.append(f"{s['cpu']} ({isa_class(s['flags'])[1]}; {r['env'].get('torch_threads')} "
-                     f"threads, {shape}, {r['env']['date'][:10]})")
+        cap = r['env'].get('isa_caps')  # measured under a cap: not the CPU's own figures
+        heads.append(f"{s['cpu']} ({isa_class(s['flags'])[1]}{'; capped: ' + cap if cap else ''}; "
+                     f"{r['env'].get('torch_threads')} threads, {shape}, {r['env']['date'][:10]})")
         columns.append(_figures(s, lambda name, s=s: s['steps'].get(name, {}).get('rc') == 0))
     labels = list(dict.fromkeys(label for col in columns for label in col))
     lines = ['| figure | ' + ' | '.join(heads) + ' |', '|---|' + '---|' * len(heads)]

@@ -28,6 +28,13 @@ def test_bad_arguments_say_what_is_accepted(tmp_path):
     assert run().returncode == 2
     r = run(str(tmp_path), '--quick', '--record')
     assert r.returncode == 2 and "--record keeps figures at the docs' sizes" in r.stderr
+    r = run(str(tmp_path), '--record', ONEDNN_MAX_CPU_ISA='AVX2')
+    assert r.returncode == 2 and r.stderr.startswith(
+        "cpu_check: ONEDNN_MAX_CPU_ISA=AVX2 caps the instruction sets, so the figures are not this "
+        "CPU's own; unset it to --record")
+    assert not (tmp_path / 'cpu_check.log').exists()
+    from reparam_mm.env import ISA_CAPS  # the script names the same caps
+    assert f"for cap in {' '.join(ISA_CAPS)}; do" in SCRIPT.read_text()
 
 
 def test_cpu_report_and_the_time_limit_firing(tmp_path):
@@ -243,6 +250,9 @@ def test_one_cpu_model_with_and_without_avx512_keeps_two_records(tmp_path):
     assert row == '| bf16 convs in oneDNN | native | in software: the bf16 figures are left out |'
     row = next(line for line in lines if line.startswith('| CPU flags'))
     assert row == '| CPU flags (AMX / bf16) | avx512_bf16, avx512f, avx2 | avx2 |'
+    zen3['env']['isa_caps'] = 'ONEDNN_MAX_CPU_ISA=AVX2'  # a rehearsal on an AVX-512 machine
+    assert render_vendors([zen3])[0] == ('| figure | AMD EPYC (AVX2 only; capped: ONEDNN_MAX_CPU_ISA=AVX2; '
+                                         '2 threads, 512x512, 2026-11-30) |')
     # --record keeps each under its own name
     folder = _check_folder(tmp_path / 'zen3-run', 'AMD EPYC', flags=('avx2',), bf16='software')
     r = subprocess.run([sys.executable, '-m', 'benchmarks.cpu_check', str(folder),

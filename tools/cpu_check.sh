@@ -50,6 +50,14 @@ if [ -z "$OUT" ]; then echo "usage: tools/cpu_check.sh OUT_DIR [--quick | --reco
 if [ "$QUICK" = 1 ] && [ "$RECORD" = 1 ]; then
   echo "cpu_check: --record keeps figures at the docs' sizes; drop --quick to record." >&2; exit 2
 fi
+if [ "$RECORD" = 1 ]; then  # reparam_mm/env.py ISA_CAPS: a capped CPU's figures are not its own
+  for cap in ONEDNN_MAX_CPU_ISA DNNL_MAX_CPU_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS; do
+    if [ -n "${!cap:-}" ]; then
+      echo "cpu_check: $cap=${!cap} caps the instruction sets, so the figures are not this CPU's" \
+        "own; unset it to --record, or drop --record to measure under the cap." >&2; exit 2
+    fi
+  done
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 cd "$ROOT" || exit 1
@@ -193,7 +201,8 @@ suite() {
 
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
-STEP_VARS="PY OUT ROOT LIMIT BF16 NATIVE_BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50 UPER_R50_DO FRCNN_R50
+STEP_VARS="PY OUT ROOT LIMIT BF16 NATIVE_BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50
+  UPER_R50_DO FRCNN_R50
   FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
 # shellcheck disable=SC2086
 export $STEP_VARS STEP_VARS
