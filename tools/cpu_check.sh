@@ -202,8 +202,7 @@ suite() {
 RECORD_DIR=
 [ "$RECORD" = 1 ] && RECORD_DIR=docs/benchmarks
 STEP_VARS="PY OUT ROOT LIMIT BF16 NATIVE_BF16 BENCH REPEAT TRAIN_REPEAT RECORD_DIR UPER_R50
-  UPER_R50_DO FRCNN_R50
-  FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
+  UPER_R50_DO FRCNN_R50 FRCNN_R50_DO UPER_REPLK BUCKETS_ARGS"
 # shellcheck disable=SC2086
 export $STEP_VARS STEP_VARS
 export -f cpu_info stalling_calls timeout_fires replk r50 overhead buckets report suite
