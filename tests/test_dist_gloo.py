@@ -49,6 +49,13 @@ if os.environ.get('RANK_PREFERS'):
     large_kernel.TUNER.time_candidates = _prefer
 
 
+def _evaluated_layouts():
+    from reparam_mm.layers import large_kernel
+    return {sig.split('|')[1].split(':')[0]: choice
+            for (_, sig), choice in large_kernel.TUNER.choices.items()
+            if sig.startswith('layout|') and ':eval|' in sig}
+
+
 @HOOKS.register_module()
 class RankProbeHook(Hook):
     def __init__(self, out_dir):
@@ -74,13 +81,15 @@ class RankProbeHook(Hook):
         self.record['trained_layouts'] = sorted({sig.split('|')[1].split(':')[0]
                                                  for _, sig in large_kernel.TUNER.choices
                                                  if sig.startswith('layout|') and ':train|' in sig})
-        self.record['evaluated_layouts'] = {sig.split('|')[1].split(':')[0]: choice
-                                            for (_, sig), choice in large_kernel.TUNER.choices.items()
-                                            if sig.startswith('layout|') and ':eval|' in sig}
+        self.record['evaluated_layouts'] = _evaluated_layouts()
         from reparam_mm.head_layout import head_modules, module_layout
         self.record['head_layouts'] = {name: module_layout(m) for name, m, _ in head_modules(model)}
         with open(f'{self.out_dir}/rank{get_rank()}.json', 'w') as f:
             json.dump(self.record, f)
+
+    def after_test(self, runner):
+        with open(f'{self.out_dir}/rank{get_rank()}_test.json', 'w') as f:
+            json.dump(dict(evaluated_layouts=_evaluated_layouts()), f)
 '''
 
 
@@ -163,7 +172,7 @@ model = dict(decode_head=dict(norm_cfg=sync), auxiliary_head=dict(norm_cfg=sync)
 """)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]),
-               RANK_PREFERS='channels_last,nchw')
+               RANK_PREFERS='channels_last,nchw', REPARAM_MM_CACHE=str(tmp_path / 'cache'))
     proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), cfg, '2', '--work-dir',
                            str(tmp_path / 'wd')],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -221,15 +230,29 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     said = [line for line in out.splitlines() if 'label maps read hold values' in line]
     assert len(said) == 1 and 'val_dataloader: 2 of the 2 label maps read' in said[0], out[-3000:]
     # --show-dir under 2 processes paints every test image, each rank its own (the visualizers'
-    # add_datasample is master_only: rank 1's half was counted but never written)
-    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_test.sh'), cfg, str(tmp_path / 'wd/iter_1.pth'),
-                           '2', '--work-dir', str(tmp_path / 'wt'), '--show-dir', 'shows'],
+    # add_datasample is master_only: rank 1's half was counted but never written); the model
+    # tools/test.py fuses in place is evaluated in each rank's own timed layouts (here each
+    # rank's timings prefer another)
+    (tmp_path / 'rank_probe.py').write_text(PROBE)
+    probed = tmp_path / 'probed_cfg.py'
+    probed.write_text(f"""_base_ = [{cfg!r}]
+custom_imports = dict(imports=['reparam_mm', 'rank_probe'], allow_failed_imports=False)
+custom_hooks = [dict(type='FusedEvalHook'), dict(type='RankProbeHook', out_dir={str(tmp_path)!r})]
+""")
+    env.update(RANK_PREFERS='channels_last,nchw', REPARAM_MM_CACHE=str(tmp_path / 'cache'),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_test.sh'), str(probed),
+                           str(tmp_path / 'wd/iter_1.pth'), '2', '--work-dir', str(tmp_path / 'wt'),
+                           '--show-dir', 'shows'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     pictures = sorted(p.name for p in (tmp_path / 'wt').glob('*/shows/*.png'))
     assert pictures == ['demo_00000.png', 'demo_00001.png'], out[-3000:]
     assert '--show-dir: painted 2 test image(s) to ' in out
+    for rank, layout in ((0, 'channels_last'), (1, 'nchw')):
+        record = json.loads((tmp_path / f'rank{rank}_test.json').read_text())
+        assert record['evaluated_layouts'] == {'UPerHead': layout}, record  # an R18 backbone
 
 
 @pytest.mark.timeout(60)
