@@ -65,7 +65,7 @@ PY=${CPU_CHECK_PYTHON:-.venv/bin/python}
 # one Python start (4 s): the stack imports, and whether oneDNN computes bf16 natively here
 if ! NATIVE_BF16=$("$PY" -c 'import mmcv, torch
 from reparam_mm.layers.large_kernel import cpu_native_half
-print(int(cpu_native_half(torch.bfloat16)))' 2>/dev/null); then
+print(int(cpu_native_half(torch.bfloat16)))' 2>/dev/null | tail -n 1); then  # (pipefail)
   echo "cpu_check: $PY cannot import reparam_mm and mmcv; run \`make setup\` first." >&2; exit 2
 fi
 STEPS=${CPU_CHECK_STEPS:-cpu,stalls,timeout,large_dw,replk,r50,overhead,buckets,report}
