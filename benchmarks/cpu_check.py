@@ -32,10 +32,10 @@ INFER = {'upernet-replknet-31b': 'UperNet-RepLKNet-31B',
 OVERHEAD = {'upernet-r50': 'UperNet-R50', 'faster-rcnn-r50': 'Faster R-CNN R50 4conv1fc'}
 #: summary key -> file stem of the overhead step's compares: fp32, and bf16 autocast (--amp)
 OVERHEAD_RUNS = {'overhead': 'cpu_train-overhead', 'overhead_bf16': 'cpu_train-amp-overhead'}
-#: summary key -> the compare of the neck and heads NCHW (A) against their tuned layout (B)
 #: the widest bf16-capable ISA a CPU flag names -> its name in a record's file name and column
 ISA_CLASSES = (('amx_bf16', 'amx', 'AMX'), ('avx512_bf16', 'avx512-bf16', 'AVX512-BF16'),
                ('avx512f', 'avx512', 'AVX-512'), ('avx2', 'avx2', 'AVX2 only'))
+#: summary key -> the compare of the neck and heads NCHW (A) against their tuned layout (B)
 HEADS_RUNS = {'heads_bf16': 'cpu_heads_upernet-replknet-31b_bf16',
               'heads_train_bf16': 'cpu_heads-train_upernet-replknet-31b_bf16'}
 
@@ -209,11 +209,17 @@ def slug(cpu):
     return re.sub(r'[^a-z0-9]+', '-', (cpu or 'unknown-cpu').lower()).strip('-')
 
 
+def _isa_rank(flags):
+    """Index in ``ISA_CLASSES`` of the widest ISA the flags name (widest first), or its length."""
+    return next((i for i, (flag, _, _) in enumerate(ISA_CLASSES) if flag in flags),
+                len(ISA_CLASSES))
+
+
 def isa_class(flags):
     """(file-name part, label) of the widest ISA in a summary's CPU flags: one model name covers
     CPUs with and without AVX-512 (an AMD EPYC: Zen 3 or Zen 4), whose figures differ 2-200x."""
-    return next(((part, label) for flag, part, label in ISA_CLASSES if flag in flags),
-                ('unknown-isa', 'ISA unknown'))
+    rank = _isa_rank(flags)
+    return ISA_CLASSES[rank][1:] if rank < len(ISA_CLASSES) else ('unknown-isa', 'ISA unknown')
 
 
 def record_name(summary):
@@ -319,9 +325,8 @@ def _commits(result):
 
 def render_vendors(results):
     """Markdown: the CPUs' figures side by side, then the large-DW rule table per CPU."""
-    order = [part for _, part, _ in ISA_CLASSES]  # a model's widest ISA first
-    results = sorted(results, key=lambda r: (r['results'][0]['cpu'] or '', order.index(
-        isa_class(r['results'][0]['flags'])[0]) if r['results'][0]['flags'] else len(order)))
+    results = sorted(results, key=lambda r: (r['results'][0]['cpu'] or '',  # widest ISA first
+                                             _isa_rank(r['results'][0]['flags'])))
     heads, columns = [], []
     for r in results:
         s = r['results'][0]

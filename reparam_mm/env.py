@@ -28,7 +28,7 @@ def cpu_isa():
     """Whether oneDNN computes bf16 natively, and any cap on the ISA set in the environment: a
     CPU figure measured with bf16 in software, or under a cap, is not the CPU's own."""
     import torch
-    from reparam_mm.layers.large_kernel import cpu_native_half
+    from .layers.large_kernel import cpu_native_half
     info = dict(onednn_bf16='native' if cpu_native_half(torch.bfloat16) else 'software')
     caps = {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
     if caps:

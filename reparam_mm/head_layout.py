@@ -23,12 +23,11 @@ Distributed runs are different: the weights are DDP's, and when it rebuilds its 
 buckets after the first step, each rank lays its bucket views out in the strides its weights
 have then, so ranks whose layouts differed would all-reduce different elements into each other.
 There evaluation of the trained weights times nothing, and training does only after
-:func:`allow_agreed_layouts`
-(tools/train.py, under DDP): during the first step each rank times its modules on collective-free
-copies (SyncBN would meet the other ranks' collectives) and keeps the result as a proposal,
-the step itself running in the layout the weights have; :func:`agree_head_layouts` after that
-step gives every rank rank 0's proposals, before DDP rebuilds its buckets, and the layouts stay
-so for the run. A model no DDP trains (``FusedEvalHook``'s fused copy, a model under test) is
+:func:`allow_agreed_layouts` (tools/train.py, under DDP): during the first step each rank times
+its modules on collective-free copies (SyncBN would meet the other ranks' collectives) and keeps
+the result as a proposal, the step itself running in the layout the weights have;
+:func:`agree_head_layouts` after that step gives every rank rank 0's proposals, before DDP
+rebuilds its buckets, and the layouts stay so for the run. A model no DDP trains (``FusedEvalHook``'s fused copy, a model under test) is
 evaluated as in one process after :func:`allow_per_rank_layouts`: each rank times and sets its
 own layouts, which changes no collective (an evaluation forward issues none) and no rank's
 results beyond rounding.
