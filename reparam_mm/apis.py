@@ -77,7 +77,7 @@ DEFAULT_TTA_MODELS = {
 }
 
 
-def _innermost_dataset(dataset):
+def innermost_dataset(dataset):
     while isinstance(dataset.get('dataset'), dict):  # RepeatDataset, ClassBalancedDataset, ...
         dataset = dataset['dataset']
     return dataset
@@ -129,7 +129,7 @@ def _tta(cfg, scope):
             "boxes only (it stops with 'TTA of instance segmentation does not support now'; a "
             "cascade's mask head fails before that, flipping its stages' masks as if they were "
             'augmented views): test it without --tta.')
-    dataset = _innermost_dataset(cfg.test_dataloader.dataset)
+    dataset = innermost_dataset(cfg.test_dataloader.dataset)
     defaults = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if 'tta_model' not in cfg:
         cfg.tta_model = copy.deepcopy(DEFAULT_TTA_MODELS[scope])

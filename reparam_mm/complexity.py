@@ -1,0 +1,188 @@
+"""Parameters and multiply-adds of a config's model, trained and fused (``tools/get_flops.py``).
+
+Re-parameterisation is a trade of training-time structure for inference cost, so both forms are
+counted: the model as trained (DO-Conv's composed kernels, RepLKNet's parallel small kernels)
+and as :func:`reparam_mm.fuse` leaves it.
+
+* Multiply-adds are counted by ``torch.utils.flop_counter`` at the dispatcher: convolutions and
+  matrix products, one per multiply-add, the unit the papers' "FLOPs" columns use (fvcore's and
+  mmcv's counters). Normalisation, activations, pooling and resizing are left out; large
+  depthwise convolutions count as direct ones whichever algorithm the dispatch would pick.
+* The model is built on the meta device by default: no weight is allocated and no convolution
+  runs, so the largest configs count in seconds at their test size. ``device='cpu'`` counts a
+  real forward instead (the same figures; tests check that).
+* Segmentors and single-stage detectors count their ``mode='tensor'`` forward. Two-stage
+  detectors count what test time runs: backbone, neck and RPN head, the box head(s) on the
+  RPN's ``max_per_img`` proposals, and the mask head(s) on the R-CNN's ``max_per_img``
+  detections (mmdet's own ``_forward`` runs NMS, which does not run on the meta device).
+"""
+import contextlib
+import copy
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .apis import innermost_dataset
+from .batches import synthetic_batch
+from .fuse import count_params, fuse
+from .layers.large_kernel import fft_min_kernel
+from .scope import ConfigError, init_scope
+
+__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'test_input_size']
+
+
+@dataclass
+class ModelComplexity:
+    """What :func:`model_complexity` counted. ``params_run``: the fused model's parameters that
+    the counted forward uses (an auxiliary head, trained but never run at test time, is left out)."""
+    input_shape: Tuple[int, int]
+    params: int
+    params_fused: int
+    params_run: int
+    macs: int
+    macs_fused: int
+    proposals: Optional[int] = None
+    detections: Optional[int] = None
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def test_input_size(cfg):
+    """(H, W) of the test pipeline's ``Resize`` scale (mmcv's scale is (W, H)): for the shipped
+    configs the size the papers count at (2048x512, 2560x640, 1333x800), or None."""
+    loader = cfg.get('test_dataloader') or {}
+    dataset = innermost_dataset(loader.get('dataset') or {})
+    for step in dataset.get('pipeline') or []:
+        if step.get('type') == 'Resize' and step.get('scale') is not None:
+            scale = step['scale']
+            scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
+            return int(scale[1]), int(scale[0])
+    return None
+
+
+@contextlib.contextmanager
+def _shape_only_roi_extractors():
+    """mmdet's RoI extractors pick each RoI's level from box sizes (data-dependent branches that
+    the meta device cannot take); on meta features they return features of the right shape."""
+    from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
+
+    def classes(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from classes(sub)
+
+    saved = {cls: cls.forward for cls in set(classes(BaseRoIExtractor)) if 'forward' in vars(cls)}
+
+    def shape_only(forward):
+        def wrapped(self, feats, rois, *args, **kwargs):
+            if feats[0].is_meta:
+                size = self.roi_layers[0].output_size
+                return feats[0].new_zeros(rois.size(0), self.out_channels, *size)
+            return forward(self, feats, rois, *args, **kwargs)
+        return wrapped
+    for cls, forward in saved.items():
+        cls.forward = shape_only(forward)
+    try:
+        yield
+    finally:
+        for cls, forward in saved.items():
+            cls.forward = forward
+
+
+def _rois(count, height, width, device):
+    """``count`` RoIs of image 0 spread over an image (fixed: the counts depend on how many)."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) * 0.75
+    wh = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) * 0.25 + 4
+    return torch.cat([torch.zeros(count, 1), xy, xy + wh], 1).to(device)
+
+
+def _roi_counts(model):
+    return model.rpn_head.test_cfg.max_per_img, model.roi_head.test_cfg.max_per_img
+
+
+def _two_stage_forward(model, inputs):
+    from mmdet.models.roi_heads import CascadeRoIHead, StandardRoIHead
+    head = model.roi_head
+    if not isinstance(head, (StandardRoIHead, CascadeRoIHead)):
+        raise ConfigError(f'counting a two-stage detector runs its RoI head as test time does, '
+                          f'known for StandardRoIHead and CascadeRoIHead; {type(head).__name__} '
+                          'is neither.')
+    proposals, detections = _roi_counts(model)
+    feats = model.extract_feat(inputs)
+    model.rpn_head(feats)
+    rois = _rois(proposals, inputs.shape[-2], inputs.shape[-1], inputs.device)
+    stages = [(s, ) for s in range(head.num_stages)] if isinstance(head, CascadeRoIHead) else [()]
+    with _shape_only_roi_extractors():
+        for stage in stages:  # each cascade stage refines the same number of boxes
+            if head.with_bbox:
+                head._bbox_forward(*stage, feats, rois)
+        for stage in stages:  # masks of the final detections, from every stage's mask head
+            if head.with_mask:
+                head._mask_forward(*stage, feats, rois[:detections])
+
+
+def _tensor_forward(model, inputs, data_samples):
+    from mmdet.models.detectors import TwoStageDetector
+    if isinstance(model, TwoStageDetector):
+        _two_stage_forward(model, inputs)
+    else:
+        model(inputs, data_samples, mode='tensor')
+
+
+def count_macs(model, inputs, data_samples):
+    """Multiply-adds of one test-time forward of ``model`` (eval mode) on preprocessed
+    ``inputs`` (N, 3, H, W): convolutions and matrix products (module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if model.training:
+        raise ValueError('count_macs counts the test-time forward: call model.eval() first.')
+    with fft_min_kernel(10**9), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _tensor_forward(model, inputs, data_samples)
+    return counter.get_total_flops() // 2
+
+
+def _params_run(model, inputs, data_samples):
+    """Parameters of the modules one forward calls (shared ones once)."""
+    called = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _: called.add(m)) for m in model.modules()]
+    try:
+        with fft_min_kernel(10**9), torch.no_grad():
+            _tensor_forward(model, inputs, data_samples)
+    finally:
+        for h in hooks:
+            h.remove()
+    params = {id(p): p.numel() for m in called for p in m.parameters(recurse=False)}
+    return sum(params.values())
+
+
+def _preprocessed(cfg, height, width, device):
+    from mmengine.registry import MODELS
+    preprocessor = MODELS.build(copy.deepcopy(cfg.model.data_preprocessor))
+    with torch.no_grad():
+        batch = preprocessor(synthetic_batch(cfg, height, width), False)
+    return batch['inputs'].to(device), batch['data_samples']
+
+
+def model_complexity(cfg, shape=None, device='meta'):
+    """Count ``cfg``'s model, trained and fused, on one ``shape`` = (H, W) image (default: the
+    test pipeline's resize scale), preprocessed (padded) as the config's preprocessor does;
+    built with its random initialisation, no weights loaded."""
+    from mmengine.registry import MODELS
+    init_scope(cfg)
+    shape = tuple(shape) if shape is not None else test_input_size(cfg)
+    if shape is None:
+        raise ConfigError('the config has no Resize step with a scale in its test pipeline to '
+                          'count at; give the input size (tools/get_flops.py --shape H W).')
+    inputs, samples = _preprocessed(cfg, *shape, device)
+    with torch.device(device):
+        model = MODELS.build(copy.deepcopy(cfg.model))
+    model.eval()
+    params, macs = count_params(model), count_macs(model, inputs, samples)
+    fused = fuse(model)
+    counts = _roi_counts(fused) if hasattr(fused, 'roi_head') else (None, None)
+    return ModelComplexity(
+        input_shape=tuple(inputs.shape[-2:]), params=params, params_fused=count_params(fused),
+        params_run=_params_run(fused, inputs, samples), macs=macs,
+        macs_fused=count_macs(fused, inputs, samples), proposals=counts[0], detections=counts[1])

@@ -1,0 +1,158 @@
+"""reparam_mm.complexity and tools/get_flops.py: parameters and multiply-adds, trained and fused."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, load_tool
+
+DEMO_SEG = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
+DEMO_DET = ROOT / ('configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_'
+                   'coco128-person-320.py')
+CASCADE_MASK_31B = ('replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_16xb1-ms-'
+                    'crop-3x_coco.py')
+
+
+def _config(path, **options):
+    from reparam_mm.scope import load_config, merge_cfg_options
+    cfg = load_config(str(path))
+    merge_cfg_options(cfg, options)
+    return cfg
+
+
+@pytest.mark.timeout(120)
+def test_counts_equal_an_independent_trace_counter_and_on_meta_what_a_real_forward_counts():
+    """mmengine's FlopAnalyzer (a TorchScript trace, another counter) finds the same convolution
+    and matrix-product multiply-adds in both forms of the RepLKNet + DO-Conv demo: the trained one
+    also composes DO-Conv's kernels (bmm), the fused one runs plain convs only. The meta device
+    gives what a real forward on CPU tensors does."""
+    from mmengine.analysis import FlopAnalyzer
+
+    from reparam_mm.apis import build_model
+    from reparam_mm.complexity import _preprocessed, count_macs, model_complexity
+    from reparam_mm.fuse import fuse
+    from reparam_mm.layers.large_kernel import fft_min_kernel
+    cfg = _config(DEMO_SEG)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs, samples = _preprocessed(cfg, 96, 128, 'cpu')
+
+    class TensorForward(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x, samples, mode='tensor')
+
+    def traced(net):
+        with fft_min_kernel(10**9):
+            analyzer = FlopAnalyzer(TensorForward(net), (inputs, ))
+            analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            by_op = analyzer.by_operator()
+        return by_op, by_op.get('conv', 0) + by_op.get('bmm', 0) + by_op.get('addmm', 0)
+
+    trained_ops, trained = traced(model)
+    assert trained_ops['bmm'] > 0 and trained_ops['batch_norm'] > 0  # BN is left out of ours
+    fused = fuse(model)
+    fused_ops, fused_macs = traced(fused)
+    assert 'bmm' not in fused_ops and fused_macs < trained
+    counted = model_complexity(cfg, (96, 128))
+    assert (counted.macs, counted.macs_fused) == (trained, fused_macs)
+    assert count_macs(fused, inputs, samples) == fused_macs
+    assert model_complexity(cfg, (96, 128), device='cpu') == counted
+    assert counted.input_shape == (96, 128)
+    assert counted.params > counted.params_fused > counted.params_run > 0  # + the FCN aux head
+
+
+@pytest.mark.timeout(120)
+def test_two_stage_heads_are_counted_per_proposal_and_per_detection():
+    """The box head runs on the RPN's max_per_img proposals: halving them removes exactly the
+    demo Faster R-CNN's per-RoI box head (4 convs 64->64 3x3 at 7x7, fc 3136->256, fc_cls 2,
+    fc_reg 4) per proposal. The Cascade Mask R-CNN's three mask heads (4 convs 256->256 3x3 at
+    14x14, a 2x2 deconv, 80 logits at 28x28) run on the R-CNN's max_per_img detections."""
+    from reparam_mm.complexity import model_complexity
+    full = model_complexity(_config(DEMO_DET), (320, 512))
+    half = model_complexity(_config(DEMO_DET, **{'model.test_cfg.rpn.max_per_img': 500}), (320, 512))
+    assert (full.proposals, half.proposals, full.detections) == (1000, 500, 100)
+    per_roi = 4 * 64 * 64 * 9 * 49 + 64 * 49 * 256 + 256 * 2 + 256 * 4
+    assert full.macs_fused - half.macs_fused == 500 * per_roi
+    # the trained form also composes DO-Conv's kernels, once per forward, whatever the RoIs
+    assert full.macs - half.macs == 500 * per_roi and full.macs > full.macs_fused
+
+    cascade = ROOT / 'configs' / CASCADE_MASK_31B
+    masks = model_complexity(_config(cascade), (320, 480))
+    fewer = model_complexity(_config(cascade, **{'model.test_cfg.rcnn.max_per_img': 50}), (320, 480))
+    per_mask = 4 * 256 * 256 * 9 * 14 * 14 + 256 * 256 * 4 * 14 * 14 + 256 * 80 * 28 * 28
+    assert masks.macs_fused - fewer.macs_fused == 3 * 50 * per_mask
+
+
+# The authors' model sizes (RepLKNet-pytorch's and UniRepLKNet's READMEs: parameters in M and
+# FLOPs in G, rounded; FLOPs at 2048x512 for ImageNet-1K backbones, 2560x640 for 22K ones, 1280x800
+# for detection): our configs' fused models, counted at those sizes, within the rounding.
+REPORTED = [
+    ('replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py', (512, 2048), 112, 1170),
+    (CASCADE_MASK_31B, (800, 1280), 137, 965),
+    ('unireplknet/upernet_unireplknet-t-in1k-pre_8xb2-160k_ade20k-512x512.py', (512, 2048), 61, 946),
+    ('unireplknet/upernet_unireplknet-b-in22k-pre_8xb2-160k_ade20k-640x640.py', (640, 2560), 130, 1850),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('config,shape,params_m,gflops', REPORTED,
+                         ids=['upernet-31b', 'cascade-mask-31b', 'upernet-uni-t', 'upernet-uni-b'])
+def test_shipped_configs_have_the_authors_model_sizes(config, shape, params_m, gflops):
+    from reparam_mm.complexity import model_complexity
+    counted = model_complexity(_config(ROOT / 'configs' / config), shape)
+    assert counted.input_shape == shape
+    assert abs(counted.params_run / 1e6 - params_m) <= 0.5, counted
+    assert abs(counted.macs_fused / 1e9 - gflops) / gflops < 0.005, counted
+
+
+def test_the_input_defaults_to_the_test_resize_scale_and_is_asked_for_without_one():
+    from mmengine.config import Config
+
+    from reparam_mm.complexity import model_complexity, test_input_size
+    from reparam_mm.scope import ConfigError
+    ade = _config(ROOT / 'configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py')
+    assert test_input_size(ade) == (512, 2048)  # mmcv's scale (2048, 512) is (W, H)
+    wrapped = Config(dict(test_dataloader=dict(dataset=dict(type='RepeatDataset', dataset=dict(
+        pipeline=[dict(type='LoadImageFromFile'), dict(type='Resize', scale=320)])))))
+    assert test_input_size(wrapped) == (320, 320)
+    cfg = _config(DEMO_SEG)
+    cfg.test_dataloader.dataset.pipeline = [dict(type='LoadImageFromFile')]
+    with pytest.raises(ConfigError, match=r'^the config has no Resize step with a scale in its '
+                                          r'test pipeline to count at; give the input size'):
+        model_complexity(cfg)
+
+
+@pytest.mark.timeout(120)
+def test_tool_prints_a_row_per_config_and_writes_json(tmp_path, capsys):
+    out = tmp_path / 'counts.json'
+    load_tool('get_flops').main([str(DEMO_SEG), str(DEMO_DET), '--shape', '64', '96', '--json', str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    counts = json.loads(out.read_text())
+    seg, det = counts[str(DEMO_SEG)], counts[str(DEMO_DET)]
+    assert lines[0].startswith('| config | input H x W | params M (trained / fused / run) |')
+    assert lines[2] == (f'| {DEMO_SEG.name} | 64 x 96 | {seg["params"] / 1e6:.2f} / '
+                        f'{seg["params_fused"] / 1e6:.2f} / {seg["params_run"] / 1e6:.2f} | '
+                        f'{seg["macs"] / 1e9:.1f} / {seg["macs_fused"] / 1e9:.1f} |')
+    assert lines[3].startswith(f'| {DEMO_DET.name} | 64 x 96 |')
+    assert det['proposals'] == 1000 and seg['proposals'] is None
+    assert lines[-1] == ('Two-stage detectors: box heads on 1000 proposals, mask heads on 100 '
+                         "detections (the test_cfg's max_per_img).")
+
+
+def test_tool_without_an_input_size_is_one_sentence(tmp_path):
+    cfg = tmp_path / 'no_resize.py'
+    cfg.write_text(f"_base_ = [{str(DEMO_SEG)!r}]\n"
+                   "test_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile')]))\n")
+    run = subprocess.run([sys.executable, str(ROOT / 'tools/get_flops.py'), str(cfg)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        'error: the config has no Resize step with a scale in its test pipeline to count at; '
+        'give the input size (tools/get_flops.py --shape H W).'), run.stderr

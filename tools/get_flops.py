@@ -1,0 +1,73 @@
+"""Parameters and multiply-adds of configs' models, as trained and fused (mmseg's / mmdet's
+``tools/analysis_tools/get_flops.py`` for re-parameterised models).
+
+    python tools/get_flops.py CONFIG [CONFIG ...] [--shape H W] [--device meta|cpu]
+                              [--cfg-options K=V ...] [--json FILE]
+
+Prints one Markdown row per config: the input (H x W after the preprocessor's padding), the
+parameters trained / fused / run at test time, and the multiply-adds ("FLOPs" in the papers)
+trained / fused. The input defaults to the test pipeline's resize scale. Counting builds the
+model on the meta device: seconds for the largest configs (docs/configs.md, "Model size").
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reparam_mm  # noqa: E402,F401
+from reparam_mm.apis import image_size  # noqa: E402
+from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.complexity import model_complexity  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction, load_config, merge_cfg_options  # noqa: E402
+
+HEADER = ('| config | input H x W | params M (trained / fused / run) | GMACs (trained / fused) |\n'
+          '| --- | --- | --- | --- |')
+NOTE = ('GMACs: 1e9 multiply-adds of convolutions and matrix products (the papers\' "FLOPs"); '
+        'run: the fused parameters the test forward uses (no auxiliary head).')
+DETECTOR_NOTE = ('Two-stage detectors: box heads on {} proposals, mask heads on {} detections '
+                 "(the test_cfg's max_per_img).")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Count parameters and multiply-adds, trained and fused')
+    parser.add_argument('configs', nargs='+', metavar='CONFIG', help='config file(s)')
+    parser.add_argument('--shape', type=image_size, nargs=2, metavar=('H', 'W'),
+                        help="input size (default: the test pipeline's Resize scale)")
+    parser.add_argument('--device', choices=('meta', 'cpu'), default='meta',
+                        help='meta: shapes only, nothing allocated (default); cpu: a real forward')
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
+                        help='override settings of every config (KEY=VALUE ...)')
+    parser.add_argument('--json', metavar='FILE', help='also write the counts as JSON')
+    return parser.parse_args(argv)
+
+
+def row(config, c):
+    return (f'| {os.path.basename(config)} | {c.input_shape[0]} x {c.input_shape[1]} '
+            f'| {c.params / 1e6:.2f} / {c.params_fused / 1e6:.2f} / {c.params_run / 1e6:.2f} '
+            f'| {c.macs / 1e9:.1f} / {c.macs_fused / 1e9:.1f} |')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(HEADER, flush=True)
+    counted, detectors = {}, set()
+    for config in args.configs:
+        cfg = load_config(config)
+        merge_cfg_options(cfg, args.cfg_options)
+        c = model_complexity(cfg, shape=args.shape, device=args.device)
+        counted[config] = c.as_dict()
+        if c.proposals is not None:
+            detectors.add((c.proposals, c.detections))
+        print(row(config, c), flush=True)
+    print(NOTE)
+    for counts in sorted(detectors):
+        print(DETECTOR_NOTE.format(*counts))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(counted, f, indent=1)
+
+
+if __name__ == '__main__':
+    sys.exit(run_tool(main))
