@@ -11,16 +11,15 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from reparam_mm.amp import cast_mmcv_ops_to_fp32
 from reparam_mm.apis import build_model
 from reparam_mm.batches import synthetic_batch
 from reparam_mm.checkpoint import load_checkpoint_strict
+from reparam_mm.complexity import count_macs
 from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.head_layout import tune_head_layouts
-from reparam_mm.layers.large_kernel import fft_min_kernel
 from reparam_mm.outputs import compare_models
 from reparam_mm.scope import init_scope
 from reparam_mm.train import sync_bn_as_bn
@@ -170,34 +169,18 @@ class Variant:
 
 
 def fused_flops(model, data):
-    """(flops, note) of a fused eval copy of ``model`` on ``data`` (mmengine FlopAnalyzer).
-
-    FLOP counters see DO-Conv's composed kernel only as parameters, not the kernel composition,
-    so the fused model is counted: its convs are exactly the ones that run at inference. Large
-    depthwise convs are traced as direct convolutions (k*k multiply-adds per output), whichever
-    algorithm the dispatch runs them with: the counter does not see FFTs.
-    """
-    from mmengine.analysis import FlopAnalyzer
-
+    """(multiply-adds, note) of a fused eval copy of ``model`` on ``data``: the library's count
+    (``reparam_mm.complexity.count_macs``), what ``tools/get_flops.py`` prints. DO-Conv's kernel
+    composition is training-time work, so the fused model is counted: its convs are exactly the
+    ones that run at inference."""
     net = fuse(copy.deepcopy(model).eval())
     with torch.no_grad():
         batch = net.data_preprocessor(copy.deepcopy(data), False)
-
-    class TensorForward(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x, batch['data_samples'], mode='tensor')
-
-    note = ('mmengine FlopAnalyzer, fused model, mode=tensor (network only, no post-processing), '
-            'one multiply-add = 1 FLOP, large depthwise convs counted as direct convolutions')
+    note = ('reparam_mm.complexity.count_macs: fused model, test-time forward, multiply-adds of '
+            'convolutions and matrix products (large depthwise convs counted as direct ones)')
     try:
-        with warnings_off(), fft_min_kernel(10**9):
-            analyzer = FlopAnalyzer(TensorForward(), (batch['inputs'], ))
-            analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return int(analyzer.total()), note
+        with warnings_off():
+            return count_macs(net, batch['inputs'], batch['data_samples']), note
     except Exception as e:  # counting is a by-product: report why it failed, keep the timings
         return None, f'FLOP count failed: {type(e).__name__}: {str(e)[:200]}'
 
