@@ -154,5 +154,5 @@ def test_tool_without_an_input_size_is_one_sentence(tmp_path):
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
-        'error: the config has no Resize step with a scale in its test pipeline to count at; '
+        f'error: {cfg}: the config has no Resize step with a scale in its test pipeline to count at; '
         'give the input size (tools/get_flops.py --shape H W).'), run.stderr

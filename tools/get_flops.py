@@ -20,7 +20,7 @@ import reparam_mm  # noqa: E402,F401
 from reparam_mm.apis import image_size  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.complexity import model_complexity  # noqa: E402
-from reparam_mm.scope import CfgOptionsAction, load_config, merge_cfg_options  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options  # noqa: E402
 
 HEADER = ('| config | input H x W | params M (trained / fused / run) | GMACs (trained / fused) |\n'
           '| --- | --- | --- | --- |')
@@ -56,7 +56,10 @@ def main(argv=None):
     for config in args.configs:
         cfg = load_config(config)
         merge_cfg_options(cfg, args.cfg_options)
-        c = model_complexity(cfg, shape=args.shape, device=args.device)
+        try:
+            c = model_complexity(cfg, shape=args.shape, device=args.device)
+        except ConfigError as e:  # the rows before it are printed: say which config stopped
+            raise ConfigError(f'{config}: {e}') from None
         counted[config] = c.as_dict()
         if c.proposals is not None:
             detectors.add((c.proposals, c.detections))
