@@ -29,7 +29,7 @@ from .fuse import count_params, fuse
 from .layers.large_kernel import fft_min_kernel
 from .scope import ConfigError, init_scope
 
-__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'test_input_size']
+__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline']
 
 
 @dataclass
@@ -49,9 +49,9 @@ class ModelComplexity:
         return asdict(self)
 
 
-def test_input_size(cfg):
-    """(H, W) of the test pipeline's ``Resize`` scale (mmcv's scale is (W, H)): for the shipped
-    configs the size the papers count at (2048x512, 2560x640, 1333x800), or None."""
+def input_size_from_pipeline(cfg):
+    """(H, W) of the test pipeline's ``Resize`` scale (mmcv's scale is (W, H)), or None: the
+    size test images are resized to, e.g. 2048x512 for ADE20K, 1333x800 for COCO."""
     loader = cfg.get('test_dataloader') or {}
     dataset = innermost_dataset(loader.get('dataset') or {})
     for step in dataset.get('pipeline') or []:
@@ -124,9 +124,13 @@ def _two_stage_forward(model, inputs):
                 head._mask_forward(*stage, feats, rois[:detections])
 
 
-def _tensor_forward(model, inputs, data_samples):
+def _is_two_stage(model):
     from mmdet.models.detectors import TwoStageDetector
-    if isinstance(model, TwoStageDetector):
+    return isinstance(model, TwoStageDetector)
+
+
+def _tensor_forward(model, inputs, data_samples):
+    if _is_two_stage(model):
         _two_stage_forward(model, inputs)
     else:
         model(inputs, data_samples, mode='tensor')
@@ -171,7 +175,7 @@ def model_complexity(cfg, shape=None, device='meta'):
     built with its random initialisation, no weights loaded."""
     from mmengine.registry import MODELS
     init_scope(cfg)
-    shape = tuple(shape) if shape is not None else test_input_size(cfg)
+    shape = tuple(shape) if shape is not None else input_size_from_pipeline(cfg)
     if shape is None:
         raise ConfigError('the config has no Resize step with a scale in its test pipeline to '
                           'count at; give the input size (tools/get_flops.py --shape H W).')
@@ -181,7 +185,7 @@ def model_complexity(cfg, shape=None, device='meta'):
     model.eval()
     params, macs = count_params(model), count_macs(model, inputs, samples)
     fused = fuse(model)
-    counts = _roi_counts(fused) if hasattr(fused, 'roi_head') else (None, None)
+    counts = _roi_counts(fused) if _is_two_stage(fused) else (None, None)
     return ModelComplexity(
         input_shape=tuple(inputs.shape[-2:]), params=params, params_fused=count_params(fused),
         params_run=_params_run(fused, inputs, samples), macs=macs,

@@ -115,13 +115,13 @@ def test_shipped_configs_have_the_authors_model_sizes(config, shape, params_m, g
 def test_the_input_defaults_to_the_test_resize_scale_and_is_asked_for_without_one():
     from mmengine.config import Config
 
-    from reparam_mm.complexity import model_complexity, test_input_size
+    from reparam_mm.complexity import input_size_from_pipeline, model_complexity
     from reparam_mm.scope import ConfigError
     ade = _config(ROOT / 'configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py')
-    assert test_input_size(ade) == (512, 2048)  # mmcv's scale (2048, 512) is (W, H)
+    assert input_size_from_pipeline(ade) == (512, 2048)  # mmcv's scale (2048, 512) is (W, H)
     wrapped = Config(dict(test_dataloader=dict(dataset=dict(type='RepeatDataset', dataset=dict(
         pipeline=[dict(type='LoadImageFromFile'), dict(type='Resize', scale=320)])))))
-    assert test_input_size(wrapped) == (320, 320)
+    assert input_size_from_pipeline(wrapped) == (320, 320)
     cfg = _config(DEMO_SEG)
     cfg.test_dataloader.dataset.pipeline = [dict(type='LoadImageFromFile')]
     with pytest.raises(ConfigError, match=r'^the config has no Resize step with a scale in its '
@@ -156,3 +156,23 @@ def test_tool_without_an_input_size_is_one_sentence(tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f'error: {cfg}: the config has no Resize step with a scale in its test pipeline to count at; '
         'give the input size (tools/get_flops.py --shape H W).'), run.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('config', [
+    'replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py',
+    'unireplknet/upernet_unireplknet-t-in1k-pre_8xb2-160k_ade20k-512x512.py',
+    'doconv/faster-rcnn-doconv_r50-doconv-c3-c5_fpn_4conv1fc_1x_coco.py',
+    'doconv/deeplabv3plus_mobilenet-v2-d8-doconv_4xb2-80k_cityscapes-512x1024.py',
+], ids=['replknet', 'unireplknet', 'doconv-faster', 'withdoconv-mobilenet'])
+def test_the_deploy_config_builds_the_fused_model_of_full_size_configs(config):
+    """What tools/fuse.py writes builds, without fusing, the model fusing gives: the same
+    parameters and the same multiply-adds at the config's test size."""
+    from reparam_mm.apis import deploy_config
+    from reparam_mm.complexity import model_complexity
+    cfg = _config(ROOT / 'configs' / config)
+    trained = model_complexity(cfg, (256, 384))
+    deploy = model_complexity(deploy_config(cfg)[0], (256, 384))
+    assert trained.params > trained.params_fused
+    assert (deploy.params, deploy.macs) == (trained.params_fused, trained.macs_fused)
+    assert (deploy.params_fused, deploy.macs_fused) == (deploy.params, deploy.macs)  # nothing left
