@@ -1,7 +1,5 @@
 """reparam_mm.complexity and tools/get_flops.py: parameters and multiply-adds, trained and fused."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -146,16 +144,17 @@ def test_tool_prints_a_row_per_config_and_writes_json(tmp_path, capsys):
                          "detections (the test_cfg's max_per_img).")
 
 
-def test_tool_without_an_input_size_is_one_sentence(tmp_path):
+def test_tool_without_an_input_size_is_one_sentence_naming_the_config(tmp_path, capsys):
+    from reparam_mm.cli import run_tool
     cfg = tmp_path / 'no_resize.py'
     cfg.write_text(f"_base_ = [{str(DEMO_SEG)!r}]\n"
                    "test_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile')]))\n")
-    run = subprocess.run([sys.executable, str(ROOT / 'tools/get_flops.py'), str(cfg)],
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == (
-        f'error: {cfg}: the config has no Resize step with a scale in its test pipeline to count at; '
-        'give the input size (tools/get_flops.py --shape H W).'), run.stderr
+    assert run_tool(load_tool('get_flops').main, [str(DEMO_DET), str(cfg)]) == 1
+    said = capsys.readouterr()
+    assert said.out.splitlines()[2].startswith(f'| {DEMO_DET.name} | 320 x 512 |')  # the row before
+    assert said.err.strip().splitlines()[-1] == (
+        f'error: {cfg}: the config has no Resize step with a scale in its test pipeline to count '
+        'at; give the input size (tools/get_flops.py --shape H W).'), said.err
 
 
 @pytest.mark.timeout(120)
