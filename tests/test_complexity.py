@@ -76,6 +76,8 @@ def test_two_stage_heads_are_counted_per_proposal_and_per_detection():
     full = model_complexity(_config(DEMO_DET), (320, 512))
     half = model_complexity(_config(DEMO_DET, **{'model.test_cfg.rpn.max_per_img': 500}), (320, 512))
     assert (full.proposals, half.proposals, full.detections) == (1000, 500, 100)
+    # on CPU tensors, mmdet's own RoI extractor runs (the meta device only gets the shapes)
+    assert model_complexity(_config(DEMO_DET), (320, 512), device='cpu') == full
     per_roi = 4 * 64 * 64 * 9 * 49 + 64 * 49 * 256 + 256 * 2 + 256 * 4
     assert full.macs_fused - half.macs_fused == 500 * per_roi
     # the trained form also composes DO-Conv's kernels, once per forward, whatever the RoIs
