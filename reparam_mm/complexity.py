@@ -29,13 +29,15 @@ from .fuse import count_params, fuse
 from .layers.large_kernel import fft_min_kernel
 from .scope import ConfigError, init_scope
 
-__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline']
+__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline', 'slide_crops']
 
 
 @dataclass
 class ModelComplexity:
     """What :func:`model_complexity` counted. ``params_run``: the fused model's parameters that
-    the counted forward uses (an auxiliary head, trained but never run at test time, is left out)."""
+    the counted forward uses (an auxiliary head, trained but never run at test time, is left out).
+    A segmentor tested by sliding window runs ``test_crops`` forwards of ``crop_shape`` per
+    image: ``macs_test_fused`` in all, where the papers count one whole-image forward."""
     input_shape: Tuple[int, int]
     params: int
     params_fused: int
@@ -44,6 +46,9 @@ class ModelComplexity:
     macs_fused: int
     proposals: Optional[int] = None
     detections: Optional[int] = None
+    test_crops: Optional[int] = None
+    crop_shape: Optional[Tuple[int, int]] = None
+    macs_test_fused: Optional[int] = None
 
     def as_dict(self):
         return asdict(self)
@@ -60,6 +65,18 @@ def input_size_from_pipeline(cfg):
             scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
             return int(scale[1]), int(scale[0])
     return None
+
+
+def slide_crops(cfg, height, width):
+    """(count, (h, w)) of the crops a ``slide`` test runs on an H x W input, as mmseg's
+    ``slide_inference`` tiles it, or None where the test is one whole-image forward."""
+    test_cfg = cfg.model.get('test_cfg') or {}
+    if test_cfg.get('mode') != 'slide':
+        return None
+    (h_crop, w_crop), (h_stride, w_stride) = test_cfg['crop_size'], test_cfg['stride']
+    rows = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    cols = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    return rows * cols, (min(h_crop, height), min(w_crop, width))
 
 
 @contextlib.contextmanager
@@ -186,7 +203,13 @@ def model_complexity(cfg, shape=None, device='meta'):
     params, macs = count_params(model), count_macs(model, inputs, samples)
     fused = fuse(model)
     counts = _roi_counts(fused) if _is_two_stage(fused) else (None, None)
-    return ModelComplexity(
+    result = ModelComplexity(
         input_shape=tuple(inputs.shape[-2:]), params=params, params_fused=count_params(fused),
         params_run=_params_run(fused, inputs, samples), macs=macs,
         macs_fused=count_macs(fused, inputs, samples), proposals=counts[0], detections=counts[1])
+    crops = slide_crops(cfg, *result.input_shape)
+    if crops is not None:  # every crop has the same size: count one
+        (h, w) = crops[1]
+        result.test_crops, result.crop_shape = crops[0], (h, w)
+        result.macs_test_fused = crops[0] * count_macs(fused, inputs[..., :h, :w], samples)
+    return result

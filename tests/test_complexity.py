@@ -177,3 +177,26 @@ def test_the_deploy_config_builds_the_fused_model_of_full_size_configs(config):
     assert trained.params > trained.params_fused
     assert (deploy.params, deploy.macs) == (trained.params_fused, trained.macs_fused)
     assert (deploy.params_fused, deploy.macs_fused) == (deploy.params, deploy.macs)  # nothing left
+
+
+@pytest.mark.timeout(120)
+def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs():
+    """The crops mmseg's own slide_inference runs, counted around it on CPU tensors: 2 rows x 4
+    columns of 32 x 32 crops over a 48 x 80 input (stride 21), each one forward at the crop size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reparam_mm.apis import build_model
+    from reparam_mm.complexity import _preprocessed, model_complexity, slide_crops
+    from reparam_mm.fuse import fuse
+    from reparam_mm.layers.large_kernel import fft_min_kernel
+    cfg = _config(DEMO_SEG, **{'model.test_cfg': dict(mode='slide', crop_size=(32, 32), stride=(21, 21))})
+    assert slide_crops(cfg, 48, 80) == (8, (32, 32)) and slide_crops(cfg, 20, 40) == (2, (20, 32))
+    counted = model_complexity(cfg, (48, 80))
+    assert (counted.test_crops, counted.crop_shape) == (8, (32, 32))
+    torch.manual_seed(0)
+    model = fuse(build_model(cfg).eval())
+    inputs, samples = _preprocessed(cfg, 48, 80, 'cpu')
+    with fft_min_kernel(10**9), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.slide_inference(inputs, [s.metainfo for s in samples])
+    assert counted.macs_test_fused == counter.get_total_flops() // 2
+    assert model_complexity(_config(DEMO_SEG), (48, 80)).test_crops is None  # whole-image test

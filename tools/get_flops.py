@@ -28,6 +28,8 @@ NOTE = ('GMACs: 1e9 multiply-adds of convolutions and matrix products (the paper
         'run: the fused parameters the test forward uses (no auxiliary head).')
 DETECTOR_NOTE = ('Two-stage detectors: box heads on {} proposals, mask heads on {} detections '
                  "(the test_cfg's max_per_img).")
+SLIDE_NOTE = ('{}: a sliding-window test, {} crops of {} x {} per {} x {} input: {:.1f} GMACs fused '
+              'per test image (the row counts one whole-image forward, as the papers do).')
 
 
 def parse_args(argv=None):
@@ -52,7 +54,7 @@ def row(config, c):
 def main(argv=None):
     args = parse_args(argv)
     print(HEADER, flush=True)
-    counted, detectors = {}, set()
+    counted, detectors, slides = {}, set(), []
     for config in args.configs:
         cfg = load_config(config)
         merge_cfg_options(cfg, args.cfg_options)
@@ -63,10 +65,15 @@ def main(argv=None):
         counted[config] = c.as_dict()
         if c.proposals is not None:
             detectors.add((c.proposals, c.detections))
+        if c.test_crops is not None:
+            slides.append(SLIDE_NOTE.format(os.path.basename(config), c.test_crops, *c.crop_shape,
+                                            *c.input_shape, c.macs_test_fused / 1e9))
         print(row(config, c), flush=True)
     print(NOTE)
     for counts in sorted(detectors):
         print(DETECTOR_NOTE.format(*counts))
+    for line in slides:
+        print(line)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(counted, f, indent=1)
