@@ -207,7 +207,7 @@ def model_complexity(cfg, shape=None, device='meta'):
         input_shape=tuple(inputs.shape[-2:]), params=params, params_fused=count_params(fused),
         params_run=_params_run(fused, inputs, samples), macs=macs,
         macs_fused=count_macs(fused, inputs, samples), proposals=counts[0], detections=counts[1])
-    crops = slide_crops(cfg, *result.input_shape)
+    crops = slide_crops(cfg, *result.input_shape) if hasattr(fused, 'slide_inference') else None
     if crops is not None:  # every crop has the same size: count one
         (h, w) = crops[1]
         result.test_crops, result.crop_shape = crops[0], (h, w)

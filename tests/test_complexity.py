@@ -180,7 +180,7 @@ def test_the_deploy_config_builds_the_fused_model_of_full_size_configs(config):
 
 
 @pytest.mark.timeout(120)
-def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs():
+def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs(capsys):
     """The crops mmseg's own slide_inference runs, counted around it on CPU tensors: 2 rows x 4
     columns of 32 x 32 crops over a 48 x 80 input (stride 21), each one forward at the crop size."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -200,3 +200,10 @@ def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs():
         model.slide_inference(inputs, [s.metainfo for s in samples])
     assert counted.macs_test_fused == counter.get_total_flops() // 2
     assert model_complexity(_config(DEMO_SEG), (48, 80)).test_crops is None  # whole-image test
+    load_tool('get_flops').main([str(DEMO_SEG), '--shape', '48', '80', '--cfg-options',
+                                 'model.test_cfg.mode=slide', 'model.test_cfg.crop_size=(32,32)',
+                                 'model.test_cfg.stride=(21,21)'])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f'{DEMO_SEG.name}: a sliding-window test, 8 crops of 32 x 32 per 48 x 80 input: '
+        f'{counted.macs_test_fused / 1e9:.1f} GMACs fused per test image (the row counts one '
+        'whole-image forward, as the papers do).')
