@@ -11,10 +11,13 @@ and as :func:`reparam_mm.fuse` leaves it.
 * The model is built on the meta device by default: no weight is allocated and no convolution
   runs, so the largest configs count in seconds at their test size. ``device='cpu'`` counts a
   real forward instead (the same figures; tests check that).
-* Segmentors and single-stage detectors count their ``mode='tensor'`` forward. Two-stage
+* Segmentors and single-stage detectors count their ``mode='tensor'`` forward: the network
+  without prediction-time work (the per-instance mask convolutions of SOLOv2 or RTMDet-Ins are
+  left out). Two-stage
   detectors count what test time runs: backbone, neck and RPN head, the box head(s) on the
   RPN's ``max_per_img`` proposals, and the mask head(s) on the R-CNN's ``max_per_img``
-  detections (mmdet's own ``_forward`` runs NMS, which does not run on the meta device).
+  detections (mmdet's own ``_forward`` runs NMS, which does not run on the meta device); a RoI
+  head with more test-time work than that is refused rather than undercounted.
 """
 import contextlib
 import copy
@@ -36,8 +39,9 @@ __all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from
 class ModelComplexity:
     """What :func:`model_complexity` counted. ``params_run``: the fused model's parameters that
     the counted forward uses (an auxiliary head, trained but never run at test time, is left out).
-    A segmentor tested by sliding window runs ``test_crops`` forwards of ``crop_shape`` per
-    image: ``macs_test_fused`` in all, where the papers count one whole-image forward."""
+    A segmentor tested by sliding window runs ``test_crops`` forwards of ``crop_shape`` on an
+    input of ``input_shape``: ``macs_test_fused`` in all, where the papers count one whole-image
+    forward."""
     input_shape: Tuple[int, int]
     params: int
     params_fused: int
@@ -55,8 +59,9 @@ class ModelComplexity:
 
 
 def input_size_from_pipeline(cfg):
-    """(H, W) of the test pipeline's ``Resize`` scale (mmcv's scale is (W, H)), or None: the
-    size test images are resized to, e.g. 2048x512 for ADE20K, 1333x800 for COCO."""
+    """(H, W) of the test pipeline's ``Resize`` scale (mmcv's scale is (W, H)), or None: e.g.
+    2048x512 for ADE20K, 1333x800 for COCO, the sizes the papers count at. Under ``keep_ratio``
+    it bounds the resized image: a 4:3 ADE20K image is tested at 512x683."""
     loader = cfg.get('test_dataloader') or {}
     dataset = innermost_dataset(loader.get('dataset') or {})
     for step in dataset.get('pipeline') or []:
@@ -81,56 +86,75 @@ def slide_crops(cfg, height, width):
 
 @contextlib.contextmanager
 def _shape_only_roi_extractors():
-    """mmdet's RoI extractors pick each RoI's level from box sizes (data-dependent branches that
-    the meta device cannot take); on meta features they return features of the right shape."""
-    from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
+    """mmdet's ``SingleRoIExtractor`` picks each RoI's level from box sizes (data-dependent
+    branches that the meta device cannot take); on meta features it returns features of the right
+    shape. Its RoIAlign is no convolution or matrix product: nothing countable is skipped."""
+    from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+    forward = SingleRoIExtractor.forward
 
-    def classes(cls):
-        yield cls
-        for sub in cls.__subclasses__():
-            yield from classes(sub)
-
-    saved = {cls: cls.forward for cls in set(classes(BaseRoIExtractor)) if 'forward' in vars(cls)}
-
-    def shape_only(forward):
-        def wrapped(self, feats, rois, *args, **kwargs):
-            if feats[0].is_meta:
-                size = self.roi_layers[0].output_size
-                return feats[0].new_zeros(rois.size(0), self.out_channels, *size)
-            return forward(self, feats, rois, *args, **kwargs)
-        return wrapped
-    for cls, forward in saved.items():
-        cls.forward = shape_only(forward)
+    def shape_only(self, feats, rois, *args, **kwargs):
+        if feats[0].is_meta:
+            return feats[0].new_zeros(rois.size(0), self.out_channels, *self.roi_layers[0].output_size)
+        return forward(self, feats, rois, *args, **kwargs)
+    SingleRoIExtractor.forward = shape_only
     try:
         yield
     finally:
-        for cls, forward in saved.items():
-            cls.forward = forward
+        SingleRoIExtractor.forward = forward
 
 
-def _rois(count, height, width, device):
-    """``count`` RoIs of image 0 spread over an image (fixed: the counts depend on how many)."""
+def _rois(images, count, height, width, device):
+    """``count`` RoIs per image, spread over an H x W image (fixed: the counts depend only on how
+    many), as mmdet's ``bbox2roi`` lays them out: image index, x1, y1, x2, y2."""
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) * 0.75
     wh = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) * 0.25 + 4
-    return torch.cat([torch.zeros(count, 1), xy, xy + wh], 1).to(device)
+    boxes = torch.cat([xy, xy + wh], 1)
+    return torch.cat([torch.cat([torch.full((count, 1), float(i)), boxes], 1)
+                      for i in range(images)]).to(device)
 
 
 def _roi_counts(model):
     return model.rpn_head.test_cfg.max_per_img, model.roi_head.test_cfg.max_per_img
 
 
-def _two_stage_forward(model, inputs):
+def _check_countable(model, on_meta):
+    """Counting runs the RPN head, the box and the mask heads as test time does; a head with more
+    test-time work than that (a subclass: Grid R-CNN, MS R-CNN, HTC, PointRend, ...) would be
+    undercounted, so it is refused instead."""
+    from mmdet.models.dense_heads import RPNHead
     from mmdet.models.roi_heads import CascadeRoIHead, StandardRoIHead
+    from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor, SingleRoIExtractor
+    head, rpn = model.roi_head, getattr(model, 'rpn_head', None)
+    if rpn is None:
+        raise ConfigError(f'{type(model).__name__} takes its proposals from files, which counting '
+                          'cannot: it counts two-stage detectors with an RPNHead.')
+    if not isinstance(rpn, RPNHead):
+        raise ConfigError(f'counting a two-stage detector runs an RPNHead for its proposals; '
+                          f"{type(model).__name__}'s {type(rpn).__name__} is not counted.")
+    if type(head) not in (StandardRoIHead, CascadeRoIHead):
+        raise ConfigError(f'counting a two-stage detector runs its box and mask heads as '
+                          f'StandardRoIHead and CascadeRoIHead do at test time; '
+                          f'{type(head).__name__} does more there, which would be left out.')
+    extractors = [m for m in head.modules() if isinstance(m, BaseRoIExtractor)]
+    if on_meta and any(type(m) is not SingleRoIExtractor for m in extractors):
+        other = next(type(m).__name__ for m in extractors if type(m) is not SingleRoIExtractor)
+        raise ConfigError(f'{other} cannot run on the meta device (only SingleRoIExtractor is '
+                          'stood in for there); count with --device cpu.')
+
+
+def _two_stage_forward(model, inputs):
+    from mmdet.models.roi_heads import CascadeRoIHead
+    _check_countable(model, inputs.is_meta)
     head = model.roi_head
-    if not isinstance(head, (StandardRoIHead, CascadeRoIHead)):
-        raise ConfigError(f'counting a two-stage detector runs its RoI head as test time does, '
-                          f'known for StandardRoIHead and CascadeRoIHead; {type(head).__name__} '
-                          'is neither.')
     proposals, detections = _roi_counts(model)
     feats = model.extract_feat(inputs)
     model.rpn_head(feats)
-    rois = _rois(proposals, inputs.shape[-2], inputs.shape[-1], inputs.device)
+    images = inputs.shape[0]
+    rois = _rois(images, proposals, inputs.shape[-2], inputs.shape[-1], inputs.device)
+    # the final detections of each image (at most max_per_img), as predict_mask takes them
+    kept = torch.cat([rois[i * proposals:i * proposals + min(detections, proposals)]
+                      for i in range(images)])
     stages = [(s, ) for s in range(head.num_stages)] if isinstance(head, CascadeRoIHead) else [()]
     with _shape_only_roi_extractors():
         for stage in stages:  # each cascade stage refines the same number of boxes
@@ -138,7 +162,7 @@ def _two_stage_forward(model, inputs):
                 head._bbox_forward(*stage, feats, rois)
         for stage in stages:  # masks of the final detections, from every stage's mask head
             if head.with_mask:
-                head._mask_forward(*stage, feats, rois[:detections])
+                head._mask_forward(*stage, feats, kept)
 
 
 def _is_two_stage(model):
@@ -178,11 +202,11 @@ def _params_run(model, inputs, data_samples):
     return sum(params.values())
 
 
-def _preprocessed(cfg, height, width, device):
+def _preprocessed(cfg, height, width, device, images=1):
     from mmengine.registry import MODELS
     preprocessor = MODELS.build(copy.deepcopy(cfg.model.data_preprocessor))
     with torch.no_grad():
-        batch = preprocessor(synthetic_batch(cfg, height, width), False)
+        batch = preprocessor(synthetic_batch(cfg, height, width, batch=images), False)
     return batch['inputs'].to(device), batch['data_samples']
 
 

@@ -83,6 +83,16 @@ def test_two_stage_heads_are_counted_per_proposal_and_per_detection():
     # the trained form also composes DO-Conv's kernels, once per forward, whatever the RoIs
     assert full.macs - half.macs == 500 * per_roi and full.macs > full.macs_fused
 
+    # a batch of two images costs twice one, heads included (each image has its own RoIs)
+    from reparam_mm.apis import build_model
+    from reparam_mm.complexity import _preprocessed, count_macs
+    from reparam_mm.fuse import fuse
+    cfg = _config(DEMO_DET)
+    with torch.device('meta'):
+        model = fuse(build_model(cfg).eval())
+    one, two = (count_macs(model, *_preprocessed(cfg, 320, 512, 'meta', images=n)) for n in (1, 2))
+    assert (one, two) == (full.macs_fused, 2 * full.macs_fused)
+
     cascade = ROOT / 'configs' / CASCADE_MASK_31B
     masks = model_complexity(_config(cascade), (320, 480))
     fewer = model_complexity(_config(cascade, **{'model.test_cfg.rcnn.max_per_img': 50}), (320, 480))
@@ -204,6 +214,26 @@ def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs(capsys):
                                  'model.test_cfg.mode=slide', 'model.test_cfg.crop_size=(32,32)',
                                  'model.test_cfg.stride=(21,21)'])
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f'{DEMO_SEG.name}: a sliding-window test, 8 crops of 32 x 32 per 48 x 80 input: '
-        f'{counted.macs_test_fused / 1e9:.1f} GMACs fused per test image (the row counts one '
-        'whole-image forward, as the papers do).')
+        f'{DEMO_SEG.name}: a sliding-window test, 8 crops of 32 x 32 on a 48 x 80 input: '
+        f'{counted.macs_test_fused / 1e9:.1f} GMACs fused (the row counts one whole-image forward, '
+        'as the papers do).')
+
+
+@pytest.mark.parametrize('base,refusal', [
+    ('ms_rcnn/ms-rcnn_r50_fpn_1x_coco.py', r'^counting a two-stage detector runs its box and mask heads '
+     r'as StandardRoIHead and CascadeRoIHead do at test time; MaskScoringRoIHead does more there'),
+    ('groie/faste-rcnn_r50_fpn_groie_1x_coco.py', r'^GenericRoIExtractor cannot run on the meta device '
+     r'\(only SingleRoIExtractor is stood in for there\); count with --device cpu\.$'),
+    ('fast_rcnn/fast-rcnn_r50_fpn_1x_coco.py', r'^FastRCNN takes its proposals from files, which '
+     r'counting cannot: it counts two-stage detectors with an RPNHead\.$'),
+], ids=['ms-rcnn', 'groie', 'fast-rcnn'])
+def test_detectors_with_more_test_time_work_are_refused_not_undercounted(tmp_path, base, refusal):
+    """mmdet's own configs whose heads do work the count would leave out (MS R-CNN's mask-IoU
+    head), whose RoI extractor runs convolutions the meta device cannot stand in for (GRoIE),
+    or that take their proposals from files."""
+    from reparam_mm.complexity import model_complexity
+    from reparam_mm.scope import ConfigError
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(f"_base_ = ['mmdet::{base}']\n")
+    with pytest.raises(ConfigError, match=refusal):
+        model_complexity(_config(cfg), (128, 160))

@@ -6,7 +6,8 @@
 
 Prints one Markdown row per config: the input (H x W after the preprocessor's padding), the
 parameters trained / fused / run at test time, and the multiply-adds ("FLOPs" in the papers)
-trained / fused. The input defaults to the test pipeline's resize scale. Counting builds the
+trained / fused. The input defaults to the test pipeline's resize scale (the papers' convention;
+under keep_ratio real images are resized within it). Counting builds the
 model on the meta device: seconds for the largest configs (docs/configs.md, "Model size").
 """
 import argparse
@@ -26,10 +27,10 @@ HEADER = ('| config | input H x W | params M (trained / fused / run) | GMACs (tr
           '| --- | --- | --- | --- |')
 NOTE = ('GMACs: 1e9 multiply-adds of convolutions and matrix products (the papers\' "FLOPs"); '
         'run: the fused parameters the test forward uses (no auxiliary head).')
-DETECTOR_NOTE = ('Two-stage detectors: box heads on {} proposals, mask heads on {} detections '
+DETECTOR_NOTE = ('Two-stage detectors{}: box heads on {} proposals, mask heads on {} detections '
                  "(the test_cfg's max_per_img).")
-SLIDE_NOTE = ('{}: a sliding-window test, {} crops of {} x {} per {} x {} input: {:.1f} GMACs fused '
-              'per test image (the row counts one whole-image forward, as the papers do).')
+SLIDE_NOTE = ('{}: a sliding-window test, {} crops of {} x {} on a {} x {} input: {:.1f} GMACs fused '
+              '(the row counts one whole-image forward, as the papers do).')
 
 
 def parse_args(argv=None):
@@ -54,7 +55,7 @@ def row(config, c):
 def main(argv=None):
     args = parse_args(argv)
     print(HEADER, flush=True)
-    counted, detectors, slides = {}, set(), []
+    counted, detectors, slides = {}, {}, []
     for config in args.configs:
         cfg = load_config(config)
         merge_cfg_options(cfg, args.cfg_options)
@@ -64,14 +65,15 @@ def main(argv=None):
             raise ConfigError(f'{config}: {e}') from None
         counted[config] = c.as_dict()
         if c.proposals is not None:
-            detectors.add((c.proposals, c.detections))
+            detectors.setdefault((c.proposals, c.detections), []).append(os.path.basename(config))
         if c.test_crops is not None:
             slides.append(SLIDE_NOTE.format(os.path.basename(config), c.test_crops, *c.crop_shape,
                                             *c.input_shape, c.macs_test_fused / 1e9))
         print(row(config, c), flush=True)
     print(NOTE)
-    for counts in sorted(detectors):
-        print(DETECTOR_NOTE.format(*counts))
+    for counts, names in sorted(detectors.items()):  # which ones, where they differ
+        which = f' ({", ".join(names)})' if len(detectors) > 1 else ''
+        print(DETECTOR_NOTE.format(which, *counts))
     for line in slides:
         print(line)
     if args.json:
