@@ -237,3 +237,36 @@ def test_detectors_with_more_test_time_work_are_refused_not_undercounted(tmp_pat
     cfg.write_text(f"_base_ = ['mmdet::{base}']\n")
     with pytest.raises(ConfigError, match=refusal):
         model_complexity(_config(cfg), (128, 160))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('base', ['mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+                                  'cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py'],
+                         ids=['mask-rcnn', 'cascade-mask-rcnn'])
+def test_two_stage_counts_equal_what_mmdets_own_predict_runs(tmp_path, base):
+    """With NMS keeping every box (IoU threshold 1, no score threshold), mmdet's own predict runs its
+    box heads on exactly max_per_img proposals and its mask heads on max_per_img detections:
+    counted around it on CPU tensors, it gives the count (ResNet-18 Mask / Cascade Mask R-CNN)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reparam_mm.apis import build_model
+    from reparam_mm.complexity import _preprocessed, model_complexity
+    from reparam_mm.fuse import fuse
+    keep_all = 'nms=dict(iou_threshold=1.0)'
+    cfg_path = tmp_path / 'cfg.py'
+    cfg_path.write_text(f"""_base_ = ['mmdet::{base}']
+custom_imports = dict(imports=['reparam_mm'], allow_failed_imports=False)
+model = dict(backbone=dict(depth=18, init_cfg=None), neck=dict(in_channels=[64, 128, 256, 512]),
+             test_cfg=dict(rpn=dict(max_per_img=100, {keep_all}),
+                           rcnn=dict(max_per_img=20, score_thr=0.0, {keep_all})))
+""")
+    cfg = _config(cfg_path)
+    torch.manual_seed(0)
+    model = fuse(build_model(cfg).eval())
+    inputs, samples = _preprocessed(cfg, 128, 160, 'cpu')
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        predicted = model.predict(inputs, samples)
+    assert len(predicted[0].pred_instances) == 20
+    counted = model_complexity(cfg, (128, 160))
+    assert (counted.proposals, counted.detections) == (100, 20)
+    assert counted.macs_fused == counter.get_total_flops() // 2
