@@ -32,7 +32,8 @@ from .fuse import count_params, fuse
 from .layers.large_kernel import fft_min_kernel
 from .scope import ConfigError, init_scope
 
-__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline', 'slide_crops']
+__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline', 'slide_crops',
+           'tested_image_sizes']
 
 
 @dataclass
@@ -41,8 +42,9 @@ class ModelComplexity:
     the counted forward uses (an auxiliary head, trained but never run at test time, is left out).
     A segmentor tested by sliding window runs ``test_crops`` forwards of ``crop_shape`` on an
     input of ``input_shape``: ``macs_test_fused`` in all, where the papers count one whole-image
-    forward."""
-    input_shape: Tuple[int, int]
+    forward. Counted over ``images`` test images, the multiply-adds are their mean and
+    ``input_shape`` is None."""
+    input_shape: Optional[Tuple[int, int]]
     params: int
     params_fused: int
     params_run: int
@@ -53,6 +55,7 @@ class ModelComplexity:
     test_crops: Optional[int] = None
     crop_shape: Optional[Tuple[int, int]] = None
     macs_test_fused: Optional[int] = None
+    images: Optional[int] = None
 
     def as_dict(self):
         return asdict(self)
@@ -210,30 +213,56 @@ def _preprocessed(cfg, height, width, device, images=1):
     return batch['inputs'].to(device), batch['data_samples']
 
 
-def model_complexity(cfg, shape=None, device='meta'):
+def tested_image_sizes(cfg, count):
+    """(H, W) of the first ``count`` test images after the test pipeline (resized as tested):
+    mmdet's ``get_flops.py --num-images``. The dataset's files must be there."""
+    from mmengine.registry import DATASETS
+
+    from .train import check_data_roots
+    check_data_roots(cfg, loaders=('test_dataloader', ))
+    dataset = DATASETS.build(copy.deepcopy(cfg.test_dataloader.dataset))
+    return [tuple(dataset[i]['inputs'].shape[-2:]) for i in range(min(count, len(dataset)))]
+
+
+def model_complexity(cfg, shape=None, device='meta', images=None):
     """Count ``cfg``'s model, trained and fused, on one ``shape`` = (H, W) image (default: the
-    test pipeline's resize scale), preprocessed (padded) as the config's preprocessor does;
+    test pipeline's resize scale), or averaged over the first ``images`` test images as the test
+    pipeline sizes them; each preprocessed (padded) as the config's preprocessor does, the model
     built with its random initialisation, no weights loaded."""
     from mmengine.registry import MODELS
     init_scope(cfg)
-    shape = tuple(shape) if shape is not None else input_size_from_pipeline(cfg)
-    if shape is None:
-        raise ConfigError('the config has no Resize step with a scale in its test pipeline to '
-                          'count at; give the input size (tools/get_flops.py --shape H W).')
-    inputs, samples = _preprocessed(cfg, *shape, device)
+    if images is not None:
+        if shape is not None:
+            raise ConfigError('count at one input size or over test images, not both: give '
+                              '--shape or --images.')
+        sizes = tested_image_sizes(cfg, images)
+    else:
+        shape = tuple(shape) if shape is not None else input_size_from_pipeline(cfg)
+        if shape is None:
+            raise ConfigError('the config has no Resize step with a scale in its test pipeline to '
+                              'count at; give the input size (tools/get_flops.py --shape H W).')
+        sizes = [shape]
+    batches = {size: _preprocessed(cfg, *size, device) for size in dict.fromkeys(sizes)}
+
+    def mean(count):  # over the images: each size counted once, weighted by its images
+        return round(sum(count(*batches[size]) for size in sizes) / len(sizes))
     with torch.device(device):
         model = MODELS.build(copy.deepcopy(cfg.model))
     model.eval()
-    params, macs = count_params(model), count_macs(model, inputs, samples)
+    params, macs = count_params(model), mean(lambda x, s: count_macs(model, x, s))
     fused = fuse(model)
     counts = _roi_counts(fused) if _is_two_stage(fused) else (None, None)
+    first = batches[sizes[0]]
     result = ModelComplexity(
-        input_shape=tuple(inputs.shape[-2:]), params=params, params_fused=count_params(fused),
-        params_run=_params_run(fused, inputs, samples), macs=macs,
-        macs_fused=count_macs(fused, inputs, samples), proposals=counts[0], detections=counts[1])
-    crops = slide_crops(cfg, *result.input_shape) if hasattr(fused, 'slide_inference') else None
-    if crops is not None:  # every crop has the same size: count one
-        (h, w) = crops[1]
-        result.test_crops, result.crop_shape = crops[0], (h, w)
-        result.macs_test_fused = crops[0] * count_macs(fused, inputs[..., :h, :w], samples)
+        input_shape=None if images is not None else tuple(first[0].shape[-2:]), params=params,
+        params_fused=count_params(fused), params_run=_params_run(fused, *first), macs=macs,
+        macs_fused=mean(lambda x, s: count_macs(fused, x, s)), proposals=counts[0],
+        detections=counts[1], images=len(sizes) if images is not None else None)
+    if hasattr(fused, 'slide_inference') and slide_crops(cfg, *first[0].shape[-2:]) is not None:
+        def slide(x, samples):  # every crop of one input has the same size: count one
+            crops, (h, w) = slide_crops(cfg, *x.shape[-2:])
+            return crops * count_macs(fused, x[..., :h, :w], samples)
+        result.macs_test_fused = mean(slide)
+        if images is None:
+            result.test_crops, result.crop_shape = slide_crops(cfg, *result.input_shape)
     return result

@@ -270,3 +270,36 @@ model = dict(backbone=dict(depth=18, init_cfg=None), neck=dict(in_channels=[64, 
     counted = model_complexity(cfg, (128, 160))
     assert (counted.proposals, counted.detections) == (100, 20)
     assert counted.macs_fused == counter.get_total_flops() // 2
+
+
+@pytest.mark.timeout(120)
+def test_the_mean_over_test_images_counts_each_image_at_its_tested_size(shared_data, tmp_path, capsys):
+    """mmdet's --num-images: the first 10 coco128 images as the demo detector's test pipeline
+    sizes them (keep-ratio resize within 512 x 320, from the json's image sizes; two share one)
+    give the mean of the counts at those sizes, one per image."""
+    import mmcv
+
+    from reparam_mm.complexity import model_complexity, tested_image_sizes
+    from reparam_mm.scope import ConfigError
+    root = shared_data / 'coco128'
+    options = {'test_dataloader.dataset.data_root': str(root) + '/',
+               'test_evaluator.ann_file': str(root / 'annotations/instances_train2017.json')}
+    cfg = _config(DEMO_DET, **options)
+    images = json.loads((root / 'annotations/instances_train2017.json').read_text())['images'][:10]
+    expected = []
+    for image in images:
+        w, h = mmcv.rescale_size((image['width'], image['height']), (512, 320))
+        expected.append((h, w))
+    assert tested_image_sizes(cfg, 10) == expected and len(set(expected)) == 9
+    counted = model_complexity(cfg, images=10)
+    mean = sum(model_complexity(cfg, size).macs_fused for size in expected) / 10
+    assert (counted.images, counted.input_shape) == (10, None) and counted.macs_fused == round(mean)
+    with pytest.raises(ConfigError, match='^count at one input size or over test images, not both'):
+        model_complexity(cfg, (64, 64), images=6)
+    absent = _config(DEMO_DET, **{**options, 'test_dataloader.dataset.data_root': f'{tmp_path}/no/'})
+    with pytest.raises(FileNotFoundError, match=rf"^data root '{tmp_path}/no/' \(test_dataloader\.dataset"
+                                                 r"\.data_root\) does not exist: prepare the dataset"):
+        model_complexity(absent, images=6)
+    load_tool('get_flops').main([str(DEMO_DET), '--images', '2', '--cfg-options',
+                                 *(f'{k}={v}' for k, v in options.items())])
+    assert f'| {DEMO_DET.name} | mean of 2 test images |' in capsys.readouterr().out

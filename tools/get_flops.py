@@ -1,7 +1,7 @@
 """Parameters and multiply-adds of configs' models, as trained and fused (mmseg's / mmdet's
 ``tools/analysis_tools/get_flops.py`` for re-parameterised models).
 
-    python tools/get_flops.py CONFIG [CONFIG ...] [--shape H W] [--device meta|cpu]
+    python tools/get_flops.py CONFIG [CONFIG ...] [--shape H W | --images N] [--device meta|cpu]
                               [--cfg-options K=V ...] [--json FILE]
 
 Prints one Markdown row per config: the input (H x W after the preprocessor's padding), the
@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.apis import image_size  # noqa: E402
+from reparam_mm.apis import count_value, image_size  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.complexity import model_complexity  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options  # noqa: E402
@@ -31,13 +31,19 @@ DETECTOR_NOTE = ('Two-stage detectors{}: box heads on {} proposals, mask heads o
                  "(the test_cfg's max_per_img).")
 SLIDE_NOTE = ('{}: a sliding-window test, {} crops of {} x {} on a {} x {} input: {:.1f} GMACs fused '
               '(the row counts one whole-image forward, as the papers do).')
+SLIDE_MEAN_NOTE = ('{}: a sliding-window test, {:.1f} GMACs fused per test image on average over {} '
+                   'images (the row counts one whole-image forward per image).')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Count parameters and multiply-adds, trained and fused')
     parser.add_argument('configs', nargs='+', metavar='CONFIG', help='config file(s)')
-    parser.add_argument('--shape', type=image_size, nargs=2, metavar=('H', 'W'),
-                        help="input size (default: the test pipeline's Resize scale)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument('--shape', type=image_size, nargs=2, metavar=('H', 'W'),
+                      help="input size (default: the test pipeline's Resize scale)")
+    size.add_argument('--images', type=count_value, metavar='N',
+                      help='the mean over the first N test images, sized by the test pipeline '
+                      "(mmdet's --num-images; the test dataset must be there)")
     parser.add_argument('--device', choices=('meta', 'cpu'), default='meta',
                         help='meta: shapes only, nothing allocated (default); cpu: a real forward')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
@@ -47,7 +53,9 @@ def parse_args(argv=None):
 
 
 def row(config, c):
-    return (f'| {os.path.basename(config)} | {c.input_shape[0]} x {c.input_shape[1]} '
+    size = (f'mean of {c.images} test images' if c.input_shape is None
+            else f'{c.input_shape[0]} x {c.input_shape[1]}')
+    return (f'| {os.path.basename(config)} | {size} '
             f'| {c.params / 1e6:.2f} / {c.params_fused / 1e6:.2f} / {c.params_run / 1e6:.2f} '
             f'| {c.macs / 1e9:.1f} / {c.macs_fused / 1e9:.1f} |')
 
@@ -60,7 +68,7 @@ def main(argv=None):
         cfg = load_config(config)
         merge_cfg_options(cfg, args.cfg_options)
         try:
-            c = model_complexity(cfg, shape=args.shape, device=args.device)
+            c = model_complexity(cfg, shape=args.shape, device=args.device, images=args.images)
         except ConfigError as e:  # the rows before it are printed: say which config stopped
             raise ConfigError(f'{config}: {e}') from None
         counted[config] = c.as_dict()
@@ -69,6 +77,9 @@ def main(argv=None):
         if c.test_crops is not None:
             slides.append(SLIDE_NOTE.format(os.path.basename(config), c.test_crops, *c.crop_shape,
                                             *c.input_shape, c.macs_test_fused / 1e9))
+        elif c.macs_test_fused is not None:
+            slides.append(SLIDE_MEAN_NOTE.format(os.path.basename(config), c.macs_test_fused / 1e9,
+                                                 c.images))
         print(row(config, c), flush=True)
     print(NOTE)
     for counts, names in sorted(detectors.items()):  # which ones, where they differ
