@@ -139,10 +139,10 @@ def _check_countable(model, on_meta):
         raise ConfigError(f'counting a two-stage detector runs its box and mask heads as '
                           f'StandardRoIHead and CascadeRoIHead do at test time; '
                           f'{type(head).__name__} does more there, which would be left out.')
-    extractors = [m for m in head.modules() if isinstance(m, BaseRoIExtractor)]
-    if on_meta and any(type(m) is not SingleRoIExtractor for m in extractors):
-        other = next(type(m).__name__ for m in extractors if type(m) is not SingleRoIExtractor)
-        raise ConfigError(f'{other} cannot run on the meta device (only SingleRoIExtractor is '
+    others = [type(m).__name__ for m in head.modules()
+              if isinstance(m, BaseRoIExtractor) and type(m) is not SingleRoIExtractor]
+    if on_meta and others:
+        raise ConfigError(f'{others[0]} cannot run on the meta device (only SingleRoIExtractor is '
                           'stood in for there); count with --device cpu.')
 
 
@@ -173,13 +173,6 @@ def _is_two_stage(model):
     return isinstance(model, TwoStageDetector)
 
 
-def _tensor_forward(model, inputs, data_samples):
-    if _is_two_stage(model):
-        _two_stage_forward(model, inputs)
-    else:
-        model(inputs, data_samples, mode='tensor')
-
-
 def count_macs(model, inputs, data_samples):
     """Multiply-adds of one test-time forward of ``model`` (eval mode) on preprocessed
     ``inputs`` (N, 3, H, W): convolutions and matrix products (module docstring)."""
@@ -187,22 +180,28 @@ def count_macs(model, inputs, data_samples):
     if model.training:
         raise ValueError('count_macs counts the test-time forward: call model.eval() first.')
     with fft_min_kernel(10**9), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _tensor_forward(model, inputs, data_samples)
+        if _is_two_stage(model):
+            _two_stage_forward(model, inputs)
+        else:
+            model(inputs, data_samples, mode='tensor')
     return counter.get_total_flops() // 2
 
 
-def _params_run(model, inputs, data_samples):
-    """Parameters of the modules one forward calls (shared ones once)."""
+@contextlib.contextmanager
+def _called_modules(model):
+    """The set of ``model``'s modules called inside the block."""
     called = set()
     hooks = [m.register_forward_pre_hook(lambda m, _: called.add(m)) for m in model.modules()]
     try:
-        with fft_min_kernel(10**9), torch.no_grad():
-            _tensor_forward(model, inputs, data_samples)
+        yield called
     finally:
         for h in hooks:
             h.remove()
-    params = {id(p): p.numel() for m in called for p in m.parameters(recurse=False)}
-    return sum(params.values())
+
+
+def _params_of(modules):
+    """Parameters the ``modules`` own (shared ones once)."""
+    return sum({id(p): p.numel() for m in modules for p in m.parameters(recurse=False)}.values())
 
 
 def _preprocessed(cfg, height, width, device, images=1):
@@ -252,17 +251,20 @@ def model_complexity(cfg, shape=None, device='meta', images=None):
     params, macs = count_params(model), mean(lambda x, s: count_macs(model, x, s))
     fused = fuse(model)
     counts = _roi_counts(fused) if _is_two_stage(fused) else (None, None)
-    first = batches[sizes[0]]
+    with _called_modules(fused) as called:  # the fused test forward: what it runs and costs
+        macs_fused = mean(lambda x, s: count_macs(fused, x, s))
+    first = batches[sizes[0]][0].shape[-2:]
     result = ModelComplexity(
-        input_shape=None if images is not None else tuple(first[0].shape[-2:]), params=params,
-        params_fused=count_params(fused), params_run=_params_run(fused, *first), macs=macs,
-        macs_fused=mean(lambda x, s: count_macs(fused, x, s)), proposals=counts[0],
-        detections=counts[1], images=len(sizes) if images is not None else None)
-    if hasattr(fused, 'slide_inference') and slide_crops(cfg, *first[0].shape[-2:]) is not None:
+        input_shape=None if images is not None else tuple(first), params=params,
+        params_fused=count_params(fused), params_run=_params_of(called), macs=macs,
+        macs_fused=macs_fused, proposals=counts[0], detections=counts[1],
+        images=len(sizes) if images is not None else None)
+    crops = slide_crops(cfg, *first) if hasattr(fused, 'slide_inference') else None
+    if crops is not None:
         def slide(x, samples):  # every crop of one input has the same size: count one
-            crops, (h, w) = slide_crops(cfg, *x.shape[-2:])
-            return crops * count_macs(fused, x[..., :h, :w], samples)
+            count, (h, w) = slide_crops(cfg, *x.shape[-2:])
+            return count * count_macs(fused, x[..., :h, :w], samples)
         result.macs_test_fused = mean(slide)
         if images is None:
-            result.test_crops, result.crop_shape = slide_crops(cfg, *result.input_shape)
+            result.test_crops, result.crop_shape = crops
     return result
