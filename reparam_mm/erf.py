@@ -211,7 +211,8 @@ def load_backbone(cfg, checkpoint=None, fuse=True, device='cpu'):
         weights = (f'backbone pretrained from {source}' if source else
                    'random initialisation (no checkpoint, and the backbone has no pretrained '
                    'init_cfg)')
-    backbone = revert_sync_batchnorm(model.backbone).eval()
+    backbone = revert_sync_batchnorm(model.backbone)
+    backbone.eval()  # not chained: mmseg's ResNet.train() returns None
     if fuse:
         backbone, report = fuse_with_report(backbone)
         weights += f', fused ({report.total} module(s))'

@@ -172,6 +172,18 @@ def test_the_fused_model_has_the_unfused_models_field(tmp_path, monkeypatch):
     assert [r.side for r in a.area_ratios()] == [r.side for r in b.area_ratios()]
 
 
+def test_a_full_size_resnet_backbone_comes_fused_in_eval_mode_with_plain_batch_norm():
+    # mmseg's ResNet.train() returns None (no chaining); SyncBN configs run outside a process group
+    cfg = load_config(str(ROOT / 'configs/doconv/upernet_r50-doconv-c3-c5_4xb4-160k_ade20k-512x512.py'))
+    cfg.model.backbone.init_cfg = None
+    backbone, weights, (mean, std, rgb) = load_backbone(cfg)
+    assert isinstance(backbone, nn.Module) and not backbone.training
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in backbone.modules())
+    assert weights.startswith('random initialisation') and weights.endswith('fused (13 module(s))')  # 4+6+3
+    assert (list(mean), list(std), rgb) == ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], True)
+    assert not reparam_mm.fuse_with_report(backbone)[1].fused  # nothing left to fuse
+
+
 def test_images_with_a_gradient_that_is_not_finite_are_left_out_and_named(tmp_path):
     files = _images(tmp_path / 'img', size=(16, 16), black=(1,))  # 16 x 16: not resampled
 
