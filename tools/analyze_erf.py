@@ -64,18 +64,19 @@ def main(argv=None):
     ratios = result.area_ratios()
     h, w = result.feature_shape
     print(f'{result.images} image(s) at {args.size} x {args.size}; the centre of a {h} x {w} '
-          f'feature map (output {args.out_index})')
+          f'feature map (output {args.out_index}), which looks at input pixel {result.centre}')
     for path in result.skipped:
         print(f'left out, gradient not finite: {path}')
     print('| threshold | side (pixels) | area ratio |\n| --- | --- | --- |')
     for r in ratios:
-        print(f'| {r.threshold:.0%} | {r.side} | {r.ratio:.1%} |')
+        print(f'| {r.threshold:.0%} | {r.side} | {r.ratio:.2%} |')
     os.makedirs(args.out_dir, exist_ok=True)
     np.save(os.path.join(args.out_dir, 'erf.npy'), result.scores)
     save_heatmap(result.scores, os.path.join(args.out_dir, 'erf.png'),
                  title=f'{os.path.basename(args.config)}\n{result.images} images, {args.size} px')
     record = dict(config=args.config, weights=weights, size=args.size, out_index=args.out_index,
                   images=result.images, skipped=result.skipped, feature_shape=[h, w],
+                  centre=list(result.centre),
                   area_ratios=[vars(r) for r in ratios])
     with open(os.path.join(args.out_dir, 'erf.json'), 'w') as f:
         json.dump(record, f, indent=1)
