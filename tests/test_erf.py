@@ -229,6 +229,25 @@ def test_the_weights_are_named_wherever_the_config_puts_the_pretrained_file(tmp_
             load_backbone(cfg)
 
 
+def test_a_zero_initialised_resnet_sees_exactly_through_its_stem(tmp_path):
+    # mmseg's ResNet zero-initialises the last BN of every residual branch (zero_init_residual), so
+    # at initialisation the backbone is its stem and strided 1x1 shortcuts: the field must lie in
+    # the stem's theoretical receptive field, 3x3 s2, 3x3, 3x3, max-pool 3x3 s2: 15 x 15 pixels
+    cfg = load_config(str(ROOT / 'configs/demo/upernet_r18-tiny_1xb8-1k_camvid-128x128.py'))
+    backbone, weights, norm = load_backbone(cfg)
+    assert weights.startswith('random initialisation')
+    result = effective_receptive_field(backbone, _images(tmp_path / 'img', n=2), 128, *norm)
+    assert result.feature_shape == (4, 4) and result.centre == (64, 64)
+    rows, cols = np.nonzero(result.scores)
+    assert rows.min() >= 64 - 7 and rows.max() <= 64 + 7 and cols.min() >= 64 - 7 and cols.max() <= 64 + 7
+    assert result.area_ratios()[-1].side <= 15
+    for m in backbone.modules():  # the residual branches switched on: the field grows past it
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1.0)
+    wider = effective_receptive_field(backbone, _images(tmp_path / 'img2', n=2), 128, *norm)
+    assert wider.area_ratios()[-1].side > 15
+
+
 def test_images_with_a_gradient_that_is_not_finite_are_left_out_and_named(tmp_path):
     files = _images(tmp_path / 'img', size=(16, 16), black=(1,))  # 16 x 16: not resampled
 
