@@ -27,7 +27,7 @@ from .scope import ConfigError
 
 __all__ = ['ERFResult', 'AreaRatio', 'THRESHOLDS', 'contribution_scores', 'area_ratios', 'load_image',
            'effective_receptive_field', 'feature_centre', 'normalised_scores', 'load_backbone',
-           'save_heatmap']
+           'save_heatmaps']
 
 #: the thresholds of the authors' table
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -241,17 +241,19 @@ def load_backbone(cfg, checkpoint=None, fuse=True, device='cpu'):
     return backbone.to(device), weights, norm
 
 
-def save_heatmap(scores, path, title=None):
-    """The normalised scores (:func:`normalised_scores`) as a picture, the authors' colour map."""
+def save_heatmaps(panels, path):
+    """Pictures of ``panels``, (scores, title) pairs, side by side on the authors' scale
+    (:func:`normalised_scores`) and colour map, one colour bar for all."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 5.4), dpi=100)
-    image = ax.imshow(normalised_scores(scores), cmap='RdYlGn', vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels) + 1, 3.6), dpi=80,
+                             squeeze=False)
+    for ax, (scores, title) in zip(axes[0], panels):
+        image = ax.imshow(normalised_scores(scores), cmap='RdYlGn', vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
         ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, orientation='horizontal', fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=list(axes[0]), orientation='horizontal', fraction=0.05, pad=0.04)
     fig.savefig(path, bbox_inches='tight')
     plt.close(fig)

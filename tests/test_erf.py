@@ -287,6 +287,22 @@ def test_tool_on_real_images_with_imagenet_weights(shared_data, tmp_path, capsys
     for r in rows:
         assert f"| {r['threshold']:.0%} | {r['side']} | {r['ratio']:.2%} |" in printed
     assert (out / 'erf.png').stat().st_size > 1000
+    # the fields of earlier runs side by side, from their folders
+    erf_tool.main(['--plot', str(out), str(out), '--titles', 'A', 'B', '--out', str(tmp_path / 'f.png')])
+    assert f'written: {tmp_path / "f.png"}' in capsys.readouterr().out
+    assert (tmp_path / 'f.png').stat().st_size > (out / 'erf.png').stat().st_size
+    assert run_tool(erf_tool.main, ['--plot', str(tmp_path), '--out', str(tmp_path / 'g.png')]) == 1
+    assert capsys.readouterr().err == (f'error: --plot {tmp_path}: no erf.npy there; give folders '
+                                       'that tools/analyze_erf.py wrote (its --out-dir).\n')
+    for bad in (['--plot', str(out), '--titles', 'A', 'B', '--out', 'x.png'],
+                ['--plot', str(out)], [str(EFFL0)]):
+        with pytest.raises(SystemExit) as stop:
+            erf_tool.main(bad)
+        assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert '--titles: give one title per --plot folder (1), not 2.' in err
+    assert 'give --plot OUT_DIR ... --out FIG.png, without a config or images.' in err
+    assert 'give a config and image files or folders' in err
 
 
 def test_tool_bad_input_is_one_sentence(tmp_path, capsys, monkeypatch):

@@ -4,6 +4,8 @@ receptive field").
 
     python tools/analyze_erf.py CONFIG IMAGES... [--checkpoint F] [--num-images 50] [--size 1024]
         [--out-index -1] [--no-fuse] [--device cpu] [--out-dir work_dirs/erf] [--cfg-options K=V ...]
+    # several measured fields side by side (the paper's Fig. 1), from the folders runs wrote
+    python tools/analyze_erf.py --plot OUT_DIR [OUT_DIR ...] [--titles T ...] --out FIG.png
 
 The weights: ``--checkpoint`` (the config's whole model, loaded strictly), else the backbone's
 pretrained ``init_cfg`` (e.g. ``--cfg-options model.backbone.init_cfg.checkpoint=RepLKNet-31B.pth``
@@ -24,15 +26,15 @@ import numpy as np  # noqa: E402
 import reparam_mm  # noqa: E402,F401
 from reparam_mm.apis import count_value, image_size  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
-from reparam_mm.erf import effective_receptive_field, load_backbone, save_heatmap  # noqa: E402
+from reparam_mm.erf import effective_receptive_field, load_backbone, save_heatmaps  # noqa: E402
 from reparam_mm.inference import check_device, image_files  # noqa: E402
-from reparam_mm.scope import CfgOptionsAction, load_config, merge_cfg_options  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Effective receptive field of a config's backbone")
-    parser.add_argument('config', help='config file')
-    parser.add_argument('inputs', nargs='+', help='image files, or folders of images')
+    parser.add_argument('config', nargs='?', help='config file')
+    parser.add_argument('inputs', nargs='*', help='image files, or folders of images')
     parser.add_argument('--checkpoint', help="the config's trained model (default: the backbone's "
                         'pretrained init_cfg, else random weights)')
     parser.add_argument('--num-images', type=count_value, default=50,
@@ -47,11 +49,53 @@ def parse_args(argv=None):
     parser.add_argument('--out-dir', default='work_dirs/erf', help='default: %(default)s')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override config settings (KEY=VALUE ...)')
-    return parser.parse_args(argv)
+    plot = parser.add_argument_group('drawing fields measured before, side by side')
+    plot.add_argument('--plot', nargs='+', metavar='OUT_DIR', help='folders earlier runs wrote')
+    plot.add_argument('--titles', nargs='+', metavar='TITLE', help='one per folder (default: '
+                      "the config's name and the weights')")
+    plot.add_argument('--out', metavar='FIG.png', help='the picture to write')
+    args = parser.parse_args(argv)
+    if args.plot:
+        if args.config or not args.out:
+            parser.error('--plot draws folders earlier runs wrote: give --plot OUT_DIR ... --out '
+                         'FIG.png, without a config or images.')
+        if args.titles and len(args.titles) != len(args.plot):
+            parser.error(f'--titles: give one title per --plot folder ({len(args.plot)}), not '
+                         f'{len(args.titles)}.')
+    elif not args.inputs:
+        parser.error('give a config and image files or folders (or --plot OUT_DIR ... --out FIG.png).')
+    return args
+
+
+def _default_title(record):
+    weights = record['weights'].split(',')[0]
+    weights = 'random initialisation' if weights.startswith('random') else weights
+    return f"{os.path.splitext(os.path.basename(record['config']))[0]}\n{weights}"
+
+
+def plot(folders, titles, out):
+    """One picture of the fields measured into ``folders``, titled with their 99% squares."""
+    panels = []
+    for i, folder in enumerate(folders):
+        files = [os.path.join(folder, name) for name in ('erf.npy', 'erf.json')]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ConfigError(f'--plot {folder}: no {os.path.basename(missing[0])} there; give '
+                              'folders that tools/analyze_erf.py wrote (its --out-dir).')
+        with open(files[1]) as f:
+            record = json.load(f)
+        title = titles[i] if titles else _default_title(record)
+        last = record['area_ratios'][-1]
+        panels.append((np.load(files[0]), f"{title}\n{last['threshold']:.0%}: {last['side']} px "
+                                          f"square, {record['images']} images"))
+    save_heatmaps(panels, out)
+    print(f'written: {out}')
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return plot(args.plot, args.titles, args.out)
     files = image_files(args.inputs)[:args.num_images]
     device = check_device(args.device)
     cfg = load_config(args.config)
@@ -72,8 +116,8 @@ def main(argv=None):
         print(f'| {r.threshold:.0%} | {r.side} | {r.ratio:.2%} |')
     os.makedirs(args.out_dir, exist_ok=True)
     np.save(os.path.join(args.out_dir, 'erf.npy'), result.scores)
-    save_heatmap(result.scores, os.path.join(args.out_dir, 'erf.png'),
-                 title=f'{os.path.basename(args.config)}\n{result.images} images, {args.size} px')
+    save_heatmaps([(result.scores, f'{os.path.basename(args.config)}\n{result.images} images, '
+                                   f'{args.size} px')], os.path.join(args.out_dir, 'erf.png'))
     record = dict(config=args.config, weights=weights, size=args.size, out_index=args.out_index,
                   images=result.images, skipped=result.skipped, feature_shape=[h, w],
                   centre=list(result.centre),
