@@ -248,6 +248,17 @@ def test_a_zero_initialised_resnet_sees_exactly_through_its_stem(tmp_path):
     assert wider.area_ratios()[-1].side > 15
 
 
+def test_a_detectors_backbone_is_measured_in_its_scope_with_its_preprocessor(tmp_path):
+    cfg = load_config(str(ROOT / 'configs/demo/'
+                               'faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-400i_coco128-person-320.py'))
+    backbone, weights, norm = load_backbone(cfg)
+    assert weights.startswith('random initialisation') and 'fused (' in weights
+    pre = cfg.model.data_preprocessor
+    assert norm == (pre.mean, pre.std, pre.bgr_to_rgb)
+    result = effective_receptive_field(backbone, _images(tmp_path / 'img', n=1), 128, *norm)
+    assert result.feature_shape == (4, 4) and result.scores.shape == (128, 128) and result.scores.max() > 0
+
+
 def test_images_with_a_gradient_that_is_not_finite_are_left_out_and_named(tmp_path):
     files = _images(tmp_path / 'img', size=(16, 16), black=(1,))  # 16 x 16: not resampled
 
