@@ -1,0 +1,106 @@
+"""reparam_mm.training_logs and tools/analyze_logs.py: the scalars runs logged, read back across
+a resume, summarised and drawn."""
+import json
+
+import pytest
+
+from conftest import load_tool
+from reparam_mm.cli import run_tool
+from reparam_mm.scope import ConfigError
+from reparam_mm.train import main as train_main
+from reparam_mm.training_logs import (RunScalars, lower_is_better, mean_iter_time, read_scalars,
+                                      summarise)
+from test_train_tools import tiny_demo_config
+
+logs_tool = load_tool('analyze_logs')
+
+
+def _write(folder, rows):
+    (folder / 'vis_data').mkdir(parents=True)
+    (folder / 'vis_data' / 'scalars.json').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def _train(step, loss, time=0.5):
+    return dict(lr=0.01, loss=loss, time=time, data_time=0.1, iter=step, step=step)
+
+
+def test_a_resumed_run_is_read_as_one_and_its_later_start_wins_where_both_logged(tmp_path):
+    wd = tmp_path / 'wd'
+    _write(wd / '20261203_090000', [_train(1, 3.0), _train(2, 2.0), dict(mIoU=10.0, time=0.2, step=2),
+                                    _train(3, 1.5, time=0.9)])  # stopped after iter 3, checkpoint at 2
+    _write(wd / '20261203_091500', [_train(3, 1.8, time=0.7), _train(4, 1.0), dict(mIoU=30.0, step=4)])
+    (wd / 'deploy').mkdir()  # not a start of tools/train.py
+    run = read_scalars(wd)
+    assert run.name == str(wd) and len(run.files) == 2
+    assert run.series('loss') == [(1, 3.0), (2, 2.0), (3, 1.8), (4, 1.0)]
+    assert run.series('mIoU') == [(2, 10.0), (4, 30.0)]
+    assert run.train['time'] == [(1, 0.5), (2, 0.5), (3, 0.7), (4, 0.5)]
+    assert run.val['time'] == [(2, 0.2)]  # validation rows are kept apart from training rows
+    assert mean_iter_time(run) == pytest.approx((0.5 + 0.7 + 0.5) / 3)  # the first left out
+    loss, miou = summarise(run, ['loss', 'mIoU'])
+    assert (loss.last, loss.best, loss.points) == ((4, 1.0), (4, 1.0), 4)
+    assert (miou.last, miou.best, miou.points) == ((4, 30.0), (4, 30.0), 2)
+    single = read_scalars(wd / '20261203_090000' / 'vis_data' / 'scalars.json', name='first')
+    assert single.name == 'first' and single.series('loss')[-1] == (3, 1.5)
+    assert summarise(single, ['loss'])[0].best == (3, 1.5)
+
+
+def test_what_goes_up_and_what_goes_down():
+    assert all(lower_is_better(k) for k in ('loss', 'decode.loss_ce', 'time', 'data_time', 'lr'))
+    assert not any(lower_is_better(k) for k in ('mIoU', 'aAcc', 'coco/bbox_mAP', 'decode.acc_seg'))
+    run = RunScalars('r', val={'mIoU': [(1, 5.0), (2, 9.0), (3, 7.0)]},
+                     train={'loss': [(1, 2.0), (2, 0.5), (3, 0.7)]})
+    miou, loss = summarise(run, ['mIoU', 'loss'])
+    assert miou.best == (2, 9.0) and miou.last == (3, 7.0)
+    assert loss.best == (2, 0.5) and loss.last == (3, 0.7)
+
+
+def test_bad_logs_are_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match=r'does not exist; give a work_dir or a vis_data/scalars.json'):
+        read_scalars(tmp_path / 'none')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ConfigError, match=r'holds no <timestamp>/vis_data/scalars.json'):
+        read_scalars(tmp_path / 'empty')
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps(_train(1, 1.0)) + '\n{"loss": 2}\n')
+    with pytest.raises(ConfigError, match=r'bad.json, line 2: not a row mmengine writes'):
+        read_scalars(bad)
+    bad.write_text(json.dumps(_train(1, 1.0)) + '\n')
+    with pytest.raises(ConfigError, match=r"logged no 'mIoU'; its keys are: validation none; "
+                                          r'training data_time, loss, lr, time\.'):
+        summarise(read_scalars(bad), ['mIoU'])
+
+
+def test_tool_on_a_real_run_resumed_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('REPARAM_MM_LARGE_DW', 'fixed')
+    wd = tmp_path / 'wd'
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    train_main([tiny_demo_config(tmp_path / 'a', max_iters=2), '--work-dir', str(wd)])
+    # the same run, resumed from its iteration-2 checkpoint to 4 (in this one process mmengine's
+    # visualizer, a global instance, keeps writing to the first start's folder; a second
+    # tools/train.py process writes a folder of its own, as the first test reads)
+    later = tiny_demo_config(tmp_path / 'b', max_iters=4,
+                             extra='train_cfg = dict(max_iters=4, val_interval=2)')
+    runner = train_main([later, '--work-dir', str(wd), '--resume'])
+    assert runner.iter == 4
+    run = read_scalars(wd)
+    assert [step for step, _ in run.series('loss')] == [1, 2, 3, 4]
+    assert [step for step, _ in run.series('mIoU')] == [2, 4]
+    assert run.series('mIoU')[-1][1] == pytest.approx(runner.message_hub.get_scalar('val/mIoU').current())
+    out = tmp_path / 'curves.png'
+    capsys.readouterr()  # the training's log
+    logs_tool.main([str(wd), str(wd), '--legend', 'A', 'B', '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f'A ({len(run.files)} scalars.json file(s))\n') and '\nB (' in printed
+    miou = summarise(run, ['mIoU'])[0]
+    assert f'| mIoU | {miou.last[1]:.4g} (4) | {miou.best[1]:.4g} ({miou.best[0]}) | 2 |' in printed
+    assert f'training: {mean_iter_time(run):.3f} s per iteration' in printed
+    assert out.stat().st_size > 1000 and f'written: {out}' in printed
+    assert run_tool(logs_tool.main, [str(wd), '--keys', 'mIoU', 'nope']) == 1
+    err = capsys.readouterr()
+    assert err.err.startswith(f"error: {wd} logged no 'nope'; its keys are: validation ")
+    assert err.out == ''  # refused before any table
+    with pytest.raises(SystemExit):
+        logs_tool.main([str(wd), '--legend', 'A', 'B'])
+    assert '--legend: give one name per RUN (1), not 2.' in capsys.readouterr().err
