@@ -4,6 +4,7 @@ The library raises each input error with a sentence naming the problem and the f
 from the shell prints that sentence alone (``error: ...``, exit status 1) instead of the Python
 traceback above it. ``REPARAM_MM_TRACEBACK=1`` shows the traceback, as do all other errors.
 """
+import argparse
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from .inference import FusedCheckError
 from .scope import ConfigError, ConfigImportError
 from .train import NotAvailableHereError
 
-__all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool', 'end_process_group']
+__all__ = ['INPUT_ERRORS', 'input_error_message', 'run_tool', 'end_process_group', 'picture_file']
 
 #: errors that name a file, checkpoint, config setting or flag the user gave (or hardware it
 #: needs), and the fix; and a model that failed its check (the fused one in tools/infer.py, the
@@ -157,3 +158,14 @@ def end_process_group(wait_for_ranks=False):
                   f'other ranks at the end (waited at most {END_BARRIER_S} s): '
                   f'{str(error).splitlines()[0]}', file=sys.stderr)
     dist.destroy_process_group()
+
+
+def picture_file(text):
+    """argparse type of a picture to write (``--out FIG.png``): an extension matplotlib writes,
+    checked before any work instead of a traceback after it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    kinds = sorted(FigureCanvasAgg.get_supported_filetypes())
+    if os.path.splitext(text)[1].lstrip('.').lower() not in kinds:
+        raise argparse.ArgumentTypeError(f"{text} is not a picture file name; end it in one of "
+                                         f"{', '.join('.' + k for k in kinds)} (e.g. .png)")
+    return text

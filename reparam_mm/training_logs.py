@@ -7,14 +7,16 @@ curves run on across a resume; where two starts logged the same iteration (a run
 its last checkpoint, then resumed from it), the later start's values are kept, as they are the
 ones the checkpoints carry on from.
 
-mmengine writes training and validation rows into the same file: training rows carry ``iter``,
-validation rows do not (their ``step`` is the iteration validated after).
+mmengine writes training and validation rows into the same file: training rows carry ``iter``
+(their ``step``), validation rows do not, and their ``step`` is the iteration validated after
+or, as mmdet's configs log it, the epoch (see :func:`read_scalars`).
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .scope import ConfigError
 
@@ -22,7 +24,7 @@ __all__ = ['RunScalars', 'KeySummary', 'read_scalars', 'scalar_files', 'summaris
            'default_keys', 'mean_iter_time']
 
 #: the metrics tools/analyze_logs.py shows when no --keys are given, where a run logged them
-MAIN_METRICS = ('mIoU', 'coco/bbox_mAP', 'coco/segm_mAP')
+MAIN_METRICS = ('mIoU', 'coco/bbox_mAP', 'coco/segm_mAP', 'accuracy/top1')
 
 _TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
 _BOOKKEEPING = {'step', 'iter', 'epoch'}
@@ -34,13 +36,15 @@ class RunScalars:
     train: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # key -> (step, value)
     val: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     files: List[str] = field(default_factory=list)
+    val_by_epoch: bool = False  # validation placed at the last logged training iteration
 
     def series(self, key):
-        """(step, value) pairs of ``key``: validation's if it has the key, else training's."""
-        if key in self.val:
-            return self.val[key]
+        """(iteration, value) pairs of ``key``: training's where training logged it (``time``
+        and ``data_time`` are in both), else validation's."""
         if key in self.train:
             return self.train[key]
+        if key in self.val:
+            return self.val[key]
         raise ConfigError(f'{self.name} logged no {key!r}; its keys are: validation '
                           f"{', '.join(sorted(self.val)) or 'none'}; training "
                           f"{', '.join(sorted(self.train)) or 'none'}.")
@@ -50,23 +54,28 @@ class RunScalars:
 class KeySummary:
     key: str
     last: Tuple[int, float]  # (step, value)
-    best: Tuple[int, float]
+    best: Optional[Tuple[int, float]]  # None if no value is finite
     points: int
+    not_finite: int = 0  # NaN or infinite values, left out of best
 
 
 def lower_is_better(key):
-    """Losses and times go down; metrics (mIoU, accuracies, mAP) go up."""
+    """Losses, times, memory and learning rates go down; metrics (mIoU, accuracies, mAP) go up."""
     name = key.lower()
-    return 'loss' in name or name.endswith('time') or name in ('lr', 'base_lr')
+    return 'loss' in name or name.endswith(('time', 'lr', 'memory'))
 
 
 def scalar_files(path):
-    """The scalars.json files of ``path``: that file, or a work_dir's timestamp folders in order."""
+    """The scalars.json files of ``path``: that file, one start's timestamp folder, or a work_dir's
+    timestamp folders in start order."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise ConfigError(f'{path} does not exist; give a work_dir or a vis_data/scalars.json file.')
+    own = os.path.join(path, 'vis_data', 'scalars.json')
+    if os.path.isfile(own):  # one start's folder
+        return [own]
     files = [os.path.join(path, d, 'vis_data', 'scalars.json') for d in sorted(os.listdir(path))
              if _TIMESTAMP.match(d)]
     files = [f for f in files if os.path.isfile(f)]
@@ -76,24 +85,55 @@ def scalar_files(path):
     return files
 
 
+def _rows(file):
+    """The rows of one scalars.json, in the order written."""
+    rows = []
+    try:
+        with open(file, encoding='utf-8') as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f'{file} is not a text file; give scalars.json files that a run wrote.') from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row['step'] = int(row['step'])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f'{file}, line {number}: not a row mmengine writes (JSON with a '
+                              '"step"); give scalars.json files that a run wrote.') from None
+        rows.append(row)
+    return rows
+
+
 def read_scalars(path, name=None) -> RunScalars:
-    """Every scalar of ``path`` (see :func:`scalar_files`), by key, in step order."""
+    """Every scalar of ``path`` (see :func:`scalar_files`), by key, in iteration order.
+
+    Training rows are placed at their iteration. A validation row's ``step`` is the iteration
+    only where the config's LoggerHook has ``log_metric_by_epoch=False`` (mmseg's); otherwise it
+    is the epoch (mmdet's, which is 0 throughout an iteration-based run). A validation step
+    below the iteration trained so far is such an epoch: the row is placed at the last logged
+    training iteration before it (up to one logging interval early), and ``val_by_epoch`` says so.
+    """
     files = scalar_files(path)
-    rows = {}  # (mode, step) -> row; a later file's row replaces an earlier one's
-    for file in files:
-        with open(file) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    step = int(row['step'])
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f'{file}, line {number}: not a row mmengine writes (JSON with '
-                                      'a "step"); give scalars.json files that a run wrote.') from None
-                rows[('train' if 'iter' in row else 'val', step)] = row
     run = RunScalars(name or os.fspath(path), files=files)
-    for (mode, step), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+    placed = {}  # (mode, iteration) -> row
+    trained = None  # the last training iteration logged so far
+    for file in files:
+        rows = _rows(file)
+        starts = [row['step'] for row in rows if 'iter' in row]
+        if starts:  # a later start replaces what earlier ones logged from its first iteration on
+            placed = {k: v for k, v in placed.items() if k[1] < starts[0]}
+        for row in rows:
+            if 'iter' in row:
+                trained = row['step']
+                placed[('train', trained)] = row
+            elif trained is not None and row['step'] < trained:
+                run.val_by_epoch = True
+                placed[('val', trained)] = row
+            else:
+                placed[('val', row['step'])] = row
+    for (mode, step), row in sorted(placed.items(), key=lambda item: (item[0][1], item[0][0])):
         target = run.train if mode == 'train' else run.val
         for key, value in row.items():
             if key not in _BOOKKEEPING and isinstance(value, (int, float)):
@@ -106,9 +146,10 @@ def summarise(run: RunScalars, keys) -> List[KeySummary]:
     out = []
     for key in keys:
         series = run.series(key)
+        finite = [point for point in series if math.isfinite(point[1])]
         pick = min if lower_is_better(key) else max
-        best = pick(series, key=lambda point: point[1])
-        out.append(KeySummary(key, series[-1], best, len(series)))
+        best = pick(finite, key=lambda point: point[1]) if finite else None
+        out.append(KeySummary(key, series[-1], best, len(series), len(series) - len(finite)))
     return out
 
 

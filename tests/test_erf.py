@@ -306,13 +306,23 @@ def test_tool_on_real_images_with_imagenet_weights(shared_data, tmp_path, capsys
     assert capsys.readouterr().err == (f'error: --plot {tmp_path}: no erf.npy there; give folders '
                                        'that tools/analyze_erf.py wrote (its --out-dir).\n')
     for bad in (['--plot', str(out), '--titles', 'A', 'B', '--out', 'x.png'],
-                ['--plot', str(out)], [str(EFFL0)]):
+                ['--plot', str(out)], [str(EFFL0)], ['--plot', str(out), '--out', 'x.xyz'],
+                ['--plot', str(out), '--out', 'x.png', '--checkpoint', 'c.pth'],
+                [str(EFFL0), 'img', '--out', 'x.png']):
         with pytest.raises(SystemExit) as stop:
             erf_tool.main(bad)
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert '--titles: give one title per --plot folder (1), not 2.' in err
-    assert 'give --plot OUT_DIR ... --out FIG.png, without a config or images.' in err
+    assert 'give --plot OUT_DIR ... --out FIG.png, without a config, images or measuring options.' in err
+    assert 'x.xyz is not a picture file name; end it in one of ' in err
+    assert 'without a config, images or --checkpoint.' in err
+    assert '--out and --titles go with --plot; a measurement writes to --out-dir.' in err
+    (tmp_path / 'cut').mkdir()
+    np.save(tmp_path / 'cut' / 'erf.npy', scores)
+    (tmp_path / 'cut' / 'erf.json').write_text('{"area_ratios": [')  # cut off
+    assert run_tool(erf_tool.main, ['--plot', str(tmp_path / 'cut'), '--out', str(tmp_path / 'h.png')]) == 1
+    assert "its erf.json or erf.npy is not what tools/analyze_erf.py writes" in capsys.readouterr().err
     assert 'give a config and image files or folders' in err
 
 

@@ -45,9 +45,58 @@ def test_a_resumed_run_is_read_as_one_and_its_later_start_wins_where_both_logged
     assert summarise(single, ['loss'])[0].best == (3, 1.5)
 
 
+def test_validation_logged_by_epoch_is_placed_at_the_iteration_it_followed(tmp_path):
+    # mmdet's LoggerHook logs validation with step = epoch (log_metric_by_epoch): by epoch, 1 and 2;
+    # in an iteration-based run, 0 every time (its epoch never advances)
+    def train(step, epoch=None):
+        return dict(_train(step, 1.0 / step), **({'epoch': epoch} if epoch else {}))
+    _write(tmp_path / 'ep' / '20261203_090000',
+           [train(5, 1), train(10, 1), {'coco/bbox_mAP': 0.2, 'time': 0.3, 'step': 1},
+            train(15, 2), train(20, 2), {'coco/bbox_mAP': 0.1, 'time': 0.3, 'step': 2}])
+    run = read_scalars(tmp_path / 'ep')
+    assert run.val_by_epoch and run.series('coco/bbox_mAP') == [(10, 0.2), (20, 0.1)]
+    assert summarise(run, ['coco/bbox_mAP'])[0].best == (10, 0.2)
+    _write(tmp_path / 'it' / '20261203_090000',
+           [train(50), {'coco/bbox_mAP': 0.1, 'step': 0}, train(100), {'coco/bbox_mAP': 0.3, 'step': 0}])
+    run = read_scalars(tmp_path / 'it' / '20261203_090000')  # one start's folder
+    assert run.val_by_epoch and run.series('coco/bbox_mAP') == [(50, 0.1), (100, 0.3)]
+    # mmseg's (log_metric_by_epoch=False): the step is the iteration itself
+    _write(tmp_path / 'seg' / '20261203_090000', [train(4), {'mIoU': 9.0, 'step': 4}])
+    assert not read_scalars(tmp_path / 'seg').val_by_epoch
+    # time is the training iteration's, though validation rows carry a time too
+    assert read_scalars(tmp_path / 'ep').series('time') == [(s, 0.5) for s in (5, 10, 15, 20)]
+
+
+def test_a_resume_drops_what_the_earlier_start_logged_from_its_first_iteration_on(tmp_path):
+    _write(tmp_path / '20261203_090000', [_train(i, 1.0) for i in (1, 2, 3, 4, 5, 6)]
+           + [dict(mIoU=5.0, step=6)])  # ran to 6, last checkpoint at 2
+    _write(tmp_path / '20261203_100000', [_train(3, 2.0), _train(4, 2.0)])  # resumed, stopped at 4
+    run = read_scalars(tmp_path)
+    assert run.series('loss') == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+    assert 'mIoU' not in run.val
+
+
+def test_values_that_are_not_finite_are_left_out_of_best_and_counted(tmp_path, capsys):
+    _write(tmp_path / '20261203_090000', [_train(1, float('nan')), _train(2, 1.0), _train(3, 0.5),
+                                          dict(mIoU=float('nan'), step=3)])
+    run = read_scalars(tmp_path)
+    loss, miou = summarise(run, ['loss', 'mIoU'])
+    assert loss.best == (3, 0.5) and loss.not_finite == 1 and loss.points == 3
+    assert miou.best is None and miou.not_finite == 1
+    logs_tool.main([str(tmp_path), '--keys', 'loss', 'mIoU'])
+    printed = capsys.readouterr().out
+    assert '| loss | 0.5 (3) | 0.5 (3) | 3 |' in printed and '| mIoU | nan (3) | none finite | 1 |' in printed
+    assert 'loss: 1 of 3 values NaN or infinite, left out of best' in printed
+    with pytest.raises(SystemExit):
+        logs_tool.main([str(tmp_path), '--out', 'curves.xyz'])
+    assert 'curves.xyz is not a picture file name' in capsys.readouterr().err
+
+
 def test_what_goes_up_and_what_goes_down():
-    assert all(lower_is_better(k) for k in ('loss', 'decode.loss_ce', 'time', 'data_time', 'lr'))
-    assert not any(lower_is_better(k) for k in ('mIoU', 'aAcc', 'coco/bbox_mAP', 'decode.acc_seg'))
+    assert all(lower_is_better(k) for k in ('loss', 'decode.loss_ce', 'time', 'data_time', 'lr',
+                                            'backbone.lr', 'memory'))
+    assert not any(lower_is_better(k) for k in ('mIoU', 'aAcc', 'coco/bbox_mAP', 'decode.acc_seg',
+                                                'accuracy/top1'))
     run = RunScalars('r', val={'mIoU': [(1, 5.0), (2, 9.0), (3, 7.0)]},
                      train={'loss': [(1, 2.0), (2, 0.5), (3, 0.7)]})
     miou, loss = summarise(run, ['mIoU', 'loss'])

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import reparam_mm  # noqa: E402,F401
 from reparam_mm.apis import count_value, image_size  # noqa: E402
-from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.cli import picture_file, run_tool  # noqa: E402
 from reparam_mm.erf import effective_receptive_field, load_backbone, save_heatmaps  # noqa: E402
 from reparam_mm.inference import check_device, image_files  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options  # noqa: E402
@@ -53,15 +53,20 @@ def parse_args(argv=None):
     plot.add_argument('--plot', nargs='+', metavar='OUT_DIR', help='folders earlier runs wrote')
     plot.add_argument('--titles', nargs='+', metavar='TITLE', help='one per folder (default: '
                       "the config's name and the weights')")
-    plot.add_argument('--out', metavar='FIG.png', help='the picture to write')
+    plot.add_argument('--out', metavar='FIG.png', type=picture_file, help='the picture to write')
     args = parser.parse_args(argv)
+    measuring = [f'--{name.replace("_", "-")}' for name in ('checkpoint', 'cfg_options', 'no_fuse')
+                 if getattr(args, name)]
     if args.plot:
-        if args.config or not args.out:
+        if args.config or not args.out or measuring:
             parser.error('--plot draws folders earlier runs wrote: give --plot OUT_DIR ... --out '
-                         'FIG.png, without a config or images.')
+                         'FIG.png, without a config, images or ' + (', '.join(measuring) or
+                                                                    'measuring options') + '.')
         if args.titles and len(args.titles) != len(args.plot):
             parser.error(f'--titles: give one title per --plot folder ({len(args.plot)}), not '
                          f'{len(args.titles)}.')
+    elif args.out or args.titles:
+        parser.error('--out and --titles go with --plot; a measurement writes to --out-dir.')
     elif not args.inputs:
         parser.error('give a config and image files or folders (or --plot OUT_DIR ... --out FIG.png).')
     return args
@@ -82,12 +87,18 @@ def plot(folders, titles, out):
         if missing:
             raise ConfigError(f'--plot {folder}: no {os.path.basename(missing[0])} there; give '
                               'folders that tools/analyze_erf.py wrote (its --out-dir).')
-        with open(files[1]) as f:
-            record = json.load(f)
+        try:
+            with open(files[1]) as f:
+                record = json.load(f)
+            last = record['area_ratios'][-1]
+            line = (f"{last['threshold']:.0%}: {last['side']} px square; {record['images']} images "
+                    f"at {record['size']} px")
+            scores = np.load(files[0])
+        except (ValueError, KeyError, IndexError, TypeError, OSError):
+            raise ConfigError(f'--plot {folder}: its erf.json or erf.npy is not what '
+                              'tools/analyze_erf.py writes; measure it again.') from None
         title = titles[i] if titles else _default_title(record)
-        last = record['area_ratios'][-1]
-        panels.append((np.load(files[0]), f"{title}\n{last['threshold']:.0%}: {last['side']} px "
-                                          f"square, {record['images']} images"))
+        panels.append((scores, f'{title}\n{line}'))
     save_heatmaps(panels, out)
     print(f'written: {out}')
 

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.cli import picture_file, run_tool  # noqa: E402
 from reparam_mm.scope import ConfigError  # noqa: E402
 from reparam_mm.training_logs import default_keys, mean_iter_time, read_scalars, summarise  # noqa: E402
 
@@ -26,7 +26,8 @@ def parse_args(argv=None):
     parser.add_argument('runs', nargs='+', metavar='RUN', help='work_dir(s) or scalars.json file(s)')
     parser.add_argument('--keys', nargs='+', help='scalars to show (default: mIoU or COCO mAP, and loss)')
     parser.add_argument('--legend', nargs='+', help='one name per RUN (default: its path)')
-    parser.add_argument('--out', metavar='FIG.png', help='draw the curves into this picture')
+    parser.add_argument('--out', metavar='FIG.png', type=picture_file,
+                        help='draw the curves into this picture')
     args = parser.parse_args(argv)
     if args.legend and len(args.legend) != len(args.runs):
         parser.error(f'--legend: give one name per RUN ({len(args.runs)}), not {len(args.legend)}.')
@@ -69,8 +70,14 @@ def main(argv=None):
         print(f'{run.name} ({len(run.files)} scalars.json file(s))')
         print('| key | last (iteration) | best (iteration) | points |\n| --- | --- | --- | --- |')
         for s in summary:
-            print(f'| {s.key} | {_fmt(s.last[1])} ({s.last[0]}) | {_fmt(s.best[1])} ({s.best[0]}) '
-                  f'| {s.points} |')
+            best = f'{_fmt(s.best[1])} ({s.best[0]})' if s.best else 'none finite'
+            print(f'| {s.key} | {_fmt(s.last[1])} ({s.last[0]}) | {best} | {s.points} |')
+        for s in summary:
+            if s.not_finite:
+                print(f'{s.key}: {s.not_finite} of {s.points} values NaN or infinite, left out of best')
+        if run.val_by_epoch:
+            print('validation was logged by epoch: placed at the last logged training iteration '
+                  'before it (up to one logging interval early)')
         seconds = mean_iter_time(run)
         if seconds is not None:
             print(f'training: {seconds:.3f} s per iteration (mean of the logged times, the first '
