@@ -14,6 +14,7 @@ on CPU processes; the code path on GPUs is mmengine's, unchanged.
 import argparse
 import datetime
 import inspect
+import itertools
 import logging
 import os
 import os.path as osp
@@ -848,6 +849,19 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
             f' Also missing: {", ".join(others)}.' if others else ''))
 
 
+_RUN_NUMBER = itertools.count()
+
+
+def own_visualizer(cfg):
+    """Give the run's visualizer a name of its own. mmengine builds a config's visualizer as a
+    process-wide instance by name ('visualizer' in mmseg's and mmdet's configs), so a second run
+    in one process (the studies, the demo, the tests) got the first run's, and its scalars and
+    pictures went into the first run's work_dir."""
+    vis = cfg.get('visualizer')
+    if isinstance(vis, dict) and 'name' in vis:
+        cfg.visualizer = {**vis, 'name': f"{vis['name']}_run{next(_RUN_NUMBER)}"}
+
+
 def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -855,6 +869,7 @@ def build_runner(cfg):
     # `large_dw_dispatch = 'fixed'` (or --cfg-options large_dw_dispatch=fixed) turns the
     # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
     apply_dispatch_setting(cfg, reset=True)
+    own_visualizer(cfg)
     check_launcher_env(cfg)
     prepare_cpu_distributed(cfg)
     if not torch.cuda.is_available():  # a CPU run: reuse freed blocks instead of page-faulting

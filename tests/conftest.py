@@ -91,6 +91,15 @@ def shared_data():
 
 
 @pytest.fixture(autouse=True)
+def environment_dispatch_mode():
+    """A config's ``large_dw_dispatch`` sets the mode for the process (tools/test.py's path keeps
+    it): after each test the environment decides again, so no test sees another's mode."""
+    yield
+    from reparam_mm.layers.large_kernel import set_dispatch_mode
+    set_dispatch_mode(None)
+
+
+@pytest.fixture(autouse=True)
 def native_half_precision(monkeypatch):
     """The large-kernel fixed rules as on a CPU with native bf16 / fp16 (AVX512-BF16, AMX), so
     that tests of those rules pass on an AVX2-only CPU too, where half precision takes the FFT

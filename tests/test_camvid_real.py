@@ -45,13 +45,14 @@ def trivial_baseline(root):
 
 @pytest.mark.slow  # 2-4 min on 2 cores: 120 iterations at 128x128 and two evaluations of 101 images
 @pytest.mark.timeout(900)  # the suite's 300 s limit is tight for it on a loaded or slower CPU
-def test_camvid_short_training_beats_trivial_baseline(shared_data, tmp_path):
-    data = tmp_path / 'camvid_cityscapes'
-    assert convert_camvid(shared_data / 'camvid', data) == {'train': 367, 'val': 101}
+def test_camvid_short_training_beats_trivial_baseline(shared_data, tmp_path, monkeypatch):
     # fixed large-kernel rules: with an empty tuning cache (a new machine) timing the tuned
     # dispatch's candidates took 23 of this test's 46 s; every candidate computes the same
     # convolution (tests/test_large_kernel.py), and the tuned path has tests of its own
-    roots = {**study.data_options(data), 'large_dw_dispatch': 'fixed'}
+    monkeypatch.setenv('REPARAM_MM_LARGE_DW', 'fixed')
+    data = tmp_path / 'camvid_cityscapes'
+    assert convert_camvid(shared_data / 'camvid', data) == {'train': 367, 'val': 101}
+    roots = study.data_options(data)
     options = {**roots, **study.schedule_options(ITERS)}
     runner = train_main([str(CONFIG), '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
                          *(f'{k}={v}' for k, v in options.items())])

@@ -153,3 +153,15 @@ def test_tool_on_a_real_run_resumed_once(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         logs_tool.main([str(wd), '--legend', 'A', 'B'])
     assert '--legend: give one name per RUN (1), not 2.' in capsys.readouterr().err
+
+
+def test_each_run_of_one_process_logs_into_its_own_work_dir(tmp_path, monkeypatch):
+    # mmengine's visualizer is a process-wide instance by name: without reparam_mm.train's
+    # own_visualizer the second run's scalars went into the first run's folder
+    monkeypatch.setenv('REPARAM_MM_LARGE_DW', 'fixed')
+    for name in ('a', 'b'):
+        (tmp_path / name).mkdir()
+        train_main([tiny_demo_config(tmp_path / name, max_iters=1), '--work-dir', str(tmp_path / name / 'wd')])
+    for name in ('a', 'b'):
+        run = read_scalars(tmp_path / name / 'wd')
+        assert [step for step, _ in run.series('loss')] == [1] and len(run.files) == 1
