@@ -46,7 +46,8 @@ def plot(runs, keys, out):
     for ax, key in zip(axes[0], keys):
         for run in runs:
             steps, values = zip(*run.series(key))
-            ax.plot(steps, values, marker='o' if key in run.val else None, markersize=3,
+            # validation points are marked (series() gives training's where both logged a key)
+            ax.plot(steps, values, marker=None if key in run.train else 'o', markersize=3,
                     label=run.name)
         ax.set_xlabel('iteration')
         ax.set_title(key, fontsize=10)
