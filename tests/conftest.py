@@ -1,6 +1,7 @@
 import atexit
 import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,13 @@ SHARED_DATA = (ROOT.parent / 'shared' / 'data').resolve()
 
 # Two cores here: keep torch from oversubscribing when several tests build models.
 os.environ.setdefault('OMP_NUM_THREADS', '2')
+if 'PYTEST_XDIST_WORKER' in os.environ:
+    # `make test` runs pytest-xdist workers (TEST_WORKERS): each takes its share of the cores,
+    # one thread each on 2 cores. Tiny models gain nothing from a second thread, so two serial
+    # workers use the cores where one two-threaded process waited on Python and process starts.
+    # Set before torch is imported; subprocesses (torchrun, the tools) inherit it.
+    os.environ['OMP_NUM_THREADS'] = str(max(
+        1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
 # Triton kernels run under Triton's interpreter on CPU tensors unless the caller says otherwise
 # (TRITON_INTERPRET=0 on a GPU machine tests them compiled). Set before anything imports the
 # kernel module: triton reads it when it decorates the kernels.
@@ -88,6 +96,22 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f'real data folder {SHARED_DATA} not found (expected beside the project root)')
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def mmengine_loggers_write_to_open_streams():
+    """mmengine's loggers are process-wide and keep the stream they were made with: one made
+    inside a test that captured output (capsys) holds that test's stream, closed once it ended,
+    and a later test's log line through it ends in '--- Logging error ---' on stderr. Such a
+    handler writes to this test's stdout instead."""
+    if 'mmengine.logging' in sys.modules:
+        from mmengine.logging import MMLogger
+        for logger in list(MMLogger._instance_dict.values()):
+            for handler in logger.handlers:
+                stream = getattr(handler, 'stream', None)
+                if type(handler) is logging.StreamHandler and getattr(stream, 'closed', False):
+                    handler.stream = sys.stdout  # setStream would flush the closed one
+    yield
 
 
 @pytest.fixture(autouse=True)
