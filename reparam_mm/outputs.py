@@ -65,6 +65,21 @@ def _eval_mode(model):
             m.training = flag
 
 
+@contextlib.contextmanager
+def _exact_fp32():
+    """fp32 convolutions and matrix products in full fp32 while two models are compared:
+    cuDNN's default for fp32 convolutions is TF32 (10-bit mantissa, about 1e-3 relative), which
+    would put rounding of that size between a fused and an unfused model on a GPU and hide the
+    fusion's own error under it (the Triton large-kernel conv follows the same flag). No effect
+    on a CPU, nor on half-precision (autocast) convolutions."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _is_two_stage(model):
     return (getattr(model, 'with_rpn', False) and hasattr(model, 'roi_head')
             and hasattr(model, 'extract_feat'))
@@ -72,7 +87,7 @@ def _is_two_stage(model):
 
 @torch.no_grad()
 def _outputs(model, data_batch, proposals):
-    with _eval_mode(model) as net:
+    with _eval_mode(model) as net, _exact_fp32():
         data = net.data_preprocessor(data_batch, False)
         if not _is_two_stage(net):
             return net(**data, mode='tensor'), None
@@ -98,7 +113,7 @@ def rpn_proposals(model, data_batch):
     that lands on the other side of nms or of the top-k cut after a rounding-sized change
     would otherwise put different boxes side by side.
     """
-    with _eval_mode(model) as net:
+    with _eval_mode(model) as net, _exact_fp32():
         if not _is_two_stage(net):
             return None
         data = net.data_preprocessor(data_batch, False)

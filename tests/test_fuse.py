@@ -403,6 +403,35 @@ def _unfused_parts(model):
             if isinstance(m, DOConv2d) or (isinstance(m, ReparamLargeKernelConv) and not m.is_fused)]
 
 
+def test_models_are_compared_in_full_fp32_not_tf32():
+    """On a GPU cuDNN runs fp32 convolutions in TF32 by default (about 1e-3 relative), which
+    would bury a fused model's own difference (FusedEvalHook's tolerance: 1e-4): the comparison
+    turns TF32 off for both models' forwards, and back on after."""
+    from reparam_mm.outputs import compare_models, rpn_proposals
+
+    class Probe(nn.Module):
+        data_preprocessor = staticmethod(lambda data, training: data)
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, inputs, mode):
+            self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return inputs * 2
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # a GPU's
+    try:
+        a, b = Probe(), Probe()
+        assert compare_models(a, b, {'inputs': torch.ones(1, 3, 4, 4)})['max_rel'] == 0
+        assert a.seen == b.seen == [(False, False)]
+        assert rpn_proposals(a, {'inputs': torch.ones(1, 3, 4, 4)}) is None
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 CASES = [('mmseg', 'upernet', 'doconv'), ('mmseg', 'upernet', 'replknet'),
          ('mmdet', 'faster', 'doconv'), ('mmdet', 'faster', 'replknet'),
          ('mmdet', 'cascade', 'doconv'), ('mmdet', 'cascade', 'replknet')]
