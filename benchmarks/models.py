@@ -217,6 +217,11 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
         if all(k.minor_faults is not None for k in runs):
             mems[i].update(minor_faults_median=int(np.median([k.minor_faults for k in runs])),
                            system_s_median=round(float(np.median([k.system_s for k in runs])), 3))
+    if len(variants) > 1 and all(v.device.type == 'cuda' for v in variants):
+        # CUDA's peak counts every tensor allocated, the other variants' weights, gradients and
+        # optimizer state too: each variant's own peak leaves those out (the README's GPU table)
+        for mem, held_mb in zip(mems, held_by_others_mb([resident_storages(v) for v in variants])):
+            mem.update(others_mb=round(held_mb, 1), own_peak_mb=round(mem['peak_mb'] - held_mb, 1))
     if kept_freed_memory():  # the timed runs' resident size is the retained heap, not their use:
         for i, v in enumerate(variants):  # measure each peak in one more run from a trimmed heap
             release_freed_memory()
@@ -229,6 +234,29 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
             flops[v.config] = v.flops()
     return [_variant_record(v, t, m, flops.get(v.config))
             for v, t, m in zip(variants, times, mems)]
+
+
+def resident_storages(variant):
+    """{storage address: bytes} of what a variant keeps between steps: its model's parameters,
+    buffers and gradients, and its optimizer's state."""
+    tensors = [*variant.model.parameters(), *variant.model.buffers()]
+    tensors += [p.grad for p in variant.model.parameters() if p.grad is not None]
+    wrapper = getattr(variant, 'optim_wrapper', None)
+    if wrapper is not None:
+        tensors += [t for state in wrapper.optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor)]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def held_by_others_mb(held):
+    """Per variant, the MiB the other variants keep (:func:`resident_storages` of each),
+    storages it shares with them not counted."""
+    out = []
+    for i, own in enumerate(held):
+        others = {ptr: size for j, h in enumerate(held) if j != i for ptr, size in h.items()
+                  if ptr not in own}
+        out.append(sum(others.values()) / 2**20)
+    return out
 
 
 def same_weights(a, b):
