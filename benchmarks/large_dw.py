@@ -100,9 +100,12 @@ DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 
 
 def benchmark_large_dw(arch='31B', shape=(512, 512), batch=1, device='cpu', dtypes=('fp32', ),
-                       candidates=None, repeat=3, warmup=1, min_time=1.0, backward=True):
+                       candidates=None, repeat=3, warmup=1, min_time=1.0, backward=True,
+                       dtype_done=None):
     """Forward (and forward+backward) time of each large depthwise conv per candidate and dtype,
-    with the roofline bound ``max(FLOPs / GEMM peak, bytes / copy bandwidth)``."""
+    with the roofline bound ``max(FLOPs / GEMM peak, bytes / copy bandwidth)``.
+    ``dtype_done(result, dtype)``, if given, is called with the rows so far after each dtype: a
+    run stopped at its time limit then still leaves the dtypes it finished."""
     dev = torch.device(device)
     all_cands = dw_candidates(dev)
     names = list(candidates or all_cands)
@@ -142,6 +145,8 @@ def benchmark_large_dw(arch='31B', shape=(512, 512), batch=1, device='cpu', dtyp
                     rec['forward_backward_over_bound'] = (
                         rec['forward_backward']['median_ms'] / rec['bound_fwd_bwd_ms'])
                 result['results'].append(rec)
+        if dtype_done is not None:
+            dtype_done(result, dname)
     return result
 
 

@@ -349,6 +349,35 @@ def test_large_dw_table_tiny(tmp_path):
     assert (tmp_path / 'dw.png').stat().st_size > 1000
 
 
+def test_a_large_dw_run_stopped_midway_keeps_the_dtypes_it_finished(tmp_path, monkeypatch):
+    """tools/device_check.sh stops a step at its time limit: the JSON is rewritten after each
+    dtype, marked unfinished until the run ends."""
+    tool = load_tool('benchmark')
+    out = tmp_path / 'dw.json'
+    timed = LDW._time_dw
+
+    def stop_at_bf16(cand, x_shape, k, dev, dtype, **kw):
+        if dtype == torch.bfloat16:
+            raise KeyboardInterrupt  # what the step's limit does to the run
+        return timed(cand, x_shape, k, dev, dtype, **kw)
+    argv = ['--large-dw', '--arch', 'tiny', '--shape', '32', '32', '--candidates', 'fft',
+            '--dtypes', 'fp32', 'bf16', '--repeat', '1', '--warmup', '0', '--min-time', '0',
+            '--no-backward', '--out', str(out)]
+    monkeypatch.setattr(LDW, '_time_dw', stop_at_bf16)
+    monkeypatch.setattr(LDW, 'machine_ceilings',  # not this test's subject, and seconds to measure
+                        lambda dev, dtype: dict(gemm_flops_per_s=1e11, copy_bytes_per_s=1e10))
+    with pytest.raises(KeyboardInterrupt):
+        tool.main(argv)
+    kept = json.loads(out.read_text())
+    assert kept['unfinished'] == 'fp32 measured; the run stopped before bf16'
+    assert {r['dtype'] for r in kept['results']} == {'fp32'} and len(kept['results']) == 4
+    assert report.render(kept, 'dw.json').count('*Unfinished run: fp32 measured;') == 1
+    monkeypatch.setattr(LDW, '_time_dw', timed)
+    tool.main(argv)  # the finished run: both dtypes, no mark
+    done = json.loads(out.read_text())
+    assert 'unfinished' not in done and len(done['results']) == 8
+
+
 def test_checkpoint_is_loaded_strictly(tmp_path):
     from reparam_mm.apis import CheckpointMismatchError
     cfg = BM.bench_config(str(DEMO_DO), (64, 64))

@@ -131,7 +131,8 @@ def _run(args):
             dtypes=tuple(args.dtypes), candidates=args.candidates, repeat=args.repeat or 3,
             warmup=1 if args.warmup is None else args.warmup,
             min_time=1.0 if args.min_time is None else args.min_time,
-            backward=not args.no_backward)
+            backward=not args.no_backward,
+            dtype_done=lambda result, dtype: write_partial(result, dtype, args.out))
     specs = list(args.compare) if args.compare else [args.config]
     return benchmark_models(
         specs, mode=args.mode, shape=tuple(args.shape), batch=args.batch or 1,
@@ -174,15 +175,30 @@ def summary_lines(result):
     return lines
 
 
+def write_partial(result, dtype, out):
+    """``out`` with the rows measured so far, marked unfinished (the finished run overwrites
+    it): a step stopped at its time limit (tools/device_check.sh) keeps the dtypes it timed."""
+    if not out or dtype == result['settings']['dtypes'][-1]:
+        return
+    dtypes = result['settings']['dtypes']
+    done = dtypes[:dtypes.index(dtype) + 1]
+    write_json(dict(result, unfinished=f"{', '.join(done)} measured; the run stopped before "
+                                       f"{', '.join(dtypes[len(done):])}"), out)
+
+
+def write_json(result, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w') as f:
+        f.write(to_json(result))
+
+
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
     for line in summary_lines(result):
         print(line)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            f.write(to_json(result))
+        write_json(result, args.out)
         print(f'wrote {args.out}')
     return result
 
