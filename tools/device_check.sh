@@ -504,12 +504,14 @@ run_step() {  # NAME LIMIT KIND ARGS...
     cmd=("$PY" tools/camvid_study.py --camvid "$CAMVID" --iters "$iters" --seeds 0
          --variants "${args[@]:1}" --out-dir "$WORK/camvid_study"
          --data-root "$WORK/camvid_cityscapes" --workers "$([ "$REHEARSE" = 1 ] && echo 1 || echo 8)")
-  else  # compiled Triton kernels on the GPU (TRITON_INTERPRET=0); a hung test fails after 60 s.
+  else  # compiled Triton kernels on the GPU (TRITON_INTERPRET=0); a test past 60 s fails alone
+    # (signal method: the suite's thread method would end the run, and with it the junit XML),
+    # and -v names each test in the step's log as it ends, kept even if the step's limit fires.
     # kind ecosystem: the tests of timm's and mmpretrain's models, with .whl/ecosystem/ on the
     # path; on Python 3.12 (the GPU, or a rehearsal in make device-mmcv's venv) both libraries
     # must import, so they fail instead of skipping.
     cmd=(env TRITON_INTERPRET=0 REPARAM_MM_ECOSYSTEM=$([ "$eco_site" = 1 ] && echo required || echo optional)
-         "$PY" -m pytest -q -rfEs -p no:cacheprovider -o timeout=60
+         "$PY" -m pytest -v -rfEs -p no:cacheprovider -o timeout=60 -o timeout_method=signal
          --junitxml="$RES/logs/$name.xml" "${args[@]}")
   fi
   log "START $name (limit ${limit}s): ${cmd[*]}"
