@@ -318,9 +318,9 @@ def _end_two_ranks(tmp_path, rank1_works_s, barrier_s):
 
 @pytest.mark.timeout(120)
 def test_ranks_that_ended_normally_meet_before_they_end_the_process_group(tmp_path):
-    """Rank 0 is done at once, rank 1 works 3 s more: rank 0 ends its gloo group only after rank 1
-    is done too, so no rank closes its connections under another's feet."""
-    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=3, barrier_s=60)
+    """Rank 0 is done at once, rank 1 works 1.5 s more: rank 0 ends its gloo group only after
+    rank 1 is done too, so no rank closes its connections under another's feet."""
+    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=1.5, barrier_s=60)
     assert rank0 == dict(status=0, rank1_was_done=True, initialized=False), said
     assert rank1 == dict(status=0, rank1_was_done=True, initialized=False), said
     assert 'warning' not in ''.join(said)
@@ -330,7 +330,7 @@ def test_ranks_that_ended_normally_meet_before_they_end_the_process_group(tmp_pa
 def test_a_rank_that_does_not_come_to_the_end_is_named_and_the_group_ends(tmp_path):
     """The wait at the end is bounded: past it, rank 0 names the missing rank in one warning and
     ends its group anyway, with the run's own status."""
-    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=8, barrier_s=2)
+    (rank0, rank1), said = _end_two_ranks(tmp_path, rank1_works_s=4, barrier_s=1)
     assert rank0 == dict(status=0, rank1_was_done=False, initialized=False), said
     assert rank1['status'] == 0 and not rank1['initialized'], said
     warning = [line for line in said[0].splitlines() if line.startswith('warning: rank 0 ')]
