@@ -164,6 +164,14 @@ class _LayoutChoice:
             choice = large_kernel.TUNER.choose_layout(module, x, forward, subject='memory layout',
                                                       fixed=module_layout(self.module))
             large_kernel.TUNER.take_output(module, x, choice == 'channels_last')  # not reused
+        except Exception as e:  # noqa: BLE001
+            if not proposing:
+                raise  # the module itself fails on this input: its own error says why
+            # the copy's BN fails where the step's SyncBN does not (one image per GPU, a BN
+            # after 1x1 pooling: SyncBN normalises over every rank's images), so this rank
+            # proposes nothing and the module keeps its layout
+            large_kernel.copy_timing_failed(self.module, e)
+            return
         finally:
             _LayoutChoice.timing = False
         if proposing:

@@ -303,3 +303,45 @@ def test_a_module_holding_both_layouts_is_converted_whole():
                for c in head)
     set_module_layout(head, 'nchw')
     assert all(c.weight.is_contiguous() for c in head)
+
+
+class _PooledBN(torch.nn.Module):
+    """UPerHead's pool-scale-1 branch in small: a SyncBN after 1x1 pooling, which BN refuses
+    in training on one image (one value per channel) and SyncBN across ranks does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.bn = torch.nn.SyncBatchNorm(8)
+
+    def forward(self, x):
+        return self.bn(self.pool(self.conv(x)))
+
+    def in_layout(self, x, channels_last):
+        return self(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
+def test_one_image_per_gpu_leaves_a_module_untimed_not_the_step_failed(tuner, monkeypatch):
+    """In a distributed training step the layouts are timed on a copy with BN for SyncBN; with
+    one image per GPU the copy's BN after 1x1 pooling fails where the step's SyncBN would not.
+    The module then proposes nothing and keeps its layout, said once in the log."""
+    from reparam_mm.head_layout import _LayoutChoice
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: True)
+    monkeypatch.setattr(large_kernel, '_COPY_FAILURES', set())
+    module, x = _PooledBN().train(), torch.randn(1, 8, 16, 16)
+    choice = _LayoutChoice(module)
+    choice.agreement = 'proposing'
+    with mmengine_log() as records:
+        choice.choose(x, lambda m: m(x))
+        assert choice.proposal is None and module_layout(module) == 'nchw'
+        # the backbone's timing on a copy falls back to the fixed rule the same way
+        picked = large_kernel.backbone_layout(module, x, module.in_layout)
+        assert picked == large_kernel.backbone_channels_last(x)
+    said = [r.getMessage() for r in records if 'is not timed in this distributed run' in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith('reparam_mm: the memory layout of _PooledBN ')
+    assert 'Expected more than 1 value per channel' in said[0]
+    # outside a distributed step the module's own failure is the call's error, as before
+    monkeypatch.setattr(large_kernel, '_distributed', lambda: False)
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+        _LayoutChoice(module).choose(x, lambda m: m(x))

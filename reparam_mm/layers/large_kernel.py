@@ -946,8 +946,30 @@ def backbone_layout(module, x, forward) -> bool:
         if getattr(forward, '__self__', None) is not module:
             return backbone_channels_last(x)
         twin = collective_free_copy(module)
-        return TUNER.choose_layout(twin, x, getattr(twin, forward.__name__)) == 'channels_last'
+        try:
+            return TUNER.choose_layout(twin, x, getattr(twin, forward.__name__)) == 'channels_last'
+        except Exception as e:  # noqa: BLE001 - the copy's BN, not the step's SyncBN
+            copy_timing_failed(module, e)
+            return backbone_channels_last(x)
     return TUNER.choose_layout(module, x, forward) == 'channels_last'
+
+
+def copy_timing_failed(module, error):
+    """Say once per module type that its layout timing on :func:`collective_free_copy` failed.
+
+    The copy's BN layers see this rank's images alone where the step's SyncBN sees every rank's:
+    with one image per GPU a BN after 1x1 pooling has one value per channel, which BN refuses
+    and SyncBN across ranks does not. The step then runs in the module's layout untimed."""
+    name = type(module).__name__
+    if name not in _COPY_FAILURES:
+        _COPY_FAILURES.add(name)
+        from mmengine.logging import print_log
+        print_log(f'reparam_mm: the memory layout of {name} is not timed in this distributed run: '
+                  f'its timing on a copy without SyncBN failed ({type(error).__name__}: {error}); '
+                  'it keeps its layout.', logger='current')
+
+
+_COPY_FAILURES = set()
 
 
 def forward_in_best_layout(module, x, forward):
