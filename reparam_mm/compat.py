@@ -27,6 +27,13 @@ the mean's denominator indexes ``class_weight`` with every label, 255 included, 
 with "index 255 is out of bounds". :func:`patch_mmseg_class_weight` computes that denominator
 over the pixels that count, as ``F.cross_entropy(weight=...)`` does; with no ignored pixel
 the value is mmseg's own.
+
+And it lets models holding mmcv's ``SyncBatchNorm`` (``norm_cfg=dict(type='MMSyncBN')``) be
+deep-copied, as the fused validation copy, the test's reference and the distributed layout
+timing do: that layer keeps its process group, which ``copy.deepcopy`` cannot copy ("cannot
+pickle 'ProcessGroup'"). :func:`share_process_groups_in_deepcopy` makes a copy share the group,
+a handle to the ranks' communicator, as torch's own ``SyncBatchNorm`` (which holds its group
+by name) effectively does.
 """
 import numpy as np
 import torch
@@ -103,5 +110,15 @@ def patch_mmseg_class_weight():
         losses.cross_entropy = cross_entropy
 
 
+def share_process_groups_in_deepcopy():
+    """``copy.deepcopy`` of a ``torch.distributed.ProcessGroup`` returns the group itself;
+    idempotent."""
+    import torch.distributed as dist
+    group = getattr(dist, 'ProcessGroup', None) if dist.is_available() else None
+    if group is not None and not hasattr(group, '__deepcopy__'):
+        group.__deepcopy__ = lambda self, memo: self
+
+
 patch_checkpoint_loading()
 patch_mmseg_class_weight()
+share_process_groups_in_deepcopy()

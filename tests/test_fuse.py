@@ -267,6 +267,42 @@ def process_group():
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize('backbone', ['RepLKNet', 'UniRepLKNet'])
+def test_backbones_with_mmcvs_sync_bn_copy_and_fuse(process_group, backbone):
+    """``norm_cfg=dict(type='MMSyncBN')`` on GPUs: mmcv's SyncBatchNorm keeps its process group,
+    which deepcopy could not copy (the fused validation copy, the test's reference, the layout
+    timing's copy all failed), and it is no torch ``_BatchNorm``, which the branch merges
+    refused. A copy now shares the group, and the merges fold its eval statistics."""
+    import torch.distributed as dist
+    from mmcv.ops import SyncBatchNorm
+
+    from reparam_mm import RepLKNet, UniRepLKNet
+    from reparam_mm.layers.large_kernel import collective_free_copy
+    torch.manual_seed(0)
+    model = dict(RepLKNet=RepLKNet, UniRepLKNet=UniRepLKNet)[backbone](
+        arch='tiny', norm_cfg=dict(type='MMSyncBN', requires_grad=True))
+    norms = [m for m in model.modules() if isinstance(m, SyncBatchNorm)]
+    assert norms and norms[0].group is not None
+    with torch.no_grad():
+        for m in norms:  # statistics and affine terms the fusion must fold
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+    model.eval()
+    twin = copy.deepcopy(model)
+    twin_norms = [m for m in twin.modules() if isinstance(m, SyncBatchNorm)]
+    assert twin_norms[0].group is norms[0].group is dist.group.WORLD
+    assert twin_norms[0].running_var is not norms[0].running_var  # the tensors are copies
+    assert collective_free_copy(model) is not None
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse(twin)
+        out = fused(x)
+    assert count_params(fused) < count_params(model)  # the branches were merged
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('wrapper', ['torch', 'mmengine'])
 def test_fuses_inside_ddp_wrappers(process_group, wrapper):
     from mmengine.model import MMDistributedDataParallel

@@ -14,11 +14,10 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import compare_keys, mismatch_error
 from ..layers import large_kernel
-from ..layers.bn_fold import bn_folded_kernel
+from ..layers.bn_fold import bn_folded_kernel, is_batch_norm
 from ..layers.large_kernel import LargeKernelDWConv2d
 from ..scope import ConfigError
 from .base import LargeKernelBackbone, _checkpointed
@@ -66,7 +65,7 @@ def _branch_kernel(conv, bn):
         bias = conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(
             conv.weight.shape[0], dtype=torch.float64)
         return conv.weight.double(), bias
-    if not (isinstance(bn, _BatchNorm) and bn.track_running_stats and bn.running_var is not None):
+    if not is_batch_norm(bn):
         raise TypeError(f'cannot fuse the large-kernel branches: their norm is a '
                         f'{type(bn).__name__}, but fusing needs BatchNorm running statistics; '
                         "build RepLKNet with a BN-type norm_cfg (e.g. 'BN' or 'SyncBN').")

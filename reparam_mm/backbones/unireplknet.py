@@ -21,10 +21,9 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import compare_keys, mismatch_error
-from ..layers.bn_fold import bn_folded_kernel
+from ..layers.bn_fold import bn_folded_kernel, is_batch_norm
 from ..layers.large_kernel import LargeKernelDWConv2d
 from ..scope import ConfigError
 from .base import LargeKernelBackbone, _checkpointed
@@ -146,8 +145,7 @@ def _plain_conv(parent, name):
 
 
 def _check_bn(norm, where):
-    if not (isinstance(norm, _BatchNorm) and norm.track_running_stats
-            and norm.running_var is not None):
+    if not is_batch_norm(norm):
         raise TypeError(f'cannot fuse {where}: its norm is a {type(norm).__name__}, but fusing '
                         "needs BatchNorm running statistics; build UniRepLKNet with a BN-type "
                         "norm_cfg (e.g. 'BN' or 'SyncBN').")

@@ -6,7 +6,23 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ['bn_folded_kernel']
+__all__ = ['bn_folded_kernel', 'is_batch_norm']
+
+
+def is_batch_norm(module) -> bool:
+    """Whether ``module`` is a BatchNorm with running statistics to fold: torch's (BN, SyncBN)
+    or mmcv's ``SyncBatchNorm`` (``MMSyncBN``), which computes the same in eval mode."""
+    bn_types = (_BatchNorm, ) + _mmcv_sync_bn()
+    return (isinstance(module, bn_types) and module.track_running_stats
+            and module.running_var is not None)
+
+
+def _mmcv_sync_bn():
+    try:
+        from mmcv.ops import SyncBatchNorm
+    except ImportError:  # mmcv without compiled ops
+        return ()
+    return (SyncBatchNorm, )
 
 
 def bn_folded_kernel(conv: _ConvNd, bn: _BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
