@@ -125,7 +125,7 @@ def run_tool(main, argv=None):
         if message is None or os.environ.get(TRACEBACK_ENV, '0') not in ('', '0'):
             raise
         print(f'error: {message}', file=sys.stderr)
-        end_process_group()
+        end_process_group(after_error=True)
         return 1
     end_process_group(wait_for_ranks=True)
     return 0
@@ -136,7 +136,7 @@ def run_tool(main, argv=None):
 END_BARRIER_S = 300
 
 
-def end_process_group(wait_for_ranks=False):
+def end_process_group(wait_for_ranks=False, after_error=False):
     """Destroy the process group a launched run set up, which mmengine leaves to the interpreter's
     teardown: there gloo's worker threads can abort the process ("terminate called without an
     active exception", SIGABRT) after a run that succeeded, and torchrun then fails the launch.
@@ -145,9 +145,18 @@ def end_process_group(wait_for_ranks=False):
     of at most :data:`END_BARRIER_S`, so that no rank closes its connections while another is
     still working; a rank that does not come in time is named in a warning and the group ends
     anyway. Not after an error, where other ranks may wait in a collective that never comes.
+
+    ``after_error`` with another backend than gloo (NCCL on GPUs): the group is aborted, not
+    destroyed, since NCCL's graceful destroy may wait for ranks that wait in a collective, and
+    the process must end for the launcher (torchrun, slurm) to end the others.
     """
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
+        return
+    if after_error and dist.get_backend() != 'gloo':
+        abort = getattr(dist.distributed_c10d, '_abort_process_group', None)
+        if abort is not None:
+            abort()
         return
     if wait_for_ranks and dist.get_world_size() > 1 and dist.get_backend() == 'gloo':
         from datetime import timedelta

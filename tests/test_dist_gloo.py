@@ -279,6 +279,33 @@ def test_a_tool_ends_the_process_group_it_ran_in(tmp_path):
     assert not dist.is_initialized()
 
 
+@pytest.mark.timeout(60)
+def test_after_an_error_a_nccl_group_is_aborted_not_destroyed(tmp_path, monkeypatch):
+    """NCCL's graceful destroy may wait for ranks that wait in a collective the failed rank never
+    joins; the process must end for torchrun to end the others (no NCCL here: the backend's
+    name and the abort are stood in for)."""
+    import torch.distributed as dist
+
+    from reparam_mm import cli
+    calls = []
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, 'get_backend', lambda *a: 'nccl')
+        monkeypatch.setattr(dist.distributed_c10d, '_abort_process_group',
+                            lambda *a: calls.append('abort'), raising=False)
+        monkeypatch.setattr(dist, 'destroy_process_group', lambda *a: calls.append('destroy'))
+
+        def main(argv):
+            raise FileNotFoundError('x.pth does not exist; pass a file.')
+        assert cli.run_tool(main, []) == 1
+        assert calls == ['abort']
+        assert cli.run_tool(lambda argv: None, []) == 0  # a normal end destroys it
+        assert calls == ['abort', 'destroy']
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
 END_SCRIPT = '''
 import json, os, sys, time
 import torch.distributed as dist
