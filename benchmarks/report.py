@@ -169,6 +169,7 @@ def render_gpu_configs(results):
         diff = (s.get('output_difference') or {}).get('max_rel')
         for v in r['results']:
             lat, mem = v['latency'], v['memory']
+            peak_mb = _own_peak_mb(mem)
             form = re.search(r' \((fused|unfused)\)$', v['name'])  # a compare's variants
             config = v['name'][:form.start()] if form else v['name']
             step = 'training iteration' if v['mode'] == 'train' else \
@@ -176,7 +177,7 @@ def render_gpu_configs(results):
             rows.append([config, step, f"{s['batch']} x {s['shape'][0]}x{s['shape'][1]}"
                          f"{', AMP' if s.get('amp') else ''}",
                          _f(lat['median_ms'], '{:.1f}'), _f(lat['images_per_s'], '{:.1f}'),
-                         _f(_own_peak_mb(mem) / 1024 if _own_peak_mb(mem) else None, '{:.1f}'),
+                         _f(peak_mb / 1024 if peak_mb else None, '{:.1f}'),
                          _f(diff if form and form.group(1) == 'fused' else None, '{:.1e}'),
                          e.get('gpu') or e.get('gpus') or '?', e['torch'],
                          f"{e.get('cuda')} / cuDNN {e.get('cudnn')}", e['date'][:10]])

@@ -32,8 +32,8 @@ And it lets models holding mmcv's ``SyncBatchNorm`` (``norm_cfg=dict(type='MMSyn
 deep-copied, as the fused validation copy, the test's reference and the distributed layout
 timing do: that layer keeps its process group, which ``copy.deepcopy`` cannot copy ("cannot
 pickle 'ProcessGroup'"). :func:`share_process_groups_in_deepcopy` makes a copy share the group,
-a handle to the ranks' communicator, as torch's own ``SyncBatchNorm`` (which holds its group
-by name) effectively does.
+a handle to the ranks' communicator, as a copy of torch's own ``SyncBatchNorm`` does (it holds
+no group object by default: None stands for the world).
 """
 import numpy as np
 import torch
