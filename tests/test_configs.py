@@ -320,7 +320,7 @@ def test_replknet_recipes_follow_the_authors():
         elif '640x640' in rel:
             assert m.test_cfg.mode == 'slide' and tuple(m.test_cfg.crop_size) == (640, 640)
         gpus, batch = re.search(r'_(\d+)xb(\d+)-(\d+)k_', rel).groups()[:2]
-        if 'ade20k' in rel:  # as many images as mmseg's 160k iterations x 32
+        if 'ade20k' in rel:  # as many images as the authors' default 160k iterations x 32
             assert int(gpus) * int(batch) * cfg.train_cfg.max_iters == 160000 * 32
         assert (optim.optimizer.lr == 2e-4) != ('voc12aug' in rel)
     mask = load('replknet/cascade-mask-rcnn_replknet-31b-in1k-pre_fpn_4conv1fc-giou_16xb1-'

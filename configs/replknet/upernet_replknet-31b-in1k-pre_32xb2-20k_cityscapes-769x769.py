@@ -1,6 +1,7 @@
 # UperNet + RepLKNet-31B (ImageNet-1K pretrained), Cityscapes 769x769 crops,
 # whole-image test, align_corners=True. As the authors: 32 GPUs x 2 images
-# (batch 64), 20k iterations (mmseg's 80k x 8 in images), drop_path 0.5.
+# (batch 64), 20k iterations (their single-node default, 80k iterations on 8
+# GPUs, in images), drop_path 0.5.
 # Reported (authors, single scale): 83.1 mIoU.
 # Set the ImageNet weights (edit checkpoint_file, or on the command line)
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/RepLKNet-31B_ImageNet-1K_224.pth

@@ -2,7 +2,11 @@
 # test. XL has no small re-param kernels and normalises its intermediate
 # features; its pretraining used mean = std = 127.5 (timm's "inception"
 # mean/std), so the data preprocessor must too. As the authors: 16 GPUs x 2
-# images, 160k iterations, warm-up 1500, drop_path 0.5.
+# images, 160k iterations, warm-up 1500, drop_path 0.5. Their published
+# config sets its training pipeline to the test pipeline (no annotations: it
+# cannot train as written); ours trains with their 31B / 31L 640 pipeline.
+# Validation and checkpoints every 16k iterations (mmseg's 160k schedule),
+# where theirs use 2k.
 # Reported (authors, single scale): 55.2 mIoU.
 # Set the MegData-73M weights (edit checkpoint_file, or on the command line)
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/RepLKNet-XL_MegData73M_pretrain.pth

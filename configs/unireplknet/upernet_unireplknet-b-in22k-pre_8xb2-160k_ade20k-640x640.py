@@ -5,6 +5,10 @@
 # with_cp) with 640x640 crops of images rescaled around (2560, 640), and a
 # whole-image test at (2560, 640) resized to a multiple of 32. Their 22K
 # segmentation configs start from the 22K->1K 384 checkpoints.
+# Their published 640 configs define this training pipeline but never put it
+# into data.train, so as written (mmseg 0.x merging) they train on the base
+# ade20k.py's 512 crops of (2048, 512); ours trains the 640 crops they define
+# and their README names. Which one produced the reported mIoU is unknown.
 # Reported (authors, single scale): 53.5 mIoU, 130M parameters.
 # Set the weights (edit checkpoint_file, or on the command line
 #   --cfg-options model.backbone.init_cfg.checkpoint=/path/to/FILE)
