@@ -130,6 +130,26 @@ def test_the_detector_s_neck_and_heads_hand_back_nchw_for_mmcv_s_ops(tuner):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_a_roi_head_times_one_layout_for_box_counts_in_one_bucket(tuner):
+    """The RoI head's leading dimension is the number of boxes the RPN kept, new with nearly
+    every test batch: counts within one size bucket share one timing (a detector's evaluation
+    timed the head again for 16 of its 32 batches)."""
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    model, _ = _fused(DET, 128)
+    head = model.roi_head.bbox_head
+    assert 'roi_head.bbox_head' in tune_head_layouts(model)
+    channels = model.roi_head.bbox_roi_extractor.out_channels
+    lo, hi = large_kernel.size_bucket(300)
+    with torch.no_grad():
+        for n in (lo, 300, hi):
+            head(torch.randn(n, channels, 7, 7))
+    timed = [sig for sig in _head_choices(tuner) if 'Shared4Conv1FCBBoxHead' in sig]
+    assert len(timed) == 1 and f'|{lo}-{hi}x{channels}x7x7|' in timed[0], timed
+    with torch.no_grad():  # the next bucket is timed apart
+        head(torch.randn(hi + 1, channels, 7, 7))
+    assert len([s for s in _head_choices(tuner) if 'Shared4Conv1FCBBoxHead' in s]) == 2
+
+
 def _training(config, size, batch=2):
     cfg, model = _built(config)
     model.train()

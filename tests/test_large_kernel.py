@@ -339,6 +339,7 @@ def test_size_buckets_tile_the_sizes_geometrically():
             assert hi + 1 <= math.ceil(lo * 2 ** 0.25) + 1
         bucket, previous_hi = (lo, hi), hi
     assert large_kernel.shape_label((1, 128, 128, 160)) == '1x128x128-152x153-181'
+    assert large_kernel.shape_label((3924, 256, 7, 7)) == '3445-4095x256x7x7'  # RoIs
     assert large_kernel.shape_label((2, 3)) == '2x3'  # not an image: as it is
 
 

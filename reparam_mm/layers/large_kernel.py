@@ -350,7 +350,8 @@ def _bucket_edge(i):
 
 
 def size_bucket(n):
-    """``(lo, hi)``: the spatial sizes that share a tuning signature with size ``n``.
+    """``(lo, hi)``: the sizes (spatial, or a RoI head's box count) that share a tuning
+    signature with size ``n``.
 
     Sizes below ``SIZE_BUCKET_MIN`` are their own bucket; from there on the buckets grow
     geometrically, ``SIZE_BUCKETS_PER_OCTAVE`` per doubling (16-19, 20-22, 23-26, 27-31, 32-38,
@@ -368,11 +369,12 @@ def size_bucket(n):
 
 
 def shape_label(shape):
-    """A tensor shape as signatures spell it: ``NxCxHxW`` with H and W as their size buckets
-    (``1x128x128-152x153-181``)."""
+    """A tensor shape as signatures spell it: ``NxCxHxW`` with N, H and W as their size buckets
+    (``1x128x128-152x153-181``). N is bucketed for the RoI heads, whose leading dimension is the
+    number of boxes the RPN kept and differs with nearly every batch (``3445-4095x256x7x7``)."""
     sizes = [str(n) for n in shape]
     if len(shape) == 4:
-        for d in (2, 3):
+        for d in (0, 2, 3):
             lo, hi = size_bucket(shape[d])
             sizes[d] = str(lo) if lo == hi else f'{lo}-{hi}'
     return 'x'.join(sizes)
