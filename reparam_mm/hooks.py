@@ -19,7 +19,8 @@
 * On the first batch the fused outputs are compared with the unfused ones
   (``mode='tensor'``: segmentation logits, raw detection head outputs); the
   max abs / relative difference is logged, above ``tolerance`` loudly (under
-  TTA: the wrapped models on the first augmented view).
+  TTA: the wrapped models on the first augmented view). A model with nothing to fuse (a
+  deploy pair from ``tools/fuse.py``) is said to be in its deploy form and not compared.
 
 Priority ``LOW``: after ``EMAHook`` (NORMAL) has swapped in the EMA weights,
 so the EMA model is what gets fused, and before ``CheckpointHook``
@@ -133,13 +134,23 @@ class FusedEvalHook(Hook):
             else:
                 runner.model = fused
 
-    def _log_report(self, stage):
-        print_log(f'FusedEvalHook: {stage} on the fused model: {self.last_report}', logger='current')
+    def _after_fuse(self, stage):
+        """Log the fuse report; a model with nothing to fuse is not compared with itself."""
+        if self.last_report.total:
+            print_log(f'FusedEvalHook: {stage} on the fused model: {self.last_report}', logger='current')
+            return
+        # the criterion tools/infer.py uses (inference.py): a deploy pair has nothing left to fuse
+        # and no unfused form to compare with; comparing the model with itself said nothing
+        self._reference, self.last_check, self.last_amp_check = None, None, None
+        print_log(f'FusedEvalHook: {stage} the model as it is: it is already in its deploy form '
+                  '(nothing to fuse: a deploy pair from tools/fuse.py, or no re-parameterisable '
+                  f'layer), so there is no fused vs unfused comparison; parameters '
+                  f'{self.last_report.params_after:,}.', logger='current')
 
     def before_val_epoch(self, runner) -> None:
         share_buffers_of_rank0(runner.model)
         self._fused_copy(runner)
-        self._log_report('validating')
+        self._after_fuse('validating')
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self._end(runner)
@@ -152,7 +163,7 @@ class FusedEvalHook(Hook):
             self._fused_copy(runner)
         else:
             self._fuse_in_place(runner)
-        self._log_report('testing')
+        self._after_fuse('testing')
 
     def after_test_epoch(self, runner, metrics=None) -> None:
         self._end(runner)

@@ -1,6 +1,7 @@
 """FusedEvalHook in a real mmengine Runner with a toy re-parameterisable model (no mmcv needed)."""
 import re
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -175,6 +176,31 @@ def test_test_fuses_in_place_after_loading(tmp_path):
     assert abs(fused['logit_mean'] - plain['logit_mean']) < 1e-5
     random_init = _runner(tmp_path / 'random', []).test()
     assert abs(random_init['logit_mean'] - plain['logit_mean']) > 1e-3  # loading mattered
+
+
+@pytest.mark.timeout(60)
+def test_a_model_with_nothing_to_fuse_is_said_to_be_in_deploy_form_and_not_compared(tmp_path):
+    """A deploy pair (tools/fuse.py) has nothing left to fuse: the first-batch check compared the
+    model with itself ('max rel diff 8.3e-07'), which read as if something had been checked. It is
+    said once per evaluation instead, as tools/infer.py skips it; a model that fuses is checked."""
+    from conftest import mmengine_log
+    from reparam_mm.fuse import fuse
+    hook = FusedEvalHook()
+    runner = _runner(tmp_path / 'deploy', [hook], max_iters=2)
+    runner.model = fuse(runner.model.eval())  # the deploy form, as a deploy config builds it
+    with mmengine_log() as records:
+        runner.train()  # one validation
+        runner.test()
+    said = [r.getMessage() for r in records if r.getMessage().startswith('FusedEvalHook')]
+    params = sum(p.numel() for p in runner.model.parameters())
+    assert said == [f'FusedEvalHook: {stage} the model as it is: it is already in its deploy form '
+                    '(nothing to fuse: a deploy pair from tools/fuse.py, or no re-parameterisable '
+                    'layer), so there is no fused vs unfused comparison; parameters '
+                    f'{params:,}.' for stage in ('validating', 'testing')], said
+    assert hook.last_report.total == 0 and hook.last_check is None and hook._reference is None
+    trained = FusedEvalHook()
+    _runner(tmp_path / 'trained', [trained], max_iters=2).test()
+    assert trained.last_report.total == 3 and trained.last_check['max_rel'] < 1e-5
 
 
 def test_test_with_ema_fuses_a_copy_since_ema_swaps_the_weights_back(tmp_path):
