@@ -36,6 +36,14 @@ def _stub(path, text):
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def _inputs(folder):
+    """The config and checkpoint that SCRIPTS name, in ``folder`` (the scripts' working
+    directory): the scripts check they exist before launching anything."""
+    for name in ('configs/x.py', 'ckpt.pth', 'c.py', 'k.pth'):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text('')
+
+
 def _run(tmp_path, script, with_venv, python=None):
     checkout = tmp_path / 'checkout'
     (checkout / 'tools').mkdir(parents=True)
@@ -44,6 +52,7 @@ def _run(tmp_path, script, with_venv, python=None):
         _stub(checkout / '.venv/bin/python', RECORDER)
     _stub(tmp_path / 'bin/python', RECORDER)
     _stub(tmp_path / 'bin/srun', SRUN)
+    _inputs(tmp_path)
     record = tmp_path / 'record.txt'
     env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
     env.update(PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin', RECORD=str(record))
@@ -103,6 +112,7 @@ def test_missing_arguments_print_the_usage_and_launch_nothing(tmp_path, script, 
 
 def test_a_busy_port_and_a_missing_srun_are_one_line(tmp_path):
     import socket
+    _inputs(tmp_path)
     with socket.socket() as listener:
         listener.bind(('127.0.0.1', 0))
         listener.listen()
@@ -122,6 +132,7 @@ def test_a_busy_port_and_a_missing_srun_are_one_line(tmp_path):
 
 
 def test_slurm_scripts_keep_an_argument_with_spaces_whole(tmp_path):
+    _inputs(tmp_path)
     args_stub = '#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$RECORD"\n'
     _stub(tmp_path / 'bin/srun', SRUN)
     _stub(tmp_path / 'bin/python', args_stub)
@@ -133,3 +144,50 @@ def test_slurm_scripts_keep_an_argument_with_spaces_whole(tmp_path):
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert record.read_text().splitlines()[-2:] == ['--work-dir', 'work_dirs/run 2']
+
+
+CONFIG_MISSING = ('error: config {} does not exist; pass the path of a config file, e.g. one under '
+                  'configs/ (docs/configs.md lists them).')
+CHECKPOINT_MISSING = ('error: checkpoint {} does not exist; pass the .pth file written by training '
+                      '(work_dirs/...) or by tools/fuse.py.')
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('script,argv,said', [
+    ('dist_train.sh', ['configs/nope.py', '2'], CONFIG_MISSING.format('configs/nope.py')),
+    ('dist_test.sh', ['configs/nope.py', 'ckpt.pth', '2'], CONFIG_MISSING.format('configs/nope.py')),
+    ('dist_test.sh', ['configs/x.py', 'nope.pth', '2'], CHECKPOINT_MISSING.format('nope.pth')),
+    ('dist_train.sh', ['configs', '2'], CONFIG_MISSING.format('configs')),  # a folder is no config
+    ('slurm_train.sh', ['P', 'j', 'nope.py'], CONFIG_MISSING.format('nope.py')),
+    ('slurm_test.sh', ['P', 'j', 'nope.py', 'ckpt.pth'], CONFIG_MISSING.format('nope.py')),
+    ('slurm_test.sh', ['P', 'j', 'c.py', 'nope.pth'], CHECKPOINT_MISSING.format('nope.pth')),
+], ids=['dist-train-config', 'dist-test-config', 'dist-test-checkpoint', 'dist-train-folder',
+        'slurm-train-config', 'slurm-test-config', 'slurm-test-checkpoint'])
+def test_a_missing_config_or_checkpoint_is_one_line_before_anything_is_launched(tmp_path, script,
+                                                                                argv, said):
+    """tools/train.py's one-line error came once per process, then torchrun's 40-line
+    ChildFailedError report and its 'Root Cause' block buried it; the scripts check the files as
+    tools/train.py and tools/test.py would (same sentence), before torchrun or srun."""
+    _inputs(tmp_path)
+    _stub(tmp_path / 'bin/srun', SRUN)
+    _stub(tmp_path / 'bin/python', RECORDER)
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
+               RECORD=str(tmp_path / 'record.txt'), PYTHON=str(tmp_path / 'bin/python'))
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / script), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (1, said + '\n', ''), proc.stderr
+    assert not (tmp_path / 'record.txt').exists()  # neither torchrun nor srun ran
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_url_is_left_to_the_tool(tmp_path):
+    """tools/test.py loads a checkpoint URL itself (mmengine's loaders): nothing to check here."""
+    _inputs(tmp_path)
+    _stub(tmp_path / 'bin/python', RECORDER)
+    url = 'https://example.org/upernet.pth'
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
+               RECORD=str(tmp_path / 'url.txt'), PYTHON=str(tmp_path / 'bin/python'))
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_test.sh'), 'configs/x.py', url, '2'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert url in (tmp_path / 'url.txt').read_text().splitlines()[-1].split()
