@@ -32,8 +32,8 @@ from .fuse import count_params, fuse
 from .layers.large_kernel import fft_min_kernel
 from .scope import ConfigError, init_scope
 
-__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'input_size_from_pipeline', 'slide_crops',
-           'tested_image_sizes']
+__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'default_input_size',
+           'input_size_from_pipeline', 'slide_crops', 'tested_image_sizes']
 
 
 @dataclass
@@ -43,7 +43,8 @@ class ModelComplexity:
     A segmentor tested by sliding window runs ``test_crops`` forwards of ``crop_shape`` on an
     input of ``input_shape``: ``macs_test_fused`` in all, where the papers count one whole-image
     forward. Counted over ``images`` test images, the multiply-adds are their mean and
-    ``input_shape`` is None."""
+    ``input_shape`` is None. ``input_from``: where the input size came from when none was given
+    (:func:`default_input_size`), else None."""
     input_shape: Optional[Tuple[int, int]]
     params: int
     params_fused: int
@@ -56,6 +57,7 @@ class ModelComplexity:
     crop_shape: Optional[Tuple[int, int]] = None
     macs_test_fused: Optional[int] = None
     images: Optional[int] = None
+    input_from: Optional[str] = None  # where the default input size came from (INPUT_FROM_*)
 
     def as_dict(self):
         return asdict(self)
@@ -72,6 +74,25 @@ def input_size_from_pipeline(cfg):
             scale = step['scale']
             scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
             return int(scale[1]), int(scale[0])
+    return None
+
+
+INPUT_FROM_RESIZE = "the test pipeline's Resize scale"
+INPUT_FROM_PREPROCESSOR = 'model.data_preprocessor.size'
+
+
+def default_input_size(cfg):
+    """``((H, W), source)`` to count ``cfg``'s model at when no size is given: the test
+    pipeline's Resize scale (:func:`input_size_from_pipeline`), else the size the data
+    preprocessor pads every batch to (``model.data_preprocessor.size``, (H, W): the 64 x 64 demo
+    configs, which test their images as they are); None without either."""
+    shape = input_size_from_pipeline(cfg)
+    if shape is not None:
+        return shape, INPUT_FROM_RESIZE
+    size = ((cfg.get('model') or {}).get('data_preprocessor') or {}).get('size')
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(size[0]), int(size[1])), INPUT_FROM_PREPROCESSOR
     return None
 
 
@@ -224,22 +245,28 @@ def tested_image_sizes(cfg, count):
 
 
 def model_complexity(cfg, shape=None, device='meta', images=None):
-    """Count ``cfg``'s model, trained and fused, on one ``shape`` = (H, W) image (default: the
-    test pipeline's resize scale), or averaged over the first ``images`` test images as the test
-    pipeline sizes them; each preprocessed (padded) as the config's preprocessor does, the model
-    built with its random initialisation, no weights loaded."""
+    """Count ``cfg``'s model, trained and fused, on one ``shape`` = (H, W) image (default:
+    :func:`default_input_size`: the test pipeline's resize scale, else the preprocessor's size),
+    or averaged over the first ``images`` test images as the test pipeline sizes them; each
+    preprocessed (padded) as the config's preprocessor does, the model built with its random
+    initialisation, no weights loaded."""
     from mmengine.registry import MODELS
     init_scope(cfg)
     if images is not None:
         if shape is not None:
             raise ConfigError('count at one input size or over test images, not both: give '
                               '--shape or --images.')
-        sizes = tested_image_sizes(cfg, images)
+        sizes, input_from = tested_image_sizes(cfg, images), None
     else:
-        shape = tuple(shape) if shape is not None else input_size_from_pipeline(cfg)
         if shape is None:
-            raise ConfigError('the config has no Resize step with a scale in its test pipeline to '
-                              'count at; give the input size (tools/get_flops.py --shape H W).')
+            found = default_input_size(cfg)
+            if found is None:
+                raise ConfigError('the config has no Resize step with a scale in its test '
+                                  'pipeline and no model.data_preprocessor.size to count at; give '
+                                  'the input size (tools/get_flops.py --shape H W).')
+            shape, input_from = found
+        else:
+            shape, input_from = tuple(shape), None
         sizes = [shape]
     batches = {size: _preprocessed(cfg, *size, device) for size in dict.fromkeys(sizes)}
 
@@ -258,7 +285,8 @@ def model_complexity(cfg, shape=None, device='meta', images=None):
         input_shape=None if images is not None else tuple(first), params=params,
         params_fused=count_params(fused), params_run=_params_of(called), macs=macs,
         macs_fused=macs_fused, proposals=counts[0], detections=counts[1],
-        images=len(sizes) if images is not None else None)
+        images=len(sizes) if images is not None else None,
+        input_from=input_from)
     crops = slide_crops(cfg, *first) if hasattr(fused, 'slide_inference') else None
     if crops is not None:
         def slide(x, samples):  # every crop of one input has the same size: count one

@@ -122,21 +122,43 @@ def test_shipped_configs_have_the_authors_model_sizes(config, shape, params_m, g
     assert abs(counted.macs_fused / 1e9 - gflops) / gflops < 0.005, counted
 
 
-def test_the_input_defaults_to_the_test_resize_scale_and_is_asked_for_without_one():
+@pytest.mark.timeout(120)
+def test_the_input_defaults_to_the_test_resize_scale_then_the_preprocessor_size_then_is_asked_for():
+    """The demo configs test their 64 x 64 images as they are (no Resize) and pad every batch to
+    model.data_preprocessor.size: counting took no size from there and asked for --shape."""
     from mmengine.config import Config
 
-    from reparam_mm.complexity import input_size_from_pipeline, model_complexity
+    from reparam_mm.complexity import default_input_size, input_size_from_pipeline, model_complexity
     from reparam_mm.scope import ConfigError
     ade = _config(ROOT / 'configs/replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py')
     assert input_size_from_pipeline(ade) == (512, 2048)  # mmcv's scale (2048, 512) is (W, H)
+    assert default_input_size(ade) == ((512, 2048), "the test pipeline's Resize scale")
     wrapped = Config(dict(test_dataloader=dict(dataset=dict(type='RepeatDataset', dataset=dict(
         pipeline=[dict(type='LoadImageFromFile'), dict(type='Resize', scale=320)])))))
     assert input_size_from_pipeline(wrapped) == (320, 320)
-    cfg = _config(DEMO_SEG)
-    cfg.test_dataloader.dataset.pipeline = [dict(type='LoadImageFromFile')]
+    cfg = _config(DEMO_SEG, **{'model.data_preprocessor.size': (48, 80)})  # (H, W), as mmseg pads
+    assert input_size_from_pipeline(cfg) is None
+    counted = model_complexity(cfg)
+    assert (counted.input_shape, counted.input_from) == ((48, 80), 'model.data_preprocessor.size')
+    given = model_complexity(cfg, (48, 80))
+    assert given.input_from is None and given.macs_fused == counted.macs_fused
+    cfg.model.data_preprocessor.size = None
     with pytest.raises(ConfigError, match=r'^the config has no Resize step with a scale in its '
-                                          r'test pipeline to count at; give the input size'):
+                                          r'test pipeline and no model\.data_preprocessor\.size to '
+                                          r'count at; give the input size'):
         model_complexity(cfg)
+
+
+@pytest.mark.timeout(60)
+def test_gmacs_keep_one_decimal_for_big_models_and_three_significant_digits_for_small_ones():
+    """One decimal printed the 64 x 64 demo's 26.8 M multiply-adds as 0.0; docs/configs.md's
+    full-size rows (one decimal) read as before. A pair shares its number of decimals."""
+    gmacs = load_tool('get_flops').gmacs
+    assert gmacs(1170.9e9, 1169.3e9) == ['1170.9', '1169.3']
+    assert gmacs(321.04e9, 320.9e9) == ['321.0', '320.9'] and gmacs(12.34e9) == ['12.3']
+    assert gmacs(26.8e6, 25.06e6) == ['0.0268', '0.0251']
+    assert gmacs(1.2346e9, 0.5e9) == ['1.235', '0.500'] and gmacs(3.14159e9) == ['3.14']
+    assert gmacs(0) == ['0.0']
 
 
 @pytest.mark.timeout(120)
@@ -147,26 +169,41 @@ def test_tool_prints_a_row_per_config_and_writes_json(tmp_path, capsys):
     counts = json.loads(out.read_text())
     seg, det = counts[str(DEMO_SEG)], counts[str(DEMO_DET)]
     assert lines[0].startswith('| config | input H x W | params M (trained / fused / run) |')
+    assert 0.01 < seg['macs_fused'] / 1e9 < seg['macs'] / 1e9 < 0.1  # three digits: 4 decimals
     assert lines[2] == (f'| {DEMO_SEG.name} | 64 x 96 | {seg["params"] / 1e6:.2f} / '
                         f'{seg["params_fused"] / 1e6:.2f} / {seg["params_run"] / 1e6:.2f} | '
-                        f'{seg["macs"] / 1e9:.1f} / {seg["macs_fused"] / 1e9:.1f} |')
+                        f'{seg["macs"] / 1e9:.4f} / {seg["macs_fused"] / 1e9:.4f} |')
     assert lines[3].startswith(f'| {DEMO_DET.name} | 64 x 96 |')
     assert det['proposals'] == 1000 and seg['proposals'] is None
     assert lines[-1] == ('Two-stage detectors: box heads on 1000 proposals, mask heads on 100 '
                          "detections (the test_cfg's max_per_img).")
 
 
+@pytest.mark.timeout(120)
 def test_tool_without_an_input_size_is_one_sentence_naming_the_config(tmp_path, capsys):
+    """The table's header came before the error of a first config that could not be counted;
+    it comes with the first row now. The demo's size from its preprocessor is said."""
     from reparam_mm.cli import run_tool
     cfg = tmp_path / 'no_resize.py'
     cfg.write_text(f"_base_ = [{str(DEMO_SEG)!r}]\n"
-                   "test_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile')]))\n")
+                   "test_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile')]))\n"
+                   "model = dict(data_preprocessor=dict(size=None))\n")
     assert run_tool(load_tool('get_flops').main, [str(DEMO_DET), str(cfg)]) == 1
     said = capsys.readouterr()
+    assert said.out.splitlines()[0].startswith('| config |')
     assert said.out.splitlines()[2].startswith(f'| {DEMO_DET.name} | 320 x 512 |')  # the row before
     assert said.err.strip().splitlines()[-1] == (
-        f'error: {cfg}: the config has no Resize step with a scale in its test pipeline to count '
-        'at; give the input size (tools/get_flops.py --shape H W).'), said.err
+        f'error: {cfg}: the config has no Resize step with a scale in its test pipeline and no '
+        'model.data_preprocessor.size to count at; give the input size (tools/get_flops.py '
+        '--shape H W).'), said.err
+    assert run_tool(load_tool('get_flops').main, [str(cfg), str(DEMO_SEG)]) == 1
+    said = capsys.readouterr()
+    assert said.out == '' and said.err.strip().splitlines()[-1].startswith(f'error: {cfg}: ')
+    load_tool('get_flops').main([str(DEMO_SEG)])  # no Resize: the preprocessor's size, said so
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith(f'| {DEMO_SEG.name} | 64 x 64 |') and lines[-1] == (
+        f'{DEMO_SEG.name}: input 64 x 64 from model.data_preprocessor.size (its test pipeline has '
+        'no Resize step; the preprocessor pads images to that size).')
 
 
 @pytest.mark.timeout(120)
@@ -213,9 +250,10 @@ def test_a_sliding_window_test_costs_what_mmsegs_slide_inference_runs(capsys):
     load_tool('get_flops').main([str(DEMO_SEG), '--shape', '48', '80', '--cfg-options',
                                  'model.test_cfg.mode=slide', 'model.test_cfg.crop_size=(32,32)',
                                  'model.test_cfg.stride=(21,21)'])
+    assert 0.01 < counted.macs_test_fused / 1e9 < 0.1
     assert capsys.readouterr().out.splitlines()[-1] == (
         f'{DEMO_SEG.name}: a sliding-window test, 8 crops of 32 x 32 on a 48 x 80 input: '
-        f'{counted.macs_test_fused / 1e9:.1f} GMACs fused (the row counts one whole-image forward, '
+        f'{counted.macs_test_fused / 1e9:.4f} GMACs fused (the row counts one whole-image forward, '
         'as the papers do).')
 
 
