@@ -1,6 +1,7 @@
 """Reading a config and applying ``--cfg-options`` to it, and which OpenMMLab package builds its
 model (its ``default_scope``)."""
 import importlib
+import json
 import os
 import re
 
@@ -72,17 +73,108 @@ def _near_miss(cfg, key):
     return None
 
 
-def merge_cfg_options(cfg, options):
+#: top-level keys that something reads from the config itself: mmengine's runners and config
+#: parser, mmseg's and mmdet's tools (``tta_model`` / ``tta_pipeline`` with ``--tta``) and this
+#: project's (``large_dw_dispatch``, ``load_from_partial``; ``crop_size``: tools/export_onnx.py's
+#: default ``--shape``). Any other top-level key is a variable of the config file (``data_root``,
+#: ``norm_cfg``, ``train_pipeline``, ``max_iters``; ``vis_backends`` too: the visualizer holds its
+#: own copy), whose value mmengine copied where the file uses it while reading it.
+READ_KEYS = frozenset({
+    '_base_', 'custom_imports', 'default_scope', 'model', 'work_dir', 'experiment_name',
+    'train_dataloader', 'val_dataloader', 'test_dataloader', 'train_cfg', 'val_cfg', 'test_cfg',
+    'auto_scale_lr', 'optim_wrapper', 'param_scheduler', 'val_evaluator', 'test_evaluator',
+    'default_hooks', 'custom_hooks', 'data_preprocessor', 'load_from', 'resume', 'launcher',
+    'env_cfg', 'log_processor', 'log_level', 'visualizer', 'randomness', 'runner_type',
+    'model_wrapper_cfg', 'find_unused_parameters', 'compile', 'strategy', 'sync_bn',
+    'efficient_conv_bn_eval', 'activation_checkpointing', 'tta_model', 'tta_pipeline',
+    'large_dw_dispatch', 'load_from_partial', 'crop_size'})
+
+
+def _plain(value):
+    """``value`` with tuples as lists, for comparing parsed config values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _copies(node, value, path, name):
+    """Config keys under ``node`` (at ``path``) that hold ``value`` (plain): anywhere for a string
+    or a non-empty list or dict, only under a key called ``name`` for a number, bool or None (a
+    600 elsewhere need not be ``max_iters``)."""
+    if path.rsplit('.', 1)[-1] == name or (isinstance(value, (str, list, dict)) and value):
+        if _plain(node) == value:
+            yield path
+            return
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield from _copies(child, value, f'{path}.{key}', name)
+    elif isinstance(node, (list, tuple)):
+        for i, child in enumerate(node):
+            yield from _copies(child, value, f'{path}.{i}', name)
+
+
+def _is_read(cfg, top, unread=()):
+    """Whether something reads the top-level key ``top`` of ``cfg`` (:data:`READ_KEYS`), unless
+    named in ``unread``; mmengine reads a top-level ``data_preprocessor`` only for a model config
+    that has none."""
+    if top in unread or top not in READ_KEYS:
+        return False
+    if top == 'data_preprocessor':
+        return not (cfg.get('model') or {}).get('data_preprocessor')
+    return True
+
+
+def _cli_value(value):
+    """``value`` as written on the command line (``[64,64]``, not ``[64, 64]``)."""
+    if isinstance(value, (list, tuple)):
+        inner = ','.join(_cli_value(v) for v in value)
+        return f'[{inner}]' if isinstance(value, list) else f'({inner})'
+    return str(value)
+
+
+def _unread_variable(cfg, key, value, unread=()):
+    """The sentence for ``--cfg-options key=value`` when ``key`` sets a top-level variable of the
+    config file (one nothing reads, whose value is found copied elsewhere in the config), else
+    None: the copies keep the value the file gave them, so the override changes nothing."""
+    top, _, rest = key.partition('.')
+    if top not in cfg or _is_read(cfg, top, unread):
+        return None
+    old = _plain(cfg[top])
+    copies = [path for name in cfg.keys() if name != top and _is_read(cfg, name, unread)
+              for path in _copies(cfg[name], old, name, top)]
+    if not copies:
+        return None
+    suffix, shown = (f'.{rest}' if rest else ''), _cli_value(value)
+    listed = copies[:6]
+    more = f' (and {len(copies) - 6} more)' if len(copies) > 6 else ''
+    where = ', '.join(listed[:-1]) + ' and ' + listed[-1] if len(listed) > 1 else listed[0]
+    docs = " (docs/datasets.md lists each dataset's)" if top == 'data_root' else ''
+    return (f'--cfg-options {key}={shown} changes nothing: {top} is a variable of the config file, '
+            f'copied into {where}{more} when the file was read, so set '
+            f"{'those' if len(copies) > 1 else 'that'} instead{docs}: --cfg-options "
+            + ' '.join(f'{path}{suffix}={shown}' for path in listed) + f'{more}.')
+
+
+def merge_cfg_options(cfg, options, unread=()):
     """Apply ``--cfg-options`` to ``cfg`` as mmengine does (a new key is added), refusing a key
-    that looks like a misspelling of one the config has: mmengine would add it and the run
-    would fail pages later with a ``TypeError`` naming a class, or silently ignore it."""
-    for key in options or {}:
+    that looks like a misspelling of one the config has (mmengine would add it and the run
+    would fail pages later with a ``TypeError`` naming a class, or silently ignore it), and a
+    top-level variable of the config file (``data_root=...``: its value was copied into the
+    dataloaders when the file was read, so the run would use the old one without a word).
+    ``unread``: keys of :data:`READ_KEYS` the calling tool does not read (``crop_size`` in
+    training)."""
+    for key, value in (options or {}).items():
         miss = _near_miss(cfg, key)
         if miss is not None:
             raise ConfigError(
                 f'--cfg-options {key}: the config has no {miss[0]}, but has {miss[1]}; fix the '
                 'spelling (a new key that is meant so goes into a config file that inherits '
                 'this one).')
+        unused = _unread_variable(cfg, key, value, unread)
+        if unused is not None:
+            raise ConfigError(unused)
     if options:
         cfg.merge_from_dict(options)
     return cfg
@@ -111,21 +203,141 @@ _IMPORT_HINTS = {
 }
 
 
+#: what the name of a checkpoint file ends with
+CHECKPOINT_SUFFIXES = ('.pth', '.pt', '.ckpt', '.bin', '.safetensors', '.pth.tar')
+#: what mmengine reads a config from
+CONFIG_SUFFIXES = ('.py', '.json', '.yaml', '.yml')
+
+
+def _in_config_parser(code):
+    """Whether ``code`` is mmengine's config parser (``mmengine/config/*.py``)."""
+    return os.path.dirname(code.co_filename).replace('\\', '/').endswith('mmengine/config')
+
+
+def _config_line(error):
+    """``(file, line)`` of the config code that ``error`` came from: the deepest module-level frame
+    mmengine's parser ran (the config or one of its bases); None when it came from elsewhere."""
+    found, parser, tb = None, False, error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if parser and code.co_name == '<module>':
+            found = (code.co_filename, tb.tb_lineno)
+        parser = _in_config_parser(code)
+        tb = tb.tb_next
+    return found
+
+
+def _parsed_file(error):
+    """The file mmengine's parser was reading when ``error`` was raised (its ``filename``)."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_locals.get('filename') if _in_config_parser(tb.tb_frame.f_code) else None
+        found = name if isinstance(name, str) else found
+        tb = tb.tb_next
+    return found
+
+
+def _source(file, line):
+    import linecache
+    text = ' '.join(linecache.getline(file, line).split())
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _one_line(text):
+    return ' '.join(str(text).split())
+
+
+def _unreadable_config(config, error):
+    """The sentence for ``error``, raised by mmengine reading the config file ``config``, naming
+    the file, the line where there is one, and the cause; None for an error that did not come
+    from the file (re-raised as it is)."""
+    from mmengine.config.utils import ConfigParsingError
+
+    def where(file, line):
+        same = os.path.abspath(file) == os.path.abspath(config)
+        return f'line {line}' + ('' if same else f' of {os.path.normpath(file)} (a base it reads)')
+
+    if isinstance(error, SyntaxError):
+        file = error.filename if error.filename and os.path.isfile(error.filename) else \
+            _parsed_file(error) or config
+        code = f' (in `{_source(file, error.lineno)}`)' if error.lineno else ''
+        return (f'config {config} has a syntax error at {where(file, error.lineno)}: '
+                f'{error.msg}{code}; fix it there.')
+    line = _config_line(error)
+    if isinstance(error, FileNotFoundError) and error.filename and line is None \
+            and os.path.abspath(error.filename) != os.path.abspath(config):  # not the code's own
+        return (f'config {config} reads {os.path.normpath(error.filename)} (its _base_), which '
+                'does not exist; fix that path in _base_ (it is relative to the folder of the '
+                'config that names it).')
+    if isinstance(error, ConfigParsingError):
+        return f'config {config} does not read as a config: {_one_line(error)}'
+    if isinstance(error, json.JSONDecodeError):
+        return f'config {config} is not valid JSON ({_one_line(error)}); fix it there.'
+    mark = getattr(error, 'problem_mark', None)  # yaml's
+    if config.endswith(('.yaml', '.yml')) and mark is not None:
+        return (f'config {config} is not valid YAML ({getattr(error, "problem", None) or "unreadable"} '
+                f'at line {mark.line + 1}, column {mark.column + 1}); fix it there.')
+    if line is None:
+        return None
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    if type(error) is RuntimeError and not error.args and frames[-1].co_filename.replace(
+            '\\', '/').endswith('mmengine/config/lazy.py'):  # an imported name called
+        return (f'config {config} does not read as a config: mmengine reads a .py file that '
+                f'imports modules as a lazy-import config, in which {where(*line)} '
+                f'(`{_source(*line)}`) cannot call what it imports; pass a config file, e.g. one '
+                'under configs/ (docs/configs.md lists them).')
+    said = _one_line(error)
+    return (f'config {config} fails at {where(*line)}: {type(error).__name__}'
+            f'{": " + said if said else ""} (in `{_source(*line)}`); fix it there.')
+
+
+def _a_config_in(folder):
+    """The path of a config file under ``folder`` (not a ``_base_``), or None."""
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(('_', '.')))
+        for name in sorted(files):
+            if name.endswith(CONFIG_SUFFIXES) and not name.startswith(('_', '.')):
+                return os.path.join(top, name)
+    return None
+
+
 def load_config(config):
-    """``config`` as a :class:`Config` (a path is read). A module of its ``custom_imports``
-    that does not import is one sentence naming the config, the module and the fix, instead of
-    mmengine's advice to set ``PYTHONPATH``."""
+    """``config`` as a :class:`Config` (a path is read). What is not a config file is one sentence
+    naming it and the fix: a folder, a checkpoint (the arguments swapped), another kind of file,
+    a file mmengine fails to read (with the line and the cause), and a module of its
+    ``custom_imports`` that does not import (instead of mmengine's advice to set
+    ``PYTHONPATH``)."""
     if isinstance(config, Config):
         return config
+    config = os.fspath(config)
+    if os.path.isdir(config):
+        example = _a_config_in(config)
+        raise IsADirectoryError(f'config {config} is a folder, not a config file; pass a config '
+                                'file in it' + (f', e.g. {example}' if example else '')
+                                + ' (docs/configs.md lists them).')
+    if config.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise ConfigError(f'config {config} is a checkpoint, not a config: give the config file '
+                          'first and the checkpoint after it (tools/test.py CONFIG CHECKPOINT; '
+                          'tools/train.py CONFIG --resume CHECKPOINT).')
     if not os.path.isfile(config):
         raise FileNotFoundError(f'config {config} does not exist; pass the path of a config file, '
                                 'e.g. one under configs/ (docs/configs.md lists them).')
+    if not config.lower().endswith(CONFIG_SUFFIXES):
+        raise ConfigError(f'config {config} is not a config file: mmengine reads configs ending '
+                          'in .py, .json, .yaml or .yml; pass one, e.g. under configs/ '
+                          '(docs/configs.md lists them).')
     try:
         return Config.fromfile(config)
     except ImportError as error:
         failed = re.match(r'Failed to import (\S+)', str(error.__cause__ or ''))
         if failed is None:
-            raise
+            message = _unreadable_config(config, error)
+            if message is None:
+                raise
+            raise ConfigError(message) from error
         module = failed.group(1)
         root = error.__cause__.__context__
         why = f'{type(root).__name__}: {root}' if root is not None else 'it does not import'
@@ -134,6 +346,11 @@ def load_config(config):
                                           f'{module} out of custom_imports')
         raise ConfigImportError(f'config {config} imports {module} (custom_imports), which '
                                 f'fails here ({why}); {fix}.') from None
+    except Exception as error:  # noqa: BLE001 - what did not come from the file is re-raised
+        message = _unreadable_config(config, error)
+        if message is None:
+            raise
+        raise ConfigError(message) from error
 
 
 def init_scope(cfg):

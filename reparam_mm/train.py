@@ -93,7 +93,7 @@ def config_from_args(args):
     """Load the config and apply the command line to it, as mmseg / mmdet do."""
     cfg = load_config(args.config)
     cfg.launcher = args.launcher
-    merge_cfg_options(cfg, args.cfg_options)
+    merge_cfg_options(cfg, args.cfg_options, unread=('crop_size', ))  # export reads it, not training
     fit_persistent_workers(cfg)
 
     # work_dir priority: CLI > config > config file name
@@ -477,28 +477,149 @@ class EvalLabelValues:
                 f'those pixels but not their labels, so its mIoU reads low; {fix}.')
 
 
+def _loop_end(cfg):
+    """``(by_epoch, stop, key)``: whether the training loop counts epochs, where it stops (None if
+    the config does not say) and the config key that says so."""
+    loop = cfg.get('train_cfg') or {}
+    by_epoch = loop.get('type', '') == 'EpochBasedTrainLoop' or 'max_epochs' in loop
+    name = 'max_epochs' if by_epoch else 'max_iters'
+    return by_epoch, loop.get(name), f'train_cfg.{name}'
+
+
+def _scheduler_groups(cfg):
+    """``param_scheduler`` as lists of ``(config key, scheduler config)``: one list, or one per
+    optimizer where it is a dict of them by optimizer name (mmengine's OptimWrapperDict)."""
+    spec = cfg.get('param_scheduler')
+    if not spec:
+        return []
+    if hasattr(spec, 'get') and 'type' in spec:  # a dict, not a list of them: its key has no index
+        return [[('param_scheduler', spec)]]
+    if hasattr(spec, 'items'):
+        return [[(f'param_scheduler.{name}', sub)] if hasattr(sub, 'get') else
+                [(f'param_scheduler.{name}.{i}', one) for i, one in enumerate(sub) if hasattr(one, 'get')]
+                for name, sub in spec.items() if hasattr(sub, 'get') or isinstance(sub, (list, tuple))]
+    return [[(f'param_scheduler.{i}', one) for i, one in enumerate(spec) if hasattr(one, 'get')]]
+
+
+def _step(value):
+    """``value`` if it is a step number (an int or float, not a bool), else None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _is_param_scheduler(kind):
+    """False for a type that resolves to something other than mmengine's ``_ParamScheduler``
+    (whose begin / end rule this checks); True for the others, unknown types included."""
+    from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
+    from mmengine.registry import PARAM_SCHEDULERS
+    try:
+        cls = PARAM_SCHEDULERS.get(kind) if isinstance(kind, str) else kind
+    except Exception:  # noqa: BLE001 - an unknown scope or type: the runner will say
+        return True
+    return not isinstance(cls, type) or issubclass(cls, _ParamScheduler)
+
+
+def _fit_with_warmup(group, j, stop):
+    """Overrides that fit scheduler ``j`` of ``group``, which begins at or past the end of
+    training (``stop``), and the scheduler that ends where it begins (a warm-up before a decay)
+    into the run: their boundary moves to the warm-up's share of the schedule, but at least 2
+    steps in (a LinearLR of 1 step never reaches its end factor) and at least 1 before the end.
+    ``(overrides, warm-up index)``, or None when there is no such scheduler or no room."""
+    key, sched = group[j]
+    begin, end = _step(sched.get('begin', 0)), _step(sched.get('end'))
+    by_epoch = bool(sched.get('by_epoch', True))
+    for i, (warm_key, warm) in enumerate(group):
+        warm_begin = _step(warm.get('begin', 0))
+        if i == j or bool(warm.get('by_epoch', True)) != by_epoch or warm_begin is None \
+                or _step(warm.get('end')) != begin or warm_begin >= stop:
+            continue
+        share = (begin - warm_begin) / (end - warm_begin) if end is not None and end > begin else 0
+        cut = min(max(warm_begin + round((stop - warm_begin) * share), warm_begin + 2), stop - 1)
+        if cut <= warm_begin + 1:
+            return None
+        cut = int(cut)
+        return f'{warm_key}.end={cut} {key}.begin={cut} {key}.end={stop}', i
+    return None
+
+
+def check_param_schedulers(cfg):
+    """Every ``param_scheduler`` must end past its begin (mmengine's rule; a scheduler without an
+    ``end`` ends with training, in its own unit): mmengine says so only after the runner and the
+    datasets are built, in a traceback naming neither the scheduler nor the fix. Begin and end
+    are compared in the scheduler's unit, as ``convert_to_iter_based`` scales both alike."""
+    by_epoch, stop, stop_key = _loop_end(cfg)
+    for group in _scheduler_groups(cfg):
+        for j, (key, sched) in enumerate(group):
+            own_epoch = bool(sched.get('by_epoch', True))
+            begin, end = _step(sched.get('begin', 0)), _step(sched.get('end'))
+            same_unit = own_epoch == by_epoch and _step(stop) is not None
+            unit = 'epoch' if own_epoch else 'iteration'
+            if sched.get('end') is None and same_unit:
+                end = stop
+                said = f'has no end, so mmengine ends it with training ({stop_key}) at {unit} {stop}'
+            else:
+                said = f'ends at {unit} {end}'
+            if begin is None or end is None or end > begin or not _is_param_scheduler(sched.get('type')):
+                continue
+            where = f"{key} ({sched.get('type')}) begins at {unit} {begin} and {said}"
+            if same_unit and begin >= stop:
+                fit = _fit_with_warmup(group, j, stop)
+                if fit is not None:
+                    fix = (f'--cfg-options {fit[0]} fits it and the {group[fit[1]][1].get("type")} '
+                           f'before it into this run, or train past {unit} {begin} ({stop_key}) and '
+                           'end it past that')
+                else:
+                    fix = (f"it begins {'where' if begin == stop else 'after'} training ends "
+                           f'({unit} {stop}), so it never starts and '
+                           f'any end past {begin} does: set {key}.end past {begin} (or leave out an '
+                           f'--cfg-options {key}.end that put it there), or train past {unit} {begin}')
+            else:
+                fix = f'set {key}.end past {begin}' + (
+                    f' (e.g. --cfg-options {key}.end={stop}, the end of training)'
+                    if same_unit and stop > begin else '')
+            raise ConfigError(f'{where}, not past its begin, which mmengine refuses; {fix}.')
+
+
 def warn_schedules_past_the_end(cfg):
     """Log each ``param_scheduler`` whose ``end`` lies past the training loop's end (a
     shortened ``train_cfg.max_iters`` leaves the base's schedule as it was: a poly decay that
-    never reaches its floor, a warm-up that never ends), with the override that fits it."""
-    loop = cfg.get('train_cfg') or {}
-    by_epoch = loop.get('type', '') == 'EpochBasedTrainLoop' or 'max_epochs' in loop
-    stop = loop.get('max_epochs' if by_epoch else 'max_iters')
-    schedulers = cfg.get('param_scheduler') or []
-    one = hasattr(schedulers, 'get')  # a dict, not a list of them: its key has no index
-    schedulers = [schedulers] if one else list(schedulers)
-    if stop is None:
+    never reaches its floor, a warm-up that never ends), with the override that fits it. One
+    that begins at or past the end never starts: fitting its end alone would put it at or before
+    its begin, which mmengine refuses, so the advice moves its begin with the end of the warm-up
+    before it, where the run leaves room (:func:`_fit_with_warmup`), else says it changes
+    nothing."""
+    by_epoch, stop, stop_key = _loop_end(cfg)
+    if _step(stop) is None:
         return
-    for i, sched in enumerate(schedulers):
-        end = sched.get('end')
-        if end is None or bool(sched.get('by_epoch', True)) != by_epoch or end <= stop:
-            continue
-        key = 'param_scheduler.end' if one else f'param_scheduler.{i}.end'
-        unit = 'epoch' if by_epoch else 'iteration'
-        print_log(f"param_scheduler {sched.get('type')} ends at {unit} {end}, past the end of "
-                  f"training ({unit} {stop}, train_cfg.{'max_epochs' if by_epoch else 'max_iters'}):"
-                  f' it will stop part way; --cfg-options {key}={stop} fits it to this run.',
-                  logger='current', level=logging.WARNING)
+    unit = 'epoch' if by_epoch else 'iteration'
+    for group in _scheduler_groups(cfg):
+        said, joined = {}, set()  # scheduler index -> sentence; warm-ups said with their decay
+        for j, (key, sched) in enumerate(group):
+            begin, end = _step(sched.get('begin', 0)), _step(sched.get('end'))
+            if begin is None or end is None or bool(sched.get('by_epoch', True)) != by_epoch \
+                    or end <= stop or end <= begin:  # the last: check_param_schedulers refuses it
+                continue
+            kind = sched.get('type')
+            past = (f'param_scheduler {kind} ends at {unit} {end}, past the end of training '
+                    f'({unit} {stop}, {stop_key})')
+            if begin < stop:
+                said[j] = (f'{past}: it will stop part way; --cfg-options {key}.end={stop} fits it '
+                           'to this run.')
+                continue
+            fit = _fit_with_warmup(group, j, stop)
+            starts = (f'param_scheduler {kind} begins at {unit} {begin}, '
+                      f"{'where' if begin == stop else 'after'} training ends ({unit} {stop}, "
+                      f'{stop_key}), so it never starts, and fitting its end alone would put it '
+                      'at or before its begin, which mmengine refuses')
+            if fit is not None:
+                joined.add(fit[1])
+                said[j] = (f'{starts}; --cfg-options {fit[0]} fits it and the '
+                           f'{group[fit[1]][1].get("type")} before it to this run, or train past '
+                           f'{unit} {begin}.')
+            else:
+                said[j] = (f'{starts}; in a run this short it changes nothing, so leave it as it '
+                           f'is, or train past {unit} {begin}.')
+        for j in sorted(set(said) - joined):
+            print_log(said[j], logger='current', level=logging.WARNING)
 
 
 def set_amp_wrapper(cfg):
@@ -895,6 +1016,7 @@ def train(cfg, hooks=()):
     init_scope(cfg)
     check_num_classes(cfg)
     check_model_fits(cfg)
+    check_param_schedulers(cfg)
     warn_schedules_past_the_end(cfg)
     check_amp_device(cfg)
     check_pretrained_files(cfg)

@@ -380,3 +380,140 @@ def test_own_classes_on_a_dataset_type_with_fixed_classes_name_the_type_to_use()
         'subset of) its own, (wall, building, sky, floor, ...): for a dataset of your own, replace '
         "the type too, e.g. dataset=dict(_delete_=True, type='BaseSegDataset', metainfo=dict("
         'classes=..., palette=...), ...) (mmdet: CocoDataset takes any classes).')
+
+
+def _tool_error(capsys, tool, argv):
+    """The lines ``tools/<tool>.py argv`` writes to stderr through run_tool, and its status."""
+    from reparam_mm.cli import run_tool
+    main = __import__('reparam_mm.train', fromlist=['main']).main if tool == 'train' else load_tool(tool).main
+    status = run_tool(main, argv)
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(60)
+def test_what_is_not_a_config_is_one_sentence_naming_it(tmp_path, capsys):
+    """CONFIG and CHECKPOINT swapped ended in mmengine's 'OSError: Only py/yml/yaml/json type are
+    supported now!' after 27 lines, a script in a bare RuntimeError, and a folder 'does not exist'."""
+    from reparam_mm.scope import ConfigError
+    config = str(ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py')
+    ckpt = tmp_path / 'iter_600.pth'
+    ckpt.write_bytes(b'x')
+    from PIL import Image
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    swapped = (f'error: config {ckpt} is a checkpoint, not a config: give the config file first and '
+               'the checkpoint after it (tools/test.py CONFIG CHECKPOINT; tools/train.py CONFIG '
+               '--resume CHECKPOINT).')
+    for tool, argv in (('test', [str(ckpt), config]), ('infer', [str(ckpt), config, str(tmp_path / 'a.png')]),
+                       ('train', [str(ckpt)])):
+        assert _tool_error(capsys, tool, argv) == (1, [swapped]), tool
+    for name in ('model.safetensors', 'weights.bin', 'last.ckpt'):  # missing or not, same sentence
+        with pytest.raises(ConfigError, match=rf'^config \S*{name} is a checkpoint, not a config'):
+            load_config(str(tmp_path / name))
+    assert _tool_error(capsys, 'test', [str(ROOT / 'configs/demo'), str(ckpt)]) == (1, [
+        f"error: config {ROOT / 'configs/demo'} is a folder, not a config file; pass a config file "
+        f"in it, e.g. {ROOT / 'configs/demo'}/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_1xb4-"
+        '400i_coco128-person-320.py (docs/configs.md lists them).'])
+    with pytest.raises(ConfigError, match=r'README\.md is not a config file: mmengine reads configs '
+                                          r'ending in \.py, \.json, \.yaml or \.yml; pass one'):
+        load_config(str(ROOT / 'README.md'))
+    # a script: mmengine reads a .py with imports as a lazy-import config and fails at its first call
+    with pytest.raises(ConfigError) as err:
+        load_config(str(ROOT / 'tools/demo.py'))
+    line = next(i for i, text in enumerate(open(ROOT / 'tools/demo.py'), 1)
+                if text.startswith('ROOT = '))
+    assert str(err.value) == (
+        f"config {ROOT / 'tools/demo.py'} does not read as a config: mmengine reads a .py file that "
+        f'imports modules as a lazy-import config, in which line {line} (`ROOT = Path(__file__)'
+        '.resolve().parents[1]`) cannot call what it imports; pass a config file, e.g. one under '
+        'configs/ (docs/configs.md lists them).')
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_a_real_config_names_its_file_and_line(tmp_path, capsys):
+    """A config's own mistakes keep their cause, and now name the file and the line (a syntax
+    error said '<unknown>, line 2'; a missing base, errno 2 on a path, naming no config)."""
+    from reparam_mm.scope import ConfigError
+    base = tmp_path / 'base.py'
+    base.write_text("data_root = 'data/x'\ncrop_size = (64, 64\n")
+    child = tmp_path / 'child' / 'mine.py'
+    child.parent.mkdir()
+    child.write_text("_base_ = ['../base.py']\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(child))
+    assert str(err.value) == (f"config {child} has a syntax error at line 2 of {base} (a base it "
+                              "reads): '(' was never closed (in `crop_size = (64, 64`); fix it there.")
+    assert isinstance(err.value.__cause__, SyntaxError)  # REPARAM_MM_TRACEBACK=1 shows it
+    base.write_text("data_root = 'data/x'\nnum_classes = num_class + 1\n")
+    with pytest.raises(ConfigError, match=rf"^config {child} fails at line 2 of {base} \(a base it "
+                                          r"reads\): NameError: name 'num_class' is not defined "
+                                          r'\(in `num_classes = num_class \+ 1`\); fix it there\.$'):
+        load_config(str(child))
+    child.write_text("_base_ = ['./base.py']\n")
+    assert _tool_error(capsys, 'train', [str(child)]) == (1, [
+        f"error: config {child} reads {child.parent / 'base.py'} (its _base_), which does not exist; "
+        'fix that path in _base_ (it is relative to the folder of the config that names it).'])
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"default_scope": "mmseg",')
+    with pytest.raises(ConfigError, match=rf'^config {bad} is not valid JSON \(Expecting property '
+                                          r'name enclosed in double quotes: line 1 column 27'):
+        load_config(str(bad))
+    # an error raised in code the config did not run stays what it is
+    import reparam_mm.scope as scope
+    assert scope._unreadable_config(str(child), ValueError('from elsewhere')) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_cfg_option_on_a_config_files_variable_is_refused_naming_the_keys_to_set(tmp_path, monkeypatch):
+    """--cfg-options data_root=data/nope trained on the real data without a word: the file's
+    data_root had been copied into the dataloaders when it was read."""
+    import copy
+    import re
+
+    import reparam_mm.train
+    from reparam_mm.scope import ConfigError, merge_cfg_options
+    from test_train_tools import PLAIN_DEMO
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built with the override ignored'))
+    with pytest.raises(ConfigError) as err:
+        reparam_mm.train.main([str(PLAIN_DEMO), '--cfg-options', 'data_root=data/nope'])
+    assert str(err.value) == (
+        '--cfg-options data_root=data/nope changes nothing: data_root is a variable of the config '
+        'file, copied into train_dataloader.dataset.data_root, val_dataloader.dataset.data_root and '
+        'test_dataloader.dataset.data_root when the file was read, so set those instead '
+        "(docs/datasets.md lists each dataset's): --cfg-options train_dataloader.dataset.data_root="
+        'data/nope val_dataloader.dataset.data_root=data/nope test_dataloader.dataset.data_root=data/nope.')
+    with pytest.raises(ConfigError, match=r'^--cfg-options crop_size=\[32,32\] changes nothing: .* '
+                                          r'--cfg-options model\.data_preprocessor\.size=\[32,32\]\.$'):
+        reparam_mm.train.main([str(PLAIN_DEMO), '--cfg-options', 'crop_size=[32,32]'])
+    shipped = load_config(str(PLAIN_DEMO))
+    cfg = copy.deepcopy(shipped)
+    for key, value, keys in [('max_iters', 2, 'train_cfg.max_iters=2'),
+                             ('norm_cfg.type', 'SyncBN', 'model.backbone.norm_cfg.type=SyncBN '
+                              'model.decode_head.norm_cfg.type=SyncBN '
+                              'model.auxiliary_head.norm_cfg.type=SyncBN'),
+                             ('num_classes', 6,
+                              'model.decode_head.num_classes=6 model.auxiliary_head.num_classes=6'),
+                             ('data_preprocessor.size', (32, 32), 'model.data_preprocessor.size=(32,32)'),
+                             ('train_pipeline.2.prob', 0.0, 'train_dataloader.dataset.pipeline.2.prob=0.0'),
+                             ('vis_backends.0.type', 'TensorboardVisBackend',
+                              'visualizer.vis_backends.0.type=TensorboardVisBackend')]:
+        with pytest.raises(ConfigError, match=rf'^--cfg-options {re.escape(key)}=\S+ changes nothing: '
+                                              rf'.* so set th(at|ose) instead: --cfg-options '
+                                              rf'{re.escape(keys)}\.$'):
+            merge_cfg_options(cfg, {key: value})
+    assert cfg.to_dict() == shipped.to_dict()  # nothing merged
+    # the keys the runners and the tools read are merged, as are new keys and a variable whose
+    # value the config does not hold elsewhere; crop_size is read by tools/export_onnx.py
+    options = {'work_dir': str(tmp_path), 'load_from': 'x.pth', 'resume': True, 'randomness.seed': 1,
+               'log_level': 'DEBUG', 'default_scope': 'mmseg', 'visualizer.name': 'v', 'launcher': 'none',
+               'env_cfg.cudnn_benchmark': True, 'tta_model.type': 'SegTTAModel', 'crop_size': (32, 32),
+               'custom_imports.allow_failed_imports': True, 'log_processor.window_size': 5,
+               'test_evaluator.type': 'IoUMetric', 'test_dataloader.batch_size': 1,
+               'load_from_partial': True, 'large_dw_dispatch': 'fixed', 'dataset_type_unused': 'x'}
+    merge_cfg_options(cfg, options)
+    assert cfg.work_dir == str(tmp_path) and cfg.crop_size == (32, 32) and cfg.randomness.seed == 1
+    del cfg.model['data_preprocessor']  # mmengine gives a model without one the top-level one
+    merge_cfg_options(cfg, {'data_preprocessor.size': (32, 32)})
+    assert cfg.data_preprocessor.size == (32, 32)
+    cfg.img_ratios = [0.5, 1.0]  # not copied anywhere: nothing tells it is unread, so it is merged
+    merge_cfg_options(cfg, {'img_ratios': [1.0]})

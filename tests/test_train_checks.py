@@ -367,3 +367,127 @@ def test_the_evaluation_label_count_reads_tta_batches_and_other_values():
     clean = EvalLabelValues('val_dataloader', 3, 255, 'k')
     clean.count(_samples([0, 1, 2, 255]))
     assert clean.warning() is None and clean.seen == 1
+
+
+def _mmengine_builds(schedulers, stop):
+    """Whether mmengine builds every scheduler of ``schedulers`` as the runner does (a missing
+    ``end`` set to ``stop``, the run's max_iters), on a one-parameter optimizer; else its error."""
+    import copy
+
+    import torch
+    from mmengine.optim import OptimWrapper
+    from mmengine.registry import PARAM_SCHEDULERS
+    optim = OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    try:
+        for sched in schedulers:
+            sched = copy.deepcopy(dict(sched))
+            sched.setdefault('end', stop)
+            PARAM_SCHEDULERS.build(sched, default_args=dict(optimizer=optim, epoch_length=3))
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def _advice(records):
+    return [r.getMessage().split('--cfg-options ')[1].split(' fits it')[0] for r in records
+            if '--cfg-options ' in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+def test_the_schedule_advice_for_a_run_shorter_than_the_warm_up_is_one_mmengine_takes():
+    """max_iters=2 on the demo: the advice fitted LinearLR 0..20 and PolyLR 20..600 both to end=2,
+    and mmengine refused PolyLR 20..2 after building the runner and the datasets. A scheduler
+    that begins past the end now moves its begin with the warm-up's end, where the run has room."""
+    from reparam_mm.scope import merge_cfg_options
+    from reparam_mm.train import check_param_schedulers, parse_args
+    base = load_config(str(PLAIN_DEMO))
+    init_scope(base)
+    both = 'param_scheduler.0.end=2 param_scheduler.1.begin=2 param_scheduler.1.end={}'
+    for stop, expected in ((2, ['param_scheduler.0.end=2']),  # no room for both: the poly waits
+                           (10, [both.format(10)]), (20, [both.format(20)]),
+                           (300, ['param_scheduler.1.end=300'])):  # past the warm-up: the poly's end alone
+        cfg = base.copy()
+        cfg.param_scheduler = [dict(s) for s in base.param_scheduler]
+        cfg.train_cfg = dict(base.train_cfg, max_iters=stop)
+        with mmengine_log() as records:
+            warn_schedules_past_the_end(cfg)
+        assert _advice(records) == expected, [r.getMessage() for r in records]
+        if stop == 2:
+            assert records[-1].getMessage() == (
+                'param_scheduler PolyLR begins at iteration 20, after training ends (iteration 2, '
+                'train_cfg.max_iters), so it never starts, and fitting its end alone would put it '
+                'at or before its begin, which mmengine refuses; in a run this short it changes '
+                'nothing, so leave it as it is, or train past iteration 20.')
+        merge_cfg_options(cfg, parse_args(['c.py', '--cfg-options', *expected[0].split()]).cfg_options)
+        check_param_schedulers(cfg)
+        assert _mmengine_builds(cfg.param_scheduler, stop) is True  # mmengine takes the advice
+        with mmengine_log() as records:
+            warn_schedules_past_the_end(cfg)
+        assert [r.getMessage() for r in records if '--cfg-options' in r.getMessage()] == []
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_ending_at_or_before_its_begin_is_one_sentence_before_the_runner(tmp_path, monkeypatch):
+    """The old advice applied (param_scheduler.1.end=2 on PolyLR 20..600) ended in mmengine's
+    'end should be larger than begin' traceback after the runner and datasets were built."""
+    import reparam_mm.train
+    from reparam_mm.train import check_param_schedulers
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built before the schedulers were checked'))
+    with pytest.raises(ConfigError) as err:
+        main([str(PLAIN_DEMO), '--work-dir', str(tmp_path / 'w'), '--cfg-options', 'train_cfg.max_iters=2',
+              'param_scheduler.0.end=2', 'param_scheduler.1.end=2'])
+    assert str(err.value) == (
+        'param_scheduler.1 (PolyLR) begins at iteration 20 and ends at iteration 2, not past its '
+        'begin, which mmengine refuses; it begins after training ends (iteration 2), so it never '
+        'starts and any end past 20 does: set param_scheduler.1.end past 20 (or leave out an '
+        '--cfg-options param_scheduler.1.end that put it there), or train past iteration 20.')
+    cfg = load_config(str(PLAIN_DEMO))
+    init_scope(cfg)
+    check_param_schedulers(cfg)  # as shipped
+
+    def verdict(schedulers, loop=dict(type='IterBasedTrainLoop', max_iters=10)):
+        """(our check passes, mmengine builds them) for ``schedulers`` under ``loop``."""
+        cfg.param_scheduler, cfg.train_cfg = schedulers, loop
+        try:
+            check_param_schedulers(cfg)
+            ours = True
+        except ConfigError as error:
+            ours = str(error)
+        stop = loop.get('max_epochs', loop.get('max_iters'))
+        return ours, _mmengine_builds(schedulers if isinstance(schedulers, list) else [schedulers], stop)
+
+    poly = dict(type='PolyLR', by_epoch=False, eta_min=0.0)
+    # mmengine's defaults: begin 0, end the run's (in the scheduler's unit); both taken
+    for schedulers in ([dict(poly)], [dict(poly, begin=3)], dict(poly, begin=2, end=8),
+                       [dict(type='LinearLR', start_factor=0.1, begin=0, end=2),  # by_epoch default
+                        dict(type='CosineAnnealingLR', begin=2, T_max=10, convert_to_iter_based=True)]):
+        loop = dict(max_epochs=12) if isinstance(schedulers, list) and len(schedulers) == 2 else \
+            dict(type='IterBasedTrainLoop', max_iters=10)
+        assert verdict(schedulers, loop) == (True, True)
+    # and refused as mmengine refuses them, naming the entry and the fix
+    ours, theirs = verdict([dict(poly, begin=12)])  # no end: it ends with the run, at 10
+    assert theirs.startswith('end should be larger than begin') and ours == (
+        'param_scheduler.0 (PolyLR) begins at iteration 12 and has no end, so mmengine ends it '
+        'with training (train_cfg.max_iters) at iteration 10, not past its begin, which mmengine '
+        'refuses; it begins after training ends (iteration 10), so it never starts and any end past '
+        '12 does: set param_scheduler.0.end past 12 (or leave out an --cfg-options '
+        'param_scheduler.0.end that put it there), or train past iteration 12.')
+    ours, theirs = verdict(dict(poly, begin=5, end=5))  # one dict: its key has no index
+    assert theirs.startswith('end should be larger than begin') and ours == (
+        'param_scheduler (PolyLR) begins at iteration 5 and ends at iteration 5, not past its begin, '
+        'which mmengine refuses; set param_scheduler.end past 5 (e.g. --cfg-options '
+        'param_scheduler.end=10, the end of training).')
+    ours, theirs = verdict([dict(type='LinearLR', start_factor=0.1, begin=0, end=2),
+                            dict(type='CosineAnnealingLR', begin=4, end=3, T_max=10,
+                                 convert_to_iter_based=True)], dict(max_epochs=12))
+    assert theirs.startswith('end should be larger than begin') and ours.startswith(
+        'param_scheduler.1 (CosineAnnealingLR) begins at epoch 4 and ends at epoch 3, not past its '
+        'begin, which mmengine refuses; set param_scheduler.1.end past 4 (e.g. --cfg-options '
+        'param_scheduler.1.end=12, the end of training).')
+    ours, theirs = verdict([dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
+                            dict(poly, begin=20, end=8)])  # a warm-up before it, room to fit both
+    assert theirs.startswith('end should be larger than begin') and ours.endswith(
+        '; --cfg-options param_scheduler.0.end=2 param_scheduler.1.begin=2 param_scheduler.1.end=10 '
+        'fits it and the LinearLR before it into this run, or train past iteration 20 '
+        '(train_cfg.max_iters) and end it past that.')
