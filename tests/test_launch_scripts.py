@@ -44,10 +44,22 @@ def _inputs(folder):
         (folder / name).write_text('')
 
 
+def _launch_recorded(tmp_path, script, argv):
+    """``tools/script argv`` run in ``tmp_path`` with stubs for srun and the interpreter that
+    record their calls in ``tmp_path/record.txt``."""
+    _stub(tmp_path / 'bin/srun', SRUN)
+    _stub(tmp_path / 'bin/python', RECORDER)
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
+               RECORD=str(tmp_path / 'record.txt'), PYTHON=str(tmp_path / 'bin/python'))
+    return subprocess.run(['bash', str(ROOT / 'tools' / script), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
 def _run(tmp_path, script, with_venv, python=None):
     checkout = tmp_path / 'checkout'
     (checkout / 'tools').mkdir(parents=True)
-    shutil.copy(ROOT / 'tools' / script, checkout / 'tools' / script)
+    for name in (script, 'launch_checks.sh'):
+        shutil.copy(ROOT / 'tools' / name, checkout / 'tools' / name)
     if with_venv:
         _stub(checkout / '.venv/bin/python', RECORDER)
     _stub(tmp_path / 'bin/python', RECORDER)
@@ -99,12 +111,7 @@ def test_python_set_by_the_user_wins(tmp_path, script):
 def test_missing_arguments_print_the_usage_and_launch_nothing(tmp_path, script, argv):
     """torchrun's 'Unsupported nproc_per_node value' traceback, or an srun with empty values
     (slurm_test.sh without a checkpoint launched test.py anyway)."""
-    _stub(tmp_path / 'bin/srun', SRUN)
-    _stub(tmp_path / 'bin/python', RECORDER)
-    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
-               RECORD=str(tmp_path / 'record.txt'), PYTHON=str(tmp_path / 'bin/python'))
-    proc = subprocess.run(['bash', str(ROOT / 'tools' / script), *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = _launch_recorded(tmp_path, script, argv)
     assert proc.returncode == 2 and proc.stderr.startswith('error: usage: '), proc.stderr
     assert f'tools/{script} ' in proc.stderr.splitlines()[0]
     assert not (tmp_path / 'record.txt').exists()  # nothing ran
@@ -157,7 +164,8 @@ CHECKPOINT_MISSING = ('error: checkpoint {} does not exist; pass the .pth file w
     ('dist_train.sh', ['configs/nope.py', '2'], CONFIG_MISSING.format('configs/nope.py')),
     ('dist_test.sh', ['configs/nope.py', 'ckpt.pth', '2'], CONFIG_MISSING.format('configs/nope.py')),
     ('dist_test.sh', ['configs/x.py', 'nope.pth', '2'], CHECKPOINT_MISSING.format('nope.pth')),
-    ('dist_train.sh', ['configs', '2'], CONFIG_MISSING.format('configs')),  # a folder is no config
+    ('dist_train.sh', ['configs', '2'], 'error: config configs is a folder, not a config file; pass '
+                                         'a config file in it (docs/configs.md lists them).'),
     ('slurm_train.sh', ['P', 'j', 'nope.py'], CONFIG_MISSING.format('nope.py')),
     ('slurm_test.sh', ['P', 'j', 'nope.py', 'ckpt.pth'], CONFIG_MISSING.format('nope.py')),
     ('slurm_test.sh', ['P', 'j', 'c.py', 'nope.pth'], CHECKPOINT_MISSING.format('nope.pth')),
@@ -169,12 +177,7 @@ def test_a_missing_config_or_checkpoint_is_one_line_before_anything_is_launched(
     ChildFailedError report and its 'Root Cause' block buried it; the scripts check the files as
     tools/train.py and tools/test.py would (same sentence), before torchrun or srun."""
     _inputs(tmp_path)
-    _stub(tmp_path / 'bin/srun', SRUN)
-    _stub(tmp_path / 'bin/python', RECORDER)
-    env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}/usr/bin{os.pathsep}/bin',
-               RECORD=str(tmp_path / 'record.txt'), PYTHON=str(tmp_path / 'bin/python'))
-    proc = subprocess.run(['bash', str(ROOT / 'tools' / script), *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = _launch_recorded(tmp_path, script, argv)
     assert (proc.returncode, proc.stderr, proc.stdout) == (1, said + '\n', ''), proc.stderr
     assert not (tmp_path / 'record.txt').exists()  # neither torchrun nor srun ran
 

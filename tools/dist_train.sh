@@ -20,10 +20,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 # a missing file: every process printed the error, buried under torchrun's 40-line ChildFailedError
-if [ ! -f "$CONFIG" ]; then
-    echo "error: config $CONFIG does not exist; pass the path of a config file, e.g. one under configs/ (docs/configs.md lists them)." >&2
-    exit 1
-fi
+source "$(dirname "$0")/launch_checks.sh"
+require_config "$CONFIG"
 
 # torchrun's rendezvous port: a busy one ended in a 40-line EADDRINUSE traceback
 if [ "$NODE_RANK" = 0 ] && ! $PYTHON -c "import socket as s, sys; k = s.socket(); k.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1); k.bind(('', int(sys.argv[1])))" "$PORT" 2>/dev/null; then

@@ -11,14 +11,9 @@ if ! command -v srun > /dev/null; then
 fi
 
 # a missing file: said here, not by every task of a queued job
-if [ ! -f "$3" ]; then
-    echo "error: config $3 does not exist; pass the path of a config file, e.g. one under configs/ (docs/configs.md lists them)." >&2
-    exit 1
-fi
-if [[ "$4" != *://* ]] && [ ! -e "$4" ]; then  # a URL is fetched by the tool
-    echo "error: checkpoint $4 does not exist; pass the .pth file written by training (work_dirs/...) or by tools/fuse.py." >&2
-    exit 1
-fi
+source "$(dirname "$0")/launch_checks.sh"
+require_config "$3"
+require_checkpoint "$4"
 
 set -x
 

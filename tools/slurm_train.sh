@@ -11,10 +11,8 @@ if ! command -v srun > /dev/null; then
 fi
 
 # a missing file: said here, not by every task of a queued job
-if [ ! -f "$3" ]; then
-    echo "error: config $3 does not exist; pass the path of a config file, e.g. one under configs/ (docs/configs.md lists them)." >&2
-    exit 1
-fi
+source "$(dirname "$0")/launch_checks.sh"
+require_config "$3"
 
 set -x
 
