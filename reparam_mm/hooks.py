@@ -20,7 +20,8 @@
   (``mode='tensor'``: segmentation logits, raw detection head outputs); the
   max abs / relative difference is logged, above ``tolerance`` loudly (under
   TTA: the wrapped models on the first augmented view). A model with nothing to fuse (a
-  deploy pair from ``tools/fuse.py``) is said to be in its deploy form and not compared.
+  deploy pair from ``tools/fuse.py``) is said to be in its deploy form, and its evaluated copy
+  (heads in their timed layouts) is compared with the model as loaded.
 
 Priority ``LOW``: after ``EMAHook`` (NORMAL) has swapped in the EMA weights,
 so the EMA model is what gets fused, and before ``CheckpointHook``
@@ -135,17 +136,21 @@ class FusedEvalHook(Hook):
                 runner.model = fused
 
     def _after_fuse(self, stage):
-        """Log the fuse report; a model with nothing to fuse is not compared with itself."""
+        """Log the fuse report. A model with nothing to fuse (a deploy pair) is still checked: its
+        evaluated copy's neck and heads may run in other layouts (head_layout), so the check
+        compares that copy with the model as loaded, and says so rather than 'fused vs unfused'."""
         if self.last_report.total:
             print_log(f'FusedEvalHook: {stage} on the fused model: {self.last_report}', logger='current')
             return
-        # the criterion tools/infer.py uses (inference.py): a deploy pair has nothing left to fuse
-        # and no unfused form to compare with; comparing the model with itself said nothing
-        self._reference, self.last_check, self.last_amp_check = None, None, None
-        print_log(f'FusedEvalHook: {stage} the model as it is: it is already in its deploy form '
-                  '(nothing to fuse: a deploy pair from tools/fuse.py, or no re-parameterisable '
-                  f'layer), so there is no fused vs unfused comparison; parameters '
-                  f'{self.last_report.params_after:,}.', logger='current')
+        print_log(f'FusedEvalHook: {stage} the model as it is: nothing to fuse (already in its '
+                  'deploy form, as a deploy pair from tools/fuse.py, or no re-parameterisable layer); '
+                  'the first batch compares it, its neck and heads in the layouts timed for '
+                  f'evaluation, with the model as loaded; parameters {self.last_report.params_after:,}.',
+                  logger='current')
+
+    def _compared(self):
+        """What the check compares, in the log's words."""
+        return 'fused vs unfused' if self.last_report.total else 'evaluated vs loaded'
 
     def before_val_epoch(self, runner) -> None:
         share_buffers_of_rank0(runner.model)
@@ -202,11 +207,13 @@ class FusedEvalHook(Hook):
             return
         result, full, proposals = compared
         self.last_check = result
-        msg = check_summary(result)
+        msg = check_summary(result, self._compared())
         if within_tolerance(result, self.tolerance):
             print_log(f'FusedEvalHook: {msg} (tolerance {self.tolerance:.0e}).', logger='current')
         else:
-            print_log('!' * 79 + f'\nFusedEvalHook: FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE: {msg}'
+            what = ('FUSED MODEL DOES NOT REPRODUCE THE UNFUSED ONE' if self.last_report.total
+                    else 'THE EVALUATED MODEL DOES NOT REPRODUCE THE MODEL AS LOADED')
+            print_log('!' * 79 + f'\nFusedEvalHook: {what}: {msg}'
                       + ('' if result['same_structure'] else ' (different number or shapes of outputs)')
                       + f', above the tolerance {self.tolerance:.0e}. The metrics below are NOT those '
                       'of the trained model; check the fuse method of the fused layers (to_fused, '
@@ -240,7 +247,7 @@ class FusedEvalHook(Hook):
         result['limit'] = limit
         self.last_amp_check = result
         ok = result['same_structure'] and result['mean_rel'] <= limit
-        print_log(f"FusedEvalHook: fused vs unfused outputs under {name} autocast: mean rel diff "
+        print_log(f"FusedEvalHook: {self._compared()} outputs under {name} autocast: mean rel diff "
                   f"{result['mean_rel']:.3e} (max {result['max_rel']:.1e}), "
                   f"{'within' if ok else 'ABOVE'} the limit {limit:.1e} (the {name} tolerance "
                   f"{self.amp_tolerance:.0e}, or twice what {name} alone moves the unfused "

@@ -144,7 +144,8 @@ def within_tolerance(result, tolerance) -> bool:
     return result['same_structure'] and result['max_rel'] <= tolerance
 
 
-def check_summary(result) -> str:
-    """The log's words for a fused vs unfused :func:`compare_outputs` result on a first batch."""
-    return (f"fused vs unfused outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
+def check_summary(result, compared='fused vs unfused') -> str:
+    """The log's words for a :func:`compare_outputs` result on a first batch (``compared``: the two
+    models compared, fused vs unfused unless said)."""
+    return (f"{compared} outputs on the first batch: max abs diff {result['max_abs']:.3e}, "
             f"max rel diff {result['max_rel']:.3e} over {result['num_tensors']} tensor(s)")

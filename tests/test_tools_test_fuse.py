@@ -287,10 +287,11 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
     unfused = run_test(cfg, ckpt, fuse=False, work_dir=str(tmp_path / 'wu'))
     with mmengine_log() as records:
         assert run_test(dcfg, dckpt, work_dir=str(tmp_path / 'wd')) == unfused
-    # nothing to fuse: said so, and not compared with itself (as tools/infer.py)
+    # nothing to fuse: said so, and checked as evaluated vs loaded, not 'fused vs unfused'
     said = [r.getMessage() for r in records if r.getMessage().startswith('FusedEvalHook')]
-    assert len(said) == 1 and said[0].startswith(
-        'FusedEvalHook: testing the model as it is: it is already in its deploy form'), said
+    assert len(said) == 2 and said[0].startswith(
+        'FusedEvalHook: testing the model as it is: nothing to fuse (already in its deploy form'), said
+    assert said[1].startswith('FusedEvalHook: evaluated vs loaded outputs on the first batch'), said
     # crossing the pairs is an error naming the keys, never a partial load
     with pytest.raises(CheckpointMismatchError, match=r'missing keys \(.*deploy config written beside it'):
         run_test(cfg, dckpt, work_dir=str(tmp_path / 'x1'))

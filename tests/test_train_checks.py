@@ -27,7 +27,7 @@ def test_validation_stays_fused_when_the_config_replaces_custom_hooks(tmp_path):
     with mmengine_log() as records:
         runner = main([cfg, '--work-dir', str(tmp_path / 'a')])
     hooks = _fused_eval_hooks(runner)
-    assert len(hooks) == 1 and hooks[0].last_report is not None  # it validated a fused copy
+    assert len(hooks) == 1 and hooks[0].last_check is not None  # it validated a fused copy
     assert any(r.getMessage().startswith('validation runs on a fused copy: FusedEvalHook added')
                for r in records)
     runner = main([cfg, '--work-dir', str(tmp_path / 'b'), '--no-fuse'])
