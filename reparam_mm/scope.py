@@ -91,11 +91,13 @@ READ_KEYS = frozenset({
 
 
 def _plain(value):
-    """``value`` with tuples as lists, for comparing parsed config values."""
+    """``value`` with tuples as lists and without ``_scope_`` keys, for comparing parsed config
+    values: mmengine adds ``_scope_='mmseg'`` to the top-level dicts of an ``mmseg::`` base (its
+    ``norm_cfg``, ``vis_backends``), not to the copies the base made of them."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items() if k != '_scope_'}
     return value
 
 
@@ -113,6 +115,23 @@ def _copies(node, value, path, name):
     elif isinstance(node, (list, tuple)):
         for i, child in enumerate(node):
             yield from _copies(child, value, f'{path}.{i}', name)
+
+
+def _starts_with(node, prefix, path):
+    """``(key, rest)`` for each string under ``node`` (at ``path``) that is the path ``prefix``
+    followed by more of it (``data_root + 'annotations/instances_val2017.json'``), ``rest`` being
+    what follows the prefix, without the ``/`` between them."""
+    if isinstance(node, str):
+        if prefix.endswith('/') and node.startswith(prefix) and node != prefix:
+            yield path, node[len(prefix):]
+        elif not prefix.endswith('/') and node.startswith(prefix + '/'):
+            yield path, node[len(prefix) + 1:]
+    elif isinstance(node, dict):
+        for key, child in node.items():
+            yield from _starts_with(child, prefix, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, child in enumerate(node):
+            yield from _starts_with(child, prefix, f'{path}.{i}')
 
 
 def _is_read(cfg, top, unread=()):
@@ -134,27 +153,67 @@ def _cli_value(value):
     return str(value)
 
 
-def _unread_variable(cfg, key, value, unread=()):
-    """The sentence for ``--cfg-options key=value`` when ``key`` sets a top-level variable of the
-    config file (one nothing reads, whose value is found copied elsewhere in the config), else
-    None: the copies keep the value the file gave them, so the override changes nothing."""
+def _variable_copies(cfg, key, value, unread=()):
+    """``(top, copies)`` when ``key`` sets a top-level variable of the config file (one nothing
+    reads) whose value is found copied elsewhere in the config, else None. ``copies``: ``(key,
+    value, whole)`` for each key to set instead: ``key`` below a copy (``value`` as given, whole
+    True), and for a path variable set whole (``data_root=...``) each string that starts with its
+    old value too (COCO's ``val_evaluator.ann_file``), the new value in place of the old (whole
+    False)."""
     top, _, rest = key.partition('.')
     if top not in cfg or _is_read(cfg, top, unread):
         return None
     old = _plain(cfg[top])
-    copies = [path for name in cfg.keys() if name != top and _is_read(cfg, name, unread)
-              for path in _copies(cfg[name], old, name, top)]
-    if not copies:
+    read = [name for name in cfg.keys() if name != top and _is_read(cfg, name, unread)]
+    suffix = f'.{rest}' if rest else ''
+    copies = [(path + suffix, value, True)
+              for name in read for path in _copies(cfg[name], old, name, top)]
+    if copies and not rest and isinstance(old, str) and old.strip('/'):
+        copies += [(path, str(value).rstrip('/') + '/' + tail, False) for name in read
+                   for path, tail in _starts_with(cfg[name], old, name)]
+    return (top, copies) if copies else None
+
+
+def _unread_variable(cfg, key, value, unread=()):
+    """The sentence for ``--cfg-options key=value`` when ``key`` sets a top-level variable of the
+    config file (one nothing reads, whose value is found copied elsewhere in the config), else
+    None: the copies keep the value the file gave them, so the override changes nothing. The
+    command it ends with sets every copy, however many."""
+    found = _variable_copies(cfg, key, value, unread)
+    if found is None:
         return None
-    suffix, shown = (f'.{rest}' if rest else ''), _cli_value(value)
-    listed = copies[:6]
-    more = f' (and {len(copies) - 6} more)' if len(copies) > 6 else ''
-    where = ', '.join(listed[:-1]) + ' and ' + listed[-1] if len(listed) > 1 else listed[0]
-    docs = " (docs/datasets.md lists each dataset's)" if top == 'data_root' else ''
-    return (f'--cfg-options {key}={shown} changes nothing: {top} is a variable of the config file, '
-            f'copied into {where}{more} when the file was read, so set '
+    top, copies = found
+
+    def listed(paths):
+        return ', '.join(paths[:-1]) + ' and ' + paths[-1] if len(paths) > 1 else paths[0]
+
+    if len(copies) > 6:  # the command names them all
+        where = f'into {len(copies)} keys'
+    else:
+        exact = [path for path, _, whole in copies if whole]
+        started = [path for path, _, whole in copies if not whole]
+        where = ', and '.join(filter(None, (exact and f'into {listed(exact)}',
+                                            started and f'to the start of {listed(started)}')))
+    rest = key.partition('.')[2]
+    below_none = bool(rest) and cfg[top] is None  # keys set below None: mmengine needs _delete_
+
+    def item(path, new, whole):
+        set_it = f'{path}={_cli_value(new)}'
+        return f'{path[:-len(rest) - 1]}._delete_=True {set_it}' if whole and below_none else set_it
+
+    docs = (" (docs/datasets.md lists each dataset's)" if top == 'data_root' else
+            ' (with _delete_=True, which lets mmengine put keys where the file has None)'
+            if below_none else '')
+    return (f'--cfg-options {key}={_cli_value(value)} changes nothing: {top} is a variable of the '
+            f'config file, copied {where} when the file was read, so set '
             f"{'those' if len(copies) > 1 else 'that'} instead{docs}: --cfg-options "
-            + ' '.join(f'{path}{suffix}={shown}' for path in listed) + f'{more}.')
+            + ' '.join(item(*copy) for copy in copies) + '.')
+
+
+def _sets(options, key):
+    """Whether ``options`` sets ``key``, or a key above it."""
+    parts = key.split('.')
+    return any('.'.join(parts[:i]) in options for i in range(1, len(parts) + 1))
 
 
 def merge_cfg_options(cfg, options, unread=()):
@@ -162,9 +221,9 @@ def merge_cfg_options(cfg, options, unread=()):
     that looks like a misspelling of one the config has (mmengine would add it and the run
     would fail pages later with a ``TypeError`` naming a class, or silently ignore it), and a
     top-level variable of the config file (``data_root=...``: its value was copied into the
-    dataloaders when the file was read, so the run would use the old one without a word).
-    ``unread``: keys of :data:`READ_KEYS` the calling tool does not read (``crop_size`` in
-    training)."""
+    dataloaders when the file was read, so the run would use the old one without a word), unless
+    the same options set each of its copies too. ``unread``: keys of :data:`READ_KEYS` the
+    calling tool does not read (``crop_size`` in training)."""
     for key, value in (options or {}).items():
         miss = _near_miss(cfg, key)
         if miss is not None:
@@ -172,9 +231,9 @@ def merge_cfg_options(cfg, options, unread=()):
                 f'--cfg-options {key}: the config has no {miss[0]}, but has {miss[1]}; fix the '
                 'spelling (a new key that is meant so goes into a config file that inherits '
                 'this one).')
-        unused = _unread_variable(cfg, key, value, unread)
-        if unused is not None:
-            raise ConfigError(unused)
+        found = _variable_copies(cfg, key, value, unread)
+        if found is not None and not all(_sets(options, path) for path, _, _ in found[1]):
+            raise ConfigError(_unread_variable(cfg, key, value, unread))
     if options:
         cfg.merge_from_dict(options)
     return cfg
@@ -237,6 +296,50 @@ def _parsed_file(error):
     return found
 
 
+def _frames(error):
+    """The frames of ``error``'s traceback, outermost first."""
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def _raised_by_parser(error, leaf):
+    """Whether ``error`` was raised by mmengine's config parser itself, reading the config or its
+    ``_base_`` files: from its first frame on, the traceback is in the parser, but for innermost
+    frames of a file ending in ``leaf`` (Python's ``ast.py``, mmengine's ``utils/path.py``); not
+    by a module of ``custom_imports`` (importlib's frames, then the module's) or by the config's
+    own code."""
+    codes = [frame.f_code for frame in _frames(error)]
+    start = next((i for i, code in enumerate(codes) if _in_config_parser(code)), len(codes))
+    inner = codes[start:]
+    while inner and inner[-1].co_filename.replace('\\', '/').endswith(leaf):
+        inner.pop()
+    return bool(inner) and all(_in_config_parser(code) for code in inner)
+
+
+def _missing_base(config, error):
+    """The sentence for a ``FileNotFoundError`` mmengine's parser raised for a ``_base_`` file of
+    ``config`` that does not exist (``open`` of a relative base, ``check_file_exist`` of a JSON
+    or YAML one or of an ``mmseg::`` one), else None."""
+    if not isinstance(error, FileNotFoundError) or \
+            not _raised_by_parser(error, 'mmengine/utils/path.py'):
+        return None
+    named = re.fullmatch(r'file "(.*)" does not exist', str(error))
+    path = error.filename or (named and named.group(1))
+    if not path or os.path.abspath(path) == os.path.abspath(config):
+        return None
+    scope = next((f.f_locals.get('scope') for f in _frames(error)
+                  if f.f_code.co_name == '_get_cfg_path'), None)
+    if isinstance(scope, str):  # an ``mmseg::`` base: a file of the installed package
+        named = os.path.normpath(path).replace('\\', '/').rpartition('/.mim/configs/')[2]
+        return (f'config {config} reads {scope}::{named} (its _base_), which the installed {scope} '
+                f'does not have ({os.path.normpath(path)} does not exist); fix that path in _base_.')
+    return (f'config {config} reads {os.path.normpath(path)} (its _base_), which does not exist; '
+            'fix that path in _base_ (it is relative to the folder of the config that names it).')
+
+
 def _source(file, line):
     import linecache
     text = ' '.join(linecache.getline(file, line).split())
@@ -257,18 +360,16 @@ def _unreadable_config(config, error):
         same = os.path.abspath(file) == os.path.abspath(config)
         return f'line {line}' + ('' if same else f' of {os.path.normpath(file)} (a base it reads)')
 
-    if isinstance(error, SyntaxError):
+    if isinstance(error, SyntaxError) and _raised_by_parser(error, '/ast.py'):
         file = error.filename if error.filename and os.path.isfile(error.filename) else \
             _parsed_file(error) or config
         code = f' (in `{_source(file, error.lineno)}`)' if error.lineno else ''
         return (f'config {config} has a syntax error at {where(file, error.lineno)}: '
                 f'{error.msg}{code}; fix it there.')
+    missing = _missing_base(config, error)
+    if missing is not None:
+        return missing
     line = _config_line(error)
-    if isinstance(error, FileNotFoundError) and error.filename and line is None \
-            and os.path.abspath(error.filename) != os.path.abspath(config):  # not the code's own
-        return (f'config {config} reads {os.path.normpath(error.filename)} (its _base_), which '
-                'does not exist; fix that path in _base_ (it is relative to the folder of the '
-                'config that names it).')
     if isinstance(error, ConfigParsingError):
         return f'config {config} does not read as a config: {_one_line(error)}'
     if isinstance(error, json.JSONDecodeError):
@@ -279,10 +380,7 @@ def _unreadable_config(config, error):
                 f'at line {mark.line + 1}, column {mark.column + 1}); fix it there.')
     if line is None:
         return None
-    frames, tb = [], error.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code)
-        tb = tb.tb_next
+    frames = [frame.f_code for frame in _frames(error)]
     if type(error) is RuntimeError and not error.args and frames[-1].co_filename.replace(
             '\\', '/').endswith('mmengine/config/lazy.py'):  # an imported name called
         return (f'config {config} does not read as a config: mmengine reads a .py file that '
@@ -294,14 +392,64 @@ def _unreadable_config(config, error):
             f'{": " + said if said else ""} (in `{_source(*line)}`); fix it there.')
 
 
-def _a_config_in(folder):
-    """The path of a config file under ``folder`` (not a ``_base_``), or None."""
-    for top, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(('_', '.')))
-        for name in sorted(files):
-            if name.endswith(CONFIG_SUFFIXES) and not name.startswith(('_', '.')):
-                return os.path.join(top, name)
-    return None
+#: what a config's text has at the start of a line (a script's ``model = init_model(...)`` is not
+#: a ``dict(``)
+_CONFIG_TEXT = re.compile(r'^(_base_\s*=|model\s*=\s*dict\()', re.M)
+
+
+def _a_config_in(folder, entries=2000, depth=3, reads=8):
+    """The path of a config file under ``folder`` (a ``.py`` file, not in a ``_base_``, whose text
+    sets ``_base_`` or ``model = dict(...)``), or None: a ``configs`` folder is looked in first,
+    and the search stops after ``entries`` names listed (a dataset's folders), ``depth`` folders
+    down or ``reads`` files read (a folder of scripts)."""
+    budget = dict(entries=entries, reads=reads)
+
+    class Spent(Exception):
+        pass
+
+    def names(path):
+        found = []
+        with os.scandir(path) as listing:
+            for entry in listing:
+                budget['entries'] -= 1
+                if budget['entries'] < 0:
+                    raise Spent
+                if not entry.name.startswith(('_', '.')):
+                    found.append((entry.name, entry.is_dir()))
+        return sorted(found)
+
+    def is_config(path):
+        if budget['reads'] <= 0:
+            raise Spent
+        budget['reads'] -= 1
+        try:
+            with open(path, encoding='utf-8', errors='replace') as f:
+                return _CONFIG_TEXT.search(f.read(1 << 16)) is not None
+        except OSError:
+            return False
+
+    def search(path, level):
+        try:
+            listed = names(path)
+        except OSError:
+            return None
+        for name, is_dir in listed:
+            if not is_dir and name.endswith('.py') and is_config(os.path.join(path, name)):
+                return os.path.join(path, name)
+        if level < depth:
+            folders = sorted((name != 'configs', name) for name, is_dir in listed if is_dir)
+            for _, name in folders:
+                found = search(os.path.join(path, name), level + 1)
+                if found:
+                    return found
+        return None
+
+    if '_base_' in os.path.abspath(folder).replace('\\', '/').split('/'):
+        return None  # what is in it is read by configs, not run
+    try:
+        return search(folder, 0)
+    except Spent:
+        return None
 
 
 def load_config(config):

@@ -517,3 +517,263 @@ def test_a_cfg_option_on_a_config_files_variable_is_refused_naming_the_keys_to_s
     assert cfg.data_preprocessor.size == (32, 32)
     cfg.img_ratios = [0.5, 1.0]  # not copied anywhere: nothing tells it is unread, so it is merged
     merge_cfg_options(cfg, {'img_ratios': [1.0]})
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_a_module_of_custom_imports_stays_what_it_is(tmp_path, monkeypatch):
+    """A module of custom_imports opening a missing file was said to be a missing _base_ of the
+    config ('fix that path in _base_'), and one with a syntax error 'a base it reads'."""
+    from reparam_mm.scope import ConfigError
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / 'opens_missing_labels.py').write_text("open('/nonexistent/labels.txt')\n")
+    (tmp_path / 'has_a_syntax_error.py').write_text('x = (1,\n')
+    for module, error in (('opens_missing_labels', FileNotFoundError), ('has_a_syntax_error', SyntaxError)):
+        config = tmp_path / f'imports_{module}.py'
+        config.write_text(f"custom_imports = dict(imports=['{module}'], allow_failed_imports=False)\n"
+                          "default_scope = 'mmseg'\n")
+        with pytest.raises(error) as err:
+            load_config(str(config))
+        assert not isinstance(err.value, ConfigError) and err.value.__cause__ is None, err.value
+        assert (err.value.filename == '/nonexistent/labels.txt' if error is FileNotFoundError
+                else err.value.filename == str(tmp_path / 'has_a_syntax_error.py'))
+    # the config's and its bases' own errors keep their sentences, missing JSON and mmseg:: bases
+    # included (mmengine's 'file "..." does not exist' named no config)
+    child = tmp_path / 'child.py'
+    child.write_text("_base_ = ['./nothing_here.json']\n")
+    with pytest.raises(ConfigError, match=rf"^config {child} reads {tmp_path}/nothing_here\.json "
+                                          r'\(its _base_\), which does not exist; fix that path'):
+        load_config(str(child))
+    child.write_text("_base_ = ['mmseg::_base_/datasets/no_such_set.py']\n")
+    with pytest.raises(ConfigError, match=rf'^config {child} reads mmseg::_base_/datasets/no_such_set'
+                                          r'\.py \(its _base_\), which the installed mmseg does not '
+                                          r'have \(\S+/no_such_set\.py does not exist\); fix that '
+                                          r'path in _base_\.$'):
+        load_config(str(child))
+    child.write_text('x = (1,\n')
+    with pytest.raises(ConfigError, match=rf"^config {child} has a syntax error at line 1: '\(' was "
+                                          r'never closed \(in `x = \(1,`\); fix it there\.$'):
+        load_config(str(child))
+
+
+@pytest.fixture(scope='module')
+def shipped_configs():
+    """``load(rel)``: a copy of ``configs/<rel>`` as load_config reads it, each file read once per
+    module; mmengine's YAML reads of mmseg's / mmdet's metafiles (for each ``mmdet::`` config it
+    resolves) are cached meanwhile, as tests/test_configs.py does."""
+    import copy
+    import functools
+
+    import mmengine.config.utils as cfg_utils
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cfg_utils, 'load', functools.lru_cache(maxsize=None)(cfg_utils.load))
+        read = functools.lru_cache(maxsize=None)(lambda rel: load_config(str(ROOT / 'configs' / rel)))
+        yield lambda rel: copy.deepcopy(read(rel))
+
+
+def _refusal(cfg, options, unread=('crop_size', )):
+    """The sentence merge_cfg_options refuses ``options`` with on a copy of ``cfg``, or None."""
+    import copy
+
+    from reparam_mm.scope import ConfigError, merge_cfg_options
+    try:
+        merge_cfg_options(copy.deepcopy(cfg), options, unread)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def _advice(message):
+    """The ``--cfg-options`` items a refusal ends with, as the shell passes them."""
+    import shlex
+    return shlex.split(message.rsplit(': --cfg-options ', 1)[1].removesuffix('.'))
+
+
+REPLKNET_ADE = 'replknet/upernet_replknet-31b-in1k-pre_64xb2-40k_ade20k-512x512.py'
+
+
+@pytest.mark.timeout(120)
+def test_a_variable_of_an_mmseg_base_is_refused_too(shipped_configs):
+    """mmengine gives the top-level dicts of an mmseg:: base (vis_backends, norm_cfg) a _scope_ key
+    that their copies lack, so the override was taken and changed nothing."""
+    cfg = shipped_configs(REPLKNET_ADE)
+    assert cfg.vis_backends[0]._scope_ == 'mmseg'  # what hid the copies
+    assert _refusal(cfg, {'vis_backends.0.type': 'TensorboardVisBackend'}) == (
+        '--cfg-options vis_backends.0.type=TensorboardVisBackend changes nothing: vis_backends is a '
+        'variable of the config file, copied into visualizer.vis_backends.0.type when the file was '
+        'read, so set that instead: --cfg-options visualizer.vis_backends.0.type=TensorboardVisBackend.')
+    assert _refusal(cfg, {'norm_cfg.type': 'BN'}).endswith(
+        ': --cfg-options model.backbone.norm_cfg.type=BN model.decode_head.norm_cfg.type=BN '
+        'model.auxiliary_head.norm_cfg.type=BN.')
+
+
+@pytest.mark.timeout(300)
+def test_everyday_cfg_options_pass_and_each_refusals_advice_is_taken_on_every_config(shipped_configs):
+    """On every config mmseg / mmdet read here (configs/mmpretrain needs mmpretrain): the options
+    a user sets every day are merged, and for each variable of the file that is refused, the
+    command the refusal prints, with the variable, is taken and sets every copy."""
+    import collections
+
+    from reparam_mm.scope import _variable_copies, merge_cfg_options
+    from reparam_mm.train import parse_args
+    configs = sorted(p.relative_to(ROOT / 'configs').as_posix() for p in (ROOT / 'configs').rglob('*.py')
+                     if not {'_base_', 'mmpretrain'} & set(p.parts))
+    assert len(configs) > 40
+    refused = collections.defaultdict(set)  # variable: the configs that refused it
+    for rel in configs:
+        cfg = shipped_configs(rel)
+        everyday = {
+            'load_from': 'x.pth', 'resume': True, 'work_dir': 'work_dirs/x', 'randomness.seed': 1,
+            'env_cfg.cudnn_benchmark': True, 'visualizer.vis_backends.0.type': 'TensorboardVisBackend',
+            'default_hooks.checkpoint.interval': 100, 'auto_scale_lr.enable': True,
+            'model.backbone.drop_path_rate': 0.1, 'train_dataloader.batch_size': 1,
+            'optim_wrapper.optimizer.lr': 1e-4, 'custom_imports.imports': ['reparam_mm'],
+            'param_scheduler.0.end' if isinstance(cfg.param_scheduler, list) else 'param_scheduler.end': 10,
+            'tta_model.type': 'SegTTAModel' if cfg.default_scope == 'mmseg' else 'DetTTAModel'}
+        for key, value in everyday.items():
+            assert _refusal(cfg, {key: value}) is None, (rel, key)
+        for top in cfg.keys():
+            value = cfg[top]  # a new value of its kind, set where the option reaches it
+            key, new = ((f'{top}.type', 'New') if isinstance(value, dict) and 'type' in value else
+                        (f'{top}.0.type', 'New') if isinstance(value, list) and value
+                        and isinstance(value[0], dict) and 'type' in value[0] else
+                        (top, '/new/root') if isinstance(value, str) or value is None else (None, None))
+            found = key and _variable_copies(cfg, key, new, ('crop_size', ))
+            if not found:
+                continue
+            message = _refusal(cfg, {key: new})
+            assert message and 'more)' not in message, (rel, key)
+            refused[top].add(rel)
+            options = parse_args(['c.py', '--cfg-options', f'{key}={new}', *_advice(message)]).cfg_options
+            merged = merge_cfg_options(shipped_configs(rel), options, ('crop_size', ))
+            for path, expected, _ in found[1]:
+                node = merged
+                for part in path.split('.'):
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                assert node == expected, (rel, path)
+    # what the sweep reached: vis_backends of every config, those an mmseg:: or mmdet:: base gives
+    # included (with a _scope_ their copies lack), and the dataset's and the model's variables
+    assert refused['vis_backends'] == set(configs), set(configs) - refused['vis_backends']
+    assert all(refused[name] for name in ('data_root', 'norm_cfg', 'train_pipeline', 'backend_args'))
+
+
+UNIREPLKNET_ADE = 'unireplknet/upernet_unireplknet-t-in1k-pre_8xb2-160k_ade20k-512x512.py'
+
+
+@pytest.mark.timeout(120)
+def test_a_variable_set_with_all_its_copies_is_taken(shipped_configs):
+    """data_root=/d with the three loaders' data_root=/d did what it says before the variable
+    check, which then refused it ('changes nothing')."""
+    from reparam_mm.scope import merge_cfg_options
+    loaders = {f'{loader}.dataset.data_root': '/d' for loader in ('train_dataloader', 'val_dataloader',
+                                                                   'test_dataloader')}
+    cfg = merge_cfg_options(shipped_configs(UNIREPLKNET_ADE), dict(data_root='/d', **loaders))
+    assert cfg.data_root == '/d' and cfg.test_dataloader.dataset.data_root == '/d'
+    del loaders['test_dataloader.dataset.data_root']  # one copy left as it is: still refused
+    assert _refusal(shipped_configs(UNIREPLKNET_ADE), dict(data_root='/d', **loaders)).startswith(
+        '--cfg-options data_root=/d changes nothing:')
+
+
+COCO = 'doconv/faster-rcnn_r50_fpn_1x_coco.py'
+
+
+@pytest.mark.timeout(120)
+def test_the_data_root_advice_on_coco_moves_the_evaluators_json_too(shipped_configs):
+    """COCO's evaluators read data_root + 'annotations/instances_val2017.json': the advice left
+    them out, so the run evaluated against the old root's json."""
+    from reparam_mm.scope import merge_cfg_options
+    from reparam_mm.train import parse_args
+    message = _refusal(shipped_configs(COCO), {'data_root': '/d'})
+    assert message == (
+        '--cfg-options data_root=/d changes nothing: data_root is a variable of the config file, '
+        'copied into train_dataloader.dataset.data_root, val_dataloader.dataset.data_root and '
+        'test_dataloader.dataset.data_root, and to the start of val_evaluator.ann_file and '
+        'test_evaluator.ann_file when the file was read, so set those instead (docs/datasets.md '
+        "lists each dataset's): --cfg-options train_dataloader.dataset.data_root=/d "
+        'val_dataloader.dataset.data_root=/d test_dataloader.dataset.data_root=/d '
+        'val_evaluator.ann_file=/d/annotations/instances_val2017.json '
+        'test_evaluator.ann_file=/d/annotations/instances_val2017.json.')
+    options = parse_args(['c.py', '--cfg-options', *_advice(message)]).cfg_options
+    cfg = merge_cfg_options(shipped_configs(COCO), options)
+    assert cfg.val_evaluator.ann_file == '/d/annotations/instances_val2017.json'
+    assert cfg.test_evaluator.ann_file == '/d/annotations/instances_val2017.json'
+    assert cfg.val_dataloader.dataset.ann_file == 'annotations/instances_val2017.json'  # under data_root
+    # a root given with its trailing '/' or without reads the same
+    assert _advice(_refusal(shipped_configs(COCO), {'data_root': '/d/'}))[-1] == (
+        'test_evaluator.ann_file=/d/annotations/instances_val2017.json')
+
+
+@pytest.mark.timeout(120)
+def test_the_advice_names_every_copy_however_many(shipped_configs):
+    """With more than 6 copies the printed command ended in '(and 2 more)': not runnable. (Here
+    the copies are None, into which mmengine merges keys only with _delete_=True.)"""
+    from reparam_mm.scope import merge_cfg_options
+    from reparam_mm.train import parse_args
+    rel = 'unireplknet/cascade-mask-rcnn_unireplknet-s-in1k-pre_fpn_4conv1fc-giou_8xb2-ms-crop-3x_coco.py'
+    message = _refusal(shipped_configs(rel), {'backend_args.backend': 'petrel'})
+    assert message.startswith('--cfg-options backend_args.backend=petrel changes nothing: backend_args '
+                              'is a variable of the config file, copied into 8 keys when the file '
+                              'was read, so set those instead (with _delete_=True, which lets mmengine '
+                              'put keys where the file has None): --cfg-options '
+                              'train_dataloader.dataset.pipeline.0.backend_args._delete_=True '
+                              'train_dataloader.dataset.pipeline.0.backend_args.backend=petrel '), message
+    assert 'more)' not in message
+    items = _advice(message)
+    assert len(items) == 16 and all(item.endswith(('backend_args.backend=petrel',
+                                                   'backend_args._delete_=True')) for item in items)
+    cfg = merge_cfg_options(shipped_configs(rel), parse_args(['c.py', '--cfg-options', *items]).cfg_options)
+    assert cfg.val_evaluator.backend_args == dict(backend='petrel')
+    assert cfg.test_dataloader.dataset.backend_args == dict(backend='petrel')
+    assert cfg.backend_args is None  # the variable, as the file left it
+
+
+@pytest.mark.timeout(60)
+def test_a_folder_for_a_config_names_only_a_config_and_lists_little(tmp_path, monkeypatch):
+    """`tools/train.py .` suggested ./benchmarks/cpu_check.py, `tools/train.py tools` a script of
+    tools/, and a dataset's folder was walked file by file."""
+    import os
+    monkeypatch.chdir(ROOT)
+    for folder, example in (('.', './configs/demo/faster-rcnn-doconv_r18-narrow-doconv_fpn_4conv1fc_'
+                                  '1xb4-400i_coco128-person-320.py'),
+                            ('tools', None), ('benchmarks', None), ('configs/_base_', None)):
+        with pytest.raises(IsADirectoryError) as err:
+            load_config(folder)
+        assert str(err.value) == (f'config {folder} is a folder, not a config file; pass a config '
+                                  'file in it' + (f', e.g. {example}' if example else '')
+                                  + ' (docs/configs.md lists them).')
+    scripts = tmp_path / 'mine'  # a script beside a config: the config is named
+    scripts.mkdir()
+    (scripts / 'a_script.py').write_text('import sys\nmodel = sys.argv[1]\n')
+    (scripts / 'b_config.py').write_text("_base_ = ['x.py']\n")
+    with pytest.raises(IsADirectoryError, match=rf', e\.g\. {scripts}/b_config\.py \(docs'):
+        load_config(str(scripts))
+    data = tmp_path / 'dataset'
+    for part in range(3):
+        (data / f'images{part}').mkdir(parents=True)
+        for i in range(1500):
+            (data / f'images{part}' / f'{i}.jpg').touch()
+    listed, scandir = [], os.scandir
+
+    class Counted:
+        def __init__(self, path):
+            self.it = scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            entry = next(self.it)
+            listed.append(entry.name)
+            return entry
+
+    monkeypatch.setattr(os, 'scandir', Counted)
+    with pytest.raises(IsADirectoryError) as err:
+        load_config(str(data))
+    assert str(err.value) == (f'config {data} is a folder, not a config file; pass a config file in '
+                              'it (docs/configs.md lists them).')
+    assert len(listed) < 2500  # of 4503 names
