@@ -198,9 +198,11 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     ``FusedEvalHook`` in ``runner.hooks`` holds the fuse report and the fused
     vs unfused output check (``last_report``, ``last_check``).
     """
-    from .train import build_runner, check_data_roots  # opens a gloo group on CPU torchrun
+    # build_runner opens a gloo group on CPU torchrun
+    from .train import build_runner, check_data_roots, check_num_classes
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
     check_data_roots(cfg, ['test_dataloader'])
+    check_num_classes(cfg, ['test_dataloader'])
     # before the runner logs a page of environment and config: the file, then its keys
     ckpt = read_checkpoint(checkpoint, fix=STRICT_FIX)
     _check_keys_on_meta(cfg, ckpt, checkpoint)

@@ -161,23 +161,33 @@ def _heads_with_classes(model):
     return found
 
 
-def check_num_classes(cfg):
-    """The heads' ``num_classes`` against the training dataset's classes: a head with another
-    count trains without a word (mmdet takes label ``num_classes`` for background; mmseg predicts
-    labels the dataset has no name for). mmseg's binary form (``num_classes=1`` with a sigmoid
-    head, for 2 classes) is allowed."""
-    meta = dataset_metainfo(cfg, 'train_dataloader')
-    if not meta:
-        return
-    n = len(meta['classes'])
-    wrong = [(key, k) for key, k in _heads_with_classes(cfg.get('model') or {})
-             if k != n and not (cfg.get('default_scope') == 'mmseg' and k == 1 and n == 2)]
-    if wrong:
+def check_num_classes(cfg, loaders=('train_dataloader',)):
+    """The heads' ``num_classes`` against the classes of the datasets ``loaders`` read: a head
+    with another count than the training dataset trains without a word (mmdet takes label
+    ``num_classes`` for background; mmseg predicts labels the dataset has no name for), and a
+    validation or test set with other classes (the 80 COCO ones, its ``metainfo`` left out, for
+    a 3-class detector) scores the predictions under other names. mmseg's binary form
+    (``num_classes=1`` with a sigmoid head, for 2 classes) is allowed."""
+    heads = _heads_with_classes(cfg.get('model') or {})
+    for loader in loaders:
+        meta = dataset_metainfo(cfg, loader)
+        if not meta:
+            continue
+        n = len(meta['classes'])
+        wrong = [(key, k) for key, k in heads
+                 if k != n and not (cfg.get('default_scope') == 'mmseg' and k == 1 and n == 2)]
+        if not wrong:
+            continue
         names = ', '.join(map(str, meta['classes'][:4])) + (', ...' if n > 4 else '')
+        said = ', '.join(f'{key}.num_classes is {k}' for key, k in wrong)
+        if loader == 'train_dataloader':
+            raise ConfigError(
+                f'{said}, but the training dataset has {n} classes ({names}); set every head to '
+                f'{n}: --cfg-options ' + ' '.join(f'{key}.num_classes={n}' for key, _ in wrong) + '.')
         raise ConfigError(
-            f"{', '.join(f'{key}.num_classes is {k}' for key, k in wrong)}, but the training "
-            f'dataset has {n} classes ({names}); set every head to {n}: --cfg-options '
-            + ' '.join(f'{key}.num_classes={n}' for key, _ in wrong) + '.')
+            f'{said}, but {loader}.dataset has {n} classes ({names}), so the metric would score '
+            f'the predictions under other names; give {loader}.dataset the classes the model was '
+            f'trained on (metainfo=dict(classes=...), as the training dataset has them).')
 
 
 # torch's conv on a channel count it does not take: on real tensors, and on the meta device
@@ -1014,7 +1024,7 @@ def train(cfg, hooks=()):
     """
     from .checkpoint import check_checkpoint_file
     init_scope(cfg)
-    check_num_classes(cfg)
+    check_num_classes(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
     check_model_fits(cfg)
     check_param_schedulers(cfg)
     warn_schedules_past_the_end(cfg)

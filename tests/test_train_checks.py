@@ -57,6 +57,38 @@ def test_heads_with_another_number_of_classes_than_the_dataset_are_refused(tmp_p
     check_num_classes(seg)
 
 
+@pytest.mark.timeout(120)
+def test_a_validation_or_test_set_with_other_classes_than_the_heads_is_refused(tmp_path, monkeypatch):
+    """A 1-class detector tested on a set whose metainfo was left out scored its boxes under the
+    80 COCO names (a 'car' written as category 2, bicycle), and a segmentor's mIoU was averaged
+    over a class it never predicts, without a word: tools/train.py checks the validation set and
+    tools/test.py the test set, before anything is built."""
+    import reparam_mm.train
+    from reparam_mm.apis import build_test_runner
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built before the classes were checked'))
+    det = load_config(str(COCO_DEMO))  # one class, person
+    init_scope(det)
+    check_num_classes(det, ['train_dataloader', 'val_dataloader', 'test_dataloader'])
+    det.test_dataloader.dataset.pop('metainfo')  # CocoDataset's own: the 80 COCO classes
+    with pytest.raises(ConfigError) as err:
+        check_num_classes(det, ['train_dataloader', 'test_dataloader'])
+    assert str(err.value) == (
+        'model.roi_head.bbox_head.num_classes is 1, but test_dataloader.dataset has 80 classes '
+        '(person, bicycle, car, motorcycle, ...), so the metric would score the predictions under '
+        'other names; give test_dataloader.dataset the classes the model was trained on '
+        '(metainfo=dict(classes=...), as the training dataset has them).')
+    check_num_classes(det)  # training alone reads the training set
+    seg_file = tiny_demo_config(tmp_path, max_iters=1, extra="""
+val_dataloader['dataset']['metainfo'] = dict(classes=('backdrop', 'disc', 'box', 'triangle', 'star', 'x'))
+""")
+    with pytest.raises(ConfigError, match=r'^model\.decode_head\.num_classes is 5, .*but '
+                                          r'val_dataloader\.dataset has 6 classes'):
+        main([seg_file, '--work-dir', str(tmp_path / 'w')])
+    with pytest.raises(ConfigError, match=r'but test_dataloader\.dataset has 6 classes'):
+        build_test_runner(seg_file, str(tmp_path / 'no.pth'), work_dir=str(tmp_path / 't'))
+
+
 def test_heads_that_do_not_take_the_backbones_channels_are_refused(tmp_path, monkeypatch):
     """A backbone changed alone (model.backbone.arch=tiny on a config made for 31B) built, loaded
     the data and stopped at the first forward with torch's channel error, naming no key; the
