@@ -291,11 +291,13 @@ def check_dataset_classes(runner):
         classes, cat_ids = (dataset.metainfo.get('classes') if dataset is not None else None,
                             getattr(dataset, 'cat_ids', None))
         if classes and cat_ids is not None and len(cat_ids) != len(classes):
+            ann_file = getattr(dataset, 'ann_file', None)
             raise ConfigError(
                 f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
                 f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
-                f'categories of {getattr(dataset, "ann_file", "its ann_file")}; name the classes '
-                "as the json's categories do (its 'categories' list), e.g. 'person', not 'human'.")
+                f'categories of {ann_file or "its ann_file"}{_unnamed(classes, ann_file)}; name the '
+                "classes as the json's categories do (its 'categories' list)"
+                + (", e.g. 'person', not 'human'." if not _unnamed(classes, ann_file) else '.'))
 
 
 def _json_categories(path):
@@ -306,6 +308,17 @@ def _json_categories(path):
             return [c.get('name') for c in json.load(f).get('categories') or []]
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _unnamed(classes, ann_file):
+    """``'; not among them: 'cups' (the nearest: 'cup')'``: the classes the COCO json at
+    ``ann_file`` does not name, each with its nearest category; '' if the json cannot be read."""
+    import difflib
+    categories = [str(c) for c in _json_categories(ann_file) or []] if ann_file else []
+    said = [repr(c) + ''.join(f' (the nearest: {near!r})' for near in
+                              difflib.get_close_matches(str(c), categories, n=1, cutoff=0.6))
+            for c in classes if c not in categories]
+    return f"; not among them: {', '.join(said)}" if categories and said else ''
 
 
 def check_coco_categories(cfg, loaders=('train_dataloader', 'val_dataloader')):

@@ -200,11 +200,11 @@ def test_a_class_the_coco_json_does_not_name_is_refused_before_the_first_iterati
     without that label, and the evaluator failed with an IndexError at the first validation."""
     root, common = _coco_run(tmp_path)
     with pytest.raises(ConfigError) as err:  # images with cars remain, so mmdet would train on
-        main(common + _classes('human', 'car'))
+        main(common + _classes('persons', 'car'))
     assert str(err.value) == (
-        f"train_dataloader: the dataset names 2 classes (human, car), and only 1 of them are "
-        f"categories of {root}/annotations.json; name the classes as the json's categories do (its "
-        "'categories' list), e.g. 'person', not 'human'.")
+        f"train_dataloader: the dataset names 2 classes (persons, car), and only 1 of them are "
+        f"categories of {root}/annotations.json; not among them: 'persons' (the nearest: 'person'); "
+        "name the classes as the json's categories do (its 'categories' list).")
     runner = main(common + _classes('person', 'car'))
     assert runner.iter == 1 and runner.message_hub.get_scalar('val/coco/bbox_mAP') is not None
 
