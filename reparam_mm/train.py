@@ -190,6 +190,32 @@ def check_num_classes(cfg, loaders=('train_dataloader',)):
             f'trained on (metainfo=dict(classes=...), as the training dataset has them).')
 
 
+def check_pad_label(cfg):
+    """mmseg's data preprocessor pads label maps with ``seg_pad_val`` (255) wherever it pads an
+    image (to its ``size``, or to the batch's largest); a head whose ``ignore_index`` is another
+    value (CamVid's 11, say) reads the padding as a label: out of its range, torch stops with
+    'Target 255 is out of bounds' at the first image smaller than the crop; in range, the padding
+    trains as a class."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    model = cfg.get('model') or {}
+    pad = (model.get('data_preprocessor') or {}).get('seg_pad_val', 255)
+    heads = []
+    for name in ('decode_head', 'auxiliary_head'):
+        node = model.get(name)
+        for i, head in (enumerate(node) if isinstance(node, (list, tuple)) else [(None, node)]):
+            if hasattr(head, 'get') and head.get('ignore_index', 255) != pad:
+                heads.append((f'model.{name}' + ('' if i is None else f'.{i}'), head.get('ignore_index', 255)))
+    if heads:
+        ignore = heads[0][1]
+        raise ConfigError(
+            f"{', '.join(f'{key}.ignore_index is {value}' for key, value in heads)}, but "
+            f'model.data_preprocessor.seg_pad_val is {pad}: the label maps are padded with {pad} '
+            'wherever an image is padded (to the preprocessor\'s size, or to the largest in the '
+            'batch), and the loss would read it as a label; pad with the ignore index: '
+            f'--cfg-options model.data_preprocessor.seg_pad_val={ignore}.')
+
+
 # torch's conv on a channel count it does not take: on real tensors, and on the meta device
 _CHANNELS = re.compile(r'expected input\[[\d, ]*\] to have \d+ channels, but got \d+ channels|'
                        r'^Invalid channel dimensions')
@@ -1038,6 +1064,7 @@ def train(cfg, hooks=()):
     from .checkpoint import check_checkpoint_file
     init_scope(cfg)
     check_num_classes(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
+    check_pad_label(cfg)
     check_model_fits(cfg)
     check_param_schedulers(cfg)
     warn_schedules_past_the_end(cfg)

@@ -89,6 +89,34 @@ val_dataloader['dataset']['metainfo'] = dict(classes=('backdrop', 'disc', 'box',
         build_test_runner(seg_file, str(tmp_path / 'no.pth'), work_dir=str(tmp_path / 't'))
 
 
+@pytest.mark.timeout(60)
+def test_heads_that_ignore_another_value_than_the_label_padding_are_refused(tmp_path, monkeypatch):
+    """Heads set to ignore CamVid's 11 with the preprocessor padding label maps with 255 trained
+    until the first image smaller than the crop, then stopped in torch with 'Target 255 is out
+    of bounds'; refused before anything is built, naming the value to pad with."""
+    import reparam_mm.train
+    monkeypatch.setattr(reparam_mm.train, 'build_runner',
+                        lambda cfg: pytest.fail('the runner was built before the padding was checked'))
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    heads = ['model.decode_head.ignore_index=4', 'model.auxiliary_head.ignore_index=4']
+    with pytest.raises(ConfigError) as err:
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', *heads])
+    assert str(err.value) == (
+        'model.decode_head.ignore_index is 4, model.auxiliary_head.ignore_index is 4, but '
+        'model.data_preprocessor.seg_pad_val is 255: the label maps are padded with 255 wherever an '
+        "image is padded (to the preprocessor's size, or to the largest in the batch), and the loss "
+        'would read it as a label; pad with the ignore index: --cfg-options '
+        'model.data_preprocessor.seg_pad_val=4.')
+    from reparam_mm.train import check_pad_label, config_from_args, parse_args
+    fixed = config_from_args(parse_args([cfg, '--cfg-options', *heads,
+                                         'model.data_preprocessor.seg_pad_val=4']))
+    init_scope(fixed)
+    check_pad_label(fixed)
+    det = load_config(str(COCO_DEMO))  # detectors pad no label maps
+    init_scope(det)
+    check_pad_label(det)
+
+
 def test_heads_that_do_not_take_the_backbones_channels_are_refused(tmp_path, monkeypatch):
     """A backbone changed alone (model.backbone.arch=tiny on a config made for 31B) built, loaded
     the data and stopped at the first forward with torch's channel error, naming no key; the
