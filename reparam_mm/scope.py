@@ -174,14 +174,11 @@ def _variable_copies(cfg, key, value, unread=()):
     return (top, copies) if copies else None
 
 
-def _unread_variable(cfg, key, value, unread=()):
-    """The sentence for ``--cfg-options key=value`` when ``key`` sets a top-level variable of the
-    config file (one nothing reads, whose value is found copied elsewhere in the config), else
-    None: the copies keep the value the file gave them, so the override changes nothing. The
-    command it ends with sets every copy, however many."""
-    found = _variable_copies(cfg, key, value, unread)
-    if found is None:
-        return None
+def _unread_variable(cfg, key, value, found):
+    """The sentence for ``--cfg-options key=value`` where ``key`` sets a top-level variable of the
+    config file whose copies are ``found`` (:func:`_variable_copies`): the copies keep the value
+    the file gave them, so the override changes nothing. The command it ends with sets every
+    copy, however many."""
     top, copies = found
 
     def listed(paths):
@@ -233,7 +230,7 @@ def merge_cfg_options(cfg, options, unread=()):
                 'this one).')
         found = _variable_copies(cfg, key, value, unread)
         if found is not None and not all(_sets(options, path) for path, _, _ in found[1]):
-            raise ConfigError(_unread_variable(cfg, key, value, unread))
+            raise ConfigError(_unread_variable(cfg, key, value, found))
     if options:
         cfg.merge_from_dict(options)
     return cfg

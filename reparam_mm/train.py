@@ -138,8 +138,8 @@ def set_fused_validation(cfg, fuse=True):
                   'custom_hooks have none (--no-fuse validates the trained model)', logger='current')
 
 
-def _heads_with_classes(model):
-    """``(config key, num_classes)`` of the heads that classify (mmseg: decode / auxiliary heads;
+def _class_heads(model):
+    """``(config key, head config)`` of the heads that classify (mmseg: decode / auxiliary heads;
     mmdet: box and mask heads), through lists (cascades) and ``WithDOConv`` wrappers."""
     found = []
 
@@ -149,7 +149,7 @@ def _heads_with_classes(model):
                 visit(item, f'{key}.{i}')
         elif hasattr(node, 'get'):
             if node.get('num_classes') is not None:
-                found.append((key, node['num_classes']))
+                found.append((key, node))
             elif node.get('module') is not None:  # WithDOConv(module=...)
                 visit(node['module'], f'{key}.module')
 
@@ -168,7 +168,7 @@ def check_num_classes(cfg, loaders=('train_dataloader',)):
     validation or test set with other classes (the 80 COCO ones, its ``metainfo`` left out, for
     a 3-class detector) scores the predictions under other names. mmseg's binary form
     (``num_classes=1`` with a sigmoid head, for 2 classes) is allowed."""
-    heads = _heads_with_classes(cfg.get('model') or {})
+    heads = [(key, head['num_classes']) for key, head in _class_heads(cfg.get('model') or {})]
     for loader in loaders:
         meta = dataset_metainfo(cfg, loader)
         if not meta:
@@ -200,12 +200,8 @@ def check_pad_label(cfg):
         return
     model = cfg.get('model') or {}
     pad = (model.get('data_preprocessor') or {}).get('seg_pad_val', 255)
-    heads = []
-    for name in ('decode_head', 'auxiliary_head'):
-        node = model.get(name)
-        for i, head in (enumerate(node) if isinstance(node, (list, tuple)) else [(None, node)]):
-            if hasattr(head, 'get') and head.get('ignore_index', 255) != pad:
-                heads.append((f'model.{name}' + ('' if i is None else f'.{i}'), head.get('ignore_index', 255)))
+    heads = [(key, ignore) for key, head in _class_heads(model)
+             for ignore in [head.get('ignore_index', 255)] if ignore != pad]
     if heads:
         ignore = heads[0][1]
         raise ConfigError(
@@ -318,12 +314,13 @@ def check_dataset_classes(runner):
                             getattr(dataset, 'cat_ids', None))
         if classes and cat_ids is not None and len(cat_ids) != len(classes):
             ann_file = getattr(dataset, 'ann_file', None)
+            unnamed = _unnamed(classes, ann_file)  # reads the json: once
             raise ConfigError(
                 f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
                 f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
-                f'categories of {ann_file or "its ann_file"}{_unnamed(classes, ann_file)}; name the '
-                "classes as the json's categories do (its 'categories' list)"
-                + (", e.g. 'person', not 'human'." if not _unnamed(classes, ann_file) else '.'))
+                f'categories of {ann_file or "its ann_file"}{unnamed}; name the classes as the '
+                "json's categories do (its 'categories' list)"
+                + ('.' if unnamed else ", e.g. 'person', not 'human'."))
 
 
 def _json_categories(path):
