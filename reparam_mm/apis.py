@@ -199,7 +199,8 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     vs unfused output check (``last_report``, ``last_check``).
     """
     # build_runner opens a gloo group on CPU torchrun
-    from .train import build_runner, check_data_roots, check_num_classes
+    from .data_checks import check_data_roots
+    from .train import build_runner, check_num_classes
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
     check_data_roots(cfg, ['test_dataloader'])
     check_num_classes(cfg, ['test_dataloader'])

@@ -238,7 +238,7 @@ def tested_image_sizes(cfg, count):
     mmdet's ``get_flops.py --num-images``. The dataset's files must be there."""
     from mmengine.registry import DATASETS
 
-    from .train import check_data_roots
+    from .data_checks import check_data_roots
     check_data_roots(cfg, loaders=('test_dataloader', ))
     dataset = DATASETS.build(copy.deepcopy(cfg.test_dataloader.dataset))
     return [tuple(dataset[i]['inputs'].shape[-2:]) for i in range(min(count, len(dataset)))]

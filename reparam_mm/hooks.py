@@ -295,11 +295,11 @@ class TrainingLoadCheckHook(Hook):
 
 class DatasetClassesCheckHook(Hook):
     """Before the first iteration: the datasets' classes are all in their annotations
-    (:func:`reparam_mm.train.check_dataset_classes`); registered by ``train()``."""
+    (:func:`reparam_mm.data_checks.check_dataset_classes`); registered by ``train()``."""
     priority = 'VERY_HIGH'
 
     def before_train(self, runner) -> None:
-        from .train import check_dataset_classes
+        from .data_checks import check_dataset_classes
         check_dataset_classes(runner)
 
 
@@ -332,7 +332,7 @@ class HeadLayoutAgreementHook(Hook):
 
 class LabelValuesCheckHook(Hook):
     """Before every training iteration of a segmentor: the batch's label maps hold only classes
-    of its heads or their ignore index (:func:`reparam_mm.train.check_label_values`), checked on
+    of its heads or their ignore index (:func:`reparam_mm.data_checks.check_label_values`), checked on
     the CPU tensors before the data preprocessor moves them. In validation and test, label maps
     the ``IoUMetric`` cannot score are counted and said after the loop
     (:class:`reparam_mm.train.EvalLabelValues`): a warning, not an error, so a long run is not
@@ -343,17 +343,17 @@ class LabelValuesCheckHook(Hook):
         self.heads, self.reduce_key, self.eval_counter = [], None, None
 
     def before_train(self, runner) -> None:
-        from .train import reduce_zero_label_key, segmentation_heads
+        from .data_checks import reduce_zero_label_key, segmentation_heads
         self.heads = segmentation_heads(_unwrap(runner.model))
         self.reduce_key = reduce_zero_label_key(runner.cfg, 'train_dataloader')
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if self.heads and isinstance(data_batch, dict) and data_batch.get('data_samples'):
-            from .train import check_label_values
+            from .data_checks import check_label_values
             check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key)
 
     def _start_eval(self, runner, evaluator, loader):
-        from .train import EvalLabelValues
+        from .data_checks import EvalLabelValues
         self.eval_counter = EvalLabelValues.of(evaluator, loader, runner.cfg)
 
     def _count(self, data_batch):

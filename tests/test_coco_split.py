@@ -62,7 +62,8 @@ def test_coco128_split_holds_persons_in_both_halves(tmp_path):
 
 
 def test_detection_config_without_its_split_names_the_file_and_the_option(tmp_path, monkeypatch):
-    from reparam_mm.train import check_data_roots, config_from_args, parse_args
+    from reparam_mm.data_checks import check_data_roots
+    from reparam_mm.train import config_from_args, parse_args
     monkeypatch.chdir(tmp_path)  # data/coco128_split is relative to the working directory
     cfg = config_from_args(parse_args([str(DET_CONFIG)]))
     with pytest.raises(FileNotFoundError) as err:

@@ -321,7 +321,7 @@ def test_the_label_check_of_binary_heads_and_negative_values():
     import torch
     from mmseg.models.decode_heads import FCNHead
 
-    from reparam_mm.train import check_label_values, segmentation_heads
+    from reparam_mm.data_checks import check_label_values, segmentation_heads
 
     def head(**kw):
         return FCNHead(in_channels=4, channels=4, num_convs=1, **kw)
@@ -359,7 +359,8 @@ def test_the_label_check_of_binary_heads_and_negative_values():
 def test_coco_classes_none_of_which_the_json_names_are_one_sentence(tmp_path):
     """With no class among the json's categories mmdet keeps no image and stops building the
     dataset with numpy's 'need at least one array to concatenate'."""
-    from reparam_mm.train import check_coco_categories, config_from_args, parse_args
+    from reparam_mm.data_checks import check_coco_categories
+    from reparam_mm.train import config_from_args, parse_args
     root, common = _coco_run(tmp_path)
     with pytest.raises(ConfigError) as err:
         main(common + _classes('human', 'truck'))
@@ -413,7 +414,7 @@ def test_evaluation_label_maps_the_metric_cannot_score_are_said(tmp_path):
 def test_the_evaluation_label_count_reads_tta_batches_and_other_values():
     """The counter of label maps in evaluation: test-time augmentation batches (one tuple per
     view) count each image once; values other than num_classes get the classes-or-ignore advice."""
-    from reparam_mm.train import EvalLabelValues
+    from reparam_mm.data_checks import EvalLabelValues
     counter = EvalLabelValues('test_dataloader', 3, 255, 'test_dataloader.dataset.reduce_zero_label')
     a, b = _samples([0, 1, 2, 255], [0, 7, 9, 255])
     counter.count([(a, b), (a, b)])  # two views of two images

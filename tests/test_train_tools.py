@@ -249,7 +249,8 @@ def test_file_checks_reach_wrapped_datasets_and_every_pretrained_spelling(tmp_pa
     files to check."""
     from mmengine.config import Config
 
-    from reparam_mm.train import check_data_roots, check_pretrained_files
+    from reparam_mm.data_checks import check_data_roots
+    from reparam_mm.train import check_pretrained_files
     root = tmp_path / 'ade'
     (root / 'images').mkdir(parents=True)
 
@@ -308,7 +309,7 @@ def test_images_and_label_maps_that_do_not_pair_up_are_one_sentence(tmp_path):
     disk. Cityscapes' nested city folders and long suffixes pair up."""
     from mmengine.config import Config
 
-    from reparam_mm.train import check_data_roots
+    from reparam_mm.data_checks import check_data_roots
     cfg = tiny_demo_config(tmp_path)
     for option, said in [
             ('train_dataloader.dataset.img_suffix=.jpeg',
@@ -367,7 +368,7 @@ def test_a_split_file_naming_files_that_are_not_there_is_one_sentence(tmp_path):
     is built, and the sentence says how many are missing and the fix."""
     from mmengine.config import Config
 
-    from reparam_mm.train import check_data_roots
+    from reparam_mm.data_checks import check_data_roots
     root = tmp_path / 'VOC2012'
     for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
         (root / folder).mkdir(parents=True)

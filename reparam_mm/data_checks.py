@@ -1,0 +1,457 @@
+"""Checks of the datasets a config reads, against their files and the model's heads: before
+anything is built (paths, image / label-map pairing, COCO categories), at the build (the classes a
+COCO json names) and while the loops run (label-map values). Each failure is one sentence naming
+the config key and the fix, where mmseg / mmdet would stop later with a traceback that names
+neither."""
+import inspect
+import os
+import os.path as osp
+
+import torch
+
+from .scope import ConfigError, dataset_metainfo
+
+
+def _innermost(dataset):
+    while hasattr(dataset, 'dataset') or hasattr(dataset, 'datasets'):  # dataset wrappers
+        dataset = getattr(dataset, 'dataset', None) or dataset.datasets[0]
+    return dataset
+
+
+def check_dataset_classes(runner):
+    """Every class a COCO-style dataset's ``metainfo`` names must be a category of its json:
+    mmdet keeps only the names it finds, so a misnamed class ('human' for 'person') trains
+    without a label and the evaluator fails at the first validation."""
+    for loader in ('train_dataloader', 'val_dataloader'):
+        try:  # the loops' dataloaders (a run without validation has none to give)
+            built = getattr(runner, loader)
+        except Exception:  # noqa: BLE001
+            continue
+        dataset = _innermost(getattr(built, 'dataset', None))
+        classes, cat_ids = (dataset.metainfo.get('classes') if dataset is not None else None,
+                            getattr(dataset, 'cat_ids', None))
+        if classes and cat_ids is not None and len(cat_ids) != len(classes):
+            ann_file = getattr(dataset, 'ann_file', None)
+            unnamed = _unnamed(classes, ann_file)  # reads the json: once
+            raise ConfigError(
+                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
+                f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
+                f'categories of {ann_file or "its ann_file"}{unnamed}; name the classes as the '
+                "json's categories do (its 'categories' list)"
+                + ('.' if unnamed else ", e.g. 'person', not 'human'."))
+
+
+def _json_categories(path):
+    """The category names of the COCO json at ``path``, or None if it cannot be read."""
+    import json
+    try:
+        with open(path) as f:
+            return [c.get('name') for c in json.load(f).get('categories') or []]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _unnamed(classes, ann_file):
+    """``'; not among them: 'cups' (the nearest: 'cup')'``: the classes the COCO json at
+    ``ann_file`` does not name, each with its nearest category; '' if the json cannot be read."""
+    import difflib
+    categories = [str(c) for c in _json_categories(ann_file) or []] if ann_file else []
+    said = [repr(c) + ''.join(f' (the nearest: {near!r})' for near in
+                              difflib.get_close_matches(str(c), categories, n=1, cutoff=0.6))
+            for c in classes if c not in categories]
+    return f"; not among them: {', '.join(said)}" if categories and said else ''
+
+
+def check_coco_categories(cfg, loaders=('train_dataloader', 'val_dataloader')):
+    """At least one class of each COCO-style dataset (a local json ``ann_file``) must be a category
+    of its json: with none, mmdet keeps no image and stops building the dataset with numpy's
+    'need at least one array to concatenate'. Reads the jsons: :func:`train` calls it only
+    when the build failed so (COCO's own jsons take seconds to read)."""
+    for loader in loaders:
+        for _, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+            ann_file, root = ds.get('ann_file'), ds.get('data_root') or ''
+            if ds.get('dataset') or ds.get('datasets') or not isinstance(ann_file, str) \
+                    or not ann_file.endswith('.json') or '://' in ann_file + str(root):
+                continue
+            path = osp.join(root, ann_file) if isinstance(root, str) else ann_file
+            meta = dataset_metainfo({'default_scope': cfg.get('default_scope'),
+                                     loader: {'dataset': ds}}, loader)
+            categories = _json_categories(path)
+            if not meta or categories is None or set(meta['classes']) & set(categories):
+                continue
+            classes = meta['classes']
+            raise ConfigError(
+                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
+                f'{", ..." if len(classes) > 6 else ""}), and none of them is a category of {path} '
+                f'({", ".join(map(str, categories[:6]))}{", ..." if len(categories) > 6 else ""}), '
+                "so no image is left to train on; name the classes as the json's categories do (its "
+                "'categories' list), e.g. 'person', not 'human'.")
+
+
+def segmentation_heads(model):
+    """``(config key, head)`` of a segmentor's decode and auxiliary heads (through lists:
+    cascades), the heads whose loss reads the label maps; none for a detector."""
+    found = []
+    for name in ('decode_head', 'auxiliary_head'):
+        head = getattr(model, name, None)
+        heads = list(enumerate(head)) if isinstance(head, torch.nn.ModuleList) else [(None, head)]
+        found += [(f'model.{name}' + ('' if i is None else f'.{i}'), h) for i, h in heads
+                  if hasattr(h, 'num_classes') and hasattr(h, 'ignore_index')]
+    return found
+
+
+def _few_values(values, n=4):
+    return ', '.join(map(str, values[:n])) + (f' (and {len(values) - n} more)' if len(values) > n else '')
+
+
+def label_values_outside(labels, num_classes, ignore_index):
+    """The sorted values of ``labels`` (an integer tensor) that are neither
+    ``0 .. num_classes - 1`` nor ``ignore_index`` (empty when all are).
+
+    In NumPy on one thread: it runs in the training process between steps, where torch's
+    intra-op threads compete with the data loader's workers (2 threads took 4x one's time on a
+    busy 2-core machine)."""
+    import numpy as np
+    values = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    as_unsigned = values.astype(np.int64, copy=False).view(np.uint64)  # negatives wrap past n
+    bad = as_unsigned >= num_classes
+    if ignore_index is not None and bad.any():
+        bad &= values != ignore_index
+    return sorted(np.unique(values[bad]).tolist()) if bad.any() else []
+
+
+def reduce_zero_label_key(cfg, loader):
+    """The config key of ``reduce_zero_label`` in ``loader``'s dataset, through wrappers."""
+    node, key = (cfg.get(loader) or {}).get('dataset') or {}, f'{loader}.dataset'
+    while isinstance(node, dict) and ('dataset' in node or 'datasets' in node):
+        if 'dataset' in node:
+            node, key = node['dataset'], f'{key}.dataset'
+        else:  # ConcatDataset: whichever of its datasets reads this label map
+            return f'{key}.datasets.N.reduce_zero_label'
+    return f'{key}.reduce_zero_label'
+
+
+def check_label_values(data_samples, heads, loader='train_dataloader', reduce_key=None):
+    """Every value of the label maps of ``data_samples`` (a batch before the data preprocessor)
+    must be a class of each of ``heads`` (:func:`segmentation_heads`: ``0 .. num_classes - 1``,
+    0 and 1 for a head of one output channel, mmseg's binary form) or its ``ignore_index``:
+    torch's loss fails on any other, with "Target N is out of bounds" on CPU and a device-side
+    assert far from the cause on CUDA."""
+    for sample in data_samples:
+        labels = getattr(getattr(sample, 'gt_sem_seg', None), 'data', None)
+        if labels is None:
+            continue
+        checked = set()  # a decode and an auxiliary head of one class count: one check
+        for key, head in heads:
+            n = 2 if getattr(head, 'out_channels', None) == 1 else head.num_classes
+            ignore = head.ignore_index
+            if (n, ignore) in checked:
+                continue
+            checked.add((n, ignore))
+            values = label_values_outside(labels, n, ignore)
+            if not values:
+                continue
+            meta = sample.metainfo
+            where = meta.get('seg_map_path') or meta.get('img_path') or 'of a training image'
+            valid = ('binary: labels 0 and 1' if getattr(head, 'out_channels', None) == 1
+                     else f'labels 0..{n - 1}')
+            said = (f'{loader}: the label map {where} holds the value{"s" if len(values) > 1 else ""} '
+                    f'{_few_values(values)}, not a class of {key}, whose num_classes is '
+                    f'{head.num_classes} ({valid}) and ignore_index {ignore}')
+            if values == [n] and not meta.get('reduce_zero_label'):
+                raise ConfigError(
+                    f'{said}; if the maps hold labels 1..{n} with 0 as unlabelled (ADE20K\'s '
+                    f'way), reduce_zero_label=True in the dataset reads them as 0..{n - 1} with 0 '
+                    f'ignored (--cfg-options {reduce_key or loader + ".dataset.reduce_zero_label"}'
+                    f'=True); if 0 is a class, {n} is one class more than the heads have: count '
+                    f'it (metainfo.classes and every head\'s num_classes) or map it to {ignore}.')
+            heads_n = ' '.join(f'{k}.num_classes=N' for k, _ in heads)
+            raise ConfigError(
+                f'{said}; if your labels count more classes, name them all in the dataset\'s '
+                f'metainfo.classes and set every head to their number N (--cfg-options {heads_n}), '
+                f'else map {"this value" if len(values) == 1 else "these values"} '
+                + (f'to {ignore} in the label maps.' if ignore is not None
+                   else 'out of the label maps.'))
+
+
+class EvalLabelValues:
+    """Counts the label maps of a validation or test loop that hold values mmseg's
+    ``IoUMetric`` cannot score (:func:`label_values_outside` its dataset's classes and its
+    ``ignore_index``). The metric drops those pixels' labels but counts the predictions there,
+    so the mIoU reads low without a word; :meth:`warning` says how many maps and why."""
+
+    def __init__(self, loader, num_classes, ignore_index, reduce_key):
+        self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
+        self.reduce_key, self.seen, self.bad, self.first = reduce_key, 0, 0, None
+
+    @classmethod
+    def of(cls, evaluator, loader, cfg):
+        """The counter for ``evaluator``'s first ``IoUMetric``, or None (no such metric)."""
+        from mmseg.evaluation import IoUMetric
+        for metric in getattr(evaluator, 'metrics', []):
+            classes = (getattr(metric, 'dataset_meta', None) or {}).get('classes')
+            if isinstance(metric, IoUMetric) and classes:
+                return cls(loader, len(classes), metric.ignore_index,
+                           reduce_zero_label_key(cfg, loader))
+        return None
+
+    def count(self, data_samples):
+        if data_samples and isinstance(data_samples[0], (list, tuple)):
+            data_samples = data_samples[0]  # test-time augmentation: one tuple per view
+        for sample in data_samples:
+            labels = getattr(getattr(sample, 'gt_sem_seg', None), 'data', None)
+            if labels is None:
+                continue
+            self.seen += 1
+            values = label_values_outside(labels, self.num_classes, self.ignore_index)
+            if values:
+                self.bad += 1
+                if self.first is None:
+                    meta = sample.metainfo
+                    self.first = (meta.get('seg_map_path') or meta.get('img_path') or 'a label map',
+                                  values, bool(meta.get('reduce_zero_label')))
+
+    def gather(self):
+        """Sum the counts of every process (each reads its own shard of the dataset), keeping the
+        first example of the lowest rank that has one; a no-op in one process."""
+        from mmengine.dist import all_gather_object, is_distributed
+        if not is_distributed():
+            return
+        parts = all_gather_object((self.seen, self.bad, self.first))
+        self.seen, self.bad = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        self.first = next((p[2] for p in parts if p[2] is not None), None)
+
+    def warning(self):
+        """The sentence to log after the loop, or None when every map could be scored."""
+        if not self.bad:
+            return None
+        where, values, reduced = self.first
+        n, ignore = self.num_classes, self.ignore_index
+        if values == [n] and not reduced:
+            fix = (f'if the maps hold labels 1..{n} with 0 as unlabelled, set reduce_zero_label=True '
+                   f'in the dataset (--cfg-options {self.reduce_key}=True); if 0 is a class, count '
+                   f'{n} as one more class or map it to {ignore} in the label maps')
+        else:
+            fix = (f'name every class in the dataset\'s metainfo.classes, or map '
+                   f'{"this value" if len(values) == 1 else "these values"} to {ignore} '
+                   'in the label maps')
+        return (f'{self.loader}: {self.bad} of the {self.seen} label maps read hold values that are '
+                f'neither one of the {n} classes (0..{n - 1}) nor the ignore index {ignore} '
+                f'(first: {where}: {_few_values(values)}); IoUMetric counts the predictions at '
+                f'those pixels but not their labels, so its mIoU reads low; {fix}.')
+
+
+def _datasets(dataset, key):
+    """Yield (config key, dataset config) of ``dataset`` and the datasets it wraps."""
+    if not isinstance(dataset, dict):
+        return
+    yield key, dataset
+    yield from _datasets(dataset.get('dataset'), f'{key}.dataset')  # RepeatDataset, ...
+    for i, inner in enumerate(dataset.get('datasets') or ()):  # ConcatDataset
+        yield from _datasets(inner, f'{key}.datasets.{i}')
+
+
+def _dataset_paths(ds):
+    """``(config key part, path)`` of a dataset's annotation file and data_prefix folders."""
+    parts = [('ann_file', ds.get('ann_file'))] + [
+        (f'data_prefix.{name}', rel) for name, rel in (ds.get('data_prefix') or {}).items()]
+    return [(part, path) for part, path in parts
+            if isinstance(path, str) and path and '://' not in path]
+
+
+def _missing_data_paths(cfg, loader):
+    """``(config key, sentence)`` for each path of ``loader``'s datasets that does not exist."""
+    for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+        root = ds.get('data_root')
+        backend = (ds.get('backend_args') or {}).get('backend', 'local')
+        if backend != 'local' or (root and not isinstance(root, str)) or '://' in (root or ''):
+            continue
+        if not root:  # paths are taken as they are, relative to the working directory
+            for part, path in _dataset_paths(ds):
+                if not osp.exists(path):
+                    yield f'{key}.{part}', (
+                        f'{path!r} ({key}.{part}) does not exist: prepare the dataset there '
+                        f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
+            continue
+        if not osp.isdir(root):
+            yield f'{key}.data_root', (
+                f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
+                f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
+            continue
+        for part, rel in _dataset_paths(ds):
+            if not osp.exists(osp.join(root, rel)):
+                yield f'{key}.{part}', (
+                    f'{osp.join(root, rel)!r} ({key}.{part} under data_root) does not '
+                    f'exist: the dataset at {root!r} is not laid out as the config expects '
+                    '(docs/datasets.md), or data_root points at the wrong folder.')
+
+
+def _seg_dataset_class(cfg, ds):
+    """The mmseg ``BaseSegDataset`` class a dataset config builds, or None (another scope, type
+    or a type that is not registered)."""
+    if cfg.get('default_scope') != 'mmseg':
+        return None
+    from mmseg.datasets import BaseSegDataset
+    from mmseg.registry import DATASETS
+    kind = ds.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    return cls if isinstance(cls, type) and issubclass(cls, BaseSegDataset) else None
+
+
+def _first_file(folder, suffix=''):
+    """The path, relative to ``folder``, of a file under it whose name ends with ``suffix``;
+    None if there is none. Listed as mmengine lists a dataset's images: recursively, through
+    symlinked folders, leaving out names that start with '.' (macOS's ``._*`` files)."""
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(suffix) and not name.startswith('.'):
+                return osp.relpath(osp.join(top, name), folder)
+    return None
+
+
+def _suffix_hint(folder, stem, key, which):
+    """The fix for a file ``stem + suffix`` missing from ``folder``: the suffix of a file there
+    whose name starts with ``stem``, as a --cfg-options override of ``key``'s ``which``."""
+    near = sorted(n for n in os.listdir(folder) if n.startswith(stem)) if osp.isdir(folder) else []
+    if near:
+        return (f'{folder!r} holds {near[0]!r}: pass --cfg-options '
+                f'{key}.{which}={near[0][len(stem):]}.')
+    return None
+
+
+def _split_file_problems(key, ann_file, img_dir, ann_dir, img_suffix, seg_suffix):
+    """``(config key, sentence)`` when a segmentation split file (VOC's ``ImageSets/Segmentation/
+    train.txt``: one image name per line, without its suffix) names images or label maps that do
+    not exist. mmseg reads the list as it is and stops at the first such file, in a data loader
+    worker, with a FileNotFoundError naming no config key. Every line is checked (a stat each),
+    so a partly extracted dataset is counted, not just met."""
+    with open(ann_file) as f:
+        names = [line.strip() for line in f]
+    if not any(names):
+        yield f'{key}.ann_file', (
+            f'the split file {ann_file!r} ({key}.ann_file) lists no image: put one image name '
+            'per line there (without its suffix), or leave ann_file out to list the image folder.')
+        return
+    missing_images = [(n, i) for i, n in enumerate(names, 1)
+                      if not osp.isfile(osp.join(img_dir, n + img_suffix))]
+    no_image = {i for _, i in missing_images}
+    missing_labels = [] if ann_dir is None else [
+        (n, i) for i, n in enumerate(names, 1)
+        if i not in no_image and not osp.isfile(osp.join(ann_dir, n + seg_suffix))]
+    for missing, folder, suffix, which in ((missing_images, img_dir, img_suffix, 'img_suffix'),
+                                           (missing_labels, ann_dir, seg_suffix, 'seg_map_suffix')):
+        if not missing:
+            continue
+        name, line = missing[0]
+        path = osp.join(folder, name + suffix)
+        what = 'image' if which == 'img_suffix' else 'label map'
+        if not name:
+            fix = f'delete the blank line from {ann_file!r}.'
+        elif osp.isfile(osp.join(folder, name)):
+            fix = (f'{name!r} is there: the lines must name images without their suffix; strip '
+                   f'it in {ann_file!r}.')
+        else:
+            fix = (_suffix_hint(osp.dirname(path), osp.basename(name), key, which)
+                   or f'check {key}.{which}, {key}.data_prefix and whether the dataset is fully '
+                      'extracted there (docs/datasets.md).')
+        yield f'{key}.{which}', (
+            f'{len(missing)} of the {len(names)} names in the split file {ann_file!r} '
+            f'({key}.ann_file) have no {what}: line {line}, {name!r}, would be {path!r} '
+            f'({which} {suffix!r}), which does not exist; {fix}')
+        return
+
+
+def _seg_pairing_problems(cfg, loader):
+    """``(config key, sentence)`` for a segmentation dataset that would list no image (no file
+    under its image folder ends with ``img_suffix``: mmengine then stops with numpy's 'need at
+    least one array to concatenate') or whose first image's label map, named by swapping
+    ``img_suffix`` for ``seg_map_suffix``, does not exist (a FileNotFoundError naming neither
+    key at the first iteration). A dataset listed by a split file (``ann_file``) has every
+    listed name checked (:func:`_split_file_problems`)."""
+    for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+        cls = _seg_dataset_class(cfg, ds)
+        root, prefix = ds.get('data_root') or '', ds.get('data_prefix') or {}
+        if cls is None or not isinstance(root, str) \
+                or not isinstance(prefix.get('img_path'), str):
+            continue
+        defaults = inspect.signature(cls.__init__).parameters
+        img_suffix = ds.get('img_suffix', defaults['img_suffix'].default)
+        seg_suffix = ds.get('seg_map_suffix', defaults['seg_map_suffix'].default)
+        img_dir = osp.join(root, prefix['img_path'])
+        if not osp.isdir(img_dir):
+            continue  # _missing_data_paths says so
+        ann_file = ds.get('ann_file')
+        if isinstance(ann_file, str) and ann_file:
+            ann_file = osp.join(root, ann_file)
+            if osp.isfile(ann_file):  # a folder given as ann_file is listed, as by mmseg
+                ann_dir = prefix.get('seg_map_path')
+                yield from _split_file_problems(
+                    key, ann_file, img_dir,
+                    osp.join(root, ann_dir) if isinstance(ann_dir, str) else None,
+                    img_suffix, seg_suffix)
+                continue
+        elif ann_file:
+            continue  # not a local path we can read
+        image = _first_file(img_dir, img_suffix)
+        if image is None:
+            other = _first_file(img_dir)
+            yield f'{key}.img_suffix', (
+                f'no file under {img_dir!r} ends with img_suffix {img_suffix!r} ({key}.img_suffix), '
+                f'so the dataset would list no image; ' + (
+                    f'it holds e.g. {other!r}: pass --cfg-options {key}.img_suffix='
+                    f'{osp.splitext(other)[1] or "SUFFIX"} (the end of the image names that the '
+                    "label maps' names do not share)." if other else
+                    'the folder is empty: prepare the dataset there (docs/datasets.md).'))
+            continue
+        ann_dir = prefix.get('seg_map_path')
+        if not isinstance(ann_dir, str):
+            continue
+        label = osp.join(root, ann_dir, image[:-len(img_suffix)] + seg_suffix)
+        if osp.isfile(label):
+            continue
+        stem, folder = osp.basename(image[:-len(img_suffix)]), osp.dirname(label)
+        yield f'{key}.seg_map_suffix', (
+            f'the label map of {osp.join(img_dir, image)!r} would be {label!r} (its name with '
+            f'img_suffix {img_suffix!r} replaced by seg_map_suffix {seg_suffix!r}), which does not '
+            'exist; ' + (_suffix_hint(folder, stem, key, 'seg_map_suffix') or
+                         f'no file in {folder!r} starts with {stem!r}: check {key}.seg_map_suffix '
+                         f'and {key}.data_prefix.seg_map_path.'))
+
+
+def _missing_evaluator_files(cfg, evaluator):
+    """``(config key, sentence)`` for each local ``ann_file`` of ``evaluator``'s metrics (COCO's
+    ground truth) that does not exist."""
+    metrics = cfg.get(evaluator)
+    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
+    for i, metric in metrics:
+        path = metric.get('ann_file') if isinstance(metric, dict) else None
+        if isinstance(path, str) and path and '://' not in path and not osp.exists(path):
+            key = f'{evaluator}.ann_file' if i is None else f'{evaluator}.{i}.ann_file'
+            yield key, (f'{path!r} ({key}) does not exist: the metric reads its ground truth '
+                        f'there; prepare the dataset (docs/datasets.md) or pass --cfg-options '
+                        f'{key}=PATH.')
+
+
+def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
+    """Fail before building anything when a dataset's ``data_root``, or an annotation file or
+    image / label folder under it, or the annotation file a loader's evaluator reads, does not
+    exist, or a segmentation dataset's images and label maps do not pair up through
+    ``img_suffix`` / ``seg_map_suffix`` (:func:`_seg_pairing_problems`); the error names the
+    first and the config keys of the others.
+
+    mmseg / mmdet would stop later, in the middle of building the runner or the first
+    epoch (the evaluator's file at the first validation), with a FileNotFoundError traceback
+    naming neither the config key nor the fix.
+    """
+    problems = []
+    for loader in loaders:
+        problems += _missing_data_paths(cfg, loader)
+        problems += _missing_evaluator_files(cfg, loader.replace('_dataloader', '_evaluator'))
+    if not problems:  # the folders exist: do the images and their label maps pair up?
+        for loader in loaders:
+            problems += _seg_pairing_problems(cfg, loader)
+    if problems:
+        others = [key for key, _ in problems[1:]]
+        raise FileNotFoundError(problems[0][1] + (
+            f' Also missing: {", ".join(others)}.' if others else ''))
