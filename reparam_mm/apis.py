@@ -199,9 +199,10 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     vs unfused output check (``last_report``, ``last_check``).
     """
     # build_runner opens a gloo group on CPU torchrun
-    from .data_checks import check_data_roots
+    from .data_checks import check_data_roots, check_loader_keys
     from .train import build_runner, check_num_classes
     cfg = build_test_cfg(config, out=out, fuse=fuse, **kwargs)
+    check_loader_keys(cfg, ['test_dataloader'])
     check_data_roots(cfg, ['test_dataloader'])
     check_num_classes(cfg, ['test_dataloader'])
     # before the runner logs a page of environment and config: the file, then its keys
@@ -261,8 +262,13 @@ def warn_empty_detection_metrics(runner, metrics):
 
 def run_test(config, checkpoint, out=None, fuse=True, **kwargs):
     """Evaluate ``checkpoint``; fused unless ``fuse=False``. Returns the metrics dict."""
+    from .data_checks import explain_build_failure
     runner = build_test_runner(config, checkpoint, out=out, fuse=fuse, **kwargs)
-    metrics = runner.test()
+    try:
+        metrics = runner.test()
+    except Exception as error:  # a dataset or evaluator that did not build: say why, if known
+        explain_build_failure(runner.cfg, error, ['test_dataloader'])
+        raise
     warn_empty_detection_metrics(runner, metrics)
     return metrics
 

@@ -65,27 +65,24 @@ def _unnamed(classes, ann_file):
 def check_coco_categories(cfg, loaders=('train_dataloader', 'val_dataloader')):
     """At least one class of each COCO-style dataset (a local json ``ann_file``) must be a category
     of its json: with none, mmdet keeps no image and stops building the dataset with numpy's
-    'need at least one array to concatenate'. Reads the jsons: :func:`train` calls it only
-    when the build failed so (COCO's own jsons take seconds to read)."""
-    for loader in loaders:
-        for _, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
-            ann_file, root = ds.get('ann_file'), ds.get('data_root') or ''
-            if ds.get('dataset') or ds.get('datasets') or not isinstance(ann_file, str) \
-                    or not ann_file.endswith('.json') or '://' in ann_file + str(root):
-                continue
-            path = osp.join(root, ann_file) if isinstance(root, str) else ann_file
-            meta = dataset_metainfo({'default_scope': cfg.get('default_scope'),
-                                     loader: {'dataset': ds}}, loader)
-            categories = _json_categories(path)
-            if not meta or categories is None or set(meta['classes']) & set(categories):
-                continue
-            classes = meta['classes']
-            raise ConfigError(
-                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
-                f'{", ..." if len(classes) > 6 else ""}), and none of them is a category of {path} '
-                f'({", ".join(map(str, categories[:6]))}{", ..." if len(categories) > 6 else ""}), '
-                "so no image is left to train on; name the classes as the json's categories do (its "
-                "'categories' list), e.g. 'person', not 'human'.")
+    'need at least one array to concatenate'. Reads the jsons: :func:`explain_build_failure`
+    calls it only when the build failed so (COCO's own jsons take seconds to read)."""
+    for key, path, ds in _local_coco_jsons(cfg, loaders):
+        if ds is None:
+            continue  # an evaluator's
+        loader = key.split('.')[0]
+        meta = dataset_metainfo({'default_scope': cfg.get('default_scope'),
+                                 loader: {'dataset': ds}}, loader)
+        categories = _json_categories(path)
+        if not meta or categories is None or set(meta['classes']) & set(categories):
+            continue
+        classes = meta['classes']
+        raise ConfigError(
+            f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
+            f'{", ..." if len(classes) > 6 else ""}), and none of them is a category of {path} '
+            f'({", ".join(map(str, categories[:6]))}{", ..." if len(categories) > 6 else ""}), '
+            "so no image is left to train on; name the classes as the json's categories do (its "
+            "'categories' list), e.g. 'person', not 'human'.")
 
 
 def segmentation_heads(model):
@@ -455,3 +452,168 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
         others = [key for key, _ in problems[1:]]
         raise FileNotFoundError(problems[0][1] + (
             f' Also missing: {", ".join(others)}.' if others else ''))
+
+
+#: what mmengine's ``Runner.build_dataloader`` reads from a loader's config before handing the
+#: rest to torch's ``DataLoader``
+_RUNNER_LOADER_KEYS = frozenset({'num_batch_per_epoch'})
+
+
+def _init_parameters(cls):
+    """The keyword arguments ``cls(...)`` takes, through the ``**kwargs`` its ``__init__`` passes
+    up the class hierarchy; None when some ``**kwargs`` goes past the classes (anything goes)."""
+    names = set()
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {'self'}
+    return None
+
+
+def _nearest(name, names):
+    import difflib
+    near = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.75)
+    return near[0] if near else None
+
+
+def _unknown_key(key, name, accepted, what):
+    near = _nearest(name, accepted)
+    return (f'{key}.{name} is not {what}' + (f'; did you mean {near!r}?' if near else
+                                             f"; it takes {', '.join(sorted(accepted))}."))
+
+
+def _dataset_class(cfg, ds):
+    kind = ds.get('type')
+    if not isinstance(kind, str):
+        return kind if isinstance(kind, type) else None
+    try:
+        import importlib
+        return importlib.import_module(f"{cfg.get('default_scope')}.registry").DATASETS.get(kind)
+    except Exception:  # noqa: BLE001 - another scope or an unregistered type: the build says
+        return None
+
+
+def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
+    """Refuse a key of a loader's config, or of its datasets' (wrappers included), that nothing
+    takes, naming the nearest that is taken: written in a config file (``batch_szie=2``,
+    ``reduce_zero_lable=True``) it stopped the run after a page of logs with torch's or the
+    registry's "unexpected keyword argument" TypeError. A slip in a ``metainfo`` key
+    (``clases=...``) is refused too: mmengine keeps any key there, so the dataset kept its
+    class's own classes (COCO's 80) and the class-count check blamed the heads."""
+    from torch.utils.data import DataLoader
+    loader_keys = set(inspect.signature(DataLoader).parameters) | _RUNNER_LOADER_KEYS
+    for loader in loaders:
+        node = cfg.get(loader)
+        if not isinstance(node, dict):
+            continue
+        for name in node:
+            if name not in loader_keys:
+                raise ConfigError(_unknown_key(loader, name, loader_keys, 'a data loader setting')
+                                  + ' (mmengine hands these to torch.utils.data.DataLoader).')
+        for key, ds in _datasets(node.get('dataset'), f'{loader}.dataset'):
+            cls = _dataset_class(cfg, ds)
+            if cls is None:
+                continue
+            accepted = _init_parameters(cls)
+            for name in [] if accepted is None else ds:
+                if name not in accepted and name not in ('type', '_scope_'):
+                    raise ConfigError(_unknown_key(key, name, accepted,
+                                                   f'an argument of {cls.__name__}'))
+            meta = ds.get('metainfo')
+            known = set(getattr(cls, 'METAINFO', None) or {})
+            for name in meta if isinstance(meta, dict) else ():
+                near = None if name in known else _nearest(name, known)
+                if near:
+                    own = cls.METAINFO.get(near)
+                    kept = (f"{cls.__name__}'s {len(own)} classes" if near == 'classes' and own
+                            else 'no classes' if near == 'classes' else f"{cls.__name__}'s own {near}")
+                    raise ConfigError(f'{key}.metainfo.{name} is read by nothing, so the dataset '
+                                      f'keeps {kept}; did you mean {near!r}?')
+
+
+def _local_coco_jsons(cfg, loaders):
+    """``(config key, path, dataset config or None)`` of every local COCO json ``loaders`` read:
+    their datasets' ``ann_file`` and their evaluators' (None for an evaluator's)."""
+    for loader in loaders:
+        for key, ds in _datasets((cfg.get(loader) or {}).get('dataset'), f'{loader}.dataset'):
+            ann_file, root = ds.get('ann_file'), ds.get('data_root') or ''
+            if ds.get('dataset') or ds.get('datasets') or not isinstance(ann_file, str) \
+                    or not ann_file.endswith('.json') or '://' in ann_file + str(root):
+                continue
+            yield (f'{key}.ann_file', osp.join(root, ann_file) if isinstance(root, str) else ann_file,
+                   ds)
+        evaluator = loader.replace('_dataloader', '_evaluator')
+        metrics = cfg.get(evaluator)
+        metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
+        for i, metric in metrics:
+            path = metric.get('ann_file') if isinstance(metric, dict) else None
+            if isinstance(path, str) and path.endswith('.json') and '://' not in path:
+                yield f'{evaluator}{"" if i is None else f".{i}"}.ann_file', path, None
+
+
+def coco_json_problem(path, key, dataset=None):
+    """The sentence saying why the COCO json at ``path`` (``key`` in the config) cannot serve,
+    or None: empty, not JSON (cut short), not an object of ``images``, ``annotations`` and
+    ``categories`` lists (test-dev's json, without boxes, has no ``annotations``), no image or
+    category, or no annotation for a training ``dataset`` that keeps only images with boxes
+    (mmdet's ``filter_empty_gt``)."""
+    import json
+    if not osp.isfile(path):
+        return None  # check_data_roots says so
+    if osp.getsize(path) == 0:
+        return f'{path} ({key}) is empty (0 bytes): write the COCO json there again.'
+    try:
+        with open(path, 'rb') as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
+        return (f'{path} ({key}) is not valid JSON ({getattr(e, "msg", e)}{where}); a download or '
+                'copy cut short leaves it so: write it again.')
+    shape = ("a COCO json is an object holding 'images', 'annotations' and 'categories' lists "
+             '(https://cocodataset.org/#format-data)')
+    if not isinstance(data, dict):
+        return f'{path} ({key}) holds a JSON {type(data).__name__}, not an object; {shape}.'
+    training = dataset is not None and not dataset.get('test_mode')
+    missing = [name for name in ('images', 'annotations', 'categories')  # test-dev has no boxes
+               if not isinstance(data.get(name), list) and (training or name != 'annotations')]
+    if missing:
+        return (f"{path} ({key}) has no {' / '.join(repr(m) for m in missing)} "
+                f"list{'s' if len(missing) > 1 else ''}; {shape}.")
+    for name, what in (('images', 'lists no image'), ('categories', 'names no category')):
+        if not data[name]:
+            return f"{path} ({key}) {what} (its '{name}' list is empty); {shape}."
+    if training and not data['annotations'] \
+            and (dataset.get('filter_cfg') or {}).get('filter_empty_gt', True):
+        return (f"{path} ({key}) has no annotation (its 'annotations' list is empty), and the "
+                'training set keeps only images with boxes (filter_cfg.filter_empty_gt), so no '
+                'image is left to train on: annotate the images, or point ann_file at the json '
+                'that holds their boxes.')
+    return None
+
+
+#: where a traceback passes when mmengine / mmdet build a dataset or an evaluator
+_BUILD_FRAMES = frozenset({'full_init', 'load_data_list', 'build_evaluator', 'build_dataloader'})
+
+
+def explain_build_failure(cfg, error, loaders):
+    """Raise the one sentence that says why ``error`` stopped the building of a dataset or an
+    evaluator of ``loaders`` (a broken COCO json, classes none of which it names), from it;
+    return when the cause is another. Reads the jsons only when the build failed: COCO's own
+    take seconds to read."""
+    import traceback
+    frames = traceback.extract_tb(error.__traceback__)
+    if not any(f.name in _BUILD_FRAMES or '/pycocotools/' in f.filename for f in frames):
+        return
+    for key, path, dataset in _local_coco_jsons(cfg, loaders):
+        said = coco_json_problem(path, key, dataset)
+        if said:
+            raise ConfigError(said) from error
+    if isinstance(error, ValueError) and str(error) == 'need at least one array to concatenate':
+        check_coco_categories(cfg, loaders)

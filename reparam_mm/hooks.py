@@ -335,7 +335,7 @@ class LabelValuesCheckHook(Hook):
     of its heads or their ignore index (:func:`reparam_mm.data_checks.check_label_values`), checked on
     the CPU tensors before the data preprocessor moves them. In validation and test, label maps
     the ``IoUMetric`` cannot score are counted and said after the loop
-    (:class:`reparam_mm.train.EvalLabelValues`): a warning, not an error, so a long run is not
+    (:class:`reparam_mm.data_checks.EvalLabelValues`): a warning, not an error, so a long run is not
     stopped at its first validation. Registered by ``train()`` and ``tools/test.py``'s runner."""
     priority = 'VERY_HIGH'
 

@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
 from .apis import apply_dispatch_setting, set_fuse_hook
-from .data_checks import check_coco_categories, check_data_roots, segmentation_heads
+from .data_checks import check_data_roots, check_loader_keys, explain_build_failure, segmentation_heads
 from .scope import (CfgOptionsAction, ConfigError, dataset_metainfo, fit_persistent_workers, init_scope,
                     load_config, merge_cfg_options)
 
@@ -615,14 +615,16 @@ def train(cfg, hooks=()):
     """
     from .checkpoint import check_checkpoint_file
     init_scope(cfg)
-    check_num_classes(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
+    loaders = ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else [])
+    check_loader_keys(cfg, loaders)
+    check_num_classes(cfg, loaders)
     check_pad_label(cfg)
     check_model_fits(cfg)
     check_param_schedulers(cfg)
     warn_schedules_past_the_end(cfg)
     check_amp_device(cfg)
     check_pretrained_files(cfg)
-    check_data_roots(cfg, ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else []))
+    check_data_roots(cfg, loaders)
     if cfg.get('load_from'):  # --resume PATH or load_from: mmengine loads it after a page of logs
         check_checkpoint_file(cfg.load_from, fix='pass an existing .pth file as --resume PATH '
                               'or load_from')
@@ -643,9 +645,8 @@ def train(cfg, hooks=()):
         runner.register_hook(hook)
     try:
         runner.train()
-    except ValueError as error:  # numpy's, when a dataset kept no image: say why, if it is that
-        if str(error) == 'need at least one array to concatenate':
-            check_coco_categories(cfg)
+    except Exception as error:  # a dataset or evaluator that did not build: say why, if known
+        explain_build_failure(cfg, error, loaders)
         raise
     return runner
 

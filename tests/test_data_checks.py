@@ -1,0 +1,155 @@
+"""reparam_mm.data_checks: slips in a loader's or dataset's keys and broken COCO jsons are one
+sentence naming the key or the file and the fix, where mmengine / mmdet stopped with a TypeError,
+a KeyError or a JSONDecodeError (or, for a ``metainfo`` slip, trained on the wrong classes)."""
+import json
+
+import pytest
+
+import reparam_mm  # noqa: F401
+from conftest import ROOT
+from reparam_mm.data_checks import check_loader_keys, coco_json_problem
+from reparam_mm.scope import ConfigError, init_scope
+from reparam_mm.train import main
+from test_train_checks import COCO_DEMO, _classes, _coco_run
+from test_train_tools import tiny_demo_config
+
+
+def _det_cfg(loader=None, dataset=None):
+    from mmengine.config import Config
+    ds = dict(dict(type='CocoDataset', data_root='d', ann_file='a.json', pipeline=[],
+                   metainfo=dict(classes=('person', ))), **(dataset or {}))
+    cfg = Config(dict(default_scope='mmdet', train_dataloader=dict(
+        batch_size=2, num_workers=0, sampler=dict(type='DefaultSampler'), dataset=ds, **(loader or {}))))
+    init_scope(cfg)
+    return cfg
+
+
+def test_loader_keys_nothing_reads_are_refused_naming_the_nearest():
+    check_loader_keys(_det_cfg(loader=dict(persistent_workers=False, num_batch_per_epoch=4),
+                               dataset=dict(metainfo=dict(classes=('person', ), source='mine'))))
+    with pytest.raises(ConfigError) as err:
+        check_loader_keys(_det_cfg(loader=dict(batch_szie=4)))
+    assert str(err.value) == ("train_dataloader.batch_szie is not a data loader setting; did you mean "
+                              "'batch_size'? (mmengine hands these to torch.utils.data.DataLoader).")
+    with pytest.raises(ConfigError) as err:  # no near name: what the class takes
+        check_loader_keys(_det_cfg(dataset=dict(img_scale=(320, 320))))
+    assert str(err.value).startswith('train_dataloader.dataset.img_scale is not an argument of '
+                                     'CocoDataset; it takes ann_file, backend_args, ')
+    with pytest.raises(ConfigError) as err:  # through a wrapper, whose own arguments are known
+        cfg = _det_cfg()
+        cfg.train_dataloader.dataset = dict(type='RepeatDataset', times=2,
+                                            dataset={**cfg.train_dataloader.dataset, 'filter_cgf': {}})
+        check_loader_keys(cfg)
+    assert str(err.value) == ("train_dataloader.dataset.dataset.filter_cgf is not an argument of "
+                              "CocoDataset; did you mean 'filter_cfg'?")
+
+
+def test_a_slip_in_a_metainfo_key_is_refused_before_the_class_count_check(tmp_path):
+    """``metainfo=dict(clases=...)`` kept COCO's 80 classes: the class-count check then told the
+    user to give the heads 80 classes."""
+    with pytest.raises(ConfigError) as err:
+        check_loader_keys(_det_cfg(dataset=dict(metainfo=dict(clases=('person', 'car')))))
+    assert str(err.value) == ("train_dataloader.dataset.metainfo.clases is read by nothing, so the "
+                              "dataset keeps CocoDataset's 80 classes; did you mean 'classes'?")
+    config = tmp_path / 'mine.py'  # in a config file of the user's, on the demo detector
+    config.write_text(f"_base_ = [{str(COCO_DEMO)!r}]\nmodel = dict(roi_head=dict(bbox_head=dict("
+                      "num_classes=2)))\ntrain_dataloader = dict(dataset=dict(metainfo=dict(palete="
+                      "[(1, 2, 3), (4, 5, 6)], classes=('person', 'car'))))\n")
+    with pytest.raises(ConfigError) as err:
+        main([str(config), '--work-dir', str(tmp_path / 'w')])
+    assert str(err.value) == ("train_dataloader.dataset.metainfo.palete is read by nothing, so the "
+                              "dataset keeps CocoDataset's own palette; did you mean 'palette'?")
+
+
+def test_a_loader_key_slip_in_a_config_file_stops_before_the_build(tmp_path):
+    """Written in a file (not on --cfg-options, which knows the base's keys), ``batch_szie``
+    stopped the run after the model's build with torch's 'unexpected keyword argument'."""
+    config = tiny_demo_config(tmp_path, extra='val_dataloader = dict(batch_szie=1)')
+    with pytest.raises(ConfigError, match=r"^val_dataloader\.batch_szie is not a data loader setting; "
+                                          r"did you mean 'batch_size'\?"):
+        main([config, '--work-dir', str(tmp_path / 'w')])
+    config = tiny_demo_config(tmp_path, extra='train_dataloader = dict(dataset=dict(reduce_zero_lable=True))')
+    with pytest.raises(ConfigError, match=r"^train_dataloader\.dataset\.reduce_zero_lable is not an "
+                                          r"argument of DemoADEDataset; did you mean 'reduce_zero_label'\?$"):
+        main([config, '--work-dir', str(tmp_path / 'w')])
+
+
+def test_every_shipped_config_passes_the_loader_key_check():
+    from reparam_mm.scope import ConfigImportError, load_config
+    checked = 0
+    for path in sorted((ROOT / 'configs').rglob('*.py')):
+        if '_base_' in path.parts:
+            continue
+        try:
+            cfg = load_config(str(path))
+        except ConfigImportError:  # mmpretrain's configs: it does not import here
+            continue
+        init_scope(cfg)
+        check_loader_keys(cfg, ('train_dataloader', 'val_dataloader', 'test_dataloader'))
+        checked += 1
+    assert checked >= 50
+
+
+BROKEN = {
+    'empty': ('', 'is empty (0 bytes): write the COCO json there again.'),
+    'cut short': ('{"images": [{"id": 1}], "annot',
+                  "is not valid JSON (Unterminated string starting at at line 1 column 25); a download "
+                  "or copy cut short leaves it so: write it again."),
+    'a list': ('[]', 'holds a JSON list, not an object; a COCO json is an object holding'),
+    'no lists': ('{}', "has no 'images' / 'annotations' / 'categories' lists; a COCO json"),
+    'no images': ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
+                  "lists no image (its 'images' list is empty)"),
+    'no categories': ('{"images": [{"id": 1}], "annotations": [], "categories": []}',
+                      "names no category (its 'categories' list is empty)"),
+    'no boxes': ('{"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
+                 "has no annotation (its 'annotations' list is empty), and the training set keeps only "
+                 "images with boxes (filter_cfg.filter_empty_gt), so no image is left to train on"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BROKEN))
+def test_a_broken_coco_json_is_named_with_what_is_wrong(tmp_path, case):
+    text, said = BROKEN[case]
+    path = tmp_path / 'a.json'
+    path.write_text(text)
+    found = coco_json_problem(str(path), 'train_dataloader.dataset.ann_file', dict(test_mode=False))
+    assert found.startswith(f'{path} (train_dataloader.dataset.ann_file) {said}')
+
+
+def test_a_coco_json_that_can_serve_is_not_refused(tmp_path):
+    """Test-dev's json has no 'annotations'; a test set and an evaluator need none, nor does a
+    training set that keeps images without boxes."""
+    path = tmp_path / 'a.json'
+    path.write_text(json.dumps(dict(images=[dict(id=1)], categories=[dict(id=1, name='a')])))
+    assert coco_json_problem(str(path), 'k', dict(test_mode=True)) is None
+    assert coco_json_problem(str(path), 'k') is None
+    path.write_text(json.dumps(dict(images=[dict(id=1)], annotations=[], categories=[dict(id=1, name='a')])))
+    assert coco_json_problem(str(path), 'k', dict(filter_cfg=dict(filter_empty_gt=False))) is None
+    assert coco_json_problem(str(tmp_path / 'missing.json'), 'k') is None  # check_data_roots says it
+
+
+def test_a_cut_short_coco_json_stops_training_and_testing_in_one_sentence(tmp_path):
+    """It stopped mmdet's dataset build with json's 'Expecting ...' traceback, naming no file."""
+    root, common = _coco_run(tmp_path)
+    ann = root / 'annotations.json'
+    good = ann.read_text()
+    ann.write_text(good[:120])
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('person', 'car'))
+    assert str(err.value).startswith(f'{ann} (train_dataloader.dataset.ann_file) is not valid JSON (')
+    assert isinstance(err.value.__cause__, ValueError)  # the original error stays attached
+    ann.write_text(good)
+    runner = main(common + _classes('person', 'car'))
+    ckpt = tmp_path / 'w' / 'iter_1.pth'
+    assert runner.iter == 1 and ckpt.is_file()
+    from reparam_mm.apis import run_test
+    test_data = [o.replace('val_dataloader', 'test_dataloader').replace('val_evaluator', 'test_evaluator')
+                 for o in common[common.index('--cfg-options') + 1:] if 'val_' in o]
+    options = dict(o.split('=', 1) for o in test_data)
+    options['test_dataloader.dataset.metainfo.classes'] = ('person', 'car')
+    options['model.roi_head.bbox_head.num_classes'] = 2
+    ann.write_text('')
+    with pytest.raises(ConfigError) as err:
+        run_test(str(COCO_DEMO), str(ckpt), work_dir=str(tmp_path / 't'), cfg_options=options)
+    assert str(err.value) == (f'{ann} (test_dataloader.dataset.ann_file) is empty (0 bytes): write '
+                              'the COCO json there again.')
