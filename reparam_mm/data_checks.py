@@ -4,10 +4,12 @@ COCO json names) and while the loops run (label-map values). Each failure is one
 the config key and the fix, where mmseg / mmdet would stop later with a traceback that names
 neither."""
 import inspect
+import logging
 import os
 import os.path as osp
 
 import torch
+from mmengine.logging import print_log
 
 from .scope import ConfigError, dataset_metainfo
 
@@ -19,9 +21,19 @@ def _innermost(dataset):
 
 
 def check_dataset_classes(runner):
-    """Every class a COCO-style dataset's ``metainfo`` names must be a category of its json:
-    mmdet keeps only the names it finds, so a misnamed class ('human' for 'person') trains
-    without a label and the evaluator fails at the first validation."""
+    """The classes of a COCO-style dataset against its json, before the first iteration:
+
+    * every class its ``metainfo`` names must be a category of the json: mmdet keeps only the
+      names it finds, so a misnamed class ('human' for 'person') trained without a label and
+      the evaluator failed at the first validation;
+    * they must come in the json's order: mmdet numbers the labels in the order of the json's
+      ``categories`` (pycocotools' ``getCatIds``), so ``classes=('car', 'person')`` on a json
+      listing person first trained the person boxes as label 0 and the checkpoint, inference
+      and pictures called them 'car' (mmdet issues 10675, 11704);
+    * a class without a box in the json is logged: the model never sees one, and its AP
+      reads nan.
+
+    The json's categories are read only when the config names its own classes."""
     for loader in ('train_dataloader', 'val_dataloader'):
         try:  # the loops' dataloaders (a run without validation has none to give)
             built = getattr(runner, loader)
@@ -30,8 +42,10 @@ def check_dataset_classes(runner):
         dataset = _innermost(getattr(built, 'dataset', None))
         classes, cat_ids = (dataset.metainfo.get('classes') if dataset is not None else None,
                             getattr(dataset, 'cat_ids', None))
-        if classes and cat_ids is not None and len(cat_ids) != len(classes):
-            ann_file = getattr(dataset, 'ann_file', None)
+        if not classes or cat_ids is None:
+            continue
+        ann_file = getattr(dataset, 'ann_file', None)
+        if len(cat_ids) != len(classes):
             unnamed = _unnamed(classes, ann_file)  # reads the json: once
             raise ConfigError(
                 f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
@@ -39,16 +53,69 @@ def check_dataset_classes(runner):
                 f'categories of {ann_file or "its ann_file"}{unnamed}; name the classes as the '
                 "json's categories do (its 'categories' list)"
                 + ('.' if unnamed else ", e.g. 'person', not 'human'."))
+        own = tuple((getattr(type(dataset), 'METAINFO', None) or {}).get('classes') or ())
+        if tuple(classes) != own and ann_file:
+            names = {c.get('id'): c.get('name') for c in json_categories(ann_file) or []}
+            in_json = [names.get(i) for i in cat_ids]
+            if names and in_json != list(classes):
+                raise ConfigError(
+                    f'{loader}: the dataset names its classes in the order ({", ".join(classes[:6])}'
+                    f'{", ..." if len(classes) > 6 else ""}), and mmdet numbers the labels in the '
+                    f"order of {ann_file}'s categories ({', '.join(map(str, in_json[:6]))}"
+                    f'{", ..." if len(in_json) > 6 else ""}), so the {in_json[0]!r} boxes would be '
+                    f'label 0, called {classes[0]!r}; name the classes in the json\'s order: '
+                    f'metainfo=dict(classes={tuple(in_json)!r}), in every loader.')
+        boxes = getattr(dataset, 'cat_img_map', None)
+        empty = [name for name, i in zip(classes, cat_ids) if boxes is not None and not boxes.get(i)]
+        if empty:
+            print_log(
+                f'{loader}: {len(empty)} of the {len(classes)} classes have no box in {ann_file} '
+                f'({", ".join(map(str, empty[:6]))}{", ..." if len(empty) > 6 else ""}): '
+                + ('the model never sees one, and ' if loader == 'train_dataloader' else '')
+                + ('its' if len(empty) == 1 else 'their') + ' AP reads nan; check the json\'s '
+                "annotations, or leave the class out (metainfo.classes and the heads' num_classes).",
+                logger='current', level=logging.WARNING)
+
+
+def _categories_list(data):
+    """The ``categories`` list at the start of ``data`` (bytes), or None if it is not one."""
+    import json
+    try:
+        value, _ = json.JSONDecoder().raw_decode(data.decode('utf-8', 'replace'))
+    except ValueError:
+        return None
+    ok = isinstance(value, list) and all(isinstance(c, dict) and 'id' in c for c in value)
+    return value if ok else None
+
+
+def json_categories(path):
+    """The ``categories`` (dicts of ``id`` and ``name``) of the COCO json at ``path``, or None
+    if it cannot be read. COCO's own jsons (448 MB for train2017) end with them: past 16 MB, the
+    list after the last ``"categories":`` in the file's last MB is decoded alone, and the whole
+    json only when that is not a list of categories."""
+    import json
+    import re
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError:
+        return None
+    tail = data[-(1 << 20):] if len(data) > 16 << 20 else b''  # a small json is read whole
+    for match in reversed(list(re.finditer(rb'"categories"\s*:\s*', tail))):
+        found = _categories_list(tail[match.end():])
+        if found is not None:
+            return found
+    try:
+        value = json.loads(data).get('categories')
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, list) else None
 
 
 def _json_categories(path):
     """The category names of the COCO json at ``path``, or None if it cannot be read."""
-    import json
-    try:
-        with open(path) as f:
-            return [c.get('name') for c in json.load(f).get('categories') or []]
-    except (OSError, ValueError, AttributeError):
-        return None
+    categories = json_categories(path)
+    return None if categories is None else [c.get('name') for c in categories]
 
 
 def _unnamed(classes, ann_file):

@@ -74,8 +74,9 @@ def test_a_loader_key_slip_in_a_config_file_stops_before_the_build(tmp_path):
         main([config, '--work-dir', str(tmp_path / 'w')])
 
 
-def test_every_shipped_config_passes_the_loader_key_check():
+def test_every_shipped_config_passes_the_loader_key_and_metric_ignore_checks():
     from reparam_mm.scope import ConfigImportError, load_config
+    from reparam_mm.train import check_metric_ignore_index
     checked = 0
     for path in sorted((ROOT / 'configs').rglob('*.py')):
         if '_base_' in path.parts:
@@ -86,6 +87,7 @@ def test_every_shipped_config_passes_the_loader_key_check():
             continue
         init_scope(cfg)
         check_loader_keys(cfg, ('train_dataloader', 'val_dataloader', 'test_dataloader'))
+        check_metric_ignore_index(cfg, ('val_evaluator', 'test_evaluator'))
         checked += 1
     assert checked >= 50
 
@@ -153,3 +155,50 @@ def test_a_cut_short_coco_json_stops_training_and_testing_in_one_sentence(tmp_pa
         run_test(str(COCO_DEMO), str(ckpt), work_dir=str(tmp_path / 't'), cfg_options=options)
     assert str(err.value) == (f'{ann} (test_dataloader.dataset.ann_file) is empty (0 bytes): write '
                               'the COCO json there again.')
+
+
+def test_coco_classes_in_another_order_than_the_json_are_refused(tmp_path):
+    """mmdet numbers the labels in the json's category order: ('car', 'person') on a json that
+    lists person first trained the person boxes as label 0, which the checkpoint called 'car'."""
+    root, common = _coco_run(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('car', 'person'))
+    assert str(err.value) == (
+        f"train_dataloader: the dataset names its classes in the order (car, person), and mmdet numbers "
+        f"the labels in the order of {root}/annotations.json's categories (person, car), so the "
+        "'person' boxes would be label 0, called 'car'; name the classes in the json's order: "
+        "metainfo=dict(classes=('person', 'car')), in every loader.")
+
+
+def test_a_class_without_a_box_is_logged_for_training_and_validation(tmp_path):
+    from conftest import mmengine_log
+    root, common = _coco_run(tmp_path)
+    ann = root / 'annotations.json'
+    data = json.loads(ann.read_text())
+    data['annotations'] = [a for a in data['annotations'] if a['category_id'] == 1]
+    ann.write_text(json.dumps(data))
+    with mmengine_log() as records:
+        runner = main(common + _classes('person', 'car'))
+    assert runner.iter == 1
+    said = [r.getMessage() for r in records if 'have no box' in r.getMessage()]
+    assert said == [
+        f"train_dataloader: 1 of the 2 classes have no box in {ann} (car): the model never sees one, "
+        "and its AP reads nan; check the json's annotations, or leave the class out (metainfo.classes "
+        "and the heads' num_classes).",
+        f"val_dataloader: 1 of the 2 classes have no box in {ann} (car): its AP reads nan; check the "
+        "json's annotations, or leave the class out (metainfo.classes and the heads' num_classes)."]
+
+
+def test_json_categories_of_a_large_json_are_read_from_its_end(tmp_path):
+    """Past 16 MB the list after the last '"categories":' in the last MB is decoded alone; a
+    decoy there that is no list of categories, or categories written first, read the whole."""
+    from reparam_mm.data_checks import json_categories
+    cats = [dict(id=3, name='cup'), dict(id=7, name='fork')]
+    filler = [dict(id=i, file_name='x' * 200) for i in range(80_000)]  # ~17 MB
+    path = tmp_path / 'big.json'
+    path.write_text(json.dumps(dict(images=filler, annotations=[], categories=cats)))
+    assert path.stat().st_size > 16 << 20 and json_categories(str(path)) == cats
+    path.write_text(json.dumps(dict(categories=cats, images=filler + [dict(id=-1, categories='decoy')])))
+    assert json_categories(str(path)) == cats
+    path.write_text(json.dumps(dict(categories=cats, images=filler)) + ' trailing')  # not JSON
+    assert json_categories(str(path)) is None
