@@ -212,6 +212,41 @@ def check_pad_label(cfg):
             f'--cfg-options model.data_preprocessor.seg_pad_val={ignore}.')
 
 
+def _iou_metrics(cfg, evaluator):
+    """``(config key, metric config)`` of ``evaluator``'s mmseg ``IoUMetric`` (or subclass)."""
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import METRICS
+    metrics = cfg.get(evaluator)
+    listed = isinstance(metrics, (list, tuple))
+    for i, metric in enumerate(metrics if listed else [metrics]):
+        kind = metric.get('type') if isinstance(metric, dict) else None
+        cls = METRICS.get(kind) if isinstance(kind, str) else kind
+        if isinstance(cls, type) and issubclass(cls, IoUMetric):
+            yield (f'{evaluator}.{i}' if listed else evaluator), metric
+
+
+def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
+    """An ``IoUMetric`` must ignore the label the heads ignore: with the metric at its default
+    255 and the heads at CamVid's 11, the pixels labelled 11 are scored as a class no head
+    predicts (their predictions counted, their label not), so the mIoU read low, and the
+    label-value warning after each validation blamed ``reduce_zero_label``."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    heads = {head.get('ignore_index', 255) for _, head in _class_heads(cfg.get('model') or {})}
+    if len(heads) != 1:
+        return  # none, or heads that disagree (check_pad_label refuses all but the padding's)
+    ignore = heads.pop()
+    for evaluator in evaluators:
+        for key, metric in _iou_metrics(cfg, evaluator):
+            value = metric.get('ignore_index', 255)
+            if value != ignore:
+                raise ConfigError(
+                    f"{key}.ignore_index is {value}, but the heads' ignore_index is {ignore}: the "
+                    f'metric would score the pixels labelled {ignore} as a class no head predicts, '
+                    f'and its mIoU would read low; ignore the same label: --cfg-options '
+                    f'{key}.ignore_index={ignore}.')
+
+
 # torch's conv on a channel count it does not take: on real tensors, and on the meta device
 _CHANNELS = re.compile(r'expected input\[[\d, ]*\] to have \d+ channels, but got \d+ channels|'
                        r'^Invalid channel dimensions')
@@ -619,6 +654,8 @@ def train(cfg, hooks=()):
     check_loader_keys(cfg, loaders)
     check_num_classes(cfg, loaders)
     check_pad_label(cfg)
+    if cfg.get('val_cfg'):
+        check_metric_ignore_index(cfg)
     check_model_fits(cfg)
     check_param_schedulers(cfg)
     warn_schedules_past_the_end(cfg)

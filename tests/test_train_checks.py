@@ -117,6 +117,37 @@ def test_heads_that_ignore_another_value_than_the_label_padding_are_refused(tmp_
     check_pad_label(det)
 
 
+@pytest.mark.timeout(60)
+def test_a_metric_that_ignores_another_label_than_the_heads_is_refused(tmp_path, monkeypatch):
+    """Heads and padding at CamVid's 11 (4 here) with IoUMetric at its default 255 scored the
+    ignored pixels as a class no head predicts: the mIoU read low, and the label-value warning
+    blamed reduce_zero_label."""
+    import reparam_mm.train
+
+    class Built(Exception):
+        pass
+
+    def build_runner(cfg):
+        raise Built
+
+    monkeypatch.setattr(reparam_mm.train, 'build_runner', build_runner)
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    ignore = ['model.decode_head.ignore_index=4', 'model.auxiliary_head.ignore_index=4',
+              'model.data_preprocessor.seg_pad_val=4']
+    with pytest.raises(ConfigError) as err:
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', *ignore])
+    assert str(err.value) == (
+        "val_evaluator.ignore_index is 255, but the heads' ignore_index is 4: the metric would score "
+        'the pixels labelled 4 as a class no head predicts, and its mIoU would read low; ignore the '
+        'same label: --cfg-options val_evaluator.ignore_index=4.')
+    with pytest.raises(Built):  # as advised
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', *ignore,
+              'val_evaluator.ignore_index=4'])
+    with pytest.raises(Built):  # no validation, no metric to check
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', *ignore,
+              'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None'])
+
+
 def test_heads_that_do_not_take_the_backbones_channels_are_refused(tmp_path, monkeypatch):
     """A backbone changed alone (model.backbone.arch=tiny on a config made for 31B) built, loaded
     the data and stopped at the first forward with torch's channel error, naming no key; the
