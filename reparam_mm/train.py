@@ -437,14 +437,14 @@ def warn_schedules_past_the_end(cfg):
     never reaches its floor, a warm-up that never ends), with the override that fits it. One
     that begins at or past the end never starts: fitting its end alone would put it at or before
     its begin, which mmengine refuses, so the advice moves its begin with the end of the warm-up
-    before it, where the run leaves room (:func:`_fit_with_warmup`), else says it changes
-    nothing."""
+    before it, where the run leaves room (:func:`_fit_with_warmup`), else says (at INFO, there
+    being nothing to do) that it changes nothing."""
     by_epoch, stop, stop_key = _loop_end(cfg)
     if _step(stop) is None:
         return
     unit = 'epoch' if by_epoch else 'iteration'
     for group in _scheduler_groups(cfg):
-        said, joined = {}, set()  # scheduler index -> sentence; warm-ups said with their decay
+        said, joined, quiet = {}, set(), set()  # index -> sentence; warm-ups said with their decay
         for j, (key, sched) in enumerate(group):
             begin, end = _step(sched.get('begin', 0)), _step(sched.get('end'))
             if begin is None or end is None or bool(sched.get('by_epoch', True)) != by_epoch \
@@ -467,11 +467,12 @@ def warn_schedules_past_the_end(cfg):
                 said[j] = (f'{starts}; --cfg-options {fit[0]} fits it and the '
                            f'{group[fit[1]][1].get("type")} before it to this run, or train past '
                            f'{unit} {begin}.')
-            else:
+            else:  # nothing to do: said, not warned, so a short run's log stays clean
+                quiet.add(j)
                 said[j] = (f'{starts}; in a run this short it changes nothing, so leave it as it '
                            f'is, or train past {unit} {begin}.')
         for j in sorted(set(said) - joined):
-            print_log(said[j], logger='current', level=logging.WARNING)
+            print_log(said[j], logger='current', level=logging.INFO if j in quiet else logging.WARNING)
 
 
 def set_amp_wrapper(cfg):
