@@ -490,3 +490,63 @@ def load_checkpoint_strict(model, filename, map_location='cpu', checkpoint=None)
     check_state_dict(model, state, f'checkpoint {filename}', checkpoint.get('meta'))
     _target(model).load_state_dict(state, strict=True)
     return checkpoint
+
+
+#: a scheduler's state that moves with training, or follows from what it is compared on
+_SCHEDULE_PROGRESS = frozenset({'optimizer', 'last_step', '_global_step', '_last_value', 'verbose',
+                                'total_iters', '_get_lr_called_within_step'})
+
+
+def schedule_settings(schedulers):
+    """``{name: (type, settings)}`` of mmengine param schedulers (a list, or a dict of lists, one
+    per optimizer): what each was built with (``begin``, ``end``, ``eta_min``, its base values,
+    ...), without its progress; for :func:`resumed_schedule_changes`."""
+    named = (schedulers.items() if isinstance(schedulers, dict) else [('', schedulers or [])])
+    found = {}
+    for prefix, group in named:
+        for i, scheduler in enumerate(group or []):
+            settings = {k: copy.deepcopy(v) for k, v in vars(scheduler).items()
+                        if k not in _SCHEDULE_PROGRESS}
+            found[f'param_scheduler.{prefix + "." if prefix else ""}{i}'] = (type(scheduler).__name__,
+                                                                            settings)
+    return found
+
+
+def _same(a, b):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+        except TypeError:
+            return False
+    return a == b
+
+
+def _said(value):
+    if isinstance(value, (list, tuple)) and len(set(map(str, value))) == 1:
+        value = value[0]  # one base value per parameter group, all alike
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def resumed_schedule_changes(built, restored, filename):
+    """The warning for a ``--resume`` whose config changed the schedule (``end``, ``eta_min``,
+    the learning rate, ...), or None. mmengine restores every scheduler whole from the checkpoint,
+    so a run resumed with ``train_cfg.max_iters=80 param_scheduler.1.end=80`` kept the saved end
+    60 and trained its last 20 iterations at the floor learning rate, without a word. ``built``
+    and ``restored`` are :func:`schedule_settings` before and after the resume."""
+    changes = []
+    for key, (kind, fresh) in built.items():
+        saved = restored.get(key, (kind, {}))[1]
+        diffs = [f"{'base ' + fresh.get('param_name', 'lr') if name == 'base_values' else name} "
+                 f'{_said(saved[name])} (the config: {_said(value)})'
+                 for name, value in fresh.items() if name in saved and not _same(saved[name], value)]
+        if diffs:
+            changes.append(f"{key} ({kind}) keeps {', '.join(diffs)}")
+    if not changes:
+        return None
+    return (f'--resume {filename}: mmengine restores each param_scheduler as the checkpoint saved '
+            f"it, so the config's changes to the schedule do not apply: {'; '.join(changes)}. To "
+            'train with the new schedule, start a new run from the checkpoint\'s weights '
+            f'(--cfg-options load_from={filename}, without --resume; the optimizer\'s state starts '
+            'anew), or resume with the schedule unchanged.')

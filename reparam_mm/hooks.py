@@ -261,7 +261,8 @@ class TrainingLoadCheckHook(Hook):
     (:func:`reparam_mm.checkpoint.check_training_load`). mmengine's runner hands every checkpoint
     it loads to ``after_load_checkpoint`` before loading it into the model, non-strictly. A
     ``--resume`` that found no checkpoint in the work_dir (mmengine trains from scratch after an
-    info line) is a warning at the start of training.
+    info line) is a warning at the start of training, as is one whose config changed the
+    schedule that the checkpoint's restores (:func:`reparam_mm.checkpoint.resumed_schedule_changes`).
 
     Args:
         partial (bool): accept a ``load_from`` that fills only part of the model, logging what
@@ -272,8 +273,21 @@ class TrainingLoadCheckHook(Hook):
 
     def __init__(self, partial=False):
         self.partial = partial
+        self.built_schedule, self.resumed_from = None, None
+
+    def before_run(self, runner) -> None:
+        # the schedulers as the config builds them, before a resume overwrites them
+        from .checkpoint import schedule_settings
+        self.built_schedule = schedule_settings(getattr(runner, 'param_schedulers', None))
 
     def before_train(self, runner) -> None:
+        if runner._resume and runner._has_loaded and self.built_schedule:
+            from .checkpoint import resumed_schedule_changes, schedule_settings
+            said = resumed_schedule_changes(self.built_schedule,
+                                            schedule_settings(runner.param_schedulers),
+                                            self.resumed_from)
+            if said:
+                print_log(said, logger='current', level=logging.WARNING)
         if runner._resume and not runner._has_loaded:  # mmengine found nothing and starts over
             print_log(f'--resume found no checkpoint in {runner.work_dir} (no last_checkpoint file '
                       'there), so training starts from iteration 0; to go on with a run, pass its '
@@ -283,6 +297,7 @@ class TrainingLoadCheckHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint):
         from mmengine.runner import find_latest_checkpoint
         filename = runner._load_from or find_latest_checkpoint(runner.work_dir)
+        self.resumed_from = filename
         check_training_load(runner.model, checkpoint, filename, resume=runner._resume,
                             partial=self.partial)
         done = (checkpoint.get('meta') or {}).get('iter')

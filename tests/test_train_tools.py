@@ -2,6 +2,7 @@
 and tools/demo.py end to end on a short schedule."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,33 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={max_iter
 {extra}
 """)
     return str(path)
+
+
+def test_a_resume_whose_config_changed_the_schedule_is_a_warning(tmp_path):
+    """mmengine restores every scheduler whole: resumed with a longer run and its end moved, the
+    saved end was kept and the rest trained at the floor learning rate, without a word."""
+    from conftest import mmengine_log
+    cfg = tiny_demo_config(tmp_path, max_iters=2)
+    wd = tmp_path / 'wd'
+    main([cfg, '--work-dir', str(wd)])
+    ckpt = str(tmp_path / 'saved.pth')  # out of the work_dir, whose old checkpoints are dropped
+    shutil.copy(wd / 'iter_2.pth', ckpt)
+
+    def resume(*options):
+        with mmengine_log() as records:
+            runner = main([cfg, '--work-dir', str(wd), '--resume', ckpt, '--cfg-options',
+                           'train_cfg.max_iters=3', *options])
+        assert runner.iter == 3
+        return [r.getMessage() for r in records if 'restores each param_scheduler' in r.getMessage()]
+
+    assert resume() == []  # the schedule as saved: nothing to say
+    assert resume('param_scheduler.0.end=3', 'param_scheduler.0.factor=0.5',
+                  'optim_wrapper.optimizer.lr=0.001') == [
+        f'--resume {ckpt}: mmengine restores each param_scheduler as the checkpoint saved it, so the '
+        "config's changes to the schedule do not apply: param_scheduler.0 (ConstantLR) keeps factor 1 "
+        '(the config: 0.5), end 2 (the config: 3), base lr 0.01 (the config: 0.001). To train with the '
+        f"new schedule, start a new run from the checkpoint's weights (--cfg-options load_from={ckpt}, "
+        "without --resume; the optimizer's state starts anew), or resume with the schedule unchanged."]
 
 
 def test_train_then_resume(tmp_path):
