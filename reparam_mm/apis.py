@@ -208,7 +208,7 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     # before the runner logs a page of environment and config: the file, then its keys
     ckpt = read_checkpoint(checkpoint, fix=STRICT_FIX)
     _check_keys_on_meta(cfg, ckpt, checkpoint)
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, tool='test')
     if out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))

@@ -153,6 +153,33 @@ def _latest_in(folder):
     return f', such as the latest, {latest}' if latest else ''
 
 
+def latest_to_resume(work_dir):
+    """The checkpoint ``--resume`` alone continues from: the one ``work_dir/last_checkpoint``
+    names (mmengine writes an absolute path there), or None when there is none. A run folder
+    copied or moved keeps the old absolute path: mmengine then resumed from the other folder's
+    file (while it existed) or stopped with its '... can not be found.'. The folder's own file
+    of that name is taken instead, and a named file found nowhere is one sentence."""
+    record = osp.join(work_dir, 'last_checkpoint')
+    try:
+        with open(record) as f:
+            named = f.read().strip()
+    except OSError:
+        return None
+    if not named:
+        return None
+    own = osp.join(work_dir, osp.basename(named))
+    if osp.isfile(own):
+        if not osp.isfile(named) or not osp.samefile(own, named):
+            from mmengine.logging import print_log
+            print_log(f'--resume: {record} names {named}, outside this work_dir (a copied or moved '
+                      f"run folder); resuming from the work_dir's own {own}.", logger='current')
+        return own
+    if osp.isfile(named):
+        return named
+    raise FileNotFoundError(f'--resume: {record} names {named}, which does not exist; pass a '
+                            f'checkpoint as --resume PATH{_latest_in(work_dir)}.')
+
+
 def check_checkpoint_form(module, state_dict):
     """Raise :class:`CheckpointMismatchError` when ``state_dict`` is the other form of
     ``module``: the fused (deploy) form of a model built unfused (from its training config), or

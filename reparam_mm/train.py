@@ -115,12 +115,21 @@ def config_from_args(args):
     set_fused_validation(cfg, fuse=not args.no_fuse)
 
     if args.resume == 'auto':
+        from .checkpoint import latest_to_resume
         cfg.resume = True
-        cfg.load_from = None
+        cfg.load_from = latest_to_resume(cfg.work_dir)  # None: mmengine starts over (a warning)
     elif args.resume is not None:
+        if osp.isdir(args.resume):
+            from .checkpoint import _latest_in
+            raise IsADirectoryError(
+                f'--resume {args.resume} is a folder, not a checkpoint; pass a .pth file in it'
+                f"{_latest_in(args.resume)}, or the folder as --work-dir with --resume alone.")
         if not osp.isfile(args.resume):
-            raise FileNotFoundError(f'--resume {args.resume}: no such checkpoint file; pass an '
-                                    'existing .pth, or --resume alone for the latest one.')
+            raise FileNotFoundError(
+                f'--resume {args.resume}: no such checkpoint file; pass an existing .pth, or '
+                '--resume alone for the latest one' + (
+                    ' (--resume takes the word after it as its PATH: put it last, or after the '
+                    'config)' if '=' in args.resume or args.resume.startswith('-') else '') + '.')
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
@@ -496,16 +505,20 @@ def set_amp_wrapper(cfg):
 
 
 #: what each launcher's processes find in their environment, and what starts them so
-_LAUNCHER_ENV = {'pytorch': ('RANK', 'tools/dist_train.sh CONFIG N (torchrun)'),
-                 'slurm': ('SLURM_PROCID', 'tools/slurm_train.sh (srun)')}
+_LAUNCHER_ENV = {
+    'pytorch': ('RANK', {'train': 'tools/dist_train.sh CONFIG N (torchrun)',
+                         'test': 'tools/dist_test.sh CONFIG CHECKPOINT N (torchrun)'}),
+    'slurm': ('SLURM_PROCID', {'train': 'tools/slurm_train.sh (srun)',
+                               'test': 'tools/slurm_test.sh (srun)'})}
 
 
-def check_launcher_env(cfg):
-    """``--launcher pytorch`` / ``slurm`` in a process its launcher did not start: one sentence
-    instead of torch's traceback about a missing environment variable."""
+def check_launcher_env(cfg, tool='train'):
+    """``--launcher pytorch`` / ``slurm`` in a process its launcher did not start: one sentence,
+    naming ``tool``'s (train / test) launch script, instead of torch's traceback about a missing
+    environment variable."""
     launcher = cfg.get('launcher', 'none')
     if launcher in _LAUNCHER_ENV and _LAUNCHER_ENV[launcher][0] not in os.environ:
-        variable, starter = _LAUNCHER_ENV[launcher]
+        variable, starter = _LAUNCHER_ENV[launcher][0], _LAUNCHER_ENV[launcher][1][tool]
         raise ConfigError(f'--launcher {launcher} expects a process started by its launcher '
                           f'({variable} is not set); run it through {starter}, or drop '
                           '--launcher for one process.')
@@ -620,7 +633,7 @@ def own_visualizer(cfg):
         cfg.visualizer = {**vis, 'name': f"{vis['name']}_run{next(_RUN_NUMBER)}"}
 
 
-def build_runner(cfg):
+def build_runner(cfg, tool='train'):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
@@ -628,7 +641,7 @@ def build_runner(cfg):
     # large-kernel autotuning off for this run; absent, REPARAM_MM_LARGE_DW decides (tuned).
     apply_dispatch_setting(cfg, reset=True)
     own_visualizer(cfg)
-    check_launcher_env(cfg)
+    check_launcher_env(cfg, tool)
     prepare_cpu_distributed(cfg)
     if not torch.cuda.is_available():  # a CPU run: reuse freed blocks instead of page-faulting
         from .cpu_malloc import ENV, keep_freed_memory

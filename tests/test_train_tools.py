@@ -462,3 +462,52 @@ def test_no_workers_switch_persistent_workers_off(tmp_path):
     kept = build_test_cfg(cfg, cfg_options={'test_dataloader.num_workers': 2,
                                             'test_dataloader.persistent_workers': True})
     assert kept.test_dataloader.persistent_workers is True
+
+
+def test_resume_alone_in_a_copied_run_folder_takes_the_folders_own_checkpoint(tmp_path):
+    """mmengine writes last_checkpoint as an absolute path: a copied run folder resumed from the
+    original folder's file, and with that one gone stopped with '... can not be found.'."""
+    from conftest import mmengine_log
+    cfg = tiny_demo_config(tmp_path, max_iters=2)
+    first = tmp_path / 'first'
+    main([cfg, '--work-dir', str(first)])
+    copy = tmp_path / 'copy'
+    shutil.copytree(first, copy)
+    assert (copy / 'last_checkpoint').read_text().strip() == str(first / 'iter_2.pth')
+    args = [cfg, '--work-dir', str(copy), '--resume', '--cfg-options', 'train_cfg.max_iters=3']
+    with mmengine_log() as records:
+        assert config_from_args(parse_args(args)).load_from == str(copy / 'iter_2.pth')
+    assert any(r.getMessage() == f"--resume: {copy / 'last_checkpoint'} names {first / 'iter_2.pth'}, "
+               f"outside this work_dir (a copied or moved run folder); resuming from the work_dir's "
+               f"own {copy / 'iter_2.pth'}." for r in records)
+    shutil.rmtree(first)
+    runner = main(args)
+    assert runner.iter == 3 and (copy / 'iter_3.pth').is_file()
+    (copy / 'last_checkpoint').write_text(str(tmp_path / 'gone' / 'iter_9.pth'))
+    with pytest.raises(FileNotFoundError) as err:
+        config_from_args(parse_args(args))
+    assert str(err.value) == (f"--resume: {copy / 'last_checkpoint'} names {tmp_path / 'gone' / 'iter_9.pth'}, "
+                              f"which does not exist; pass a checkpoint as --resume PATH, such as the "
+                              f"latest, {copy / 'iter_3.pth'}.")
+
+
+def test_resume_given_a_folder_or_an_option_says_what_it_takes(tmp_path):
+    cfg = tiny_demo_config(tmp_path, max_iters=1)
+    run = tmp_path / 'run'
+    main([cfg, '--work-dir', str(run)])
+    with pytest.raises(IsADirectoryError) as err:
+        config_from_args(parse_args([cfg, '--resume', str(run)]))
+    assert str(err.value) == (f'--resume {run} is a folder, not a checkpoint; pass a .pth file in it, '
+                              f'such as the latest, {run / "iter_1.pth"}, or the folder as --work-dir '
+                              'with --resume alone.')
+    with pytest.raises(FileNotFoundError, match=r"\(--resume takes the word after it as its PATH: put it "
+                                                r"last, or after the config\)\.$"):
+        config_from_args(parse_args([cfg, '--resume', 'train_cfg.max_iters=70']))
+
+
+def test_a_test_launcher_without_its_processes_names_the_test_script(tmp_path, monkeypatch):
+    from reparam_mm.scope import ConfigError
+    from reparam_mm.train import check_launcher_env
+    monkeypatch.delenv('RANK', raising=False)
+    with pytest.raises(ConfigError, match=r'run it through tools/dist_test\.sh CONFIG CHECKPOINT N'):
+        check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'pytorch']), 'test')
