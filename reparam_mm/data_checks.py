@@ -34,6 +34,7 @@ def check_dataset_classes(runner):
       reads nan.
 
     The json's categories are read only when the config names its own classes."""
+    orders = {}  # loader -> (json, the classes in the order the dataset numbers them)
     for loader in ('train_dataloader', 'val_dataloader'):
         try:  # the loops' dataloaders (a run without validation has none to give)
             built = getattr(runner, loader)
@@ -55,16 +56,10 @@ def check_dataset_classes(runner):
                 + ('.' if unnamed else ", e.g. 'person', not 'human'."))
         own = tuple((getattr(type(dataset), 'METAINFO', None) or {}).get('classes') or ())
         if tuple(classes) != own and ann_file:
-            names = {c.get('id'): c.get('name') for c in json_categories(ann_file) or []}
+            names = {c.get('id'): c.get('name') for c in json_categories(ann_file, cat_ids) or []}
             in_json = [names.get(i) for i in cat_ids]
-            if names and in_json != list(classes):
-                raise ConfigError(
-                    f'{loader}: the dataset names its classes in the order ({", ".join(classes[:6])}'
-                    f'{", ..." if len(classes) > 6 else ""}), and mmdet numbers the labels in the '
-                    f"order of {ann_file}'s categories ({', '.join(map(str, in_json[:6]))}"
-                    f'{", ..." if len(in_json) > 6 else ""}), so the {in_json[0]!r} boxes would be '
-                    f'label 0, called {classes[0]!r}; name the classes in the json\'s order: '
-                    f'metainfo=dict(classes={tuple(in_json)!r}), in every loader.')
+            if None not in in_json:
+                _check_class_order(loader, type(dataset).__name__, ann_file, classes, in_json, orders)
         boxes = getattr(dataset, 'cat_img_map', None)
         empty = [name for name, i in zip(classes, cat_ids) if boxes is not None and not boxes.get(i)]
         if empty:
@@ -75,6 +70,32 @@ def check_dataset_classes(runner):
                 + ('its' if len(empty) == 1 else 'their') + ' AP reads nan; check the json\'s '
                 "annotations, or leave the class out (metainfo.classes and the heads' num_classes).",
                 logger='current', level=logging.WARNING)
+
+
+def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
+    """Refuse ``classes`` that ``kind`` (a COCO-style dataset reading ``ann_file``) numbers in
+    another order, ``numbered``; and two loaders whose jsons order the same classes differently,
+    which no order of ``classes`` fits (mmdet issue 1732)."""
+    def few(names):
+        return ', '.join(map(str, names[:6])) + (', ...' if len(names) > 6 else '')
+
+    for other, (other_file, other_numbered) in orders.items():
+        if sorted(map(str, other_numbered)) == sorted(map(str, numbered)) \
+                and list(other_numbered) != list(numbered):
+            raise ConfigError(
+                f'{other} reads {other_file}, whose categories order the classes ({few(other_numbered)}), '
+                f'and {loader} reads {ann_file}, which orders them ({few(numbered)}); mmdet numbers '
+                "each dataset's labels in its own json's order, so no order of metainfo.classes fits "
+                'both: write the categories in the same order in both jsons.')
+    orders[loader] = (ann_file, list(numbered))
+    if list(numbered) == list(classes):
+        return
+    k = next(i for i, (a, b) in enumerate(zip(numbered, classes)) if a != b)
+    raise ConfigError(
+        f'{loader}: the dataset names its classes in the order ({few(classes)}), and {kind} numbers '
+        f"the labels in the order it reads {ann_file}'s categories ({few(numbered)}), so the "
+        f'{numbered[k]!r} boxes would be label {k}, called {classes[k]!r}; name the classes in that '
+        f'order: metainfo=dict(classes={tuple(numbered)!r}), in every loader.')
 
 
 def _categories_list(data):
@@ -88,26 +109,27 @@ def _categories_list(data):
     return value if ok else None
 
 
-def json_categories(path):
+def json_categories(path, ids=None):
     """The ``categories`` (dicts of ``id`` and ``name``) of the COCO json at ``path``, or None
-    if it cannot be read. COCO's own jsons (448 MB for train2017) end with them: past 16 MB, the
-    list after the last ``"categories":`` in the file's last MB is decoded alone, and the whole
-    json only when that is not a list of categories."""
+    if it cannot be read. COCO's own jsons (448 MB for train2017) end with them: past 16 MB and
+    given the category ``ids`` to find, the list after the last ``"categories":`` in the file's
+    last MB is decoded alone, and taken if it holds every one of ``ids`` (a per-image
+    ``categories`` list there would not); else the whole json is read."""
     import json
     import re
     try:
+        size = osp.getsize(path)
+        if ids is not None and size > 16 << 20:
+            with open(path, 'rb') as f:
+                f.seek(size - (1 << 20))
+                tail = f.read()
+            for match in reversed(list(re.finditer(rb'"categories"\s*:\s*', tail))):
+                found = _categories_list(tail[match.end():])
+                if found is not None and set(ids) <= {c.get('id') for c in found}:
+                    return found
         with open(path, 'rb') as f:
-            data = f.read()
-    except OSError:
-        return None
-    tail = data[-(1 << 20):] if len(data) > 16 << 20 else b''  # a small json is read whole
-    for match in reversed(list(re.finditer(rb'"categories"\s*:\s*', tail))):
-        found = _categories_list(tail[match.end():])
-        if found is not None:
-            return found
-    try:
-        value = json.loads(data).get('categories')
-    except (ValueError, AttributeError):
+            value = json.load(f).get('categories')
+    except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, list) else None
 
@@ -523,7 +545,11 @@ def check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader')):
 
 #: what mmengine's ``Runner.build_dataloader`` reads from a loader's config before handing the
 #: rest to torch's ``DataLoader``
-_RUNNER_LOADER_KEYS = frozenset({'num_batch_per_epoch'})
+_RUNNER_LOADER_KEYS = frozenset({'num_batch_per_epoch', 'disable_subprocess_warning'})
+
+#: packages whose dataset classes take only the arguments their signatures name (a class of
+#: another can pop more from ``**kwargs`` in its ``__init__``: only near misses are refused there)
+_SIGNED_PACKAGES = frozenset({'mmengine', 'mmdet', 'mmseg', 'mmpretrain', 'reparam_mm'})
 
 
 def _init_parameters(cls):
@@ -560,9 +586,10 @@ def _dataset_class(cfg, ds):
     kind = ds.get('type')
     if not isinstance(kind, str):
         return kind if isinstance(kind, type) else None
-    try:
+    try:  # in the dataset's own _scope_ where it names one, as the registry builds it
         import importlib
-        return importlib.import_module(f"{cfg.get('default_scope')}.registry").DATASETS.get(kind)
+        scope = ds.get('_scope_') or cfg.get('default_scope')
+        return importlib.import_module(f'{scope}.registry').DATASETS.get(kind)
     except Exception:  # noqa: BLE001 - another scope or an unregistered type: the build says
         return None
 
@@ -589,14 +616,17 @@ def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
             if cls is None:
                 continue
             accepted = _init_parameters(cls)
+            signed = cls.__module__.split('.')[0] in _SIGNED_PACKAGES
             for name in [] if accepted is None else ds:
-                if name not in accepted and name not in ('type', '_scope_'):
+                if name not in accepted and name not in ('type', '_scope_') \
+                        and (signed or _nearest(name, accepted)):
                     raise ConfigError(_unknown_key(key, name, accepted,
                                                    f'an argument of {cls.__name__}'))
             meta = ds.get('metainfo')
             known = set(getattr(cls, 'METAINFO', None) or {})
             for name in meta if isinstance(meta, dict) else ():
                 near = None if name in known else _nearest(name, known)
+                near = None if near in meta else near  # given too: this key is something else
                 if near:
                     own = cls.METAINFO.get(near)
                     kept = (f"{cls.__name__}'s {len(own)} classes" if near == 'classes' and own
@@ -627,42 +657,66 @@ def _local_coco_jsons(cfg, loaders):
 
 def coco_json_problem(path, key, dataset=None):
     """The sentence saying why the COCO json at ``path`` (``key`` in the config) cannot serve,
-    or None: empty, not JSON (cut short), not an object of ``images``, ``annotations`` and
-    ``categories`` lists (test-dev's json, without boxes, has no ``annotations``), no image or
-    category, or no annotation for a training ``dataset`` that keeps only images with boxes
-    (mmdet's ``filter_empty_gt``)."""
+    or None (:func:`_coco_json_problem`)."""
+    found = _coco_json_problem(path, key, dataset)
+    return found and found[1]
+
+
+def _coco_json_problem(path, key, dataset=None):
+    """``(kind, sentence)`` when the COCO json at ``path`` cannot serve, else None: ``'json'``
+    empty or not JSON (cut short); ``'shape'`` not an object of ``images``, ``annotations`` and
+    ``categories`` lists (test-dev's json, without boxes, has no ``annotations``: only a
+    training ``dataset`` needs them); ``'empty'`` no image or category, or no annotation for a
+    training ``dataset`` that keeps only images with boxes (mmdet's ``filter_empty_gt``, off
+    unless its ``filter_cfg`` says so)."""
     import json
     if not osp.isfile(path):
         return None  # check_data_roots says so
     if osp.getsize(path) == 0:
-        return f'{path} ({key}) is empty (0 bytes): write the COCO json there again.'
+        return 'json', f'{path} ({key}) is empty (0 bytes): write the COCO json there again.'
     try:
         with open(path, 'rb') as f:
             data = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
-        return (f'{path} ({key}) is not valid JSON ({getattr(e, "msg", e)}{where}); a download or '
-                'copy cut short leaves it so: write it again.')
+        return 'json', (f'{path} ({key}) is not valid JSON ({getattr(e, "msg", e)}{where}); a '
+                        'download or copy cut short leaves it so: write it again.')
     shape = ("a COCO json is an object holding 'images', 'annotations' and 'categories' lists "
              '(https://cocodataset.org/#format-data)')
     if not isinstance(data, dict):
-        return f'{path} ({key}) holds a JSON {type(data).__name__}, not an object; {shape}.'
+        return 'shape', f'{path} ({key}) holds a JSON {type(data).__name__}, not an object; {shape}.'
     training = dataset is not None and not dataset.get('test_mode')
     missing = [name for name in ('images', 'annotations', 'categories')  # test-dev has no boxes
                if not isinstance(data.get(name), list) and (training or name != 'annotations')]
     if missing:
-        return (f"{path} ({key}) has no {' / '.join(repr(m) for m in missing)} "
-                f"list{'s' if len(missing) > 1 else ''}; {shape}.")
+        return 'shape', (f"{path} ({key}) has no {' / '.join(repr(m) for m in missing)} "
+                         f"list{'s' if len(missing) > 1 else ''}; {shape}.")
     for name, what in (('images', 'lists no image'), ('categories', 'names no category')):
         if not data[name]:
-            return f"{path} ({key}) {what} (its '{name}' list is empty); {shape}."
-    if training and not data['annotations'] \
-            and (dataset.get('filter_cfg') or {}).get('filter_empty_gt', True):
-        return (f"{path} ({key}) has no annotation (its 'annotations' list is empty), and the "
-                'training set keeps only images with boxes (filter_cfg.filter_empty_gt), so no '
-                'image is left to train on: annotate the images, or point ann_file at the json '
-                'that holds their boxes.')
+            return 'empty', f"{path} ({key}) {what} (its '{name}' list is empty); {shape}."
+    filters = dataset.get('filter_cfg') if training else None
+    if training and not data['annotations'] and filters is not None \
+            and filters.get('filter_empty_gt', False):
+        return 'empty', (f"{path} ({key}) has no annotation (its 'annotations' list is empty), and "
+                         'the training set keeps only images with boxes (filter_cfg.filter_empty_gt), '
+                         'so no image is left to train on: annotate the images, or point ann_file at '
+                         'the json that holds their boxes.')
     return None
+
+
+def _json_kinds(error):
+    """The kinds of :func:`_coco_json_problem` that can have raised ``error`` in a dataset's or
+    an evaluator's build (json's decoder, pycocotools, mmengine's 'need at least one array')."""
+    import json
+    if isinstance(error, json.JSONDecodeError):
+        return {'json'}
+    if isinstance(error, ValueError) and str(error) == 'need at least one array to concatenate':
+        return {'shape', 'empty'}
+    if isinstance(error, KeyError) and error.args and error.args[0] in ('images', 'annotations',
+                                                                        'categories') \
+            or isinstance(error, (AssertionError, TypeError, AttributeError)):
+        return {'shape'}
+    return set()
 
 
 #: where a traceback passes when mmengine / mmdet build a dataset or an evaluator
@@ -672,15 +726,16 @@ _BUILD_FRAMES = frozenset({'full_init', 'load_data_list', 'build_evaluator', 'bu
 def explain_build_failure(cfg, error, loaders):
     """Raise the one sentence that says why ``error`` stopped the building of a dataset or an
     evaluator of ``loaders`` (a broken COCO json, classes none of which it names), from it;
-    return when the cause is another. Reads the jsons only when the build failed: COCO's own
-    take seconds to read."""
+    return when the cause is another. Only errors that a broken json raises there are looked
+    into, and the jsons are read only then: COCO's own take seconds to read."""
     import traceback
     frames = traceback.extract_tb(error.__traceback__)
-    if not any(f.name in _BUILD_FRAMES or '/pycocotools/' in f.filename for f in frames):
+    kinds = _json_kinds(error)
+    if not kinds or not any(f.name in _BUILD_FRAMES or '/pycocotools/' in f.filename for f in frames):
         return
     for key, path, dataset in _local_coco_jsons(cfg, loaders):
-        said = coco_json_problem(path, key, dataset)
-        if said:
-            raise ConfigError(said) from error
+        found = _coco_json_problem(path, key, dataset)
+        if found and found[0] in kinds:
+            raise ConfigError(found[1]) from error
     if isinstance(error, ValueError) and str(error) == 'need at least one array to concatenate':
         check_coco_categories(cfg, loaders)

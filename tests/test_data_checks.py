@@ -44,6 +44,28 @@ def test_loader_keys_nothing_reads_are_refused_naming_the_nearest():
                               "CocoDataset; did you mean 'filter_cfg'?")
 
 
+def test_loader_keys_that_mmengine_or_a_users_class_reads_are_not_refused():
+    from mmdet.datasets import CocoDataset
+    from mmengine.config import Config
+
+    class MineCoco(CocoDataset):
+        def __init__(self, *args, **kwargs):
+            self.min_visibility = kwargs.pop('min_visibility', 0.0)
+            super().__init__(*args, **kwargs)
+
+    check_loader_keys(_det_cfg(loader=dict(disable_subprocess_warning=True),  # mmengine pops it
+                               dataset=dict(type=MineCoco, min_visibility=0.5,
+                                            metainfo=dict(classes=('person', ), class_names=['p']))))
+    with pytest.raises(ConfigError, match=r"^train_dataloader\.dataset\.filter_cgf is not an argument of "
+                                          r"MineCoco; did you mean 'filter_cfg'\?$"):
+        check_loader_keys(_det_cfg(dataset=dict(type=MineCoco, filter_cgf={})))
+    mix = dict(type='MultiImageMixDataset', _scope_='mmdet', max_refetch=3, pipeline=[],
+               dataset=dict(type='ADE20KDataset', data_root='d', pipeline=[]))
+    cfg = Config(dict(default_scope='mmseg', train_dataloader=dict(batch_size=1, dataset=mix)))
+    init_scope(cfg)
+    check_loader_keys(cfg)  # mmdet's wrapper, built in its own scope, takes max_refetch
+
+
 def test_a_slip_in_a_metainfo_key_is_refused_before_the_class_count_check(tmp_path):
     """``metainfo=dict(clases=...)`` kept COCO's 80 classes: the class-count check then told the
     user to give the heads 80 classes."""
@@ -114,7 +136,8 @@ def test_a_broken_coco_json_is_named_with_what_is_wrong(tmp_path, case):
     text, said = BROKEN[case]
     path = tmp_path / 'a.json'
     path.write_text(text)
-    found = coco_json_problem(str(path), 'train_dataloader.dataset.ann_file', dict(test_mode=False))
+    training = dict(test_mode=False, filter_cfg=dict(filter_empty_gt=True))
+    found = coco_json_problem(str(path), 'train_dataloader.dataset.ann_file', training)
     assert found.startswith(f'{path} (train_dataloader.dataset.ann_file) {said}')
 
 
@@ -127,7 +150,41 @@ def test_a_coco_json_that_can_serve_is_not_refused(tmp_path):
     assert coco_json_problem(str(path), 'k') is None
     path.write_text(json.dumps(dict(images=[dict(id=1)], annotations=[], categories=[dict(id=1, name='a')])))
     assert coco_json_problem(str(path), 'k', dict(filter_cfg=dict(filter_empty_gt=False))) is None
+    assert coco_json_problem(str(path), 'k', dict(filter_cfg=None)) is None  # mmdet filters nothing
     assert coco_json_problem(str(tmp_path / 'missing.json'), 'k') is None  # check_data_roots says it
+
+
+def test_only_errors_a_broken_json_raises_are_explained_by_one(tmp_path):
+    """A pipeline typo failed the build beside a training json without boxes (which mmdet
+    accepts without filter_empty_gt): the json was blamed and the registry's KeyError hidden."""
+    from mmengine.config import Config
+    from reparam_mm.data_checks import explain_build_failure
+    path = tmp_path / 'a.json'
+    path.write_text(json.dumps(dict(images=[dict(id=1)], annotations=[], categories=[dict(id=1, name='a')])))
+    cfg = Config(dict(default_scope='mmdet', train_dataloader=dict(dataset=dict(
+        type='CocoDataset', ann_file=str(path), filter_cfg=dict(filter_empty_gt=True)))))
+
+    def full_init(error):  # where mmengine builds a dataset
+        raise error
+
+    def explained(error):
+        try:
+            full_init(error)
+        except Exception as e:  # noqa: BLE001
+            try:
+                explain_build_failure(cfg, e, ['train_dataloader'])
+            except ConfigError as said:
+                return str(said)
+        return None
+
+    assert explained(KeyError('Resise is not in the mmdet::transform registry')) is None
+    assert explained(json.JSONDecodeError('Expecting value', '', 0)) is None  # the json decodes
+    assert explained(ValueError('need at least one array to concatenate')).startswith(
+        f"{path} (train_dataloader.dataset.ann_file) has no annotation (its 'annotations' list is empty)")
+    path.write_text('{"images": [')
+    assert explained(KeyError('Resise is not in the mmdet::transform registry')) is None
+    assert explained(json.JSONDecodeError('Expecting value', '', 0)).startswith(
+        f'{path} (train_dataloader.dataset.ann_file) is not valid JSON')
 
 
 def test_a_cut_short_coco_json_stops_training_and_testing_in_one_sentence(tmp_path):
@@ -164,9 +221,9 @@ def test_coco_classes_in_another_order_than_the_json_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         main(common + _classes('car', 'person'))
     assert str(err.value) == (
-        f"train_dataloader: the dataset names its classes in the order (car, person), and mmdet numbers "
-        f"the labels in the order of {root}/annotations.json's categories (person, car), so the "
-        "'person' boxes would be label 0, called 'car'; name the classes in the json's order: "
+        f"train_dataloader: the dataset names its classes in the order (car, person), and CocoDataset "
+        f"numbers the labels in the order it reads {root}/annotations.json's categories (person, car), "
+        "so the 'person' boxes would be label 0, called 'car'; name the classes in that order: "
         "metainfo=dict(classes=('person', 'car')), in every loader.")
 
 
@@ -189,16 +246,41 @@ def test_a_class_without_a_box_is_logged_for_training_and_validation(tmp_path):
         "json's annotations, or leave the class out (metainfo.classes and the heads' num_classes)."]
 
 
-def test_json_categories_of_a_large_json_are_read_from_its_end(tmp_path):
-    """Past 16 MB the list after the last '"categories":' in the last MB is decoded alone; a
-    decoy there that is no list of categories, or categories written first, read the whole."""
+def test_json_categories_of_a_large_json_are_read_from_its_end(tmp_path, monkeypatch):
+    """Past 16 MB, given the ids to find, the list after the last '"categories":' in the last MB
+    is decoded alone; one there without those ids (a per-image list), or categories written
+    first, read the whole json."""
     from reparam_mm.data_checks import json_categories
     cats = [dict(id=3, name='cup'), dict(id=7, name='fork')]
     filler = [dict(id=i, file_name='x' * 200) for i in range(80_000)]  # ~17 MB
     path = tmp_path / 'big.json'
     path.write_text(json.dumps(dict(images=filler, annotations=[], categories=cats)))
-    assert path.stat().st_size > 16 << 20 and json_categories(str(path)) == cats
-    path.write_text(json.dumps(dict(categories=cats, images=filler + [dict(id=-1, categories='decoy')])))
-    assert json_categories(str(path)) == cats
+    assert path.stat().st_size > 16 << 20
+    with monkeypatch.context() as patch:  # the tail alone: reading the whole would fail here
+        patch.setattr(json, 'load', lambda f: pytest.fail('the whole json was read'))
+        assert json_categories(str(path), ids=[3, 7]) == cats
+    path.write_text(json.dumps(dict(categories=cats, images=filler + [
+        dict(id=-1, categories=[dict(id=9, name='night')])])))  # a per-image list in the tail
+    assert json_categories(str(path), ids=[3, 7]) == cats
+    assert json_categories(str(path)) == cats  # no ids: always the whole json
     path.write_text(json.dumps(dict(categories=cats, images=filler)) + ' trailing')  # not JSON
-    assert json_categories(str(path)) is None
+    assert json_categories(str(path), ids=[3]) is None
+
+
+def test_the_class_order_error_names_the_first_label_out_of_place_and_jsons_that_disagree(tmp_path):
+    from reparam_mm.data_checks import _check_class_order
+    with pytest.raises(ConfigError, match=r"so the 'b' boxes would be label 1, called 'c'; name the classes "
+                                          r"in that order: metainfo=dict\(classes=\('a', 'b', 'c'\)\)"):
+        _check_class_order('train_dataloader', 'CocoDataset', 'a.json', ('a', 'c', 'b'), ['a', 'b', 'c'], {})
+    root, common = _coco_run(tmp_path)  # the validation json lists car first
+    data = json.loads((root / 'annotations.json').read_text())
+    data['categories'] = data['categories'][::-1]
+    (root / 'val.json').write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('person', 'car') + ['val_dataloader.dataset.ann_file=val.json',
+                                                   f'val_evaluator.ann_file={root}/val.json'])
+    assert str(err.value) == (
+        f'train_dataloader reads {root}/annotations.json, whose categories order the classes (person, '
+        f'car), and val_dataloader reads {root}/val.json, which orders them (car, person); mmdet numbers '
+        "each dataset's labels in its own json's order, so no order of metainfo.classes fits both: write "
+        'the categories in the same order in both jsons.')
