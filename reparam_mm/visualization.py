@@ -80,8 +80,10 @@ class SavePredictionsHook(Hook):
 
     def after_test(self, runner) -> None:
         from mmengine.dist import all_gather_object, is_distributed
-        # each process paints the images of its own shard: the count is of all of them
-        painted = sum(all_gather_object(len(self.written))) if is_distributed() else len(self.written)
+        # each process paints the images of its own shard: the count is of all of them, once
+        # each (the sampler pads the last shard with images another rank paints too)
+        written = all_gather_object(self.written) if is_distributed() else [self.written]
+        painted = len(set().union(*written))
         print_log(f'--show-dir: painted {painted} test image(s) to '
                   f'{osp.abspath(self.folder)}', logger='current')
 

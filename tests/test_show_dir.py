@@ -55,3 +55,22 @@ def test_show_dir_for_a_detector_with_a_relative_folder_does_not_nest(tmp_path, 
     assert all(np.array(Image.open(p)).shape == (64, 128, 3) for p in pictures)
     said = [r.getMessage() for r in records if r.getMessage().startswith('--show-dir')]
     assert said == [f'--show-dir: painted 3 test image(s) to {tmp_path}/w/{timestamps[0]}/pics']
+
+
+def test_show_dir_counts_an_image_two_ranks_painted_once(tmp_path, monkeypatch):
+    """Under 2 processes the sampler pads the last shard with an image another rank has: 39
+    images were said as 40 painted (the counts of the ranks were summed)."""
+    import mmengine.dist
+    from types import SimpleNamespace
+    from reparam_mm.visualization import SavePredictionsHook
+    hook = SavePredictionsHook('pics')
+    runner = SimpleNamespace(work_dir=str(tmp_path), timestamp='t')
+    hook.before_test(runner)
+    hook.written = [f'{hook.folder}/a.png', f'{hook.folder}/b.png']  # rank 0's shard
+    other_rank = [f'{hook.folder}/c.png', f'{hook.folder}/a.png']  # a, padded in again
+    monkeypatch.setattr(mmengine.dist, 'is_distributed', lambda: True)
+    monkeypatch.setattr(mmengine.dist, 'all_gather_object', lambda obj: [obj, other_rank])
+    with mmengine_log() as records:
+        hook.after_test(runner)
+    assert [r.getMessage() for r in records if r.getMessage().startswith('--show-dir')] == [
+        f'--show-dir: painted 3 test image(s) to {tmp_path}/t/pics']
