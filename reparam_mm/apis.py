@@ -180,6 +180,10 @@ def build_test_cfg(config, work_dir=None, out=None, show=False, show_dir=None, w
     if tta:
         _tta(cfg, scope)
     if out is not None and scope == 'mmseg':
+        if osp.splitext(out)[1].lower() in ('.pkl', '.pickle', '.json') and not osp.isdir(out):
+            raise ConfigError(f'--out {out}: a segmentor\'s predictions are written as label-map '
+                              'PNGs into the folder --out names (as mmseg does; the .pkl file is '
+                              f'mmdet\'s form), so give a folder: --out {osp.splitext(out)[0]}/.')
         cfg.test_evaluator['output_dir'] = out
         cfg.test_evaluator['keep_results'] = True
     elif out is not None and not out.endswith(('.pkl', '.pickle')):

@@ -187,6 +187,18 @@ def test_detection_out_must_be_a_pickle_file(tmp_path):
     assert build_test_cfg(cfg, out='r.pkl').test_evaluator is not None
 
 
+def test_segmentation_out_must_be_a_folder(tmp_path):
+    """mmseg made a folder named results.pkl, of PNGs, for a user who asked for a pickle."""
+    from mmengine.config import Config
+    from reparam_mm.apis import build_test_cfg
+    cfg = Config(seg_config(tmp_path / 'data'))
+    with pytest.raises(ValueError, match=r"^--out results\.pkl: a segmentor's predictions are written as "
+                                         r"label-map PNGs into the folder --out names .* give a folder: "
+                                         r"--out results/\.$"):
+        build_test_cfg(cfg, out='results.pkl')
+    assert build_test_cfg(cfg, out=str(tmp_path / 'preds')).test_evaluator['output_dir'] == str(tmp_path / 'preds')
+
+
 def test_test_cfg_keeps_the_configs_hook_settings_and_loads_only_strictly(tmp_path):
     from mmengine.config import Config
     from reparam_mm.apis import build_test_cfg
