@@ -212,6 +212,11 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
     errors = [line for line in out.splitlines() if line.startswith('error: ')]
     assert errors and all(f'the label map {bad} holds the value 8' in e for e in errors), out[-3000:]
     assert 'out of bounds' not in out and not list((tmp_path / 'wd').glob('*.pth'))
+    # and said once more at the end, each sentence once, under torchrun's ChildFailedError report
+    lines = proc.stderr.rstrip().splitlines()
+    stop = max(i for i, line in enumerate(lines) if line.startswith('the run stopped (exit status '))
+    assert lines[stop + 1:] == list(dict.fromkeys(errors)), out[-3000:]
+    assert 'ChildFailedError' in '\n'.join(lines[:stop])
 
 
 def test_evaluation_label_counts_are_summed_over_ranks(tmp_path):

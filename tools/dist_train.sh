@@ -30,7 +30,7 @@ if [ "$NODE_RANK" = 0 ] && ! $PYTHON -c "import socket as s, sys; k = s.socket()
 fi
 
 PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
-$PYTHON -m torch.distributed.run \
+run_launch $PYTHON -m torch.distributed.run \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \

@@ -19,3 +19,22 @@ require_checkpoint() {  # a URL is fetched by the tool
         exit 1
     fi
 }
+
+# Run the launch command "$@" and, when it fails, say its processes' `error: ...` sentences once
+# more, each once, at the end: a check inside the processes (a class count, a checkpoint of
+# another model) printed its one line per process, followed by torchrun's 40-line
+# ChildFailedError report (or srun's task summary). The processes' stderr passes through tee
+# as it comes; stdout is untouched.
+run_launch() {
+    local log status
+    log=$(mktemp "${TMPDIR:-/tmp}/reparam_mm_launch.XXXXXX")
+    ( set -o pipefail; { "$@" 2>&1 1>&3 3>&- | tee "$log" >&2; } 3>&1 )
+    status=$?
+    if [ "$status" -ne 0 ] && grep -q '^error: ' "$log"; then
+        echo "" >&2
+        echo "the run stopped (exit status $status):" >&2
+        grep '^error: ' "$log" | awk '!seen[$0]++' >&2
+    fi
+    rm -f "$log"
+    return "$status"
+}
