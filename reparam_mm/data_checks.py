@@ -46,6 +46,21 @@ def check_dataset_classes(runner):
         if not classes or cat_ids is None:
             continue
         ann_file = getattr(dataset, 'ann_file', None)
+        twice = sorted({str(c) for c in classes if list(classes).count(c) > 1})
+        if twice:
+            raise ConfigError(f"{loader}: metainfo.classes names {', '.join(map(repr, twice))} more "
+                              'than once; name each class once.')
+        if len(cat_ids) > len(classes):  # the json names a category more than once
+            counts = {}
+            for c in json_categories(ann_file) or []:
+                counts[c.get('name')] = counts.get(c.get('name'), 0) + 1
+            shared = sorted(str(n) for n, k in counts.items() if k > 1 and n in classes)
+            raise ConfigError(
+                f"{loader}: {ann_file} has {len(cat_ids)} categories named as the dataset's "
+                f"{len(classes)} classes" + (f" ({', '.join(map(repr, shared))} more than once)"
+                                             if shared else '')
+                + f', and mmdet numbers each as a label of its own ({len(cat_ids)} labels for '
+                f'{len(classes)} names and heads); give every category of the json a name of its own.')
         if len(cat_ids) != len(classes):
             unnamed = _unnamed(classes, ann_file)  # reads the json: once
             raise ConfigError(

@@ -284,3 +284,21 @@ def test_the_class_order_error_names_the_first_label_out_of_place_and_jsons_that
         f'car), and val_dataloader reads {root}/val.json, which orders them (car, person); mmdet numbers '
         "each dataset's labels in its own json's order, so no order of metainfo.classes fits both: write "
         'the categories in the same order in both jsons.')
+
+
+def test_a_class_named_twice_in_the_config_or_the_json_is_said_as_such(tmp_path):
+    """Both gave 'names 2 classes (a, b), and only 3 of them are categories ... e.g. person'."""
+    root, common = _coco_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"^train_dataloader: metainfo\.classes names 'car' more than "
+                                          r"once; name each class once\.$"):
+        main(common + _classes('person', 'car', 'car')
+             + ['model.roi_head.bbox_head.num_classes=3'])
+    data = json.loads((root / 'annotations.json').read_text())
+    data['categories'].append(dict(id=3, name='car'))
+    (root / 'annotations.json').write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('person', 'car'))
+    assert str(err.value) == (
+        f"train_dataloader: {root}/annotations.json has 3 categories named as the dataset's 2 classes "
+        "('car' more than once), and mmdet numbers each as a label of its own (3 labels for 2 names and "
+        "heads); give every category of the json a name of its own.")
