@@ -75,6 +75,8 @@ def check_dataset_classes(runner):
             in_json = [names.get(i) for i in cat_ids]
             if None not in in_json:
                 _check_class_order(loader, type(dataset).__name__, ann_file, classes, in_json, orders)
+            if loader == 'val_dataloader':
+                _check_metric_order(runner.cfg, ann_file, classes, orders)
         boxes = getattr(dataset, 'cat_img_map', None)
         empty = [name for name, i in zip(classes, cat_ids) if boxes is not None and not boxes.get(i)]
         if empty:
@@ -100,8 +102,8 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
             raise ConfigError(
                 f'{other} reads {other_file}, whose categories order the classes ({few(other_numbered)}), '
                 f'and {loader} reads {ann_file}, which orders them ({few(numbered)}); mmdet numbers '
-                "each dataset's labels in its own json's order, so no order of metainfo.classes fits "
-                'both: write the categories in the same order in both jsons.')
+                'the labels of each dataset and metric in the order of its own json, so no order of '
+                'metainfo.classes fits both: write the categories in the same order in both jsons.')
     orders[loader] = (ann_file, list(numbered))
     if list(numbered) == list(classes):
         return
@@ -111,6 +113,25 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
         f"the labels in the order it reads {ann_file}'s categories ({few(numbered)}), so the "
         f'{numbered[k]!r} boxes would be label {k}, called {classes[k]!r}; name the classes in that '
         f'order: metainfo=dict(classes={tuple(numbered)!r}), in every loader.')
+
+
+def _check_metric_order(cfg, ann_file, classes, orders):
+    """A ``CocoMetric`` reading another json than its dataset's numbers the labels in the order of
+    its own json's categories: one that orders the classes differently scored each box as another
+    class. Refused through :func:`_check_class_order`'s comparison of the two orders."""
+    metrics = cfg.get('val_evaluator')
+    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
+    for i, metric in metrics:
+        path = metric.get('ann_file') if isinstance(metric, dict) else None
+        kind = metric.get('type') if isinstance(metric, dict) else None
+        if not isinstance(path, str) or '://' in path or 'Coco' not in str(kind) \
+                or not osp.isfile(path) or (ann_file and osp.abspath(path) == osp.abspath(ann_file)):
+            continue
+        wanted = set(map(str, classes))
+        numbered = [c.get('name') for c in json_categories(path) or [] if str(c.get('name')) in wanted]
+        if len(numbered) == len(classes):
+            key = 'val_evaluator' + ('' if i is None else f'.{i}')
+            _check_class_order(key, kind, path, classes, numbered, orders)
 
 
 def _categories_list(data):

@@ -282,8 +282,8 @@ def test_the_class_order_error_names_the_first_label_out_of_place_and_jsons_that
     assert str(err.value) == (
         f'train_dataloader reads {root}/annotations.json, whose categories order the classes (person, '
         f'car), and val_dataloader reads {root}/val.json, which orders them (car, person); mmdet numbers '
-        "each dataset's labels in its own json's order, so no order of metainfo.classes fits both: write "
-        'the categories in the same order in both jsons.')
+        'the labels of each dataset and metric in the order of its own json, so no order of '
+        'metainfo.classes fits both: write the categories in the same order in both jsons.')
 
 
 def test_a_class_named_twice_in_the_config_or_the_json_is_said_as_such(tmp_path):
@@ -302,3 +302,19 @@ def test_a_class_named_twice_in_the_config_or_the_json_is_said_as_such(tmp_path)
         f"train_dataloader: {root}/annotations.json has 3 categories named as the dataset's 2 classes "
         "('car' more than once), and mmdet numbers each as a label of its own (3 labels for 2 names and "
         "heads); give every category of the json a name of its own.")
+
+
+def test_a_metric_json_that_orders_the_classes_otherwise_is_refused(tmp_path):
+    """CocoMetric numbers the classes in its own json's order: with the dataset's json listing
+    person first and the metric's car first, each box was scored as the other class."""
+    root, common = _coco_run(tmp_path)
+    data = json.loads((root / 'annotations.json').read_text())
+    data['categories'] = data['categories'][::-1]
+    (root / 'metric.json').write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('person', 'car') + [f'val_evaluator.ann_file={root}/metric.json'])
+    assert str(err.value) == (
+        f'train_dataloader reads {root}/annotations.json, whose categories order the classes (person, '
+        f'car), and val_evaluator reads {root}/metric.json, which orders them (car, person); mmdet numbers '
+        'the labels of each dataset and metric in the order of its own json, so no order of '
+        'metainfo.classes fits both: write the categories in the same order in both jsons.')
