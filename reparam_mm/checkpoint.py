@@ -524,6 +524,19 @@ _SCHEDULE_PROGRESS = frozenset({'optimizer', 'last_step', '_global_step', '_last
                                 'total_iters', '_get_lr_called_within_step'})
 
 
+def _plain_setting(value):
+    """Numbers, strings, and lists / dicts of them: what a scheduler was configured with. Not its
+    methods (OneCycleLR keeps its annealing function, bound to the scheduler, whose copy would
+    copy the optimizer and the model's parameters with it)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_setting(v) for v in value)
+    if isinstance(value, dict):  # MultiStepLR's milestones: a Counter
+        return all(_plain_setting(k) and _plain_setting(v) for k, v in value.items())
+    return False
+
+
 def schedule_settings(schedulers):
     """``{name: (type, settings)}`` of mmengine param schedulers (a list, or a dict of lists, one
     per optimizer): what each was built with (``begin``, ``end``, ``eta_min``, its base values,
@@ -533,7 +546,7 @@ def schedule_settings(schedulers):
     for prefix, group in named:
         for i, scheduler in enumerate(group or []):
             settings = {k: copy.deepcopy(v) for k, v in vars(scheduler).items()
-                        if k not in _SCHEDULE_PROGRESS}
+                        if k not in _SCHEDULE_PROGRESS and _plain_setting(v)}
             found[f'param_scheduler.{prefix + "." if prefix else ""}{i}'] = (type(scheduler).__name__,
                                                                             settings)
     return found

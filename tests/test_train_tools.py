@@ -511,3 +511,21 @@ def test_a_test_launcher_without_its_processes_names_the_test_script(tmp_path, m
     monkeypatch.delenv('RANK', raising=False)
     with pytest.raises(ConfigError, match=r'run it through tools/dist_test\.sh CONFIG CHECKPOINT N'):
         check_launcher_env(_cfg([_simple_cfg(tmp_path), '--launcher', 'pytorch']), 'test')
+
+
+def test_schedule_settings_keep_what_a_scheduler_was_configured_with_only():
+    """OneCycleLR keeps its annealing function, bound to itself: copying it copied the optimizer
+    and every parameter with it. Settings are numbers, strings and lists / dicts of them."""
+    from mmengine.optim.scheduler import MultiStepLR, OneCycleLR
+    from reparam_mm.checkpoint import resumed_schedule_changes, schedule_settings
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    built = schedule_settings([OneCycleLR(opt, eta_max=0.1, total_steps=100, by_epoch=False),
+                               MultiStepLR(opt, milestones=[8, 11], by_epoch=False)])
+    assert 'anneal_func' not in built['param_scheduler.0'][1]
+    assert built['param_scheduler.1'][1]['milestones'] == {8: 1, 11: 1}
+    assert resumed_schedule_changes(built, built, 'c.pth') is None
+    later = schedule_settings([OneCycleLR(opt, eta_max=0.2, total_steps=100, by_epoch=False),
+                               MultiStepLR(opt, milestones=[8, 12], by_epoch=False)])
+    said = resumed_schedule_changes(later, built, 'c.pth')
+    assert 'param_scheduler.0 (OneCycleLR) keeps eta_max 0.1 (the config: 0.2)' in said
+    assert 'param_scheduler.1 (MultiStepLR) keeps milestones ' in said
