@@ -24,17 +24,23 @@ require_checkpoint() {  # a URL is fetched by the tool
 # more, each once, at the end: a check inside the processes (a class count, a checkpoint of
 # another model) printed its one line per process, followed by torchrun's 40-line
 # ChildFailedError report (or srun's task summary). The processes' stderr passes through tee
-# as it comes; stdout is untouched.
+# as it comes (tee -i: a Ctrl-C reaches the launcher, whose shutdown report still comes
+# through); stdout is untouched. The exit status is the launcher's, whatever tee meets (a full
+# or unwritable TMPDIR: then nothing is restated); without a temporary file it runs as it is.
 run_launch() {
-    local log status
-    log=$(mktemp "${TMPDIR:-/tmp}/reparam_mm_launch.XXXXXX")
-    ( set -o pipefail; { "$@" 2>&1 1>&3 3>&- | tee "$log" >&2; } 3>&1 )
-    status=$?
-    if [ "$status" -ne 0 ] && grep -q '^error: ' "$log"; then
+    local log status=0
+    if ! log=$(mktemp "${TMPDIR:-/tmp}/reparam_mm_launch.XXXXXX" 2>/dev/null); then
+        "$@" || status=$?
+        return "$status"
+    fi
+    trap 'rm -f "$log"' EXIT
+    ( { "$@" 2>&1 1>&3 3>&- | tee -i "$log" >&2 2>/dev/null; exit "${PIPESTATUS[0]}"; } 3>&1 ) || status=$?
+    if [ "$status" -ne 0 ] && grep -q '^error: ' "$log" 2>/dev/null; then
         echo "" >&2
         echo "the run stopped (exit status $status):" >&2
         grep '^error: ' "$log" | awk '!seen[$0]++' >&2
     fi
     rm -f "$log"
+    trap - EXIT
     return "$status"
 }
