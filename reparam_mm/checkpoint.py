@@ -157,8 +157,9 @@ def latest_to_resume(work_dir):
     """The checkpoint ``--resume`` alone continues from: the one ``work_dir/last_checkpoint``
     names (mmengine writes an absolute path there), or None when there is none. A run folder
     copied or moved keeps the old absolute path: mmengine then resumed from the other folder's
-    file (while it existed) or stopped with its '... can not be found.'. The folder's own file
-    of that name is taken instead, and a named file found nowhere is one sentence."""
+    file (while it existed) or stopped with its '... can not be found.'. The folder's own copy
+    of that file (same name, same size) is taken instead; a named file found nowhere, or an
+    empty record, is one sentence. A URL (a remote ``out_dir``) is left to mmengine."""
     record = osp.join(work_dir, 'last_checkpoint')
     try:
         with open(record) as f:
@@ -166,16 +167,19 @@ def latest_to_resume(work_dir):
     except OSError:
         return None
     if not named:
-        return None
-    own = osp.join(work_dir, osp.basename(named))
-    if osp.isfile(own):
-        if not osp.isfile(named) or not osp.samefile(own, named):
-            from mmengine.logging import print_log
-            print_log(f'--resume: {record} names {named}, outside this work_dir (a copied or moved '
-                      f"run folder); resuming from the work_dir's own {own}.", logger='current')
-        return own
-    if osp.isfile(named):
+        raise FileNotFoundError(f'--resume: {record} is empty, so it names no checkpoint; pass one '
+                                f'as --resume PATH{_latest_in(work_dir)}.')
+    if '://' in named:  # CheckpointHook(out_dir='s3://...'): mmengine resumes from there
         return named
+    own = osp.join(work_dir, osp.basename(named))
+    if osp.isfile(named) and (not osp.isfile(own) or osp.samefile(own, named)
+                              or osp.getsize(own) != osp.getsize(named)):
+        return named  # the file it names (an out_dir's, say), unless a copy lies here
+    if osp.isfile(own):
+        from mmengine.logging import print_log
+        print_log(f'--resume: {record} names {named}, outside this work_dir (a copied or moved '
+                  f"run folder); resuming from the work_dir's own {own}.", logger='current')
+        return own
     raise FileNotFoundError(f'--resume: {record} names {named}, which does not exist; pass a '
                             f'checkpoint as --resume PATH{_latest_in(work_dir)}.')
 
@@ -521,7 +525,8 @@ def load_checkpoint_strict(model, filename, map_location='cpu', checkpoint=None)
 
 #: a scheduler's state that moves with training, or follows from what it is compared on
 _SCHEDULE_PROGRESS = frozenset({'optimizer', 'last_step', '_global_step', '_last_value', 'verbose',
-                                'total_iters', '_get_lr_called_within_step'})
+                                'total_iters', '_get_lr_called_within_step',
+                                'best', 'num_bad_epochs', 'cooldown_counter'})  # ReduceOnPlateau's
 
 
 def _plain_setting(value):
@@ -586,7 +591,7 @@ def resumed_schedule_changes(built, restored, filename):
     if not changes:
         return None
     return (f'--resume {filename}: mmengine restores each param_scheduler as the checkpoint saved '
-            f"it, so the config's changes to the schedule do not apply: {'; '.join(changes)}. To "
+            f"it, not as this run's config builds it: {'; '.join(changes)}. To "
             'train with the new schedule, start a new run from the checkpoint\'s weights '
             f'(--cfg-options load_from={filename}, without --resume; the optimizer\'s state starts '
             'anew), or resume with the schedule unchanged.')

@@ -168,8 +168,8 @@ def test_a_resume_whose_config_changed_the_schedule_is_a_warning(tmp_path):
     assert resume() == []  # the schedule as saved: nothing to say
     assert resume('param_scheduler.0.end=3', 'param_scheduler.0.factor=0.5',
                   'optim_wrapper.optimizer.lr=0.001') == [
-        f'--resume {ckpt}: mmengine restores each param_scheduler as the checkpoint saved it, so the '
-        "config's changes to the schedule do not apply: param_scheduler.0 (ConstantLR) keeps factor 1 "
+        f'--resume {ckpt}: mmengine restores each param_scheduler as the checkpoint saved it, not as '
+        "this run's config builds it: param_scheduler.0 (ConstantLR) keeps factor 1 "
         '(the config: 0.5), end 2 (the config: 3), base lr 0.01 (the config: 0.001). To train with the '
         f"new schedule, start a new run from the checkpoint's weights (--cfg-options load_from={ckpt}, "
         "without --resume; the optimizer's state starts anew), or resume with the schedule unchanged."]
@@ -529,3 +529,34 @@ def test_schedule_settings_keep_what_a_scheduler_was_configured_with_only():
     said = resumed_schedule_changes(later, built, 'c.pth')
     assert 'param_scheduler.0 (OneCycleLR) keeps eta_max 0.1 (the config: 0.2)' in said
     assert 'param_scheduler.1 (MultiStepLR) keeps milestones ' in said
+
+
+def test_a_plateau_schedulers_progress_is_no_change_of_the_schedule():
+    """ReduceOnPlateauLR's best value and counters move with training: an unchanged resume was
+    said to keep 'best 20.24 (the config: -1000000000)'."""
+    from mmengine.optim.scheduler import ReduceOnPlateauLR
+    from reparam_mm.checkpoint import resumed_schedule_changes, schedule_settings
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    built = schedule_settings([ReduceOnPlateauLR(opt, monitor='mIoU', rule='greater')])
+    trained = ReduceOnPlateauLR(opt, monitor='mIoU', rule='greater')
+    trained.best, trained.num_bad_epochs, trained.cooldown_counter = 20.24, 3, 1
+    assert resumed_schedule_changes(built, schedule_settings([trained]), 'c.pth') is None
+
+
+def test_resume_alone_leaves_urls_to_mmengine_and_says_an_empty_record(tmp_path):
+    from reparam_mm.checkpoint import latest_to_resume
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'last_checkpoint').write_text('s3://bucket/run/iter_4.pth')  # CheckpointHook(out_dir=s3)
+    assert latest_to_resume(str(run)) == 's3://bucket/run/iter_4.pth'
+    (run / 'last_checkpoint').write_text('')
+    (run / 'iter_4.pth').write_bytes(b'x')
+    with pytest.raises(FileNotFoundError) as err:
+        latest_to_resume(str(run))
+    assert str(err.value) == (f"--resume: {run / 'last_checkpoint'} is empty, so it names no checkpoint; "
+                              f"pass one as --resume PATH, such as the latest, {run / 'iter_4.pth'}.")
+    out = tmp_path / 'out'  # a local out_dir holds the newer file; an older one of that name here
+    out.mkdir()
+    (out / 'iter_4.pth').write_bytes(b'newer')
+    (run / 'last_checkpoint').write_text(str(out / 'iter_4.pth'))
+    assert latest_to_resume(str(run)) == str(out / 'iter_4.pth')
