@@ -85,31 +85,52 @@ def load_from_local(filename, map_location=None):
         return torch.load(filename, map_location=map_location)
     except Exception as error:  # noqa: BLE001 - re-raised unless the file itself is broken
         reason = unreadable_reason(filename, error)
-        if reason is None and _history_buffer_with_methods(filename, error):
+        found = _pickled_functions(filename, error) if reason is None else []
+        if found:
             raise CheckpointReadError(
-                f"checkpoint {filename} holds mmengine's HistoryBuffer pickled with its methods "
-                "(builtins.getattr), as a script saves it that did not import reparam_mm, and "
-                "torch's safe loader refuses that; if you trust the file, re-save it once with "
-                "reparam_mm imported, whose buffers pickle as plain data: python -c \"import "
-                f"reparam_mm, torch; p = '{filename}'; torch.save(torch.load(p, weights_only=False), "
-                "p)\"") from None
+                f"checkpoint {filename} holds {' and '.join(found)} pickled as functions "
+                "(builtins.getattr), as mmengine saves them in a script that did not import "
+                "reparam_mm, and torch's safe loader refuses that; if you trust the file, re-save "
+                'it once without them (reparam_mm pickles plain data; the config rebuilds the '
+                "functions): python -c \"import reparam_mm, torch; p = '" + filename + "'; "
+                "c = torch.load(p, weights_only=False); s = c.get('param_schedulers') or []; "
+                "[d.pop('anneal_func', None) for g in (s.values() if isinstance(s, dict) else [s]) "
+                'for d in g]; torch.save(c, p)"') from None
         if reason is None:
             raise
     raise _read_error(filename, reason)
 
 
-def _history_buffer_with_methods(filename, error):
-    """Whether the safe loader refused ``filename`` for the ``getattr`` global of an mmengine
-    ``HistoryBuffer`` pickled without reparam_mm's plain-data state (``compat.py``)."""
+def _pickled_functions(filename, error):
+    """What the safe loader refused in ``filename`` for its ``getattr`` global: mmengine's
+    ``HistoryBuffer`` pickled with its method table, and OneCycleLR's annealing function, both
+    of which reparam_mm leaves out of what it saves (``compat.py``); [] for anything else."""
     if 'GLOBAL getattr' not in str(error):
-        return False
+        return []
     try:
         with zipfile.ZipFile(filename) as archive:
             pickled = next((archive.read(n) for n in archive.namelist() if n.endswith('/data.pkl')),
                            b'')
     except (zipfile.BadZipFile, OSError):
-        return False
-    return b'HistoryBuffer' in pickled
+        return []
+    import pickletools
+    owners, memo, pushed, after_getattr = set(), {}, None, False
+    try:  # the class whose attribute each getattr fetches: the global pushed right after it
+        for op, arg, _ in pickletools.genops(pickled):  # (torch pickles with protocol 2)
+            if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+                if pushed is not None:
+                    memo[arg] = pushed  # a global memoised: later uses are GETs of it
+                continue
+            pushed = (str(arg) if op.name == 'GLOBAL' else
+                      memo.get(arg) if op.name in ('GET', 'BINGET', 'LONG_BINGET') else None)
+            if pushed is not None and after_getattr:
+                owners.add(pushed.rsplit(' ', 1)[-1])
+            after_getattr = pushed is not None and pushed.endswith(' getattr')
+    except Exception:  # noqa: BLE001 - an unreadable pickle: the loader's own error stands
+        return []
+    return [what for what, owner in (("mmengine's HistoryBuffer", 'HistoryBuffer'),
+                                     ("OneCycleLR's annealing function", 'OneCycleParamScheduler'))
+            if owner in owners]
 
 
 def _read_error(filename, reason):

@@ -13,6 +13,8 @@ by exactly what an mmengine checkpoint holds:
   table on unpickle, as mmengine's own ``__setstate__`` already does.
 * numpy arrays, scalars and dtypes (the buffers' histories, numpy values in
   the runtime info): numpy's reconstruction functions and dtype classes.
+* OneCycleLR's annealing function, pickled the same way: the schedulers' state
+  leaves out functions (the config rebuilds them).
 
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is never set; a checkpoint holding any
 other object is still refused. Imported first by ``reparam_mm/__init__.py``.
@@ -46,6 +48,14 @@ def _plain_history_buffer_state(self):
     return {k: v for k, v in self.__dict__.items() if k != 'statistics_methods'}
 
 
+def _plain_scheduler_state(self):
+    """mmengine's ``_ParamScheduler.state_dict`` without functions: OneCycleLR keeps its
+    annealing function (its static ``_annealing_cos``), which pickles as ``builtins.getattr``
+    and made its checkpoints unloadable; the one built from the config stays on load, as its
+    ``anneal_strategy`` says."""
+    return {k: v for k, v in self.__dict__.items() if k != 'optimizer' and not callable(v)}
+
+
 def numpy_safe_globals():
     """numpy callables and classes needed to unpickle arrays, scalars and dtypes."""
     try:
@@ -69,6 +79,8 @@ def patch_checkpoint_loading():
     from .checkpoint import patch_mmengine_loads, register_local_loader
 
     HistoryBuffer.__getstate__ = _plain_history_buffer_state
+    from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
+    _ParamScheduler.state_dict = _plain_scheduler_state
     if hasattr(torch.serialization, 'add_safe_globals'):  # torch >= 2.4
         torch.serialization.add_safe_globals([HistoryBuffer, *numpy_safe_globals()])
     register_local_loader()

@@ -130,14 +130,27 @@ def test_a_checkpoint_saved_without_reparam_mm_is_one_sentence_with_the_re_save(
     with pytest.raises(CheckpointReadError) as info:
         load_from_local(str(path))
     message = str(info.value)
-    assert message.startswith(f"checkpoint {path} holds mmengine's HistoryBuffer pickled with its "
-                              'methods (builtins.getattr), as a script saves it that did not import '
-                              'reparam_mm')
+    assert message.startswith(f"checkpoint {path} holds mmengine's HistoryBuffer pickled as functions "
+                              '(builtins.getattr), as mmengine saves them in a script that did not '
+                              'import reparam_mm')
     # the advice, run as written, makes the file load
     command = message.split('python -c ', 1)[1]
     assert command[0] == command[-1] == '"'
     subprocess.run([sys.executable, '-c', command[1:-1]], check=True, timeout=120)
     assert load_from_local(str(path))['message_hub']['buf'].current() == 2.0
+    # OneCycleLR's state kept its annealing function, pickled the same way (mmengine saves it so
+    # without reparam_mm): named alone, and the same re-save drops it
+    from mmengine.optim.scheduler.param_scheduler import OneCycleParamScheduler
+    torch.save({'message_hub': {'buf': buf}, 'param_schedulers': [
+        {'end': 4, 'anneal_func': OneCycleParamScheduler._annealing_cos}]}, path)
+    with pytest.raises(CheckpointReadError) as info:
+        load_from_local(str(path))
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} holds OneCycleLR's annealing function pickled as "
+                              'functions (builtins.getattr)')
+    command = message.split('python -c ', 1)[1]
+    subprocess.run([sys.executable, '-c', command[1:-1]], check=True, timeout=120)
+    assert load_from_local(str(path))['param_schedulers'] == [{'end': 4}]
     # any other refused global stays torch's own error
     other = tmp_path / 'evil.pth'
     torch.save({'payload': _Evil()}, other)

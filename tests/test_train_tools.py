@@ -560,3 +560,16 @@ def test_resume_alone_leaves_urls_to_mmengine_and_says_an_empty_record(tmp_path)
     (out / 'iter_4.pth').write_bytes(b'newer')
     (run / 'last_checkpoint').write_text(str(out / 'iter_4.pth'))
     assert latest_to_resume(str(run)) == str(out / 'iter_4.pth')
+
+
+def test_a_one_cycle_schedule_resumes(tmp_path):
+    """OneCycleLR kept its annealing function (a bound method) in its state: the checkpoint
+    pickled builtins.getattr, which the safe unpickler refuses, so --resume failed."""
+    cfg = tiny_demo_config(tmp_path, max_iters=2, extra="param_scheduler = [dict(type='OneCycleLR', "
+                           "eta_max=0.01, total_steps=4, by_epoch=False)]")
+    wd = tmp_path / 'wd'
+    main([cfg, '--work-dir', str(wd)])
+    runner = main([cfg, '--work-dir', str(wd), '--resume', '--cfg-options', 'train_cfg.max_iters=3'])
+    assert runner.iter == 3
+    scheduler = runner.param_schedulers[0]  # restored: the saved end (mmengine set it to max_iters)
+    assert scheduler.end == 2 and scheduler.anneal_func == scheduler._annealing_cos
