@@ -212,6 +212,7 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     # before the runner logs a page of environment and config: the file, then its keys
     ckpt = read_checkpoint(checkpoint, fix=STRICT_FIX)
     _check_keys_on_meta(cfg, ckpt, checkpoint)
+    check_trained_class_order(cfg, ckpt, checkpoint)
     runner = build_runner(cfg, tool='test')
     if out is not None and cfg.default_scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
@@ -220,9 +221,34 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
     if cfg.default_scope == 'mmseg':  # label maps the IoUMetric cannot score: said after the test
         from .hooks import LabelValuesCheckHook
         runner.register_hook(LabelValuesCheckHook())
+    from .hooks import DatasetClassesCheckHook  # the test set's classes, order and metric images
+    runner.register_hook(DatasetClassesCheckHook())
     runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
                        f"{'fused' if fuse else 'unfused'} model")
     return runner
+
+
+def check_trained_class_order(cfg, ckpt, filename):
+    """The test set must name the classes the checkpoint was trained on in the order it learnt
+    them (its ``meta.dataset_meta``): the same classes in another order (a test json listing
+    them otherwise, a reordered ``metainfo``) scored each label under another class's name,
+    without a word."""
+    from .scope import dataset_metainfo
+    trained = ((ckpt.get('meta') or {}).get('dataset_meta') or {}).get('classes') \
+        if isinstance(ckpt, dict) else None
+    meta = dataset_metainfo(cfg, 'test_dataloader')
+    if not trained or not meta:
+        return
+    trained, tested = [str(c) for c in trained], [str(c) for c in meta['classes']]
+    if sorted(trained) == sorted(tested) and trained != tested:
+        k = next(i for i, (a, b) in enumerate(zip(trained, tested)) if a != b)
+        raise ConfigError(
+            f'checkpoint {filename} was trained on the classes in the order ({", ".join(trained[:6])}'
+            f'{", ..." if len(trained) > 6 else ""}), and test_dataloader.dataset names them '
+            f'({", ".join(tested[:6])}{", ..." if len(tested) > 6 else ""}), so its label {k}, '
+            f'{trained[k]!r}, would be scored as {tested[k]!r}; give the test set the trained order: '
+            f'metainfo=dict(classes={tuple(trained)!r}) (for COCO, its json\'s categories in that '
+            'order too).')
 
 
 def _check_keys_on_meta(cfg, ckpt, filename):

@@ -20,7 +20,7 @@ def _innermost(dataset):
     return dataset
 
 
-def check_dataset_classes(runner):
+def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')):
     """The classes of a COCO-style dataset against its json, before the first iteration:
 
     * every class its ``metainfo`` names must be a category of the json: mmdet keeps only the
@@ -33,9 +33,13 @@ def check_dataset_classes(runner):
     * a class without a box in the json is logged: the model never sees one, and its AP
       reads nan.
 
+    * a validation or test ``CocoMetric`` scores every image of its own json: one that holds
+      images the loader does not read (another split, or ``indices`` taking a part) counted them
+      as missed, and one that lacks some failed after the loop (:func:`_check_metric_images`).
+
     The json's categories are read only when the config names its own classes."""
     orders = {}  # loader -> (json, the classes in the order the dataset numbers them)
-    for loader in ('train_dataloader', 'val_dataloader'):
+    for loader in loaders:
         try:  # the loops' dataloaders (a run without validation has none to give)
             built = getattr(runner, loader)
         except Exception:  # noqa: BLE001
@@ -68,15 +72,21 @@ def check_dataset_classes(runner):
                 f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
                 f'categories of {ann_file or "its ann_file"}{unnamed}; name the classes as the '
                 "json's categories do (its 'categories' list)"
-                + ('.' if unnamed else ", e.g. 'person', not 'human'."))
+                + ('.' if unnamed else ", e.g. 'person', not 'human'.")
+                + ('' if loader == 'train_dataloader' else
+                   " A class this set has no box of stays among the json's categories, without "
+                   'annotations: the model keeps the classes it was trained on.'))
         own = tuple((getattr(type(dataset), 'METAINFO', None) or {}).get('classes') or ())
         if tuple(classes) != own and ann_file:
             names = {c.get('id'): c.get('name') for c in json_categories(ann_file, cat_ids) or []}
             in_json = [names.get(i) for i in cat_ids]
             if None not in in_json:
                 _check_class_order(loader, type(dataset).__name__, ann_file, classes, in_json, orders)
-            if loader == 'val_dataloader':
-                _check_metric_order(runner.cfg, ann_file, classes, orders)
+            if loader != 'train_dataloader':
+                _check_metric_order(runner.cfg, loader.replace('_dataloader', '_evaluator'),
+                                    ann_file, classes, orders)
+        if loader != 'train_dataloader':
+            _check_metric_images(runner.cfg, loader, dataset)
         boxes = getattr(dataset, 'cat_img_map', None)
         empty = [name for name, i in zip(classes, cat_ids) if boxes is not None and not boxes.get(i)]
         if empty:
@@ -115,11 +125,56 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
         f'order: metainfo=dict(classes={tuple(numbered)!r}), in every loader.')
 
 
-def _check_metric_order(cfg, ann_file, classes, orders):
+def _coco_metrics(cfg, evaluator):
+    """``(config key, type, local json)`` of ``evaluator``'s COCO metrics that read a json."""
+    metrics = cfg.get(evaluator)
+    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
+    for i, metric in metrics:
+        path = metric.get('ann_file') if isinstance(metric, dict) else None
+        kind = metric.get('type') if isinstance(metric, dict) else None
+        if isinstance(path, str) and '://' not in path and 'Coco' in str(kind) and osp.isfile(path):
+            yield evaluator + ('' if i is None else f'.{i}'), kind, path
+
+
+def _check_metric_images(cfg, loader, dataset):
+    """Refuse a COCO metric of ``loader``'s evaluator whose json's images are not those
+    ``dataset`` reads. mmdet's ``CocoMetric`` scores every image of its json: a json holding
+    more (the whole set, with the loader on a part by ``indices`` or on a split of its own)
+    counted the unread images as missed, and the mAP read low without a word (perfect boxes
+    scored 0.245 on coco128 this way); a json lacking some failed after the loop with
+    pycocotools' 'Results do not correspond to current coco set'. The json is read only when it
+    is not the dataset's own or the dataset reads a part of it."""
+    own = getattr(dataset, 'ann_file', None)
+    whole = getattr(dataset, '_indices', None) is None
+    for key, _, path in _coco_metrics(cfg, loader.replace('_dataloader', '_evaluator')):
+        if whole and own and osp.abspath(path) == osp.abspath(own):
+            continue
+        import json
+        try:
+            with open(path, 'rb') as f:
+                in_json = {img.get('id') for img in json.load(f).get('images') or []}
+            read = {dataset.get_data_info(i).get('img_id') for i in range(len(dataset))}
+        except Exception:  # noqa: BLE001 - not a COCO json we can read: coco_json_problem says
+            continue
+        extra, missing = in_json - read, read - in_json
+        if missing:
+            raise ConfigError(
+                f'{key}.ann_file {path} lacks {len(missing)} of the {len(read)} images {loader} '
+                "reads, so CocoMetric would fail after the loop ('Results do not correspond to "
+                f"current coco set'); point {key}.ann_file at the json {loader}.dataset reads.")
+        if extra:
+            raise ConfigError(
+                f'{key}.ann_file {path} holds {len(extra)} images that {loader} does not read '
+                f'({len(in_json)} against {len(read)}), and CocoMetric scores every image of its '
+                'json, so those would count as missed and the mAP would read low; point '
+                f'{key}.ann_file at a json of exactly the images {loader}.dataset reads.')
+
+
+def _check_metric_order(cfg, evaluator, ann_file, classes, orders):
     """A ``CocoMetric`` reading another json than its dataset's numbers the labels in the order of
     its own json's categories: one that orders the classes differently scored each box as another
     class. Refused through :func:`_check_class_order`'s comparison of the two orders."""
-    metrics = cfg.get('val_evaluator')
+    metrics = cfg.get(evaluator)
     metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
     for i, metric in metrics:
         path = metric.get('ann_file') if isinstance(metric, dict) else None
@@ -130,7 +185,7 @@ def _check_metric_order(cfg, ann_file, classes, orders):
         wanted = set(map(str, classes))
         numbered = [c.get('name') for c in json_categories(path) or [] if str(c.get('name')) in wanted]
         if len(numbered) == len(classes):
-            key = 'val_evaluator' + ('' if i is None else f'.{i}')
+            key = evaluator + ('' if i is None else f'.{i}')
             _check_class_order(key, kind, path, classes, numbered, orders)
 
 
@@ -659,6 +714,12 @@ def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
                     raise ConfigError(_unknown_key(key, name, accepted,
                                                    f'an argument of {cls.__name__}'))
             meta = ds.get('metainfo')
+            if isinstance(meta, dict) and isinstance(meta.get('classes'), str):
+                name = meta['classes']
+                raise ConfigError(
+                    f"{key}.metainfo.classes is the string {name!r}, which mmengine reads as "
+                    f'{len(name)} classes ({", ".join(name[:4])}, ...); write a tuple: '
+                    f'classes=({name!r},) (the comma makes it one).')
             known = set(getattr(cls, 'METAINFO', None) or {})
             for name in meta if isinstance(meta, dict) else ():
                 near = None if name in known else _nearest(name, known)

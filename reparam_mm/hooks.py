@@ -309,13 +309,19 @@ class TrainingLoadCheckHook(Hook):
 
 
 class DatasetClassesCheckHook(Hook):
-    """Before the first iteration: the datasets' classes are all in their annotations
-    (:func:`reparam_mm.data_checks.check_dataset_classes`); registered by ``train()``."""
+    """Before the first iteration: the datasets' classes are all in their annotations, in their
+    order, and the metrics' jsons hold the loaders' images
+    (:func:`reparam_mm.data_checks.check_dataset_classes`); registered by ``train()`` and
+    ``tools/test.py``'s runner (the test set, before the test loop)."""
     priority = 'VERY_HIGH'
 
     def before_train(self, runner) -> None:
         from .data_checks import check_dataset_classes
         check_dataset_classes(runner)
+
+    def before_test(self, runner) -> None:
+        from .data_checks import check_dataset_classes
+        check_dataset_classes(runner, ['test_dataloader'])
 
 
 class HeadLayoutAgreementHook(Hook):

@@ -209,6 +209,12 @@ def check_pad_label(cfg):
         return
     model = cfg.get('model') or {}
     pad = (model.get('data_preprocessor') or {}).get('seg_pad_val', 255)
+    ignored = [(key, head.get('ignore_index', 255)) for key, head in _class_heads(model)]
+    if len({value for _, value in ignored}) > 1:  # padding fits one of them at most
+        raise ConfigError(
+            f"{' and '.join(f'{key}.ignore_index is {value}' for key, value in ignored)}: the heads "
+            'read the same label maps, so they must ignore the same label; set every head to the '
+            'unlabelled value of your maps, and model.data_preprocessor.seg_pad_val to it too.')
     heads = [(key, ignore) for key, head in _class_heads(model)
              for ignore in [head.get('ignore_index', 255)] if ignore != pad]
     if heads:
@@ -238,7 +244,8 @@ def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
     """An ``IoUMetric`` must ignore the label the heads ignore: with the metric at its default
     255 and the heads at CamVid's 11, the pixels labelled 11 are scored as a class no head
     predicts (their predictions counted, their label not), so the mIoU read low, and the
-    label-value warning after each validation blamed ``reduce_zero_label``."""
+    label-value warning after each validation blamed ``reduce_zero_label``. Its
+    ``iou_metrics`` must be ones it computes: 'mIOU' raised a KeyError after the first loop."""
     if cfg.get('default_scope') != 'mmseg':
         return
     heads = {head.get('ignore_index', 255) for _, head in _class_heads(cfg.get('model') or {})}
@@ -247,6 +254,17 @@ def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
     ignore = heads.pop()
     for evaluator in evaluators:
         for key, metric in _iou_metrics(cfg, evaluator):
+            asked = metric.get('iou_metrics', ['mIoU'])
+            for name in [asked] if isinstance(asked, str) else asked:  # else: after the loop
+                if name not in ('mIoU', 'mDice', 'mFscore'):  # IoUMetric's, case-sensitive
+                    import difflib
+                    near = difflib.get_close_matches(str(name).lower(), ['miou', 'mdice', 'mfscore'], n=1)
+                    said = {'miou': 'mIoU', 'mdice': 'mDice', 'mfscore': 'mFscore'}.get(
+                        near[0] if near else '')
+                    raise ConfigError(
+                        f'{key}.iou_metrics names {name!r}, which IoUMetric does not compute (it '
+                        "raises a KeyError after the first loop); it computes 'mIoU', 'mDice' and "
+                        f"'mFscore'" + (f': did you mean {said!r}?' if said else '.'))
             value = metric.get('ignore_index', 255)
             if value != ignore:
                 raise ConfigError(

@@ -98,7 +98,7 @@ def test_a_loader_key_slip_in_a_config_file_stops_before_the_build(tmp_path):
 
 def test_every_shipped_config_passes_the_loader_key_and_metric_ignore_checks():
     from reparam_mm.scope import ConfigImportError, load_config
-    from reparam_mm.train import check_metric_ignore_index
+    from reparam_mm.train import check_metric_ignore_index, check_pad_label
     checked = 0
     for path in sorted((ROOT / 'configs').rglob('*.py')):
         if '_base_' in path.parts:
@@ -110,6 +110,7 @@ def test_every_shipped_config_passes_the_loader_key_and_metric_ignore_checks():
         init_scope(cfg)
         check_loader_keys(cfg, ('train_dataloader', 'val_dataloader', 'test_dataloader'))
         check_metric_ignore_index(cfg, ('val_evaluator', 'test_evaluator'))
+        check_pad_label(cfg)
         checked += 1
     assert checked >= 50
 
@@ -318,3 +319,90 @@ def test_a_metric_json_that_orders_the_classes_otherwise_is_refused(tmp_path):
         f'car), and val_evaluator reads {root}/metric.json, which orders them (car, person); mmdet numbers '
         'the labels of each dataset and metric in the order of its own json, so no order of '
         'metainfo.classes fits both: write the categories in the same order in both jsons.')
+
+
+def test_classes_written_as_a_string_are_refused_with_the_comma():
+    """('person') is the string 'person': mmengine read 6 classes, and the advice to set the
+    heads to 6 led to a second refusal."""
+    with pytest.raises(ConfigError) as err:
+        check_loader_keys(_det_cfg(dataset=dict(metainfo=dict(classes='person'))))
+    assert str(err.value) == ("train_dataloader.dataset.metainfo.classes is the string 'person', which "
+                              "mmengine reads as 6 classes (p, e, r, s, ...); write a tuple: "
+                              "classes=('person',) (the comma makes it one).")
+
+
+def test_segmentation_heads_that_ignore_different_labels_are_named_together():
+    """Each padding advice fitted one head and not the other: following it flipped the refusal."""
+    from mmengine.config import Config
+    from reparam_mm.train import check_metric_ignore_index, check_pad_label
+    model = dict(data_preprocessor=dict(seg_pad_val=4), decode_head=dict(num_classes=4, ignore_index=4),
+                 auxiliary_head=dict(num_classes=4, ignore_index=255))
+    with pytest.raises(ConfigError, match=r'^model\.decode_head\.ignore_index is 4 and '
+                                          r'model\.auxiliary_head\.ignore_index is 255: the heads read '
+                                          r'the same label maps, so they must ignore the same label'):
+        check_pad_label(Config(dict(default_scope='mmseg', model=model)))
+    model['auxiliary_head']['ignore_index'] = 4
+    cfg = Config(dict(default_scope='mmseg', model=model, val_evaluator=dict(
+        type='IoUMetric', ignore_index=4, iou_metrics=['mIOU'])))
+    check_pad_label(cfg)
+    with pytest.raises(ConfigError, match=r"^val_evaluator\.iou_metrics names 'mIOU', which IoUMetric does "
+                                          r"not compute .* did you mean 'mIoU'\?$"):
+        check_metric_ignore_index(cfg)
+    cfg.val_evaluator.iou_metrics = ['mIoU', 'mFscore']
+    check_metric_ignore_index(cfg)
+
+
+def test_a_metric_json_of_other_images_than_the_loader_reads_is_refused(tmp_path):
+    """CocoMetric scores every image of its json: a json of more images counted the unread ones
+    as missed (perfect boxes scored 0.245 on coco128), one lacking some failed after training."""
+    root, common = _coco_run(tmp_path)
+    data = json.loads((root / 'annotations.json').read_text())
+    more = dict(data, images=data['images'] + [dict(id=99, file_name='x.jpg', height=64, width=64)])
+    (root / 'more.json').write_text(json.dumps(more))
+    with pytest.raises(ConfigError) as err:
+        main(common + _classes('person', 'car') + [f'val_evaluator.ann_file={root}/more.json'])
+    assert str(err.value) == (
+        f'val_evaluator.ann_file {root}/more.json holds 1 images that val_dataloader does not read '
+        '(3 against 2), and CocoMetric scores every image of its json, so those would count as missed '
+        'and the mAP would read low; point val_evaluator.ann_file at a json of exactly the images '
+        'val_dataloader.dataset reads.')
+    with pytest.raises(ConfigError, match=r'^val_evaluator\.ann_file .* holds 1 images that val_dataloader '
+                                          r'does not read \(2 against 1\)'):  # its own json, a part read
+        main(common + _classes('person', 'car') + ['val_dataloader.dataset.indices=1'])
+    fewer = dict(data, images=data['images'][:1])
+    (root / 'fewer.json').write_text(json.dumps(fewer))
+    with pytest.raises(ConfigError, match=r'^val_evaluator\.ann_file .*/fewer\.json lacks 1 of the 2 images '
+                                          r"val_dataloader reads, so CocoMetric would fail after the loop"):
+        main(common + _classes('person', 'car') + [f'val_evaluator.ann_file={root}/fewer.json'])
+
+
+def test_the_test_set_is_checked_against_the_checkpoints_class_order_and_its_json(tmp_path):
+    """tools/test.py ran a reordered test set to an mAP without a word; tools/train.py refused it."""
+    from reparam_mm.apis import run_test
+    root, common = _coco_run(tmp_path)
+    runner = main(common + _classes('person', 'car'))
+    ckpt = tmp_path / 'w' / 'iter_1.pth'
+    assert runner.iter == 1
+    options = {o.split('=', 1)[0].replace('val_', 'test_'): o.split('=', 1)[1]
+               for o in common[common.index('--cfg-options') + 1:] if 'val_' in o}
+    options['model.roi_head.bbox_head.num_classes'] = 2
+
+    def test(classes, **more):
+        return run_test(str(COCO_DEMO), str(ckpt), work_dir=str(tmp_path / 't'), cfg_options={
+            **options, 'test_dataloader.dataset.metainfo.classes': classes, **more})
+
+    with pytest.raises(ConfigError) as err:
+        test(('car', 'person'))
+    assert str(err.value).startswith(
+        f"checkpoint {ckpt} was trained on the classes in the order (person, car), and "
+        "test_dataloader.dataset names them (car, person), so its label 0, 'person', would be scored "
+        "as 'car'; give the test set the trained order: metainfo=dict(classes=('person', 'car'))")
+    data = json.loads((root / 'annotations.json').read_text())
+    data['categories'] = data['categories'][::-1]  # car first: mmdet would number car 0
+    (root / 'car_first.json').write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"^test_dataloader: the dataset names its classes in the order "
+                                          r"\(person, car\), and CocoDataset numbers the labels in the "
+                                          r"order it reads .*car_first\.json's categories \(car, person\)"):
+        test(('person', 'car'), **{'test_dataloader.dataset.ann_file': 'car_first.json',
+                                   'test_evaluator.ann_file': f'{root}/car_first.json'})
+    assert test(('person', 'car'))['coco/bbox_mAP'] >= 0  # as trained: tested
