@@ -34,8 +34,9 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
       reads nan.
 
     * a validation or test ``CocoMetric`` scores every image of its own json: one that holds
-      images the loader does not read (another split, or ``indices`` taking a part) counted them
-      as missed, and one that lacks some failed after the loop (:func:`_check_metric_images`).
+      images the loader does not read (another split, or ``indices`` taking a part) counts them
+      as missed (logged), and one that lacks some failed after the loop (refused:
+      :func:`_check_metric_images`).
 
     The json's categories are read only when the config names its own classes."""
     orders = {}  # loader -> (json, the classes in the order the dataset numbers them)
@@ -141,9 +142,10 @@ def _check_metric_images(cfg, loader, dataset):
     ``dataset`` reads. mmdet's ``CocoMetric`` scores every image of its json: a json holding
     more (the whole set, with the loader on a part by ``indices`` or on a split of its own)
     counted the unread images as missed, and the mAP read low without a word (perfect boxes
-    scored 0.245 on coco128 this way); a json lacking some failed after the loop with
-    pycocotools' 'Results do not correspond to current coco set'. The json is read only when it
-    is not the dataset's own or the dataset reads a part of it."""
+    scored 0.245 on coco128 this way): a warning, since a quick run on a part is fair; a json
+    lacking some failed after the loop with pycocotools' 'Results do not correspond to current
+    coco set': refused. The json is read only when it is not the dataset's own or the dataset
+    reads a part of it."""
     own = getattr(dataset, 'ann_file', None)
     whole = getattr(dataset, '_indices', None) is None
     for key, _, path in _coco_metrics(cfg, loader.replace('_dataloader', '_evaluator')):
@@ -162,12 +164,13 @@ def _check_metric_images(cfg, loader, dataset):
                 f'{key}.ann_file {path} lacks {len(missing)} of the {len(read)} images {loader} '
                 "reads, so CocoMetric would fail after the loop ('Results do not correspond to "
                 f"current coco set'); point {key}.ann_file at the json {loader}.dataset reads.")
-        if extra:
-            raise ConfigError(
+        if extra:  # said, not refused: a quick run on a part (indices=N) is a fair test
+            print_log(
                 f'{key}.ann_file {path} holds {len(extra)} images that {loader} does not read '
                 f'({len(in_json)} against {len(read)}), and CocoMetric scores every image of its '
-                'json, so those would count as missed and the mAP would read low; point '
-                f'{key}.ann_file at a json of exactly the images {loader}.dataset reads.')
+                'json, so those count as missed and the mAP reads low; point '
+                f'{key}.ann_file at a json of exactly the images {loader}.dataset reads.',
+                logger='current', level=logging.WARNING)
 
 
 def _check_metric_order(cfg, evaluator, ann_file, classes, orders):

@@ -352,23 +352,30 @@ def test_segmentation_heads_that_ignore_different_labels_are_named_together():
     check_metric_ignore_index(cfg)
 
 
-def test_a_metric_json_of_other_images_than_the_loader_reads_is_refused(tmp_path):
+def test_a_metric_json_of_other_images_than_the_loader_reads_is_said(tmp_path):
     """CocoMetric scores every image of its json: a json of more images counted the unread ones
-    as missed (perfect boxes scored 0.245 on coco128), one lacking some failed after training."""
+    as missed (perfect boxes scored 0.245 on coco128): logged, as a quick run on a part is fair;
+    one lacking some failed after training: refused."""
+    from conftest import mmengine_log
     root, common = _coco_run(tmp_path)
     data = json.loads((root / 'annotations.json').read_text())
     more = dict(data, images=data['images'] + [dict(id=99, file_name='x.jpg', height=64, width=64)])
     (root / 'more.json').write_text(json.dumps(more))
-    with pytest.raises(ConfigError) as err:
-        main(common + _classes('person', 'car') + [f'val_evaluator.ann_file={root}/more.json'])
-    assert str(err.value) == (
+
+    def said(*options):
+        with mmengine_log() as records:
+            assert main(common + _classes('person', 'car') + list(options)).iter == 1
+        return [r.getMessage() for r in records if 'CocoMetric scores every image' in r.getMessage()]
+
+    assert said(f'val_evaluator.ann_file={root}/more.json') == [
         f'val_evaluator.ann_file {root}/more.json holds 1 images that val_dataloader does not read '
-        '(3 against 2), and CocoMetric scores every image of its json, so those would count as missed '
-        'and the mAP would read low; point val_evaluator.ann_file at a json of exactly the images '
-        'val_dataloader.dataset reads.')
-    with pytest.raises(ConfigError, match=r'^val_evaluator\.ann_file .* holds 1 images that val_dataloader '
-                                          r'does not read \(2 against 1\)'):  # its own json, a part read
-        main(common + _classes('person', 'car') + ['val_dataloader.dataset.indices=1'])
+        '(3 against 2), and CocoMetric scores every image of its json, so those count as missed '
+        'and the mAP reads low; point val_evaluator.ann_file at a json of exactly the images '
+        'val_dataloader.dataset reads.']
+    assert said('val_dataloader.dataset.indices=1')[0].startswith(  # its own json, a part read
+        f'val_evaluator.ann_file {root}/annotations.json holds 1 images that val_dataloader does not '
+        'read (2 against 1)')
+    assert said() == []
     fewer = dict(data, images=data['images'][:1])
     (root / 'fewer.json').write_text(json.dumps(fewer))
     with pytest.raises(ConfigError, match=r'^val_evaluator\.ann_file .*/fewer\.json lacks 1 of the 2 images '
