@@ -688,6 +688,36 @@ def _dataset_class(cfg, ds):
         return None
 
 
+#: the ``data_prefix`` keys each family reads: mmseg's ``img_path`` / ``seg_map_path``, mmdet's
+#: COCO-style ``img`` (and ``seg`` for panoptic maps)
+_PREFIX_KEYS = (('mmseg.datasets', 'BaseSegDataset', ('img_path', 'seg_map_path'), ('img', 'seg')),
+                ('mmdet.datasets', 'CocoDataset', ('img', 'seg'), ('img_path', 'seg_map_path')))
+
+
+def _check_data_prefix(key, cls, prefix):
+    """Refuse the other family's ``data_prefix`` keys: mmdet's ``img=`` in an mmseg dataset ended
+    in a TypeError inside its ``__init__``, mmseg's ``img_path=`` in an mmdet one in KeyError 'img'
+    at the build."""
+    import importlib
+    if not isinstance(prefix, dict) or not isinstance(cls, type):
+        return
+    for module, base, own, other in _PREFIX_KEYS:
+        try:
+            family = getattr(importlib.import_module(module), base)
+        except (ImportError, AttributeError):
+            continue
+        if not issubclass(cls, family):
+            continue
+        wrong = [k for k in other if k in prefix and own[other.index(k)] not in prefix]
+        if wrong:
+            right = [own[other.index(k)] for k in wrong]
+            raise ConfigError(
+                f"{key}.data_prefix has {', '.join(map(repr, wrong))}, which {cls.__name__} does not "
+                f"read ({module.split('.')[0]} names {'it' if len(wrong) == 1 else 'them'} "
+                f"{', '.join(map(repr, right))}); write data_prefix=dict("
+                + ', '.join(f'{r}={prefix[k]!r}' for r, k in zip(right, wrong)) + ').')
+
+
 def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
     """Refuse a key of a loader's config, or of its datasets' (wrappers included), that nothing
     takes, naming the nearest that is taken: written in a config file (``batch_szie=2``,
@@ -716,6 +746,7 @@ def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
                         and (signed or _nearest(name, accepted)):
                     raise ConfigError(_unknown_key(key, name, accepted,
                                                    f'an argument of {cls.__name__}'))
+            _check_data_prefix(key, cls, ds.get('data_prefix'))
             meta = ds.get('metainfo')
             if isinstance(meta, dict) and isinstance(meta.get('classes'), str):
                 name = meta['classes']
@@ -723,6 +754,13 @@ def check_loader_keys(cfg, loaders=('train_dataloader', 'val_dataloader')):
                     f"{key}.metainfo.classes is the string {name!r}, which mmengine reads as "
                     f'{len(name)} classes ({", ".join(name[:4])}, ...); write a tuple: '
                     f'classes=({name!r},) (the comma makes it one).')
+            palette, named = (meta.get('palette'), meta.get('classes')) if isinstance(meta, dict) \
+                else (None, None)
+            if isinstance(palette, (list, tuple)) and isinstance(named, (list, tuple)) \
+                    and len(palette) != len(named):
+                raise ConfigError(
+                    f'{key}.metainfo names {len(named)} classes and {len(palette)} palette colours; '
+                    'give one colour per class (or leave palette out: one is drawn for each).')
             known = set(getattr(cls, 'METAINFO', None) or {})
             for name in meta if isinstance(meta, dict) else ():
                 near = None if name in known else _nearest(name, known)

@@ -413,3 +413,30 @@ def test_the_test_set_is_checked_against_the_checkpoints_class_order_and_its_jso
         test(('person', 'car'), **{'test_dataloader.dataset.ann_file': 'car_first.json',
                                    'test_evaluator.ann_file': f'{root}/car_first.json'})
     assert test(('person', 'car'))['coco/bbox_mAP'] >= 0  # as trained: tested
+
+
+def test_the_other_familys_data_prefix_keys_and_a_short_palette_are_refused():
+    """mmdet's img= in an mmseg dataset ended in a TypeError in its __init__, mmseg's img_path=
+    in mmdet in KeyError 'img'; a palette shorter than the classes in mmseg's ValueError."""
+    from mmengine.config import Config
+    with pytest.raises(ConfigError) as err:
+        check_loader_keys(_det_cfg(dataset=dict(data_prefix=dict(img_path='train2017/'))))
+    assert str(err.value) == ("train_dataloader.dataset.data_prefix has 'img_path', which CocoDataset "
+                              "does not read (mmdet names it 'img'); write "
+                              "data_prefix=dict(img='train2017/').")
+    check_loader_keys(_det_cfg(dataset=dict(data_prefix=dict(img='train2017/'))))
+    seg = dict(type='BaseSegDataset', data_root='d', pipeline=[], data_prefix=dict(img='i/', seg='a/'),
+               metainfo=dict(classes=('a', 'b'), palette=[[0, 0, 0], [1, 1, 1]]))
+    cfg = Config(dict(default_scope='mmseg', train_dataloader=dict(batch_size=1, dataset=seg)))
+    init_scope(cfg)
+    with pytest.raises(ConfigError, match=r"^train_dataloader\.dataset\.data_prefix has 'img', 'seg', which "
+                                          r"BaseSegDataset does not read \(mmseg names them 'img_path', "
+                                          r"'seg_map_path'\); write data_prefix=dict\(img_path='i/', "
+                                          r"seg_map_path='a/'\)\.$"):
+        check_loader_keys(cfg)
+    cfg.train_dataloader.dataset.data_prefix = dict(img_path='i/', seg_map_path='a/')
+    check_loader_keys(cfg)
+    cfg.train_dataloader.dataset.metainfo.palette = [[0, 0, 0]]
+    with pytest.raises(ConfigError, match=r'^train_dataloader\.dataset\.metainfo names 2 classes and 1 '
+                                          r'palette colours; give one colour per class'):
+        check_loader_keys(cfg)
