@@ -31,12 +31,9 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
       listing person first trained the person boxes as label 0 and the checkpoint, inference
       and pictures called them 'car' (mmdet issues 10675, 11704);
     * a class without a box in the json is logged: the model never sees one, and its AP
-      reads nan.
-
-    * a validation or test ``CocoMetric`` scores every image of its own json: one that holds
-      images the loader does not read (another split, or ``indices`` taking a part) counts them
-      as missed (logged), and one that lacks some failed after the loop (refused:
-      :func:`_check_metric_images`).
+      reads nan;
+    * a validation or test ``CocoMetric``'s own json must order the classes as the dataset does
+      and hold the images the loader reads (:func:`_check_metric_json`).
 
     The json's categories are read only when the config names its own classes."""
     orders = {}  # loader -> (json, the classes in the order the dataset numbers them)
@@ -78,16 +75,14 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
                    " A class this set has no box of stays among the json's categories, without "
                    'annotations: the model keeps the classes it was trained on.'))
         own = tuple((getattr(type(dataset), 'METAINFO', None) or {}).get('classes') or ())
-        if tuple(classes) != own and ann_file:
+        ordered = tuple(classes) != own and bool(ann_file)  # the config names its own classes
+        if ordered:
             names = {c.get('id'): c.get('name') for c in json_categories(ann_file, cat_ids) or []}
             in_json = [names.get(i) for i in cat_ids]
             if None not in in_json:
                 _check_class_order(loader, type(dataset).__name__, ann_file, classes, in_json, orders)
-            if loader != 'train_dataloader':
-                _check_metric_order(runner.cfg, loader.replace('_dataloader', '_evaluator'),
-                                    ann_file, classes, orders)
         if loader != 'train_dataloader':
-            _check_metric_images(runner.cfg, loader, dataset)
+            _check_metric_json(runner.cfg, loader, dataset, ordered, orders)
         boxes = getattr(dataset, 'cat_img_map', None)
         empty = [name for name, i in zip(classes, cat_ids) if boxes is not None and not boxes.get(i)]
         if empty:
@@ -126,35 +121,46 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
         f'order: metainfo=dict(classes={tuple(numbered)!r}), in every loader.')
 
 
-def _coco_metrics(cfg, evaluator):
-    """``(config key, type, local json)`` of ``evaluator``'s COCO metrics that read a json."""
-    metrics = cfg.get(evaluator)
-    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
-    for i, metric in metrics:
-        path = metric.get('ann_file') if isinstance(metric, dict) else None
-        kind = metric.get('type') if isinstance(metric, dict) else None
-        if isinstance(path, str) and '://' not in path and 'Coco' in str(kind) and osp.isfile(path):
-            yield evaluator + ('' if i is None else f'.{i}'), kind, path
+def _check_metric_json(cfg, loader, dataset, ordered, orders):
+    """The COCO metrics of ``loader``'s evaluator against ``dataset``, each json read once:
 
+    * a json other than the dataset's numbers the labels in the order of its own categories: one
+      that orders the classes differently scored each box as another class (refused through
+      :func:`_check_class_order`'s comparison of the orders; only when the config names its own
+      classes, ``ordered``);
+    * mmdet's ``CocoMetric`` scores every image of its json: a json holding more than the loader
+      reads (the whole set, with the loader on a part by ``indices`` or on a split of its own)
+      counted the unread images as missed, and the mAP read low without a word (perfect boxes
+      scored 0.245 on coco128 this way): a warning, since a quick run on a part is fair; a json
+      lacking some failed after the loop with pycocotools' 'Results do not correspond to current
+      coco set': refused.
 
-def _check_metric_images(cfg, loader, dataset):
-    """Refuse a COCO metric of ``loader``'s evaluator whose json's images are not those
-    ``dataset`` reads. mmdet's ``CocoMetric`` scores every image of its json: a json holding
-    more (the whole set, with the loader on a part by ``indices`` or on a split of its own)
-    counted the unread images as missed, and the mAP read low without a word (perfect boxes
-    scored 0.245 on coco128 this way): a warning, since a quick run on a part is fair; a json
-    lacking some failed after the loop with pycocotools' 'Results do not correspond to current
-    coco set': refused. The json is read only when it is not the dataset's own or the dataset
-    reads a part of it."""
+    A json is read only when it is not the dataset's own, or the dataset reads a part of it."""
+    import json
     own = getattr(dataset, 'ann_file', None)
     whole = getattr(dataset, '_indices', None) is None
-    for key, _, path in _coco_metrics(cfg, loader.replace('_dataloader', '_evaluator')):
-        if whole and own and osp.abspath(path) == osp.abspath(own):
+    classes = dataset.metainfo['classes']
+    for key, metric in evaluator_metrics(cfg, loader.replace('_dataloader', '_evaluator')):
+        path, kind = metric.get('ann_file'), metric.get('type')
+        if not isinstance(path, str) or '://' in path or 'Coco' not in str(kind) \
+                or not osp.isfile(path):
             continue
-        import json
+        other = not (own and osp.abspath(path) == osp.abspath(own))
+        if not other and whole:
+            continue
         try:
             with open(path, 'rb') as f:
-                in_json = {img.get('id') for img in json.load(f).get('images') or []}
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue  # not a json we can read: coco_json_problem says why at the build
+        if other and ordered:
+            wanted = set(map(str, classes))
+            numbered = [c.get('name') for c in data.get('categories') or []
+                        if str(c.get('name')) in wanted]
+            if len(numbered) == len(classes):
+                _check_class_order(key, kind, path, classes, numbered, orders)
+        try:
+            in_json = {img.get('id') for img in data.get('images') or []}
             read = {dataset.get_data_info(i).get('img_id') for i in range(len(dataset))}
         except Exception:  # noqa: BLE001 - not a COCO json we can read: coco_json_problem says
             continue
@@ -171,25 +177,6 @@ def _check_metric_images(cfg, loader, dataset):
                 'json, so those count as missed and the mAP reads low; point '
                 f'{key}.ann_file at a json of exactly the images {loader}.dataset reads.',
                 logger='current', level=logging.WARNING)
-
-
-def _check_metric_order(cfg, evaluator, ann_file, classes, orders):
-    """A ``CocoMetric`` reading another json than its dataset's numbers the labels in the order of
-    its own json's categories: one that orders the classes differently scored each box as another
-    class. Refused through :func:`_check_class_order`'s comparison of the two orders."""
-    metrics = cfg.get(evaluator)
-    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
-    for i, metric in metrics:
-        path = metric.get('ann_file') if isinstance(metric, dict) else None
-        kind = metric.get('type') if isinstance(metric, dict) else None
-        if not isinstance(path, str) or '://' in path or 'Coco' not in str(kind) \
-                or not osp.isfile(path) or (ann_file and osp.abspath(path) == osp.abspath(ann_file)):
-            continue
-        wanted = set(map(str, classes))
-        numbered = [c.get('name') for c in json_categories(path) or [] if str(c.get('name')) in wanted]
-        if len(numbered) == len(classes):
-            key = evaluator + ('' if i is None else f'.{i}')
-            _check_class_order(key, kind, path, classes, numbered, orders)
 
 
 def _categories_list(data):
@@ -599,15 +586,23 @@ def _seg_pairing_problems(cfg, loader):
                          f'and {key}.data_prefix.seg_map_path.'))
 
 
+def evaluator_metrics(cfg, evaluator):
+    """``(config key, metric config)`` of each metric ``cfg[evaluator]`` names: one dict (key
+    ``val_evaluator``) or a list of them (``val_evaluator.0``, ...)."""
+    metrics = cfg.get(evaluator)
+    listed = isinstance(metrics, (list, tuple))
+    for i, metric in enumerate(metrics if listed else [metrics]):
+        if isinstance(metric, dict):
+            yield (f'{evaluator}.{i}' if listed else evaluator), metric
+
+
 def _missing_evaluator_files(cfg, evaluator):
     """``(config key, sentence)`` for each local ``ann_file`` of ``evaluator``'s metrics (COCO's
     ground truth) that does not exist."""
-    metrics = cfg.get(evaluator)
-    metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
-    for i, metric in metrics:
-        path = metric.get('ann_file') if isinstance(metric, dict) else None
+    for key, metric in evaluator_metrics(cfg, evaluator):
+        path = metric.get('ann_file')
         if isinstance(path, str) and path and '://' not in path and not osp.exists(path):
-            key = f'{evaluator}.ann_file' if i is None else f'{evaluator}.{i}.ann_file'
+            key = f'{key}.ann_file'
             yield key, (f'{path!r} ({key}) does not exist: the metric reads its ground truth '
                         f'there; prepare the dataset (docs/datasets.md) or pass --cfg-options '
                         f'{key}=PATH.')
@@ -784,13 +779,10 @@ def _local_coco_jsons(cfg, loaders):
                 continue
             yield (f'{key}.ann_file', osp.join(root, ann_file) if isinstance(root, str) else ann_file,
                    ds)
-        evaluator = loader.replace('_dataloader', '_evaluator')
-        metrics = cfg.get(evaluator)
-        metrics = list(enumerate(metrics)) if isinstance(metrics, (list, tuple)) else [(None, metrics)]
-        for i, metric in metrics:
-            path = metric.get('ann_file') if isinstance(metric, dict) else None
+        for key, metric in evaluator_metrics(cfg, loader.replace('_dataloader', '_evaluator')):
+            path = metric.get('ann_file')
             if isinstance(path, str) and path.endswith('.json') and '://' not in path:
-                yield f'{evaluator}{"" if i is None else f".{i}"}.ann_file', path, None
+                yield f'{key}.ann_file', path, None
 
 
 def coco_json_problem(path, key, dataset=None):

@@ -24,7 +24,8 @@ import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
 from .apis import apply_dispatch_setting, set_fuse_hook
-from .data_checks import check_data_roots, check_loader_keys, explain_build_failure, segmentation_heads
+from .data_checks import (check_data_roots, check_loader_keys, evaluator_metrics, explain_build_failure,
+                          segmentation_heads)
 from .scope import (CfgOptionsAction, ConfigError, dataset_metainfo, fit_persistent_workers, init_scope,
                     load_config, merge_cfg_options)
 
@@ -231,13 +232,11 @@ def _iou_metrics(cfg, evaluator):
     """``(config key, metric config)`` of ``evaluator``'s mmseg ``IoUMetric`` (or subclass)."""
     from mmseg.evaluation import IoUMetric
     from mmseg.registry import METRICS
-    metrics = cfg.get(evaluator)
-    listed = isinstance(metrics, (list, tuple))
-    for i, metric in enumerate(metrics if listed else [metrics]):
-        kind = metric.get('type') if isinstance(metric, dict) else None
+    for key, metric in evaluator_metrics(cfg, evaluator):
+        kind = metric.get('type')
         cls = METRICS.get(kind) if isinstance(kind, str) else kind
         if isinstance(cls, type) and issubclass(cls, IoUMetric):
-            yield (f'{evaluator}.{i}' if listed else evaluator), metric
+            yield key, metric
 
 
 def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
