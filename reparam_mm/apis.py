@@ -233,6 +233,7 @@ def check_trained_class_order(cfg, ckpt, filename):
     them (its ``meta.dataset_meta``): the same classes in another order (a test json listing
     them otherwise, a reordered ``metainfo``) scored each label under another class's name,
     without a word."""
+    from .data_checks import few_names
     from .scope import dataset_metainfo
     trained = ((ckpt.get('meta') or {}).get('dataset_meta') or {}).get('classes') \
         if isinstance(ckpt, dict) else None
@@ -243,9 +244,8 @@ def check_trained_class_order(cfg, ckpt, filename):
     if sorted(trained) == sorted(tested) and trained != tested:
         k = next(i for i, (a, b) in enumerate(zip(trained, tested)) if a != b)
         raise ConfigError(
-            f'checkpoint {filename} was trained on the classes in the order ({", ".join(trained[:6])}'
-            f'{", ..." if len(trained) > 6 else ""}), and test_dataloader.dataset names them '
-            f'({", ".join(tested[:6])}{", ..." if len(tested) > 6 else ""}), so its label {k}, '
+            f'checkpoint {filename} was trained on the classes in the order ({few_names(trained)}), '
+            f'and test_dataloader.dataset names them ({few_names(tested)}), so its label {k}, '
             f'{trained[k]!r}, would be scored as {tested[k]!r}; give the test set the trained order: '
             f'metainfo=dict(classes={tuple(trained)!r}) (for COCO, its json\'s categories in that '
             'order too).')

@@ -20,6 +20,11 @@ def _innermost(dataset):
     return dataset
 
 
+def few_names(names, n=6):
+    """``'a, b, c, ...'``: the first ``n`` of ``names``, for a sentence."""
+    return ', '.join(map(str, names[:n])) + (', ...' if len(names) > n else '')
+
+
 def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')):
     """The classes of a COCO-style dataset against its json, before the first iteration:
 
@@ -66,8 +71,8 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
         if len(cat_ids) != len(classes):
             unnamed = _unnamed(classes, ann_file)  # reads the json: once
             raise ConfigError(
-                f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
-                f'{", ..." if len(classes) > 6 else ""}), and only {len(cat_ids)} of them are '
+                f'{loader}: the dataset names {len(classes)} classes ({few_names(classes)}), '
+                f'and only {len(cat_ids)} of them are '
                 f'categories of {ann_file or "its ann_file"}{unnamed}; name the classes as the '
                 "json's categories do (its 'categories' list)"
                 + ('.' if unnamed else ", e.g. 'person', not 'human'.")
@@ -88,7 +93,7 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
         if empty:
             print_log(
                 f'{loader}: {len(empty)} of the {len(classes)} classes have no box in {ann_file} '
-                f'({", ".join(map(str, empty[:6]))}{", ..." if len(empty) > 6 else ""}): '
+                f'({few_names(empty)}): '
                 + ('the model never sees one, and ' if loader == 'train_dataloader' else '')
                 + ('its' if len(empty) == 1 else 'their') + ' AP reads nan; check the json\'s '
                 "annotations, or leave the class out (metainfo.classes and the heads' num_classes).",
@@ -99,15 +104,12 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
     """Refuse ``classes`` that ``kind`` (a COCO-style dataset reading ``ann_file``) numbers in
     another order, ``numbered``; and two loaders whose jsons order the same classes differently,
     which no order of ``classes`` fits (mmdet issue 1732)."""
-    def few(names):
-        return ', '.join(map(str, names[:6])) + (', ...' if len(names) > 6 else '')
-
     for other, (other_file, other_numbered) in orders.items():
         if sorted(map(str, other_numbered)) == sorted(map(str, numbered)) \
                 and list(other_numbered) != list(numbered):
             raise ConfigError(
-                f'{other} reads {other_file}, whose categories order the classes ({few(other_numbered)}), '
-                f'and {loader} reads {ann_file}, which orders them ({few(numbered)}); mmdet numbers '
+                f'{other} reads {other_file}, whose categories order the classes ({few_names(other_numbered)}), '
+                f'and {loader} reads {ann_file}, which orders them ({few_names(numbered)}); mmdet numbers '
                 'the labels of each dataset and metric in the order of its own json, so no order of '
                 'metainfo.classes fits both: write the categories in the same order in both jsons.')
     orders[loader] = (ann_file, list(numbered))
@@ -115,8 +117,8 @@ def _check_class_order(loader, kind, ann_file, classes, numbered, orders):
         return
     k = next(i for i, (a, b) in enumerate(zip(numbered, classes)) if a != b)
     raise ConfigError(
-        f'{loader}: the dataset names its classes in the order ({few(classes)}), and {kind} numbers '
-        f"the labels in the order it reads {ann_file}'s categories ({few(numbered)}), so the "
+        f'{loader}: the dataset names its classes in the order ({few_names(classes)}), and {kind} numbers '
+        f"the labels in the order it reads {ann_file}'s categories ({few_names(numbered)}), so the "
         f'{numbered[k]!r} boxes would be label {k}, called {classes[k]!r}; name the classes in that '
         f'order: metainfo=dict(classes={tuple(numbered)!r}), in every loader.')
 
@@ -248,9 +250,8 @@ def check_coco_categories(cfg, loaders=('train_dataloader', 'val_dataloader')):
             continue
         classes = meta['classes']
         raise ConfigError(
-            f'{loader}: the dataset names {len(classes)} classes ({", ".join(classes[:6])}'
-            f'{", ..." if len(classes) > 6 else ""}), and none of them is a category of {path} '
-            f'({", ".join(map(str, categories[:6]))}{", ..." if len(categories) > 6 else ""}), '
+            f'{loader}: the dataset names {len(classes)} classes ({few_names(classes)}), and none '
+            f'of them is a category of {path} ({few_names(categories)}), '
             "so no image is left to train on; name the classes as the json's categories do (its "
             "'categories' list), e.g. 'person', not 'human'.")
 
