@@ -216,8 +216,7 @@ def check_pad_label(cfg):
             f"{' and '.join(f'{key}.ignore_index is {value}' for key, value in ignored)}: the heads "
             'read the same label maps, so they must ignore the same label; set every head to the '
             'unlabelled value of your maps, and model.data_preprocessor.seg_pad_val to it too.')
-    heads = [(key, ignore) for key, head in _class_heads(model)
-             for ignore in [head.get('ignore_index', 255)] if ignore != pad]
+    heads = [(key, ignore) for key, ignore in ignored if ignore != pad]
     if heads:
         ignore = heads[0][1]
         raise ConfigError(
