@@ -227,6 +227,62 @@ def check_pad_label(cfg):
             f'--cfg-options model.data_preprocessor.seg_pad_val={ignore}.')
 
 
+def _train_crop(cfg):
+    """``(config key, (h, w))`` of the first ``RandomCrop`` in the training datasets' pipelines
+    (through wrappers), or None."""
+    from .data_checks import _datasets
+    for key, ds in _datasets((cfg.get('train_dataloader') or {}).get('dataset'),
+                             'train_dataloader.dataset'):
+        for i, step in enumerate(ds.get('pipeline') or ()):
+            if isinstance(step, dict) and step.get('type') == 'RandomCrop':
+                size = step.get('crop_size')
+                if isinstance(size, int):
+                    return f'{key}.pipeline.{i}', (size, size)
+                if isinstance(size, (list, tuple)) and len(size) == 2:
+                    return f'{key}.pipeline.{i}', tuple(size)
+    return None
+
+
+def check_crop_padding(cfg):
+    """mmseg's ``SegDataPreProcessor`` stacks the training images after padding each up to its
+    ``size`` (or the batch's largest, rounded up to ``size_divisor``): with neither, or both, it
+    stopped at the first iteration with an assertion ('only one of size and size_divisor should be
+    valid'); with a ``size`` smaller than the pipeline's ``RandomCrop`` (the crop raised in a
+    config, the size left at its base's), an image smaller than the crop came out of the crop
+    smaller than the others and torch stopped with 'stack expects each tensor to be equal size'."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    prep = (cfg.get('model') or {}).get('data_preprocessor') or {}
+    if prep.get('type') not in ('SegDataPreProcessor', 'mmseg.SegDataPreProcessor'):
+        return
+    size, divisor = prep.get('size'), prep.get('size_divisor')
+    crop = _train_crop(cfg)
+    to = f'({crop[1][0]}, {crop[1][1]})' if crop else '(H, W)'
+    said = f' (the training crop, {crop[0]}.crop_size)' if crop else ' (the training crop size)'
+    if size is None and divisor is None:
+        raise ConfigError(
+            'model.data_preprocessor has neither size nor size_divisor: mmseg pads the training '
+            'images to one of them to stack them into a batch, and stops at the first iteration '
+            f'without; set the size{said}: --cfg-options model.data_preprocessor.size="{to}".')
+    if size is not None and divisor is not None:
+        raise ConfigError(
+            f'model.data_preprocessor sets both size {tuple(size)} and size_divisor {divisor}: mmseg '
+            'pads the training images to one of them and stops at the first iteration with both; '
+            f'keep the size{said}: --cfg-options model.data_preprocessor.size_divisor=None.')
+    batch = (cfg.get('train_dataloader') or {}).get('batch_size', 1)
+    if size is None or not crop or batch == 1:
+        return
+    if isinstance(size, int):
+        size = (size, size)
+    if crop[1][0] > size[0] or crop[1][1] > size[1]:
+        raise ConfigError(
+            f'{crop[0]} crops to {crop[1][0]}x{crop[1][1]} but model.data_preprocessor.size is '
+            f'{tuple(size)}: the preprocessor pads each image up to its size, never down, so an image '
+            'smaller than the crop leaves it smaller than the others and torch cannot stack the '
+            f'batch; pad to the crop: --cfg-options model.data_preprocessor.size="{to}" (or, in '
+            'a config that raised crop_size, set data_preprocessor.size=crop_size there too).')
+
+
 def _iou_metrics(cfg, evaluator):
     """``(config key, metric config)`` of ``evaluator``'s mmseg ``IoUMetric`` (or subclass)."""
     from mmseg.evaluation import IoUMetric
@@ -684,6 +740,7 @@ def train(cfg, hooks=()):
     check_loader_keys(cfg, loaders)
     check_num_classes(cfg, loaders)
     check_pad_label(cfg)
+    check_crop_padding(cfg)
     if cfg.get('val_cfg'):
         check_metric_ignore_index(cfg)
     check_model_fits(cfg)

@@ -96,9 +96,9 @@ def test_a_loader_key_slip_in_a_config_file_stops_before_the_build(tmp_path):
         main([config, '--work-dir', str(tmp_path / 'w')])
 
 
-def test_every_shipped_config_passes_the_loader_key_and_metric_ignore_checks():
+def test_every_shipped_config_passes_the_loader_key_metric_ignore_and_padding_checks():
     from reparam_mm.scope import ConfigImportError, load_config
-    from reparam_mm.train import check_metric_ignore_index, check_pad_label
+    from reparam_mm.train import check_crop_padding, check_metric_ignore_index, check_pad_label
     checked = 0
     for path in sorted((ROOT / 'configs').rglob('*.py')):
         if '_base_' in path.parts:
@@ -111,6 +111,7 @@ def test_every_shipped_config_passes_the_loader_key_and_metric_ignore_checks():
         check_loader_keys(cfg, ('train_dataloader', 'val_dataloader', 'test_dataloader'))
         check_metric_ignore_index(cfg, ('val_evaluator', 'test_evaluator'))
         check_pad_label(cfg)
+        check_crop_padding(cfg)
         checked += 1
     assert checked >= 50
 
@@ -440,3 +441,54 @@ def test_the_other_familys_data_prefix_keys_and_a_short_palette_are_refused():
     with pytest.raises(ConfigError, match=r'^train_dataloader\.dataset\.metainfo names 2 classes and 1 '
                                           r'palette colours; give one colour per class'):
         check_loader_keys(cfg)
+
+
+CROP_48 = """
+train_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
+                  dict(type='RandomResize', scale=(32, 32), ratio_range=(0.5, 2.0), keep_ratio=True),
+                  dict(type='RandomCrop', crop_size=(48, 48)), dict(type='PackSegInputs')]
+train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root, pipeline=train_pipeline))
+"""
+
+
+def test_a_crop_larger_than_the_preprocessor_pads_to_is_refused_and_the_advice_trains(tmp_path):
+    """A crop raised in a config whose preprocessor size stayed at its base's: an image smaller
+    than the crop came out smaller than the others, and torch stopped with 'stack expects each
+    tensor to be equal size' at that batch."""
+    config = tiny_demo_config(tmp_path, max_iters=3, extra=CROP_48)
+    with pytest.raises(ConfigError, match=r"^train_dataloader\.dataset\.pipeline\.3 crops to 48x48 but "
+                                          r"model\.data_preprocessor\.size is \(32, 32\): .* torch cannot "
+                                          r"stack the batch; pad to the crop: --cfg-options "
+                                          r'model\.data_preprocessor\.size="\(48, 48\)"'):
+        main([config, '--work-dir', str(tmp_path / 'w')])
+    runner = main([config, '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+                   'model.data_preprocessor.size=(48, 48)'])
+    assert runner.iter == 3
+
+
+def test_a_preprocessor_with_neither_or_both_padding_settings_is_refused():
+    """mmseg's SegDataPreProcessor asserts 'only one of size and size_divisor should be valid'
+    at the first training iteration (mmseg issues 2938, 3425; its own upernet_r18 configs)."""
+    from mmengine.config import Config
+    from reparam_mm.train import check_crop_padding
+    crop = dict(type='RandomCrop', crop_size=96)
+    cfg = Config(dict(default_scope='mmseg', model=dict(data_preprocessor=dict(type='SegDataPreProcessor')),
+                      train_dataloader=dict(batch_size=2, dataset=dict(
+                          type='RepeatDataset', times=2, dataset=dict(pipeline=[crop])))))
+    with pytest.raises(ConfigError, match=r'^model\.data_preprocessor has neither size nor size_divisor: '
+                                          r'.* set the size \(the training crop, train_dataloader\.dataset'
+                                          r'\.dataset\.pipeline\.0\.crop_size\): --cfg-options '
+                                          r'model\.data_preprocessor\.size="\(96, 96\)"\.$'):
+        check_crop_padding(cfg)
+    cfg.model.data_preprocessor.update(size=(96, 96), size_divisor=32)
+    with pytest.raises(ConfigError, match=r'^model\.data_preprocessor sets both size \(96, 96\) and '
+                                          r'size_divisor 32: .* --cfg-options '
+                                          r'model\.data_preprocessor\.size_divisor=None\.$'):
+        check_crop_padding(cfg)
+    cfg.model.data_preprocessor.size_divisor = None
+    check_crop_padding(cfg)
+    cfg.model.data_preprocessor.size = (64, 96)
+    with pytest.raises(ConfigError, match=r'crops to 96x96 but model\.data_preprocessor\.size is \(64, 96\)'):
+        check_crop_padding(cfg)
+    cfg.train_dataloader.batch_size = 1  # nothing to stack: any crop fits
+    check_crop_padding(cfg)
