@@ -299,7 +299,17 @@ def reduce_zero_label_key(cfg, loader):
     return f'{key}.reduce_zero_label'
 
 
-def check_label_values(data_samples, heads, loader='train_dataloader', reduce_key=None):
+def ignore_setting_keys(cfg, heads):
+    """The config keys that must all hold the label a segmentor ignores: each of ``heads``'
+    ``ignore_index`` (:func:`segmentation_heads`), the preprocessor's ``seg_pad_val`` and the
+    validation ``IoUMetric``'s ``ignore_index``."""
+    keys = [f'{key}.ignore_index' for key, _ in heads] + ['model.data_preprocessor.seg_pad_val']
+    if cfg.get('val_cfg'):
+        keys += [f'{key}.ignore_index' for key, _ in iou_metrics(cfg, 'val_evaluator')]
+    return keys
+
+
+def check_label_values(data_samples, heads, loader='train_dataloader', reduce_key=None, ignore_keys=None):
     """Every value of the label maps of ``data_samples`` (a batch before the data preprocessor)
     must be a class of each of ``heads`` (:func:`segmentation_heads`: ``0 .. num_classes - 1``,
     0 and 1 for a head of one output channel, mmseg's binary form) or its ``ignore_index``:
@@ -326,20 +336,30 @@ def check_label_values(data_samples, heads, loader='train_dataloader', reduce_ke
             said = (f'{loader}: the label map {where} holds the value{"s" if len(values) > 1 else ""} '
                     f'{_few_values(values)}, not a class of {key}, whose num_classes is '
                     f'{head.num_classes} ({valid}) and ignore_index {ignore}')
+            unlabelled = ''
+            if (len(values) == 1 and ignore is not None and not meta.get('reduce_zero_label')
+                    and not bool((labels == ignore).any())):  # the maps' own 'unlabelled'?
+                keys = ignore_keys or [f'{k}.ignore_index' for k, _ in heads] + [
+                    'model.data_preprocessor.seg_pad_val']
+                unlabelled = (f'; if {values[0]} marks unlabelled pixels (CamVid\'s 11), ignore it: map it '
+                              f'to {ignore} in the label maps, or --cfg-options '
+                              + ' '.join(f'{key}={values[0]}' for key in keys))
             if values == [n] and not meta.get('reduce_zero_label'):
                 raise ConfigError(
                     f'{said}; if the maps hold labels 1..{n} with 0 as unlabelled (ADE20K\'s '
                     f'way), reduce_zero_label=True in the dataset reads them as 0..{n - 1} with 0 '
                     f'ignored (--cfg-options {reduce_key or loader + ".dataset.reduce_zero_label"}'
-                    f'=True); if 0 is a class, {n} is one class more than the heads have: count '
-                    f'it (metainfo.classes and every head\'s num_classes) or map it to {ignore}.')
+                    f'=True){unlabelled}; if 0..{n} are all classes, that is one class more than '
+                    f'the heads have: count it (metainfo.classes and every head\'s num_classes)'
+                    + ('.' if unlabelled else f' or map it to {ignore}.'))
             heads_n = ' '.join(f'{k}.num_classes=N' for k, _ in heads)
             raise ConfigError(
                 f'{said}; if your labels count more classes, name them all in the dataset\'s '
-                f'metainfo.classes and set every head to their number N (--cfg-options {heads_n}), '
-                f'else map {"this value" if len(values) == 1 else "these values"} '
-                + (f'to {ignore} in the label maps.' if ignore is not None
-                   else 'out of the label maps.'))
+                f'metainfo.classes and set every head to their number N (--cfg-options {heads_n})'
+                + (f'{unlabelled}.' if unlabelled else
+                   f', else map {"this value" if len(values) == 1 else "these values"} '
+                   + (f'to {ignore} in the label maps.' if ignore is not None
+                      else 'out of the label maps.')))
 
 
 class EvalLabelValues:
@@ -395,10 +415,16 @@ class EvalLabelValues:
             return None
         where, values, reduced = self.first
         n, ignore = self.num_classes, self.ignore_index
+        own = (f'; if {values[0]} marks unlabelled pixels, set every head\'s ignore_index, '
+               f'model.data_preprocessor.seg_pad_val and the metric\'s ignore_index to {values[0]}'
+               if len(values) == 1 and not reduced else '')
         if values == [n] and not reduced:
             fix = (f'if the maps hold labels 1..{n} with 0 as unlabelled, set reduce_zero_label=True '
-                   f'in the dataset (--cfg-options {self.reduce_key}=True); if 0 is a class, count '
-                   f'{n} as one more class or map it to {ignore} in the label maps')
+                   f'in the dataset (--cfg-options {self.reduce_key}=True){own}; if 0 is a class, '
+                   f'count {n} as one more class or map it to {ignore} in the label maps')
+        elif own:
+            fix = (f'name every class in the dataset\'s metainfo.classes, or map this value to '
+                   f'{ignore} in the label maps{own}')
         else:
             fix = (f'name every class in the dataset\'s metainfo.classes, or map '
                    f'{"this value" if len(values) == 1 else "these values"} to {ignore} '
@@ -595,6 +621,17 @@ def evaluator_metrics(cfg, evaluator):
     for i, metric in enumerate(metrics if listed else [metrics]):
         if isinstance(metric, dict):
             yield (f'{evaluator}.{i}' if listed else evaluator), metric
+
+
+def iou_metrics(cfg, evaluator):
+    """``(config key, metric config)`` of ``evaluator``'s mmseg ``IoUMetric`` (or subclass)."""
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import METRICS
+    for key, metric in evaluator_metrics(cfg, evaluator):
+        kind = metric.get('type')
+        cls = METRICS.get(kind) if isinstance(kind, str) else kind
+        if isinstance(cls, type) and issubclass(cls, IoUMetric):
+            yield key, metric
 
 
 def _missing_evaluator_files(cfg, evaluator):

@@ -361,17 +361,19 @@ class LabelValuesCheckHook(Hook):
     priority = 'VERY_HIGH'
 
     def __init__(self):
-        self.heads, self.reduce_key, self.eval_counter = [], None, None
+        self.heads, self.reduce_key, self.ignore_keys, self.eval_counter = [], None, None, None
 
     def before_train(self, runner) -> None:
-        from .data_checks import reduce_zero_label_key, segmentation_heads
+        from .data_checks import ignore_setting_keys, reduce_zero_label_key, segmentation_heads
         self.heads = segmentation_heads(_unwrap(runner.model))
         self.reduce_key = reduce_zero_label_key(runner.cfg, 'train_dataloader')
+        self.ignore_keys = ignore_setting_keys(runner.cfg, self.heads)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if self.heads and isinstance(data_batch, dict) and data_batch.get('data_samples'):
             from .data_checks import check_label_values
-            check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key)
+            check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key,
+                               ignore_keys=self.ignore_keys)
 
     def _start_eval(self, runner, evaluator, loader):
         from .data_checks import EvalLabelValues

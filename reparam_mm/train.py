@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from mmengine.logging import print_log
 
 from .apis import apply_dispatch_setting, set_fuse_hook
-from .data_checks import (check_data_roots, check_loader_keys, evaluator_metrics, explain_build_failure,
+from .data_checks import (check_data_roots, check_loader_keys, explain_build_failure, iou_metrics,
                           segmentation_heads)
 from .scope import (CfgOptionsAction, ConfigError, dataset_metainfo, fit_persistent_workers, init_scope,
                     load_config, merge_cfg_options)
@@ -283,17 +283,6 @@ def check_crop_padding(cfg):
             'a config that raised crop_size, set data_preprocessor.size=crop_size there too).')
 
 
-def _iou_metrics(cfg, evaluator):
-    """``(config key, metric config)`` of ``evaluator``'s mmseg ``IoUMetric`` (or subclass)."""
-    from mmseg.evaluation import IoUMetric
-    from mmseg.registry import METRICS
-    for key, metric in evaluator_metrics(cfg, evaluator):
-        kind = metric.get('type')
-        cls = METRICS.get(kind) if isinstance(kind, str) else kind
-        if isinstance(cls, type) and issubclass(cls, IoUMetric):
-            yield key, metric
-
-
 def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
     """An ``IoUMetric`` must ignore the label the heads ignore: with the metric at its default
     255 and the heads at CamVid's 11, the pixels labelled 11 are scored as a class no head
@@ -307,7 +296,7 @@ def check_metric_ignore_index(cfg, evaluators=('val_evaluator', )):
         return  # none, or heads that disagree (check_pad_label refuses all but the padding's)
     ignore = heads.pop()
     for evaluator in evaluators:
-        for key, metric in _iou_metrics(cfg, evaluator):
+        for key, metric in iou_metrics(cfg, evaluator):
             asked = metric.get('iou_metrics', ['mIoU'])
             for name in [asked] if isinstance(asked, str) else asked:  # else: after the loop
                 if name not in ('mIoU', 'mDice', 'mFscore'):  # IoUMetric's, case-sensitive

@@ -316,19 +316,27 @@ def test_labels_at_the_ignore_index_train(tmp_path):
 
 def test_labels_1_to_num_classes_without_reduce_zero_label_name_it(tmp_path):
     """The demo's label maps hold 0 (unlabelled) and 1..5: read without reduce_zero_label, 5 is
-    one past the 5 classes, and the fix is reduce_zero_label, not a sixth class."""
+    one past the 5 classes, and the fix is reduce_zero_label, not a sixth class. Maps that mark
+    unlabelled pixels with a value of their own (CamVid's 11) get the keys that ignore it, all in
+    one line: setting the heads alone was refused next for the padding, then for the metric."""
     cfg = tiny_demo_config(tmp_path, max_iters=1)
+    no_reduce = 'train_dataloader.dataset.reduce_zero_label=False'
     with pytest.raises(ConfigError) as err:
-        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options',
-              'train_dataloader.dataset.reduce_zero_label=False'])
+        main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', no_reduce])
+    ignore_5 = ('model.decode_head.ignore_index=5 model.auxiliary_head.ignore_index=5 '
+                'model.data_preprocessor.seg_pad_val=5 val_evaluator.ignore_index=5')
     assert re.fullmatch(
         rf'train_dataloader: the label map {re.escape(str(tmp_path))}/data/annotations/training/'
         r'demo_\d{5}\.png holds the value 5, not a class of model\.decode_head, whose num_classes '
         r"is 5 \(labels 0\.\.4\) and ignore_index 255; if the maps hold labels 1\.\.5 with 0 as "
         r"unlabelled \(ADE20K's way\), reduce_zero_label=True in the dataset reads them as 0\.\.4 "
-        r'with 0 ignored \(--cfg-options train_dataloader\.dataset\.reduce_zero_label=True\); if 0 '
-        r"is a class, 5 is one class more than the heads have: count it \(metainfo\.classes and "
-        r"every head's num_classes\) or map it to 255\.", str(err.value))
+        r'with 0 ignored \(--cfg-options train_dataloader\.dataset\.reduce_zero_label=True\); if 5 '
+        r"marks unlabelled pixels \(CamVid's 11\), ignore it: map it to 255 in the label maps, or "
+        rf'--cfg-options {re.escape(ignore_5)}; if 0\.\.5 are all classes, that is one class more than '
+        r"the heads have: count it \(metainfo\.classes and every head's num_classes\)\.", str(err.value))
+    runner = main([cfg, '--work-dir', str(tmp_path / 'w'), '--cfg-options', no_reduce,
+                   'val_dataloader.dataset.reduce_zero_label=False', *ignore_5.split()])
+    assert runner.iter == 1 and runner.model.decode_head.ignore_index == 5
 
 
 def _samples(*maps, reduce_zero_label=False):
@@ -427,8 +435,10 @@ def test_evaluation_label_maps_the_metric_cannot_score_are_said(tmp_path):
         r'annotations/validation/demo_\d{5}\.png: 5\); IoUMetric counts the predictions at those '
         r'pixels but not their labels, so its mIoU reads low; if the maps hold labels 1\.\.5 with 0 '
         r'as unlabelled, set reduce_zero_label=True in the dataset \(--cfg-options '
-        r'val_dataloader\.dataset\.reduce_zero_label=True\); if 0 is a class, count 5 as one '
-        r'more class or map it to 255 in the label maps\.', said[0]), said
+        r'val_dataloader\.dataset\.reduce_zero_label=True\); if 5 marks unlabelled pixels, set '
+        r"every head's ignore_index, model\.data_preprocessor\.seg_pad_val and the metric's "
+        r'ignore_index to 5; if 0 is a class, count 5 as one more class or map it to 255 in the label '
+        r'maps\.', said[0]), said
 
     with mmengine_log() as records:
         run_test(cfg, str(wd / 'iter_1.pth'), work_dir=str(tmp_path / 't1'),
@@ -456,6 +466,12 @@ def test_the_evaluation_label_count_reads_tta_batches_and_other_values():
                     'IoUMetric counts the predictions at those pixels but not their labels, so its '
                     "mIoU reads low; name every class in the dataset's metainfo.classes, or map "
                     'these values to 255 in the label maps.')
+    counter = EvalLabelValues('val_dataloader', 3, 255, 'k')
+    counter.count(_samples([0, 1, 2, 11]))  # a value of its own for 'unlabelled'?
+    assert counter.warning().endswith(
+        "mIoU reads low; name every class in the dataset's metainfo.classes, or map this value to "
+        "255 in the label maps; if 11 marks unlabelled pixels, set every head's ignore_index, "
+        "model.data_preprocessor.seg_pad_val and the metric's ignore_index to 11.")
     clean = EvalLabelValues('val_dataloader', 3, 255, 'k')
     clean.count(_samples([0, 1, 2, 255]))
     assert clean.warning() is None and clean.seen == 1
