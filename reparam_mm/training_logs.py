@@ -36,7 +36,9 @@ class RunScalars:
     train: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # key -> (step, value)
     val: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     files: List[str] = field(default_factory=list)
-    val_by_epoch: bool = False  # validation placed at the last logged training iteration
+    val_by_epoch: bool = False  # validation rows carried epochs, not iterations
+    val_interval: Optional[int] = None  # by epoch: placed by the config's val_interval, else None
+    val_shared: int = 0  # by epoch without the interval: rows placed where an earlier one was
 
     def series(self, key):
         """(iteration, value) pairs of ``key``: training's where training logged it (``time``
@@ -106,38 +108,84 @@ def _rows(file):
     return rows
 
 
+def _validation_schedule(scalars_file):
+    """``(val_interval, val_begin, max_iters)`` of an iteration-based run, read from the
+    ``config.py`` mmengine dumps beside its ``scalars.json``; None for an epoch-based run, a
+    changing interval, or no readable config."""
+    config = os.path.join(os.path.dirname(scalars_file), 'config.py')
+    if not os.path.isfile(config):
+        return None
+    try:
+        from mmengine.config import Config
+        train_cfg = Config.fromfile(config, import_custom_modules=False).get('train_cfg') or {}
+    except Exception:  # a config this mmengine cannot read: place the rows approximately
+        return None
+    iter_based = train_cfg.get('type') in ('IterBasedTrainLoop', 'mmengine.IterBasedTrainLoop') or (
+        'type' not in train_cfg and train_cfg.get('by_epoch') is False)
+    interval, max_iters = train_cfg.get('val_interval', 1000), train_cfg.get('max_iters')
+    if not iter_based or train_cfg.get('dynamic_intervals') or not isinstance(max_iters, int) \
+            or not isinstance(interval, int) or interval < 1:
+        return None
+    return interval, train_cfg.get('val_begin', 1), max_iters
+
+
+def _next_validation(schedule, after, at_least):
+    """The first iteration past ``after`` and from ``at_least`` on at which mmengine's
+    ``IterBasedTrainLoop`` validates (every ``val_interval`` from ``val_begin``, and the last),
+    or None past the end."""
+    interval, begin, max_iters = schedule
+    first = max(after + 1, at_least, begin, 1)
+    step = -(-first // interval) * interval
+    step = min(step, max_iters)
+    return step if step >= first else None
+
+
 def read_scalars(path, name=None) -> RunScalars:
     """Every scalar of ``path`` (see :func:`scalar_files`), by key, in iteration order.
 
     Training rows are placed at their iteration. A validation row's ``step`` is the iteration
     only where the config's LoggerHook has ``log_metric_by_epoch=False`` (mmseg's); otherwise it
     is the epoch (mmdet's, which is 0 throughout an iteration-based run). A validation step
-    below the iteration trained so far is such an epoch: the row is placed at the last logged
-    training iteration before it (up to one logging interval early), and ``val_by_epoch`` says so.
+    below the iteration trained so far (or 0) is such an epoch. In an iteration-based run whose
+    ``config.py`` lies beside the file, the row is placed at the iteration its ``val_interval``
+    gives (the next validation after the previous one, at or after the last logged training
+    iteration: exact); otherwise at that last logged training iteration (up to one logging interval
+    early), and rows that land on one place are all kept (``val_shared`` counts them). Before, a
+    ``val_interval`` below the logging interval kept one row of each interval and dropped the rest.
     """
     files = scalar_files(path)
     run = RunScalars(name or os.fspath(path), files=files)
-    placed = {}  # (mode, iteration) -> row
+    placed = {}  # (mode, iteration) -> rows, in the order written
     trained = None  # the last training iteration logged so far
     for file in files:
         rows = _rows(file)
         starts = [row['step'] for row in rows if 'iter' in row]
         if starts:  # a later start replaces what earlier ones logged from its first iteration on
             placed = {k: v for k, v in placed.items() if k[1] < starts[0]}
+        schedule = _validation_schedule(file)
+        validated = max([k[1] for k in placed if k[0] == 'val'], default=0)
         for row in rows:
             if 'iter' in row:
                 trained = row['step']
-                placed[('train', trained)] = row
-            elif trained is not None and row['step'] < trained:
+                placed[('train', trained)] = [row]
+                continue
+            step = row['step']
+            if step == 0 or (trained is not None and step < trained):  # an epoch, not an iteration
                 run.val_by_epoch = True
-                placed[('val', trained)] = row
-            else:
-                placed[('val', row['step'])] = row
-    for (mode, step), row in sorted(placed.items(), key=lambda item: (item[0][1], item[0][0])):
+                exact = schedule and _next_validation(schedule, validated, trained or 0)
+                if exact:
+                    step, run.val_interval = exact, schedule[0]
+                else:
+                    step = max(trained or 0, validated)
+                    run.val_shared += ('val', step) in placed
+            placed.setdefault(('val', step), []).append(row)
+            validated = max(validated, step)
+    for (mode, step), rows in sorted(placed.items(), key=lambda item: (item[0][1], item[0][0])):
         target = run.train if mode == 'train' else run.val
-        for key, value in row.items():
-            if key not in _BOOKKEEPING and isinstance(value, (int, float)):
-                target.setdefault(key, []).append((step, float(value)))
+        for row in rows:
+            for key, value in row.items():
+                if key not in _BOOKKEEPING and isinstance(value, (int, float)):
+                    target.setdefault(key, []).append((step, float(value)))
     return run
 
 

@@ -67,6 +67,47 @@ def test_validation_logged_by_epoch_is_placed_at_the_iteration_it_followed(tmp_p
     assert read_scalars(tmp_path / 'ep').series('time') == [(s, 0.5) for s in (5, 10, 15, 20)]
 
 
+def test_validations_more_often_than_the_logging_are_all_kept(tmp_path, capsys):
+    """mmdet logs validation by epoch (step 0 in an iteration-based run): with val_interval 5 and
+    the logger at 16 iterations, six validations were read as three, the rest overwritten. With the
+    config.py mmengine dumps beside scalars.json each lands on its iteration; without it, each is
+    kept where it can be placed, and the sharing is said."""
+    def val(map50):
+        return {'coco/bbox_mAP_50': map50, 'step': 0}
+    rows = [val(0.1), val(0.2), val(0.3), _train(16, 1.0), val(0.4), _train(25, 0.8), val(0.5),
+            val(0.6)]  # validations at 5, 10, 15, 20, 25 and 30 (max_iters)
+    _write(tmp_path / 'cfg' / '20261203_090000', rows)
+    (tmp_path / 'cfg' / '20261203_090000' / 'vis_data' / 'config.py').write_text(
+        "train_cfg = dict(type='IterBasedTrainLoop', max_iters=30, val_interval=5)\n")
+    run = read_scalars(tmp_path / 'cfg')
+    assert run.series('coco/bbox_mAP_50') == [(5, 0.1), (10, 0.2), (15, 0.3), (20, 0.4), (25, 0.5),
+                                              (30, 0.6)]
+    assert (run.val_by_epoch, run.val_interval, run.val_shared) == (True, 5, 0)
+    logs_tool.main([str(tmp_path / 'cfg'), '--keys', 'coco/bbox_mAP_50'])
+    printed = capsys.readouterr().out
+    assert '| coco/bbox_mAP_50 | 0.6 (30) | 0.6 (30) | 6 |' in printed
+    assert 'placed at the iterations of the val_interval (5) in the config.py' in printed
+
+    _write(tmp_path / 'bare' / '20261203_090000', rows)
+    run = read_scalars(tmp_path / 'bare')
+    assert [value for _, value in run.series('coco/bbox_mAP_50')] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert [step for step, _ in run.series('coco/bbox_mAP_50')] == [0, 0, 0, 16, 25, 25]
+    assert (run.val_interval, run.val_shared) == (None, 3)
+    logs_tool.main([str(tmp_path / 'bare'), '--keys', 'coco/bbox_mAP_50'])
+    assert '; 3 validation(s) fell where an earlier one was placed' in capsys.readouterr().out
+
+
+def test_runs_of_which_one_did_not_validate_keep_the_others_metric(tmp_path, capsys):
+    _write(tmp_path / 'val' / '20261203_090000', [_train(1, 2.0), _train(2, 1.0), dict(mIoU=20.0, step=2)])
+    _write(tmp_path / 'noval' / '20261203_090000', [_train(1, 2.0), _train(2, 1.5)])
+    out = tmp_path / 'new' / 'folder' / 'curves.png'
+    logs_tool.main([str(tmp_path / 'noval'), str(tmp_path / 'val'), '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert '| mIoU | not logged | | 0 |\n| loss | 1.5 (2) | 1.5 (2) | 2 |' in printed
+    assert '| mIoU | 20 (2) | 20 (2) | 1 |\n| loss | 1 (2) | 1 (2) | 2 |' in printed
+    assert out.stat().st_size > 1000  # its folder made, as mmengine's tools make theirs
+
+
 def test_a_resume_drops_what_the_earlier_start_logged_from_its_first_iteration_on(tmp_path):
     _write(tmp_path / '20261203_090000', [_train(i, 1.0) for i in (1, 2, 3, 4, 5, 6)]
            + [dict(mIoU=5.0, step=6)])  # ran to 6, last checkpoint at 2
