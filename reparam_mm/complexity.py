@@ -251,7 +251,10 @@ def model_complexity(cfg, shape=None, device='meta', images=None):
     preprocessed (padded) as the config's preprocessor does, the model built with its random
     initialisation, no weights loaded."""
     from mmengine.registry import MODELS
+
+    from .train import check_model_fits
     init_scope(cfg)
+    check_model_fits(cfg)  # a neck or head that does not take the backbone's outputs: its keys
     if images is not None:
         if shape is not None:
             raise ConfigError('count at one input size or over test images, not both: give '

@@ -356,6 +356,7 @@ def check_model_fits(cfg):
     feats = tuple(feats) if isinstance(feats, (list, tuple)) else (feats, )
     channels = [f.shape[1] for f in feats]
     wrong, necked = [], feats  # (key, configured in_channels, what they must be)
+    _check_feature_indices(model, cfg.model, channels)
     for key, module, node in _necks_and_heads(model, cfg.model):
         try:
             with torch.no_grad():
@@ -383,6 +384,31 @@ def check_model_fits(cfg):
                                   for key, _, want in wrong)
             + ' (a backbone changed alone, e.g. its arch, keeps the neck and heads of the one '
             'the config was made for), or use a config made for this backbone.')
+
+
+def _check_feature_indices(model, model_cfg, channels):
+    """The feature maps a neck or a head picks (a neck's ``in_channels`` count, mmseg heads'
+    ``in_index``) must be ones the backbone gives: with ``model.backbone.out_indices=(1, 2, 3)``
+    on UperNet the run built, loaded the data and stopped in mmseg with 'IndexError: tuple index
+    out of range'. Only when the backbone feeds the heads directly (no neck)."""
+    n, said = len(channels), []
+    neck = model_cfg.get('neck')
+    if isinstance(neck, dict) and isinstance(neck.get('in_channels'), (list, tuple)) \
+            and len(neck['in_channels']) != n:
+        said.append(f"model.neck.in_channels lists {len(neck['in_channels'])} feature maps")
+    elif neck is None:
+        for key, module, _ in _necks_and_heads(model, model_cfg):
+            index = getattr(module, 'in_index', None)
+            picks = list(index) if isinstance(index, (list, tuple)) else [index]
+            if all(isinstance(i, int) for i in picks) and any(not -n <= i < n for i in picks):
+                said.append(f'{key}.in_index is {index}')
+    if said:
+        fix = (f"set model.neck.in_channels={str(channels).replace(' ', '')}" if neck is not None else
+               f'set the heads to its outputs (in_index among 0..{n - 1}, in_channels to their channels)')
+        raise ConfigError(
+            ' and '.join(said) + f', but model.backbone gives {n} feature maps ({channels} '
+            f"channels, by its out_indices); give the backbone the out_indices the "
+            f"{'neck was' if neck is not None else 'heads were'} made for, or {fix}.")
 
 
 def _necks_and_heads(model, model_cfg):

@@ -369,7 +369,10 @@ def test_registration_does_not_shadow_openmmlab_resnets():
      'cannot use both DCN and DO-Conv'),
     (dict(conv_cfg=dict(type='ConvWS')), r"'layer2\.0\.conv1' is a ConvWS2d"),
     (dict(doconv_cfg=dict(type='DOConv', D_mul=3)), r'D_mul=3 is invalid for a 3x3 kernel'),
+    (dict(doconv_cfg=dict(type='DOConvv')), r"doconv_cfg type 'DOConvv' is not a registered conv"),
+    (dict(stage_with_doconv=True), r'stage_with_doconv=True must hold one bool per stage'),
 ])
 def test_bad_backbone_arguments_name_the_problem(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    from reparam_mm.scope import ConfigError  # a ValueError the tools print as one line
+    with pytest.raises(ConfigError, match=match):
         build('mmdet', dict(type='DOResNet', depth=18, **kwargs))

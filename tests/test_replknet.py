@@ -13,6 +13,7 @@ from reparam_mm.backbones.replknet import ReparamLargeKernelConv, RepLKNet
 from reparam_mm.fuse import fuse
 from reparam_mm.layers.doconv import DOConv2d
 from reparam_mm.layers.large_kernel import LargeKernelDWConv2d, dispatch_mode
+from reparam_mm.scope import ConfigError
 
 OFFICIAL = {  # arch: (large kernels, layers, channels, small kernel, dw_ratio, classifier params)
     '31B': ((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1, 79_864_168),
@@ -197,7 +198,16 @@ def test_cpu_layout_rule_inside_and_the_callers_layout_outside(monkeypatch, dtyp
     (dict(out_indices=(4, )), ValueError, r'out_indices=\(4,\) must be'),
     (dict(out_indices=()), ValueError, 'non-empty'),
     (dict(frozen_stages=5), ValueError, 'frozen_stages=5'),
-    (dict(stage_with_doconv=(True, False)), ValueError, 'one bool per stage'),
+    (dict(stage_with_doconv=(True, False)), ConfigError, 'one bool per stage'),
+    # each was a TypeError, a KeyError naming None, or accepted as truthy ('yes'), before
+    (dict(stage_with_doconv=True), ConfigError,
+     r'^stage_with_doconv=True must hold one bool per stage \(4\), e\.g\. \(True, True, True, True\)'),
+    (dict(stage_with_doconv=('yes', 0, 0, 0)), ConfigError, 'one bool per stage'),
+    (dict(frozen_stages=None), ConfigError, r'^frozen_stages=None must be an integer in \[-1, 4\]'),
+    (dict(stage_with_doconv=(True, ) * 4, doconv_cfg=dict(type='DOConvv')), ConfigError,
+     r"^doconv_cfg type 'DOConvv' is not a registered conv layer: use type='DOConv'"),
+    (dict(stage_with_doconv=(True, ) * 4, doconv_cfg=dict(type='DOConv', D_mul=4)), ConfigError,
+     r'^DOConv2d: D_mul=4 is invalid for a 3x3 kernel'),
     (dict(arch=dict(large_kernel_sizes=(7, ), layers=(1, ), channels=(8, ), small_kernel=4,
                     dw_ratio=1), out_indices=0), ValueError, 'must be odd'),
     (dict(pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='a.pth')),

@@ -186,6 +186,36 @@ def test_heads_that_do_not_take_the_backbones_channels_are_refused(tmp_path, mon
               'model.decode_head.in_channels=[8,16,32,64]'])
 
 
+def test_a_backbone_giving_fewer_feature_maps_than_the_heads_pick_is_refused():
+    """model.backbone.out_indices=(1, 2, 3) on UperNet stopped in mmseg with 'IndexError: tuple
+    index out of range', on a Faster R-CNN in FPN's bare AssertionError (tools/get_flops.py too)."""
+    from reparam_mm.complexity import model_complexity
+    from reparam_mm.train import check_model_fits
+    seg = load_config(str(ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-1k_camvid-128x128.py'))
+    init_scope(seg)
+    seg.model.backbone.out_indices = (1, 2, 3)
+    with pytest.raises(ConfigError) as err:
+        check_model_fits(seg)
+    assert str(err.value) == (
+        'model.decode_head.in_index is [0, 1, 2, 3], but model.backbone gives 3 feature maps ([32, 64, '
+        '128] channels, by its out_indices); give the backbone the out_indices the heads were made '
+        'for, or set the heads to its outputs (in_index among 0..2, in_channels to their channels).')
+    with pytest.raises(ConfigError, match=r'^model\.decode_head\.in_index is \[0, 1, 2, 3\]'):
+        model_complexity(seg, shape=(64, 64))
+    seg.merge_from_dict({'model.decode_head.in_index': [0, 1, 2], 'model.decode_head.in_channels': [32, 64, 128],
+                         'model.auxiliary_head.in_index': 1, 'model.auxiliary_head.in_channels': 64})
+    check_model_fits(seg)  # the advice fits
+    det = load_config(str(COCO_DEMO))
+    init_scope(det)
+    det.model.backbone.out_indices = (1, 2, 3)
+    with pytest.raises(ConfigError, match=r'^model\.neck\.in_channels lists 4 feature maps, but '
+                                          r'model\.backbone gives 3 feature maps \(\[(\d+, ){2}\d+\] '
+                                          r'channels, by its out_indices\); give the backbone the '
+                                          r'out_indices the neck was made for, or set '
+                                          r'model\.neck\.in_channels=\[(\d+,){2}\d+\]\.$'):
+        check_model_fits(det)
+
+
 def test_a_schedule_ending_past_a_shortened_run_is_said():
     cfg = load_config(str(PLAIN_DEMO))
     with mmengine_log() as records:

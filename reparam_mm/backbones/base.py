@@ -83,16 +83,25 @@ class LargeKernelBackbone(BaseModule):
                               f'indices in [-{n}, {n - 1}].')
         return tuple(sorted({i % n for i in out_indices}))
 
-    def _check_stage_args(self, frozen_stages, stage_with_doconv):
-        """Check ``frozen_stages``; return ``stage_with_doconv`` as one bool per stage."""
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ConfigError(f'frozen_stages={frozen_stages} must be in [-1, {self.num_stages}].')
+    def _check_stage_args(self, frozen_stages, stage_with_doconv, doconv_cfg=None):
+        """Check ``frozen_stages`` and, where a stage uses it, ``doconv_cfg`` (mmcv's own error
+        for a misspelt type reads 'Cannot find None in registry'); return ``stage_with_doconv``
+        as one bool per stage."""
+        n = self.num_stages
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) \
+                or not -1 <= frozen_stages <= n:
+            raise ConfigError(f'frozen_stages={frozen_stages!r} must be an integer in [-1, {n}] '
+                              '(-1: none frozen).')
         if stage_with_doconv is None:
-            stage_with_doconv = (False, ) * self.num_stages
-        if len(stage_with_doconv) != self.num_stages:
-            raise ConfigError(f'stage_with_doconv needs one bool per stage ({self.num_stages}), '
-                              f'got {tuple(stage_with_doconv)}.')
-        return tuple(bool(s) for s in stage_with_doconv)
+            return (False, ) * n
+        flags = tuple(stage_with_doconv) if isinstance(stage_with_doconv, (list, tuple)) else None
+        if flags is None or len(flags) != n or not all(isinstance(s, bool) for s in flags):
+            raise ConfigError(f'stage_with_doconv={stage_with_doconv!r} must hold one bool per stage '
+                              f'({n}), e.g. {(True, ) * n} for DO-Conv in all of them.')
+        if any(flags) and doconv_cfg is not None:
+            from ..layers.convert import _check_doconv_cfg
+            _check_doconv_cfg(doconv_cfg)
+        return flags
 
     def _arch_name(self):
         for name, setting in self.arch_settings.items():

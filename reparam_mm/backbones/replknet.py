@@ -316,7 +316,8 @@ class RepLKNet(LargeKernelBackbone):
         channels, layers = arch['channels'], arch['layers']
         self.num_stages = len(layers)
         self.out_indices = self._check_out_indices(out_indices)
-        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv)
+        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv,
+                                                         doconv_cfg)
         self.frozen_stages, self.norm_eval, self.with_cp = frozen_stages, norm_eval, with_cp
         self.norm_intermediate_features = norm_intermediate_features
         conv_cfgs = [doconv_cfg if s and not small_kernel_merged else None

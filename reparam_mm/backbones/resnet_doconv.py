@@ -13,7 +13,7 @@ from mmdet.models.backbones.resnet import ResNet as MMDetResNet
 from mmengine.registry import MODELS
 from mmseg.models.backbones.resnet import ResNetV1c as MMSegResNetV1c
 
-from ..layers.convert import convert_to_doconv
+from ..layers.convert import _check_doconv_cfg, convert_to_doconv
 from ..scope import ConfigError
 
 __all__ = ['DOResNet', 'DOResNetV1c']
@@ -32,13 +32,12 @@ class _DOConvStages:
     def __init__(self, stage_with_doconv=(False, True, True, True),
                  doconv_cfg=dict(type='DOConv'), **kwargs):
         num_stages = kwargs.get('num_stages', 4)
-        flags = tuple(stage_with_doconv)
+        flags = tuple(stage_with_doconv) if isinstance(stage_with_doconv, (list, tuple)) else ()
         if len(flags) != num_stages or not all(isinstance(f, bool) for f in flags):
             raise ConfigError(f'stage_with_doconv={stage_with_doconv!r} must hold one bool per '
                               f'stage ({num_stages}), e.g. (False, True, True, True).')
-        if not isinstance(doconv_cfg, dict) or 'type' not in doconv_cfg:
-            raise ConfigError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
-                              "dict(type='DOConv', D_mul=None).")
+        if any(flags):
+            _check_doconv_cfg(doconv_cfg)
         dcn_stages = kwargs.get('stage_with_dcn', (False, ) * num_stages)
         if kwargs.get('dcn') is not None and any(a and b for a, b in zip(flags, dcn_stages)):
             raise ConfigError('A stage cannot use both DCN and DO-Conv for its 3x3 conv; set '

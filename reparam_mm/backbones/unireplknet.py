@@ -505,7 +505,8 @@ class UniRepLKNet(LargeKernelBackbone):
         dims, depths = arch['dims'], arch['depths']
         self.num_stages = len(depths)
         self.out_indices = self._check_out_indices(out_indices)
-        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv)
+        self.stage_with_doconv = self._check_stage_args(frozen_stages, stage_with_doconv,
+                                                         doconv_cfg)
         self.frozen_stages, self.norm_eval, self.with_cp = frozen_stages, norm_eval, with_cp
         self.small_kernel_merged = small_kernel_merged
         conv_cfgs = [doconv_cfg if s and not small_kernel_merged else None

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch.nn as nn
 
+from ..scope import ConfigError
+
 __all__ = ['convert_to_doconv', 'doconv_kind', 'doconv_kinds', 'convertible_convs']
 
 
@@ -59,7 +61,7 @@ def _check_patterns(patterns, what):
         patterns = [patterns]
     patterns = list(patterns)
     if not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f'{what}={patterns!r} must be a list of module-name patterns such as '
+        raise ConfigError(f'{what}={patterns!r} must be a list of module-name patterns such as '
                          "['layer3', 'layer4.*.conv2'] (fnmatch globs over dotted names).")
     return patterns
 
@@ -79,17 +81,17 @@ def convertible_convs(module: nn.Module, include: Optional[Sequence[str]] = None
 
 
 def _check_doconv_cfg(doconv_cfg):
-    """``doconv_cfg`` as mmcv's ``build_conv_layer`` will read it, or a ValueError naming the
+    """``doconv_cfg`` as mmcv's ``build_conv_layer`` will read it, or a ConfigError (a ValueError) naming the
     fix (mmcv's own error for an unknown type reads 'Cannot find None in registry')."""
     if not isinstance(doconv_cfg, dict) or 'type' not in doconv_cfg:
-        raise ValueError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
+        raise ConfigError(f"doconv_cfg={doconv_cfg!r} must be a dict with a 'type', e.g. "
                          "dict(type='DOConv', D_mul=None).")
     kind = doconv_cfg['type']
     if isinstance(kind, str):
         from mmengine.registry import MODELS
         with MODELS.switch_scope_and_registry(None) as registry:  # where mmcv looks
             if registry.get(kind) is None:
-                raise ValueError(f"doconv_cfg type {kind!r} is not a registered conv layer: "
+                raise ConfigError(f"doconv_cfg type {kind!r} is not a registered conv layer: "
                                  "use type='DOConv' (optionally with D_mul).")
     return doconv_cfg
 
@@ -99,7 +101,7 @@ def _build_like(conv: nn.Conv2d, doconv_cfg: dict, name: str) -> nn.Module:
     and values (a plain kernel loads as W with D = 0: :meth:`DOConv2d._load_from_state_dict`)."""
     from mmcv.cnn import build_conv_layer
     if type(conv) not in _plain_conv_types():
-        raise ValueError(
+        raise ConfigError(
             f"'{name}' is a {type(conv).__name__}, but DO-Conv replaces plain nn.Conv2d (and "
             f"mmcv's Conv2d) only: a {type(conv).__name__} computes something else from its "
             'weight; exclude it, or build it as a plain conv (conv_cfg=None).')
@@ -111,7 +113,7 @@ def _build_like(conv: nn.Conv2d, doconv_cfg: dict, name: str) -> nn.Module:
                                  dilation=conv.dilation, groups=conv.groups,
                                  bias=conv.bias is not None, **extra)
     except ValueError as e:  # e.g. a D_mul below this layer's kernel size
-        raise ValueError(f"'{name}' ({'x'.join(map(str, conv.kernel_size))} conv): {e}") from e
+        raise ConfigError(f"'{name}' ({'x'.join(map(str, conv.kernel_size))} conv): {e}") from e
     layer.to(device=w.device, dtype=w.dtype).train(conv.training)
     layer.load_state_dict(conv.state_dict(), strict=False)  # its values; D stays 0
     # keep what the module did to the conv before (frozen stages: requires_grad=False)
@@ -145,7 +147,7 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
     nn.Conv2d)`` do not match them, and mmengine re-runs their own ``init_weights``):
     ``WithDOConv`` therefore runs the module's own initialisation before converting.
 
-    Raises ValueError, before anything is replaced, if a pattern selects no k>1 conv or
+    Raises ConfigError (a ValueError), before anything is replaced, if a pattern selects no k>1 conv or
     include and exclude together select none (a typo would otherwise convert nothing
     silently), a selected conv is an ``nn.Conv2d`` subclass with its own arithmetic (weight
     standardisation, adaptive padding, ...), ``doconv_cfg`` names no registered conv type, or
@@ -160,7 +162,7 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
         if unused:
             ones = [n for n, m in module.named_modules() if n and isinstance(m, nn.Conv2d)
                     and math.prod(m.kernel_size) == 1 and any(_selected(n, [p]) for p in unused)]
-            raise ValueError(
+            raise ConfigError(
                 f'{what} pattern(s) {unused} match no k>1 conv of {type(module).__name__}'
                 + (f' (only 1x1 convs such as {ones[0]!r}, which DO-Conv leaves plain: a 1x1 '
                    'kernel has nothing to over-parameterise)' if ones else '')
@@ -168,7 +170,7 @@ def convert_to_doconv(module: nn.Module, include: Optional[Sequence[str]] = None
                 + (f' and {len(every) - 3} more.' if len(every) > 3 else '.'))
     names = convertible_convs(module, include, exclude)
     if (include or exclude) and every and not names:
-        raise ValueError(f'include={include} and exclude={exclude} together select none of the '
+        raise ConfigError(f'include={include} and exclude={exclude} together select none of the '
                          f'{len(every)} k>1 convs of {type(module).__name__}: every conv include '
                          'selects, exclude keeps plain; narrow exclude.')
     modules = dict(module.named_modules())

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
+from ..scope import ConfigError
 from .large_kernel import _exporting
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -189,10 +190,10 @@ class DOConv2d(nn.Module):
                  groups=1, bias=True, padding_mode='zeros', D_mul=None, device=None, dtype=None):
         super().__init__()
         if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(f'DOConv2d: in_channels={in_channels} and out_channels={out_channels} '
+            raise ConfigError(f'DOConv2d: in_channels={in_channels} and out_channels={out_channels} '
                              f'must both be divisible by groups={groups} (a positive integer).')
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(f'DOConv2d: padding_mode={padding_mode!r} is not one of '
+            raise ConfigError(f'DOConv2d: padding_mode={padding_mode!r} is not one of '
                              f'{_PADDING_MODES}.')
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = (
@@ -226,7 +227,7 @@ class DOConv2d(nn.Module):
         if D_mul is None:
             return mn
         if isinstance(D_mul, bool) or not isinstance(D_mul, int) or D_mul < mn:
-            raise ValueError(
+            raise ConfigError(
                 f'DOConv2d: D_mul={D_mul!r} is invalid for a {self.kernel_size[0]}x'
                 f'{self.kernel_size[1]} kernel; use an integer D_mul >= M*N = {mn} '
                 f'(or None for {mn}), since smaller D_mul cannot form the identity.')
@@ -237,9 +238,9 @@ class DOConv2d(nn.Module):
         if not isinstance(self.padding, str):
             return _reverse_repeat_tuple(self.padding, 2)
         if self.padding not in ('same', 'valid'):
-            raise ValueError(f"DOConv2d: padding={self.padding!r} must be 'same', 'valid' or ints.")
+            raise ConfigError(f"DOConv2d: padding={self.padding!r} must be 'same', 'valid' or ints.")
         if self.padding == 'same' and any(s != 1 for s in self.stride):
-            raise ValueError("DOConv2d: padding='same' is not supported for strided convolutions.")
+            raise ConfigError("DOConv2d: padding='same' is not supported for strided convolutions.")
         pad = [0, 0, 0, 0]
         if self.padding == 'same':
             for d, k, i in zip(self.dilation, self.kernel_size, (1, 0)):
