@@ -199,6 +199,10 @@ def test_tool_without_an_input_size_is_one_sentence_naming_the_config(tmp_path, 
     assert run_tool(load_tool('get_flops').main, [str(cfg), str(DEMO_SEG)]) == 1
     said = capsys.readouterr()
     assert said.out == '' and said.err.strip().splitlines()[-1].startswith(f'error: {cfg}: ')
+    assert run_tool(load_tool('get_flops').main, [str(DEMO_SEG), '--images', '1', '--cfg-options',
+                                                  f'test_dataloader.dataset.data_root={tmp_path}/no']) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(  # a FileNotFoundError too
+        f"error: {DEMO_SEG}: data root '{tmp_path}/no' (test_dataloader.dataset.data_root) does not exist")
     load_tool('get_flops').main([str(DEMO_SEG)])  # no Resize: the preprocessor's size, said so
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith(f'| {DEMO_SEG.name} | 64 x 64 |') and lines[-1] == (

@@ -85,8 +85,8 @@ def main(argv=None):
         merge_cfg_options(cfg, args.cfg_options)
         try:
             c = model_complexity(cfg, shape=args.shape, device=args.device, images=args.images)
-        except ConfigError as e:  # the rows before it are printed: say which config stopped
-            raise ConfigError(f'{config}: {e}') from None
+        except (ConfigError, FileNotFoundError) as e:  # rows before it are printed: say which stopped
+            raise type(e)(f'{config}: {e}') from None
         counted[config] = c.as_dict()
         if c.proposals is not None:
             detectors.setdefault((c.proposals, c.detections), []).append(os.path.basename(config))
