@@ -362,6 +362,67 @@ def check_label_values(data_samples, heads, loader='train_dataloader', reduce_ke
                       else 'out of the label maps.')))
 
 
+class TrainLabelCoverage:
+    """Which of a segmentor's classes the training label maps hold, over one pass of the training
+    set. A class never seen trains without an example; the common cause is
+    ``reduce_zero_label=True`` on maps whose 0 is a class (mmseg's ADE20K bases set it): 0 is
+    read as unlabelled and k as k - 1, every value stays in range, nothing fails, and the last
+    class never appears. :meth:`warning` says which classes and why."""
+
+    def __init__(self, classes, num_classes, loader='train_dataloader', reduce_key=None):
+        import numpy as np
+        self.classes, self.n, self.loader, self.reduce_key = classes, num_classes, loader, reduce_key
+        self.seen, self.maps, self.reduced = np.zeros(num_classes, dtype=bool), 0, False
+
+    @property
+    def complete(self):
+        return bool(self.seen.all())
+
+    def count(self, data_samples):
+        import numpy as np
+        for sample in data_samples:
+            labels = getattr(getattr(sample, 'gt_sem_seg', None), 'data', None)
+            if labels is None or self.complete:
+                continue
+            values = labels.detach().cpu().numpy().ravel() if torch.is_tensor(labels) else np.ravel(labels)
+            values = values[(values >= 0) & (values < self.n)]
+            self.seen |= np.bincount(values.astype(np.int64), minlength=self.n)[:self.n] > 0
+            self.maps += 1
+            self.reduced = self.reduced or bool(sample.metainfo.get('reduce_zero_label'))
+
+    def gather(self):
+        """OR the classes every process saw (each reads its own shard); a no-op in one process."""
+        from mmengine.dist import all_gather_object, is_distributed
+        if not is_distributed():
+            return
+        parts = all_gather_object((self.seen.tolist(), self.maps, self.reduced))
+        import numpy as np
+        self.seen = np.any([p[0] for p in parts], axis=0)
+        self.maps, self.reduced = sum(p[1] for p in parts), any(p[2] for p in parts)
+
+    def warning(self, images):
+        """The sentence to log after a pass over ``images`` training images, or None when every
+        class appeared."""
+        missing = [i for i in range(self.n) if not self.seen[i]]
+        if not missing or not self.maps:
+            return None
+        names = few_names([f'{self.classes[i]!r} (label {i})' if i < len(self.classes) else f'label {i}'
+                           for i in missing])
+        said = (f'{self.loader}: after one pass over the {images} training images, no label map held '
+                f"{'class' if len(missing) == 1 else f'{len(missing)} of the {self.n} classes'} "
+                f'{names}: {"it trains" if len(missing) == 1 else "they train"} without an example, and '
+                f'{"its" if len(missing) == 1 else "their"} IoU will read 0 or nan')
+        if self.reduced and self.n - 1 in missing:
+            return (f'{said}; reduce_zero_label=True reads the maps\' 0 as unlabelled and k as k - 1, '
+                    f'so maps that number the classes 0..{self.n - 1} lose their class 0 and never '
+                    f'hold label {self.n - 1}: if yours do, set it to False (--cfg-options '
+                    f'{self.reduce_key or self.loader + ".dataset.reduce_zero_label"}=False, and the '
+                    'same in the validation and test datasets).')
+        return (f'{said}; if the maps number the classes otherwise than metainfo.classes lists them, '
+                'make them agree (a class rare and small enough may also be cropped out of every '
+                'batch).')
+
+
 class EvalLabelValues:
     """Counts the label maps of a validation or test loop that hold values mmseg's
     ``IoUMetric`` cannot score (:func:`label_values_outside` its dataset's classes and its

@@ -362,18 +362,51 @@ class LabelValuesCheckHook(Hook):
 
     def __init__(self):
         self.heads, self.reduce_key, self.ignore_keys, self.eval_counter = [], None, None, None
+        self.coverage, self.pass_end, self.pass_images = None, None, 0
 
     def before_train(self, runner) -> None:
         from .data_checks import ignore_setting_keys, reduce_zero_label_key, segmentation_heads
         self.heads = segmentation_heads(_unwrap(runner.model))
         self.reduce_key = reduce_zero_label_key(runner.cfg, 'train_dataloader')
         self.ignore_keys = ignore_setting_keys(runner.cfg, self.heads)
+        self._start_coverage(runner)
+
+    def _start_coverage(self, runner):
+        """Count the classes the training maps hold for one pass of the training set from this
+        start (a resume counts again), if the run lasts that long."""
+        import math
+
+        from mmengine.dist import get_world_size
+
+        from .data_checks import TrainLabelCoverage
+        loader = runner.train_dataloader
+        try:
+            images, batch = len(loader.dataset), loader.batch_size
+            classes = tuple(loader.dataset.metainfo.get('classes') or ())
+        except (TypeError, AttributeError):  # an iterable dataset, a batch sampler: no pass to count
+            return
+        if not self.heads or not images or not batch:
+            return
+        head = self.heads[0][1]
+        n = 2 if getattr(head, 'out_channels', None) == 1 else head.num_classes
+        end = runner.iter + math.ceil(images / (batch * get_world_size()))
+        if end <= runner.max_iters:
+            self.coverage, self.pass_end, self.pass_images = (
+                TrainLabelCoverage(classes, n, reduce_key=self.reduce_key), end, images)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if self.heads and isinstance(data_batch, dict) and data_batch.get('data_samples'):
             from .data_checks import check_label_values
             check_label_values(data_batch['data_samples'], self.heads, reduce_key=self.reduce_key,
                                ignore_keys=self.ignore_keys)
+            if self.coverage is not None:
+                self.coverage.count(data_batch['data_samples'])
+        if self.coverage is not None and runner.iter + 1 >= self.pass_end:  # this batch ends the pass
+            coverage, self.coverage = self.coverage, None
+            coverage.gather()  # every rank reaches this iteration: each takes part
+            said = coverage.warning(self.pass_images)
+            if said:
+                print_log(said, logger='current', level=logging.WARNING)
 
     def _start_eval(self, runner, evaluator, loader):
         from .data_checks import EvalLabelValues

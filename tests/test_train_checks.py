@@ -369,6 +369,52 @@ def test_labels_1_to_num_classes_without_reduce_zero_label_name_it(tmp_path):
     assert runner.iter == 1 and runner.model.decode_head.ignore_index == 5
 
 
+def test_a_class_no_training_map_holds_in_a_pass_is_said_naming_reduce_zero_label(tmp_path):
+    """Maps numbering the classes 0..4 (255 unlabelled) read with the ADE-style base's
+    reduce_zero_label=True: 0 became 255 and k k - 1, every value stayed in range, and 'ring'
+    (label 4) trained without an example, without a word. Said after one pass of the training
+    set; the advice trains every class."""
+    import numpy as np
+    from PIL import Image
+    cfg = tiny_demo_config(tmp_path, max_iters=3)  # 6 images, 2 a batch: a pass in 3 iterations
+
+    def passes(*options):
+        with mmengine_log() as records:
+            main([cfg, '--work-dir', str(tmp_path / 'w')] + (['--cfg-options', *options] if options else []))
+        return [r.getMessage() for r in records if 'after one pass' in r.getMessage()]
+
+    assert passes() == []  # the demo's own maps (1..5, 0 unlabelled) hold every class
+    for path in (tmp_path / 'data/annotations').rglob('*.png'):
+        raw = np.array(Image.open(path))
+        Image.fromarray(np.where(raw == 0, 255, raw - 1).astype(np.uint8)).save(path)
+    assert passes() == [
+        "train_dataloader: after one pass over the 6 training images, no label map held class "
+        "'ring' (label 4): it trains without an example, and its IoU will read 0 or nan; "
+        "reduce_zero_label=True reads the maps' 0 as unlabelled and k as k - 1, so maps that number "
+        'the classes 0..4 lose their class 0 and never hold label 4: if yours do, set it to False '
+        '(--cfg-options train_dataloader.dataset.reduce_zero_label=False, and the same in the '
+        'validation and test datasets).']
+    assert passes('train_dataloader.dataset.reduce_zero_label=False',
+                  'val_dataloader.dataset.reduce_zero_label=False') == []
+    assert passes('train_cfg.max_iters=2') == []  # no pass completes: nothing to say
+
+
+def test_the_class_coverage_of_other_causes_and_processes():
+    from reparam_mm.data_checks import TrainLabelCoverage
+    coverage = TrainLabelCoverage(('a', 'b', 'c', 'd'), 4)
+    coverage.count(_samples([0, 255, 2], [0, 0]))
+    assert not coverage.complete and coverage.maps == 2
+    assert coverage.warning(2) == (
+        "train_dataloader: after one pass over the 2 training images, no label map held 2 of the 4 "
+        "classes 'b' (label 1), 'd' (label 3): they train without an example, and their IoU will "
+        'read 0 or nan; if the maps number the classes otherwise than metainfo.classes lists them, '
+        'make them agree (a class rare and small enough may also be cropped out of every batch).')
+    coverage.count(_samples([1, 3]))
+    assert coverage.complete and coverage.warning(3) is None
+    coverage.count(_samples([9]))  # complete: not read again
+    assert coverage.maps == 3
+
+
 def _samples(*maps, reduce_zero_label=False):
     import torch
     from mmengine.structures import PixelData
