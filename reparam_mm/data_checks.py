@@ -35,8 +35,8 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
       ``categories`` (pycocotools' ``getCatIds``), so ``classes=('car', 'person')`` on a json
       listing person first trained the person boxes as label 0 and the checkpoint, inference
       and pictures called them 'car' (mmdet issues 10675, 11704);
-    * a class without a box in the json is logged: the model never sees one, and its AP
-      reads nan;
+    * a class without a box in the json is logged: in training the model never sees one; in
+      validation its AP reads nan (mmdet's per-class table) and the mAP leaves it out;
     * a validation or test ``CocoMetric``'s own json must order the classes as the dataset does
       and hold the images the loader reads (:func:`_check_metric_json`).
 
@@ -94,8 +94,11 @@ def check_dataset_classes(runner, loaders=('train_dataloader', 'val_dataloader')
             print_log(
                 f'{loader}: {len(empty)} of the {len(classes)} classes have no box in {ann_file} '
                 f'({few_names(empty)}): '
-                + ('the model never sees one, and ' if loader == 'train_dataloader' else '')
-                + ('its' if len(empty) == 1 else 'their') + ' AP reads nan; check the json\'s '
+                + ('the model never sees one, so it scores near 0 wherever the validation set has '
+                   'boxes of ' + ('it' if len(empty) == 1 else 'them') if loader == 'train_dataloader'
+                   else ('its' if len(empty) == 1 else 'their') + ' AP reads nan in the per-class '
+                   'table and the mAP is the mean over the other classes')
+                + '; check the json\'s '
                 "annotations, or leave the class out (metainfo.classes and the heads' num_classes).",
                 logger='current', level=logging.WARNING)
 

@@ -242,10 +242,11 @@ def test_a_class_without_a_box_is_logged_for_training_and_validation(tmp_path):
     said = [r.getMessage() for r in records if 'have no box' in r.getMessage()]
     assert said == [
         f"train_dataloader: 1 of the 2 classes have no box in {ann} (car): the model never sees one, "
-        "and its AP reads nan; check the json's annotations, or leave the class out (metainfo.classes "
-        "and the heads' num_classes).",
-        f"val_dataloader: 1 of the 2 classes have no box in {ann} (car): its AP reads nan; check the "
-        "json's annotations, or leave the class out (metainfo.classes and the heads' num_classes)."]
+        "so it scores near 0 wherever the validation set has boxes of it; check the json's "
+        "annotations, or leave the class out (metainfo.classes and the heads' num_classes).",
+        f"val_dataloader: 1 of the 2 classes have no box in {ann} (car): its AP reads nan in the "
+        "per-class table and the mAP is the mean over the other classes; check the json's "
+        "annotations, or leave the class out (metainfo.classes and the heads' num_classes)."]
 
 
 def test_json_categories_of_a_large_json_are_read_from_its_end(tmp_path, monkeypatch):
