@@ -563,18 +563,25 @@ def _plain_setting(value):
     return False
 
 
-def schedule_settings(schedulers):
+def schedule_settings(schedulers, config=None):
     """``{name: (type, settings)}`` of mmengine param schedulers (a list, or a dict of lists, one
     per optimizer): what each was built with (``begin``, ``end``, ``eta_min``, its base values,
-    ...), without its progress; for :func:`resumed_schedule_changes`."""
+    ...), without its progress; for :func:`resumed_schedule_changes`. ``config`` (the config's
+    ``param_scheduler``) names them as it does: one dict, not a list, is ``param_scheduler``."""
+    def single(spec):  # one scheduler's dict, which mmengine wraps into a list
+        return hasattr(spec, 'get') and 'type' in spec
+
     named = (schedulers.items() if isinstance(schedulers, dict) else [('', schedulers or [])])
     found = {}
     for prefix, group in named:
+        spec = (config.get(prefix) if prefix and hasattr(config, 'get') and not single(config)
+                else config)
         for i, scheduler in enumerate(group or []):
             settings = {k: copy.deepcopy(v) for k, v in vars(scheduler).items()
                         if k not in _SCHEDULE_PROGRESS and _plain_setting(v)}
-            found[f'param_scheduler.{prefix + "." if prefix else ""}{i}'] = (type(scheduler).__name__,
-                                                                            settings)
+            key = '.'.join(['param_scheduler'] + ([prefix] if prefix else [])
+                           + ([] if single(spec) else [str(i)]))
+            found[key] = (type(scheduler).__name__, settings)
     return found
 
 

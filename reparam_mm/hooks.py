@@ -278,13 +278,15 @@ class TrainingLoadCheckHook(Hook):
     def before_run(self, runner) -> None:
         # the schedulers as the config builds them, before a resume overwrites them
         from .checkpoint import schedule_settings
-        self.built_schedule = schedule_settings(getattr(runner, 'param_schedulers', None))
+        self.built_schedule = schedule_settings(getattr(runner, 'param_schedulers', None),
+                                                runner.cfg.get('param_scheduler'))
 
     def before_train(self, runner) -> None:
         if runner._resume and runner._has_loaded and self.built_schedule:
             from .checkpoint import resumed_schedule_changes, schedule_settings
             said = resumed_schedule_changes(self.built_schedule,
-                                            schedule_settings(runner.param_schedulers),
+                                            schedule_settings(runner.param_schedulers,
+                                                              runner.cfg.get('param_scheduler')),
                                             self.resumed_from)
             if said:
                 print_log(said, logger='current', level=logging.WARNING)

@@ -529,6 +529,14 @@ def test_schedule_settings_keep_what_a_scheduler_was_configured_with_only():
     said = resumed_schedule_changes(later, built, 'c.pth')
     assert 'param_scheduler.0 (OneCycleLR) keeps eta_max 0.1 (the config: 0.2)' in said
     assert 'param_scheduler.1 (MultiStepLR) keeps milestones ' in said
+    # named as the config names them: one dict is 'param_scheduler' (mmengine wraps it in a list),
+    # a dict by optimizer 'param_scheduler.NAME' (with '.i' where that is a list)
+    one = dict(type='MultiStepLR', milestones=[8, 11], by_epoch=False)
+    step = MultiStepLR(opt, milestones=[8, 11], by_epoch=False)
+    assert list(schedule_settings([step], one)) == ['param_scheduler']
+    assert list(schedule_settings({'backbone': [step], 'head': [step, step]},
+                                  dict(backbone=one, head=[one, one]))) == [
+        'param_scheduler.backbone', 'param_scheduler.head.0', 'param_scheduler.head.1']
 
 
 def test_a_plateau_schedulers_progress_is_no_change_of_the_schedule():
