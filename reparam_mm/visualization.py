@@ -33,6 +33,30 @@ def _visualizer_for(sample):
     return DetLocalVisualizer
 
 
+def _picture_names(dataset):
+    """``{image path: picture file name}`` for every image of ``dataset``, in its order: the
+    image's stem, with ``_1``, ``_2``, ... after it for later images of the same stem in other
+    folders. Every process reads the same list, so two ranks painting two such images do not
+    write one file (each rank numbered only the names it painted itself); {} where the dataset
+    does not list its images."""
+    names, taken = {}, set()
+    try:
+        paths = [dataset.get_data_info(i).get('img_path') for i in range(len(dataset))]
+    except Exception:  # noqa: BLE001 - no list to read (a custom dataset): numbered per process
+        return {}
+    for path in paths:
+        if path is None or path in names:
+            continue
+        stem = osp.splitext(osp.basename(path))[0]
+        name, n = stem, 0
+        while name in taken:
+            n += 1
+            name = f'{stem}_{n}'
+        taken.add(name)
+        names[path] = f'{name}.png'
+    return names
+
+
 @contextlib.contextmanager
 def _as_main_process():
     """Within the block, mmengine's ``master_only`` methods run in this process too. The
@@ -69,6 +93,7 @@ class SavePredictionsHook(Hook):
         self.written = []  # paths written by the latest test
         self.folder = None  # where the latest test wrote them
         self._names = set()
+        self._named = {}  # image path -> picture name, for every image of the test set
         self._painter = None
         self._warned = False
 
@@ -77,6 +102,8 @@ class SavePredictionsHook(Hook):
         self.folder = osp.join(runner.work_dir, runner.timestamp, self.out_dir)
         os.makedirs(self.folder, exist_ok=True)
         self.written, self._names, self._painter = [], set(), None
+        loader = getattr(getattr(runner, 'test_loop', None), 'dataloader', None)
+        self._named = _picture_names(getattr(loader, 'dataset', None))
 
     def after_test(self, runner) -> None:
         from mmengine.dist import all_gather_object, is_distributed
@@ -102,6 +129,8 @@ class SavePredictionsHook(Hook):
         return painter
 
     def _out_file(self, img_path):
+        if img_path in self._named:  # the dataset's own list: the same name on every rank
+            return osp.join(self.folder, self._named[img_path])
         stem = osp.splitext(osp.basename(img_path))[0]
         name, n = stem, 0
         while name in self._names:  # two images of the same name in different folders

@@ -74,3 +74,32 @@ def test_show_dir_counts_an_image_two_ranks_painted_once(tmp_path, monkeypatch):
         hook.after_test(runner)
     assert [r.getMessage() for r in records if r.getMessage().startswith('--show-dir')] == [
         f'--show-dir: painted 3 test image(s) to {tmp_path}/t/pics']
+
+
+def test_two_ranks_painting_images_of_one_name_from_two_folders_write_two_pictures(tmp_path):
+    """Each process numbered only the names it painted itself: rank 0 painting day/0001.jpg and
+    rank 1 night/0001.jpg both wrote 0001.png, one over the other. The names now come from the
+    test set's list, the same on every rank."""
+    from types import SimpleNamespace
+    from reparam_mm.visualization import SavePredictionsHook, _picture_names
+    paths = ['day/0001.jpg', 'night/0001.jpg', 'day/0002.jpg', 'dusk/0001.png']
+
+    class Listed:
+        def __len__(self):
+            return len(paths)
+
+        def get_data_info(self, i):
+            return dict(img_path=paths[i])
+    assert _picture_names(Listed()) == {'day/0001.jpg': '0001.png', 'night/0001.jpg': '0001_1.png',
+                                        'day/0002.jpg': '0002.png', 'dusk/0001.png': '0001_2.png'}
+    runner = SimpleNamespace(work_dir=str(tmp_path), timestamp='t', test_loop=SimpleNamespace(
+        dataloader=SimpleNamespace(dataset=Listed())))
+    rank0, rank1 = SavePredictionsHook('pics'), SavePredictionsHook('pics')
+    for hook in (rank0, rank1):
+        hook.before_test(runner)
+    written = [rank0._out_file('day/0001.jpg'), rank1._out_file('night/0001.jpg'),
+               rank0._out_file('day/0002.jpg'), rank1._out_file('dusk/0001.png'),
+               rank0._out_file('night/0001.jpg')]  # the sampler's padding: painted twice, one file
+    assert [Path(w).name for w in written] == ['0001.png', '0001_1.png', '0002.png', '0001_2.png',
+                                               '0001_1.png']
+    assert _picture_names(None) == {}  # nothing listed: numbered per process, as before
