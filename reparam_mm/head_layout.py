@@ -215,6 +215,14 @@ def _has_kernels(module):
     return any(p.dim() == 4 for p in module.parameters()) or any(map(_is_doconv, module.modules()))
 
 
+def _inner_model(model):
+    """The segmentor or detector inside a test-time augmentation wrapper (mmengine's
+    ``BaseTTAModel`` keeps it as ``.module``): its neck and heads were not found under ``--tta``,
+    so none was tuned, while the log said they were."""
+    from mmengine.model import BaseTTAModel
+    return model.module if isinstance(model, BaseTTAModel) else model
+
+
 def head_modules(model):
     """``(name, module, how)`` for each module after the backbone whose layout can be tuned:
     ``how`` is 'decode_head' (mmseg's decode head, timed on the features handed to it),
@@ -222,6 +230,7 @@ def head_modules(model):
     neck, a dense head, each of a RoI head's bbox / mask heads). Modules without 4-D weights
     (the RoI heads' fully connected layers) are left out."""
     found = []
+    model = _inner_model(model)
 
     def add(name, module, how='call'):
         if isinstance(module, nn.ModuleList):
@@ -254,6 +263,7 @@ def tune_head_layouts(model):
     docstring); returns the names hooked. Calling it again on the same model adds nothing.
     tools/train.py, tools/test.py, tools/infer.py and ``FusedEvalHook`` apply it."""
     hooked = []
+    model = _inner_model(model)
     # the modules called as module(...) first: their output hooks run before the decode head's
     for name, module, how in sorted(head_modules(model), key=lambda m: m[2] != 'call'):
         if how != 'call':

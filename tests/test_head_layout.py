@@ -111,6 +111,19 @@ def test_a_copy_of_a_tuned_model_tunes_its_own_head(tuner):
     assert _layouts(model)['decode_head'] == 'nchw'  # the original was not touched
 
 
+def test_a_model_under_test_time_augmentation_tunes_the_segmentor_inside(tuner):
+    """mmengine's TTA wrapper keeps the segmentor as .module: under --tta nothing was hooked,
+    while the log said the neck and heads ran in the layouts timed for evaluation."""
+    from mmseg.models import SegTTAModel
+    tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
+    model, data = _fused(SEG, 64)
+    wrapped = SegTTAModel(module=model)
+    assert [name for name, _, _ in head_modules(wrapped)] == [name for name, _, _ in head_modules(model)]
+    assert tune_head_layouts(wrapped) == ['decode_head', 'auxiliary_head']
+    _predict(model, data)
+    assert _layouts(model)['decode_head'] == 'channels_last'
+
+
 def test_the_detector_s_neck_and_heads_hand_back_nchw_for_mmcv_s_ops(tuner):
     tuner.times = {'channels_last': 0.1, 'nchw': 1.0}
     model, data = _fused(DET, 128)
