@@ -223,9 +223,25 @@ def build_test_runner(config, checkpoint, out=None, fuse=True, **kwargs):
         runner.register_hook(LabelValuesCheckHook())
     from .hooks import DatasetClassesCheckHook  # the test set's classes, order and metric images
     runner.register_hook(DatasetClassesCheckHook())
-    runner.logger.info(f"Loaded checkpoint {checkpoint} (strict); testing the "
-                       f"{'fused' if fuse else 'unfused'} model")
+    kind = tested_model(ckpt.get('meta'), fuse)
+    runner.message_hub.update_info('reparam_mm/tested_model', kind)
+    runner.logger.info(f'Loaded checkpoint {checkpoint} (strict); testing the {kind} model'
+                       + (DEPLOY_NOTE if kind == 'deploy' else ''))
     return runner
+
+
+#: said of tools/fuse.py's deploy pair, where '--no-fuse' or 'fused' would mislead
+DEPLOY_NOTE = (': its checkpoint is a deploy one (tools/fuse.py wrote it), with nothing left to '
+               'fuse, so it runs as loaded, with or without --no-fuse')
+
+
+def tested_model(meta, fuse=True):
+    """What a test or prediction of a checkpoint with ``meta`` runs: 'fused', 'unfused', or
+    'deploy' for tools/fuse.py's deploy pair: under ``--no-fuse`` it was called 'unfused', and
+    a comparison of the two ran the one model twice."""
+    if ((meta or {}).get('reparam_mm') or {}).get('deploy'):
+        return 'deploy'
+    return 'fused' if fuse else 'unfused'
 
 
 def check_trained_class_order(cfg, ckpt, filename):

@@ -63,6 +63,7 @@ class _FusedInference:
         self.last_check = None   # compare_outputs() of fused vs unfused on the first batch
         self.paint = True        # False: predict without painting pictures (predict_images)
         self._weights, self._unfused = weights, None
+        self.checkpoint_meta = {}  # the loaded checkpoint's meta (a deploy pair's says so)
         super().__init__(model, weights, **kwargs)
         given = any(kwargs.get(k) for k in ('classes', 'palette', 'dataset_name'))
         meta = getattr(self.model, 'dataset_meta', None) or {}
@@ -72,7 +73,7 @@ class _FusedInference:
     def _load_weights_to_model(self, model, checkpoint, cfg):
         source = f'checkpoint {self._weights}'
         check_state_dict(model, state_dict_of(checkpoint, source), source, checkpoint.get('meta'))
-        meta = checkpoint.get('meta') or {}
+        meta = self.checkpoint_meta = checkpoint.get('meta') or {}
         if not (meta.get('dataset_meta') or meta.get('CLASSES')):
             from_config = dataset_metainfo(cfg)
             if from_config:  # upstream would take Cityscapes' or COCO's classes

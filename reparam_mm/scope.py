@@ -523,8 +523,15 @@ def dataset_metainfo(cfg, loader='test_dataloader'):
         cls = registry.get(kind) if isinstance(kind, str) else kind
     except Exception:  # noqa: BLE001 - another scope or an unregistered type: nothing to read
         cls = None
-    meta = dict(getattr(cls, 'METAINFO', None) or {})
-    meta.update(node.get('metainfo') or {})
+    base = dict(getattr(cls, 'METAINFO', None) or {})
+    meta = dict(base, **(node.get('metainfo') or {}))
     if not meta.get('classes'):
         return None
-    return dict(classes=tuple(meta['classes']), palette=meta.get('palette'))
+    classes, palette = tuple(meta['classes']), meta.get('palette')
+    if isinstance(palette, (list, tuple)) and len(palette) != len(classes):
+        # the type's palette beside a subset of its classes: each class keeps its colour, as
+        # mmseg's dataset picks them (a palette of another length failed mmseg's visualizer)
+        known = tuple(base.get('classes') or ())
+        palette = ([palette[known.index(c)] for c in classes]
+                   if len(palette) == len(known) and set(classes) <= set(known) else None)
+    return dict(classes=classes, palette=palette)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import reparam_mm  # noqa: F401
-from conftest import load_tool, mmengine_log
+from conftest import ROOT, load_tool, mmengine_log
 from reparam_mm.checkpoint import CheckpointMismatchError
 from reparam_mm.cli import run_tool
 from reparam_mm.inference import FusedCheckError, fused_inferencer, image_files, predict_images
@@ -239,3 +239,19 @@ def test_a_device_this_machine_lacks_is_one_sentence():
     with pytest.raises(ConfigError, match=r"^--device 'gpu0' is not a device name; use 'cpu'"):
         check_device('gpu0')
     assert check_device('cpu') == 'cpu' and check_device(None) is None
+
+
+def test_the_config_classes_of_a_checkpoint_without_them_keep_their_colours():
+    """A checkpoint without class names (a synthetic or foreign one) is painted with the config's
+    classes: CamVid's 11 of Cityscapes' 19 came with Cityscapes' 19 colours, and mmseg's
+    visualizer stopped with 'The length of classes should be equal to palette'."""
+    from mmseg.datasets import CityscapesDataset
+    from reparam_mm.scope import dataset_metainfo, init_scope, load_config
+    cfg = load_config(str(ROOT / 'configs/demo/upernet_r18-tiny_1xb8-1k_camvid-128x128.py'))
+    init_scope(cfg)
+    meta = dataset_metainfo(cfg)
+    city = CityscapesDataset.METAINFO
+    assert len(meta['classes']) == len(meta['palette']) == 11
+    assert meta['palette'] == [city['palette'][city['classes'].index(c)] for c in meta['classes']]
+    cfg.test_dataloader.dataset.metainfo = dict(classes=('road', 'lava'))  # not all Cityscapes'
+    assert dataset_metainfo(cfg) == dict(classes=('road', 'lava'), palette=None)

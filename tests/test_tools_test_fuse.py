@@ -270,7 +270,7 @@ def test_a_detector_that_keeps_no_box_is_said_to(tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize('kind', ['seg-replknet', 'det-doconv'])
-def test_fuse_tool_deploy_round_trip(tmp_path, kind):
+def test_fuse_tool_deploy_round_trip(tmp_path, kind, capsys):
     from mmengine.config import Config
     from reparam_mm.apis import run_test
     if kind == 'seg-replknet':
@@ -307,6 +307,19 @@ def test_fuse_tool_deploy_round_trip(tmp_path, kind):
     assert len(said) == 2 and said[0].startswith(
         'FusedEvalHook: testing the model as it is: nothing to fuse (already in its deploy form'), said
     assert said[1].startswith('FusedEvalHook: evaluated vs loaded outputs on the first batch'), said
+    # --no-fuse on the deploy pair tests the same model: it was called 'unfused'
+    capsys.readouterr()
+    with mmengine_log() as records:
+        load_tool('test').main([dcfg, dckpt, '--no-fuse', '--work-dir', str(tmp_path / 'wn')])
+    assert f'deploy model metrics: {json.dumps(unfused, default=float)}' in capsys.readouterr().out
+    assert any(r.getMessage().endswith('testing the deploy model: its checkpoint is a deploy one '
+                                       '(tools/fuse.py wrote it), with nothing left to fuse, so it '
+                                       'runs as loaded, with or without --no-fuse') for r in records)
+    if kind == 'seg-replknet':
+        image = next(p for p in (tmp_path / 'data').rglob('*.jpg'))
+        load_tool('infer').main([dcfg, dckpt, str(image), '--no-fuse', '--out-dir', str(tmp_path / 'inf')])
+        out = capsys.readouterr().out
+        assert 'deploy model predicted 1 image(s)' in out and 'unfused' not in out
     # crossing the pairs is an error naming the keys, never a partial load
     with pytest.raises(CheckpointMismatchError, match=r'missing keys \(.*deploy config written beside it'):
         run_test(cfg, dckpt, work_dir=str(tmp_path / 'x1'))

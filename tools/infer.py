@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reparam_mm  # noqa: E402,F401
-from reparam_mm.apis import tolerance_value  # noqa: E402
+from reparam_mm.apis import DEPLOY_NOTE, tested_model, tolerance_value  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.inference import TOLERANCE, fused_inferencer, image_files, predict_images  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction  # noqa: E402
@@ -81,7 +81,10 @@ def main(argv=None):
                             score_thr=args.score_thr, opacity=args.opacity)
     folders = [inferencer.pred_folder] if args.no_vis else ['vis', inferencer.pred_folder]
     written = [os.path.join(args.out_dir, d) + '/' for d in folders]
-    print(f"{'unfused' if args.no_fuse else 'fused'} model predicted {len(images)} image(s): "
+    kind = tested_model(inferencer.checkpoint_meta, fuse=not args.no_fuse)
+    if kind == 'deploy':
+        print('the model' + DEPLOY_NOTE)
+    print(f"{kind} model predicted {len(images)} image(s): "
           f"{' and '.join(written)}")
     return result
 
