@@ -275,8 +275,8 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
     ``pred/<image stem>.png`` label maps (segmentation) or ``preds/<image stem>.json``
     (detection). Returns the upstream result dict.
 
-    Segmentation batches need images of one size (mmseg stacks them unpadded), which is checked
-    first. A failed fused check raises :class:`FusedCheckError` after the predictions are written.
+    Segmentation batches need images of one size after the test pipeline (mmseg stacks them
+    unpadded), which is checked first. A failed fused check raises :class:`FusedCheckError` after the predictions are written.
     """
     if osp.exists(out_dir) and not osp.isdir(out_dir):
         raise ConfigError(f'--out-dir {out_dir} is a file; name a folder (it is created).')
@@ -289,15 +289,16 @@ def predict_images(inferencer, images, out_dir, batch_size=1, paint=True, labels
                         'itself, inferencer(images), which takes arrays.')
     images = [os.fspath(p) for p in images]
     segmentation = inferencer.segmentation
-    if segmentation and batch_size > 1:
-        sizes = {}
+    if segmentation and batch_size > 1:  # as the test pipeline sizes them (a Resize may match
+        sizes = {}                          # them; an EXIF rotation may not), before the first batch
         for path in images:
-            sizes.setdefault(_image_size(path), path)
+            sizes.setdefault(tuple(inferencer.pipeline(path)['inputs'].shape[-2:]), path)
         if len(sizes) > 1:
             (a, pa), (b, pb) = list(sizes.items())[:2]
             raise ConfigError(f'--batch-size {batch_size}: a segmentation batch needs images of one '
-                              f'size, and {pa} is {a[0]}x{a[1]} where {pb} is {b[0]}x{b[1]}; use '
-                              '--batch-size 1, or one run per image size.')
+                              f'size after the test pipeline (mmseg stacks them unpadded), and {pa} '
+                              f'comes out {a[1]}x{a[0]} (width x height) where {pb} comes out '
+                              f'{b[1]}x{b[0]}; use --batch-size 1, or one run per image size.')
     inferencer.paint = paint
     if segmentation:
         first = inferencer.num_pred_imgs

@@ -179,10 +179,15 @@ def test_segmentation_batches_need_one_image_size_and_give_the_same_predictions(
     two = predict_images(inferencer, files, str(tmp_path / 'two'), batch_size=2, paint=False)['predictions']
     assert all(np.array_equal(a, b) for a, b in zip(one, two))
     assert not (tmp_path / 'one/vis').exists() and len(list((tmp_path / 'two/pred').iterdir())) == 3
+    # sizes as the test pipeline (Resize to 64x64, keeping the ratio) makes them: 32x32 becomes
+    # 64x64 and batches with the others (it was refused by its file size), 48x40 becomes 64x53
+    Image.open(files[2]).resize((32, 32)).save(files[2])
+    predict_images(inferencer, files, str(tmp_path / 'small'), batch_size=3, paint=False)
     Image.open(files[1]).resize((48, 40)).save(files[1])
     with pytest.raises(ConfigError, match=r'--batch-size 2: a segmentation batch needs images of one '
-                                          r'size, and .*_00000000\.jpg is 64x64 where .*_00000001\.jpg '
-                                          r'is 48x40; use --batch-size 1'):
+                                          r'size after the test pipeline \(mmseg stacks them unpadded\), '
+                                          r'and .*_00000000\.jpg comes out 64x64 \(width x height\) where '
+                                          r'.*_00000001\.jpg comes out 64x53; use --batch-size 1'):
         predict_images(inferencer, files, str(tmp_path / 'three'), batch_size=2)
     (tmp_path / 'file').write_text('')
     with pytest.raises(ConfigError, match=r'--out-dir .*file is a file; name a folder'):
