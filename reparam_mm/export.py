@@ -77,16 +77,33 @@ class OnnxCheckError(RuntimeError):
     """onnxruntime's outputs differ from PyTorch's beyond the tolerance."""
 
 
-def load_fused(config, checkpoint, cfg_options=None):
-    """``(cfg, fused_model, FuseReport)``: build, load ``checkpoint`` strictly, eval, fuse."""
+def load_fused(config, checkpoint, cfg_options=None, keep_unfused=False):
+    """``(cfg, fused_model, FuseReport)``: build, load ``checkpoint`` strictly, eval, fuse; with
+    ``keep_unfused``, the unfused model follows as a fourth item (a copy fused)."""
     cfg = load_config(config)
     cfg = copy.deepcopy(cfg)
     merge_cfg_options(cfg, cfg_options)
     apply_dispatch_setting(cfg)
     model = build_model(cfg)
     load_checkpoint_strict(model, checkpoint)
-    model, report = fuse_with_report(model.eval())
-    return cfg, model, report
+    unfused = model.eval()
+    model, report = fuse_with_report(copy.deepcopy(unfused) if keep_unfused else unfused)
+    return (cfg, model, report, unfused) if keep_unfused else (cfg, model, report)
+
+
+def slide_note(cfg):
+    """The sentence for a segmentor its config tests by sliding a window (``test_cfg.mode``
+    'slide'), or None: the graph runs the whole input at once, so onnxruntime reproduces the
+    fused model but not the config's test, and its mIoU may differ (26.4 against 25.9 in a
+    walk-through)."""
+    test_cfg = (cfg.get('model') or {}).get('test_cfg') or {}
+    if test_cfg.get('mode') != 'slide':
+        return None
+    crop, stride = test_cfg.get('crop_size'), test_cfg.get('stride')
+    return (f"note: the config tests by sliding a window (model.test_cfg.mode='slide', crops "
+            f"{crop} every {stride}); the exported graph runs the whole input at once, as "
+            "mode='whole' does: slide the crops in your application (export at the crop size, "
+            "--shape H W) to reproduce the config's test.")
 
 
 # -- the exported networks -------------------------------------------------------------------------
@@ -448,6 +465,24 @@ def _check(graph, session, inputs, output_names, tolerance, argmax_label='labels
                 input_shapes=[tuple(t.shape) for t in inputs], tolerance=tolerance)
 
 
+def _check_fused(graph, unfused_graph, inputs, tolerance):
+    """The fused graph's float outputs against the unfused model's on ``inputs``; raises
+    :class:`~reparam_mm.apis.DeployCheckError` beyond ``tolerance``, before anything is written:
+    onnxruntime's check compares with the fused model only, so a layer that fused wrongly
+    exported with a PASS."""
+    from .apis import DeployCheckError
+    with torch.no_grad():
+        fused, reference = _as_tuple(graph(*inputs)), _as_tuple(unfused_graph(*inputs))
+    worst = max((compare_outputs(ref, out)['max_rel'] for ref, out in zip(reference, fused)
+                 if ref.is_floating_point()), default=0.0)
+    if worst > tolerance:
+        raise DeployCheckError(
+            f'the fused model differs from the unfused one (max rel diff {worst:.3e} > '
+            f'{tolerance:.0e} on input {_shapes([tuple(t.shape) for t in inputs])}); nothing was '
+            'exported: check the to_fused / fuse method of the fused layers (docs/fusion.md).')
+    return dict(max_rel=worst, input_shapes=[tuple(t.shape) for t in inputs])
+
+
 def _second_inputs(graph, inputs, divisor, seed):
     """Inputs of another size (and batch, for segmentors) to check a ``--dynamic`` export."""
     h, w = inputs[0].shape[2:]
@@ -469,9 +504,12 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
     if osp.isdir(out):
         raise IsADirectoryError(f'{out} is a folder; give the .onnx file to write, e.g. '
                                 f'{osp.join(out, "model.onnx")}.')
-    cfg, model, report = load_fused(config, checkpoint, cfg_options)
+    cfg, model, report, unfused = load_fused(config, checkpoint, cfg_options, keep_unfused=True)
     log(f'fused: {report}')
     graph = build_graph(cfg, model, argmax=argmax)
+    note = slide_note(cfg) if isinstance(graph, SegmentorGraph) else None
+    if note:
+        log(note)
     divisor = _divisor(cfg)
     shape = tuple(shape) if shape else default_shape(cfg)
     if any(s % divisor for s in shape):
@@ -483,6 +521,11 @@ def export_onnx(config, checkpoint, out, shape=None, dynamic=False, opset=OPSET,
     inputs = example_inputs(graph, shape, num_proposals=num_proposals, seed=seed)
     with torch.no_grad():
         graph(*inputs)  # output names of a detector depend on its heads
+    if report.total:  # onnxruntime is checked against the fused model: that one against the trained
+        fused_check = _check_fused(graph, build_graph(cfg, unfused, argmax=argmax), inputs, tolerance)
+        log(f"fused vs unfused (PyTorch, input {_shapes(fused_check['input_shapes'])}): max rel diff "
+            f"{fused_check['max_rel']:.1e} (tolerance {tolerance:.0e})")
+    del unfused
     names_in, names_out = graph.input_names, graph.output_names
     axes = None
     if dynamic:

@@ -4,6 +4,7 @@ Tiny UperNet (RepLKNet-tiny: kernels 31/29/27/13, DO-Conv) and Faster R-CNN (DO-
 at 64x64; each export takes a few seconds.
 """
 import os.path as osp
+import re
 
 import numpy as np
 import onnx
@@ -150,6 +151,39 @@ def test_export_refuses_bad_input_and_fails_loudly_above_the_tolerance(tmp_path,
         tool.main([cfg, ckpt, str(out), '--shape', '64', '64'])
     from reparam_mm.cli import input_error_message  # the tools print it as one line
     assert input_error_message(err.value) == str(err.value)
+
+
+def test_export_checks_the_fused_model_against_the_trained_one_and_notes_a_sliding_test(tmp_path, capsys):
+    """onnxruntime was compared with the fused model only: a layer that fused wrongly exported
+    with a PASS. And a config that tests by sliding a window exported whole-image inference
+    without a word (its mIoU differs)."""
+    import reparam_mm.export as export
+    from reparam_mm.apis import DeployCheckError
+    from reparam_mm.fuse import fuse_with_report
+    cfg, ckpt = _seg_case(tmp_path)
+    tool = load_tool('export_onnx')
+    slide = ['--cfg-options', 'model.test_cfg.mode=slide', 'model.test_cfg.crop_size=(32,32)',
+             'model.test_cfg.stride=(16,16)']
+    tool.main([cfg, ckpt, str(tmp_path / 'ok.onnx'), '--shape', '64', '64', *slide])
+    log = capsys.readouterr().out
+    assert re.search(r'fused vs unfused \(PyTorch, input 1x3x64x64\): max rel diff [0-9.e+-]+ '
+                     r'\(tolerance 1e-04\)', log)
+    assert ("note: the config tests by sliding a window (model.test_cfg.mode='slide', crops (32, 32) "
+            "every (16, 16)); the exported graph runs the whole input at once") in log
+
+    def fused_wrongly(model):
+        fused, report = fuse_with_report(model)
+        with torch.no_grad():
+            fused.decode_head.conv_seg.weight.mul_(1.5)
+        return fused, report
+    out = tmp_path / 'bad.onnx'
+    with pytest.MonkeyPatch.context() as mp, \
+            pytest.raises(DeployCheckError, match=r'^the fused model differs from the unfused one '
+                                                  r'\(max rel diff .* > 1e-04 on input 1x3x64x64\); '
+                                                  r'nothing was exported'):
+        mp.setattr(export, 'fuse_with_report', fused_wrongly)
+        tool.main([cfg, ckpt, str(out), '--shape', '64', '64'])
+    assert not out.exists()
 
 
 def test_adaptive_pool_rewrite_matches_pytorch_on_uneven_sizes():
