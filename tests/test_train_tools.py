@@ -237,6 +237,20 @@ def test_demo_end_to_end(tmp_path):
     grid = Image.open(tmp_path / 'wd/demo_grid.png')
     assert grid.size == (3 * 128 + 2 * 4, 14 + 4 * (128 + 4) - 4)  # 4 val images, 3 columns
     assert 'PASS' in out
+    assert re.search(r'\n model\s+UperNet \+ RepLKNet-tiny, DO-Conv in backbone and heads\n', out)
+
+
+def test_the_demo_summary_names_the_model_its_config_builds():
+    """It said 'UperNet + RepLKNet-tiny' whatever --config trained."""
+    from mmengine.config import Config
+    from conftest import load_tool
+    describe = load_tool('demo').describe_model
+    assert describe(Config.fromfile(str(PLAIN_DEMO))) == 'UperNet + ResNetV1c, no DO-Conv'
+    cfg = Config.fromfile(str(DOCONV_REPLKNET_DEMO))
+    assert describe(cfg) == 'UperNet + RepLKNet-tiny, DO-Conv in backbone and heads'
+    cfg.model.backbone = dict(type='WithDOConv', module=dict(type='UniRepLKNet', arch='tiny'))
+    cfg.model.decode_head.conv_cfg = None
+    assert describe(cfg) == 'UperNet + UniRepLKNet-tiny, DO-Conv in backbone'
 
 
 def test_missing_pretrained_file_names_the_option(tmp_path):

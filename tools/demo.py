@@ -153,8 +153,28 @@ def _shown(path):
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def describe_model(cfg):
+    """'UperNet + RepLKNet-tiny, DO-Conv in backbone and heads' for a demo config: what the
+    summary calls the model (it said RepLKNet-tiny whatever --config trained)."""
+    model = cfg.model
+
+    def inner(node):  # WithDOConv(module=...) wraps the module it converts
+        return (node.get('module') or {}, True) if node.get('type') == 'WithDOConv' else (node, False)
+    backbone, wrapped = inner(model.get('backbone') or {})
+    head, head_wrapped = inner(model.get('decode_head') or {})
+    arch = backbone.get('arch')
+    name = f"{backbone.get('type', '?')}{'-' + arch if isinstance(arch, str) else ''}"
+    head_name = {'UPerHead': 'UperNet'}.get(head.get('type'), head.get('type', '?'))
+    places = [place for place, on in (
+        ('backbone', wrapped or any(backbone.get('stage_with_doconv') or ())),
+        ('heads', head_wrapped or (head.get('conv_cfg') or {}).get('type') == 'DOConv')) if on]
+    return f"{head_name} + {name}, " + (f"DO-Conv in {' and '.join(places)}" if places else 'no DO-Conv')
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from mmengine.config import Config
+    model_said = describe_model(Config.fromfile(args.config))
     console = sys.stdout
     start = time.time()
     # One thread unless the user chose: the layers are small, and on a busy machine
@@ -163,8 +183,7 @@ def main(argv=None):
         torch.set_num_threads(1)
     work_dir, data_root = Path(args.work_dir).resolve(), Path(args.data_root).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    print('reparam_mm demo: UperNet + RepLKNet-tiny with DO-Conv in backbone and heads, on CPU',
-          flush=True)
+    print(f'reparam_mm demo: {model_said}, on CPU', flush=True)
 
     data_params = dict(DEMO_SET, num_train=args.num_train, num_val=args.num_val)
     made = ensure_demo_ade(data_root, **data_params)
@@ -251,7 +270,7 @@ def main(argv=None):
         line,
         ' reparam_mm demo summary',
         line,
-        ' model         UperNet + RepLKNet-tiny, DO-Conv in backbone and heads',
+        f' model         {model_said}',
         f' training      {max_iters} iterations on CPU in {_fmt_time(train_time)}; '
         f'checkpoint {_shown(ckpt)}',
         f' val mIoU      (fused copy, by iteration) {curve}',
