@@ -7,6 +7,7 @@ both; ratios are B / A.
 import contextlib
 import copy
 import os
+import re
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.head_layout import tune_head_layouts
 from reparam_mm.outputs import compare_models
-from reparam_mm.scope import init_scope
+from reparam_mm.scope import CONFIG_SUFFIXES, ConfigError, init_scope, load_config, merge_cfg_options
 from reparam_mm.train import sync_bn_as_bn
 
 from .doconv_profile import breakdown
@@ -43,10 +44,8 @@ def _walk(node, fn):
 def bench_config(config, shape, cfg_options=None):
     """The config as benchmarked: no pretrained weights, BN for SyncBN, the preprocessor
     padding to ``shape`` (H, W) instead of the training crop."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config) if isinstance(config, str) else copy.deepcopy(config)
+    merge_cfg_options(cfg, cfg_options)  # a misspelt key is refused, as by the other tools
     init_scope(cfg)
 
     def strip(d):
@@ -86,11 +85,28 @@ def split_head_tag(spec):
     return spec, True
 
 
+#: what a variant may append to its config
+FUSE_TAGS = (':fused', ':unfused')
+# a config file's name, then ':' and what follows it (a Windows drive's 'C:' is no config name)
+_TAGGED_CONFIG = re.compile(r'^(.*?(?:%s)):(.*)$' % '|'.join(map(re.escape, CONFIG_SUFFIXES)),
+                            re.IGNORECASE)
+
+
 def parse_variant(spec, default_fuse):
-    """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag)."""
+    """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag).
+
+    Any other ``:suffix`` after a config file's name is refused by name: read as part of the
+    path, a misspelt ``:fuzed`` was reported as a config file that does not exist."""
     path, sep, tag = spec.rpartition(':')
-    if sep and tag in ('fused', 'unfused'):
+    if sep and f':{tag}' in FUSE_TAGS:
         return path, tag == 'fused'
+    tagged = _TAGGED_CONFIG.match(spec)
+    if tagged and not os.path.exists(spec):
+        known = FUSE_TAGS + (NCHW_HEADS,)
+        unknown = next(t for t in tagged.group(2).split(':') if f':{t}' not in known)
+        raise ConfigError(f'{spec}: unknown variant suffix :{unknown}; a variant is CONFIG with '
+                          f"optionally one of {', '.join(FUSE_TAGS)}, then optionally "
+                          f'{NCHW_HEADS} (e.g. {tagged.group(1)}:fused{NCHW_HEADS}).')
     return spec, default_fuse
 
 
@@ -102,8 +118,9 @@ class Variant:
         if mode not in ('infer', 'train'):
             raise ValueError(f"mode={mode!r} must be 'infer' or 'train'.")
         if mode == 'train' and fuse:
-            raise ValueError('a fused model is the plain architecture: benchmark training with '
-                             '--no-fuse (or compare with the plain-conv config).')
+            raise ConfigError(f'{config}: a fused model is the plain architecture, so training is '
+                              'benchmarked unfused: drop --fuse and the :fused suffix (or compare '
+                              'with the plain-conv config).')
         self.config, self.fuse, self.mode = config, fuse, mode
         self.device, self.amp, self.batch = torch.device(device), amp, batch
         self.cfg = bench_config(config, shape, cfg_options)
@@ -317,7 +334,7 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
         variants.append(v)
     settings = dict(mode=mode, shape=list(shape), batch=batch, device=str(device), amp=amp,
                     channels_last=channels_last, repeat=repeat, warmup=warmup,
-                    checkpoint=checkpoint, specs=list(specs))
+                    checkpoint=checkpoint, specs=list(specs), cfg_options=cfg_options or None)
     result = new_result('compare' if len(variants) == 2 else 'model', device, settings)
     settings = result['settings']
     if len(variants) == 2 and mode == 'infer':

@@ -4,6 +4,8 @@ import copy
 import json
 import math
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -21,6 +23,7 @@ from conftest import ROOT, load_tool
 from reparam_mm.batches import synthetic_batch
 from reparam_mm.cpu_malloc import release_freed_memory
 from reparam_mm.layers.doconv import DOConv2d
+from reparam_mm.scope import ConfigError
 
 DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
 
@@ -131,6 +134,10 @@ def test_parse_variant():
     assert BM.parse_variant('a/b.py', True) == ('a/b.py', True)
     assert BM.split_head_tag('a/b.py:fused:nchw-heads') == ('a/b.py:fused', False)
     assert BM.split_head_tag('a/b.py:unfused') == ('a/b.py:unfused', True)
+    with pytest.raises(ConfigError, match=r'a/b\.py:fuzed: unknown variant suffix :fuzed; .*'
+                                          r':fused, :unfused, then optionally :nchw-heads'):
+        BM.parse_variant('a/b.py:fuzed', True)
+    assert BM.parse_variant('C:/configs/b.py', True) == ('C:/configs/b.py', True)  # a drive
 
 
 def test_peak_memory_reports_cpu_peak():
@@ -210,9 +217,8 @@ def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path,
     tuned = tool.run(tool.parse_args(args))
     assert tuned['settings']['large_dw_dispatch'] == 'tuned'
     assert tuned['settings']['dw_fft_min_kernel'] is None
-    with pytest.raises(SystemExit, match='--dw-fft-min-kernel sets a fixed rule'):
-        tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '9', '--large-dw-dispatch',
-                                         'tuned']))
+    with pytest.raises(SystemExit):  # said by the parser, before any work
+        tool.parse_args(args + ['--dw-fft-min-kernel', '9', '--large-dw-dispatch', 'tuned'])
 
 
 def test_cli_rejects_bad_arguments():
@@ -221,6 +227,63 @@ def test_cli_rejects_bad_arguments():
         tool.parse_args(['--doconv-layers', '--repeat', '0'])
     with pytest.raises(SystemExit):  # a config and --compare at once
         tool.parse_args(['a.py', '--compare', 'b.py', 'c.py'])
+
+
+def _tool_error(capsys, argv):
+    """The exit status of ``tools/benchmark.py argv`` run as from the shell, and its stderr."""
+    from reparam_mm.cli import run_tool
+    capsys.readouterr()
+    status = run_tool(load_tool('benchmark').main, argv)
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_bad_input_is_one_sentence_not_a_traceback(tmp_path, capsys):
+    """A misspelt variant suffix was 'file "...py:fuzed" does not exist', a wrong --checkpoint
+    and --mode train --fuse ended in tracebacks (the tool did not go through run_tool)."""
+    quick = ['--shape', '64', '64', '--repeat', '1', '--warmup', '0', '--no-flops']
+    status, err = _tool_error(capsys, [f'{DEMO_DO}:fuzed'] + quick)
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f'error: {DEMO_DO}:fuzed: unknown variant suffix :fuzed;')
+    assert ':fused, :unfused' in err[0] and ':nchw-heads' in err[0]
+    run = subprocess.run([sys.executable, str(ROOT / 'tools/benchmark.py'), f'{DEMO_DO}:fuzed'],
+                         capture_output=True, text=True, timeout=120)  # from the shell: the same
+    assert run.returncode == 1 and run.stderr.splitlines()[-1] == err[0], run.stderr[-2000:]
+    status, err = _tool_error(capsys, ['--compare', str(DEMO_DO), f'{DEMO_DO}:fused:nchw-head']
+                              + quick)
+    assert status == 1 and 'unknown variant suffix :nchw-head;' in err[0], err
+    bad = tmp_path / 'bad.pth'
+    state = BM.build_bench_model(BM.bench_config(str(DEMO_DO), (64, 64))).state_dict()
+    state.pop('decode_head.conv_seg.bias')
+    torch.save(dict(state_dict=state), bad)
+    status, err = _tool_error(capsys, [str(DEMO_DO), '--checkpoint', str(bad)] + quick)
+    assert status == 1 and err[-1].startswith(f'error: checkpoint {bad} does not match'), err
+    status, err = _tool_error(capsys, ['--compare', f'{DEMO_DO}:unfused', f'{DEMO_DO}:fused',
+                                       '--mode', 'train'] + quick)
+    assert status == 1 and err == [f'error: {DEMO_DO}: a fused model is the plain architecture, '
+                                   'so training is benchmarked unfused: drop --fuse and the :fused '
+                                   'suffix (or compare with the plain-conv config).']
+    with pytest.raises(SystemExit):  # conflicting options: the parser's usage error
+        load_tool('benchmark').parse_args([str(DEMO_DO), '--mode', 'train', '--fuse'])
+    assert 'error: --mode train times the unfused model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_tool('benchmark').parse_args(['--doconv-layers', '--cfg-options', 'a=1'])
+    assert '--cfg-options sets a config' in capsys.readouterr().err
+
+
+def test_cfg_options_reach_the_benchmarked_config(capsys):
+    """--cfg-options as every other analysis tool takes it: applied, recorded, a misspelt key
+    refused by name."""
+    tool = load_tool('benchmark')
+    quick = ['--shape', '64', '64', '--repeat', '1', '--warmup', '0', '--no-flops']
+    res = tool.run(tool.parse_args([str(DEMO_DO), '--cfg-options',
+                                    'model.decode_head.num_classes=3'] + quick))
+    assert res['settings']['cfg_options'] == {'model.decode_head.num_classes': 3}
+    cfg = BM.bench_config(str(DEMO_DO), (64, 64), {'model.decode_head.num_classes': 3})
+    assert cfg.model.decode_head.num_classes == 3
+    status, err = _tool_error(capsys, [str(DEMO_DO), '--cfg-options',
+                                       'model.decode_head.num_clases=3'] + quick)
+    assert status == 1 and err[-1].startswith('error: --cfg-options model.decode_head.num_clases:'
+                                              ' the config has no'), err
 
 
 # -- models built from configs (mmseg / mmdet) ---------------------------------------------------
