@@ -26,8 +26,8 @@ from reparam_mm.scope import CONFIG_SUFFIXES, ConfigError, init_scope, load_conf
 from reparam_mm.train import sync_bn_as_bn
 
 from .doconv_profile import breakdown
-from .measure import (KernelTime, PeakMemory, new_result, ratio_stats, summarize, synchronize,
-                      warnings_off)
+from .measure import (KernelTime, PeakMemory, cpu_timing, new_result, ratio_stats, ratio_warning,
+                      record_cpu_load, summarize, synchronize, warnings_off)
 
 
 def _walk(node, fn):
@@ -210,11 +210,9 @@ def _variant_record(v, times, mem, flops=None):
     return rec
 
 
-def run_variants(variants, repeat=5, warmup=2, count_flops=True):
-    """Time ``variants`` alternately (ABBA...), warm-up included; per-variant records."""
-    for v in variants:
-        for _ in range(warmup):
-            v.step()
+def _timed_rounds(variants, repeat):
+    """``repeat`` rounds, alternating order: per variant its seconds, peak memory and
+    KernelTime of each run."""
     times = [[] for _ in variants]
     mems = [None] * len(variants)
     kernel = [[] for _ in variants]  # per run: its KernelTime (page faults, system seconds)
@@ -230,6 +228,18 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
             kernel[i].append(k)
             if mems[i] is None or mem.peak_mb > mems[i]['peak_mb']:
                 mems[i] = mem.to_dict()
+    return times, mems, kernel
+
+
+def run_variants(variants, repeat=5, warmup=2, count_flops=True):
+    """Time ``variants`` alternately (ABBA...), warm-up included: (per-variant records, what
+    :func:`~.measure.cpu_timing` measured of other processes' CPU use in the timed rounds)."""
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    load = cpu_timing(variants[0].device)
+    with load or contextlib.nullcontext():
+        times, mems, kernel = _timed_rounds(variants, repeat)
     for i, runs in enumerate(kernel):
         if all(k.minor_faults is not None for k in runs):
             mems[i].update(minor_faults_median=int(np.median([k.minor_faults for k in runs])),
@@ -250,7 +260,7 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
         if v.config not in flops:
             flops[v.config] = v.flops()
     return [_variant_record(v, t, m, flops.get(v.config))
-            for v, t, m in zip(variants, times, mems)]
+            for v, t, m in zip(variants, times, mems)], load
 
 
 def resident_storages(variant):
@@ -348,10 +358,14 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
             for v in variants:
                 v.hold_weights()
             settings['weights_held'] = True
-    result['results'] = run_variants(variants, repeat, warmup, count_flops)
+    result['results'], load = run_variants(variants, repeat, warmup, count_flops)
+    record_cpu_load(result, load)
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))
+        warning = ratio_warning(result['ratios']['latency_b_over_a'])
+        if warning:
+            result.setdefault('warnings', []).append(warning)
     if settings.get('weights_held'):  # a plain and a DO-Conv model, one function: split B - A
         result['breakdown'] = breakdown(
             variants, [r['latency']['median_ms'] for r in result['results']], min(repeat, 5))

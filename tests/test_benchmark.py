@@ -102,6 +102,22 @@ def test_ratio_stats():
         M.ratio_stats([1.0], [1.0, 2.0])
 
 
+def test_contradicting_ratios_are_flagged():
+    """A loaded machine printed 'B / A latency: 0.395 (paired median 1.717, ...)' without a word."""
+    assert M.ratio_warning(dict(median_ratio=1.0, paired_median=1.1)) is None
+    assert M.ratio_warning(dict(median_ratio=0.99, paired_median=1.01)) is None  # noise around 1
+    assert 'point different ways' in M.ratio_warning(dict(median_ratio=0.395, paired_median=1.717))
+    assert 'point different ways' in M.ratio_warning(dict(median_ratio=0.9, paired_median=1.1))
+    assert M.ratio_warning(dict(median_ratio=0.991, paired_median=1.007)) is None  # docs' DO-Conv
+    assert 'differ by 1.36x' in M.ratio_warning(dict(median_ratio=1.5, paired_median=1.1))
+    line = load_tool('benchmark').summary_lines(dict(
+        kind='compare', results=[], warnings=[M.ratio_warning(dict(median_ratio=0.395,
+                                                                   paired_median=1.717))]))
+    assert line == ['warning: the B / A ratio of medians (0.395) and the paired median (1.717) '
+                    "point different ways: the machine's speed changed between rounds, so neither "
+                    'figure is trustworthy; measure again on a quiet machine.']
+
+
 def test_time_calls_counts_calls():
     calls = []
     t = M.time_calls(lambda: calls.append(1), repeat=3, warmup=2)
@@ -162,6 +178,7 @@ def test_doconv_layers_cli_json_report(tmp_path):
                              '--out', str(out)])
     res = json.loads(out.read_text())
     assert res['schema'] == M.SCHEMA and res['kind'] == 'doconv_layers'
+    assert set(res['cpu_load']) == {'other_cores', 'seconds', 'cpus', 'contended'}  # judged too
     assert [r['channels'] for r in res['results']] == [64, 128, 256, 512]
     with pytest.raises(ValueError, match='smaller than ResNet-50'):
         DL.resnet50_3x3_shapes(16, 64)
@@ -284,6 +301,37 @@ def test_cfg_options_reach_the_benchmarked_config(capsys):
                                        'model.decode_head.num_clases=3'] + quick)
     assert status == 1 and err[-1].startswith('error: --cfg-options model.decode_head.num_clases:'
                                               ' the config has no'), err
+
+
+def test_other_processes_cpu_use_is_said_in_the_output_and_the_json(tmp_path, capsys, monkeypatch):
+    """The same command gave 6.9 ms and 730 ms minutes apart, each with an IQR of 2%: a steady
+    load of other processes, which the tuner detects (reparam_mm.cpu_load) and the benchmark did
+    not. Multiply-adds are named and written as tools/get_flops.py writes them."""
+    from reparam_mm import cpu_load
+    from reparam_mm.complexity import format_gmacs
+    tool, out = load_tool('benchmark'), tmp_path / 'b.json'
+    argv = [str(DEMO_DO), '--shape', '64', '64', '--repeat', '2', '--warmup', '0', '--out', str(out)]
+    readings = iter([(100., 10., 0.), (1100., 10.5, 0.)])  # others: 999.5 CPU seconds
+    monkeypatch.setattr(cpu_load, 'cpu_seconds', lambda: next(readings))
+    monkeypatch.setattr(cpu_load, 'usable_cpus', lambda: 2)
+    tool.main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    res = json.loads(out.read_text())
+    assert res['cpu_load']['contended'] is True and res['cpu_load']['other_cores'] > 2
+    warning, = res['warnings']
+    assert warning.startswith(f"other processes used {res['cpu_load']['other_cores']:.1f} of this "
+                              "machine's 2 CPU cores while the timings ran (")
+    assert 'not trustworthy' in warning and f'warning: {warning}' in printed
+    r, = res['results']
+    line, = [line for line in printed if line.startswith(f"{r['name']} [infer]: ")]
+    assert line.endswith(f", {format_gmacs(r['flops'])[0]} GMACs"), line  # 0.0251, not 0.0 GFLOPs
+    assert 'GMACs (fused)' in report.render(res, 'b.json') and 'Warning: other processes' in \
+        report.render(res, 'b.json')
+    monkeypatch.setattr(cpu_load, 'cpu_seconds', lambda: None)  # a quiet machine (or not Linux)
+    tool.main(argv + ['--no-flops'])
+    res = json.loads(out.read_text())
+    assert res['cpu_load']['contended'] is False and 'warnings' not in res
+    assert not any(line.startswith('warning:') for line in capsys.readouterr().out.splitlines())
 
 
 # -- models built from configs (mmseg / mmdet) ---------------------------------------------------

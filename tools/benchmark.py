@@ -30,6 +30,7 @@ from benchmarks.large_dw import DTYPES, benchmark_large_dw  # noqa: E402
 from benchmarks.measure import to_json  # noqa: E402
 from benchmarks.models import benchmark_models  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.complexity import format_gmacs  # noqa: E402
 from reparam_mm.cpu_malloc import keep_freed_memory  # noqa: E402
 from reparam_mm.layers import large_kernel  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction  # noqa: E402
@@ -158,7 +159,7 @@ def summary_lines(result):
     if result['kind'] in ('model', 'compare'):
         for r in result['results']:
             lat, mem = r['latency'], r['memory']
-            flops = f", {r['flops'] / 1e9:.1f} GFLOPs" if r.get('flops') else ''
+            flops = f", {format_gmacs(r['flops'])[0]} GMACs" if r.get('flops') else ''
             lines.append(f"{r['name']} [{r['mode']}]: {lat['median_ms']:.1f} ms median "
                          f"(IQR {100 * lat['spread']:.1f}%), {lat['images_per_s']:.2f} img/s, "
                          f"peak {mem['peak_mb']:.0f} MB, {r['params'] / 1e6:.2f} M params{flops}")
@@ -183,6 +184,7 @@ def summary_lines(result):
             lines.append(f"{r['stage']} {r['kernel']}x{r['kernel']} C={r['channels']} "
                          f"{r['dtype']} {r['candidate']}: {t} (bound {r['bound_ms']:.2f} ms, "
                          f"{r['bound_by']})")
+    lines += [f'warning: {w}' for w in result.get('warnings', ())]
     return lines
 
 
