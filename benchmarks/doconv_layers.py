@@ -3,6 +3,8 @@
 authors' formulation (:class:`AuthorsDOConv2d`, kernel recomposed by an einsum every
 forward), all holding the same kernel.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch.nn.modules.utils import _pair
 
 from reparam_mm.layers.doconv import DOConv2d
 
-from .measure import new_result, summarize, time_calls
+from .measure import cpu_timing, new_result, record_cpu_load, summarize, time_calls
 
 
 class AuthorsDOConv2d(nn.Module):
@@ -106,21 +108,23 @@ def benchmark_doconv_layers(shape=(512, 512), batch=2, device='cpu', repeat=10, 
                     warmup=warmup, min_time=min_time)
     result = new_result('doconv_layers', device, settings)
     timing = dict(repeat=repeat, warmup=warmup, min_time=min_time)
-    for name, c, h, w in resnet50_3x3_shapes(*shape):
-        layers = {k: m.to(device) for k, m in doconv_layers(c).items()}
-        x = torch.randn(batch, c, h, w, device=device, requires_grad=True)
-        grad = torch.randn(batch, c, h, w, device=device)
-        rec = dict(name=name, channels=c, height=h, width=w, batch=batch)
-        for key, m in layers.items():
-            t = dict(
-                forward=time_calls(lambda: m(x.detach()), device, **timing),
-                forward_backward=time_calls(lambda: _fwd_bwd(m, x, grad), device, **timing))
-            if key != 'plain':
-                t['compose'] = time_calls(m.composed_weight, device, **timing)
-            rec[key] = {k: summarize(v, batch) for k, v in t.items()}
-        rec['ratios'] = layer_ratios(rec)
-        result['results'].append(rec)
-    return result
+    load = cpu_timing(device)
+    with load or contextlib.nullcontext():
+        for name, c, h, w in resnet50_3x3_shapes(*shape):
+            layers = {k: m.to(device) for k, m in doconv_layers(c).items()}
+            x = torch.randn(batch, c, h, w, device=device, requires_grad=True)
+            grad = torch.randn(batch, c, h, w, device=device)
+            rec = dict(name=name, channels=c, height=h, width=w, batch=batch)
+            for key, m in layers.items():
+                t = dict(
+                    forward=time_calls(lambda: m(x.detach()), device, **timing),
+                    forward_backward=time_calls(lambda: _fwd_bwd(m, x, grad), device, **timing))
+                if key != 'plain':
+                    t['compose'] = time_calls(m.composed_weight, device, **timing)
+                rec[key] = {k: summarize(v, batch) for k, v in t.items()}
+            rec['ratios'] = layer_ratios(rec)
+            result['results'].append(rec)
+    return record_cpu_load(result, load)
 
 
 def layer_ratios(rec):

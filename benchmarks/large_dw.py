@@ -1,5 +1,7 @@
 """RepLKNet's large depthwise convs timed at their stage shapes, through the backbone's
 dispatch point and alternatives, against a measured compute / bandwidth ceiling."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -7,7 +9,7 @@ from reparam_mm.backbones.replknet import RepLKNet
 from reparam_mm.layers.large_kernel import (dispatch_mode, fft_depthwise_conv2d,
                                             large_depthwise_conv2d, triton_depthwise_conv2d)
 
-from .measure import new_result, summarize, time_calls
+from .measure import cpu_timing, new_result, record_cpu_load, summarize, time_calls
 
 
 def replknet_dw_shapes(arch='31B', height=512, width=512):
@@ -120,34 +122,36 @@ def benchmark_large_dw(arch='31B', shape=(512, 512), batch=1, device='cpu', dtyp
                     dtypes=list(dtypes), candidates=names, repeat=repeat, warmup=warmup,
                     min_time=min_time, backward=backward)
     result = new_result('large_dw', dev, settings)
-    result['ceilings'] = {d: machine_ceilings(dev, DTYPES[d]) for d in dtypes}
-    timing = dict(repeat=repeat, warmup=warmup, min_time=min_time)
-    for dname in dtypes:
-        dtype, ceil = DTYPES[dname], result['ceilings'][dname]
-        for stage, c, h, w, k in replknet_dw_shapes(arch, *shape):
-            flops, traffic = dw_conv_cost(batch, c, h, w, k, torch.finfo(dtype).bits // 8)
-            bound = max(flops / ceil['gemm_flops_per_s'], traffic / ceil['copy_bytes_per_s'])
-            base = dict(stage=stage, channels=c, height=h, width=w, kernel=k, batch=batch,
-                        dtype=dname, flops=flops, min_bytes=traffic, bound_ms=bound * 1e3,
-                        # backward = two more convolutions of the same size (input, weight grads)
-                        bound_fwd_bwd_ms=3 * bound * 1e3,
-                        bound_by='compute' if flops / ceil['gemm_flops_per_s'] >=
-                        traffic / ceil['copy_bytes_per_s'] else 'bandwidth')
-            for cand in names:
-                rec = dict(base, candidate=cand, layout=all_cands[cand][0])
-                rec.update(_time_dw(all_cands[cand], (batch, c, h, w), k, dev, dtype,
-                                    backward=backward, **timing))
-                if rec.get('forward'):
-                    fwd = rec['forward']['median_ms']
-                    rec['forward_gflops'] = flops / fwd / 1e6
-                    rec['forward_over_bound'] = fwd / rec['bound_ms']
-                if rec.get('forward_backward'):
-                    rec['forward_backward_over_bound'] = (
-                        rec['forward_backward']['median_ms'] / rec['bound_fwd_bwd_ms'])
-                result['results'].append(rec)
-        if dtype_done is not None:
-            dtype_done(result, dname)
-    return result
+    load = cpu_timing(dev)
+    with load or contextlib.nullcontext():
+        result['ceilings'] = {d: machine_ceilings(dev, DTYPES[d]) for d in dtypes}
+        timing = dict(repeat=repeat, warmup=warmup, min_time=min_time)
+        for dname in dtypes:
+            dtype, ceil = DTYPES[dname], result['ceilings'][dname]
+            for stage, c, h, w, k in replknet_dw_shapes(arch, *shape):
+                flops, traffic = dw_conv_cost(batch, c, h, w, k, torch.finfo(dtype).bits // 8)
+                bound = max(flops / ceil['gemm_flops_per_s'], traffic / ceil['copy_bytes_per_s'])
+                base = dict(stage=stage, channels=c, height=h, width=w, kernel=k, batch=batch,
+                            dtype=dname, flops=flops, min_bytes=traffic, bound_ms=bound * 1e3,
+                            # backward = two more convolutions of the same size (input, weight grads)
+                            bound_fwd_bwd_ms=3 * bound * 1e3,
+                            bound_by='compute' if flops / ceil['gemm_flops_per_s'] >=
+                            traffic / ceil['copy_bytes_per_s'] else 'bandwidth')
+                for cand in names:
+                    rec = dict(base, candidate=cand, layout=all_cands[cand][0])
+                    rec.update(_time_dw(all_cands[cand], (batch, c, h, w), k, dev, dtype,
+                                        backward=backward, **timing))
+                    if rec.get('forward'):
+                        fwd = rec['forward']['median_ms']
+                        rec['forward_gflops'] = flops / fwd / 1e6
+                        rec['forward_over_bound'] = fwd / rec['bound_ms']
+                    if rec.get('forward_backward'):
+                        rec['forward_backward_over_bound'] = (
+                            rec['forward_backward']['median_ms'] / rec['bound_fwd_bwd_ms'])
+                    result['results'].append(rec)
+            if dtype_done is not None:
+                dtype_done(result, dname)
+    return record_cpu_load(result, load)
 
 
 def _time_dw(cand, x_shape, k, dev, dtype, backward, **timing):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from reparam_mm.cpu_load import OtherCpuUse
 from reparam_mm.env import collect_env
 
 SCHEMA = 'reparam_mm.benchmark/1'
@@ -71,6 +72,58 @@ def ratio_stats(times_a, times_b):
     return dict(median_ratio=float(np.median(b) / np.median(a)), paired_median=float(med),
                 paired_p25=float(q25), paired_p75=float(q75),
                 paired_min=float(paired.min()), paired_max=float(paired.max()))
+
+
+#: the ratio of medians and the paired median of a comparison are called contradictory when
+#: they point different ways around 1, each by more than ``RATIO_NOISE`` (0.99 and 1.01 both say
+#: "the same speed"), or one is more than ``RATIO_DISAGREEMENT`` times the other
+RATIO_DISAGREEMENT = 1.25
+RATIO_NOISE = 0.03
+
+
+def ratio_warning(q, tolerance=RATIO_DISAGREEMENT):
+    """A sentence when the two B / A figures of :func:`ratio_stats` ``q`` contradict each other,
+    else None: on a machine whose speed changed between rounds, a ratio of medians of 0.395
+    came with a paired median of 1.717, and neither says which variant is faster."""
+    a, b = q['median_ratio'], q['paired_median']
+    if a <= 0 or b <= 0:
+        return None
+    opposite = (a - 1) * (b - 1) < 0 and min(abs(a - 1), abs(b - 1)) > RATIO_NOISE
+    if not opposite and max(a, b) / min(a, b) <= tolerance:
+        return None
+    how = 'point different ways' if opposite else f'differ by {max(a, b) / min(a, b):.2f}x'
+    return (f'the B / A ratio of medians ({a:.3f}) and the paired median ({b:.3f}) {how}: the '
+            "machine's speed changed between rounds, so neither figure is trustworthy; measure "
+            'again on a quiet machine.')
+
+
+def cpu_timing(device):
+    """Context of a timed block that measures other processes' CPU use in it
+    (:class:`reparam_mm.cpu_load.OtherCpuUse`), on CPU; None on CUDA, where a busy CPU slows the
+    launches only."""
+    return OtherCpuUse() if torch.device(device).type == 'cpu' else None
+
+
+def cpu_load_warning(load):
+    """A sentence when other processes used the CPUs the timings needed (``load``:
+    :meth:`OtherCpuUse.to_dict`), else None."""
+    if not load or not load['contended']:
+        return None
+    return (f"other processes used {load['other_cores']:.1f} of this machine's {load['cpus']} "
+            f"CPU cores while the timings ran ({load['seconds']:.1f} s), so the figures measure "
+            'the load as much as the model and are not trustworthy; measure again on a quiet '
+            'machine.')
+
+
+def record_cpu_load(result, load):
+    """Keep in ``result`` what :func:`cpu_timing` measured (``cpu_load``), and its warning."""
+    if load is None:
+        return result
+    result['cpu_load'] = load.to_dict()
+    warning = cpu_load_warning(result['cpu_load'])
+    if warning:
+        result.setdefault('warnings', []).append(warning)
+    return result
 
 
 class PeakMemory:

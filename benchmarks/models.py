@@ -7,6 +7,7 @@ both; ratios are B / A.
 import contextlib
 import copy
 import os
+import re
 import time
 
 import numpy as np
@@ -21,12 +22,12 @@ from reparam_mm.cpu_malloc import kept_freed_memory, release_freed_memory
 from reparam_mm.fuse import count_params, fuse, fuse_with_report
 from reparam_mm.head_layout import tune_head_layouts
 from reparam_mm.outputs import compare_models
-from reparam_mm.scope import init_scope
+from reparam_mm.scope import CONFIG_SUFFIXES, ConfigError, init_scope, load_config, merge_cfg_options
 from reparam_mm.train import sync_bn_as_bn
 
 from .doconv_profile import breakdown
-from .measure import (KernelTime, PeakMemory, new_result, ratio_stats, summarize, synchronize,
-                      warnings_off)
+from .measure import (KernelTime, PeakMemory, cpu_timing, new_result, ratio_stats, ratio_warning,
+                      record_cpu_load, summarize, synchronize, warnings_off)
 
 
 def _walk(node, fn):
@@ -43,10 +44,8 @@ def _walk(node, fn):
 def bench_config(config, shape, cfg_options=None):
     """The config as benchmarked: no pretrained weights, BN for SyncBN, the preprocessor
     padding to ``shape`` (H, W) instead of the training crop."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config) if isinstance(config, str) else copy.deepcopy(config)
+    merge_cfg_options(cfg, cfg_options)  # a misspelt key is refused, as by the other tools
     init_scope(cfg)
 
     def strip(d):
@@ -86,11 +85,28 @@ def split_head_tag(spec):
     return spec, True
 
 
+#: what a variant may append to its config
+FUSE_TAGS = (':fused', ':unfused')
+# a config file's name, then ':' and what follows it (a Windows drive's 'C:' is no config name)
+_TAGGED_CONFIG = re.compile(r'^(.*?(?:%s)):(.*)$' % '|'.join(map(re.escape, CONFIG_SUFFIXES)),
+                            re.IGNORECASE)
+
+
 def parse_variant(spec, default_fuse):
-    """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag)."""
+    """``CONFIG`` or ``CONFIG:fused`` / ``CONFIG:unfused`` -> (config path, fuse flag).
+
+    Any other ``:suffix`` after a config file's name is refused by name: read as part of the
+    path, a misspelt ``:fuzed`` was reported as a config file that does not exist."""
     path, sep, tag = spec.rpartition(':')
-    if sep and tag in ('fused', 'unfused'):
+    if sep and f':{tag}' in FUSE_TAGS:
         return path, tag == 'fused'
+    tagged = _TAGGED_CONFIG.match(spec)
+    if tagged and not os.path.exists(spec):
+        known = FUSE_TAGS + (NCHW_HEADS,)
+        unknown = next(t for t in tagged.group(2).split(':') if f':{t}' not in known)
+        raise ConfigError(f'{spec}: unknown variant suffix :{unknown}; a variant is CONFIG with '
+                          f"optionally one of {', '.join(FUSE_TAGS)}, then optionally "
+                          f'{NCHW_HEADS} (e.g. {tagged.group(1)}:fused{NCHW_HEADS}).')
     return spec, default_fuse
 
 
@@ -102,8 +118,9 @@ class Variant:
         if mode not in ('infer', 'train'):
             raise ValueError(f"mode={mode!r} must be 'infer' or 'train'.")
         if mode == 'train' and fuse:
-            raise ValueError('a fused model is the plain architecture: benchmark training with '
-                             '--no-fuse (or compare with the plain-conv config).')
+            raise ConfigError(f'{config}: a fused model is the plain architecture, so training is '
+                              'benchmarked unfused: drop --fuse and the :fused suffix (or compare '
+                              'with the plain-conv config).')
         self.config, self.fuse, self.mode = config, fuse, mode
         self.device, self.amp, self.batch = torch.device(device), amp, batch
         self.cfg = bench_config(config, shape, cfg_options)
@@ -193,11 +210,9 @@ def _variant_record(v, times, mem, flops=None):
     return rec
 
 
-def run_variants(variants, repeat=5, warmup=2, count_flops=True):
-    """Time ``variants`` alternately (ABBA...), warm-up included; per-variant records."""
-    for v in variants:
-        for _ in range(warmup):
-            v.step()
+def _timed_rounds(variants, repeat):
+    """``repeat`` rounds, alternating order: per variant its seconds, peak memory and
+    KernelTime of each run."""
     times = [[] for _ in variants]
     mems = [None] * len(variants)
     kernel = [[] for _ in variants]  # per run: its KernelTime (page faults, system seconds)
@@ -213,6 +228,18 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
             kernel[i].append(k)
             if mems[i] is None or mem.peak_mb > mems[i]['peak_mb']:
                 mems[i] = mem.to_dict()
+    return times, mems, kernel
+
+
+def run_variants(variants, repeat=5, warmup=2, count_flops=True):
+    """Time ``variants`` alternately (ABBA...), warm-up included: (per-variant records, what
+    :func:`~.measure.cpu_timing` measured of other processes' CPU use in the timed rounds)."""
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    load = cpu_timing(variants[0].device)
+    with load or contextlib.nullcontext():
+        times, mems, kernel = _timed_rounds(variants, repeat)
     for i, runs in enumerate(kernel):
         if all(k.minor_faults is not None for k in runs):
             mems[i].update(minor_faults_median=int(np.median([k.minor_faults for k in runs])),
@@ -233,7 +260,7 @@ def run_variants(variants, repeat=5, warmup=2, count_flops=True):
         if v.config not in flops:
             flops[v.config] = v.flops()
     return [_variant_record(v, t, m, flops.get(v.config))
-            for v, t, m in zip(variants, times, mems)]
+            for v, t, m in zip(variants, times, mems)], load
 
 
 def resident_storages(variant):
@@ -317,7 +344,7 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
         variants.append(v)
     settings = dict(mode=mode, shape=list(shape), batch=batch, device=str(device), amp=amp,
                     channels_last=channels_last, repeat=repeat, warmup=warmup,
-                    checkpoint=checkpoint, specs=list(specs))
+                    checkpoint=checkpoint, specs=list(specs), cfg_options=cfg_options or None)
     result = new_result('compare' if len(variants) == 2 else 'model', device, settings)
     settings = result['settings']
     if len(variants) == 2 and mode == 'infer':
@@ -331,10 +358,14 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
             for v in variants:
                 v.hold_weights()
             settings['weights_held'] = True
-    result['results'] = run_variants(variants, repeat, warmup, count_flops)
+    result['results'], load = run_variants(variants, repeat, warmup, count_flops)
+    record_cpu_load(result, load)
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))
+        warning = ratio_warning(result['ratios']['latency_b_over_a'])
+        if warning:
+            result.setdefault('warnings', []).append(warning)
     if settings.get('weights_held'):  # a plain and a DO-Conv model, one function: split B - A
         result['breakdown'] = breakdown(
             variants, [r['latency']['median_ms'] for r in result['results']], min(repeat, 5))

@@ -21,6 +21,7 @@ and as :func:`reparam_mm.fuse` leaves it.
 """
 import contextlib
 import copy
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
@@ -32,7 +33,7 @@ from .fuse import count_params, fuse
 from .layers.large_kernel import fft_min_kernel
 from .scope import ConfigError, init_scope
 
-__all__ = ['ModelComplexity', 'count_macs', 'model_complexity', 'default_input_size',
+__all__ = ['ModelComplexity', 'count_macs', 'format_gmacs', 'model_complexity', 'default_input_size',
            'input_size_from_pipeline', 'slide_crops', 'tested_image_sizes']
 
 
@@ -192,6 +193,17 @@ def _two_stage_forward(model, inputs):
 def _is_two_stage(model):
     from mmdet.models.detectors import TwoStageDetector
     return isinstance(model, TwoStageDetector)
+
+
+def format_gmacs(*macs):
+    """Multiply-adds in G (``tools/get_flops.py``'s GMACs, which ``tools/benchmark.py`` prints
+    too), all with one number of decimals: one (the papers' and docs/configs.md's figures), or as
+    many as give the smallest three significant digits (the 64 x 64 demo's 0.0268, which one
+    decimal printed as 0.0)."""
+    values = [m / 1e9 for m in macs]
+    smallest = min((v for v in values if v > 0), default=0)
+    decimals = max(1, 2 - math.floor(math.log10(smallest))) if smallest else 1
+    return [f'{v:.{decimals}f}' for v in values]
 
 
 def count_macs(model, inputs, data_samples):

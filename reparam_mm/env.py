@@ -72,7 +72,14 @@ def collect_env(device=None):
     return info
 
 
-def main():
+def main(argv=None):
+    """Print :func:`collect_env` as ``key: value`` lines; a parser so that ``-h`` explains the
+    tool and an unknown argument is refused instead of ignored."""
+    import argparse
+    argparse.ArgumentParser(
+        description='Print the versions, CPU, threads and devices reparam_mm runs with, to paste '
+                    'into a bug report (every benchmark JSON records the same, under env).'
+    ).parse_args(argv)
     for key, value in collect_env().items():
         print(f'{key}: {value}')
 

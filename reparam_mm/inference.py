@@ -135,10 +135,11 @@ def _palette(meta):
     return rng.integers(0, 255, (len(classes), 3)).tolist()
 
 
-def check_device(device):
+def check_device(device, work='predict'):
     """``device`` (None: the inferencer's choice) if torch can place a model there, else one
     sentence: a malformed name, another device type than CPU / CUDA, CUDA asked of a machine
-    without it, a GPU index it lacks."""
+    without it, a GPU index it lacks. ``work`` is what the calling tool does there ('predict',
+    'measure'), as its sentences say."""
     if device is None:
         return None
     try:
@@ -147,13 +148,13 @@ def check_device(device):
         raise ConfigError(f"--device {device!r} is not a device name; use 'cpu', 'cuda' or "
                           "'cuda:N'.") from None
     if where.type not in ('cpu', 'cuda'):
-        raise ConfigError(f"--device {device}: reparam_mm predicts on 'cpu' or 'cuda' ('cuda:N').")
+        raise ConfigError(f"--device {device}: reparam_mm {work}s on 'cpu' or 'cuda' ('cuda:N').")
     if where.type == 'cuda':
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise NotAvailableHereError(f'--device {device} needs a CUDA GPU and this machine has '
                                         f'none (torch {torch.__version__}); leave --device out to '
-                                        'predict on the CPU.')
+                                        f'{work} on the CPU.')
         if where.index is not None and where.index >= count:
             raise NotAvailableHereError(f'--device {device} names GPU {where.index}, but this '
                                         f'machine has {count} (cuda:0 to cuda:{count - 1}).')

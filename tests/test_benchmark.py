@@ -4,6 +4,8 @@ import copy
 import json
 import math
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -21,6 +23,7 @@ from conftest import ROOT, load_tool
 from reparam_mm.batches import synthetic_batch
 from reparam_mm.cpu_malloc import release_freed_memory
 from reparam_mm.layers.doconv import DOConv2d
+from reparam_mm.scope import ConfigError
 
 DEMO_DO = ROOT / 'configs/demo/upernet_replknet-tiny-doconv_1xb8-600i_demoade-64x64.py'
 
@@ -99,6 +102,22 @@ def test_ratio_stats():
         M.ratio_stats([1.0], [1.0, 2.0])
 
 
+def test_contradicting_ratios_are_flagged():
+    """A loaded machine printed 'B / A latency: 0.395 (paired median 1.717, ...)' without a word."""
+    assert M.ratio_warning(dict(median_ratio=1.0, paired_median=1.1)) is None
+    assert M.ratio_warning(dict(median_ratio=0.99, paired_median=1.01)) is None  # noise around 1
+    assert 'point different ways' in M.ratio_warning(dict(median_ratio=0.395, paired_median=1.717))
+    assert 'point different ways' in M.ratio_warning(dict(median_ratio=0.9, paired_median=1.1))
+    assert M.ratio_warning(dict(median_ratio=0.991, paired_median=1.007)) is None  # docs' DO-Conv
+    assert 'differ by 1.36x' in M.ratio_warning(dict(median_ratio=1.5, paired_median=1.1))
+    line = load_tool('benchmark').summary_lines(dict(
+        kind='compare', results=[], warnings=[M.ratio_warning(dict(median_ratio=0.395,
+                                                                   paired_median=1.717))]))
+    assert line == ['warning: the B / A ratio of medians (0.395) and the paired median (1.717) '
+                    "point different ways: the machine's speed changed between rounds, so neither "
+                    'figure is trustworthy; measure again on a quiet machine.']
+
+
 def test_time_calls_counts_calls():
     calls = []
     t = M.time_calls(lambda: calls.append(1), repeat=3, warmup=2)
@@ -131,6 +150,10 @@ def test_parse_variant():
     assert BM.parse_variant('a/b.py', True) == ('a/b.py', True)
     assert BM.split_head_tag('a/b.py:fused:nchw-heads') == ('a/b.py:fused', False)
     assert BM.split_head_tag('a/b.py:unfused') == ('a/b.py:unfused', True)
+    with pytest.raises(ConfigError, match=r'a/b\.py:fuzed: unknown variant suffix :fuzed; .*'
+                                          r':fused, :unfused, then optionally :nchw-heads'):
+        BM.parse_variant('a/b.py:fuzed', True)
+    assert BM.parse_variant('C:/configs/b.py', True) == ('C:/configs/b.py', True)  # a drive
 
 
 def test_peak_memory_reports_cpu_peak():
@@ -155,6 +178,7 @@ def test_doconv_layers_cli_json_report(tmp_path):
                              '--out', str(out)])
     res = json.loads(out.read_text())
     assert res['schema'] == M.SCHEMA and res['kind'] == 'doconv_layers'
+    assert set(res['cpu_load']) == {'other_cores', 'seconds', 'cpus', 'contended'}  # judged too
     assert [r['channels'] for r in res['results']] == [64, 128, 256, 512]
     with pytest.raises(ValueError, match='smaller than ResNet-50'):
         DL.resnet50_3x3_shapes(16, 64)
@@ -210,9 +234,8 @@ def test_dw_fft_min_kernel_switches_the_large_dw_path_for_one_run_only(tmp_path,
     tuned = tool.run(tool.parse_args(args))
     assert tuned['settings']['large_dw_dispatch'] == 'tuned'
     assert tuned['settings']['dw_fft_min_kernel'] is None
-    with pytest.raises(SystemExit, match='--dw-fft-min-kernel sets a fixed rule'):
-        tool.run(tool.parse_args(args + ['--dw-fft-min-kernel', '9', '--large-dw-dispatch',
-                                         'tuned']))
+    with pytest.raises(SystemExit):  # said by the parser, before any work
+        tool.parse_args(args + ['--dw-fft-min-kernel', '9', '--large-dw-dispatch', 'tuned'])
 
 
 def test_cli_rejects_bad_arguments():
@@ -221,6 +244,94 @@ def test_cli_rejects_bad_arguments():
         tool.parse_args(['--doconv-layers', '--repeat', '0'])
     with pytest.raises(SystemExit):  # a config and --compare at once
         tool.parse_args(['a.py', '--compare', 'b.py', 'c.py'])
+
+
+def _tool_error(capsys, argv):
+    """The exit status of ``tools/benchmark.py argv`` run as from the shell, and its stderr."""
+    from reparam_mm.cli import run_tool
+    capsys.readouterr()
+    status = run_tool(load_tool('benchmark').main, argv)
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_bad_input_is_one_sentence_not_a_traceback(tmp_path, capsys):
+    """A misspelt variant suffix was 'file "...py:fuzed" does not exist', a wrong --checkpoint
+    and --mode train --fuse ended in tracebacks (the tool did not go through run_tool)."""
+    quick = ['--shape', '64', '64', '--repeat', '1', '--warmup', '0', '--no-flops']
+    status, err = _tool_error(capsys, [f'{DEMO_DO}:fuzed'] + quick)
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f'error: {DEMO_DO}:fuzed: unknown variant suffix :fuzed;')
+    assert ':fused, :unfused' in err[0] and ':nchw-heads' in err[0]
+    run = subprocess.run([sys.executable, str(ROOT / 'tools/benchmark.py'), f'{DEMO_DO}:fuzed'],
+                         capture_output=True, text=True, timeout=120)  # from the shell: the same
+    assert run.returncode == 1 and run.stderr.splitlines()[-1] == err[0], run.stderr[-2000:]
+    status, err = _tool_error(capsys, ['--compare', str(DEMO_DO), f'{DEMO_DO}:fused:nchw-head']
+                              + quick)
+    assert status == 1 and 'unknown variant suffix :nchw-head;' in err[0], err
+    bad = tmp_path / 'bad.pth'
+    state = BM.build_bench_model(BM.bench_config(str(DEMO_DO), (64, 64))).state_dict()
+    state.pop('decode_head.conv_seg.bias')
+    torch.save(dict(state_dict=state), bad)
+    status, err = _tool_error(capsys, [str(DEMO_DO), '--checkpoint', str(bad)] + quick)
+    assert status == 1 and err[-1].startswith(f'error: checkpoint {bad} does not match'), err
+    status, err = _tool_error(capsys, ['--compare', f'{DEMO_DO}:unfused', f'{DEMO_DO}:fused',
+                                       '--mode', 'train'] + quick)
+    assert status == 1 and err == [f'error: {DEMO_DO}: a fused model is the plain architecture, '
+                                   'so training is benchmarked unfused: drop --fuse and the :fused '
+                                   'suffix (or compare with the plain-conv config).']
+    with pytest.raises(SystemExit):  # conflicting options: the parser's usage error
+        load_tool('benchmark').parse_args([str(DEMO_DO), '--mode', 'train', '--fuse'])
+    assert 'error: --mode train times the unfused model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_tool('benchmark').parse_args(['--doconv-layers', '--cfg-options', 'a=1'])
+    assert '--cfg-options sets a config' in capsys.readouterr().err
+
+
+def test_cfg_options_reach_the_benchmarked_config(capsys):
+    """--cfg-options as every other analysis tool takes it: applied, recorded, a misspelt key
+    refused by name."""
+    tool = load_tool('benchmark')
+    quick = ['--shape', '64', '64', '--repeat', '1', '--warmup', '0', '--no-flops']
+    res = tool.run(tool.parse_args([str(DEMO_DO), '--cfg-options',
+                                    'model.decode_head.num_classes=3'] + quick))
+    assert res['settings']['cfg_options'] == {'model.decode_head.num_classes': 3}
+    cfg = BM.bench_config(str(DEMO_DO), (64, 64), {'model.decode_head.num_classes': 3})
+    assert cfg.model.decode_head.num_classes == 3
+    status, err = _tool_error(capsys, [str(DEMO_DO), '--cfg-options',
+                                       'model.decode_head.num_clases=3'] + quick)
+    assert status == 1 and err[-1].startswith('error: --cfg-options model.decode_head.num_clases:'
+                                              ' the config has no'), err
+
+
+def test_other_processes_cpu_use_is_said_in_the_output_and_the_json(tmp_path, capsys, monkeypatch):
+    """The same command gave 6.9 ms and 730 ms minutes apart, each with an IQR of 2%: a steady
+    load of other processes, which the tuner detects (reparam_mm.cpu_load) and the benchmark did
+    not. Multiply-adds are named and written as tools/get_flops.py writes them."""
+    from reparam_mm import cpu_load
+    from reparam_mm.complexity import format_gmacs
+    tool, out = load_tool('benchmark'), tmp_path / 'b.json'
+    argv = [str(DEMO_DO), '--shape', '64', '64', '--repeat', '2', '--warmup', '0', '--out', str(out)]
+    readings = iter([(100., 10., 0.), (1100., 10.5, 0.)])  # others: 999.5 CPU seconds
+    monkeypatch.setattr(cpu_load, 'cpu_seconds', lambda: next(readings))
+    monkeypatch.setattr(cpu_load, 'usable_cpus', lambda: 2)
+    tool.main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    res = json.loads(out.read_text())
+    assert res['cpu_load']['contended'] is True and res['cpu_load']['other_cores'] > 2
+    warning, = res['warnings']
+    assert warning.startswith(f"other processes used {res['cpu_load']['other_cores']:.1f} of this "
+                              "machine's 2 CPU cores while the timings ran (")
+    assert 'not trustworthy' in warning and f'warning: {warning}' in printed
+    r, = res['results']
+    line, = [line for line in printed if line.startswith(f"{r['name']} [infer]: ")]
+    assert line.endswith(f", {format_gmacs(r['flops'])[0]} GMACs"), line  # 0.0251, not 0.0 GFLOPs
+    assert 'GMACs (fused)' in report.render(res, 'b.json') and 'Warning: other processes' in \
+        report.render(res, 'b.json')
+    monkeypatch.setattr(cpu_load, 'cpu_seconds', lambda: None)  # a quiet machine (or not Linux)
+    tool.main(argv + ['--no-flops'])
+    res = json.loads(out.read_text())
+    assert res['cpu_load']['contended'] is False and 'warnings' not in res
+    assert not any(line.startswith('warning:') for line in capsys.readouterr().out.splitlines())
 
 
 # -- models built from configs (mmseg / mmdet) ---------------------------------------------------

@@ -283,3 +283,12 @@ def test_environment_report_says_bf16_is_in_software_under_an_isa_cap():
     assert r.returncode == 0, r.stderr
     assert 'onednn_bf16: software' in r.stdout.splitlines()
     assert 'isa_caps: ONEDNN_MAX_CPU_ISA=AVX2' in r.stdout.splitlines()
+
+
+def test_collect_env_has_a_parser():
+    """tools/collect_env.py ignored unknown arguments and -h, printing the report regardless."""
+    tool = [sys.executable, str(ROOT / 'tools/collect_env.py')]
+    r = subprocess.run(tool + ['--bogus'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'unrecognized arguments: --bogus' in r.stderr and not r.stdout
+    r = subprocess.run(tool + ['-h'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'bug report' in r.stdout and 'torch:' not in r.stdout

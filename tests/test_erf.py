@@ -314,7 +314,7 @@ def test_tool_on_real_images_with_imagenet_weights(shared_data, tmp_path, capsys
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert '--titles: give one title per --plot folder (1), not 2.' in err
-    assert 'give --plot OUT_DIR ... --out FIG.png, without a config, images or measuring options.' in err
+    assert '--plot needs --out FIG.png, the picture to draw the folders into.' in err
     assert 'x.xyz is not a picture file name; end it in one of ' in err
     assert 'without a config, images or --checkpoint.' in err
     assert '--out and --titles go with --plot; a measurement writes to --out-dir.' in err
@@ -344,3 +344,18 @@ def test_tool_bad_input_is_one_sentence(tmp_path, capsys, monkeypatch):
     assert run_tool(erf_tool.main, [str(DEMO), str(tmp_path / 'missing'), '--size', '32']) == 1
     assert 'missing' in capsys.readouterr().err
     assert not (tmp_path / 'o').exists()
+
+
+def test_usage_errors_say_what_this_tool_lacks(tmp_path, capsys, monkeypatch):
+    """--plot without --out got the generic usage sentence, and --device cuda on a machine without
+    CUDA said 'leave --device out to predict on the CPU' (tools/infer.py's words)."""
+    with pytest.raises(SystemExit):
+        erf_tool.parse_args(['--plot', str(tmp_path)])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        'error: --plot needs --out FIG.png, the picture to draw the folders into.')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    files = _images(tmp_path / 'img', n=1)
+    assert run_tool(erf_tool.main, [str(DEMO), str(files[0]), '--device', 'cuda']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: --device cuda needs a CUDA GPU and this machine has none')
+    assert err.endswith('leave --device out to measure on the CPU.\n') and 'predict' not in err

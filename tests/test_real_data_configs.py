@@ -1,5 +1,6 @@
 """The configs of the real-data runs (CamVid table, coco128 detection) load, build what their
 names say, and the CamVid study's printed commands reproduce the configs it trains."""
+import json
 import shlex
 
 import pytest
@@ -159,7 +160,9 @@ def test_study_trains_a_row_and_reports_it(shared_data, tmp_path, capsys):
     assert len(result) == 1 and result[0]['variant'] == 'r18-doconv-heads'
     assert result[0]['seed'] == 5 and result[0]['iters'] == 21 and result[0]['fused_modules'] > 0
     assert 0 <= result[0]['mIoU'] <= 100
-    assert result[0]['command'] == study.row_command('r18-doconv-heads', 5, 21)
+    assert result[0]['command'] == study.row_command('r18-doconv-heads', 5, 21, data,
+                                                     work_dir=out / 'r18-doconv-heads_seed5_21i')
+    assert not (out / 'r18-doconv-heads_seed5_21i' / 'claim.pid').exists()  # released when done
     capsys.readouterr()
     assert study.main(args) == 0  # finished rows are kept, not retrained
     printed = capsys.readouterr().out
@@ -278,3 +281,92 @@ def test_study_rows_read_the_metrics_where_mmengine_puts_them(tmp_path, monkeypa
     monkeypatch.setattr(study, 'train', lambda cfg: seg)
     r = study.run_row('effl0-plain', 2, 600, 'data/cv', tmp_path / 'seg')
     assert (r['mIoU'], r['aAcc'], r['mAcc'], r['seed']) == (61.6, 90.1, 75.0, 2)
+
+
+def _command_config(command):
+    """The config ``tools/train.py`` trains with a row's recorded ``command``."""
+    argv = shlex.split(command)
+    assert argv[:2] == ['python', 'tools/train.py']
+    argv[2] = str(ROOT / argv[2])
+    return config_from_args(parse_args(argv[2:]))
+
+
+def test_a_rows_recorded_command_is_the_exact_line_it_trained_with(tmp_path, monkeypatch):
+    """--data-root /tmp/... and --out-dir were recorded as the default data root and no work dir:
+    the line in result.json trained something else, somewhere else."""
+    seg = _finished_runner({'mIoU': 50.0, 'aAcc': 80.0, 'mAcc': 60.0}, 'seg-study-command')
+    trained = []
+    monkeypatch.setattr(study, 'train', lambda cfg: trained.append(cfg) or seg)
+    work_dir = tmp_path / 'seg'
+    work_dir.mkdir()
+    r = study.run_row('r18-plain', 0, 25, tmp_path / 'cv', work_dir, workers=2)
+    cfg = _command_config(r['command'])
+    assert cfg.work_dir == trained[0].work_dir == str(work_dir)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[loader].dataset.data_root == trained[0][loader].dataset.data_root == \
+            str(tmp_path / 'cv')
+        assert cfg[loader].num_workers == 2
+    det = _finished_runner({'coco/bbox_mAP': 0.1, 'coco/bbox_mAP_50': 0.2,
+                            'coco/bbox_mAP_75': 0.05}, 'det-study-command')
+    monkeypatch.setattr(det_study, 'train', lambda cfg: trained.append(cfg) or det)
+    (tmp_path / 'det').mkdir()
+    r = det_study.run_row('effl0-plain', 1, 60, tmp_path / 'det')
+    assert _command_config(r['command']).work_dir == trained[-1].work_dir == str(tmp_path / 'det')
+
+
+def _finished_row(out, iters, amp=False, variant='r18-plain'):
+    row = out / f'{variant}_seed0_{iters}i'
+    row.mkdir(parents=True)
+    (row / 'result.json').write_text(json.dumps(dict(
+        variant=variant, seed=0, iters=iters, amp=amp, mIoU=40.0, aAcc=80.0, train_params=1e6,
+        train_seconds=10.0, bbox_mAP=1.0, bbox_mAP_50=2.0, bbox_mAP_75=0.5)))
+
+
+def test_report_only_without_rows_says_what_the_folder_holds(tmp_path, capsys):
+    """Rows of another --iters printed bare headers and wrote an empty table_500i.md; a missing
+    --out-dir was created, with an empty table in it."""
+    out = tmp_path / 'study'
+    _finished_row(out, 25)
+    assert study.main(['--report-only', '--out-dir', str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: no rows of 500 iterations in {out}; it holds rows of 25 iterations: pass --iters 25.']
+    assert not (out / 'table_500i.md').exists()
+    assert study.main(['--report-only', '--out-dir', str(out), '--iters', '25', '--amp']) == 1
+    assert capsys.readouterr().err.strip() == (f'error: the rows of 25 iterations in {out} were '
+                                               'trained without --amp: leave out --amp.')
+    assert study.main(['--report-only', '--out-dir', str(out), '--iters', '25']) == 0
+    assert '| r18-plain | 40.00 (s0 40.00) |' in (out / 'table_25i.md').read_text()
+    missing = tmp_path / 'nowhere'
+    assert det_study.main(['--report-only', '--out-dir', str(missing)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f'error: {missing} does not exist; pass the --out-dir the rows were trained into (or '
+        'train them: leave out --report-only).')
+    assert not missing.exists()
+    _finished_row(tmp_path / 'det', 60, variant='effl0-plain')
+    _finished_row(tmp_path / 'det', 100, variant='effl0-doconv-both')
+    assert det_study.main(['--report-only', '--out-dir', str(tmp_path / 'det')]) == 1
+    assert 'it holds rows of 60, 100 iterations: pass --iters with one of them.' in \
+        capsys.readouterr().err
+    assert list((tmp_path / 'det').glob('table_*')) == []
+
+
+def test_a_finished_row_keeps_no_claim(tmp_path):
+    """claim.pid stayed in every finished row folder: the row is known by its result.json."""
+    def train_row(variant, seed, work_dir):
+        assert (work_dir / 'claim.pid').exists()  # held while training
+        (work_dir / 'result.json').write_text('{}')
+        return {}
+    study.train_rows(tmp_path, ['r18-plain'], [0], 25, train_row, lambda r: 'done')
+    row = tmp_path / 'r18-plain_seed0_25i'
+    assert (row / 'result.json').exists() and not (row / 'claim.pid').exists()
+
+    def fails(variant, seed, work_dir):
+        raise RuntimeError('stopped')
+    with pytest.raises(RuntimeError):
+        study.train_rows(tmp_path, ['r18-doconv-heads'], [0], 25, fails, lambda r: '')
+    assert not (tmp_path / 'r18-doconv-heads_seed0_25i' / 'claim.pid').exists()
+    other = tmp_path / 'r18-doconv-both_seed0_25i'  # another live process's claim is left alone
+    other.mkdir()
+    (other / 'claim.pid').write_text('1')
+    study.release_row(other)
+    assert (other / 'claim.pid').read_text() == '1'

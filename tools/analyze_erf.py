@@ -58,6 +58,8 @@ def parse_args(argv=None):
     measuring = [f'--{name.replace("_", "-")}' for name in ('checkpoint', 'cfg_options', 'no_fuse')
                  if getattr(args, name)]
     if args.plot:
+        if not args.out and not args.config and not measuring:
+            parser.error('--plot needs --out FIG.png, the picture to draw the folders into.')
         if args.config or not args.out or measuring:
             parser.error('--plot draws folders earlier runs wrote: give --plot OUT_DIR ... --out '
                          'FIG.png, without a config, images or ' + (', '.join(measuring) or
@@ -108,7 +110,7 @@ def main(argv=None):
     if args.plot:
         return plot(args.plot, args.titles, args.out)
     files = image_files(args.inputs)[:args.num_images]
-    device = check_device(args.device)
+    device = check_device(args.device, work='measure')
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     backbone, weights, (mean, std, bgr_to_rgb) = load_backbone(

@@ -4,7 +4,8 @@
     python tools/benchmark.py CONFIG [--checkpoint F] [--shape H W] [--batch N]
         [--mode infer|train] [--fuse|--no-fuse] [--device cpu|cuda] [--amp] [--channels-last]
         [--large-dw-dispatch tuned|fixed]
-        [--repeat R] [--warmup W] [--no-flops] [--dw-fft-min-kernel K] [--out FILE.json]
+        [--repeat R] [--warmup W] [--no-flops] [--dw-fft-min-kernel K] [--cfg-options K=V ...]
+        [--out FILE.json]
     # two variants timed alternately in one process (ratios B / A); a variant is CONFIG,
     # CONFIG:fused or CONFIG:unfused, each with :nchw-heads appended for a neck and heads kept
     # NCHW instead of the layout timed fastest (reparam_mm.head_layout)
@@ -28,8 +29,11 @@ from benchmarks.doconv_layers import LAYER_KEYS, benchmark_doconv_layers  # noqa
 from benchmarks.large_dw import DTYPES, benchmark_large_dw  # noqa: E402
 from benchmarks.measure import to_json  # noqa: E402
 from benchmarks.models import benchmark_models  # noqa: E402
+from reparam_mm.cli import run_tool  # noqa: E402
+from reparam_mm.complexity import format_gmacs  # noqa: E402
 from reparam_mm.cpu_malloc import keep_freed_memory  # noqa: E402
 from reparam_mm.layers import large_kernel  # noqa: E402
+from reparam_mm.scope import CfgOptionsAction  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,8 +82,19 @@ def parse_args(argv=None):
                    help='fixed dispatch with CPU FFTs from kernel side K (default: '
                         'reparam_mm.layers.large_kernel.FFT_MIN_KERNEL; a huge K measures '
                         'direct convolution)')
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
+                   help='override settings of the config(s) (KEY=VALUE ...), as the other tools')
     p.add_argument('--out', help='JSON file to write (default: print only)')
     args = p.parse_args(argv)
+    if args.mode == 'train' and args.fuse:
+        p.error('--mode train times the unfused model (a fused one is the plain architecture): '
+                'drop --fuse.')
+    if args.cfg_options and (args.doconv_layers or args.large_dw):
+        p.error('--cfg-options sets a config, and the layer tables (--doconv-layers, --large-dw) '
+                'read none: drop it.')
+    if args.dw_fft_min_kernel is not None and args.large_dw_dispatch == 'tuned':
+        p.error('--dw-fft-min-kernel sets a fixed rule; drop --large-dw-dispatch tuned (or the '
+                'threshold).')
     for name in ('batch', 'repeat'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1.')
@@ -97,9 +112,6 @@ def parse_args(argv=None):
 
 def run(args):
     if args.dw_fft_min_kernel is not None:
-        if args.large_dw_dispatch == 'tuned':
-            raise SystemExit('--dw-fft-min-kernel sets a fixed rule; drop --large-dw-dispatch '
-                             'tuned (or the threshold).')
         mode, threshold = 'fixed', args.dw_fft_min_kernel
         scope = large_kernel.fft_min_kernel(threshold)
     else:
@@ -138,7 +150,7 @@ def _run(args):
         specs, mode=args.mode, shape=tuple(args.shape), batch=args.batch or 1,
         device=args.device, fuse=args.fuse, checkpoint=args.checkpoint, amp=args.amp,
         channels_last=args.channels_last, repeat=args.repeat or 5, warmup=warmup,
-        count_flops=not args.no_flops)
+        count_flops=not args.no_flops, cfg_options=args.cfg_options)
 
 
 def summary_lines(result):
@@ -147,7 +159,7 @@ def summary_lines(result):
     if result['kind'] in ('model', 'compare'):
         for r in result['results']:
             lat, mem = r['latency'], r['memory']
-            flops = f", {r['flops'] / 1e9:.1f} GFLOPs" if r.get('flops') else ''
+            flops = f", {format_gmacs(r['flops'])[0]} GMACs" if r.get('flops') else ''
             lines.append(f"{r['name']} [{r['mode']}]: {lat['median_ms']:.1f} ms median "
                          f"(IQR {100 * lat['spread']:.1f}%), {lat['images_per_s']:.2f} img/s, "
                          f"peak {mem['peak_mb']:.0f} MB, {r['params'] / 1e6:.2f} M params{flops}")
@@ -172,6 +184,7 @@ def summary_lines(result):
             lines.append(f"{r['stage']} {r['kernel']}x{r['kernel']} C={r['channels']} "
                          f"{r['dtype']} {r['candidate']}: {t} (bound {r['bound_ms']:.2f} ms, "
                          f"{r['bound_by']})")
+    lines += [f'warning: {w}' for w in result.get('warnings', ())]
     return lines
 
 
@@ -204,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -125,9 +125,10 @@ def row_argv(variant, seed, iters, data_root, work_dir=None, workers=0, amp=Fals
     return argv[:1] + ['--amp'] + argv[1:] if amp else argv
 
 
-def row_command(variant, seed, iters, data_root='data/camvid_cityscapes', workers=0, amp=False):
-    """The shell line that trains one row of the table."""
-    return train_command(row_argv(variant, seed, iters, data_root, workers=workers, amp=amp))
+def row_command(variant, seed, iters, data_root='data/camvid_cityscapes', workers=0, amp=False,
+                work_dir=None):
+    """The shell line that trains one row of the table (into ``work_dir``, if given)."""
+    return train_command(row_argv(variant, seed, iters, data_root, work_dir, workers, amp))
 
 
 def row_config(variant, seed=0, iters=500, data_root='data/camvid_cityscapes', work_dir=None,
@@ -152,7 +153,8 @@ def run_row(variant, seed, iters, data_root, work_dir, workers=0, amp=False):
         fused_modules=hook.last_report.total,
         train_params=sum(p.numel() for p in model.parameters()),
         train_seconds=round(seconds, 1),
-        command=row_command(variant, seed, iters, workers=workers, amp=amp))
+        # the exact line: this row's data root and work dir, not the defaults
+        command=row_command(variant, seed, iters, data_root, workers, amp, work_dir))
     (Path(work_dir) / 'result.json').write_text(json.dumps(result, indent=1))
     return result
 
@@ -177,6 +179,17 @@ def claim_row(work_dir):
     with os.fdopen(fd, 'w') as f:
         f.write(str(os.getpid()))
     return True
+
+
+def release_row(work_dir):
+    """Remove this process's claim on a row it trained (or failed to): a finished row is known by
+    its result.json, and a stale claim.pid left in it only looked like a lock."""
+    claim = Path(work_dir) / 'claim.pid'
+    try:
+        if claim.read_text() == str(os.getpid()):
+            claim.unlink()
+    except OSError:
+        pass
 
 
 def load_results(out_dir):
@@ -256,7 +269,50 @@ def train_rows(out, variants, seeds, iters, train_row, summary):
             if not claim_row(work_dir):
                 print(f'{work_dir.name}: another process is training it', flush=True)
                 continue
-            print(f'{work_dir.name}: {summary(train_row(variant, seed, work_dir))}', flush=True)
+            try:
+                result = train_row(variant, seed, work_dir)
+            finally:
+                release_row(work_dir)
+            print(f'{work_dir.name}: {summary(result)}', flush=True)
+
+
+def no_rows_reason(out, iters, amp=None):
+    """Why ``out`` has no finished rows of ``iters`` iterations (and of ``amp``, when given),
+    with the option that finds the rows it does hold."""
+    out = Path(out)
+    if not out.is_dir():
+        return (f'{out} does not exist; pass the --out-dir the rows were trained into (or train '
+                'them: leave out --report-only).')
+    rows = load_results(out)
+    if not rows:
+        return (f'{out} holds no finished rows (*/result.json); pass the --out-dir they were '
+                'trained into (or train them: leave out --report-only).')
+    held = sorted({r['iters'] for r in rows})
+    if iters not in held:
+        fix = f'pass --iters {held[0]}' if len(held) == 1 else 'pass --iters with one of them'
+        return (f"no rows of {iters} iterations in {out}; it holds rows of "
+                f"{', '.join(map(str, held))} iterations: {fix}.")
+    return (f'the rows of {iters} iterations in {out} were trained {"without" if amp else "with"} '
+            f'--amp: {"leave out" if amp else "pass"} --amp.')
+
+
+def report_rows(out, iters, results, render, report_only, amp=None):
+    """Print the table of ``results`` (``render(results)``) and write it to
+    out/table_<iters>i.md; without rows, say why instead of writing an empty table. Returns the
+    exit status: 1 when --report-only found nothing to report."""
+    out = Path(out)
+    if not results:
+        if report_only:
+            print(f'error: {no_rows_reason(out, iters, amp)}', file=sys.stderr)
+            return 1
+        print(f'no row of {iters} iterations in {out} has finished yet (other processes are '
+              'training them); run with --report-only once they have.')
+        return 0
+    table = render(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'table_{iters}i.md').write_text(table + '\n')
+    print(table)
+    return 0
 
 
 def main(argv=None):
@@ -293,11 +349,9 @@ def main(argv=None):
                    lambda r: f'fused mIoU {r["mIoU"]:.2f} in {r["train_seconds"]:.0f} s')
     results = [r for r in load_results(out)
                if r['iters'] == args.iters and r.get('amp', False) == args.amp]
-    table = results_table(results) + '\n\n' + paired_table(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'table_{args.iters}i.md').write_text(table + '\n')
-    print(table)
-    return 0
+    return report_rows(out, args.iters, results,
+                       lambda rows: results_table(rows) + '\n\n' + paired_table(rows),
+                       args.report_only, args.amp)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / 'tools'))
 
 import reparam_mm  # noqa: E402,F401
 from camvid_study import (by_variant, config_of, load_results, mean_std,  # noqa: E402
-                          paired_differences, train_argv, train_command, train_rows)
+                          paired_differences, report_rows, train_argv, train_command, train_rows)
 from reparam_mm.datasets import split_coco  # noqa: E402
 from reparam_mm.hooks import FusedEvalHook  # noqa: E402
 from reparam_mm.train import train  # noqa: E402
@@ -56,8 +56,9 @@ def row_argv(variant, seed, iters, work_dir=None):
     return train_argv(*row_options(variant, seed, iters), work_dir)
 
 
-def row_command(variant, seed, iters):
-    return train_command(row_argv(variant, seed, iters))
+def row_command(variant, seed, iters, work_dir=None):
+    """The shell line that trains one row (into ``work_dir``, if given)."""
+    return train_command(row_argv(variant, seed, iters, work_dir))
 
 
 def row_config(variant, seed=0, iters=400, work_dir=None):
@@ -74,7 +75,8 @@ def run_row(variant, seed, iters, work_dir):
                   **{m: 100 * hub.get_scalar(f'val/coco/{m}').current() for m in METRICS},
                   fused_modules=hook.last_report.total,
                   train_params=sum(p.numel() for p in runner.model.parameters()),
-                  train_seconds=round(seconds, 1), command=row_command(variant, seed, iters))
+                  train_seconds=round(seconds, 1),
+                  command=row_command(variant, seed, iters, work_dir))  # the exact line
     (Path(work_dir) / 'result.json').write_text(json.dumps(result, indent=1))
     return result
 
@@ -122,11 +124,7 @@ def main(argv=None):
                    lambda v, seed, wd: run_row(v, seed, args.iters, wd),
                    lambda r: f'fused box mAP {r["bbox_mAP"]:.1f} in {r["train_seconds"]:.0f} s')
     results = [r for r in load_results(out) if r['iters'] == args.iters]
-    table = results_table(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'table_{args.iters}i.md').write_text(table + '\n')
-    print(table)
-    return 0
+    return report_rows(out, args.iters, results, results_table, args.report_only)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ model on the meta device: seconds for the largest configs (docs/configs.md, "Mod
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -25,6 +24,7 @@ import reparam_mm  # noqa: E402,F401
 from reparam_mm.apis import count_value, image_size  # noqa: E402
 from reparam_mm.cli import run_tool  # noqa: E402
 from reparam_mm.complexity import INPUT_FROM_PREPROCESSOR, model_complexity  # noqa: E402
+from reparam_mm.complexity import format_gmacs as gmacs  # noqa: E402
 from reparam_mm.scope import CfgOptionsAction, ConfigError, load_config, merge_cfg_options  # noqa: E402
 
 HEADER = ('| config | input H x W | params M (trained / fused / run) | GMACs (trained / fused) |\n'
@@ -57,16 +57,6 @@ def parse_args(argv=None):
                         help='override settings of every config (KEY=VALUE ...)')
     parser.add_argument('--json', metavar='FILE', help='also write the counts as JSON')
     return parser.parse_args(argv)
-
-
-def gmacs(*macs):
-    """Multiply-adds in G, all with one number of decimals: one (the papers' and docs/configs.md's
-    figures), or as many as give the smallest three significant digits (the 64 x 64 demo's 0.0268,
-    which one decimal printed as 0.0)."""
-    values = [m / 1e9 for m in macs]
-    smallest = min((v for v in values if v > 0), default=0)
-    decimals = max(1, 2 - math.floor(math.log10(smallest))) if smallest else 1
-    return [f'{v:.{decimals}f}' for v in values]
 
 
 def row(config, c):

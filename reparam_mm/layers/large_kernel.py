@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import cpu_load
 from ..cpu_malloc import kept_freed_memory
 
 __all__ = ['CHANNELS_LAST_MIN_KERNEL', 'FFT_MIN_KERNEL', 'SIZE_BUCKET_MIN', 'CANDIDATES',
@@ -295,35 +296,10 @@ def fft_min_kernel(kernel):
 
 
 # -- the tuner -------------------------------------------------------------------------------------
-def _usable_cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _cpu_seconds():
-    """(busy seconds of the CPUs this process may run on, this process's CPU seconds, the
-    readings' resolution in seconds: a clock tick per CPU counter), read from /proc/stat; None
-    where it cannot be read (not Linux)."""
-    try:
-        allowed = {f'cpu{i}' for i in os.sched_getaffinity(0)}
-        busy = 0
-        with open('/proc/stat') as f:
-            for line in f:
-                fields = line.split()
-                if not fields or not fields[0].startswith('cpu'):
-                    break
-                if fields[0] in allowed:
-                    # user nice system idle iowait irq softirq steal: all but idle and iowait
-                    ticks = [int(v) for v in fields[1:9]] + [0] * (9 - len(fields))
-                    busy += sum(ticks) - ticks[3] - ticks[4]
-        if busy == 0:
-            return None
-        own, tick = os.times(), 1 / os.sysconf('SC_CLK_TCK')
-        return busy * tick, own.user + own.system, (len(allowed) + 1) * tick
-    except (OSError, ValueError, AttributeError):
-        return None
+# the readings are shared with tools/benchmark.py (reparam_mm.cpu_load); kept under these names,
+# which tests replace to simulate a busy or a quiet machine
+_usable_cpus = cpu_load.usable_cpus
+_cpu_seconds = cpu_load.cpu_seconds
 
 
 def _device_name(device):
@@ -411,7 +387,7 @@ class LargeDWTuner:
 
     #: other processes' CPU use (in cores, beyond those this process leaves free) above which a
     #: timing is called contended and its choice is not reused by later processes
-    CONTENDED_CORES = 0.25
+    CONTENDED_CORES = cpu_load.CONTENDED_CORES
     #: on CPU, a candidate whose first run takes this many times the fastest first run (and
     #: over ``HOPELESS_MIN_S``) is not timed further: oneDNN's NCHW 31x31 fp32 conv takes 0.8 s
     #: where the FFT takes 20 ms, and its further runs were half of a new size's timing
@@ -588,20 +564,15 @@ class LargeDWTuner:
         return skipped if len(skipped) < len(names) else {}
 
     def other_cores(self, before, after, seconds):
-        """CPU cores' worth of work other processes (and the hypervisor) did on this process's
-        CPUs during a timing of ``seconds``, from two :func:`_cpu_seconds` readings; what the
-        counters' ticks cannot resolve counts as none (a short timing is never contended)."""
-        if before is None or after is None or seconds <= 0:
-            return 0.
-        (busy0, own0, res0), (busy1, own1, res1) = before, after
-        return max(0., (busy1 - busy0) - (own1 - own0) - res0 - res1) / seconds
+        """CPU cores' worth of other processes' work during a timing (:func:`cpu_load.other_cores`)."""
+        return cpu_load.other_cores(before, after, seconds)
 
     def contended(self, other_cores, cpus=None, threads=None):
         """Whether other work took CPU time this process's threads needed: more than
         ``CONTENDED_CORES`` beyond the cores its threads leave free."""
         cpus = _usable_cpus() if cpus is None else cpus
         threads = torch.get_num_threads() if threads is None else threads
-        return other_cores > max(0, cpus - threads) + self.CONTENDED_CORES
+        return cpu_load.contended(other_cores, cpus, threads, self.CONTENDED_CORES)
 
     def choose(self, x, weight, bias, stride, padding, dilation):
         key, sig = self.device_key(x.device), signature(x, weight, stride, padding, dilation)
