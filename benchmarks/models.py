@@ -6,6 +6,7 @@ both; ratios are B / A.
 """
 import contextlib
 import copy
+import functools
 import os
 import re
 import time
@@ -65,6 +66,15 @@ def bench_config(config, shape, cfg_options=None):
     return cfg
 
 
+@functools.lru_cache(maxsize=8)
+def _is_deploy_checkpoint(checkpoint):
+    """Whether tools/fuse.py wrote ``checkpoint`` (its meta says so): such a model has nothing
+    to fuse, and was labelled 'unfused' under that suffix."""
+    from reparam_mm.apis import tested_model
+    from reparam_mm.checkpoint import read_checkpoint
+    return tested_model(read_checkpoint(checkpoint).get('meta')) == 'deploy'
+
+
 def build_bench_model(cfg, device='cpu', checkpoint=None, seed=0):
     """The model of ``cfg`` on ``device`` (seeded init, or a checkpoint loaded strictly)."""
     torch.manual_seed(seed)
@@ -122,6 +132,7 @@ class Variant:
                               'benchmarked unfused: drop --fuse and the :fused suffix (or compare '
                               'with the plain-conv config).')
         self.config, self.fuse, self.mode = config, fuse, mode
+        self.deploy = bool(checkpoint) and _is_deploy_checkpoint(checkpoint)
         self.device, self.amp, self.batch = torch.device(device), amp, batch
         self.cfg = bench_config(config, shape, cfg_options)
         self.model = model if model is not None else build_bench_model(
@@ -142,8 +153,9 @@ class Variant:
         elif tune_heads:  # as tools/train.py, tools/test.py and tools/infer.py run it
             tune_head_layouts(self.model)
         self.data = synthetic_batch(self.cfg, *shape, batch=batch, train=mode == 'train')
+        kind = 'deploy' if self.deploy else 'fused' if fuse else 'unfused'
         self.name = f"{os.path.splitext(os.path.basename(config))[0]}" + (
-            f" ({'fused' if fuse else 'unfused'}{'' if tune_heads else ', NCHW heads'})"
+            f" ({kind}{'' if tune_heads else ', NCHW heads'})"
             if mode == 'infer' else '' if tune_heads else ' (NCHW heads)')
 
     def _optim_wrapper(self):
@@ -175,7 +187,14 @@ class Variant:
         if self.mode == 'infer':
             with torch.no_grad(), self._autocast():
                 return self.model.test_step(self.data)
-        return self.model.train_step(self.data, self.optim_wrapper)
+        try:
+            return self.model.train_step(self.data, self.optim_wrapper)
+        except ValueError as e:  # torch's BatchNorm on one value per channel (UperNet's 1x1 pooling)
+            if 'Expected more than 1 value per channel' not in str(e) or self.batch > 1:
+                raise
+            raise ConfigError(f'{self.config}: --mode train with --batch 1: a BatchNorm layer of the '
+                              'model sees one value per channel (a 1x1 pooled branch, as in '
+                              "UperNet's), which torch refuses in training; use --batch 2 or more.") from None
 
     def params(self):
         return count_params(self.model)
@@ -332,16 +351,22 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
         raise ValueError(f'benchmark one config or compare two, got {len(specs)}.')
     default_fuse = (mode == 'infer') if fuse is None else fuse
     parsed = [(*parse_variant(spec, default_fuse), tune) for spec, tune in map(split_head_tag, specs)]
+    checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    if len(checkpoints) not in (1, len(parsed)):
+        raise ConfigError(f'give one checkpoint, or one per variant ({len(parsed)}), not '
+                          f'{len(checkpoints)}.')
+    checkpoints *= len(parsed) // len(checkpoints)
     variants, built = [], {}
-    for config, fused, tune_heads in parsed:
-        # fused vs unfused of one config: the same weights, fused on a copy
-        base = built.get(config)
+    for (config, fused, tune_heads), weights in zip(parsed, checkpoints):
+        # fused vs unfused of one config and checkpoint: the same weights, fused on a copy
+        base = built.get((config, weights))
         model = copy.deepcopy(base.model) if base is not None and not base.fuse else None
         v = Variant(config, fuse=fused, mode=mode, shape=shape, batch=batch, device=device,
-                    checkpoint=checkpoint, amp=amp, channels_last=channels_last,
+                    checkpoint=weights, amp=amp, channels_last=channels_last,
                     cfg_options=cfg_options, model=model, tune_heads=tune_heads)
-        built.setdefault(config, v)
+        built.setdefault((config, weights), v)
         variants.append(v)
+    checkpoint = checkpoints[0] if len(set(checkpoints)) == 1 else checkpoints
     settings = dict(mode=mode, shape=list(shape), batch=batch, device=str(device), amp=amp,
                     channels_last=channels_last, repeat=repeat, warmup=warmup,
                     checkpoint=checkpoint, specs=list(specs), cfg_options=cfg_options or None)
@@ -350,7 +375,8 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
     if len(variants) == 2 and mode == 'infer':
         a, b = variants
         settings['same_weights'] = a.config == b.config or same_weights(a, b)
-        if settings['same_weights']:  # else the outputs differ by construction
+        own_weights = len(set(checkpoints)) == 2 and None not in checkpoints  # a training, a deploy
+        if settings['same_weights'] or own_weights:  # else the outputs differ by construction
             settings['output_difference'] = output_difference(a, b)
     if len(variants) == 2 and mode == 'train' and variants[0].config != variants[1].config:
         settings['same_start'] = same_start(*variants)
@@ -360,6 +386,12 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
             settings['weights_held'] = True
     result['results'], load = run_variants(variants, repeat, warmup, count_flops)
     record_cpu_load(result, load)
+    if len(variants) == 2 and all(v.deploy for v in variants) and variants[0].config == variants[1].config:
+        result.setdefault('warnings', []).append(
+            f'both variants are the deploy model of {variants[0].config} (tools/fuse.py wrote its '
+            'checkpoint: nothing is left to fuse or unfuse), so this compares the model with itself; '
+            'compare the training config and checkpoint with their deploy pair (--checkpoint '
+            'TRAINING.pth DEPLOY.pth).')
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))

@@ -402,6 +402,34 @@ def test_train_mode_and_fused_training_refused():
     assert r['latency']['images_per_s'] == pytest.approx(2e3 / r['latency']['median_ms'])
     with pytest.raises(ValueError, match='fused model is the plain architecture'):
         BM.benchmark_models([str(DEMO_DO)], mode='train', fuse=True, shape=(64, 64), repeat=1)
+    # one image a step: UperNet's pooled 1x1 branch gave torch's BatchNorm error as a traceback
+    with pytest.raises(ConfigError, match=r'--mode train with --batch 1: a BatchNorm layer .* use '
+                                          r'--batch 2 or more\.$'):
+        BM.benchmark_models([str(DEMO_DO)], mode='train', shape=(64, 64), batch=1, repeat=1,
+                            warmup=0, count_flops=False)
+
+
+def test_a_deploy_pair_is_labelled_so_and_compared_with_its_training_checkpoint(tmp_path):
+    """tools/fuse.py's deploy pair under ':unfused' was called unfused, and a compare of its
+    two suffixes (the one model twice) read as a speed-up of fusion; one --checkpoint served
+    both variants, so a training and a deploy pair could not be compared."""
+    from reparam_mm.apis import export_deploy
+    from test_tools_test_fuse import make_ade, seg_config, write_case
+    cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade', n=1), backbone='replknet'))
+    deploy = export_deploy(cfg, ckpt, str(tmp_path / 'deploy'), shape=(64, 64))
+    dcfg, dckpt = deploy['config'], deploy['checkpoint']
+    same = BM.benchmark_models([f'{dcfg}:unfused', f'{dcfg}:fused'], shape=(64, 64), repeat=1,
+                               warmup=0, count_flops=False, checkpoint=dckpt)
+    assert [r['name'] for r in same['results']] == ['tiny_deploy (deploy)'] * 2
+    assert any(w.startswith(f'both variants are the deploy model of {dcfg}') for w in same['warnings'])
+    pair = BM.benchmark_models([f'{cfg}:unfused', dcfg], shape=(64, 64), repeat=1, warmup=0,
+                               count_flops=False, checkpoint=[ckpt, dckpt])
+    assert [r['name'] for r in pair['results']] == ['tiny (unfused)', 'tiny_deploy (deploy)']
+    assert pair['settings']['checkpoint'] == [ckpt, dckpt]
+    assert pair['settings']['output_difference']['max_rel'] < 1e-4  # the deploy pair is the model
+    assert not any('deploy model of' in w for w in pair.get('warnings', []))
+    with pytest.raises(SystemExit):  # more files than variants
+        load_tool('benchmark').parse_args([cfg, '--checkpoint', ckpt, dckpt])
 
 
 def test_amp_training_variant_uses_the_wrapper_of_its_device_and_drops_the_configs():
