@@ -532,8 +532,9 @@ def _missing_data_paths(cfg, loader):
                         f'(docs/datasets.md) or pass --cfg-options {key}.{part}=PATH.')
             continue
         if not osp.isdir(root):
+            where = '' if osp.isabs(root) else f', relative to the current folder {os.getcwd()}'
             yield f'{key}.data_root', (
-                f'data root {root!r} ({key}.data_root) does not exist: prepare the dataset '
+                f'data root {root!r} ({key}.data_root{where}) does not exist: prepare the dataset '
                 f'there (docs/datasets.md) or pass --cfg-options {key}.data_root=PATH.')
             continue
         for part, rel in _dataset_paths(ds):

@@ -113,6 +113,13 @@ def test_missing_data_root_names_the_path_and_the_option(tmp_path):
         'dataset there (docs/datasets.md) or pass --cfg-options '
         'train_dataloader.dataset.data_root=PATH.')
     assert not (tmp_path / 'wd').exists()  # stopped before the runner made anything
+    import os
+    with pytest.raises(FileNotFoundError) as err:  # a relative one: from where the tool ran
+        train_main([train_cfg, '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+                    'train_dataloader.dataset.data_root=data/nowhere'])
+    assert str(err.value).startswith(
+        "data root 'data/nowhere' (train_dataloader.dataset.data_root, relative to the current "
+        f'folder {os.getcwd()}) does not exist: ')
 
     cfg, ckpt = write_case(tmp_path, seg_config(make_ade(tmp_path / 'ade', n=1)))
     with pytest.raises(FileNotFoundError, match=r"data root '.*no_such_data' \(test_dataloader"
