@@ -256,6 +256,38 @@ class FusedEvalHook(Hook):
 
 
 @HOOKS.register_module()
+class RandomStateHook(Hook):
+    """Keeps the random number generators' states in every checkpoint and, on ``--resume``,
+    sets them back at the first iteration trained (after mmengine has replayed the data loader
+    to where the run was), so a resumed run trains as the uninterrupted one: mmengine seeds the
+    generators afresh, and a resumed run drew other dropout masks than the run it continues.
+    Only the main process saves checkpoints, so under several processes the states are set
+    back only where every rank shares the seed (not ``randomness.diff_rank_seed``)."""
+    priority = 'HIGHEST'
+
+    def __init__(self):
+        self.pending = None
+
+    def before_save_checkpoint(self, runner, checkpoint) -> None:
+        from .checkpoint import RANDOM_STATES, random_states
+        checkpoint.setdefault('meta', {})[RANDOM_STATES] = random_states()
+
+    def after_load_checkpoint(self, runner, checkpoint) -> None:
+        from .checkpoint import RANDOM_STATES
+        states = (checkpoint.get('meta') or {}).get(RANDOM_STATES)
+        shared = runner.world_size == 1 or not (runner.cfg.get('randomness') or {}).get('diff_rank_seed')
+        self.pending = states if runner._resume and shared else None
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if self.pending is None:
+            return
+        from .checkpoint import restore_random_states
+        states, self.pending = self.pending, None
+        loader = runner.train_dataloader
+        restore_random_states(states, main_process_data=not getattr(loader, 'num_workers', 0))
+
+
+@HOOKS.register_module()
 class TrainingLoadCheckHook(Hook):
     """Refuse a ``load_from`` / ``--resume`` checkpoint that would load only in part
     (:func:`reparam_mm.checkpoint.check_training_load`). mmengine's runner hands every checkpoint

@@ -770,7 +770,7 @@ def train(cfg, hooks=()):
     runner = build_runner(cfg)
     from .head_layout import tune_head_layouts
     from .hooks import (DatasetClassesCheckHook, HeadLayoutAgreementHook, LabelValuesCheckHook,
-                        TrainingLoadCheckHook, _unwrap)
+                        RandomStateHook, TrainingLoadCheckHook, _unwrap)
     # the neck and heads train in the memory layout timed fastest on this machine, as the
     # backbone does (one timing per input size bucket, at its first step; under DDP, rank 0's
     # timing at the first step, agreed on by every rank after it)
@@ -778,6 +778,7 @@ def train(cfg, hooks=()):
     runner.register_hook(HeadLayoutAgreementHook())
     runner.register_hook(TrainingLoadCheckHook(partial=bool(cfg.get('load_from_partial', False))))
     runner.register_hook(DatasetClassesCheckHook())
+    runner.register_hook(RandomStateHook())  # a resumed run draws what the uninterrupted one did
     if segmentation_heads(_unwrap(runner.model)):  # a detector's labels come from its categories
         runner.register_hook(LabelValuesCheckHook())
     for hook in hooks:
