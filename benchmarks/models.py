@@ -374,9 +374,12 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
     settings = result['settings']
     if len(variants) == 2 and mode == 'infer':
         a, b = variants
-        settings['same_weights'] = a.config == b.config or same_weights(a, b)
-        own_weights = len(set(checkpoints)) == 2 and None not in checkpoints  # a training, a deploy
-        if settings['same_weights'] or own_weights:  # else the outputs differ by construction
+        # each its own checkpoint (a training and a deploy one): compared as loaded, never one
+        # loaded into the other (a fused A's weights fit a deploy B, and hid a wrong deploy file)
+        own = len(set(checkpoints)) == 2 and None not in checkpoints
+        settings['same_weights'] = not own and (a.config == b.config or same_weights(a, b))
+        settings['own_checkpoints'] = own
+        if settings['same_weights'] or own:  # else the outputs differ by construction
             settings['output_difference'] = output_difference(a, b)
     if len(variants) == 2 and mode == 'train' and variants[0].config != variants[1].config:
         settings['same_start'] = same_start(*variants)
@@ -391,7 +394,7 @@ def benchmark_models(specs, mode='infer', shape=(512, 512), batch=1, device='cpu
             f'both variants are the deploy model of {variants[0].config} (tools/fuse.py wrote its '
             'checkpoint: nothing is left to fuse or unfuse), so this compares the model with itself; '
             'compare the training config and checkpoint with their deploy pair (--checkpoint '
-            'TRAINING.pth DEPLOY.pth).')
+            'TRAINING.pth --checkpoint DEPLOY.pth).')
     if len(variants) == 2:
         a, b = (r['latency']['times_ms'] for r in result['results'])
         result['ratios'] = dict(latency_b_over_a=ratio_stats(a, b))

@@ -90,8 +90,9 @@ def render_models(result):
             out += ['', render_breakdown(result['breakdown'])]
         diff = s.get('output_difference')
         if diff:
-            out.append(f"Same weights in both: outputs differ by at most {diff['max_rel']:.1e} "
-                       '(relative).')
+            which = ('Each with its own checkpoint' if s.get('own_checkpoints')
+                     else 'Same weights in both')
+            out.append(f"{which}: outputs differ by at most {diff['max_rel']:.1e} (relative).")
     return out
 
 

@@ -428,8 +428,21 @@ def test_a_deploy_pair_is_labelled_so_and_compared_with_its_training_checkpoint(
     assert pair['settings']['checkpoint'] == [ckpt, dckpt]
     assert pair['settings']['output_difference']['max_rel'] < 1e-4  # the deploy pair is the model
     assert not any('deploy model of' in w for w in pair.get('warnings', []))
+    # a fused A's weights fit the deploy B: they were loaded over B's file, which then always
+    # agreed; a wrong deploy checkpoint must show
+    bad = torch.load(dckpt, map_location='cpu', weights_only=True)
+    bad['state_dict']['decode_head.conv_seg.weight'] *= 3
+    torch.save(bad, tmp_path / 'bad_deploy.pth')
+    wrong = BM.benchmark_models([f'{cfg}:fused', dcfg], shape=(64, 64), repeat=1, warmup=0,
+                                count_flops=False, checkpoint=[ckpt, str(tmp_path / 'bad_deploy.pth')])
+    assert wrong['settings']['own_checkpoints'] and not wrong['settings']['same_weights']
+    assert wrong['settings']['output_difference']['max_rel'] > 0.1
+    tool = load_tool('benchmark')
     with pytest.raises(SystemExit):  # more files than variants
-        load_tool('benchmark').parse_args([cfg, '--checkpoint', ckpt, dckpt])
+        tool.parse_args([cfg, '--checkpoint', ckpt, '--checkpoint', dckpt])
+    assert tool.parse_args(['--checkpoint', ckpt, cfg]).config == cfg  # the config is not taken as a file
+    assert tool.parse_args(['--compare', cfg, dcfg, '--checkpoint', ckpt, '--checkpoint',
+                            dckpt]).checkpoint == [ckpt, dckpt]
 
 
 def test_amp_training_variant_uses_the_wrapper_of_its_device_and_drops_the_configs():

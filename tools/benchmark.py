@@ -46,9 +46,9 @@ def parse_args(argv=None):
                       help="ResNet-50 3x3 convs: plain vs DOConv2d vs the authors' formulation")
     what.add_argument('--large-dw', action='store_true',
                       help="RepLKNet's large depthwise convs at their stage shapes")
-    p.add_argument('--checkpoint', nargs='+', metavar='F',
+    p.add_argument('--checkpoint', action='append', metavar='F',
                    help='weights loaded strictly before fusing (optional); with --compare, one '
-                   'for both variants or one each (a training and a deploy checkpoint)')
+                   'for both variants, or given twice: one each (a training and a deploy checkpoint)')
     p.add_argument('--shape', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'))
     p.add_argument('--batch', type=int, default=None,
                    help='images per step (default 1; 2 for --doconv-layers)')
@@ -103,8 +103,8 @@ def parse_args(argv=None):
     if args.warmup is not None and args.warmup < 0:
         p.error('--warmup must be at least 0.')
     if args.checkpoint and len(args.checkpoint) > (len(args.compare) if args.compare else 1):
-        p.error(f'--checkpoint: give one file, or one per --compare variant, not '
-                f'{len(args.checkpoint)}.')
+        p.error(f'--checkpoint: give one file, or one per --compare variant (--checkpoint A.pth '
+                f'--checkpoint B.pth), not {len(args.checkpoint)}.')
     if min(args.shape) < 1:
         p.error('--shape H W must be positive.')
     if args.device.startswith('cuda'):
