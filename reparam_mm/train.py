@@ -356,11 +356,13 @@ def check_model_fits(cfg):
     feats = tuple(feats) if isinstance(feats, (list, tuple)) else (feats, )
     channels = [f.shape[1] for f in feats]
     wrong, necked = [], feats  # (key, configured in_channels, what they must be)
-    _check_feature_indices(model, cfg.model, channels)
     for key, module, node in _necks_and_heads(model, cfg.model):
         try:
             with torch.no_grad():
                 out = module(feats if key == 'model.neck' else necked)
+        except (AssertionError, IndexError):  # FPN's count assertion, a head's in_index
+            _check_feature_indices(model, cfg.model, channels)
+            return  # something else: the run will say
         except RuntimeError as e:
             if not _CHANNELS.search(str(e)):
                 return  # something else: the run will say
@@ -390,7 +392,8 @@ def _check_feature_indices(model, model_cfg, channels):
     """The feature maps a neck or a head picks (a neck's ``in_channels`` count, mmseg heads'
     ``in_index``) must be ones the backbone gives: with ``model.backbone.out_indices=(1, 2, 3)``
     on UperNet the run built, loaded the data and stopped in mmseg with 'IndexError: tuple index
-    out of range'. Only when the backbone feeds the heads directly (no neck)."""
+    out of range'. Called once the neck or a head failed on the backbone's outputs: a neck whose
+    in_channels are its own levels' widths (ViTDet's SimpleFPN on one map) takes them fine."""
     n, said = len(channels), []
     neck = model_cfg.get('neck')
     if isinstance(neck, dict) and isinstance(neck.get('in_channels'), (list, tuple)) \

@@ -214,6 +214,28 @@ def test_a_backbone_giving_fewer_feature_maps_than_the_heads_pick_is_refused():
                                           r'out_indices the neck was made for, or set '
                                           r'model\.neck\.in_channels=\[(\d+,){2}\d+\]\.$'):
         check_model_fits(det)
+    # a neck whose in_channels are the widths of the levels it builds from one map (mmdet's
+    # ViTDet SimpleFPN) was refused for listing 4 where the backbone gives 1
+    import torch.nn as nn
+    from mmdet.registry import MODELS
+
+    class OneMapPyramid(nn.Module):
+        def __init__(self, backbone_channel, in_channels, out_channels, num_outs):
+            super().__init__()
+            self.ups = nn.ModuleList(nn.Conv2d(backbone_channel, c, 1) for c in in_channels)
+            self.outs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+            self.pooled = num_outs - len(in_channels)
+
+        def forward(self, x):
+            outs = [o(u(x[-1])) for u, o in zip(self.ups, self.outs)]
+            return tuple(outs + [nn.functional.max_pool2d(outs[-1], 1, 2)] * self.pooled)
+    MODELS.register_module(module=OneMapPyramid, force=True)
+    one = load_config(str(COCO_DEMO))
+    init_scope(one)
+    one.model.backbone.out_indices = (3, )
+    one.model.neck = dict(type=OneMapPyramid, backbone_channel=one.model.neck.in_channels[-1],
+                          in_channels=[8, 16, 32, 64], out_channels=one.model.neck.out_channels, num_outs=5)
+    check_model_fits(one)
 
 
 def test_a_schedule_ending_past_a_shortened_run_is_said():
